@@ -1,0 +1,1 @@
+"""Generated from proto/externalscaler.proto by scripts/generate; never edit."""

@@ -1,0 +1,317 @@
+"""The sidecar -> scaler stream record: the one contract between the two components.
+
+Version 1. Everything both sides must agree on lives here: key names, the entry
+layout, the append script, trimming, and what a reader does with a bad entry.
+
+Keys (one stream per workload; the ``{workload}`` hash tag keeps a workload's keys
+in one Redis Cluster slot, so the append script may touch them together)::
+
+    tokenscaler:v1:{<namespace>/<name>}:tokens          the stream
+    tokenscaler:v1:{<namespace>/<name>}:seq:<sidecar>   last sequence number appended
+
+Entries. A sidecar appends at most one entry per flush interval (1 s by default),
+whatever its request rate, so Redis load grows with pods, not with requests. An
+entry holds what happened at that sidecar during ``(ts - dt, ts]``:
+
+    v    "1"                      schema version; a reader skips versions it does not know
+    sc   sidecar id               unique per sidecar process ([A-Za-z0-9._-], <= 128 chars)
+    seq  integer                  per sidecar, +1 per entry; makes retried appends idempotent
+    ts   integer ms               end of the interval, on the Redis clock as the sidecar
+                                  estimates it (local clock + offset learnt from Redis TIME)
+    dt   integer ms               length of the interval (> 0)
+    m    JSON {model: [sp, sg, ap, ag, rq, in, wf, bp, bg]}
+    t    JSON {tenant: {model: [p, g, rq]}}   (optional)
+
+Per model, counters for the interval (may be negative: they carry corrections):
+    sp, sg  prompt / generated tokens served (generated tokens count as chunks pass,
+            then are corrected to the response's ``usage`` when the request ends)
+    ap, ag  prompt / generated tokens of arriving requests: estimated at arrival,
+            corrected to ``usage`` at the end, so that over a request's life
+            sum(ap) == sum(sp) == its real prompt tokens, and likewise for g.
+            The arrival rate is the demand signal: it keeps growing when the
+            replicas are saturated and the served rate cannot.
+    rq      requests that ended
+and gauges at ``ts`` (never negative):
+    in      requests in flight           wf  requests waiting for their first token
+    bp, bg  prompt / generated tokens arrived but not served yet (estimates)
+
+Per tenant and model: tokens served (prompt, generated) and requests ended, for cost
+and budget accounting. Unknown extra fields and extra trailing array items are
+ignored, so version 1 may grow additively.
+
+Trimming: by time, to ``retention`` (default 1200 s = twice the longest window
+a ScaledObject may ask for: the panic hold looks back one window at rates that each
+span a window). The append script trims with ``XADD MINID ~``.
+
+Time: a reader places an entry at ``min(ts, id_ms)``: an entry cannot describe time
+after Redis stored it, so a sidecar whose clock runs ahead is clamped to Redis' clock,
+while entries buffered through an outage (id much later than ts) land in the time
+they describe.
+
+Duplicates: the append script stores an entry only if its ``seq`` is above the last
+``seq`` stored for that sidecar, so a retried append whose reply was lost adds
+nothing. Sidecars write one stream concurrently; no order across sidecars is assumed.
+
+Bad entries: a reader skips an entry it cannot decode, counts it in a metric, logs the
+first one per stream with the reason (``RecordError`` names field and value), and goes
+on. It never crashes on, nor guesses the meaning of, a bad entry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from token_scaler.errors import RecordError
+
+SCHEMA_VERSION = 1
+KEY_PREFIX = f"tokenscaler:v{SCHEMA_VERSION}"
+DEFAULT_RETENTION_S = 1200
+MAX_MODELS_PER_ENTRY = 64
+MAX_TENANTS_PER_ENTRY = 1024
+_MAX_ABS = 2**53
+
+_WORKLOAD = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
+_SIDECAR = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+MODEL_FIELDS = ("sp", "sg", "ap", "ag", "rq", "in", "wf", "bp", "bg")
+_GAUGES = frozenset({"in", "wf", "bp", "bg"})
+
+
+def validate_workload(workload: str) -> str:
+    """Return ``workload`` if it is ``<namespace>/<name>`` in Kubernetes' naming rules."""
+    if not _WORKLOAD.match(workload):
+        raise ValueError(
+            "expected <namespace>/<name>: lowercase letters, digits and '-' "
+            "(and '.' in the name), starting and ending with a letter or digit"
+        )
+    return workload
+
+
+def stream_key(workload: str) -> str:
+    return f"{KEY_PREFIX}:{{{workload}}}:tokens"
+
+
+def seq_key(workload: str, sidecar: str) -> str:
+    return f"{KEY_PREFIX}:{{{workload}}}:seq:{sidecar}"
+
+
+@dataclass
+class ModelCounts:
+    served_prompt: int = 0
+    served_generation: int = 0
+    arrived_prompt: int = 0
+    arrived_generation: int = 0
+    requests: int = 0
+    inflight: int = 0
+    waiting: int = 0
+    backlog_prompt: int = 0
+    backlog_generation: int = 0
+
+    def as_list(self) -> list[int]:
+        return [
+            self.served_prompt,
+            self.served_generation,
+            self.arrived_prompt,
+            self.arrived_generation,
+            self.requests,
+            self.inflight,
+            self.waiting,
+            self.backlog_prompt,
+            self.backlog_generation,
+        ]
+
+
+@dataclass
+class TenantCounts:
+    prompt: int = 0
+    generation: int = 0
+    requests: int = 0
+
+
+@dataclass
+class Record:
+    sidecar: str
+    seq: int
+    ts_ms: int
+    interval_ms: int
+    models: dict[str, ModelCounts] = field(default_factory=dict)
+    tenants: dict[str, dict[str, TenantCounts]] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, str]:
+        """The stream entry's field/value pairs."""
+        fields = {
+            "v": str(SCHEMA_VERSION),
+            "sc": self.sidecar,
+            "seq": str(self.seq),
+            "ts": str(self.ts_ms),
+            "dt": str(self.interval_ms),
+            "m": json.dumps(
+                {name: counts.as_list() for name, counts in self.models.items()},
+                separators=(",", ":"),
+            ),
+        }
+        if self.tenants:
+            fields["t"] = json.dumps(
+                {
+                    tenant: {m: [c.prompt, c.generation, c.requests] for m, c in per_model.items()}
+                    for tenant, per_model in self.tenants.items()
+                },
+                separators=(",", ":"),
+            )
+        return fields
+
+
+def _text(fields: Mapping[Any, Any], name: str) -> str:
+    raw = fields.get(name)
+    if raw is None:
+        raw = fields.get(name.encode())
+    if raw is None:
+        raise RecordError(name, None, "missing")
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise RecordError(name, raw, "not UTF-8") from None
+    return str(raw)
+
+
+def _int(fields: Mapping[Any, Any], name: str, *, minimum: int | None = None) -> int:
+    raw = _text(fields, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RecordError(name, raw, "expected an integer") from None
+    if minimum is not None and value < minimum:
+        raise RecordError(name, raw, f"expected an integer >= {minimum}")
+    return value
+
+
+def _count(name: str, value: object, *, gauge: bool) -> int:
+    # bool is an int subclass; JSON true/false is not a count.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(name, value, "expected an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise RecordError(name, value, "expected an integer")
+        value = int(value)
+    if abs(value) >= _MAX_ABS:
+        raise RecordError(name, value, "out of range")
+    if gauge and value < 0:
+        raise RecordError(name, value, "a gauge cannot be negative")
+    return value
+
+
+def _json(fields: Mapping[Any, Any], name: str) -> Any:
+    raw = _text(fields, name)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise RecordError(name, raw, "not valid JSON") from None
+
+
+def decode(fields: Mapping[Any, Any]) -> Record:
+    """Decode one stream entry (keys and values as ``bytes`` or ``str``).
+
+    Raises ``RecordError`` naming the first bad field.
+    """
+    version = _text(fields, "v")
+    if version != str(SCHEMA_VERSION):
+        raise RecordError("v", version, f"unsupported schema version (this reader knows {SCHEMA_VERSION})")
+    sidecar = _text(fields, "sc")
+    if not _SIDECAR.match(sidecar):
+        raise RecordError("sc", sidecar, "expected 1-128 characters of [A-Za-z0-9._-]")
+    seq = _int(fields, "seq", minimum=0)
+    ts_ms = _int(fields, "ts", minimum=0)
+    interval_ms = _int(fields, "dt", minimum=1)
+
+    raw_models = _json(fields, "m")
+    if not isinstance(raw_models, dict):
+        raise RecordError("m", raw_models, "expected a JSON object {model: [counts]}")
+    if len(raw_models) > MAX_MODELS_PER_ENTRY:
+        raise RecordError("m", len(raw_models), f"more than {MAX_MODELS_PER_ENTRY} models")
+    models: dict[str, ModelCounts] = {}
+    for model, values in raw_models.items():
+        where = f"m[{model!r}]"
+        if not isinstance(values, list) or len(values) < len(MODEL_FIELDS):
+            raise RecordError(where, values, f"expected a list of {len(MODEL_FIELDS)} integers")
+        counts = [
+            _count(f"{where}.{key}", value, gauge=key in _GAUGES)
+            for key, value in zip(MODEL_FIELDS, values, strict=False)
+        ]
+        models[model] = ModelCounts(*counts)
+
+    tenants: dict[str, dict[str, TenantCounts]] = {}
+    if "t" in fields or b"t" in fields:
+        raw_tenants = _json(fields, "t")
+        if not isinstance(raw_tenants, dict):
+            raise RecordError("t", raw_tenants, "expected a JSON object {tenant: {model: [p, g, rq]}}")
+        if len(raw_tenants) > MAX_TENANTS_PER_ENTRY:
+            raise RecordError("t", len(raw_tenants), f"more than {MAX_TENANTS_PER_ENTRY} tenants")
+        for tenant, per_model in raw_tenants.items():
+            if not isinstance(per_model, dict):
+                raise RecordError(f"t[{tenant!r}]", per_model, "expected a JSON object")
+            tenants[tenant] = {}
+            for model, values in per_model.items():
+                where = f"t[{tenant!r}][{model!r}]"
+                if not isinstance(values, list) or len(values) < 3:
+                    raise RecordError(where, values, "expected a list of 3 integers")
+                p, g, rq = (_count(where, v, gauge=False) for v in values[:3])
+                tenants[tenant][model] = TenantCounts(p, g, rq)
+    return Record(sidecar, seq, ts_ms, interval_ms, models, tenants)
+
+
+def entry_time_ms(record: Record, entry_id: bytes | str) -> int:
+    """Where a reader places an entry in time: ``min(ts, the ms part of its stream ID)``."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    id_ms = int(raw.split("-", 1)[0])
+    return min(record.ts_ms, id_ms)
+
+
+# The append script. KEYS: stream, seq key. ARGV: retention ms, seq-key TTL s, entry
+# count, then per entry: seq, field count, field/value pairs. Returns
+# {entries added, last ID added or "", Redis time in ms}.
+APPEND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local minid = tostring(now - tonumber(ARGV[1]))
+local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local i = 4
+local added = 0
+local lastid = ''
+for _ = 1, tonumber(ARGV[3]) do
+  local seq = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 1])
+  if seq > last then
+    local args = {'XADD', KEYS[1], 'MINID', '~', minid, '*'}
+    for j = i + 2, i + 1 + 2 * n do
+      args[#args + 1] = ARGV[j]
+    end
+    lastid = redis.call(unpack(args))
+    last = seq
+    added = added + 1
+  end
+  i = i + 2 + 2 * n
+end
+if last >= 0 then
+  redis.call('SET', KEYS[2], tostring(last), 'EX', tonumber(ARGV[2]))
+end
+return {added, lastid, now}
+"""
+
+
+def append_args(records: list[Record], retention_s: int) -> list[str | int]:
+    """ARGV for ``APPEND_SCRIPT``; records must share one sidecar and ascend by seq."""
+    argv: list[str | int] = [retention_s * 1000, retention_s + 60, len(records)]
+    for record in records:
+        encoded = record.encode()
+        argv.append(record.seq)
+        argv.append(len(encoded))
+        for name, value in encoded.items():
+            argv.append(name)
+            argv.append(value)
+    return argv

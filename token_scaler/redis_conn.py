@@ -1,0 +1,102 @@
+"""Redis connections, and a throwaway ``redis-server`` for tests and the demo."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+
+def connect(url: str, *, timeout_s: float = 2.0) -> aioredis.Redis:
+    """An asyncio client with bounded timeouts, so a dead Redis fails fast instead of hanging."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+        health_check_interval=10,
+    )
+    return client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def answers(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+@dataclass
+class LocalRedis:
+    """A ``redis-server`` child process on a free loopback port, keeping nothing on disk."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    def start(cls, port: int | None = None, binary: str | None = None) -> LocalRedis:
+        exe = binary or shutil.which("redis-server")
+        if exe is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        port = port or free_port()
+        workdir = Path(tempfile.mkdtemp(prefix="token-scaler-redis-"))
+        process = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        server = cls(process, port, workdir)
+        deadline = time.monotonic() + 10
+        while not answers(server.url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"redis-server did not start on port {port}; see {workdir}/redis.log")
+            time.sleep(0.02)
+        return server
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
