@@ -1,0 +1,143 @@
+"""ScaledObject trigger metadata -> typed settings.
+
+KEDA forwards the whole trigger metadata map (its own keys such as ``scalerAddress``
+included), so unknown keys are ignored. A key that is present with a bad value is an
+error naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from token_scaler.errors import MetadataError
+from token_scaler.record import validate_workload
+
+MAX_WINDOW_S = 600
+
+
+@dataclass(frozen=True)
+class ScalerSettings:
+    workload: str
+    tokens_per_second_per_replica: float
+    headroom: float = 1.3
+    window_s: int = 60
+    prompt_weight: float = 1.0
+    generation_weight: float = 1.0
+    panic_window_s: int = 6
+    panic_threshold: float = 2.0
+    activation_tokens_per_second: float = 0.0
+    model: str | None = None
+
+    @property
+    def target(self) -> float:
+        """Per-replica target KEDA's HPA divides the workload's value by."""
+        return self.tokens_per_second_per_replica / self.headroom
+
+
+# key -> (one line for docs and errors, default shown in docs)
+KEYS: dict[str, tuple[str, str]] = {
+    "workload": (
+        "whose sidecar streams to read, <namespace>/<name>",
+        "<namespace>/<name> of the ScaledObject",
+    ),
+    "tokensPerSecondPerReplica": ("weighted tokens/s one replica serves, a number > 0", "required"),
+    "headroom": ("buffer factor, target = tokensPerSecondPerReplica / headroom, from 1 to 10", "1.3"),
+    "windowSeconds": ("stable rolling window in seconds, a whole number from 10 to 600", "60"),
+    "promptWeight": ("weight of prompt tokens, a number >= 0", "1.0"),
+    "generationWeight": ("weight of generated tokens, a number >= 0", "1.0"),
+    "panicWindowSeconds": ("short burst window in seconds, a whole number from 1 to half the window", "6"),
+    "panicThreshold": ("panic when the short-window rate >= this x the stable rate, a number > 1", "2.0"),
+    "activationTokensPerSecond": ("IsActive is true above this weighted rate, a number >= 0", "0"),
+    "model": ("count only this model's tokens (the request's `model`)", "all models"),
+}
+
+
+def _number(key: str, raw: str, ok: Callable[[float], bool], allowed: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MetadataError(key, raw, allowed) from None
+    if not math.isfinite(value) or not ok(value):
+        raise MetadataError(key, raw, allowed)
+    return value
+
+
+def _whole(key: str, raw: str, low: int, high: int, allowed: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise MetadataError(key, raw, allowed) from None
+    if not low <= value <= high:
+        raise MetadataError(key, raw, allowed)
+    return value
+
+
+def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSettings:
+    """Parse a trigger's metadata; raises ``MetadataError`` on the first bad key."""
+
+    def allowed(key: str) -> str:
+        return "expected " + KEYS[key][0]
+
+    workload = metadata.get("workload") or f"{namespace}/{name}"
+    try:
+        validate_workload(workload)
+    except ValueError as exc:
+        raise MetadataError("workload", workload, str(exc)) from None
+
+    raw_capacity = metadata.get("tokensPerSecondPerReplica")
+    if raw_capacity is None:
+        raise MetadataError(
+            "tokensPerSecondPerReplica", "", "required: " + KEYS["tokensPerSecondPerReplica"][0]
+        )
+    capacity = _number(
+        "tokensPerSecondPerReplica", raw_capacity, lambda v: v > 0, allowed("tokensPerSecondPerReplica")
+    )
+
+    def number(key: str, default: float, ok: Callable[[float], bool]) -> float:
+        raw = metadata.get(key)
+        return default if raw is None else _number(key, raw, ok, allowed(key))
+
+    headroom = number("headroom", 1.3, lambda v: 1 <= v <= 10)
+    window = 60
+    if "windowSeconds" in metadata:
+        window = _whole(
+            "windowSeconds", metadata["windowSeconds"], 10, MAX_WINDOW_S, allowed("windowSeconds")
+        )
+    prompt_weight = number("promptWeight", 1.0, lambda v: v >= 0)
+    generation_weight = number("generationWeight", 1.0, lambda v: v >= 0)
+    if prompt_weight == 0 and generation_weight == 0:
+        raise MetadataError(
+            "generationWeight",
+            metadata.get("generationWeight", "1.0"),
+            "promptWeight and generationWeight cannot both be 0",
+        )
+    panic_window = 6
+    if "panicWindowSeconds" in metadata:
+        panic_window = _whole(
+            "panicWindowSeconds",
+            metadata["panicWindowSeconds"],
+            1,
+            window // 2,
+            f"expected a whole number from 1 to {window // 2} (half of windowSeconds={window})",
+        )
+    elif panic_window > window // 2:
+        panic_window = window // 2
+    panic_threshold = number("panicThreshold", 2.0, lambda v: v > 1)
+    activation = number("activationTokensPerSecond", 0.0, lambda v: v >= 0)
+    model = metadata.get("model")
+    if model is not None and not model.strip():
+        raise MetadataError("model", model, "expected a model name (leave the key out to count all models)")
+    return ScalerSettings(
+        workload=workload,
+        tokens_per_second_per_replica=capacity,
+        headroom=headroom,
+        window_s=window,
+        prompt_weight=prompt_weight,
+        generation_weight=generation_weight,
+        panic_window_s=panic_window,
+        panic_threshold=panic_threshold,
+        activation_tokens_per_second=activation,
+        model=model,
+    )

@@ -1,0 +1,224 @@
+"""The only code that reads the workload streams.
+
+One task per scaler process: for every workload some ScaledObject asked about, it
+backfills the stream once (XRANGE), then follows all of them with one blocking
+XREAD. Entries go into each workload's ``WorkloadSeries``; entries that break the
+record contract are skipped, counted and logged once per stream. It also keeps the
+offset between this host's clock and Redis' (``TIME``), because every window is on
+Redis' clock, and the time of the last successful read, which says whether the data
+can be trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from scaler.metrics import ScalerMetrics
+from scaler.window import WorkloadSeries
+from token_scaler.errors import RecordError
+from token_scaler.record import decode, stream_key
+
+log = logging.getLogger("token_scaler.scaler.reader")
+
+BACKFILL_PAGE = 2000
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be read, or has not been read for longer than the staleness bound."""
+
+
+class StreamReader:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        metrics: ScalerMetrics,
+        *,
+        stale_after_s: float = 10.0,
+        liveness_s: float = 5.0,
+        block_ms: int = 250,
+        batch: int = 5000,
+        clock_sync_s: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.stale_after_s = stale_after_s
+        self.liveness_ms = int(liveness_s * 1000)
+        self.block_ms = block_ms
+        self.batch = batch
+        self.clock_sync_s = clock_sync_s
+        self.series: dict[str, WorkloadSeries] = {}
+        self.bad_entries: dict[str, int] = {}
+        self._last_ids: dict[str, str] = {}
+        self._key_workload: dict[str, str] = {}
+        self._logged_bad: set[str] = set()
+        self._backfills: dict[str, asyncio.Task[None]] = {}
+        self._offset_ms = 0.0
+        self._last_sync = -1e9
+        self._last_ok = -1e9
+        self.last_error: str | None = None
+
+    # -- time and health -------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """This moment on Redis' clock, as last measured."""
+        return int(time.time() * 1000 + self._offset_ms)
+
+    def data_age_s(self) -> float:
+        return time.monotonic() - self._last_ok
+
+    def fresh(self) -> bool:
+        return self.data_age_s() <= self.stale_after_s
+
+    def check_fresh(self) -> None:
+        if not self.fresh():
+            age = self.data_age_s()
+            since = "never read" if age > 1e8 else f"not read for {age:.1f}s (bound {self.stale_after_s:g}s)"
+            raise RedisUnavailable(
+                f"Redis stream data is stale: {since}; last error: {self.last_error or 'none'}"
+            )
+
+    async def sync_clock(self) -> None:
+        before = time.time() * 1000
+        sec, usec = await self.client.time()
+        after = time.time() * 1000
+        self._offset_ms = sec * 1000 + usec / 1000 - (before + after) / 2
+        self._last_sync = time.monotonic()
+
+    # -- workloads ---------------------------------------------------------------
+
+    async def ensure(self, workload: str) -> WorkloadSeries:
+        """The series of ``workload``, backfilled from its stream on first use."""
+        series = self.series.get(workload)
+        if series is not None and workload not in self._backfills:
+            return series
+        task = self._backfills.get(workload)
+        if task is None:
+            self.series[workload] = WorkloadSeries()
+            task = self._backfills[workload] = asyncio.create_task(self._backfill(workload))
+        try:
+            await asyncio.shield(task)
+        except RedisError as exc:
+            raise RedisUnavailable(f"cannot read the stream of {workload}: {exc}") from exc
+        return self.series[workload]
+
+    async def _backfill(self, workload: str) -> None:
+        key = stream_key(workload)
+        try:
+            series = self.series[workload]
+            start = "-"
+            last = "0-0"
+            while True:
+                page: list[tuple[bytes, Mapping[bytes, bytes]]] = await self._xrange(key, start)
+                for entry_id, fields in page:
+                    self._apply(workload, series, entry_id, fields)
+                if len(page) < BACKFILL_PAGE:
+                    if page:
+                        last = page[-1][0].decode()
+                    break
+                last = page[-1][0].decode()
+                start = "(" + last
+            self._last_ids[key] = last
+            self._key_workload[key] = workload
+            self.metrics.workloads.set(len(self._key_workload))
+            self._mark_ok()
+        except RedisError:
+            self.metrics.redis_errors.labels("xrange").inc()
+            del self.series[workload]
+            raise
+        finally:
+            self._backfills.pop(workload, None)
+
+    async def _xrange(self, key: str, start: str) -> Any:
+        return await self.client.xrange(key, min=start, max="+", count=BACKFILL_PAGE)
+
+    async def _xread(self) -> Any:
+        # RESP2 replies: [[key, [(id, fields), ...]], ...] or None after the block times out
+        streams: dict[Any, Any] = dict(self._last_ids)
+        return await self.client.xread(streams, count=self.batch, block=self.block_ms)
+
+    # -- entries -----------------------------------------------------------------
+
+    def _apply(
+        self, workload: str, series: WorkloadSeries, entry_id: bytes, fields: Mapping[Any, Any]
+    ) -> None:
+        try:
+            record = decode(fields)
+        except RecordError as exc:
+            self.metrics.bad_entries.labels(exc.field.split("[")[0]).inc()
+            self.bad_entries[workload] = self.bad_entries.get(workload, 0) + 1
+            if workload not in self._logged_bad:
+                self._logged_bad.add(workload)
+                log.warning(
+                    "skipping entry %s of %s's stream: %s (further bad entries of it are only counted)",
+                    entry_id.decode(errors="replace"),
+                    workload,
+                    exc,
+                )
+            return
+        too_old = series.too_old
+        series.add(record, entry_id)
+        self.metrics.entries.inc()
+        if series.too_old != too_old:
+            self.metrics.too_old.inc()
+
+    def _mark_ok(self) -> None:
+        self._last_ok = time.monotonic()
+        self.last_error = None
+
+    async def poll_once(self) -> int:
+        """One XREAD over every followed stream; returns the entries applied."""
+        if time.monotonic() - self._last_sync >= self.clock_sync_s:
+            await self.sync_clock()
+        if not self._last_ids:
+            await self.client.ping()
+            self._mark_ok()
+            await asyncio.sleep(self.block_ms / 1000)
+            return 0
+        response: list[tuple[bytes, list[tuple[bytes, Mapping[bytes, bytes]]]]] | None
+        response = await self._xread()
+        applied = 0
+        for raw_key, entries in response or []:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            workload = self._key_workload[key]
+            series = self.series[workload]
+            for entry_id, fields in entries:
+                self._apply(workload, series, entry_id, fields)
+                applied += 1
+            if entries:
+                self._last_ids[key] = entries[-1][0].decode()
+        self._mark_ok()
+        return applied
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        next_prune = 0.0
+        while not stop.is_set():
+            try:
+                await self.poll_once()
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                self.metrics.redis_errors.labels("xread").inc()
+                if self.last_error is None:
+                    log.warning(
+                        "reading Redis failed: %s; retrying (answers turn UNAVAILABLE after %gs)",
+                        exc,
+                        self.stale_after_s,
+                    )
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+            self.metrics.data_age.set(min(self.data_age_s(), 1e9))
+            if time.monotonic() >= next_prune:
+                now = self.now_ms()
+                for series in self.series.values():
+                    series.prune(now, self.liveness_ms)
+                next_prune = time.monotonic() + 10

@@ -1,0 +1,193 @@
+"""The ScaledObjects the scaler has been asked about, and what it answered them.
+
+Transport-free: the gRPC service and the debug endpoint both go through here.
+Evaluations are cached per (workload, settings) for one Redis second and one
+state of the series, so a burst of calls costs one evaluation, and every call in
+the same second with the same data gets the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from scaler.metadata import ScalerSettings, parse
+from scaler.metrics import ScalerMetrics
+from scaler.reader import StreamReader
+from scaler.window import Evaluation, evaluate
+
+METRIC_NAME = "token-demand"
+
+
+@dataclass
+class ScaledObjectState:
+    namespace: str
+    name: str
+    metadata: dict[str, str]
+    settings: ScalerSettings
+    first_asked: float = field(default_factory=time.time)
+    last_asked: dict[str, float] = field(default_factory=dict)
+    last_value: float | None = None
+    last_active: bool | None = None
+    last_evaluation: Evaluation | None = None
+
+
+class Registry:
+    def __init__(self, reader: StreamReader, metrics: ScalerMetrics) -> None:
+        self.reader = reader
+        self.metrics = metrics
+        self.objects: dict[tuple[str, str], ScaledObjectState] = {}
+        self._parsed: dict[tuple[str, str, frozenset[tuple[str, str]]], ScalerSettings] = {}
+        self._cache: dict[tuple[str, ScalerSettings], tuple[int, int, Evaluation]] = {}
+
+    def resolve(
+        self, namespace: str, name: str, metadata: Mapping[str, str], method: str
+    ) -> ScaledObjectState:
+        """Settings for this call's metadata (raises ``MetadataError``); records the call."""
+        items = frozenset(metadata.items())
+        key = (namespace, name, items)
+        settings = self._parsed.get(key)
+        if settings is None:
+            settings = parse(metadata, namespace, name)
+            if len(self._parsed) > 10_000:
+                self._parsed.clear()
+            self._parsed[key] = settings
+        state = self.objects.get((namespace, name))
+        if state is None or state.settings != settings:
+            state = ScaledObjectState(namespace, name, dict(metadata), settings)
+            self.objects[(namespace, name)] = state
+        state.last_asked[method] = time.time()
+        return state
+
+    async def evaluate(self, state: ScaledObjectState) -> Evaluation:
+        """The current answer; raises ``RedisUnavailable`` when the data cannot be trusted."""
+        settings = state.settings
+        series = await self.reader.ensure(settings.workload)
+        self.reader.check_fresh()
+        now = self.reader.now_ms()
+        second = now // 1000
+        cache_key = (settings.workload, settings)
+        cached = self._cache.get(cache_key)
+        if cached is not None and cached[0] == second and cached[1] == series.entries:
+            evaluation = cached[2]
+        else:
+            evaluation = evaluate(series, settings, now)
+            self._cache[cache_key] = (second, series.entries, evaluation)
+        state.last_evaluation = evaluation
+        return evaluation
+
+    def answered(
+        self, state: ScaledObjectState, evaluation: Evaluation, *, active: bool | None = None
+    ) -> None:
+        labels = (state.namespace, state.name)
+        if active is None:
+            state.last_value = evaluation.value
+            self.metrics.value.labels(*labels).set(evaluation.value)
+            self.metrics.target.labels(*labels).set(evaluation.target)
+            self.metrics.desired.labels(*labels).set(evaluation.replicas)
+            self.metrics.panic.labels(*labels).set(1 if evaluation.panic_active else 0)
+        else:
+            state.last_active = active
+
+    def describe(self, state: ScaledObjectState) -> dict[str, Any]:
+        """The debug view of one ScaledObject: what the scaler sees and why it answers what it does."""
+        s = state.settings
+        series = self.reader.series.get(s.workload)
+        now = self.reader.now_ms()
+        out: dict[str, Any] = {
+            "namespace": state.namespace,
+            "name": state.name,
+            "metadata": state.metadata,
+            "settings": {
+                "workload": s.workload,
+                "tokensPerSecondPerReplica": s.tokens_per_second_per_replica,
+                "headroom": s.headroom,
+                "windowSeconds": s.window_s,
+                "promptWeight": s.prompt_weight,
+                "generationWeight": s.generation_weight,
+                "panicWindowSeconds": s.panic_window_s,
+                "panicThreshold": s.panic_threshold,
+                "activationTokensPerSecond": s.activation_tokens_per_second,
+                "model": s.model,
+            },
+            "metricName": METRIC_NAME,
+            "target": s.target,
+            "lastAsked": {m: _iso(t) for m, t in sorted(state.last_asked.items())},
+            "lastValueReturned": state.last_value,
+            "lastActiveReturned": state.last_active,
+            "dataFresh": self.reader.fresh(),
+            "dataAgeSeconds": round(min(self.reader.data_age_s(), 1e9), 3),
+            "redisError": self.reader.last_error,
+        }
+        evaluation = state.last_evaluation
+        if series is not None:
+            evaluation = evaluate(series, s, now)
+            live = series.live_sidecars(now, self.reader.liveness_ms)
+            gauges = [0, 0, 0, 0]
+            for st in live.values():
+                for model, g in st.gauges.items():
+                    if s.model is None or model == s.model:
+                        gauges = [a + b for a, b in zip(gauges, g, strict=True)]
+            out["sidecars"] = {
+                "live": len(live),
+                "known": len(series.sidecars),
+                "ids": sorted(live),
+                "inflightRequests": gauges[0],
+                "waitingForFirstToken": gauges[1],
+                "backlogPromptTokens": gauges[2],
+                "backlogGenerationTokens": gauges[3],
+            }
+            out["stream"] = {
+                "entriesRead": series.entries,
+                "badEntries": self.reader.bad_entries.get(s.workload, 0),
+                "tooOldEntries": series.too_old,
+                "clockClampedEntries": series.clamped,
+            }
+            tenants: dict[str, dict[str, float]] = {}
+            for _, tenant, model, prompt, gen, _rq in series.tenant_log:
+                if s.model is None or model == s.model:
+                    row = tenants.setdefault(
+                        tenant, {"promptTokensPerSecond": 0.0, "generationTokensPerSecond": 0.0}
+                    )
+                    row["promptTokensPerSecond"] += prompt / 60
+                    row["generationTokensPerSecond"] += gen / 60
+            out["tenantsLast60s"] = tenants
+        if evaluation is not None:
+            out["evaluation"] = {
+                "second": evaluation.second,
+                "windowCoverageSeconds": evaluation.coverage_s,
+                "stable": _rates(evaluation.stable),
+                "panic": _rates(evaluation.panic),
+                "panicActive": evaluation.panic_active,
+                "panicSinceSecond": evaluation.panic_since,
+                "value": evaluation.value,
+                "hpaDesiredReplicas": evaluation.replicas,
+                "active": evaluation.active,
+                "rule": evaluation.rule,
+                "reason": evaluation.reason,
+            }
+        return out
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def _rates(r: Any) -> dict[str, float]:
+    def rounded(x: float) -> float:
+        return round(x, 3) if math.isfinite(x) else 0.0
+
+    return {
+        "windowSeconds": rounded(r.seconds),
+        "servedPromptTokensPerSecond": rounded(r.served_prompt),
+        "servedGenerationTokensPerSecond": rounded(r.served_generation),
+        "arrivedPromptTokensPerSecond": rounded(r.arrived_prompt),
+        "arrivedGenerationTokensPerSecond": rounded(r.arrived_generation),
+        "requestsPerSecond": rounded(r.requests),
+        "servedWeighted": rounded(r.served),
+        "arrivedWeighted": rounded(r.arrived),
+        "demand": rounded(r.demand),
+    }

@@ -1,0 +1,166 @@
+"""``token-scaler serve``: start-up, signals and the shutdown order.
+
+Shutdown on SIGTERM/SIGINT, in this order: /readyz turns 503 and the gRPC health
+service NOT_SERVING (so probes and KEDA's round robin move away), streams
+(StreamIsActive, StreamMetricSpec) end cleanly so KEDA's reconnect backoff resets,
+in-flight RPCs get ``shutdown_grace_s``, then the reader, HTTP and Redis stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from scaler._gen import externalscaler_pb2 as pb
+from scaler._gen import externalscaler_pb2_grpc as pb_grpc
+from scaler.config import ScalerConfig
+from scaler.debug import make_app
+from scaler.metrics import ScalerMetrics
+from scaler.reader import StreamReader
+from scaler.registry import Registry
+from scaler.service import ExternalScalerService
+from token_scaler.redis_conn import connect
+
+log = logging.getLogger("token_scaler.scaler")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
+
+
+class ScalerServer:
+    def __init__(self, config: ScalerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = ScalerMetrics(registry)
+        self.shutdown = asyncio.Event()
+        self.ready = {"serving": False}
+        self.grpc_port = 0
+        self.http_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.redis = connect(cfg.redis_url)
+        self.reader = StreamReader(
+            self.redis, self.metrics, stale_after_s=cfg.stale_after_s, liveness_s=cfg.liveness_s
+        )
+        self.registry = Registry(self.reader, self.metrics)
+        self.health = health.aio.HealthServicer()
+
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalScalerServicer_to_server(  # type: ignore[no-untyped-call]
+            ExternalScalerService(self.registry, self.shutdown), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                root_certificates=cfg.client_ca.read_bytes() if cfg.client_ca else None,
+                require_client_auth=cfg.client_ca is not None,
+            )
+            self.grpc_port = self.server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self.server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+        await self.server.start()
+
+        app = make_app(self.registry, debug_token=cfg.debug_token, ready=self.ready)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.host, cfg.http_port)
+        await site.start()
+        self.http_port = _bound_port(site, cfg.http_port)
+
+        self._tasks.append(asyncio.create_task(self.reader.run(self.shutdown)))
+        self._tasks.append(asyncio.create_task(self._watch_health()))
+        self.ready["serving"] = True
+        log.info(
+            "serving ExternalScaler on %s:%d (%s), debug HTTP on %s:%d, reading %s",
+            cfg.host,
+            self.grpc_port,
+            "mTLS" if cfg.client_ca else "TLS" if cfg.tls_cert else "plaintext",
+            cfg.host,
+            self.http_port,
+            _redact(cfg.redis_url),
+        )
+
+    async def _watch_health(self) -> None:
+        """Health follows the data: NOT_SERVING while the streams cannot be read."""
+        serving: bool | None = None
+        while not self.shutdown.is_set():
+            fresh = self.reader.fresh()
+            if fresh != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if fresh
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await self.health.set("", status)
+                await self.health.set(SERVICE_NAME, status)
+                serving = fresh
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), 0.5)
+
+    async def stop(self) -> None:
+        log.info("shutting down: health NOT_SERVING, ending streams, %gs grace", self.config.shutdown_grace_s)
+        self.ready["serving"] = False
+        await self.health.enter_graceful_shutdown()
+        self.shutdown.set()
+        await self.server.stop(self.config.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runner.cleanup()
+        await self.redis.aclose()
+
+
+def _bound_port(site: web.TCPSite, asked: int) -> int:
+    # aiohttp does not expose the port it bound; port 0 (tests) needs the real one.
+    server: Any = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else asked
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(config: ScalerConfig) -> None:
+    server = ScalerServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = ScalerConfig.from_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(config))
+    return 0

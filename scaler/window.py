@@ -1,0 +1,302 @@
+"""Rolling token rates, demand and panic: the scaler's algorithm, pure (no I/O).
+
+Counts from the stream are summed into per-second buckets (``SecondRing``), per
+model and for all models together. ``evaluate`` reads complete seconds only: at
+Redis time ``now`` the stable window is the ``W`` whole seconds before
+``floor(now)``, so every scaler replica that has read the same entries gives the
+same answer for the same second, and a count shows one second after the flush
+that carried it at the latest.
+
+Demand. For each window, with weights ``pw``/``gw``::
+
+    served  = (pw * served_prompt  + gw * served_generation)  / covered seconds
+    arrived = (pw * arrived_prompt + gw * arrived_generation) / covered seconds
+    demand  = max(arrived, served)
+
+``arrived`` counts tokens of requests as they arrive (estimates, corrected to the
+real usage when they end), so it keeps growing when replicas are saturated while
+``served`` cannot; ``served`` wins while a queue drains. In steady state both equal
+the real token rate.
+
+Coverage. Right after a start, or after Redis lost its data, the window holds fewer
+seconds than asked for: rates divide by the seconds actually covered
+(``now - first data``), never by the full window, so a fresh scaler does not
+under-report the load that just arrived.
+
+Panic (after Knative's KPA). For each whole second ``g`` of the last stable window
+the stable and panic-window demands are computed; ``g`` triggers when the replicas
+the panic window asks for are >= ``panicThreshold`` x those the stable window asks
+for (at least 1) -- compared in replicas, as Knative compares pods, so noise at
+low rates does not panic. While any second of the last stable window triggered,
+the value is the highest demand (stable or panic) since the first such trigger:
+it does not fall until a stable window has passed without one. The decision is a
+function of the buckets only, so replicas agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from scaler.metadata import MAX_WINDOW_S, ScalerSettings
+from token_scaler.record import Record, entry_time_ms
+
+# sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
+N_SERIES = 5
+# The panic hold looks back one window at rates that each span a window.
+HISTORY_S = 2 * MAX_WINDOW_S + 5
+TENANT_WINDOW_S = 60
+
+Floats = npt.NDArray[np.float64]
+
+
+class SecondRing:
+    """Per-second sums of the five counters over the last ``size`` seconds."""
+
+    def __init__(self, size: int = HISTORY_S) -> None:
+        self.size = size
+        self.values: Floats = np.zeros((N_SERIES, size))
+        self.secs = np.full(size, -1, dtype=np.int64)
+
+    def add(self, sec: int, counts: list[float]) -> bool:
+        """Add counts to second ``sec``; False when that second has left the ring."""
+        slot = sec % self.size
+        held = int(self.secs[slot])
+        if held != sec:
+            if held > sec:
+                return False
+            self.values[:, slot] = 0.0
+            self.secs[slot] = sec
+        self.values[:, slot] += counts
+        return True
+
+    def window(self, start: int, stop: int) -> Floats:
+        """Counts for seconds ``[start, stop)`` as an array (N_SERIES, stop - start)."""
+        seconds = np.arange(start, stop, dtype=np.int64)
+        slots = seconds % self.size
+        out = self.values[:, slots].copy()
+        out[:, self.secs[slots] != seconds] = 0.0
+        return out
+
+
+@dataclass
+class SidecarState:
+    last_ts_ms: int
+    last_seen_ms: int
+    entries: int = 0
+    # model -> (inflight, waiting for first token, backlog prompt, backlog generation)
+    gauges: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class WorkloadSeries:
+    """Everything read so far from one workload's stream."""
+
+    rings: dict[str | None, SecondRing] = field(default_factory=dict)
+    first_sec: int | None = None
+    sidecars: dict[str, SidecarState] = field(default_factory=dict)
+    entries: int = 0
+    too_old: int = 0
+    clamped: int = 0
+    # (second, tenant, model, prompt, generation, requests), newest last
+    tenant_log: deque[tuple[int, str, str, int, int, int]] = field(default_factory=deque)
+
+    def ring(self, model: str | None) -> SecondRing | None:
+        return self.rings.get(model)
+
+    def add(self, record: Record, entry_id: bytes | str) -> None:
+        t_ms = entry_time_ms(record, entry_id)
+        if t_ms < record.ts_ms:
+            self.clamped += 1
+        sec = t_ms // 1000
+        start = (t_ms - record.interval_ms) // 1000
+        if self.first_sec is None or start < self.first_sec:
+            self.first_sec = start
+        self.entries += 1
+        total = [0.0] * N_SERIES
+        accepted = True
+        for model, c in record.models.items():
+            counts: list[float] = [
+                c.served_prompt,
+                c.served_generation,
+                c.arrived_prompt,
+                c.arrived_generation,
+                c.requests,
+            ]
+            ring = self.rings.get(model)
+            if ring is None:
+                ring = self.rings[model] = SecondRing()
+            accepted = ring.add(sec, counts) and accepted
+            for i in range(N_SERIES):
+                total[i] += counts[i]
+        all_models = self.rings.get(None)
+        if all_models is None:
+            all_models = self.rings[None] = SecondRing()
+        accepted = all_models.add(sec, total) and accepted
+        if not accepted:
+            self.too_old += 1
+        state = self.sidecars.get(record.sidecar)
+        if state is None:
+            state = self.sidecars[record.sidecar] = SidecarState(record.ts_ms, t_ms)
+        state.entries += 1
+        if record.ts_ms >= state.last_ts_ms:
+            state.last_ts_ms = record.ts_ms
+            state.last_seen_ms = max(state.last_seen_ms, t_ms)
+            state.gauges = {
+                m: (c.inflight, c.waiting, c.backlog_prompt, c.backlog_generation)
+                for m, c in record.models.items()
+            }
+        for tenant, per_model in record.tenants.items():
+            for model, tc in per_model.items():
+                self.tenant_log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
+
+    def prune(self, now_ms: int, liveness_ms: int) -> None:
+        """Forget sidecars silent for longer than the history, and old tenant rows."""
+        horizon = now_ms - HISTORY_S * 1000
+        for sidecar in [s for s, st in self.sidecars.items() if st.last_seen_ms < horizon]:
+            del self.sidecars[sidecar]
+        oldest = now_ms // 1000 - TENANT_WINDOW_S
+        while self.tenant_log and self.tenant_log[0][0] < oldest:
+            self.tenant_log.popleft()
+
+    def live_sidecars(self, now_ms: int, liveness_ms: int) -> dict[str, SidecarState]:
+        return {s: st for s, st in self.sidecars.items() if now_ms - st.last_seen_ms <= liveness_ms}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Token rates over one window, per second."""
+
+    seconds: float
+    served_prompt: float
+    served_generation: float
+    arrived_prompt: float
+    arrived_generation: float
+    requests: float
+    served: float
+    arrived: float
+
+    @property
+    def demand(self) -> float:
+        return max(self.served, self.arrived, 0.0)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    second: int
+    coverage_s: float
+    stable: Rates
+    panic: Rates
+    panic_active: bool
+    panic_since: int | None
+    value: float
+    target: float
+    replicas: int
+    active: bool
+    rule: str
+    reason: str
+
+
+def _rates(sums: Floats, seconds: float, pw: float, gw: float) -> Rates:
+    if seconds < 1:
+        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    sp, sg, ap, ag, rq = (float(x) / seconds for x in sums)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag)
+
+
+def replicas_for(value: float, target: float) -> int:
+    """What KEDA's HPA derives with metricType AverageValue: ceil(value / target)."""
+    return math.ceil(value / target - 1e-9) if value > 0 else 0
+
+
+def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> Evaluation:
+    """The scaler's answer for the last complete second before ``now_ms`` (Redis time)."""
+    s = now_ms // 1000
+    w, wp = settings.window_s, settings.panic_window_s
+    pw, gw = settings.prompt_weight, settings.generation_weight
+    target = settings.target
+    ring = series.ring(settings.model)
+    if ring is None or series.first_sec is None:
+        zero = _rates(np.zeros(N_SERIES), 0, pw, gw)
+        return Evaluation(
+            s,
+            0.0,
+            zero,
+            zero,
+            False,
+            None,
+            0.0,
+            target,
+            0,
+            False,
+            "no-data",
+            "no entry from any sidecar of this workload (or this model) yet",
+        )
+
+    counts = ring.window(s - 2 * w, s)  # seconds s-2w .. s-1
+    cum = np.zeros((N_SERIES, 2 * w + 1))
+    np.cumsum(counts, axis=1, out=cum[:, 1:])
+    # grid points g = s-w+1 .. s, each the end (exclusive) of its windows; k indexes cum
+    k = np.arange(w + 1, 2 * w + 1)
+    grid = np.arange(s - w + 1, s + 1)
+    stable_sums = cum[:, k] - cum[:, k - w]
+    panic_sums = cum[:, k] - cum[:, k - wp]
+    known = (grid - series.first_sec).astype(np.float64)
+    cover_stable = np.clip(known, 0, w)
+    cover_panic = np.clip(known, 0, wp)
+
+    def demand(sums: Floats, cover: Floats) -> Floats:
+        safe = np.where(cover >= 1, cover, 1.0)
+        served = (pw * sums[0] + gw * sums[1]) / safe
+        arrived = (pw * sums[2] + gw * sums[3]) / safe
+        return np.where(cover >= 1, np.maximum(np.maximum(served, arrived), 0.0), 0.0)
+
+    stable_demand = demand(stable_sums, cover_stable)
+    panic_demand = demand(panic_sums, cover_panic)
+    stable_replicas = np.maximum(1, np.ceil(stable_demand / target - 1e-9))
+    panic_replicas = np.ceil(panic_demand / target - 1e-9)
+    triggers = panic_replicas >= settings.panic_threshold * stable_replicas
+
+    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw)
+    panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
+    coverage = float(cover_stable[-1])
+    which = "arrival" if stable.arrived >= stable.served else "served"
+
+    if triggers.any():
+        first = int(np.argmax(triggers))
+        held = np.maximum(stable_demand[first:], panic_demand[first:])
+        value = float(held.max())
+        since = int(grid[first])
+        rule = "panic"
+        reason = (
+            f"panic since second {since}: the {wp}s window asked for >= {settings.panic_threshold:g}x "
+            f"the replicas of the {w}s window; holding the highest demand since then "
+            f"({value:.1f} tokens/s) until {w}s pass without a trigger"
+        )
+    else:
+        value = stable.demand
+        since = None
+        rule = f"stable-{which}"
+        reason = f"{w}s window demand = {which} rate {value:.1f} weighted tokens/s"
+    if coverage < w:
+        reason += f"; window covers only {coverage:.0f}s of {w}s (rates divide by the covered seconds)"
+    value = value if math.isfinite(value) and value > 0 else 0.0
+    active = value > settings.activation_tokens_per_second
+    return Evaluation(
+        s,
+        coverage,
+        stable,
+        panic,
+        since is not None,
+        since,
+        value,
+        target,
+        replicas_for(value, target),
+        active,
+        rule,
+        reason,
+    )
