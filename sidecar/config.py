@@ -1,0 +1,203 @@
+"""The sidecar's settings: every one a flag and a ``TOKEN_SCALER_*`` variable, checked at start-up."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from token_scaler import config as c
+from token_scaler.errors import ConfigError
+from token_scaler.record import DEFAULT_RETENTION_S, MAX_MODELS_PER_ENTRY, MAX_TENANTS_PER_ENTRY
+
+_ID_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
+
+
+def sidecar_id(raw: str) -> str:
+    if not 1 <= len(raw) <= 128 or not set(raw) <= _ID_CHARS:
+        raise ValueError("expected 1-128 characters of [A-Za-z0-9._-]")
+    return raw
+
+
+OPTIONS: dict[str, c.Option[Any]] = {
+    "workload": c.Option(
+        "--workload",
+        "TOKEN_SCALER_WORKLOAD",
+        c.workload_name,
+        None,
+        "<namespace>/<name> of the workload whose stream this sidecar reports to",
+        required=True,
+    ),
+    "redis_url": c.Option(
+        "--redis-url", "REDIS_URL", c.redis_url, "redis://127.0.0.1:6379/0", "Redis holding the streams"
+    ),
+    "upstream": c.Option(
+        "--upstream", "TOKEN_SCALER_UPSTREAM", c.http_url, "http://127.0.0.1:8000", "the model server"
+    ),
+    "host": c.Option("--host", "TOKEN_SCALER_HOST", c.text, "0.0.0.0", "address both ports listen on"),
+    "port": c.Option("--port", "TOKEN_SCALER_PORT", c.port, 8080, "proxy port"),
+    "admin_port": c.Option(
+        "--admin-port", "TOKEN_SCALER_ADMIN_PORT", c.port, 9100, "/metrics, /healthz, /readyz port"
+    ),
+    "tenant_header": c.Option(
+        "--tenant-header", "TOKEN_SCALER_TENANT_HEADER", c.text, "X-Tenant-ID", "header naming the tenant"
+    ),
+    "max_tenants": c.Option(
+        "--max-tenants",
+        "TOKEN_SCALER_MAX_TENANTS",
+        c.positive_int,
+        100,
+        "distinct tenants kept as labels; later ones count as 'other'",
+    ),
+    "max_models": c.Option(
+        "--max-models",
+        "TOKEN_SCALER_MAX_MODELS",
+        c.positive_int,
+        32,
+        "distinct models kept as labels; later ones count as 'other'",
+    ),
+    "tokenizer": c.Option(
+        "--tokenizer",
+        "TOKEN_SCALER_TOKENIZER",
+        c.existing_file,
+        None,
+        "tokenizer.json used when the server reports no usage (needs the 'tokenizers' package)",
+    ),
+    "default_generation_tokens": c.Option(
+        "--default-generation-tokens",
+        "TOKEN_SCALER_DEFAULT_GENERATION_TOKENS",
+        c.positive_int,
+        256,
+        "generated tokens per choice assumed at arrival until a model's mean is known",
+    ),
+    "flush_interval_s": c.Option(
+        "--flush-interval",
+        "TOKEN_SCALER_FLUSH_INTERVAL",
+        c.positive_float,
+        1.0,
+        "seconds between stream records (one record per interval)",
+    ),
+    "buffer_records": c.Option(
+        "--buffer-records",
+        "TOKEN_SCALER_BUFFER_RECORDS",
+        c.positive_int,
+        900,
+        "records kept while Redis is unreachable (900 = 15 min at 1/s); older ones are dropped",
+    ),
+    "retention_s": c.Option(
+        "--retention",
+        "TOKEN_SCALER_RETENTION",
+        c.positive_int,
+        DEFAULT_RETENTION_S,
+        "seconds of stream history Redis keeps",
+    ),
+    "max_body_bytes": c.Option(
+        "--max-body-bytes",
+        "TOKEN_SCALER_MAX_BODY_BYTES",
+        c.positive_int,
+        64 << 20,
+        "request bodies above this get 413",
+    ),
+    "connect_timeout_s": c.Option(
+        "--connect-timeout",
+        "TOKEN_SCALER_CONNECT_TIMEOUT",
+        c.positive_float,
+        5.0,
+        "seconds to connect to the upstream",
+    ),
+    "read_timeout_s": c.Option(
+        "--read-timeout",
+        "TOKEN_SCALER_READ_TIMEOUT",
+        c.positive_float,
+        600.0,
+        "seconds the upstream may stay silent (queueing included) before 504",
+    ),
+    "shutdown_delay_s": c.Option(
+        "--shutdown-delay",
+        "TOKEN_SCALER_SHUTDOWN_DELAY",
+        c.non_negative_float,
+        5.0,
+        "seconds between readiness 503 and closing the port on SIGTERM",
+    ),
+    "drain_timeout_s": c.Option(
+        "--drain-timeout",
+        "TOKEN_SCALER_DRAIN_TIMEOUT",
+        c.non_negative_float,
+        60.0,
+        "seconds in-flight requests get to finish on SIGTERM",
+    ),
+    "rate_window_s": c.Option(
+        "--rate-window",
+        "TOKEN_SCALER_RATE_WINDOW",
+        c.positive_float,
+        30.0,
+        "window of the tokenscaler_tokens_per_second gauge, in seconds",
+    ),
+    "sidecar_id": c.Option(
+        "--sidecar-id",
+        "TOKEN_SCALER_SIDECAR_ID",
+        sidecar_id,
+        None,
+        "this sidecar's id in the stream (default <POD_NAME or hostname>-<random hex>)",
+    ),
+    "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", c.text, "INFO", "logging level"),
+}
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    workload: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    upstream: str = "http://127.0.0.1:8000"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    admin_port: int = 9100
+    tenant_header: str = "X-Tenant-ID"
+    max_tenants: int = 100
+    max_models: int = 32
+    tokenizer: Path | None = None
+    default_generation_tokens: int = 256
+    flush_interval_s: float = 1.0
+    buffer_records: int = 900
+    retention_s: int = DEFAULT_RETENTION_S
+    max_body_bytes: int = 64 << 20
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+    shutdown_delay_s: float = 5.0
+    drain_timeout_s: float = 60.0
+    rate_window_s: float = 30.0
+    sidecar_id: str | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        # One label value is kept for "other", and a record holds at most this many.
+        if self.max_models >= MAX_MODELS_PER_ENTRY:
+            raise ConfigError(f"TOKEN_SCALER_MAX_MODELS must be below {MAX_MODELS_PER_ENTRY}")
+        if self.max_tenants >= MAX_TENANTS_PER_ENTRY:
+            raise ConfigError(f"TOKEN_SCALER_MAX_TENANTS must be below {MAX_TENANTS_PER_ENTRY}")
+
+    @classmethod
+    def load(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> SidecarConfig:
+        values = c.load(
+            OPTIONS,
+            argv,
+            environ,
+            prog="token-scaler sidecar",
+            description="Token-metering reverse proxy beside an OpenAI-compatible model server.",
+        )
+        return cls(**values)
+
+
+def make_sidecar_id(environ: Mapping[str, str] | None = None) -> str:
+    """<POD_NAME or hostname>-<random hex>: unique per process, readable in the stream."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("POD_NAME") or socket.gethostname() or "sidecar"
+    base = "".join(ch if ch in _ID_CHARS else "-" for ch in base)[:100]
+    return f"{base}-{secrets.token_hex(6)}"

@@ -1,0 +1,341 @@
+"""OpenAI-compatible request and response shapes: what the meter needs from them (pure).
+
+Everything here takes bytes or decoded JSON and returns data; nothing raises on bad
+input. A body that is not what the endpoint expects yields ``None`` (or zero counts),
+and the proxy forwards it unchanged so the model server gives its own answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+class Kind(enum.Enum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+
+
+ENDPOINTS: dict[str, Kind] = {
+    "/v1/chat/completions": Kind.CHAT,
+    "/v1/completions": Kind.COMPLETIONS,
+    "/v1/embeddings": Kind.EMBEDDINGS,
+    "/v1/responses": Kind.RESPONSES,
+}
+
+# Streaming kinds whose usage must be asked for with ``stream_options.include_usage``;
+# the Responses API always reports usage in its ``response.completed`` event.
+USAGE_OPT_IN = frozenset({Kind.CHAT, Kind.COMPLETIONS})
+
+_MAX_N = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    kind: Kind
+    model: str | None
+    stream: bool
+    max_tokens: int | None  # per choice, when the client set one
+    n: int  # choices asked for
+    wants_usage: bool  # the client itself asked for streamed usage
+    prompt_texts: tuple[str, ...]  # text the prompt is made of, for estimates
+    prompt_ids: int  # token ids given directly (completions / embeddings)
+    messages: int  # chat messages or Responses input items
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """What one streamed event says."""
+
+    pieces: int = 0  # generated pieces: one per choice that carries new content
+    texts: tuple[str, ...] = ()  # the generated text in it, for the tokenizer fallback
+    usage: Usage | None = None
+    usage_only: bool = False  # the extra chunk include_usage adds: no choices, only usage
+    null_usage: bool = False  # has a top-level ``"usage": null`` (include_usage adds one)
+
+
+DONE = Chunk()
+
+
+def _loads(body: bytes | str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _texts_and_ids(value: object) -> tuple[list[str], int]:
+    """A ``prompt`` / ``input``: a string, a list of strings, token ids, or lists of ids."""
+    if isinstance(value, str):
+        return [value], 0
+    texts: list[str] = []
+    ids = 0
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                texts.append(item)
+            elif isinstance(item, int):
+                ids += 1
+            elif isinstance(item, list):
+                ids += sum(1 for i in item if isinstance(i, int))
+    return texts, ids
+
+
+def _content_texts(content: object) -> Iterable[str]:
+    """A message's content: a string or a list of parts with text in ``text``."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    yield text
+            elif isinstance(part, str):
+                yield part
+
+
+def _messages(value: object) -> tuple[list[str], int]:
+    if isinstance(value, str):
+        return [value], 1
+    if not isinstance(value, list):
+        return [], 0
+    texts: list[str] = []
+    for message in value:
+        if isinstance(message, dict):
+            texts.extend(_content_texts(message.get("content")))
+    return texts, len(value)
+
+
+def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        return None
+    model = doc.get("model")
+    stream = doc.get("stream") is True and kind is not Kind.EMBEDDINGS
+    options = doc.get("stream_options")
+    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    n = min(_positive_int(doc.get("n")) or 1, _MAX_N) if kind in USAGE_OPT_IN else 1
+    texts: list[str]
+    ids = 0
+    messages = 0
+    max_tokens: int | None = None
+    if kind is Kind.CHAT:
+        texts, messages = _messages(doc.get("messages"))
+        max_tokens = _positive_int(doc.get("max_completion_tokens")) or _positive_int(doc.get("max_tokens"))
+    elif kind is Kind.COMPLETIONS:
+        texts, ids = _texts_and_ids(doc.get("prompt"))
+        max_tokens = _positive_int(doc.get("max_tokens"))
+    elif kind is Kind.EMBEDDINGS:
+        texts, ids = _texts_and_ids(doc.get("input"))
+    else:
+        texts, messages = _messages(doc.get("input"))
+        instructions = doc.get("instructions")
+        if isinstance(instructions, str):
+            texts.append(instructions)
+        max_tokens = _positive_int(doc.get("max_output_tokens"))
+    return ParsedRequest(
+        kind=kind,
+        model=model if isinstance(model, str) and model else None,
+        stream=stream,
+        max_tokens=max_tokens,
+        n=n,
+        wants_usage=wants_usage,
+        prompt_texts=tuple(texts),
+        prompt_ids=ids,
+        messages=messages,
+    )
+
+
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
+
+
+def with_usage_requested(body: bytes) -> bytes | None:
+    """The body with ``stream_options.include_usage`` set, or None when it cannot be done.
+
+    When the body has no ``stream_options`` the option goes in as text right after the
+    opening brace, so the rest of the body reaches the upstream byte for byte.
+    """
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        return None
+    options = doc.get("stream_options")
+    if "stream_options" not in doc:
+        brace = body.find(b"{")
+        return body[: brace + 1] + _USAGE_OPTION + body[brace + 1 :]
+    if options is not None and not isinstance(options, dict):
+        return None  # the server will reject it; do not make it worse
+    doc["stream_options"] = {**(options or {}), "include_usage": True}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+
+
+def strip_null_usage(raw: bytes) -> bytes:
+    """Remove the top-level ``"usage": null`` that include_usage adds to every chunk.
+
+    Inside JSON strings quotes are escaped, so a bare ``"usage"`` is always a key.
+    """
+    return _NULL_USAGE.sub(b"", raw, count=1)
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def usage_of(kind: Kind, usage: object) -> Usage | None:
+    """A ``usage`` object's prompt and generated tokens; None when it does not say them."""
+    if not isinstance(usage, dict):
+        return None
+    if kind is Kind.RESPONSES:
+        prompt, generation = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    else:
+        prompt, generation = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        if kind is Kind.EMBEDDINGS and generation is None:
+            generation = 0
+        total = _count(usage.get("total_tokens"))
+        if generation is None and prompt is not None and total is not None and total >= prompt:
+            generation = total - prompt
+    if prompt is None or generation is None:
+        return None
+    return Usage(prompt, generation)
+
+
+def _delta_texts(delta: object) -> list[str]:
+    if not isinstance(delta, dict):
+        return []
+    texts = [
+        value
+        for key in ("content", "reasoning_content", "reasoning", "refusal")
+        if isinstance(value := delta.get(key), str) and value
+    ]
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                for key in ("name", "arguments"):
+                    value = function.get(key)
+                    if isinstance(value, str) and value:
+                        texts.append(value)
+    return texts
+
+
+def _choice_texts(kind: Kind, choice: object) -> list[str]:
+    if not isinstance(choice, dict):
+        return []
+    if kind is Kind.CHAT:
+        # Streamed choices carry ``delta``, complete ones ``message``.
+        return _delta_texts(choice.get("delta", choice.get("message")))
+    text = choice.get("text")
+    return [text] if isinstance(text, str) and text else []
+
+
+_RESPONSES_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+    }
+)
+_RESPONSES_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def parse_chunk(kind: Kind, data: str) -> Chunk | None:
+    """One SSE event's data; None when it is not the JSON the endpoint streams."""
+    if data == "[DONE]":
+        return DONE
+    doc = _loads(data)
+    if not isinstance(doc, dict):
+        return None
+    if kind is Kind.RESPONSES:
+        kind_of = doc.get("type")
+        if kind_of in _RESPONSES_DELTAS:
+            delta = doc.get("delta")
+            return Chunk(1, (delta,) if isinstance(delta, str) else ())
+        if kind_of in _RESPONSES_DONE:
+            response = doc.get("response")
+            usage = usage_of(kind, response.get("usage") if isinstance(response, dict) else None)
+            return Chunk(usage=usage)
+        return Chunk()
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
+        if "error" in doc:
+            return Chunk()
+        return None
+    pieces = 0
+    texts: list[str] = []
+    for choice in choices:
+        found = _choice_texts(kind, choice)
+        if found:
+            pieces += 1
+            texts.extend(found)
+    raw_usage = doc.get("usage")
+    usage = usage_of(kind, raw_usage)
+    return Chunk(
+        pieces=pieces,
+        texts=tuple(texts),
+        usage=usage,
+        usage_only=usage is not None and not choices,
+        null_usage="usage" in doc and raw_usage is None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """What a non-streamed response says."""
+
+    usage: Usage | None
+    texts: tuple[str, ...]  # generated text, for the tokenizer fallback
+    model: str | None
+
+
+def parse_response(kind: Kind, body: bytes) -> Complete | None:
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        return None
+    texts: list[str] = []
+    if kind is Kind.RESPONSES:
+        output = doc.get("output")
+        if isinstance(output, list):
+            for item in output:
+                if isinstance(item, dict):
+                    texts.extend(_content_texts(item.get("content")))
+    elif kind is not Kind.EMBEDDINGS:
+        choices = doc.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                texts.extend(_choice_texts(kind, choice))
+    model = doc.get("model")
+    return Complete(usage_of(kind, doc.get("usage")), tuple(texts), model if isinstance(model, str) else None)
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    """An error in OpenAI's shape, so SDKs raise their usual exception with our message."""
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        separators=(",", ":"),
+    ).encode()

@@ -1,0 +1,409 @@
+"""The reverse proxy: forwards everything, counts the OpenAI endpoints it understands.
+
+Three paths:
+- passthrough: any other method or path, streamed both ways, uncounted;
+- counted, non-streamed: the response is read whole, its ``usage`` counted, the same
+  bytes sent on;
+- counted, streamed (SSE): events pass as they complete, counted as they pass, and the
+  final ``usage`` settles the request. When the client did not ask for usage the sidecar
+  asks the upstream for it and removes it again, so the client's bytes are unchanged.
+
+A request body that is not what the endpoint expects is forwarded unchanged and not
+counted: the model server gives its own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar import openai
+from sidecar.meter import LabelBound, Meter, Request
+from sidecar.metrics import Metrics
+from sidecar.openai import Kind, ParsedRequest, Usage
+from sidecar.sse import Event, SSEParser
+from sidecar.tokens import TokenCounter, count_texts, prompt_tokens
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# aiohttp's client adds these unless told not to; a transparent proxy adds nothing.
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+CLIENT_GONE = "499"  # nginx's code for a client that closed the connection first
+
+
+def forward_headers(
+    headers: CIMultiDictProxy[str], *, drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    named = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and lower not in named and lower not in drop:
+            out.add(name, value)
+    return out
+
+
+_REQUEST_DROP = frozenset({"host", "content-length"})
+_STREAM_REQUEST_DROP = frozenset({"host"})
+_RESPONSE_DROP = frozenset({"content-length"})
+
+
+def error_response(status: int, message: str, type_: str, code: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=openai.error_body(message, type_, code),
+        content_type="application/json",
+    )
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What a counted request has seen so far."""
+
+    kind: Kind
+    inject: bool  # the sidecar asked for usage: remove it from what the client sees
+    started: float
+    code: str = "502"
+    failed: bool = False
+    usage: Usage | None = None
+    pieces: int = 0
+    texts: list[str] = field(default_factory=list)
+    malformed: bool = False
+    first_at: float | None = None
+
+
+def _abort_client(request: web.Request) -> None:
+    """End the client's connection without a proper end of body, as a broken upstream would.
+
+    What was written is flushed first; aiohttp's own ``write_eof`` then meets a closing
+    transport, which it takes as a client that went away.
+    """
+    if request.transport is not None:
+        request.transport.close()
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        upstream: str,
+        meter: Meter,
+        metrics: Metrics,
+        counter: TokenCounter,
+        tenant_header: str = "X-Tenant-ID",
+        max_tenants: int = 100,
+        max_models: int = 32,
+        max_body_bytes: int = 64 << 20,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 600.0,
+    ) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.meter = meter
+        self.metrics = metrics
+        self.counter = counter
+        self.tenant_header = tenant_header
+        self.tenants = LabelBound(max_tenants)
+        self.models = LabelBound(max_models)
+        self.max_body_bytes = max_body_bytes
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        # Keep generated text only when a tokenizer can make something of it.
+        self._keep_texts = counter.name == "tokenizer"
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None),
+            timeout=self._timeout,
+            auto_decompress=False,  # passthrough bytes stay as the upstream encoded them
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Proxy.start() was not awaited"
+        return self._session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return self._too_large()
+        kind = openai.ENDPOINTS.get(request.path) if request.method == "POST" else None
+        if kind is None:
+            return await self._passthrough(request)
+        body = await self._read_body(request)
+        if body is None:
+            return self._too_large()
+        parsed = openai.parse_request(kind, body)
+        if parsed is None:
+            return await self._passthrough(request, body)
+        return await self._counted(request, parsed, body)
+
+    def _too_large(self) -> web.Response:
+        self.metrics.rejected.labels("413").inc()
+        return error_response(
+            413,
+            f"request body larger than the sidecar's limit of {self.max_body_bytes} bytes",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _url(self, request: web.Request) -> str:
+        return self.upstream + request.raw_path
+
+    def _upstream_error(self, exc: BaseException) -> web.Response:
+        if isinstance(exc, asyncio.TimeoutError):
+            status, message, code = 504, "the model server did not answer in time", "upstream_timeout"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            status, message, code = 503, "the model server is not reachable", "upstream_unavailable"
+        else:
+            status, message, code = 502, f"bad answer from the model server: {exc}", "upstream_error"
+        self.metrics.rejected.labels(str(status)).inc()
+        return error_response(status, message, "server_error", code)
+
+    async def _passthrough(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+        if body is None:
+            headers = forward_headers(request.headers, drop=_STREAM_REQUEST_DROP)
+            data: object = request.content if request.body_exists else None
+        else:
+            headers = forward_headers(request.headers, drop=_REQUEST_DROP)
+            data = body
+        try:
+            upstream = await self.session.request(
+                request.method,
+                self._url(request),
+                headers=headers,
+                data=data,
+                skip_auto_headers=_SKIP_AUTO,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return self._upstream_error(exc)
+        async with upstream:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=forward_headers(upstream.headers),
+            )
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            try:
+                async for data_chunk in upstream.content.iter_any():
+                    await response.write(data_chunk)
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+                _abort_client(request)
+                return response
+            await response.write_eof()
+            return response
+
+    async def _counted(self, request: web.Request, parsed: ParsedRequest, body: bytes) -> web.StreamResponse:
+        model = self.models(parsed.model or "unknown")
+        tenant = self.tenants(request.headers.get(self.tenant_header) or "none")
+        inject = False
+        if parsed.stream and parsed.kind in openai.USAGE_OPT_IN and not parsed.wants_usage:
+            asked = openai.with_usage_requested(body)
+            if asked is not None:
+                body, inject = asked, True
+        generation = 0
+        if parsed.kind is not Kind.EMBEDDINGS:
+            generation = self.meter.generation_estimate(model, parsed.max_tokens, parsed.n)
+        metered = self.meter.arrive(model, tenant, prompt_tokens(self.counter, parsed), generation, parsed.n)
+        exchange = _Exchange(parsed.kind, inject, time.monotonic())
+        self.metrics.inflight.labels(model).inc()
+        self.metrics.waiting.labels(model).inc()
+        try:
+            return await self._exchange(request, body, metered, exchange)
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler) or the drain timed out.
+            exchange.code = CLIENT_GONE
+            exchange.failed = True
+            raise
+        finally:
+            self._settle(metered, exchange)
+
+    async def _exchange(
+        self, request: web.Request, body: bytes, metered: Request, exchange: _Exchange
+    ) -> web.StreamResponse:
+        try:
+            upstream = await self.session.post(
+                self._url(request),
+                # Counting needs the body readable: no compression on counted endpoints.
+                headers=forward_headers(request.headers, drop=_REQUEST_DROP | {"accept-encoding"}),
+                data=body,
+                skip_auto_headers=_SKIP_AUTO,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            response = self._upstream_error(exc)
+            exchange.code = str(response.status)
+            exchange.failed = True
+            return response
+        async with upstream:
+            exchange.code = str(upstream.status)
+            exchange.failed = upstream.status >= 400
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._stream(request, upstream, metered, exchange)
+            return await self._complete(upstream, exchange)
+
+    async def _complete(self, upstream: aiohttp.ClientResponse, exchange: _Exchange) -> web.StreamResponse:
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            exchange.failed = True
+            response = self._upstream_error(exc)
+            exchange.code = str(response.status)
+            return response
+        if not exchange.failed:
+            parsed = openai.parse_response(exchange.kind, body)
+            if parsed is None:
+                exchange.malformed = True
+            else:
+                exchange.usage = parsed.usage
+                exchange.texts.extend(parsed.texts)
+                exchange.pieces = len(parsed.texts)
+        response = web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+            body=body,
+        )
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        metered: Request,
+        exchange: _Exchange,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+        )
+        await response.prepare(request)
+        parser = SSEParser()
+        try:
+            async for data in upstream.content.iter_any():
+                out = [self._event(event, metered, exchange) for event in parser.feed(data)]
+                if out:
+                    await response.write(b"".join(out))
+            tail = parser.close()
+            if tail is not None:
+                await response.write(self._event(tail, metered, exchange))
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            # The upstream broke off mid-stream: so does the client's stream.
+            exchange.code = "502"
+            exchange.failed = True
+            _abort_client(request)
+            return response
+        except ConnectionResetError:
+            exchange.code = CLIENT_GONE
+            exchange.failed = True
+            return response
+        await response.write_eof()
+        return response
+
+    def _event(self, event: Event, metered: Request, exchange: _Exchange) -> bytes:
+        """Count one event; return the bytes the client gets for it."""
+        if event.malformed:
+            exchange.malformed = True
+        if event.data is None:
+            return event.raw
+        chunk = openai.parse_chunk(exchange.kind, event.data)
+        if chunk is None:
+            exchange.malformed = True
+            return event.raw
+        if chunk.pieces:
+            if exchange.first_at is None:
+                exchange.first_at = time.monotonic()
+                self.metrics.waiting.labels(metered.model).dec()
+            exchange.pieces += chunk.pieces
+            self.meter.generated(metered, chunk.pieces)
+            if self._keep_texts:
+                exchange.texts.extend(chunk.texts)
+        if chunk.usage is not None:
+            exchange.usage = chunk.usage
+        if exchange.inject:
+            if chunk.usage_only:
+                return b""
+            if chunk.null_usage:
+                return openai.strip_null_usage(event.raw)
+        return event.raw
+
+    def _settle(self, metered: Request, exchange: _Exchange) -> None:
+        """Final counts: usage, else the fallback count; after a failure, what was served."""
+        model, tenant = metered.model, metered.tenant
+        now = time.monotonic()
+        if exchange.first_at is None:
+            self.metrics.waiting.labels(model).dec()
+        else:
+            self.metrics.ttft.labels(model).observe(exchange.first_at - exchange.started)
+        self.metrics.inflight.labels(model).dec()
+        self.metrics.duration.labels(model).observe(now - exchange.started)
+        self.metrics.requests.labels(model, tenant, exchange.code).inc()
+        if exchange.malformed:
+            self.metrics.malformed.labels(model).inc()
+        usage = exchange.usage
+        if usage is not None:
+            self.meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
+            prompt, generation = usage.prompt, usage.generation
+        elif exchange.failed:
+            self.meter.abort(metered)
+            prompt, generation = metered.sp, metered.sg
+        else:
+            prompt = metered.prompt_estimate
+            generation = count_texts(self.counter, exchange.texts) if self._keep_texts else exchange.pieces
+            self.meter.finish(metered, prompt, generation)
+            method = self.counter.name if self._keep_texts else "pieces"
+            self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
+            self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)
+        self.metrics.tokens.labels("prompt", model, tenant).inc(prompt)
+        self.metrics.tokens.labels("generation", model, tenant).inc(generation)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request model=%s tenant=%s code=%s prompt=%d generation=%d ttft=%s duration=%.3f usage=%s",
+                model,
+                tenant,
+                exchange.code,
+                prompt,
+                generation,
+                "-" if exchange.first_at is None else f"{exchange.first_at - exchange.started:.3f}",
+                now - exchange.started,
+                "reported" if usage is not None else "estimated",
+            )

@@ -1,0 +1,181 @@
+"""Start-up, the admin endpoints, signals and the shutdown order of ``token-scaler sidecar``.
+
+Shutdown on SIGTERM (or SIGINT), in this order:
+1. ``/readyz`` answers 503, so Kubernetes stops sending new requests;
+2. a short delay (``--shutdown-delay``) while the proxy still serves, because endpoint
+   removal takes a moment to reach every client;
+3. the proxy port closes and in-flight requests get ``--drain-timeout`` to finish
+   (long streams included); what is still running then is cancelled and counted as served
+   so far;
+4. the last partial interval is flushed to Redis (bounded by the same timeout);
+5. connections close, the admin port last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from sidecar.config import SidecarConfig, make_sidecar_id
+from sidecar.flush import Flusher
+from sidecar.meter import Meter
+from sidecar.metrics import Metrics
+from sidecar.proxy import Proxy
+from sidecar.tokens import load_counter
+from token_scaler.redis_conn import connect
+
+log = logging.getLogger(__name__)
+
+# Time the final flush gets after the drain, whatever the drain took.
+FINAL_FLUSH_TIMEOUT_S = 5.0
+
+
+class Sidecar:
+    """The proxy and admin servers, the meter and the flusher of one sidecar process."""
+
+    def __init__(self, config: SidecarConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry, config.rate_window_s)
+        self.meter = Meter(default_generation=config.default_generation_tokens)
+        self.counter = load_counter(config.tokenizer)
+        self.proxy = Proxy(
+            upstream=config.upstream,
+            meter=self.meter,
+            metrics=self.metrics,
+            counter=self.counter,
+            tenant_header=config.tenant_header,
+            max_tenants=config.max_tenants,
+            max_models=config.max_models,
+            max_body_bytes=config.max_body_bytes,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+        )
+        self.redis = connect(config.redis_url)
+        self.flusher = Flusher(
+            self.redis,
+            self.meter,
+            self.metrics,
+            workload=config.workload,
+            sidecar_id=config.sidecar_id or make_sidecar_id(),
+            interval_s=config.flush_interval_s,
+            buffer_records=config.buffer_records,
+            retention_s=config.retention_s,
+        )
+        self.ready = False
+        self.port = config.port
+        self.admin_port = config.admin_port
+        self._proxy_runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def _proxy_app(self) -> web.Application:
+        # The proxy reads bodies itself, with its own limit and a JSON 413.
+        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        return app
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        body = {
+            "ready": self.ready,
+            "sidecar": self.flusher.sidecar_id,
+            "buffered_records": self.flusher.buffered,
+            "redis_offset_ms": self.flusher.offset_ms,
+        }
+        return web.json_response(body, status=200 if self.ready else 503)
+
+    async def start(self) -> None:
+        await self.proxy.start()
+        self._admin_runner = web.AppRunner(self._admin_app(), access_log=None)
+        await self._admin_runner.setup()
+        admin = web.TCPSite(self._admin_runner, self.config.host, self.config.admin_port)
+        await admin.start()
+        self.admin_port = _bound_port(self._admin_runner)
+        self._proxy_runner = web.AppRunner(
+            self._proxy_app(),
+            access_log=None,
+            handler_cancellation=True,  # a client that leaves cancels its upstream request
+            shutdown_timeout=self.config.drain_timeout_s,
+        )
+        await self._proxy_runner.setup()
+        site = web.TCPSite(self._proxy_runner, self.config.host, self.config.port, backlog=1024)
+        await site.start()
+        self.port = _bound_port(self._proxy_runner)
+        self._flush_task = asyncio.create_task(self.flusher.run())
+        self.ready = True
+        log.info(
+            "sidecar %s: proxy :%d -> %s, admin :%d, workload %s",
+            self.flusher.sidecar_id,
+            self.port,
+            self.config.upstream,
+            self.admin_port,
+            self.config.workload,
+        )
+
+    async def stop(self) -> None:
+        self.ready = False
+        await asyncio.sleep(self.config.shutdown_delay_s)
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
+        delivered = await self.flusher.close(FINAL_FLUSH_TIMEOUT_S)
+        if not delivered:
+            log.warning("%d records not delivered to Redis at shutdown", self.flusher.buffered)
+        await self.proxy.close()
+        await self.redis.aclose()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the server is bound to no TCP address")
+
+
+async def serve(config: SidecarConfig) -> None:
+    sidecar = Sidecar(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    try:
+        await stop.wait()
+        log.info("shutting down: readiness off, draining")
+    finally:
+        await sidecar.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = SidecarConfig.load(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(config))
+    return 0

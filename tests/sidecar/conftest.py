@@ -1,0 +1,79 @@
+"""Fixtures: a fake model server and a sidecar in front of it, both on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from sidecar.config import SidecarConfig
+from sidecar.server import Sidecar
+from tests.sidecar.fake_upstream import FakeUpstream
+from token_scaler.record import Record, decode, stream_key
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def start_sidecar(redis_url: str, workload: str, upstream: FakeUpstream) -> AsyncIterator[StartSidecar]:
+    """Starts sidecars (stopped at the end); the flush loop ticks only when a test says so."""
+    started: list[Sidecar] = []
+
+    async def start(**overrides: Any) -> Sidecar:
+        settings: dict[str, Any] = {
+            "workload": workload,
+            "redis_url": redis_url,
+            "upstream": f"http://127.0.0.1:{upstream.port}",
+            "host": "127.0.0.1",
+            "port": 0,
+            "admin_port": 0,
+            "shutdown_delay_s": 0.0,
+            "drain_timeout_s": 5.0,
+            "flush_interval_s": 3600.0,
+            "sidecar_id": f"test-{len(started)}",
+        }
+        settings.update(overrides)
+        sidecar = Sidecar(SidecarConfig(**settings), CollectorRegistry())
+        await sidecar.start()
+        started.append(sidecar)
+        return sidecar
+
+    try:
+        yield start
+    finally:
+        for sidecar in started:
+            if sidecar.ready:
+                await sidecar.stop()
+
+
+def read_records(redis_url: str, workload: str) -> list[Record]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [decode(fields) for _id, fields in client.xrange(stream_key(workload))]
+    finally:
+        client.close()
+
+
+def totals(records: list[Record]) -> dict[str, int]:
+    """Sums of every counter over the records, across models."""
+    keys = ("sp", "sg", "ap", "ag", "rq")
+    out = dict.fromkeys(keys, 0)
+    for record in records:
+        for counts in record.models.values():
+            for key, value in zip(keys, counts.as_list()[:5], strict=True):
+                out[key] += value
+    return out
