@@ -113,7 +113,8 @@ class WorkloadSeries:
         if t_ms < record.ts_ms:
             self.clamped += 1
         sec = t_ms // 1000
-        start = (t_ms - record.interval_ms) // 1000
+        # rounded: sidecars flush at any phase, so an interval's start is known to about 1 s
+        start = round((t_ms - record.interval_ms) / 1000)
         if self.first_sec is None or start < self.first_sec:
             self.first_sec = start
         self.entries += 1

@@ -47,12 +47,19 @@ class KedaClient:
         # The HPA knows the metric as s0-<name>; KEDA strips the prefix before GetMetrics.
         hpa_name = f"s0-{spec.metricName}"
         bare = hpa_name.split("-", 1)[1]
-        values = await self.stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=bare), timeout=3)
+        values = await self.stub.GetMetrics(
+            pb.GetMetricsRequest(scaledObjectRef=ref, metricName=bare), timeout=3
+        )
         active = await self.stub.IsActive(ref, timeout=3)
         value = values.metricValues[0]
         assert value.metricName == bare
         return KedaAnswer(
-            spec.metricName, spec.targetSizeFloat, spec.targetSize, value.metricValueFloat, value.metricValue, active.result
+            spec.metricName,
+            spec.targetSizeFloat,
+            spec.targetSize,
+            value.metricValueFloat,
+            value.metricValue,
+            active.result,
         )
 
 

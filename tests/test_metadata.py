@@ -1,0 +1,117 @@
+"""Every ScaledObject metadata key, its default, and every kind of bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaler.metadata import KEYS, parse
+from token_scaler.errors import MetadataError
+
+BASE = {"tokensPerSecondPerReplica": "1000", "scalerAddress": "scaler.keda:9090", "unknownKey": "x"}
+
+
+def test_defaults() -> None:
+    s = parse(BASE, "team-a", "vllm")
+    assert s.workload == "team-a/vllm"
+    assert s.tokens_per_second_per_replica == 1000
+    assert (s.headroom, s.window_s, s.prompt_weight, s.generation_weight) == (1.3, 60, 1.0, 1.0)
+    assert (s.panic_window_s, s.panic_threshold, s.activation_tokens_per_second, s.model) == (
+        6,
+        2.0,
+        0.0,
+        None,
+    )
+    assert s.target == pytest.approx(1000 / 1.3)
+
+
+def test_every_key() -> None:
+    s = parse(
+        {
+            **BASE,
+            "workload": "other/llm",
+            "headroom": "1.5",
+            "windowSeconds": "120",
+            "promptWeight": "0.2",
+            "generationWeight": "1",
+            "panicWindowSeconds": "10",
+            "panicThreshold": "3",
+            "activationTokensPerSecond": "5",
+            "model": "llama-3-8b",
+        },
+        "ns",
+        "so",
+    )
+    assert (s.workload, s.headroom, s.window_s, s.prompt_weight, s.generation_weight) == (
+        "other/llm",
+        1.5,
+        120,
+        0.2,
+        1.0,
+    )
+    assert (s.panic_window_s, s.panic_threshold, s.activation_tokens_per_second, s.model) == (
+        10,
+        3.0,
+        5.0,
+        "llama-3-8b",
+    )
+
+
+def test_every_documented_key_is_parsed() -> None:
+    assert set(KEYS) == {
+        "workload",
+        "tokensPerSecondPerReplica",
+        "headroom",
+        "windowSeconds",
+        "promptWeight",
+        "generationWeight",
+        "panicWindowSeconds",
+        "panicThreshold",
+        "activationTokensPerSecond",
+        "model",
+    }
+
+
+def test_short_window_shrinks_the_default_panic_window() -> None:
+    assert parse({**BASE, "windowSeconds": "10"}, "ns", "so").panic_window_s == 5
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("tokensPerSecondPerReplica", "0", "> 0"),
+        ("tokensPerSecondPerReplica", "-5", "> 0"),
+        ("tokensPerSecondPerReplica", "fast", "> 0"),
+        ("tokensPerSecondPerReplica", "nan", "> 0"),
+        ("tokensPerSecondPerReplica", "inf", "> 0"),
+        ("headroom", "0.9", "from 1 to 10"),
+        ("headroom", "11", "from 1 to 10"),
+        ("windowSeconds", "9", "from 10 to 600"),
+        ("windowSeconds", "601", "from 10 to 600"),
+        ("windowSeconds", "60.5", "whole number"),
+        ("promptWeight", "-1", ">= 0"),
+        ("generationWeight", "x", ">= 0"),
+        ("panicWindowSeconds", "0", "from 1 to 30"),
+        ("panicWindowSeconds", "31", "from 1 to 30"),
+        ("panicThreshold", "1", "> 1"),
+        ("activationTokensPerSecond", "-1", ">= 0"),
+        ("model", " ", "model name"),
+        ("workload", "no-slash", "<namespace>/<name>"),
+        ("workload", "NS/Upper", "<namespace>/<name>"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(key: str, value: str, expected: str) -> None:
+    with pytest.raises(MetadataError) as info:
+        parse({**BASE, key: value}, "ns", "so")
+    assert info.value.key == key and info.value.value == value
+    message = str(info.value)
+    assert key in message and repr(value) in message and expected in message
+
+
+def test_missing_capacity_is_required() -> None:
+    with pytest.raises(MetadataError, match=r"tokensPerSecondPerReplica.*required"):
+        parse({"scalerAddress": "x:1"}, "ns", "so")
+
+
+def test_both_weights_zero() -> None:
+    with pytest.raises(MetadataError, match="cannot both be 0"):
+        parse({**BASE, "promptWeight": "0", "generationWeight": "0"}, "ns", "so")

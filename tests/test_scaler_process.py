@@ -1,0 +1,311 @@
+"""The scaler as users run it: processes, several replicas, Redis going away, TLS, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from scaler.config import ScalerConfig
+from scaler.server import ScalerServer
+from tests.keda import FakeSidecar, KedaClient
+from token_scaler.redis_conn import LocalRedis, free_port
+
+
+class ScalerProcess:
+    def __init__(self, redis_url: str, *extra: str) -> None:
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "token_scaler.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(self.grpc_port),
+                "--http-port",
+                str(self.http_port),
+                "--redis-url",
+                redis_url,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"scaler did not start: {out}")
+            time.sleep(0.1)
+
+    def debug(self, workload: str) -> dict:  # type: ignore[type-arg]
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.http_port}/debug/scalers/{workload}", timeout=3
+        ) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+
+@pytest.fixture
+def processes(redis_url: str) -> Iterator[list[ScalerProcess]]:
+    started = [ScalerProcess(redis_url), ScalerProcess(redis_url)]
+    yield started
+    for p in started:
+        p.stop()
+
+
+def test_two_scaler_replicas_give_the_same_answer(
+    processes: list[ScalerProcess], redis_url: str, workload: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    sidecars = [FakeSidecar(client, workload, f"pod-{i}") for i in range(3)]
+    now = sidecars[0].now_ms()
+    import random
+
+    rng = random.Random(7)
+    for sec in range(120, 0, -1):  # a varied history, with a burst for the panic logic
+        for sc in sidecars:
+            burst = 8 if 20 < sec < 26 else 1
+            sc.flush(now - sec * 1000, sp=rng.randrange(0, 400) * burst, sg=rng.randrange(0, 900) * burst)
+    stop = threading.Event()
+
+    def keep_flushing() -> None:
+        while not stop.is_set():
+            for sc in sidecars:
+                sc.flush(sp=rng.randrange(0, 400), sg=rng.randrange(0, 900))
+            stop.wait(0.3)
+
+    flusher = threading.Thread(target=keep_flushing)
+    flusher.start()
+    ns, name = workload.split("/")
+    metadata = {"tokensPerSecondPerReplica": "300", "windowSeconds": "30"}
+
+    async def ask(p: ScalerProcess) -> float:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
+            return (await KedaClient(channel, "scaler:9090").poll(ns, name, metadata)).value
+
+    try:
+        compared = 0
+        for _ in range(40):
+            values = [asyncio.run(ask(p)) for p in processes]
+            views = [p.debug(workload)["evaluation"] for p in processes]
+            # Each replica answers for the last complete second; compare those that agree on it.
+            if views[0]["second"] == views[1]["second"]:
+                assert views[0] == views[1]
+                compared += 1
+            assert all(v > 0 for v in values)
+            if compared >= 3:
+                break
+        assert compared >= 3
+    finally:
+        stop.set()
+        flusher.join()
+        client.close()
+
+
+def test_redis_outage_turns_unavailable_then_recovers(own_redis: LocalRedis, workload: str) -> None:
+    async def scenario() -> None:
+        server = ScalerServer(
+            ScalerConfig(
+                grpc_port=0, http_port=0, host="127.0.0.1", redis_url=own_redis.url, stale_after_s=1.0
+            )
+        )
+        await server.start()
+        ns, name = workload.split("/")
+        meta = {"tokensPerSecondPerReplica": "100"}
+        client = redis.Redis.from_url(own_redis.url)
+        sidecar = FakeSidecar(client, workload, "pod-a")
+        now = sidecar.now_ms()
+        for i in range(30, 0, -1):
+            sidecar.flush(now - i * 1000 + 1000, sg=100)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            keda = KedaClient(channel, "scaler:9090")
+            assert (await keda.poll(ns, name, meta)).value == pytest.approx(100, rel=0.05)
+
+            own_redis.process.terminate()
+            own_redis.process.wait()
+            await asyncio.sleep(1.6)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await keda.poll(ns, name, meta)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "stale" in (info.value.details() or "")
+
+            # Redis comes back empty (it keeps nothing on disk): the scaler keeps what it read,
+            # and reads what sidecars write from now on.
+            restarted = LocalRedis.start(port=own_redis.port)
+            own_redis.process = restarted.process
+            client = redis.Redis.from_url(own_redis.url)
+            sidecar = FakeSidecar(client, workload, "pod-b")
+            for _ in range(60):
+                try:
+                    answer = await keda.poll(ns, name, meta)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the scaler did not recover")
+            for _ in range(3):
+                sidecar.flush(sg=3000)
+                await asyncio.sleep(1)
+            answer = await keda.poll(ns, name, meta)
+            assert answer.value > 150  # the new entries count, the old ones are still there
+            shutil.rmtree(restarted.workdir, ignore_errors=True)
+        client.close()
+        await server.stop()
+
+    asyncio.run(scenario())
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not on PATH")
+    d = tmp_path_factory.mktemp("certs")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        cwd=d,
+    )
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{who}.key",
+            "-out",
+            f"{who}.csr",
+            "-subj",
+            f"/CN={who}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{who}.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
+    return d
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls(certs: Path, redis_url: str, workload: str, mutual: bool) -> None:
+    extra = ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key")]
+    if mutual:
+        extra += ["--client-ca", str(certs / "ca.crt")]
+    proc = ScalerProcess(redis_url, *extra)
+    ns, name = workload.split("/")
+    ca = (certs / "ca.crt").read_bytes()
+    with_cert = grpc.ssl_channel_credentials(
+        ca, (certs / "client.key").read_bytes(), (certs / "client.crt").read_bytes()
+    )
+    without_cert = grpc.ssl_channel_credentials(ca)
+
+    async def ask(credentials: grpc.ChannelCredentials) -> float:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{proc.grpc_port}", credentials) as channel:
+            answer = await KedaClient(channel, "scaler:9090").poll(
+                ns, name, {"tokensPerSecondPerReplica": "1"}
+            )
+            return answer.value
+
+    async def plaintext() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+            await KedaClient(channel, "scaler:9090").poll(ns, name, {"tokensPerSecondPerReplica": "1"})
+
+    try:
+        assert asyncio.run(ask(with_cert)) == 0
+        if mutual:
+            with pytest.raises(grpc.aio.AioRpcError):
+                asyncio.run(ask(without_cert))
+        else:
+            assert asyncio.run(ask(without_cert)) == 0
+        with pytest.raises(grpc.aio.AioRpcError):
+            asyncio.run(plaintext())
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sigterm_ends_streams_cleanly_and_exits_zero(redis_url: str, workload: str) -> None:
+    proc = ScalerProcess(redis_url, "--shutdown-grace", "5")
+    ns, name = workload.split("/")
+
+    async def scenario() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+            keda = KedaClient(channel, "scaler:9090")
+            call = keda.stub.StreamIsActive(keda.ref(ns, name, {"tokensPerSecondPerReplica": "1"}))
+            await asyncio.sleep(1.0)
+            os.kill(proc.proc.pid, signal.SIGTERM)
+            async for _ in call:
+                pass
+            return await call.code()
+
+    assert asyncio.run(scenario()) == grpc.StatusCode.OK
+    assert proc.stop() == 0
+
+
+def test_bad_config_names_the_variable(redis_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "token_scaler.cli", "serve"],
+        env={**os.environ, "TOKEN_SCALER_GRPC_PORT": "ninety"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "TOKEN_SCALER_GRPC_PORT='ninety' is invalid" in result.stderr

@@ -1,0 +1,241 @@
+"""The scaler's window maths against hand-computed cases (pure, no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scaler.metadata import ScalerSettings
+from scaler.window import SecondRing, WorkloadSeries, evaluate, replicas_for
+from token_scaler.record import ModelCounts, Record
+
+T0 = 1_800_000_000  # a whole second, as Redis time
+
+
+def settings_(**kw: object) -> ScalerSettings:
+    base: dict[str, object] = {"workload": "ns/llm", "tokens_per_second_per_replica": 130.0}
+    base.update(kw)
+    return ScalerSettings(**base)
+
+
+def feed(
+    series: WorkloadSeries,
+    start_s: int,
+    seconds: int,
+    *,
+    sp: int = 0,
+    sg: int = 0,
+    ap: int | None = None,
+    ag: int | None = None,
+    sidecar: str = "a",
+    model: str = "m",
+    seq0: int = 0,
+) -> None:
+    """One entry per second at ts = the end of that second minus 1 ms."""
+    for i in range(seconds):
+        ts = (start_s + i) * 1000 + 999
+        counts = ModelCounts(sp, sg, sp if ap is None else ap, sg if ag is None else ag, 1, 0, 0, 0, 0)
+        series.add(Record(sidecar, seq0 + i, ts, 1000, {model: counts}), f"{ts}-0")
+
+
+def test_steady_rate_is_the_real_rate() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 120, sp=100, sg=200)
+    ev = evaluate(series, settings_(), (T0 + 120) * 1000 + 500)
+    assert ev.stable.served_prompt == 100 and ev.stable.served_generation == 200
+    assert ev.value == 300 and ev.rule == "stable-arrival"
+    assert ev.target == pytest.approx(100.0)  # 130 / 1.3
+    assert ev.replicas == 3 and not ev.panic_active and ev.coverage_s == 60
+
+
+def test_weights_apply_to_prompt_and_generation() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 120, sp=100, sg=200)
+    ev = evaluate(series, settings_(prompt_weight=0.5, generation_weight=2.0), (T0 + 120) * 1000)
+    assert ev.value == pytest.approx(0.5 * 100 + 2.0 * 200)
+
+
+def test_only_complete_seconds_count_and_answers_are_stable_within_a_second() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 120, sp=100)
+    now = (T0 + 120) * 1000
+    first = evaluate(series, settings_(), now + 1)
+    # an entry in the current, incomplete second changes nothing until that second ends
+    series.add(
+        Record("b", 0, now + 500, 1000, {"m": ModelCounts(10_000, 0, 10_000, 0, 0, 0, 0, 0, 0)}),
+        f"{now + 500}-0",
+    )
+    assert evaluate(series, settings_(), now + 999) == first
+    later = evaluate(series, settings_(), now + 1000)
+    # seconds T0+61 .. T0+120: 59 fed seconds and the one with the new entry
+    assert later.stable.served_prompt == pytest.approx((59 * 100 + 10_000) / 60)
+
+
+def test_half_filled_window_divides_by_covered_seconds() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 10, sp=600)  # first data at T0 (interval start), 10 s covered
+    ev = evaluate(series, settings_(), (T0 + 10) * 1000)
+    assert ev.coverage_s == 10
+    assert ev.value == 600  # not 600 * 10 / 60
+    assert "covers only 10s of 60s" in ev.reason
+
+
+def test_saturation_demand_follows_arrivals() -> None:
+    # replicas serve 1,000 tokens/s in total while 3,000 tokens/s arrive
+    series = WorkloadSeries()
+    feed(series, T0, 120, sg=1000, ag=3000)
+    ev = evaluate(series, settings_(tokens_per_second_per_replica=500.0, headroom=1.0), (T0 + 120) * 1000)
+    assert ev.stable.served == 1000 and ev.stable.arrived == 3000
+    assert ev.value == 3000 and ev.rule == "stable-arrival"
+    assert ev.replicas == 6  # 3x the 2 replicas that serve 1,000 tokens/s
+
+
+def test_draining_queue_keeps_the_served_rate() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 120, sg=800, ag=0)
+    ev = evaluate(series, settings_(), (T0 + 120) * 1000)
+    assert ev.value == 800 and ev.rule == "stable-served"
+
+
+def test_model_filter() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 60, sp=100, model="big")
+    feed(series, T0, 60, sp=50, model="small", sidecar="b")
+    now = (T0 + 60) * 1000
+    assert evaluate(series, settings_(), now).value == 150
+    assert evaluate(series, settings_(model="big"), now).value == 100
+    assert evaluate(series, settings_(model="other"), now).rule == "no-data"
+
+
+def test_several_sidecars_add_up() -> None:
+    series = WorkloadSeries()
+    for i in range(5):
+        feed(series, T0, 60, sg=40, sidecar=f"pod-{i}")
+    assert evaluate(series, settings_(), (T0 + 60) * 1000).value == 200
+
+
+def test_no_data() -> None:
+    ev = evaluate(WorkloadSeries(), settings_(), T0 * 1000)
+    assert ev.value == 0 and ev.replicas == 0 and not ev.active and ev.rule == "no-data"
+
+
+def test_panic_entry_hold_and_exit() -> None:
+    # 100 tokens/s for 120 s, then a burst of 1,000 tokens/s for 6 s, then 100 again.
+    # target = 130 / 1.3 = 100 tokens/s per replica.
+    series = WorkloadSeries()
+    feed(series, T0, 120, sg=100)
+    feed(series, T0 + 120, 6, sg=1000, seq0=120)
+    feed(series, T0 + 126, 200, sg=100, seq0=126)
+    s = settings_()
+
+    before = evaluate(series, s, (T0 + 120) * 1000)
+    assert not before.panic_active and before.value == 100
+
+    # Second 1 of the burst: panic window (5*100 + 1000)/6 = 250 -> 3 replicas; stable
+    # (59*100 + 1000)/60 = 115 -> 2 replicas; 3 < 2 x 2: no panic yet.
+    one = evaluate(series, s, (T0 + 121) * 1000)
+    assert not one.panic_active and one.value == pytest.approx(115)
+    # Second 2: panic (4*100 + 2000)/6 = 400 -> 4 replicas >= 2 x 2 (stable 130 -> 2): panic.
+    two = evaluate(series, s, (T0 + 122) * 1000)
+    assert two.panic_active and two.panic_since == T0 + 122
+    assert two.value == pytest.approx(400) and two.replicas == 4
+    # End of the burst: the panic window is all burst.
+    peak = evaluate(series, s, (T0 + 126) * 1000)
+    assert peak.value == pytest.approx(1000) and peak.replicas == 10
+
+    # The value does not fall while the trigger is within the last stable window...
+    for t in (130, 150, 180):
+        held = evaluate(series, s, (T0 + t) * 1000)
+        assert held.panic_active and held.value == pytest.approx(1000), t
+    # ...and panic ends one stable window after the last trigger.
+    last_trigger = max(t for t in range(T0 + 121, T0 + 200) if _triggers(series, s, t))
+    assert evaluate(series, s, (last_trigger + 59) * 1000).panic_active
+    after = evaluate(series, s, (last_trigger + 60) * 1000)
+    assert not after.panic_active and after.rule.startswith("stable")
+    assert after.value == after.stable.demand < 200
+
+
+def _triggers(series: WorkloadSeries, s: ScalerSettings, t: int) -> bool:
+    ev = evaluate(series, s, t * 1000)
+    # the trigger condition at t, in replicas as the scaler compares them
+    stable_r = max(1, replicas_for(ev.stable.demand, ev.target))
+    return replicas_for(ev.panic.demand, ev.target) >= s.panic_threshold * stable_r
+
+
+def test_small_noise_does_not_panic() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 60, sg=1)
+    feed(series, T0 + 60, 6, sg=20, seq0=60)  # 20x the rate, but still under one replica
+    assert not evaluate(series, settings_(), (T0 + 66) * 1000).panic_active
+
+
+def test_late_entries_land_in_the_time_they_describe() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 60, sg=100)
+    # delivered 30 s after the fact (buffered through an outage): ts is in the past
+    ts = (T0 + 20) * 1000 + 999
+    series.add(
+        Record("b", 0, ts, 1000, {"m": ModelCounts(0, 600, 0, 600, 0, 0, 0, 0, 0)}), f"{ts + 30_000}-0"
+    )
+    ev = evaluate(series, settings_(), (T0 + 60) * 1000)
+    assert ev.value == pytest.approx(100 + 600 / 60)
+    assert series.clamped == 0
+
+
+def test_clock_ahead_is_clamped_to_the_stream_id() -> None:
+    series = WorkloadSeries()
+    ts_ahead = (T0 + 30) * 1000
+    stored = T0 * 1000 + 999
+    series.add(
+        Record("a", 0, ts_ahead, 1000, {"m": ModelCounts(0, 500, 0, 500, 0, 0, 0, 0, 0)}), f"{stored}-0"
+    )
+    assert series.clamped == 1
+    ev = evaluate(series, settings_(), (T0 + 1) * 1000)
+    assert ev.value == 500  # counted in second T0, where Redis stored it
+
+
+def test_ring_rejects_seconds_it_no_longer_holds() -> None:
+    ring = SecondRing(size=10)
+    assert ring.add(100, [1, 0, 0, 0, 0])
+    assert ring.add(110, [2, 0, 0, 0, 0])  # reuses slot 0
+    assert not ring.add(100, [5, 0, 0, 0, 0])
+    window = ring.window(100, 111)
+    assert window[0].tolist() == [0.0] * 10 + [2.0]
+
+
+def test_gauges_follow_the_newest_entry_per_sidecar() -> None:
+    series = WorkloadSeries()
+    new = Record("a", 2, T0 * 1000 + 2000, 1000, {"m": ModelCounts(0, 0, 0, 0, 0, 3, 1, 50, 70)})
+    old = Record("a", 1, T0 * 1000 + 1000, 1000, {"m": ModelCounts(0, 0, 0, 0, 0, 9, 9, 9, 9)})
+    series.add(new, f"{T0 * 1000 + 2000}-0")
+    series.add(old, f"{T0 * 1000 + 5000}-0")  # arrives late: must not replace the newer gauges
+    assert series.sidecars["a"].gauges["m"] == (3, 1, 50, 70)
+    assert list(series.live_sidecars(T0 * 1000 + 6000, 5000)) == ["a"]
+    assert series.live_sidecars(T0 * 1000 + 20_000, 5000) == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 5000)),
+        min_size=1,
+        max_size=150,
+    ),
+    st.integers(10, 120),
+    st.floats(0, 5),
+    st.floats(0, 5),
+)
+def test_value_is_never_negative_nan_or_inf_and_bounded(rows, window, pw, gw) -> None:
+    if pw == 0 and gw == 0:
+        pw = 1.0
+    series = WorkloadSeries()
+    for i, (sp, sg, ap, ag) in enumerate(rows):
+        ts = (T0 + i) * 1000 + 500
+        series.add(Record("a", i, ts, 1000, {"m": ModelCounts(sp, sg, ap, ag, 0, 0, 0, 0, 0)}), f"{ts}-0")
+    s = settings_(window_s=window, panic_window_s=min(6, window // 2), prompt_weight=pw, generation_weight=gw)
+    ev = evaluate(series, s, (T0 + len(rows)) * 1000)
+    assert ev.value >= 0 and ev.value == ev.value and ev.value != float("inf")
+    # nothing exceeds the highest one-second weighted rate
+    peak = max(max(pw * sp + gw * sg, pw * ap + gw * ag) for sp, sg, ap, ag in rows)
+    assert ev.value <= peak + 1e-6
