@@ -113,6 +113,7 @@ class StreamReader:
         key = stream_key(workload)
         try:
             series = self.series[workload]
+            series.clock_sec = self.now_ms() // 1000
             start = "-"
             last = "0-0"
             while True:
@@ -185,10 +186,12 @@ class StreamReader:
         response: list[tuple[bytes, list[tuple[bytes, Mapping[bytes, bytes]]]]] | None
         response = await self._xread()
         applied = 0
+        now_sec = self.now_ms() // 1000
         for raw_key, entries in response or []:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             workload = self._key_workload[key]
             series = self.series[workload]
+            series.clock_sec = now_sec
             for entry_id, fields in entries:
                 self._apply(workload, series, entry_id, fields)
                 applied += 1

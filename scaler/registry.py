@@ -71,11 +71,11 @@ class Registry:
         second = now // 1000
         cache_key = (settings.workload, settings)
         cached = self._cache.get(cache_key)
-        if cached is not None and cached[0] == second and cached[1] == series.entries:
+        if cached is not None and cached[0] == second and cached[1] == series.past_version:
             evaluation = cached[2]
         else:
             evaluation = evaluate(series, settings, now)
-            self._cache[cache_key] = (second, series.entries, evaluation)
+            self._cache[cache_key] = (second, series.past_version, evaluation)
         state.last_evaluation = evaluation
         return evaluation
 

@@ -100,6 +100,11 @@ class WorkloadSeries:
     first_sec: int | None = None
     sidecars: dict[str, SidecarState] = field(default_factory=dict)
     entries: int = 0
+    # Bumped when an entry lands in a second before ``clock_sec`` (set by the reader to
+    # the current Redis second): only such entries change answers already given, so
+    # cached evaluations stay valid while entries fill the current second.
+    past_version: int = 0
+    clock_sec: int = 0
     too_old: int = 0
     clamped: int = 0
     # (second, tenant, model, prompt, generation, requests), newest last
@@ -118,6 +123,8 @@ class WorkloadSeries:
         if self.first_sec is None or start < self.first_sec:
             self.first_sec = start
         self.entries += 1
+        if sec < self.clock_sec:
+            self.past_version += 1
         total = [0.0] * N_SERIES
         accepted = True
         for model, c in record.models.items():

@@ -1,0 +1,42 @@
+"""The registry's evaluation cache: one evaluation per second, invalidated only by entries
+that land in seconds already answered."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from scaler.metrics import ScalerMetrics
+from scaler.reader import StreamReader
+from scaler.registry import Registry
+from scaler.window import WorkloadSeries
+from token_scaler.record import ModelCounts, Record
+
+
+async def test_cache_invalidated_only_by_entries_in_answered_seconds() -> None:
+    reader = StreamReader(client=None, metrics=ScalerMetrics())
+    reader._mark_ok()
+    # pin Redis time to the middle of a second, so the test does not straddle one
+    now_ms = (int(time.time()) + 5) * 1000 + 500
+    reader._offset_ms = now_ms - time.time() * 1000
+    now_ms = reader.now_ms()
+    second = now_ms // 1000
+    series = reader.series["ns/llm"] = WorkloadSeries()
+    series.clock_sec = second
+
+    def add(sec: int, sg: int, seq: int) -> None:
+        ts = sec * 1000 + 100
+        series.add(Record("a", seq, ts, 1000, {"m": ModelCounts(0, sg, 0, sg, 0, 0, 0, 0, 0)}), f"{ts}-0")
+
+    for i in range(1, 31):
+        add(second - 31 + i, 100, i)
+    registry = Registry(reader, reader.metrics)
+    state = registry.resolve("ns", "llm", {"tokensPerSecondPerReplica": "100"}, "GetMetrics")
+    first = await registry.evaluate(state)
+    add(second, 5000, 40)  # the current second: not part of any answer yet
+    assert await registry.evaluate(state) is first
+    add(second - 2, 310, 41)  # late: lands in an answered second
+    again = await registry.evaluate(state)
+    assert again is not first
+    assert again.value == pytest.approx(first.value + 310 / first.coverage_s)
