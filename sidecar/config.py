@@ -24,6 +24,13 @@ def sidecar_id(raw: str) -> str:
     return raw
 
 
+def log_level(raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
 OPTIONS: dict[str, c.Option[Any]] = {
     "workload": c.Option(
         "--workload",
@@ -145,7 +152,7 @@ OPTIONS: dict[str, c.Option[Any]] = {
         None,
         "this sidecar's id in the stream (default <POD_NAME or hostname>-<random hex>)",
     ),
-    "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", c.text, "INFO", "logging level"),
+    "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", log_level, "INFO", "logging level"),
 }
 
 

@@ -74,6 +74,7 @@ class Flusher:
         self._last_cut = monotonic()
         self._delivery: asyncio.Task[bool] | None = None
         self._lock = asyncio.Lock()
+        self._failing = False
         self.last_success: float | None = None  # monotonic time of the last delivery
 
     @property
@@ -125,10 +126,15 @@ class Flusher:
                     await self._send(list(self._take_batch()))
             except (TimeoutError, RedisError, OSError) as exc:
                 self._metrics.flush_errors.inc()
-                log.warning("Redis unreachable, %d records buffered: %s", len(self._buffer), exc)
+                if not self._failing:  # once per outage, not once a second
+                    log.warning("Redis unreachable, buffering records: %s", exc)
+                self._failing = True
                 return False
             finally:
                 self._metrics.flush_buffered.set(len(self._buffer))
+            if self._failing:
+                log.info("Redis reachable again; buffered records delivered")
+                self._failing = False
             return True
 
     def _take_batch(self) -> list[_Pending]:

@@ -187,7 +187,7 @@ def with_usage_requested(body: bytes) -> bytes | None:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null(?:\s*,\s*)?')
 
 
 def strip_null_usage(raw: bytes) -> bytes:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +136,7 @@ class FakeUpstream:
         base = {
             "id": "cmpl-fake",
             "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
+            "created": 1700000000,  # fixed, so two runs give the same bytes
             "model": doc.get("model", "fake"),
         }
         if not doc.get("stream"):
