@@ -273,6 +273,8 @@ def parse_chunk(kind: Kind, data: str) -> Chunk | None:
         return None
     if kind is Kind.RESPONSES:
         kind_of = doc.get("type")
+        if not isinstance(kind_of, str):
+            return Chunk()
         if kind_of in _RESPONSES_DELTAS:
             delta = doc.get("delta")
             return Chunk(1, (delta,) if isinstance(delta, str) else ())

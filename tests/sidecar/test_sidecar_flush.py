@@ -17,9 +17,8 @@ from token_scaler.redis_conn import LocalRedis, connect, free_port
 def make_flusher(url: str, workload: str, **kwargs: object) -> tuple[Flusher, Meter, Metrics]:
     meter = Meter()
     metrics = Metrics(CollectorRegistry())
-    flusher = Flusher(
-        connect(url, timeout_s=0.5), meter, metrics, workload=workload, sidecar_id="sc-1", **kwargs
-    )  # type: ignore[arg-type]
+    client = connect(url, timeout_s=0.5)
+    flusher = Flusher(client, meter, metrics, workload=workload, sidecar_id="sc-1", **kwargs)
     return flusher, meter, metrics
 
 
