@@ -12,6 +12,7 @@ from token_scaler.errors import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("scaler.server", "run the KEDA external scaler (gRPC + debug HTTP)"),
     "sidecar": ("sidecar.server", "run the token-metering proxy beside a model server"),
+    "simulate": ("tuning.simulate", "replay a request trace through simulated autoscaling policies"),
 }
 
 

@@ -1,0 +1,278 @@
+"""The simulator: event-model invariants, determinism, a small trace end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scaler.metadata import parse
+from scaler.window import evaluate
+from tuning import simulate as cli
+from tuning.engine import SimConfig, simulate
+from tuning.errors import ProfileFileError, TraceError
+from tuning.hpa import HpaSettings
+from tuning.metrics import Slo, summarize
+from tuning.policies import (
+    ConcurrencyPolicy,
+    Policy,
+    PrometheusRatePolicy,
+    RequestRatePolicy,
+    Second,
+    TokenPolicy,
+)
+from tuning.replica import (
+    DONE,
+    DROPPED,
+    PENDING,
+    REJECTED,
+    ReplicaProfile,
+    load_profile,
+    saturated_throughput,
+)
+from tuning.sweep import Point, pareto, recommend
+from tuning.trace import AZURE_ATTRIBUTION, Trace, load_csv, load_sample
+
+FAST = ReplicaProfile(cold_start_s=20.0)
+
+
+def synthetic(n: int = 400, seconds: float = 200.0, seed: int = 3) -> Trace:
+    """A burst in the middle of a steady stream."""
+    rng = np.random.default_rng(seed)
+    steady = np.sort(rng.uniform(0, seconds, n // 2))
+    burst = np.sort(rng.uniform(seconds / 3, seconds / 3 + 20, n - n // 2))
+    arrival = np.sort(np.concatenate([steady, burst]))
+    prompt = rng.integers(0, 3000, n)
+    generated = rng.integers(0, 300, n)
+    return Trace(arrival - arrival[0], prompt, generated, "synthetic")
+
+
+class Recorder(Policy):
+    """Wraps a policy and keeps every second it observed."""
+
+    def __init__(self, inner: Policy) -> None:
+        super().__init__(inner.target)
+        self.inner = inner
+        self.name = inner.name
+        self.needs_records = True
+        self.seconds: list[Second] = []
+
+    def observe(self, second: Second) -> None:
+        self.seconds.append(second)
+        self.inner.observe(second)
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        return self.inner.value(now_s, in_flight)
+
+
+def token_policy(capacity: float = 4000.0, **extra: str) -> TokenPolicy:
+    return TokenPolicy(parse({"tokensPerSecondPerReplica": str(capacity), **extra}, "ns", "llm"))
+
+
+@pytest.mark.parametrize("policy_name", ["token", "rps", "concurrency", "prometheus"])
+def test_no_request_lost_and_work_conserved(policy_name):
+    trace = synthetic()
+    inner: Policy = {
+        "token": token_policy(),
+        "rps": RequestRatePolicy(1.5),
+        "concurrency": ConcurrencyPolicy(10),
+        "prometheus": PrometheusRatePolicy(3000.0),
+    }[policy_name]
+    policy = Recorder(inner)
+    config = SimConfig(
+        FAST, HpaSettings(min_replicas=1, max_replicas=6).with_scale_down_window(30), timeout_s=30
+    )
+    result = simulate(trace, policy, config)
+    r = result.requests
+
+    # every request ends one way or another, and times are ordered
+    assert not (r.status == PENDING).any()
+    done = r.status == DONE
+    assert done.sum() + (r.status == REJECTED).sum() + (r.status == DROPPED).sum() == len(trace)
+    assert (r.first_token[done] >= r.arrival[done]).all()
+    assert (r.finish[done] >= r.first_token[done]).all()
+
+    # the sidecars' counters: served == what completed requests hold; arrived estimates
+    # are corrected to the same totals by the end
+    models = [rec.models["model"] for s in policy.seconds for rec in s.records if rec.models]
+    served_prompt = sum(m.served_prompt for m in models)
+    served_gen = sum(m.served_generation for m in models)
+    assert served_prompt == int(r.prompt[done].sum())
+    assert served_gen == int(r.generated[done].sum())
+    assert sum(m.arrived_prompt for m in models) == served_prompt
+    assert sum(m.arrived_generation for m in models) == served_gen
+    assert sum(m.requests for m in models) == int(done.sum() + (r.status == DROPPED).sum())
+    assert sum(s.arrivals for s in policy.seconds) == len(trace)
+    last = {}
+    for s in policy.seconds:
+        for rec in s.records:
+            if rec.models:
+                last[rec.sidecar] = rec.models["model"]
+    assert all(m.inflight == 0 and m.waiting == 0 for m in last.values())
+
+    # replicas within min/max, ready never above existing
+    tl = result.timeline
+    assert tl["pods"].min() >= 1 and tl["pods"].max() <= 6
+    assert (tl["ready"] <= tl["pods"]).all()
+    assert result.pod_seconds > 0
+
+
+def test_a_saturated_replica_still_shows_demand():
+    """The throughput trap: the served rate cannot exceed capacity, the token policy's value can."""
+    trace = synthetic(n=600, seconds=120)
+    settings = parse({"tokensPerSecondPerReplica": "3000", "panicThreshold": "1000"}, "ns", "llm")
+    config = SimConfig(FAST, HpaSettings(min_replicas=1, max_replicas=1), timeout_s=600)
+    token = simulate(trace, TokenPolicy(settings), config)
+    prom = simulate(trace, PrometheusRatePolicy(settings.target), config)
+    sp, sg = saturated_throughput(FAST, trace.prompt, trace.generated)
+    assert prom.syncs["value"].max() <= (sp + sg) * 1.25
+    assert token.syncs["value"].max() > (sp + sg) * 2
+
+
+def test_token_policy_answers_with_the_scalers_evaluate():
+    policy = token_policy(2000.0)
+    result = simulate(synthetic(), policy, SimConfig(FAST, HpaSettings(max_replicas=4)))
+    last_sync = result.syncs["t"][-1]
+    expected = evaluate(policy.series, policy.settings, int(last_sync * 1000)).value
+    assert result.syncs["value"][-1] == pytest.approx(expected)
+    assert policy.series.entries > 0
+    assert len(policy.series.sidecars) >= 1
+
+
+def test_scales_up_after_cold_start_and_back_down():
+    trace = synthetic(n=800, seconds=300)
+    config = SimConfig(FAST, HpaSettings(min_replicas=1, max_replicas=8).with_scale_down_window(30))
+    result = simulate(trace, token_policy(3000.0), config)
+    tl = result.timeline
+    assert tl["pods"].max() > 1
+    first_up = np.argmax(tl["pods"] > 1)
+    # no extra pod is ready before its cold start has passed
+    assert (tl["ready"][: first_up + int(FAST.cold_start_s) - 1] <= 1).all()
+    assert tl["pods"][-1] < tl["pods"].max()
+
+
+def test_deterministic_with_a_seed():
+    base = load_sample()
+    a = base.transformed(scale=2.5, seed=7)
+    b = base.transformed(scale=2.5, seed=7)
+    c = base.transformed(scale=2.5, seed=8)
+    assert np.array_equal(a.arrival_s, b.arrival_s) and np.array_equal(a.prompt, b.prompt)
+    assert not np.array_equal(a.arrival_s, c.arrival_s)
+    config = SimConfig(FAST, HpaSettings(max_replicas=10))
+    s1 = summarize(simulate(a, token_policy(), config), Slo())
+    s2 = summarize(simulate(b, token_policy(), config), Slo())
+    assert s1 == s2
+
+
+def test_trace_transforms():
+    base = load_sample()
+    assert len(base) == 476 and base.attribution == AZURE_ATTRIBUTION
+    assert base.arrival_s[0] == 0 and (np.diff(base.arrival_s) >= 0).all()
+    fast = base.transformed(speedup=2)
+    assert fast.duration_s == pytest.approx(base.duration_s / 2)
+    assert len(base.transformed(scale=3)) == 3 * len(base)
+    double = base.transformed(scale=2, seed=1)
+    assert double.prompt.sum() == 2 * base.prompt.sum()
+
+
+def test_trace_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,5\n1.5,x,3\n")
+    with pytest.raises(TraceError, match=r"t\.csv:3"):
+        load_csv(path)
+    path.write_text("when,prompt\n1,2\n")
+    with pytest.raises(TraceError, match="timestamp column"):
+        load_csv(path)
+    path.write_text("timestamp,prompt_tokens,completion_tokens\n2.5,100,10\n0.5,50,5\n")
+    trace = load_csv(path)
+    assert trace.arrival_s.tolist() == [0.0, 2.0] and trace.prompt.tolist() == [50, 100]
+
+
+def test_profile_file_round_trip_and_errors(tmp_path):
+    path = tmp_path / "p.json"
+    replica = {
+        "step_base_s": 0.02,
+        "step_per_seq_s": 0.001,
+        "prefill_tokens_per_s": 3000,
+        "max_concurrency": 8,
+    }
+    doc = {
+        "kind": "token-scaler/replica-profile",
+        "version": 1,
+        "model": "m",
+        "replica": replica,
+        "recommendation": {"tokensPerSecondPerReplica": 1234, "promptWeight": 1, "generationWeight": 4},
+    }
+    path.write_text(json.dumps(doc))
+    profile = load_profile(path)
+    assert profile.max_concurrency == 8 and profile.tokens_per_second_per_replica == 1234
+    assert profile.generation_weight == 4 and profile.cold_start_s == 120.0
+    path.write_text(json.dumps({**doc, "replica": {**replica, "prefill_tokens_per_s": -1}}))
+    with pytest.raises(ProfileFileError, match="prefill_tokens_per_s"):
+        load_profile(path)
+    path.write_text("{}")
+    with pytest.raises(ProfileFileError, match="not a replica profile"):
+        load_profile(path)
+
+
+def test_pareto_front_and_recommendation():
+    def pt(gpu: float, att: float) -> Point:
+        return Point({}, 60.0, gpu, att, {})
+
+    points = [pt(5, 0.90), pt(4, 0.80), pt(6, 0.85), pt(7, 0.99), pt(4, 0.70), pt(8, 0.99)]
+    front = pareto(points)
+    assert [(p.gpu_hours, p.attainment) for p in front] == [(4, 0.80), (5, 0.90), (7, 0.99)]
+    best = recommend(front, 0.95)
+    assert best is not None and best.gpu_hours == 7
+    fallback = recommend(front, 0.999)
+    assert fallback is not None and fallback.attainment == 0.99
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    code = cli.main(
+        [
+            "--policies", "token,rps,concurrency,prometheus",
+            "--cold-start", "30",
+            "--max-replicas", "8",
+            "--metadata", "windowSeconds=30",
+            "--json", str(out),
+            "--sweep",
+            "--sweep-windows", "30",
+            "--sweep-headrooms", "1.3,2",
+            "--sweep-panic", "6:2,off",
+            "--sweep-scale-down-windows", "60",
+            "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "Splitwise" in text  # the shipped sample's attribution
+    for name in ("token", "rps", "concurrency", "prometheus"):
+        assert f"\n{name} " in text
+    report = json.loads(out.read_text())
+    assert report["trace"]["requests"] == 476
+    assert report["token_metadata"]["windowSeconds"] == "30"
+    assert [p["policy"] for p in report["policies"]] == ["token", "rps", "concurrency", "prometheus"]
+    assert len(report["sweep"]["points"]) == 4
+    assert report["sweep"]["recommended"]["metadata"]["windowSeconds"] == "30"
+
+
+def test_cli_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sim.png"
+    code = cli.main(
+        ["--policies", "token,rps", "--plot", str(png), "--quiet", "--sweep", "--sweep-windows", "30",
+         "--sweep-headrooms", "1.3", "--sweep-panic", "off", "--sweep-scale-down-windows", "60"]
+    )  # fmt: skip
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sim-sweep.png").is_file()
+
+
+def test_cli_rejects_bad_metadata():
+    from token_scaler.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="headroom"):
+        cli.main(["--metadata", "headroom=0.5", "--quiet"])

@@ -1,0 +1,332 @@
+"""The discrete-event simulation of one Deployment under one scaling policy.
+
+Events, in this order when they fall on the same instant: a pod's engine event (a prefill
+or a sequence ends), a pod becoming ready, a request arriving, the once-a-second tick
+(clients give up, sidecars flush, the policy observes, the timeline is sampled), the HPA
+sync, the KEDA poll. Pods move in closed form between events (``tuning.replica``).
+
+Routing: a Service in front of the pods sends each request to the ready pod with the
+fewest requests outstanding (least-request balancing); a request that arrives while no
+pod is ready waits at the gateway (as with KEDA's HTTP add-on interceptor) up to the
+same queue limit, and is routed when a pod becomes ready.
+
+Scaling down deletes starting pods first (newest first), then ready ones (newest first,
+as a ReplicaSet does); a deleted ready pod stops receiving requests and finishes what it
+holds, up to the termination grace period, and is paid for until it is gone.
+
+GPU-hours are counted over a fixed horizon, the trace's duration plus a margin, for every
+policy alike; requests still running at the horizon are followed to their end.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from token_scaler.record import Record
+from tuning.hpa import Hpa, HpaSettings
+from tuning.policies import Policy, Second
+from tuning.replica import (
+    DRAINING,
+    DROPPED,
+    GONE,
+    PENDING,
+    READY,
+    REJECTED,
+    STARTING,
+    Pod,
+    ReplicaProfile,
+    Requests,
+)
+from tuning.trace import Trace
+
+_POD, _READY, _ARRIVAL, _TICK, _SYNC, _POLL = range(6)
+MODEL = "model"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    replica: ReplicaProfile = field(default_factory=ReplicaProfile)
+    hpa: HpaSettings = field(default_factory=HpaSettings)
+    initial_replicas: int | None = None  # ready at t=0; default max(1, min replicas)
+    timeout_s: float = 60.0  # a client stops waiting for a slot after this long
+    grace_s: float = 600.0  # terminationGracePeriodSeconds of a deleted pod
+    margin_s: float = 120.0  # the horizon is the last arrival plus this
+
+
+@dataclass
+class RunResult:
+    policy: str
+    description: str
+    requests: Requests
+    horizon_s: float
+    pod_seconds: float
+    scale_ups: int
+    scale_downs: int
+    timeline: dict[str, npt.NDArray[np.float64]]
+    syncs: dict[str, npt.NDArray[np.float64]]
+    config: SimConfig
+
+
+class _Sim:
+    def __init__(self, trace: Trace, policy: Policy, config: SimConfig) -> None:
+        self.trace = trace
+        self.policy = policy
+        self.cfg = config
+        self.p = config.replica
+        self.r = Requests.of(trace.arrival_s, trace.prompt, trace.generated)
+        self.hpa = Hpa(config.hpa)
+        self.horizon = math.ceil(trace.duration_s + config.margin_s)
+        self.heap: list[tuple[float, int, int, Pod | None, int]] = []
+        self.seq = 0
+        self.pods: list[Pod] = []
+        self.live: list[Pod] = []  # starting, ready, draining
+        self.ready: list[Pod] = []
+        self.just_gone: list[Pod] = []
+        self.holding: deque[int] = deque()
+        self.arrivals = 0
+        self.arrived_tokens = 0
+        self.scale_ups = self.scale_downs = 0
+        self.last_active = 0.0
+        self.cached_value = 0.0
+        self.timeline: dict[str, list[float]] = {
+            k: [] for k in ("t", "pods", "ready", "queue", "in_flight", "arrived_tokens", "served_tokens")
+        }
+        self.syncs: dict[str, list[float]] = {k: [] for k in ("t", "value", "desired", "current")}
+
+    # -- events ------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, pod: Pod | None = None, version: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, pod, version))
+
+    def _reschedule(self, pod: Pod) -> None:
+        pod.version += 1
+        t = pod.next_event()
+        if t < math.inf:
+            self.seq += 1
+            heapq.heappush(self.heap, (t, _POD, self.seq, pod, pod.version))
+
+    def run(self) -> RunResult:
+        initial = self.cfg.initial_replicas
+        if initial is None:
+            initial = max(1, self.cfg.hpa.min_replicas)
+        for _ in range(initial):
+            self._make_ready(self._new_pod(0.0), 0.0)
+        self._push(1.0, _TICK)
+        self._push(self.cfg.hpa.sync_s, _SYNC)
+        self._push(self.cfg.hpa.polling_s, _POLL)
+        arrival = self.r.arrival
+        n = len(arrival)
+        i = 0
+        while self.heap:
+            t, kind, _, pod, version = self.heap[0]
+            if i < n and (arrival[i], _ARRIVAL) < (t, kind):
+                self._arrive(i, float(arrival[i]))
+                i += 1
+                continue
+            heapq.heappop(self.heap)
+            if kind == _POD:
+                assert pod is not None
+                if version == pod.version:
+                    pod.advance(t)
+                    pod.settle(t)
+                    if pod.state == DRAINING and pod.idle:
+                        self._gone(pod, t)
+                    self._reschedule(pod)
+            elif kind == _READY:
+                assert pod is not None
+                if pod.state == STARTING:
+                    self._make_ready(pod, t)
+            elif kind == _TICK:
+                if self._tick(int(t), i == n):
+                    break
+                self._push(t + 1.0, _TICK)
+            elif kind == _SYNC:
+                self._sync(t)
+                self._push(t + self.cfg.hpa.sync_s, _SYNC)
+            elif kind == _POLL:
+                self._poll(t)
+                self._push(t + self.cfg.hpa.polling_s, _POLL)
+        return self._result()
+
+    def _arrive(self, i: int, t: float) -> None:
+        self.arrivals += 1
+        self.arrived_tokens += int(self.r.prompt[i] + self.r.generated[i])
+        if not self.ready:
+            if len(self.holding) >= self.p.max_queue:
+                self._reject(i, t)
+            else:
+                self.holding.append(i)
+            return
+        self._route(i, t)
+
+    def _route(self, i: int, t: float) -> None:
+        pod = min(self.ready, key=lambda p: (p.outstanding, p.order))
+        if len(pod.queue) >= self.p.max_queue:
+            self._reject(i, t)
+            return
+        pod.advance(t)
+        pod.arrive(i, t)
+        self._reschedule(pod)
+
+    def _reject(self, i: int, t: float) -> None:
+        self.r.status[i] = REJECTED
+        self.r.finish[i] = t
+
+    def _tick(self, s: int, all_arrived: bool) -> bool:
+        t = float(s)
+        r = self.r
+        for pod in self.live:
+            pod.advance(t)
+        for pod in list(self.live):
+            if pod.state == STARTING:
+                continue
+            pod.expire(t, self.cfg.timeout_s)
+            if pod.state == DRAINING and t >= pod.drain_deadline:
+                pod.kill(t)
+                self._gone(pod, t)
+        while self.holding and t - r.arrival[self.holding[0]] >= self.cfg.timeout_s:
+            j = self.holding.popleft()
+            r.status[j] = DROPPED
+            r.finish[j] = t
+        records: list[Record] = []
+        served_p = served_g = 0.0
+        for pod in self.live + self.just_gone:
+            if pod.state == STARTING:
+                continue
+            counts, sp, sg = pod.take()
+            served_p += sp
+            served_g += sg
+            if self.policy.needs_records:
+                pod.seq += 1
+                models = {MODEL: counts} if counts is not None else {}
+                records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
+        self.just_gone = []
+        self.policy.observe(Second(s, self.arrivals, served_p, served_g, records))
+        tl = self.timeline
+        tl["t"].append(t)
+        tl["pods"].append(sum(1 for p in self.live if p.state != DRAINING))
+        tl["ready"].append(len(self.ready))
+        tl["queue"].append(sum(len(p.queue) for p in self.live) + len(self.holding))
+        tl["in_flight"].append(self._in_flight())
+        tl["arrived_tokens"].append(self.arrived_tokens)
+        tl["served_tokens"].append(served_p + served_g)
+        self.arrivals = 0
+        self.arrived_tokens = 0
+        if all_arrived and t >= self.horizon:
+            return not bool((r.status == PENDING).any()) or t >= self.horizon + 3600
+        return False
+
+    def _in_flight(self) -> int:
+        return sum(p.outstanding for p in self.live) + len(self.holding)
+
+    def _current(self) -> list[Pod]:
+        return [p for p in self.live if p.state in (STARTING, READY)]
+
+    def _sync(self, t: float) -> None:
+        current = len(self._current())
+        if self.cfg.hpa.use_cached_metrics:
+            value = self.cached_value
+        else:
+            value = self.policy.value(t, self._in_flight())
+        desired = self.hpa.sync(t, current, value, self.policy.target)
+        s = self.syncs
+        s["t"].append(t)
+        s["value"].append(value)
+        s["desired"].append(desired)
+        s["current"].append(current)
+        self._scale_to(desired, t)
+
+    def _poll(self, t: float) -> None:
+        in_flight = self._in_flight()
+        if self.cfg.hpa.use_cached_metrics:
+            self.cached_value = self.policy.value(t, in_flight)
+        current = len(self._current())
+        active = self.policy.active(t, in_flight)
+        if active:
+            self.last_active = t
+        if current == 0 and active:
+            self._scale_to(max(1, self.cfg.hpa.min_replicas), t)
+        elif (
+            current > 0
+            and self.cfg.hpa.min_replicas == 0
+            and not active
+            and t - self.last_active >= self.cfg.hpa.cooldown_s
+        ):
+            self._scale_to(0, t)
+
+    # -- pods --------------------------------------------------------------------------
+
+    def _new_pod(self, t: float) -> Pod:
+        pod = Pod(f"pod-{len(self.pods)}", len(self.pods), self.p, self.r, t)
+        self.pods.append(pod)
+        self.live.append(pod)
+        return pod
+
+    def _make_ready(self, pod: Pod, t: float) -> None:
+        pod.state = READY
+        pod.ready_at = t
+        pod.t = t
+        self.ready.append(pod)
+        while self.holding:
+            self._route(self.holding.popleft(), t)
+
+    def _gone(self, pod: Pod, t: float) -> None:
+        pod.state = GONE
+        pod.gone_at = t
+        self.live.remove(pod)
+        self.just_gone.append(pod)
+        pod.version += 1
+
+    def _scale_to(self, desired: int, t: float) -> None:
+        current = self._current()
+        if desired > len(current):
+            self.scale_ups += 1
+            for _ in range(desired - len(current)):
+                pod = self._new_pod(t)
+                self._push(t + self.p.cold_start_s, _READY, pod)
+        elif desired < len(current):
+            self.scale_downs += 1
+            starting = sorted((p for p in current if p.state == STARTING), key=lambda p: -p.created)
+            ready = sorted((p for p in current if p.state == READY), key=lambda p: -p.ready_at)
+            for pod in (starting + ready)[: len(current) - desired]:
+                if pod.state == STARTING:
+                    pod.state = GONE
+                    pod.gone_at = t
+                    self.live.remove(pod)
+                    continue
+                self.ready.remove(pod)
+                pod.advance(t)
+                pod.state = DRAINING
+                pod.drain_deadline = t + self.cfg.grace_s
+                if pod.idle:
+                    self._gone(pod, t)
+
+    def _result(self) -> RunResult:
+        horizon = float(self.horizon)
+        pod_seconds = sum(max(0.0, min(p.gone_at, horizon) - min(p.created, horizon)) for p in self.pods)
+        return RunResult(
+            self.policy.name,
+            self.policy.describe(),
+            self.r,
+            horizon,
+            pod_seconds,
+            self.scale_ups,
+            self.scale_downs,
+            {k: np.asarray(v, dtype=np.float64) for k, v in self.timeline.items()},
+            {k: np.asarray(v, dtype=np.float64) for k, v in self.syncs.items()},
+            self.cfg,
+        )
+
+
+def simulate(trace: Trace, policy: Policy, config: SimConfig) -> RunResult:
+    """Replay ``trace`` through a Deployment scaled by ``policy``; deterministic."""
+    if not len(trace):
+        raise ValueError("the trace has no requests")
+    return _Sim(trace, policy, config).run()

@@ -1,0 +1,101 @@
+"""PNG plots (matplotlib, the optional ``tuning`` extra; imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuning.engine import RunResult
+from tuning.errors import TuningError
+from tuning.replica import DONE
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise TuningError("plots need matplotlib: pip install 'token-scaler[tuning]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(values: np.ndarray[Any, Any], seconds: int) -> np.ndarray[Any, Any]:
+    if len(values) < seconds:
+        return values
+    kernel = np.ones(seconds) / seconds
+    return np.convolve(values, kernel, mode="same")
+
+
+def simulation(results: Sequence[RunResult], path: str | Path, title: str, footnote: str = "") -> None:
+    """Load, replicas and queue over time, and the TTFT CDF, one colour per policy."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(4, 1, figsize=(11, 13), constrained_layout=True)
+    load_ax, pods_ax, queue_ax, cdf_ax = axes
+    first = results[0]
+    t = first.timeline["t"] / 60
+    load_ax.plot(t, _smooth(first.timeline["arrived_tokens"], 10), color="black", lw=0.8)
+    load_ax.set_ylabel("tokens/s arriving\n(10 s mean)")
+    load_ax.set_title(title)
+    for result in results:
+        tl = result.timeline
+        minutes = tl["t"] / 60
+        pods_ax.step(minutes, tl["pods"], where="post", lw=1.0, label=result.policy)
+        queue_ax.plot(minutes, tl["queue"], lw=0.8, label=result.policy)
+        r = result.requests
+        done = r.status == DONE
+        ttft = np.sort((r.first_token - r.arrival)[done])
+        if len(ttft):
+            # share of ALL requests served within x: rejected/dropped ones never reach 1.0
+            share = np.arange(1, len(ttft) + 1) / len(r.arrival)
+            cdf_ax.step(ttft, share, where="post", label=result.policy)
+    pods_ax.set_ylabel("replicas (pods)")
+    queue_ax.set_ylabel("requests queued")
+    queue_ax.set_xlabel("minutes")
+    cdf_ax.set_xscale("log")
+    cdf_ax.set_xlabel("time to first token (s)")
+    cdf_ax.set_ylabel("share of requests")
+    for ax in (pods_ax, queue_ax, cdf_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    load_ax.grid(alpha=0.3)
+    if footnote:
+        fig.supxlabel(footnote, fontsize=7, color="dimgray")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pareto(
+    points: Sequence[tuple[float, float, str]],
+    front: Sequence[tuple[float, float, str]],
+    baselines: Sequence[tuple[float, float, str]],
+    path: str | Path,
+    title: str,
+    footnote: str = "",
+) -> None:
+    """GPU-hours against SLO attainment: every sweep point, the front, the other policies."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    ax.scatter(
+        [p[0] for p in points], [p[1] for p in points], s=12, color="lightgray", label="token policy settings"
+    )
+    fx = [p[0] for p in front]
+    fy = [p[1] for p in front]
+    ax.plot(fx, fy, "o-", color="tab:blue", label="Pareto front")
+    for x, y, label in front:
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    for x, y, label in baselines:
+        ax.scatter([x], [y], marker="x", s=50, label=label)
+    ax.set_xlabel("GPU-hours")
+    ax.set_ylabel("SLO attainment (TTFT and end-to-end)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if footnote:
+        fig.supxlabel(footnote, fontsize=7, color="dimgray")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,177 @@
+"""What each scaling policy reports to the HPA: a workload-wide value and a per-replica target
+(KEDA's ``AverageValue``: the HPA asks for ``ceil(value / target)`` replicas).
+
+* ``token``: this project's scaler. Every second each running pod's sidecar flushes a
+  stream ``Record``; the policy adds them to a ``WorkloadSeries`` under the entry id
+  ``"<ms>-0"`` and answers with ``scaler.window.evaluate`` -- the code ``token-scaler
+  serve`` runs, not a copy.
+* ``rps``: requests/s arriving over a rolling window (KEDA HTTP add-on ``requestRate``,
+  1 s buckets).
+* ``concurrency``: requests in flight (queued or being served) when the HPA asks (KEDA
+  HTTP add-on ``concurrency``).
+* ``prometheus``: ``sum(rate(prompt_tokens_total[W])) * pw + sum(rate(generation_tokens_total[W])) * gw``
+  over the model servers' own served-token counters, scraped every ``scrape_s``: the
+  KEDA ``prometheus`` scaler path, stale by the scrape interval plus the rate window, and
+  blind to tokens waiting in queues.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from scaler.metadata import ScalerSettings
+from scaler.window import WorkloadSeries, evaluate
+from token_scaler.record import Record
+
+
+@dataclass
+class Second:
+    """What happened in the second that ends at ``t`` (whole seconds since the start)."""
+
+    t: int
+    arrivals: int
+    served_prompt: float
+    served_generation: float
+    records: list[Record]
+
+
+class Policy:
+    name = "policy"
+    needs_records = False
+
+    def __init__(self, target: float) -> None:
+        if not target > 0:
+            raise ValueError(f"{self.name}: the per-replica target must be above 0")
+        self.target = target
+
+    def observe(self, second: Second) -> None:
+        """Called once a second, after the sidecars flushed."""
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        raise NotImplementedError
+
+    def active(self, now_s: float, in_flight: int) -> bool:
+        """KEDA's IsActive, used only to scale from zero."""
+        return self.value(now_s, in_flight) > 0
+
+    def describe(self) -> str:
+        return f"target {self.target:g}/replica"
+
+
+class TokenPolicy(Policy):
+    name = "token"
+    needs_records = True
+
+    def __init__(self, settings: ScalerSettings) -> None:
+        super().__init__(settings.target)
+        self.settings = settings
+        self.series = WorkloadSeries()
+        self.last_rule = ""
+
+    def observe(self, second: Second) -> None:
+        entry_id = f"{second.t * 1000}-0"
+        for record in second.records:
+            self.series.add(record, entry_id)
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        result = evaluate(self.series, self.settings, int(now_s * 1000))
+        self.last_rule = result.rule
+        return result.value
+
+    def active(self, now_s: float, in_flight: int) -> bool:
+        return evaluate(self.series, self.settings, int(now_s * 1000)).active
+
+    def describe(self) -> str:
+        s = self.settings
+        return (
+            f"tokensPerSecondPerReplica={s.tokens_per_second_per_replica:g} headroom={s.headroom:g} "
+            f"window={s.window_s}s panic={s.panic_window_s}s@{s.panic_threshold:g}x "
+            f"weights={s.prompt_weight:g}/{s.generation_weight:g}"
+        )
+
+
+class RequestRatePolicy(Policy):
+    name = "rps"
+
+    def __init__(self, target: float, window_s: int = 60) -> None:
+        super().__init__(target)
+        self.window_s = window_s
+        self.counts: deque[int] = deque(maxlen=window_s)
+        self.seconds = 0
+
+    def observe(self, second: Second) -> None:
+        self.counts.append(second.arrivals)
+        self.seconds += 1
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        covered = min(self.seconds, self.window_s)
+        return sum(self.counts) / covered if covered else 0.0
+
+    def describe(self) -> str:
+        return f"{self.target:.3g} req/s per replica, {self.window_s}s window"
+
+
+class ConcurrencyPolicy(Policy):
+    name = "concurrency"
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        return float(in_flight)
+
+    def describe(self) -> str:
+        return f"{self.target:.3g} requests in flight per replica"
+
+
+@dataclass
+class _Scrapes:
+    times: deque[float] = field(default_factory=deque)
+    values: deque[float] = field(default_factory=deque)
+
+
+class PrometheusRatePolicy(Policy):
+    name = "prometheus"
+
+    def __init__(
+        self,
+        target: float,
+        prompt_weight: float = 1.0,
+        generation_weight: float = 1.0,
+        scrape_s: int = 15,
+        rate_window_s: int = 60,
+    ) -> None:
+        super().__init__(target)
+        self.pw, self.gw = prompt_weight, generation_weight
+        self.scrape_s, self.rate_window_s = scrape_s, rate_window_s
+        self.total = 0.0
+        self.scrapes = _Scrapes()
+
+    def observe(self, second: Second) -> None:
+        self.total += self.pw * second.served_prompt + self.gw * second.served_generation
+        if second.t % self.scrape_s == 0:
+            self.scrapes.times.append(float(second.t))
+            self.scrapes.values.append(self.total)
+            while (
+                self.scrapes.times and self.scrapes.times[0] < second.t - self.rate_window_s - self.scrape_s
+            ):
+                self.scrapes.times.popleft()
+                self.scrapes.values.popleft()
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        inside = [
+            (t, v)
+            for t, v in zip(self.scrapes.times, self.scrapes.values, strict=True)
+            if now_s - self.rate_window_s < t <= now_s
+        ]
+        if len(inside) < 2:
+            return 0.0
+        (t0, v0), (t1, v1) = inside[0], inside[-1]
+        return max(0.0, (v1 - v0) / (t1 - t0)) if t1 > t0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"target {self.target:.4g} tokens/s per replica, scrape {self.scrape_s}s, "
+            f"rate[{self.rate_window_s}s]"
+        )
+
+
+POLICY_NAMES = ("token", "rps", "concurrency", "prometheus")

@@ -1,0 +1,406 @@
+"""The model of one replica (a model-server pod with its sidecar), fluid between events.
+
+An engine step (one iteration of a continuous-batching server such as vLLM with chunked
+prefill) takes ``step_base_s + step_per_seq_s * n + chunk / prefill_tokens_per_s``
+seconds, where ``n`` sequences are decoding (each gains one token) and ``chunk`` prompt
+tokens are prefilled: ``chunk_tokens - n`` while any prompt is waiting, else 0. Prompts
+are prefilled first come, first served; the token that ends a prefill is the first
+generated token. At most ``max_concurrency`` requests hold a slot (prefilling or
+decoding); the rest wait in the pod's queue, up to ``max_queue``, and a request that
+finds every queue full is rejected (HTTP 429/503).
+
+Between events the rates are constant, so the model moves in closed form from event to
+event (a prefill ends, a sequence ends) instead of in fixed time steps: ``clock`` is the
+number of tokens every decoding sequence has received, and a sequence ends when the
+clock reaches the value it was given when it started decoding.
+
+Defaults (``ReplicaProfile()``) are ASSUMPTIONS for an 8B-class model on one mid-range
+GPU, not measurements: 25 ms per step + 0.5 ms per decoding sequence (about 40 tokens/s
+for one stream, 780 tokens/s at 32 sequences), 6,000 prompt tokens/s, 2,048-token
+chunks, 32 concurrent sequences, a 512-request queue, 120 s cold start (pod scheduling,
+image pull, model load), $2.50 per replica-hour. ``token-scaler profile`` measures the
+first four of a real server and writes a file that ``simulate --replica-profile`` reads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from token_scaler.record import ModelCounts
+from tuning.errors import ProfileFileError
+
+PROFILE_KIND = "token-scaler/replica-profile"
+PROFILE_VERSION = 1
+# The sidecar's estimate of generated tokens before it has seen a request end, and the
+# weight of the newest request in its running mean (sidecar/meter.py).
+GENERATION_ESTIMATE = 256
+ESTIMATE_ALPHA = 0.1
+_EPS = 1e-6
+
+# Request status codes in the simulation's per-request arrays.
+PENDING, DONE, REJECTED, DROPPED = 0, 1, 2, 3
+# Pod states.
+STARTING, READY, DRAINING, GONE = "starting", "ready", "draining", "gone"
+
+
+@dataclass(frozen=True)
+class ReplicaProfile:
+    step_base_s: float = 0.025
+    step_per_seq_s: float = 0.0005
+    prefill_tokens_per_s: float = 6000.0
+    chunk_tokens: int = 2048
+    max_concurrency: int = 32
+    max_queue: int = 512
+    cold_start_s: float = 120.0
+    price_per_hour: float = 2.5
+    gpus_per_replica: int = 1
+    # What ``profile`` recommends for the ScaledObject (None: derive from the model).
+    tokens_per_second_per_replica: float | None = None
+    prompt_weight: float | None = None
+    generation_weight: float | None = None
+    source: str = "assumed defaults (no --replica-profile)"
+
+    def __post_init__(self) -> None:
+        for name in ("step_base_s", "prefill_tokens_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0")
+        if self.step_per_seq_s < 0 or self.cold_start_s < 0 or self.price_per_hour < 0:
+            raise ValueError("step_per_seq_s, cold_start_s and price_per_hour cannot be negative")
+        if self.max_concurrency < 1 or self.chunk_tokens <= self.max_concurrency or self.max_queue < 0:
+            raise ValueError("need max_concurrency >= 1, chunk_tokens > max_concurrency, max_queue >= 0")
+
+    def step_s(self, decoding: int, prefilling: bool) -> float:
+        chunk = self.chunk_tokens - decoding if prefilling else 0
+        return self.step_base_s + self.step_per_seq_s * decoding + chunk / self.prefill_tokens_per_s
+
+    def decode_tokens_per_s(self, decoding: int) -> float:
+        """Generated tokens/s of the whole pod with ``decoding`` sequences and no prompt waiting."""
+        return decoding / self.step_s(decoding, False) if decoding else 0.0
+
+    def suggested_weights(self) -> tuple[float, float]:
+        """promptWeight 1 and generationWeight = what a generated token costs in prompt tokens."""
+        decode = self.decode_tokens_per_s(self.max_concurrency)
+        return 1.0, round(self.prefill_tokens_per_s / decode, 2)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "profile") -> ReplicaProfile:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ProfileFileError(f"{where}: {exc}") from None
+
+
+def load_profile(path: str | Path) -> ReplicaProfile:
+    """Read the file ``token-scaler profile`` writes (its ``replica`` and ``recommendation``)."""
+    name = str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ProfileFileError(f"{name}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ProfileFileError(f"{name}: not JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("kind") != PROFILE_KIND:
+        raise ProfileFileError(f'{name}: not a replica profile (expected "kind": "{PROFILE_KIND}")')
+    if data.get("version") != PROFILE_VERSION:
+        raise ProfileFileError(f"{name}: profile version {data.get('version')!r}; this reader knows 1")
+    replica = data.get("replica")
+    if not isinstance(replica, dict):
+        raise ProfileFileError(f'{name}: no "replica" object')
+    values = dict(replica)
+    rec = data.get("recommendation") or {}
+    if isinstance(rec, dict):
+        values["tokens_per_second_per_replica"] = rec.get("tokensPerSecondPerReplica")
+        values["prompt_weight"] = rec.get("promptWeight")
+        values["generation_weight"] = rec.get("generationWeight")
+    values["source"] = f"{name} ({data.get('model', '?')} at {data.get('url', '?')})"
+    return ReplicaProfile.from_json(values, name)
+
+
+@dataclass
+class Requests:
+    """Per-request inputs and outcomes, shared by every pod of one run."""
+
+    arrival: npt.NDArray[np.float64]
+    prompt: npt.NDArray[np.int64]
+    generated: npt.NDArray[np.int64]
+    first_token: npt.NDArray[np.float64]
+    finish: npt.NDArray[np.float64]
+    status: npt.NDArray[np.int8]
+    estimate: npt.NDArray[np.int64]  # the sidecar's estimate of generated tokens at arrival
+    started: npt.NDArray[np.float64]  # decode clock of its pod when it began decoding
+
+    @classmethod
+    def of(cls, arrival: Any, prompt: Any, generated: Any) -> Requests:
+        n = len(arrival)
+        return cls(
+            np.asarray(arrival, dtype=np.float64),
+            np.asarray(prompt, dtype=np.int64),
+            np.asarray(generated, dtype=np.int64),
+            np.full(n, np.nan),
+            np.full(n, np.nan),
+            np.zeros(n, dtype=np.int8),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n),
+        )
+
+
+class Pod:
+    """One replica: engine state plus what its sidecar has counted since the last flush."""
+
+    def __init__(
+        self, name: str, order: int, profile: ReplicaProfile, requests: Requests, now: float
+    ) -> None:
+        self.name = name
+        self.order = order
+        self.p = profile
+        self.r = requests
+        self.state = STARTING
+        self.created = now
+        self.ready_at = math.inf
+        self.gone_at = math.inf
+        self.drain_deadline = math.inf
+        self.t = now
+        self.version = 0
+        self.queue: deque[int] = deque()
+        self.prefill: deque[int] = deque()
+        self.head_left = 0.0
+        self.decoding: list[tuple[float, int]] = []
+        self.clock = 0.0
+        # sidecar counters (since the last flush) and gauges
+        self.seq = 0
+        self.sp = 0
+        self.ap = 0
+        self.ag = 0
+        self.rq = 0
+        self.sg_total = 0.0  # generated tokens served since the pod started (fluid)
+        self.sg_sent = 0
+        self.inflight = 0
+        self.waiting = 0
+        self.bp = 0
+        self.bg = 0
+        self.mean_generation: float | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.queue) + len(self.prefill) + len(self.decoding)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.queue or self.prefill or self.decoding)
+
+    def _step(self) -> float:
+        return self.p.step_s(len(self.decoding), bool(self.prefill))
+
+    def advance(self, t: float) -> None:
+        """Let the engine run until ``t`` at the current rates (no event lies in between)."""
+        dt = t - self.t
+        if dt <= 0:
+            return
+        self.t = t
+        if not (self.prefill or self.decoding):
+            return
+        step = self._step()
+        n = len(self.decoding)
+        if n:
+            gained = dt / step
+            self.clock += gained
+            self.sg_total += n * gained
+        if self.prefill:
+            self.head_left -= (self.p.chunk_tokens - n) / step * dt
+
+    def next_event(self) -> float:
+        if not (self.prefill or self.decoding):
+            return math.inf
+        step = self._step()
+        soonest = math.inf
+        if self.prefill:
+            rate = (self.p.chunk_tokens - len(self.decoding)) / step
+            soonest = self.t + max(self.head_left, 0.0) / rate
+        if self.decoding:
+            soonest = min(soonest, self.t + max(self.decoding[0][0] - self.clock, 0.0) * step)
+        return soonest
+
+    # -- what happens to requests (the caller advanced the pod to ``t`` first) --------
+
+    def arrive(self, i: int, t: float) -> None:
+        r = self.r
+        prompt = int(r.prompt[i])
+        mean = self.mean_generation
+        estimate = GENERATION_ESTIMATE if mean is None else round(mean)
+        r.estimate[i] = estimate
+        self.ap += prompt
+        self.ag += estimate
+        self.inflight += 1
+        self.waiting += 1
+        self.bp += prompt
+        self.bg += estimate
+        self.queue.append(i)
+        self.admit(t)
+
+    def admit(self, t: float) -> None:
+        self._fill()
+        if self.prefill and self.head_left <= _EPS:
+            self.settle(t)
+
+    def _fill(self) -> None:
+        slots = self.p.max_concurrency - len(self.prefill) - len(self.decoding)
+        while slots > 0 and self.queue:
+            i = self.queue.popleft()
+            if not self.prefill:
+                self.head_left = float(self.r.prompt[i])
+            self.prefill.append(i)
+            slots -= 1
+
+    def settle(self, t: float) -> None:
+        """Finish every prefill and sequence that is done at ``t``, then fill free slots."""
+        r = self.r
+        changed = True
+        while changed:
+            changed = False
+            while self.prefill and self.head_left <= _EPS:
+                i = self.prefill.popleft()
+                self._first_token(i, t)
+                if r.generated[i] <= 1:
+                    self._finish(i, t)
+                else:
+                    r.started[i] = self.clock
+                    heapq.heappush(self.decoding, (self.clock + float(r.generated[i] - 1), i))
+                if self.prefill:
+                    self.head_left = float(r.prompt[self.prefill[0]])
+                changed = True
+            while self.decoding and self.decoding[0][0] - self.clock <= _EPS:
+                _, i = heapq.heappop(self.decoding)
+                self._finish(i, t)
+                changed = True
+            if changed:
+                self._fill()
+
+    def _first_token(self, i: int, t: float) -> None:
+        r = self.r
+        prompt = int(r.prompt[i])
+        # a fluid prefill of a tiny prompt would take less than the one step it needs
+        r.first_token[i] = max(t, r.arrival[i] + self.p.step_base_s)
+        self.sp += prompt
+        if r.generated[i] > 0:
+            self.sg_total += 1.0
+        self.waiting -= 1
+        self.bp -= prompt
+
+    def _finish(self, i: int, t: float) -> None:
+        r = self.r
+        generated = int(r.generated[i])
+        r.finish[i] = max(t, r.first_token[i])
+        r.status[i] = DONE
+        self.ag += generated - int(r.estimate[i])
+        self.bg -= int(r.estimate[i])
+        self.rq += 1
+        self.inflight -= 1
+        mean = self.mean_generation
+        self.mean_generation = generated if mean is None else mean + ESTIMATE_ALPHA * (generated - mean)
+
+    def expire(self, t: float, timeout_s: float) -> list[int]:
+        """Clients stop waiting: queued requests older than ``timeout_s`` are dropped."""
+        dropped = []
+        while self.queue and t - self.r.arrival[self.queue[0]] >= timeout_s:
+            dropped.append(self.queue.popleft())
+        for i in dropped:
+            self._abort_waiting(i, t)
+        return dropped
+
+    def _abort_waiting(self, i: int, t: float) -> None:
+        r = self.r
+        prompt, estimate = int(r.prompt[i]), int(r.estimate[i])
+        r.status[i] = DROPPED
+        r.finish[i] = t
+        self.ap -= prompt
+        self.ag -= estimate
+        self.bp -= prompt
+        self.bg -= estimate
+        self.waiting -= 1
+        self.inflight -= 1
+        self.rq += 1
+
+    def kill(self, t: float) -> list[int]:
+        """The grace period ran out: every request still on the pod is dropped."""
+        r = self.r
+        lost = list(self.queue) + list(self.prefill) + [i for _, i in self.decoding]
+        for i in self.queue:
+            self._abort_waiting(i, t)
+        for i in self.prefill:
+            self._abort_waiting(i, t)
+        for _, i in self.decoding:
+            served = 1 + int(self.clock - r.started[i])
+            r.status[i] = DROPPED
+            r.finish[i] = t
+            self.ag += served - int(r.estimate[i])
+            self.bg -= int(r.estimate[i])
+            self.sg_total += served - 1 - (self.clock - r.started[i])
+            self.inflight -= 1
+            self.rq += 1
+        self.queue.clear()
+        self.prefill.clear()
+        self.decoding.clear()
+        return lost
+
+    def take(self) -> tuple[ModelCounts | None, float, float]:
+        """The sidecar's flush: counts since the last one (None when there is nothing to say),
+        and the prompt and generated tokens served in the interval."""
+        sg = round(self.sg_total) - self.sg_sent
+        self.sg_sent += sg
+        counts = None
+        if self.sp or sg or self.ap or self.ag or self.rq or self.inflight:
+            counts = ModelCounts(
+                self.sp,
+                sg,
+                self.ap,
+                self.ag,
+                self.rq,
+                self.inflight,
+                self.waiting,
+                max(self.bp, 0),
+                max(self.bg, 0),
+            )
+        served_prompt = float(self.sp)
+        self.sp = self.ap = self.ag = self.rq = 0
+        return counts, served_prompt, float(sg)
+
+
+def saturated_throughput(
+    profile: ReplicaProfile, prompt: Any, generated: Any, requests: int = 2000
+) -> tuple[float, float]:
+    """Prompt and generated tokens/s one replica serves with a queue that never empties,
+    for requests shaped like ``prompt``/``generated`` (cycled): measured on the model itself."""
+    prompt = np.asarray(prompt, dtype=np.int64)
+    generated = np.asarray(generated, dtype=np.int64)
+    index = np.arange(requests) % len(prompt)
+    reqs = Requests.of(np.zeros(requests), prompt[index], generated[index])
+    pod = Pod("probe", 0, replace(profile, max_queue=requests), reqs, 0.0)
+    pod.state = READY
+    for i in range(requests):
+        pod.arrive(i, 0.0)
+    # measure between the first and the third quarter of requests ended, away from the
+    # start (empty batch) and the end (the queue running dry)
+    start: tuple[float, float, float] | None = None
+    while not pod.idle:
+        t = pod.next_event()
+        pod.advance(t)
+        pod.settle(t)
+        if start is None and pod.rq >= requests // 4:
+            start = (t, float(pod.sp), pod.sg_total)
+        if start is not None and pod.rq >= 3 * requests // 4 and t > start[0]:
+            return (pod.sp - start[1]) / (t - start[0]), (pod.sg_total - start[2]) / (t - start[0])
+    return 0.0, 0.0
