@@ -31,6 +31,13 @@ def log_level(raw: str) -> str:
     return level
 
 
+def event_loop(raw: str) -> str:
+    choice = raw.strip().lower()
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise ValueError("expected auto, uvloop or asyncio")
+    return choice
+
+
 OPTIONS: dict[str, c.Option[Any]] = {
     "workload": c.Option(
         "--workload",
@@ -152,6 +159,13 @@ OPTIONS: dict[str, c.Option[Any]] = {
         None,
         "this sidecar's id in the stream (default <POD_NAME or hostname>-<random hex>)",
     ),
+    "event_loop": c.Option(
+        "--event-loop",
+        "TOKEN_SCALER_EVENT_LOOP",
+        event_loop,
+        "auto",
+        "auto (uvloop when installed), uvloop or asyncio",
+    ),
     "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", log_level, "INFO", "logging level"),
 }
 
@@ -179,6 +193,7 @@ class SidecarConfig:
     drain_timeout_s: float = 60.0
     rate_window_s: float = 30.0
     sidecar_id: str | None = None
+    event_loop: str = "auto"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ served counts that the meter hands to each flush.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +19,28 @@ from sidecar.meter import Snapshot
 # durations up to the ten minutes a long generation may stream.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+@dataclass(slots=True)
+class Series:
+    """One model x tenant's children, looked up once: ``labels()`` costs microseconds a call."""
+
+    inflight: Gauge
+    waiting: Gauge
+    ttft: Histogram
+    duration: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    requests: Counter  # the family: codes are few, but not known up front
+    model: str
+    tenant: str
+    codes: dict[str, Counter] = field(default_factory=dict)
+
+    def request_ended(self, code: str) -> None:
+        child = self.codes.get(code)
+        if child is None:
+            child = self.codes[code] = self.requests.labels(self.model, self.tenant, code)
+        child.inc()
 
 
 class Metrics:
@@ -108,6 +131,24 @@ class Metrics:
         )
         self._window_s = rate_window_s
         self._intervals: deque[tuple[float, int, int]] = deque()
+        self._series: dict[tuple[str, str], Series] = {}
+
+    def series(self, model: str, tenant: str) -> Series:
+        """The children for one model and tenant (both already bounded by the caller)."""
+        found = self._series.get((model, tenant))
+        if found is None:
+            found = self._series[(model, tenant)] = Series(
+                inflight=self.inflight.labels(model),
+                waiting=self.waiting.labels(model),
+                ttft=self.ttft.labels(model),
+                duration=self.duration.labels(model),
+                prompt_tokens=self.tokens.labels("prompt", model, tenant),
+                generation_tokens=self.tokens.labels("generation", model, tenant),
+                requests=self.requests,
+                model=model,
+                tenant=tenant,
+            )
+        return found
 
     def observe_interval(self, snapshot: Snapshot, interval_s: float) -> None:
         """Feed one flush interval's provisional counts into the rolling rate and backlog."""

@@ -25,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import openai
 from sidecar.meter import LabelBound, Meter, Request
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, Series
 from sidecar.openai import Kind, ParsedRequest, Usage
 from sidecar.sse import Event, SSEParser
 from sidecar.tokens import TokenCounter, count_texts, prompt_tokens
@@ -84,6 +84,7 @@ class _Exchange:
     kind: Kind
     inject: bool  # the sidecar asked for usage: remove it from what the client sees
     started: float
+    series: Series
     code: str = "502"
     failed: bool = False
     usage: Usage | None = None
@@ -243,9 +244,9 @@ class Proxy:
         if parsed.kind is not Kind.EMBEDDINGS:
             generation = self.meter.generation_estimate(model, parsed.max_tokens, parsed.n)
         metered = self.meter.arrive(model, tenant, prompt_tokens(self.counter, parsed), generation, parsed.n)
-        exchange = _Exchange(parsed.kind, inject, time.monotonic())
-        self.metrics.inflight.labels(model).inc()
-        self.metrics.waiting.labels(model).inc()
+        exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant))
+        exchange.series.inflight.inc()
+        exchange.series.waiting.inc()
         try:
             return await self._exchange(request, body, metered, exchange)
         except asyncio.CancelledError:
@@ -352,7 +353,7 @@ class Proxy:
         if chunk.pieces:
             if exchange.first_at is None:
                 exchange.first_at = time.monotonic()
-                self.metrics.waiting.labels(metered.model).dec()
+                exchange.series.waiting.dec()
             exchange.pieces += chunk.pieces
             self.meter.generated(metered, chunk.pieces)
             if self._keep_texts:
@@ -369,14 +370,15 @@ class Proxy:
     def _settle(self, metered: Request, exchange: _Exchange) -> None:
         """Final counts: usage, else the fallback count; after a failure, what was served."""
         model, tenant = metered.model, metered.tenant
+        series = exchange.series
         now = time.monotonic()
         if exchange.first_at is None:
-            self.metrics.waiting.labels(model).dec()
+            series.waiting.dec()
         else:
-            self.metrics.ttft.labels(model).observe(exchange.first_at - exchange.started)
-        self.metrics.inflight.labels(model).dec()
-        self.metrics.duration.labels(model).observe(now - exchange.started)
-        self.metrics.requests.labels(model, tenant, exchange.code).inc()
+            series.ttft.observe(exchange.first_at - exchange.started)
+        series.inflight.dec()
+        series.duration.observe(now - exchange.started)
+        series.request_ended(exchange.code)
         if exchange.malformed:
             self.metrics.malformed.labels(model).inc()
         usage = exchange.usage
@@ -393,8 +395,8 @@ class Proxy:
             method = self.counter.name if self._keep_texts else "pieces"
             self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
             self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)
-        self.metrics.tokens.labels("prompt", model, tenant).inc(prompt)
-        self.metrics.tokens.labels("generation", model, tenant).inc(generation)
+        series.prompt_tokens.inc(prompt)
+        series.generation_tokens.inc(generation)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request model=%s tenant=%s code=%s prompt=%d generation=%d ttft=%s duration=%.3f usage=%s",

@@ -140,3 +140,12 @@ async def test_sigterm_drains_the_stream_then_flushes(
     got = totals(read_records(redis_url, workload))
     assert (got["sg"], got["ag"], got["rq"]) == (40, 40, 1)
     assert got["sp"] == upstream.reported.prompt
+
+
+def test_event_loop_choice() -> None:
+    from sidecar.server import loop_factory
+
+    assert loop_factory("asyncio") is None
+    pytest.importorskip("uvloop")
+    factory = loop_factory("auto")
+    assert factory is not None and loop_factory("uvloop") is factory
