@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("scaler.server", "run the KEDA external scaler (gRPC + debug HTTP)"),
     "sidecar": ("sidecar.server", "run the token-metering proxy beside a model server"),
     "simulate": ("tuning.simulate", "replay a request trace through simulated autoscaling policies"),
+    "profile": ("tuning.profile", "measure a model server's token capacity under rising load"),
 }
 
 

@@ -99,3 +99,41 @@ def pareto(
         fig.supxlabel(footnote, fontsize=7, color="dimgray")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def profile(document: dict[str, Any], path: str | Path) -> None:
+    """Throughput and latency against concurrency, with the targets."""
+    plt = _pyplot()
+    steps = document["steps"]
+    c = [s["concurrency"] for s in steps]
+    fig, (tps_ax, lat_ax) = plt.subplots(2, 1, figsize=(9, 8), sharex=True, constrained_layout=True)
+    tps_ax.plot(c, [s["prompt_tps"] for s in steps], "o-", label="prompt tokens/s")
+    tps_ax.plot(c, [s["generation_tps"] for s in steps], "o-", label="generated tokens/s")
+    tps_ax.plot(c, [s["weighted_tps"] for s in steps], "o-", label="weighted tokens/s")
+    rec = document.get("recommendation")
+    if rec:
+        tps_ax.axhline(rec["tokensPerSecondPerReplica"], color="gray", ls="--", lw=0.8, label="recommended")
+    tps_ax.set_ylabel("tokens/s")
+    tps_ax.set_title(f"{document['model']} at {document['url']}")
+
+    def series(key: str) -> list[float]:
+        return [float("nan") if s[key] is None else s[key] for s in steps]
+
+    lat_ax.plot(c, series("ttft_p50"), "o-", label="TTFT p50")
+    lat_ax.plot(c, series("ttft_p95"), "o-", label="TTFT p95")
+    lat_ax.plot(c, series("itl_p95"), "o-", label="inter-token p95")
+    targets = document["targets"]
+    lat_ax.axhline(targets["ttft_p95_s"], color="tab:orange", ls="--", lw=0.8, label="TTFT target")
+    lat_ax.axhline(targets["itl_p95_s"], color="tab:green", ls="--", lw=0.8, label="ITL target")
+    lat_ax.set_yscale("log")
+    lat_ax.set_ylabel("seconds")
+    lat_ax.set_xlabel("concurrent requests")
+    lat_ax.set_xscale("log", base=2)
+    for ax in (tps_ax, lat_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    sizes = document.get("request_sizes", "")
+    if sizes:
+        fig.supxlabel(f"request sizes: {sizes}", fontsize=7, color="dimgray")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
