@@ -294,6 +294,7 @@ def test_scaled_object_metadata_parses_with_the_scalers_parser() -> None:
         # workload: what the sidecars of the target Deployment report as.
         target = one(render(folder), "Deployment", so["spec"]["scaleTargetRef"]["name"])
         assert target["metadata"]["namespace"] == ns
+        assert "replicas" not in target["spec"], "the HPA owns replicas: `kubectl apply` would reset them"
         sidecars = [c for c in pod_spec(target)["containers"] if c["image"].startswith(OUR_IMAGE + ":")]
         assert len(sidecars) == 1 and sidecars[0]["args"] == ["sidecar"]
         assert env_of(sidecars[0])["TOKEN_SCALER_WORKLOAD"]["value"] == settings.workload
