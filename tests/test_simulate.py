@@ -257,6 +257,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert [p["policy"] for p in report["policies"]] == ["token", "rps", "concurrency", "prometheus"]
     assert len(report["sweep"]["points"]) == 4
     assert report["sweep"]["recommended"]["metadata"]["windowSeconds"] == "30"
+    # the other policies swept over the same headrooms, side by side
+    assert [c["policy"] for c in report["sweep"]["comparison"]] == [
+        "token",
+        "rps",
+        "concurrency",
+        "prometheus",
+    ]
+    assert len(report["sweep"]["baselines"]["rps"]) == 2
+    assert "GPU-h for 95%" in text
 
 
 def test_cli_plots(tmp_path):

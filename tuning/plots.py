@@ -72,12 +72,12 @@ def simulation(results: Sequence[RunResult], path: str | Path, title: str, footn
 def pareto(
     points: Sequence[tuple[float, float, str]],
     front: Sequence[tuple[float, float, str]],
-    baselines: Sequence[tuple[float, float, str]],
+    others: dict[str, list[tuple[float, float]]],
     path: str | Path,
     title: str,
     footnote: str = "",
 ) -> None:
-    """GPU-hours against SLO attainment: every sweep point, the front, the other policies."""
+    """GPU-hours against SLO attainment: every sweep point, the front, the other policies' fronts."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
     ax.scatter(
@@ -88,8 +88,8 @@ def pareto(
     ax.plot(fx, fy, "o-", color="tab:blue", label="Pareto front")
     for x, y, label in front:
         ax.annotate(label, (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
-    for x, y, label in baselines:
-        ax.scatter([x], [y], marker="x", s=50, label=label)
+    for name, pts in others.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", lw=0.8, label=f"{name} (front)")
     ax.set_xlabel("GPU-hours")
     ax.set_ylabel("SLO attainment (TTFT and end-to-end)")
     ax.set_title(title)

@@ -286,17 +286,68 @@ def prepare(ns: argparse.Namespace) -> Setup:
     return Setup(trace, config, metadata, settings, rps, conc, note, Slo(ns.ttft_slo, ns.e2e_slo))
 
 
-def make_policy(name: str, setup: Setup, ns: argparse.Namespace) -> Policy:
+def make_policy(name: str, setup: Setup, ns: argparse.Namespace, headroom: float | None = None) -> Policy:
+    """The named policy; ``headroom`` rescales a baseline's target as the token policy's headroom does."""
     s = setup.settings
+    factor = 1.0 if headroom is None else s.headroom / headroom
     if name == "token":
         return TokenPolicy(s)
     if name == "rps":
-        return RequestRatePolicy(setup.rps_target, ns.rps_window)
+        return RequestRatePolicy(setup.rps_target * factor, ns.rps_window)
     if name == "concurrency":
-        return ConcurrencyPolicy(setup.concurrency_target)
+        return ConcurrencyPolicy(setup.concurrency_target * factor)
     return PrometheusRatePolicy(
-        s.target, s.prompt_weight, s.generation_weight, ns.scrape_interval, ns.rate_window
+        s.target * factor, s.prompt_weight, s.generation_weight, ns.scrape_interval, ns.rate_window
     )
+
+
+def _baseline_points(setup: Setup, ns: argparse.Namespace) -> dict[str, list[Point]]:
+    """The other policies over the same headrooms and scale-down windows, for a fair comparison."""
+    out: dict[str, list[Point]] = {}
+    names = [n for n in ns.policies if n != "token"]
+    total = len(names) * len(ns.sweep_headrooms) * len(ns.sweep_scale_down_windows)
+    k = 0
+    for name in names:
+        out[name] = []
+        for headroom in ns.sweep_headrooms:
+            for down in ns.sweep_scale_down_windows:
+                k += 1
+                if not ns.quiet:
+                    print(f"\rsweep of the other policies {k}/{total}", end="", file=sys.stderr, flush=True)
+                config = replace(setup.config, hpa=setup.config.hpa.with_scale_down_window(down))
+                _, summary = run_one(setup, make_policy(name, setup, ns, headroom), config)
+                settings = {"policy": name, "headroom": f"{headroom:g}"}
+                out[name].append(Point(settings, down, summary["gpu_hours"], summary["slo_both"], summary))
+    if total and not ns.quiet:
+        print(file=sys.stderr)
+    return out
+
+
+def _comparison(fronts: dict[str, list[Point]], goal: float) -> tuple[str, list[dict[str, Any]]]:
+    """Per policy: the fewest GPU-hours that reach each attainment level."""
+    levels = sorted({0.8, 0.9, 0.95, goal})
+    rows, data = [], []
+    for name, points in fronts.items():
+        cheapest: dict[str, float | None] = {}
+        for level in levels:
+            meeting = [p.gpu_hours for p in points if p.attainment >= level]
+            cheapest[f"{level:g}"] = min(meeting) if meeting else None
+        top = max(points, key=lambda p: (p.attainment, -p.gpu_hours))
+        data.append(
+            {
+                "policy": name,
+                "gpu_hours_to_reach": cheapest,
+                "best_attainment": top.attainment,
+                "best_attainment_gpu_hours": top.gpu_hours,
+            }
+        )
+        rows.append(
+            [name]
+            + [fmt(v, ".2f") for v in cheapest.values()]
+            + [percent(top.attainment), f"{top.gpu_hours:.2f}"]
+        )
+    headers = ["policy"] + [f"GPU-h for {100 * level:g}%" for level in levels] + ["best", "at GPU-h"]
+    return table(headers, rows), data
 
 
 def run_one(
@@ -361,7 +412,7 @@ def _header(setup: Setup, ns: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _sweep(setup: Setup, ns: argparse.Namespace, baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
     combos = grid(
         setup.metadata, ns.sweep_windows, ns.sweep_headrooms, ns.sweep_panic, ns.sweep_scale_down_windows
     )
@@ -376,6 +427,8 @@ def _sweep(setup: Setup, ns: argparse.Namespace, baselines: Sequence[dict[str, A
         print(file=sys.stderr)
     front = pareto(points)
     best = recommend(front, ns.slo_goal)
+    others = _baseline_points(setup, ns)
+    comparison_text, comparison = _comparison({"token": points, **others}, ns.slo_goal)
 
     def label(point: Point) -> str:
         m = point.metadata
@@ -420,6 +473,15 @@ def _sweep(setup: Setup, ns: argparse.Namespace, baselines: Sequence[dict[str, A
         "front": [label(p) for p in front],
         "recommended": None,
         "table": text,
+        "baselines": {
+            name: [
+                {"settings": p.metadata, "scale_down_window_s": p.scale_down_window_s, **p.summary}
+                for p in pts
+            ]
+            for name, pts in others.items()
+        },
+        "comparison": comparison,
+        "comparison_table": comparison_text,
     }
     if best is not None:
         out["recommended"] = {
@@ -435,7 +497,7 @@ def _sweep(setup: Setup, ns: argparse.Namespace, baselines: Sequence[dict[str, A
         plots.pareto(
             [(p.gpu_hours, p.attainment, "") for p in points],
             [(p.gpu_hours, p.attainment, label(p)) for p in front],
-            [(b["gpu_hours"], b["slo_both"], b["policy"]) for b in baselines],
+            {name: [(p.gpu_hours, p.attainment) for p in pareto(pts)] for name, pts in others.items()},
             ns.plot.with_name(ns.plot.stem + "-sweep.png"),
             f"token policy sweep: {len(points)} settings",
             setup.trace.attribution,
@@ -525,13 +587,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"\nplot: {ns.plot}")
     if ns.sweep:
-        sweep = _sweep(setup, ns, summaries)
-        report["sweep"] = {k: v for k, v in sweep.items() if k != "table"}
+        sweep = _sweep(setup, ns)
+        report["sweep"] = {k: v for k, v in sweep.items() if k not in ("table", "comparison_table")}
         print(
             "\nsweep of the token policy: Pareto front of GPU-hours vs attainment of both SLOs "
             f"({len(sweep['points'])} settings)"
         )
         print(sweep["table"])
+        print(
+            "\nevery policy over the same headrooms (a baseline's target x default headroom / headroom) "
+            "and scale-down windows: the fewest GPU-hours that reach each attainment of both SLOs"
+        )
+        print(sweep["comparison_table"])
         if sweep["recommended"] is not None:
             print()
             print(_recommendation_text(sweep["recommended"], ns.slo_goal))
