@@ -10,6 +10,10 @@ from token_scaler.errors import ConfigError
 
 # command -> (module with a ``main(argv) -> int``, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "token_scaler.demo.run",
+        "see it work: scaler, sidecars, a simulated model server and a load burst",
+    ),
     "serve": ("scaler.server", "run the KEDA external scaler (gRPC + debug HTTP)"),
     "sidecar": ("sidecar.server", "run the token-metering proxy beside a model server"),
     "simulate": ("tuning.simulate", "replay a request trace through simulated autoscaling policies"),

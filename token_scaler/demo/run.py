@@ -1,0 +1,341 @@
+"""``token-scaler demo``: the main job in one command, on an embedded default.
+
+Starts, in this process: Redis (``REDIS_URL`` if given, else a ``redis-server`` from
+PATH on a free port, else an in-process Redis-compatible server), two replicas of a
+simulated model server with a fixed token capacity, a sidecar in front of each, the
+scaler, and a load generator replaying a real request trace with a burst of long
+generations in the middle. Every second it polls the scaler as KEDA does and prints a
+row: token rates, demand, the value and target KEDA gets, the replicas KEDA's HPA would
+run, and what a requests-per-second scaler would have asked for at the same moment.
+It stops by itself after ``--duration`` seconds (Ctrl-C stops it early), prints a
+summary, and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from scaler._gen import externalscaler_pb2 as pb
+from scaler._gen import externalscaler_pb2_grpc as pb_grpc
+from scaler.config import ScalerConfig
+from scaler.server import ScalerServer
+from sidecar.config import SidecarConfig
+from sidecar.server import Sidecar
+from token_scaler.demo.load import LoadStats, mean_weighted_tokens, plan, replay
+from token_scaler.demo.model_sim import SimulatedModel
+from token_scaler.redis_conn import LocalRedis, answers, free_port
+from tuning.trace import load_sample
+
+WORKLOAD = "demo/sim-llm"
+MODEL = "sim-llm"
+PROMPT_WEIGHT = 0.1  # prefill is cheap per token: the simulated replica charges 0.1 per prompt token
+HEADROOM = 1.3
+WINDOW_S = 30  # shorter than the default 60 s, so a one-minute demo shows panic mode end too
+BURST = (0.3, 0.55)  # fraction of the load phase
+BURST_GENERATION = 4
+
+
+@dataclass
+class Embedded:
+    url: str
+    description: str
+    stop: Any = None
+
+
+def start_redis(url: str | None) -> Embedded:
+    if url:
+        if not answers(url):
+            raise SystemExit(f"token-scaler demo: REDIS_URL={url} does not answer")
+        return Embedded(url, f"Redis at {url} (REDIS_URL)")
+    exe = shutil.which("redis-server")
+    if exe:
+        server = LocalRedis.start(binary=exe)
+        return Embedded(server.url, f"embedded redis-server ({exe}) on 127.0.0.1:{server.port}", server.stop)
+    try:
+        from fakeredis import TcpFakeServer
+    except ImportError:
+        raise SystemExit(
+            "token-scaler demo: no REDIS_URL, no redis-server on PATH, and the in-process server is not "
+            "installed: pip install 'token-scaler[demo]' (or apt-get install redis-server)"
+        ) from None
+    port = free_port()
+    fake = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    thread = threading.Thread(target=fake.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        fake.shutdown()
+        fake.server_close()
+
+    return Embedded(
+        f"redis://127.0.0.1:{port}/0",
+        f"in-process Redis-compatible server (fakeredis) on 127.0.0.1:{port}",
+        stop,
+    )
+
+
+@dataclass
+class Row:
+    t: float
+    arrivals_rps: float
+    served_prompt: float
+    served_generation: float
+    demand: float
+    value: float
+    target: float
+    replicas: int
+    requests_replicas: int
+    rule: str
+    active: bool
+    queued: int
+
+
+async def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    trace = load_sample()
+    base_rps = args.rps
+    mean_weighted = mean_weighted_tokens(trace, PROMPT_WEIGHT, 1.0)
+    # Size a replica so that the base load keeps the replicas about half busy.
+    capacity = base_rps * mean_weighted / (args.replicas * 0.5)
+    rps_target = capacity / mean_weighted  # what a requests-based scaler is calibrated to per replica
+    load_s = max(10.0, args.duration - 15.0)  # the last seconds let queues drain
+    planned = plan(
+        trace,
+        duration_s=load_s,
+        rps=base_rps,
+        burst=BURST,
+        burst_factor=2,
+        burst_generation_factor=BURST_GENERATION,
+        seed=args.seed,
+    )
+
+    redis_ = start_redis(args.redis_url)
+    print(f"Redis: {redis_.description}")
+    stack = contextlib.AsyncExitStack()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    models: list[SimulatedModel] = []
+    sidecars: list[Sidecar] = []
+    stats = LoadStats()
+    rows: list[Row] = []
+    try:
+        for i in range(args.replicas):
+            model = SimulatedModel(capacity=capacity, prompt_cost=PROMPT_WEIGHT, model=MODEL)
+            runner = web.AppRunner(model.app(), access_log=None)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            stack.push_async_callback(runner.cleanup)
+            models.append(model)
+            sidecar = Sidecar(
+                SidecarConfig(
+                    workload=WORKLOAD,
+                    redis_url=redis_.url,
+                    upstream=f"http://127.0.0.1:{port}",
+                    host="127.0.0.1",
+                    port=0,
+                    admin_port=0,
+                    shutdown_delay_s=0.0,
+                    drain_timeout_s=2.0,
+                    sidecar_id=f"demo-replica-{i}",
+                    log_level="WARNING",
+                )
+            )
+            await sidecar.start()
+            stack.push_async_callback(sidecar.stop)
+            sidecars.append(sidecar)
+        scaler = ScalerServer(
+            ScalerConfig(
+                grpc_port=0, http_port=0, host="127.0.0.1", redis_url=redis_.url, log_level="WARNING"
+            )
+        )
+        await scaler.start()
+        stack.push_async_callback(scaler.stop)
+        print(
+            f"model server: {args.replicas} simulated replicas, {capacity:.0f} weighted tokens/s each "
+            f"(prompt token = {PROMPT_WEIGHT}, generated token = 1)\n"
+            f"sidecars: {', '.join(f'127.0.0.1:{s.port}' for s in sidecars)} "
+            f"-> stream of workload {WORKLOAD}\n"
+            f"scaler: gRPC 127.0.0.1:{scaler.grpc_port}, debug http://127.0.0.1:{scaler.http_port}/debug/scalers\n"
+            f"load: {len(planned)} requests from the packaged trace ({trace.attribution}), "
+            f"{base_rps:g} req/s, a burst of 2x requests with {BURST_GENERATION}x longer answers from "
+            f"{BURST[0] * load_s:.0f}s to {BURST[1] * load_s:.0f}s; load stops at {load_s:.0f}s\n"
+        )
+        metadata = {
+            "scalerAddress": f"127.0.0.1:{scaler.grpc_port}",
+            "tokensPerSecondPerReplica": f"{capacity:.0f}",
+            "headroom": str(HEADROOM),
+            "promptWeight": str(PROMPT_WEIGHT),
+            "generationWeight": "1.0",
+            "workload": WORKLOAD,
+            "windowSeconds": str(WINDOW_S),
+        }
+        load = asyncio.create_task(
+            replay(planned, [f"http://127.0.0.1:{s.port}" for s in sidecars], MODEL, stats, stop)
+        )
+        started = time.monotonic()
+        print(HEADER)
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{scaler.grpc_port}") as channel,
+            aiohttp.ClientSession() as http,
+        ):
+            stub = pb_grpc.ExternalScalerStub(channel)  # type: ignore[no-untyped-call]
+            ref = pb.ScaledObjectRef(name="sim-llm", namespace="demo", scalerMetadata=metadata)
+            next_tick = started + 1.0
+            while not stop.is_set() and time.monotonic() - started < args.duration:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, next_tick - time.monotonic()))
+                next_tick += 1.0
+                row = await poll(stub, ref, http, scaler.http_port, stats, rps_target, started, models)
+                rows.append(row)
+                print(format_row(row), flush=True)
+        stop.set()
+        await load
+    finally:
+        stop.set()
+        await stack.aclose()
+        if redis_.stop is not None:
+            redis_.stop()
+    print_summary(rows, stats, sidecars, models, capacity, rps_target)
+    return 0
+
+
+async def poll(
+    stub: pb_grpc.ExternalScalerStub,
+    ref: pb.ScaledObjectRef,
+    http: aiohttp.ClientSession,
+    http_port: int,
+    stats: LoadStats,
+    rps_target: float,
+    started: float,
+    models: list[SimulatedModel],
+) -> Row:
+    """One KEDA poll (GetMetricSpec -> GetMetrics -> IsActive) plus the scaler's debug view."""
+    spec = (await stub.GetMetricSpec(ref, timeout=3)).metricSpecs[0]
+    metric = await stub.GetMetrics(
+        pb.GetMetricsRequest(scaledObjectRef=ref, metricName=spec.metricName), timeout=3
+    )
+    active = (await stub.IsActive(ref, timeout=3)).result
+    value = metric.metricValues[0].metricValueFloat
+    target = spec.targetSizeFloat
+    async with http.get(f"http://127.0.0.1:{http_port}/debug/scalers/demo/sim-llm") as r:
+        debug = await r.json()
+    stable = debug.get("evaluation", {}).get("stable", {})
+    rps = stats.arrivals_per_s(debug.get("evaluation", {}).get("windowCoverageSeconds") or 60.0)
+    return Row(
+        t=time.monotonic() - started,
+        arrivals_rps=rps,
+        served_prompt=stable.get("servedPromptTokensPerSecond", 0.0),
+        served_generation=stable.get("servedGenerationTokensPerSecond", 0.0),
+        demand=stable.get("demand", 0.0),
+        value=value,
+        target=target,
+        replicas=math.ceil(value / target - 1e-9) if value > 0 else 0,
+        requests_replicas=math.ceil(rps * HEADROOM / rps_target - 1e-9) if rps > 0 else 0,
+        rule=debug.get("evaluation", {}).get("rule", "-"),
+        active=active,
+        queued=sum(m.backlog for m in models),
+    )
+
+
+HEADER = (
+    "  time | req/s | served prompt tok/s | served gen tok/s | demand | value -> KEDA / target | "
+    "HPA replicas: tokens | requests | in flight | rule"
+)
+
+
+def format_row(row: Row) -> str:
+    return (
+        f"{row.t:4.0f}s | {row.arrivals_rps:5.1f} | {row.served_prompt:19.0f} | "
+        f"{row.served_generation:16.0f} | "
+        f"{row.demand:6.0f} | {row.value:8.0f} / {row.target:<12.0f} | {row.replicas:20d} | "
+        f"{row.requests_replicas:8d} | {row.queued:9d} | {row.rule}"
+    )
+
+
+def _sidecar_tokens(sidecar: Sidecar, kind: str) -> float:
+    total = 0.0
+    for metric in sidecar.registry.collect():
+        if metric.name == "tokenscaler_tokens":
+            for sample in metric.samples:
+                if sample.name == "tokenscaler_tokens_total" and sample.labels.get("type") == kind:
+                    total += sample.value
+    return total
+
+
+def print_summary(
+    rows: list[Row],
+    stats: LoadStats,
+    sidecars: list[Sidecar],
+    models: list[SimulatedModel],
+    capacity: float,
+    rps_target: float,
+) -> None:
+    print()
+    if not rows:
+        print("stopped before the first poll")
+        return
+    peak = max(rows, key=lambda r: r.value)
+    cut = stats.sent - stats.ok - stats.failed
+    print(
+        f"requests: {stats.sent} sent, {stats.ok} answered, {stats.failed} failed, {cut} cut short at the end"
+    )
+    print(
+        f"peak demand {peak.value:.0f} weighted tokens/s at {peak.t:.0f}s: the token scaler asked for "
+        f"{max(r.replicas for r in rows)} replicas, a requests/s scaler (calibrated to "
+        f"{rps_target:.2f} req/s per replica on the trace's mean request) for "
+        f"{max(r.requests_replicas for r in rows)}"
+    )
+    counted_p = sum(_sidecar_tokens(s, "prompt") for s in sidecars)
+    counted_g = sum(_sidecar_tokens(s, "generation") for s in sidecars)
+    served_p = sum(m.served_prompt for m in models)
+    served_g = sum(m.served_generation for m in models)
+    same = counted_p == served_p and counted_g == served_g
+    print(
+        f"token counts: sidecars {counted_p:.0f} prompt + {counted_g:.0f} generated; model servers' own "
+        f"{served_p} + {served_g} -> "
+        + ("equal" if same else f"differ: {cut} requests cut short at the end (try a longer --duration)")
+    )
+    print("everything stopped.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="token-scaler demo", description=__doc__.split("\n\n")[0] if __doc__ else ""
+    )
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (env REDIS_URL)"
+    )
+    parser.add_argument("--rps", type=float, default=4.0, help="base requests/s of the load (default 4)")
+    parser.add_argument("--replicas", type=int, default=2, help="simulated model-server replicas (default 2)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.duration < 15:
+        parser.error("--duration must be at least 15 seconds")
+    if args.rps <= 0 or args.replicas < 1:
+        parser.error("--rps must be above 0 and --replicas at least 1")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
