@@ -1,0 +1,28 @@
+"""The README documents every setting and every ScaledObject metadata key the code accepts."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from scaler.metadata import KEYS
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["scaler.config", "sidecar.config"])
+def test_every_option_is_documented(module: str) -> None:
+    try:
+        options = importlib.import_module(module).OPTIONS
+    except (ImportError, AttributeError):
+        pytest.skip(f"{module} has no OPTIONS")
+    missing = [
+        f"{o.flag} / {o.env}" for o in options.values() if f"`{o.flag}`" not in README or o.env not in README
+    ]
+    assert not missing, f"README lacks: {missing}"
+
+
+def test_every_metadata_key_is_documented() -> None:
+    assert [key for key in KEYS if f"`{key}`" not in README] == []
