@@ -16,6 +16,7 @@ from tuning.hpa import HpaSettings
 from tuning.metrics import Slo, summarize
 from tuning.policies import (
     ConcurrencyPolicy,
+    FixedPolicy,
     Policy,
     PrometheusRatePolicy,
     RequestRatePolicy,
@@ -263,8 +264,11 @@ def test_cli_end_to_end(tmp_path, capsys):
         "rps",
         "concurrency",
         "prometheus",
+        "fixed",
     ]
     assert len(report["sweep"]["baselines"]["rps"]) == 2
+    fixed = report["sweep"]["baselines"]["fixed"]
+    assert [p["parameters"]["replicas"] for p in fixed] == [str(n) for n in range(1, 9)]
     assert "GPU-h for 95%" in text
 
 
@@ -278,6 +282,14 @@ def test_cli_plots(tmp_path):
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "sim-sweep.png").is_file()
+
+
+def test_fixed_replicas_never_scale():
+    config = cli.fixed_config(SimConfig(FAST, HpaSettings()), 3)
+    result = simulate(synthetic(n=600, seconds=100), FixedPolicy(3), config)
+    assert set(result.timeline["pods"].tolist()) == {3} and set(result.timeline["ready"].tolist()) == {3}
+    assert result.scale_ups == result.scale_downs == 0
+    assert result.pod_seconds == pytest.approx(3 * result.horizon_s)
 
 
 def test_cli_rejects_bad_metadata():

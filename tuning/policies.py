@@ -122,6 +122,23 @@ class ConcurrencyPolicy(Policy):
         return f"{self.target:.3g} requests in flight per replica"
 
 
+class FixedPolicy(Policy):
+    """No autoscaling: ``replicas`` pods all along (run with min = max = initial = replicas).
+    The reference every autoscaler must beat: it pays for the peak and never waits for a cold start."""
+
+    name = "fixed"
+
+    def __init__(self, replicas: int) -> None:
+        super().__init__(1.0)
+        self.replicas = replicas
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        return float(self.replicas)
+
+    def describe(self) -> str:
+        return f"{self.replicas} replicas all along (no autoscaling)"
+
+
 @dataclass
 class _Scrapes:
     times: deque[float] = field(default_factory=deque)

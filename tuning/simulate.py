@@ -27,6 +27,7 @@ from tuning.metrics import Slo, summarize
 from tuning.policies import (
     POLICY_NAMES,
     ConcurrencyPolicy,
+    FixedPolicy,
     Policy,
     PrometheusRatePolicy,
     RequestRatePolicy,
@@ -134,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="token policy: ScaledObject trigger metadata (repeat)",
+    )
+    g.add_argument(
+        "--fixed-replicas",
+        type=a.positive_int,
+        help="also run a Deployment of this many replicas and no autoscaling (policy 'fixed')",
     )
     g.add_argument(
         "--rps-target",
@@ -301,6 +307,34 @@ def make_policy(name: str, setup: Setup, ns: argparse.Namespace, headroom: float
     )
 
 
+def fixed_config(config: SimConfig, replicas: int) -> SimConfig:
+    hpa = replace(config.hpa, min_replicas=replicas, max_replicas=replicas)
+    return replace(config, hpa=hpa, initial_replicas=replicas)
+
+
+def _fixed_points(setup: Setup, ns: argparse.Namespace) -> list[Point]:
+    """Static provisioning at 1..maxReplicas pods (about 20 counts)."""
+    top = setup.config.hpa.max_replicas
+    counts = sorted(set(range(1, top + 1, max(1, top // 20))) | {top})
+    points = []
+    for k, n in enumerate(counts, start=1):
+        if not ns.quiet:
+            print(f"\rfixed replicas {k}/{len(counts)}", end="", file=sys.stderr, flush=True)
+        _, summary = run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))
+        points.append(
+            Point(
+                {"policy": "fixed", "replicas": str(n)},
+                0.0,
+                summary["gpu_hours"],
+                summary["slo_both"],
+                summary,
+            )
+        )
+    if not ns.quiet:
+        print(file=sys.stderr)
+    return points
+
+
 def _baseline_points(setup: Setup, ns: argparse.Namespace) -> dict[str, list[Point]]:
     """The other policies over the same headrooms and scale-down windows, for a fair comparison."""
     out: dict[str, list[Point]] = {}
@@ -428,6 +462,7 @@ def _sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
     front = pareto(points)
     best = recommend(front, ns.slo_goal)
     others = _baseline_points(setup, ns)
+    others["fixed"] = _fixed_points(setup, ns)
     comparison_text, comparison = _comparison({"token": points, **others}, ns.slo_goal)
 
     def label(point: Point) -> str:
@@ -475,7 +510,7 @@ def _sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
         "table": text,
         "baselines": {
             name: [
-                {"settings": p.metadata, "scale_down_window_s": p.scale_down_window_s, **p.summary}
+                {"parameters": p.metadata, "scale_down_window_s": p.scale_down_window_s, **p.summary}
                 for p in pts
             ]
             for name, pts in others.items()
@@ -541,6 +576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, summary = run_one(setup, policy)
         results.append(result)
         summaries.append(summary)
+    if ns.fixed_replicas:
+        n = ns.fixed_replicas
+        result, summary = run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))
+        results.append(result)
+        summaries.append(summary)
     print("\n".join(_header(setup, ns)))
     print()
     for s in summaries:
@@ -596,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(sweep["table"])
         print(
             "\nevery policy over the same headrooms (a baseline's target x default headroom / headroom) "
-            "and scale-down windows: the fewest GPU-hours that reach each attainment of both SLOs"
+            "and scale-down windows, and 'fixed' = N replicas without autoscaling, N = 1..max: "
+            "the fewest GPU-hours that reach each attainment of both SLOs"
         )
         print(sweep["comparison_table"])
         if sweep["recommended"] is not None:
