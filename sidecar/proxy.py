@@ -134,7 +134,9 @@ class Proxy:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None),
+            # Idle upstream connections are dropped before uvicorn's (vLLM's) 5 s keep-alive
+            # closes them, so a request never goes out on a connection the server is closing.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
             timeout=self._timeout,
             auto_decompress=False,  # passthrough bytes stay as the upstream encoded them
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -228,6 +230,8 @@ class Proxy:
                     await response.write(data_chunk)
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
                 _abort_client(request)
+                return response
+            except ConnectionResetError:  # the client left; leaving the block closes the upstream
                 return response
             await response.write_eof()
             return response
