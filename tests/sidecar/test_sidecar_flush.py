@@ -107,3 +107,20 @@ async def test_records_are_stamped_on_the_redis_clock(redis_url: str, workload: 
         assert abs(record.ts_ms - time.time() * 1000) < 5000
     assert [r.ts_ms for r in records] == [unstamped.ts_ms, stamped.ts_ms]
     await flusher._client.aclose()
+
+
+async def test_the_flush_loop_writes_one_record_per_interval(
+    start_sidecar: StartSidecar, redis_url: str, workload: str
+) -> None:
+    import asyncio
+
+    sidecar = await start_sidecar(flush_interval_s=0.05)
+    for _ in range(400):
+        records = read_records(redis_url, workload)
+        if len(records) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(records) >= 3
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert all(r.sidecar == sidecar.flusher.sidecar_id and r.models == {} for r in records)
+    assert all(r.interval_ms > 0 for r in records)
