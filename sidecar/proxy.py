@@ -91,6 +91,7 @@ class _Exchange:
     pieces: int = 0
     texts: list[str] = field(default_factory=list)
     malformed: bool = False
+    streamed: bool = False
     first_at: float | None = None
 
 
@@ -322,6 +323,7 @@ class Proxy:
             headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
         )
         await response.prepare(request)
+        exchange.streamed = True
         parser = SSEParser()
         try:
             async for data in upstream.content.iter_any():
@@ -394,9 +396,12 @@ class Proxy:
             prompt, generation = metered.sp, metered.sg
         else:
             prompt = metered.prompt_estimate
-            generation = count_texts(self.counter, exchange.texts) if self._keep_texts else exchange.pieces
+            # A whole answer is text at hand; a stream's text is kept only for a tokenizer,
+            # else each piece streamed counts as one token.
+            by_text = self._keep_texts or not exchange.streamed
+            generation = count_texts(self.counter, exchange.texts) if by_text else exchange.pieces
             self.meter.finish(metered, prompt, generation)
-            method = self.counter.name if self._keep_texts else "pieces"
+            method = self.counter.name if by_text else "pieces"
             self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
             self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)
         series.prompt_tokens.inc(prompt)
