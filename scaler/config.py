@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from token_scaler import config as c
+from token_scaler import pricing
 from token_scaler.errors import ConfigError
+
+
+def _price_table(raw: str) -> pricing.PriceTable:
+    try:
+        return pricing.load(Path(raw))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+
 
 OPTIONS: dict[str, c.Option[Any]] = {
     "grpc_port": c.Option("--grpc-port", "TOKEN_SCALER_GRPC_PORT", c.port, 9090, "gRPC port KEDA calls"),
@@ -69,6 +78,13 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "seconds in-flight RPCs get to finish on SIGTERM",
     ),
     "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", c.text, "INFO", "logging level"),
+    "prices": c.Option(
+        "--prices",
+        "TOKEN_SCALER_PRICES",
+        _price_table,
+        None,
+        "price table (YAML): cost per 1k tokens and spend in /debug/scalers and /metrics",
+    ),
 }
 
 
@@ -86,6 +102,7 @@ class ScalerConfig:
     liveness_s: float = 5.0
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
+    prices: pricing.PriceTable | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaler.cost import describe_cost, series_cost
 from scaler.metadata import ScalerSettings, parse
 from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
 from scaler.window import Evaluation, evaluate
+from token_scaler.pricing import PriceTable
 
 METRIC_NAME = "token-demand"
 
@@ -36,9 +38,12 @@ class ScaledObjectState:
 
 
 class Registry:
-    def __init__(self, reader: StreamReader, metrics: ScalerMetrics) -> None:
+    def __init__(
+        self, reader: StreamReader, metrics: ScalerMetrics, prices: PriceTable | None = None
+    ) -> None:
         self.reader = reader
         self.metrics = metrics
+        self.prices = prices
         self.objects: dict[tuple[str, str], ScaledObjectState] = {}
         self._parsed: dict[tuple[str, str, frozenset[tuple[str, str]]], ScalerSettings] = {}
         self._cache: dict[tuple[str, ScalerSettings], tuple[int, int, Evaluation]] = {}
@@ -155,6 +160,11 @@ class Registry:
                     row["promptTokensPerSecond"] += prompt / 60
                     row["generationTokensPerSecond"] += gen / 60
             out["tenantsLast60s"] = tenants
+        if self.prices is None or series is None:
+            out["cost"] = describe_cost(None if self.prices is None else "no data read yet", "")
+        else:
+            cost = series_cost(series, self.prices, s.workload, now, self.reader.liveness_ms)
+            out["cost"] = describe_cost(cost, self.prices.currency)
         if evaluation is not None:
             out["evaluation"] = {
                 "second": evaluation.second,

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
 from scaler.config import ScalerConfig
+from scaler.cost import CostCollector
 from scaler.debug import make_app
 from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
@@ -52,7 +53,9 @@ class ScalerServer:
         self.reader = StreamReader(
             self.redis, self.metrics, stale_after_s=cfg.stale_after_s, liveness_s=cfg.liveness_s
         )
-        self.registry = Registry(self.reader, self.metrics)
+        self.registry = Registry(self.reader, self.metrics, cfg.prices)
+        if cfg.prices is not None:
+            self.metrics.registry.register(CostCollector(self.reader, cfg.prices))
         self.health = health.aio.HealthServicer()
 
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
