@@ -70,6 +70,13 @@ OPTIONS: dict[str, c.Option[Any]] = {
         5.0,
         "seconds after its last entry that a sidecar still counts as live",
     ),
+    "forget_after_s": c.Option(
+        "--forget-after",
+        "TOKEN_SCALER_FORGET_AFTER",
+        c.positive_float,
+        600.0,
+        "seconds without a KEDA call after which a ScaledObject (and its stream, if unused) is forgotten",
+    ),
     "shutdown_grace_s": c.Option(
         "--shutdown-grace",
         "TOKEN_SCALER_SHUTDOWN_GRACE",
@@ -100,6 +107,7 @@ class ScalerConfig:
     debug_token: str | None = None
     stale_after_s: float = 10.0
     liveness_s: float = 5.0
+    forget_after_s: float = 600.0
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
     prices: pricing.PriceTable | None = None

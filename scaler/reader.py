@@ -109,6 +109,16 @@ class StreamReader:
             raise RedisUnavailable(f"cannot read the stream of {workload}: {exc}") from exc
         return self.series[workload]
 
+    def drop(self, workload: str) -> None:
+        """Stop following ``workload`` and forget what was read of it."""
+        key = stream_key(workload)
+        self._last_ids.pop(key, None)
+        self._key_workload.pop(key, None)
+        self.series.pop(workload, None)
+        self.bad_entries.pop(workload, None)
+        self._logged_bad.discard(workload)
+        self.metrics.workloads.set(len(self._key_workload))
+
     async def _backfill(self, workload: str) -> None:
         key = stream_key(workload)
         try:

@@ -8,6 +8,7 @@ the same second with the same data gets the same answer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -83,6 +84,26 @@ class Registry:
             self._cache[cache_key] = (second, series.past_version, evaluation)
         state.last_evaluation = evaluation
         return evaluation
+
+    def forget_idle(self, idle_s: float) -> list[tuple[str, str]]:
+        """Forget ScaledObjects KEDA has not asked about for ``idle_s`` (deleted, or moved to
+        another scaler), and stop reading workloads no remaining one refers to, so memory
+        follows the ScaledObjects in use, not every one ever seen."""
+        now = time.time()
+        gone = [
+            key for key, st in self.objects.items() if now - max(st.last_asked.values(), default=0) > idle_s
+        ]
+        for key in gone:
+            state = self.objects.pop(key)
+            for gauge in (self.metrics.value, self.metrics.target, self.metrics.desired, self.metrics.panic):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*key)
+            self._cache = {k: v for k, v in self._cache.items() if k[1] != state.settings}
+        in_use = {st.settings.workload for st in self.objects.values()}
+        for workload in [w for w in self.reader.series if w not in in_use]:
+            self.reader.drop(workload)
+        self._parsed = {k: v for k, v in self._parsed.items() if (k[0], k[1]) in self.objects}
+        return gone
 
     def answered(
         self, state: ScaledObjectState, evaluation: Evaluation, *, active: bool | None = None

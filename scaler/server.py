@@ -34,6 +34,7 @@ from token_scaler.redis_conn import connect
 
 log = logging.getLogger("token_scaler.scaler")
 
+LIVENESS_SERVICE = "liveness"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
 
 
@@ -93,7 +94,11 @@ class ScalerServer:
         self.http_port = _bound_port(site, cfg.http_port)
 
         self._tasks.append(asyncio.create_task(self.reader.run(self.shutdown)))
+        # "liveness" stays SERVING until shutdown: a gRPC liveness probe must not restart every
+        # replica while Redis is away (the other names follow the data and say NOT_SERVING then).
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._watch_health()))
+        self._tasks.append(asyncio.create_task(self._forget_idle()))
         self.ready["serving"] = True
         log.info(
             "serving ExternalScaler on %s:%d (%s), debug HTTP on %s:%d, reading %s",
@@ -121,6 +126,18 @@ class ScalerServer:
                 serving = fresh
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.shutdown.wait(), 0.5)
+
+    async def _forget_idle(self) -> None:
+        while not self.shutdown.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), 30)
+            for namespace, name in self.registry.forget_idle(self.config.forget_after_s):
+                log.info(
+                    "forgot ScaledObject %s/%s: not asked about for %gs",
+                    namespace,
+                    name,
+                    self.config.forget_after_s,
+                )
 
     async def stop(self) -> None:
         log.info("shutting down: health NOT_SERVING, ending streams, %gs grace", self.config.shutdown_grace_s)

@@ -40,3 +40,18 @@ async def test_cache_invalidated_only_by_entries_in_answered_seconds() -> None:
     again = await registry.evaluate(state)
     assert again is not first
     assert again.value == pytest.approx(first.value + 310 / first.coverage_s)
+
+
+async def test_idle_scaled_objects_and_their_streams_are_forgotten() -> None:
+    reader = StreamReader(client=None, metrics=ScalerMetrics())
+    reader._mark_ok()
+    registry = Registry(reader, reader.metrics)
+    for name in ("a", "b"):
+        reader.series[f"ns/{name}"] = WorkloadSeries()
+        state = registry.resolve("ns", name, {"tokensPerSecondPerReplica": "100"}, "GetMetrics")
+        registry.answered(state, await registry.evaluate(state))
+    registry.objects[("ns", "a")].last_asked = {"GetMetrics": time.time() - 700}
+    assert registry.forget_idle(600) == [("ns", "a")]
+    assert list(registry.objects) == [("ns", "b")] and list(reader.series) == ["ns/b"]
+    (family,) = reader.metrics.value.collect()
+    assert [sample.labels["scaledobject"] for sample in family.samples] == ["b"]

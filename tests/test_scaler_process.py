@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
@@ -156,6 +157,15 @@ def test_redis_outage_turns_unavailable_then_recovers(own_redis: LocalRedis, wor
                 await keda.poll(ns, name, meta)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "stale" in (info.value.details() or "")
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(20):  # the health watcher looks every 0.5 s
+                readiness = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+                if readiness.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert readiness.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            liveness = await health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=3)
+            assert liveness.status == health_pb2.HealthCheckResponse.SERVING
 
             # Redis comes back empty (it keeps nothing on disk): the scaler keeps what it read,
             # and reads what sidecars write from now on.
