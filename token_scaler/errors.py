@@ -3,7 +3,8 @@
     TokenScalerError
     ├── ConfigError        a setting (flag or env variable) has a bad value
     ├── RecordError        a stream entry does not follow the record contract
-    └── MetadataError      ScaledObject metadata has a bad value (scaler)
+    ├── MetadataError      ScaledObject metadata has a bad value (scaler)
+    └── RowError           a row of a CSV input (billing export, token counts) is malformed
 
 Third-party exceptions are mapped to these at the boundary (``raise ... from exc``).
 """
@@ -40,3 +41,14 @@ class MetadataError(TokenScalerError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"scalerMetadata[{key!r}]={value!r} is invalid: {allowed}")
+
+
+class RowError(TokenScalerError):
+    """A CSV row cannot be read; the message names the file, the row and the column."""
+
+    def __init__(self, source: str, row: int, column: str, reason: str) -> None:
+        self.source = source
+        self.row = row
+        self.column = column
+        self.reason = reason
+        super().__init__(f"{source}: row {row}, column {column!r}: {reason}")
