@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", type=int, default=1000)
     parser.add_argument("--ingest-seconds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=65.0, help="steady seconds before each step (> the 60 s window)")
     parser.add_argument(
         "--prometheus", action="store_true", help="also measure Prometheus rate() (needs prometheus)"
     )

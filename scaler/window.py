@@ -118,8 +118,10 @@ class WorkloadSeries:
         if t_ms < record.ts_ms:
             self.clamped += 1
         sec = t_ms // 1000
-        # rounded: sidecars flush at any phase, so an interval's start is known to about 1 s
-        start = round((t_ms - record.interval_ms) / 1000)
+        # Counts land in the bucket of their interval's end, so the first bucket an entry
+        # speaks for is that bucket minus the whole seconds its interval spans beyond it: a
+        # 1 s interval speaks for its own bucket only, and coverage equals buckets with data.
+        start = sec - max(0, round(record.interval_ms / 1000) - 1)
         if self.first_sec is None or start < self.first_sec:
             self.first_sec = start
         self.entries += 1

@@ -239,3 +239,15 @@ def test_value_is_never_negative_nan_or_inf_and_bounded(rows, window, pw, gw) ->
     # nothing exceeds the highest one-second weighted rate
     peak = max(max(pw * sp + gw * sg, pw * ap + gw * ag) for sp, sg, ap, ag in rows)
     assert ev.value <= peak + 1e-6
+
+
+@pytest.mark.parametrize("phase_ms", [0, 100, 499, 500, 900, 999])
+@pytest.mark.parametrize("seconds", [5, 30, 90])
+def test_steady_rate_is_exact_whatever_the_flush_phase(phase_ms: int, seconds: int) -> None:
+    # a sidecar that started `seconds` ago and flushes every second at `phase_ms` into the second
+    series = WorkloadSeries()
+    for k in range(seconds):
+        ts = (T0 + k) * 1000 + phase_ms
+        series.add(Record("a", k, ts, 1000, {"m": ModelCounts(0, 400, 0, 400, 0, 0, 0, 0, 0)}), f"{ts}-0")
+    for now_ms in ((T0 + seconds) * 1000 + phase_ms, (T0 + seconds) * 1000 + 999):
+        assert evaluate(series, settings_(), now_ms).value == 400
