@@ -233,5 +233,5 @@ class StreamReader:
             if time.monotonic() >= next_prune:
                 now = self.now_ms()
                 for series in self.series.values():
-                    series.prune(now, self.liveness_ms)
+                    series.prune(now)
                 next_prune = time.monotonic() + 10

@@ -19,7 +19,7 @@ from scaler.cost import describe_cost, series_cost
 from scaler.metadata import ScalerSettings, parse
 from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
-from scaler.window import Evaluation, evaluate
+from scaler.window import TENANT_WINDOW_S, Evaluation, evaluate
 from token_scaler.pricing import PriceTable
 
 METRIC_NAME = "token-demand"
@@ -172,14 +172,17 @@ class Registry:
                 "tooOldEntries": series.too_old,
                 "clockClampedEntries": series.clamped,
             }
+            # the last TENANT_WINDOW_S complete seconds, divided by the part of them covered
+            end = now // 1000
+            covered = min(TENANT_WINDOW_S, end - (series.first_sec if series.first_sec is not None else end))
             tenants: dict[str, dict[str, float]] = {}
-            for _, tenant, model, prompt, gen, _rq in series.tenant_log:
-                if s.model is None or model == s.model:
+            for sec, tenant, model, prompt, gen, _rq in series.tenant_log:
+                if end - TENANT_WINDOW_S <= sec < end and (s.model is None or model == s.model):
                     row = tenants.setdefault(
                         tenant, {"promptTokensPerSecond": 0.0, "generationTokensPerSecond": 0.0}
                     )
-                    row["promptTokensPerSecond"] += prompt / 60
-                    row["generationTokensPerSecond"] += gen / 60
+                    row["promptTokensPerSecond"] += prompt / max(covered, 1)
+                    row["generationTokensPerSecond"] += gen / max(covered, 1)
             out["tenantsLast60s"] = tenants
         if self.prices is None or series is None:
             out["cost"] = describe_cost(None if self.prices is None else "no data read yet", "")

@@ -164,7 +164,7 @@ class WorkloadSeries:
             for model, tc in per_model.items():
                 self.tenant_log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
 
-    def prune(self, now_ms: int, liveness_ms: int) -> None:
+    def prune(self, now_ms: int) -> None:
         """Forget sidecars silent for longer than the history, and old tenant rows."""
         horizon = now_ms - HISTORY_S * 1000
         for sidecar in [s for s, st in self.sidecars.items() if st.last_seen_ms < horizon]:
