@@ -144,6 +144,20 @@ def http_url(raw: str) -> str:
     return raw.rstrip("/")
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; ``ConfigError`` names the file (``what`` it is) when unreadable or malformed."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
 def workload_name(raw: str) -> str:
     from token_scaler.record import validate_workload
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from token_scaler.config import read_yaml
 from token_scaler.errors import ConfigError
 from token_scaler.record import validate_workload
 
@@ -117,16 +118,7 @@ class PriceTable:
 
 def load(path: Path) -> PriceTable:
     """Read and validate a price table file; ``ConfigError`` names the file and the key."""
-    import yaml
-
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the price table: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, "price table")
     try:
         return parse(data)
     except ConfigError as exc:
