@@ -65,6 +65,19 @@ class ScalerMetrics:
             ["namespace", "scaledobject"],
             registry=r,
         )
+        self.served = Gauge(
+            "tokenscaler_scaler_served_tokens_per_second",
+            "Weighted tokens/s served over the stable window, at the last answer",
+            ["namespace", "scaledobject"],
+            registry=r,
+        )
+        self.arrived = Gauge(
+            "tokenscaler_scaler_arrived_tokens_per_second",
+            "Weighted tokens/s of arriving requests over the stable window, at the last answer "
+            "(above served while replicas are saturated)",
+            ["namespace", "scaledobject"],
+            registry=r,
+        )
         self.panic = Gauge(
             "tokenscaler_scaler_panic",
             "1 while the ScaledObject is in panic mode",

@@ -95,7 +95,15 @@ class Registry:
         ]
         for key in gone:
             state = self.objects.pop(key)
-            for gauge in (self.metrics.value, self.metrics.target, self.metrics.desired, self.metrics.panic):
+            metrics = self.metrics
+            for gauge in (
+                metrics.value,
+                metrics.target,
+                metrics.desired,
+                metrics.panic,
+                metrics.served,
+                metrics.arrived,
+            ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*key)
             self._cache = {k: v for k, v in self._cache.items() if k[1] != state.settings}
@@ -115,6 +123,8 @@ class Registry:
             self.metrics.target.labels(*labels).set(evaluation.target)
             self.metrics.desired.labels(*labels).set(evaluation.replicas)
             self.metrics.panic.labels(*labels).set(1 if evaluation.panic_active else 0)
+            self.metrics.served.labels(*labels).set(evaluation.stable.served)
+            self.metrics.arrived.labels(*labels).set(evaluation.stable.arrived)
         else:
             state.last_active = active
 

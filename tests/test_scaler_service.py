@@ -82,6 +82,11 @@ async def test_demand_under_saturation_asks_for_3x(
     ):
         body = await resp.json()
     assert body["evaluation"]["rule"] == "stable-arrival"
+    async with aiohttp.ClientSession() as http, http.get(f"{scaler.http}/metrics") as resp:
+        metrics = await resp.text()
+    labels = f'namespace="{ns}",scaledobject="{name}"'
+    assert f"tokenscaler_scaler_served_tokens_per_second{{{labels}}} 1000.0" in metrics
+    assert f"tokenscaler_scaler_arrived_tokens_per_second{{{labels}}} 3000.0" in metrics
     assert body["sidecars"]["live"] == 2 and body["sidecars"]["waitingForFirstToken"] == 80
     assert body["sidecars"]["backlogGenerationTokens"] == 60000
 
