@@ -167,6 +167,13 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "auto (uvloop when installed), uvloop or asyncio",
     ),
     "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", log_level, "INFO", "logging level"),
+    "policy": c.Option(
+        "--policy",
+        "TOKEN_SCALER_POLICY",
+        c.existing_file,
+        None,
+        "policy file (YAML): max_tokens caps, budgets, rate limits, downgrades; reloaded when it changes",
+    ),
 }
 
 
@@ -195,6 +202,7 @@ class SidecarConfig:
     sidecar_id: str | None = None
     event_loop: str = "auto"
     log_level: str = "INFO"
+    policy: Path | None = None
 
     def __post_init__(self) -> None:
         # One label value is kept for "other", and a record holds at most this many.

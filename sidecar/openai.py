@@ -341,3 +341,60 @@ def error_body(message: str, type_: str, code: str) -> bytes:
         {"error": {"message": message, "type": type_, "param": None, "code": code}},
         separators=(",", ":"),
     ).encode()
+
+
+def _max_tokens_key(kind: Kind, doc: dict[str, Any]) -> str:
+    if kind is Kind.RESPONSES:
+        return "max_output_tokens"
+    if kind is Kind.CHAT and "max_completion_tokens" in doc:
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def rewritten(kind: Kind, body: bytes, *, max_tokens: int | None = None, model: str | None = None) -> bytes:
+    """The body with ``max_tokens`` (in the field the client used) and ``model`` replaced.
+
+    Chat requests that set both ``max_tokens`` and ``max_completion_tokens`` get both.
+    """
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        return body
+    if max_tokens is not None:
+        doc[_max_tokens_key(kind, doc)] = max_tokens
+        if kind is Kind.CHAT and "max_tokens" in doc and "max_completion_tokens" in doc:
+            doc["max_tokens"] = max_tokens
+    if model is not None:
+        doc["model"] = model
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def stop_event(kind: Kind, mode: str, message: str) -> bytes:
+    """The last event of a stream the sidecar ends: an error (``mode="error"``) or a finish.
+
+    An error event is what OpenAI sends when a stream fails (the SDKs raise it); a finish
+    is a last chunk with ``finish_reason: "length"``, as if ``max_tokens`` had been reached.
+    Either way the reason is in the event, and ``[DONE]`` follows for chat and completions.
+    """
+    if kind is Kind.RESPONSES:
+        if mode == "error":
+            doc: dict[str, Any] = {"type": "error", "code": "budget_exhausted", "message": message}
+            name = "error"
+        else:
+            doc = {
+                "type": "response.incomplete",
+                "response": {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}},
+                "x_tokenscaler_reason": message,
+            }
+            name = "response.incomplete"
+        return f"event: {name}\ndata: {json.dumps(doc, separators=(',', ':'))}\n\n".encode()
+    if mode == "error":
+        doc = json.loads(error_body(message, "insufficient_quota", "budget_exhausted"))
+    else:
+        obj = "chat.completion.chunk" if kind is Kind.CHAT else "text_completion"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if kind is Kind.CHAT:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        doc = {"object": obj, "choices": [choice], "x_tokenscaler_reason": message}
+    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()

@@ -27,6 +27,7 @@ from sidecar import openai
 from sidecar.meter import LabelBound, Meter, Request
 from sidecar.metrics import Metrics, Series
 from sidecar.openai import Kind, ParsedRequest, Usage
+from sidecar.policy.engine import Admission, PolicyEngine
 from sidecar.sse import Event, SSEParser
 from sidecar.tokens import TokenCounter, count_texts, prompt_tokens
 
@@ -93,6 +94,10 @@ class _Exchange:
     malformed: bool = False
     streamed: bool = False
     first_at: float | None = None
+    upstream: str | None = None  # another model server than the proxy's (a downgrade)
+    headers: dict[str, str] | None = None  # the policies' response headers
+    stream_limit: int | None = None  # generated pieces after which the stream is ended
+    cut: bool = False
 
 
 def _abort_client(request: web.Request) -> None:
@@ -119,8 +124,13 @@ class Proxy:
         max_body_bytes: int = 64 << 20,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 600.0,
+        policy: PolicyEngine | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
+        self.policy = policy
+        # Requests a downgrade sends to another model server are that server's demand, not
+        # this workload's: their counts go to a meter whose snapshots are discarded.
+        self.elsewhere = Meter()
         self.meter = meter
         self.metrics = metrics
         self.counter = counter
@@ -237,9 +247,31 @@ class Proxy:
             await response.write_eof()
             return response
 
+    def _refused(self, admission: Admission) -> web.Response:
+        rejection = admission.rejection
+        assert rejection is not None
+        self.metrics.rejected.labels(str(rejection.status)).inc()
+        response = error_response(rejection.status, rejection.message, rejection.type, rejection.code)
+        response.headers.update(rejection.headers)
+        return response
+
     async def _counted(self, request: web.Request, parsed: ParsedRequest, body: bytes) -> web.StreamResponse:
-        model = self.models(parsed.model or "unknown")
-        tenant = self.tenants(request.headers.get(self.tenant_header) or "none")
+        prompt = prompt_tokens(self.counter, parsed)
+        admission = None
+        max_tokens = parsed.max_tokens
+        meter = self.meter
+        if self.policy is None:
+            model = self.models(parsed.model or "unknown")
+            tenant = self.tenants(request.headers.get(self.tenant_header) or "none")
+        else:
+            admission = await self.policy.admit(request.headers, parsed, body, prompt)
+            if admission.rejection is not None:
+                return self._refused(admission)
+            body, max_tokens = admission.body, admission.max_tokens
+            model = self.models(admission.model or "unknown")
+            tenant = self.tenants(admission.tenant)
+            if admission.upstream is not None:
+                meter = self.elsewhere
         inject = False
         if parsed.stream and parsed.kind in openai.USAGE_OPT_IN and not parsed.wants_usage:
             asked = openai.with_usage_requested(body)
@@ -247,27 +279,41 @@ class Proxy:
                 body, inject = asked, True
         generation = 0
         if parsed.kind is not Kind.EMBEDDINGS:
-            generation = self.meter.generation_estimate(model, parsed.max_tokens, parsed.n)
-        metered = self.meter.arrive(model, tenant, prompt_tokens(self.counter, parsed), generation, parsed.n)
+            generation = meter.generation_estimate(model, max_tokens, parsed.n)
+        metered = meter.arrive(model, tenant, prompt, generation, parsed.n)
         exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant))
+        if admission is not None:
+            exchange.upstream = admission.upstream
+            exchange.headers = admission.headers
+            exchange.stream_limit = admission.stream_limit
         exchange.series.inflight.inc()
         exchange.series.waiting.inc()
         try:
-            return await self._exchange(request, body, metered, exchange)
+            return await self._exchange(request, body, metered, exchange, admission)
         except asyncio.CancelledError:
             # The client went away (aiohttp cancels the handler) or the drain timed out.
             exchange.code = CLIENT_GONE
             exchange.failed = True
             raise
         finally:
-            self._settle(metered, exchange)
+            prompt, generation = self._settle(meter, metered, exchange)
+            if admission is not None and self.policy is not None:
+                if exchange.cut:
+                    self.policy.metrics.stream_cuts.labels(tenant).inc()
+                self.policy.settle(admission, prompt, generation)
 
     async def _exchange(
-        self, request: web.Request, body: bytes, metered: Request, exchange: _Exchange
+        self,
+        request: web.Request,
+        body: bytes,
+        metered: Request,
+        exchange: _Exchange,
+        admission: Admission | None,
     ) -> web.StreamResponse:
+        url = self._url(request) if exchange.upstream is None else exchange.upstream + request.raw_path
         try:
             upstream = await self.session.post(
-                self._url(request),
+                url,
                 # Counting needs the body readable: no compression on counted endpoints.
                 headers=forward_headers(request.headers, drop=_REQUEST_DROP | {"accept-encoding"}),
                 data=body,
@@ -283,7 +329,7 @@ class Proxy:
             exchange.code = str(upstream.status)
             exchange.failed = upstream.status >= 400
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await self._stream(request, upstream, metered, exchange)
+                return await self._stream(request, upstream, metered, exchange, admission)
             return await self._complete(upstream, exchange)
 
     async def _complete(self, upstream: aiohttp.ClientResponse, exchange: _Exchange) -> web.StreamResponse:
@@ -308,6 +354,8 @@ class Proxy:
             headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
             body=body,
         )
+        if exchange.headers:
+            response.headers.update(exchange.headers)
         return response
 
     async def _stream(
@@ -316,18 +364,33 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         metered: Request,
         exchange: _Exchange,
+        admission: Admission | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
             headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
         )
+        if exchange.headers:
+            response.headers.update(exchange.headers)
         await response.prepare(request)
         exchange.streamed = True
         parser = SSEParser()
         try:
             async for data in upstream.content.iter_any():
                 out = [self._event(event, metered, exchange) for event in parser.feed(data)]
+                if exchange.cut and admission is not None:
+                    # Past its reservation: end the client's stream cleanly, and the upstream's.
+                    out.append(
+                        openai.stop_event(
+                            exchange.kind,
+                            admission.stream_mode,
+                            "token budget exhausted: the stream reached its budget reservation",
+                        )
+                    )
+                    await response.write(b"".join(out))
+                    await response.write_eof()
+                    return response
                 if out:
                     await response.write(b"".join(out))
             tail = parser.close()
@@ -348,6 +411,8 @@ class Proxy:
 
     def _event(self, event: Event, metered: Request, exchange: _Exchange) -> bytes:
         """Count one event; return the bytes the client gets for it."""
+        if exchange.cut:
+            return b""
         if event.malformed:
             exchange.malformed = True
         if event.data is None:
@@ -357,11 +422,16 @@ class Proxy:
             exchange.malformed = True
             return event.raw
         if chunk.pieces:
+            limit = exchange.stream_limit
+            if limit is not None and exchange.pieces + chunk.pieces > limit:
+                exchange.cut = True
+                return b""
             if exchange.first_at is None:
                 exchange.first_at = time.monotonic()
                 exchange.series.waiting.dec()
             exchange.pieces += chunk.pieces
-            self.meter.generated(metered, chunk.pieces)
+            meter = self.meter if exchange.upstream is None else self.elsewhere
+            meter.generated(metered, chunk.pieces)
             if self._keep_texts:
                 exchange.texts.extend(chunk.texts)
         if chunk.usage is not None:
@@ -373,7 +443,7 @@ class Proxy:
                 return openai.strip_null_usage(event.raw)
         return event.raw
 
-    def _settle(self, metered: Request, exchange: _Exchange) -> None:
+    def _settle(self, meter: Meter, metered: Request, exchange: _Exchange) -> tuple[int, int]:
         """Final counts: usage, else the fallback count; after a failure, what was served."""
         model, tenant = metered.model, metered.tenant
         series = exchange.series
@@ -389,10 +459,10 @@ class Proxy:
             self.metrics.malformed.labels(model).inc()
         usage = exchange.usage
         if usage is not None:
-            self.meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
+            meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
         elif exchange.failed:
-            self.meter.abort(metered)
+            meter.abort(metered)
             prompt, generation = metered.sp, metered.sg
         else:
             prompt = metered.prompt_estimate
@@ -400,7 +470,7 @@ class Proxy:
             # else each piece streamed counts as one token.
             by_text = self._keep_texts or not exchange.streamed
             generation = count_texts(self.counter, exchange.texts) if by_text else exchange.pieces
-            self.meter.finish(metered, prompt, generation)
+            meter.finish(metered, prompt, generation)
             method = self.counter.name if by_text else "pieces"
             self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
             self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)
@@ -418,3 +488,4 @@ class Proxy:
                 now - exchange.started,
                 "reported" if usage is not None else "estimated",
             )
+        return prompt, generation

@@ -27,6 +27,7 @@ from sidecar.config import SidecarConfig, make_sidecar_id
 from sidecar.flush import Flusher
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
+from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
 from sidecar.tokens import load_counter
 from token_scaler.errors import ConfigError
@@ -47,6 +48,8 @@ class Sidecar:
         self.metrics = Metrics(self.registry, config.rate_window_s)
         self.meter = Meter(default_generation=config.default_generation_tokens)
         self.counter = load_counter(config.tokenizer)
+        self.redis = connect(config.redis_url)
+        self.policy: PolicyEngine | None = None
         self.proxy = Proxy(
             upstream=config.upstream,
             meter=self.meter,
@@ -59,7 +62,15 @@ class Sidecar:
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
         )
-        self.redis = connect(config.redis_url)
+        if config.policy is not None:
+            self.policy = self.proxy.policy = PolicyEngine(
+                config.policy,
+                self.redis,
+                self.registry,
+                workload=config.workload,
+                tenant_header=config.tenant_header,
+                label=self.proxy.tenants,
+            )
         self.flusher = Flusher(
             self.redis,
             self.meter,
@@ -76,6 +87,7 @@ class Sidecar:
         self._proxy_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._policy_task: asyncio.Task[None] | None = None
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -125,6 +137,8 @@ class Sidecar:
         await site.start()
         self.port = _bound_port(self._proxy_runner)
         self._flush_task = asyncio.create_task(self.flusher.run())
+        if self.policy is not None:
+            self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
         log.info(
             "sidecar %s: proxy :%d -> %s, admin :%d, workload %s",
@@ -140,10 +154,13 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flush_task
+        for task in (self._flush_task, self._policy_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.policy is not None:
+            await self.policy.close(FINAL_FLUSH_TIMEOUT_S)
         delivered = await self.flusher.close(FINAL_FLUSH_TIMEOUT_S)
         if not delivered:
             log.warning("%d records not delivered to Redis at shutdown", self.flusher.buffered)

@@ -1,0 +1,508 @@
+"""The policies in the request path: one ``admit`` before forwarding, one ``settle`` after.
+
+``admit`` decides with the pure modules (identity, caps, downgrade, budgets, ratelimit)
+and makes at most one Redis round trip (``store.ADMIT``: budget reservation and rate
+limits together). ``settle`` runs after the response, off the request path: it sends the
+real usage (``store.SETTLE``); a settlement Redis does not take waits in a queue and is
+retried every tick, so no refund or charge is lost while Redis is away.
+
+Redis unreachable (an error or ``redisTimeoutMs``): for the next tick every request is
+decided without it. ``failMode: closed`` answers 503; ``failMode: open`` admits, checks
+the budget against the last usage seen plus what this sidecar admitted since, and keeps
+the real usage of those requests in the queue: when Redis is back they are charged to the
+shared budgets (reconciled). Rate limits are not enforced while Redis is away.
+
+Soft caps and budget-share downgrades act on the budget share this sidecar last saw for
+the tenant (every reply carries it): at most one request behind. The budget itself is
+exact: the reservation is atomic in Redis.
+
+Background (``run``, once a tick): the policy file is reloaded when its mtime, size or
+inode changed (a bad file keeps the policy in force, logs why and counts
+``tokenscaler_policy_reloads_total{result="error"}``); the scaler's saturation key is read
+when a downgrade rule needs it; queued settlements are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
+
+from sidecar import openai
+from sidecar.openai import Kind, ParsedRequest
+from sidecar.policy import budgets, caps, downgrade, identity, ratelimit, schema
+from sidecar.policy.metrics import PolicyMetrics
+from sidecar.policy.schema import CLOSED, MID_OFF, SHORTEN, Budget, Policy, Price, TenantPolicy
+from sidecar.policy.store import BUDGET, OK, RATE_TENANT, Admitted, Store, tenant_keys
+from token_scaler.errors import ConfigError
+from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturation_key
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 100_000
+_REDIS_ERRORS = (TimeoutError, RedisError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    status: int
+    type: str
+    code: str
+    message: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What the settlement of one admitted request needs."""
+
+    id: str
+    keys: list[str]
+    tenant: str
+    day: str
+    month: str
+    budget: Budget
+    price: Price
+    tenant_interval: float
+    model_interval: float
+    cost: int  # reserved (granted)
+    reserved: bool  # in Redis; False: admitted without it (fail-open)
+
+
+@dataclass(slots=True)
+class Admission:
+    tenant: str
+    body: bytes
+    model: str | None  # as sent upstream
+    max_tokens: int | None  # per choice, as sent upstream
+    upstream: str | None = None  # another model server (a downgrade rule's ``upstream``)
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response
+    rejection: Rejection | None = None
+    stream_limit: int | None = None  # generated pieces after which a stream is ended
+    stream_mode: str = MID_OFF
+    ticket: Ticket | None = None
+
+
+@dataclass(slots=True)
+class _Settlement:
+    ticket: Ticket
+    cost: int
+    tokens: int
+
+
+@dataclass(slots=True)
+class _Used:
+    day: str
+    month: str
+    day_used: int
+    month_used: int
+
+
+def _period_end(now: float, monthly: bool) -> float:
+    """Seconds until the budget period (UTC day or month) starts again."""
+    if not monthly:
+        return budgets.DAY_S - now % budgets.DAY_S
+    t = time.gmtime(now)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return calendar.timegm((year, month, 1, 0, 0, 0)) - now
+
+
+class PolicyEngine:
+    def __init__(
+        self,
+        path: Path,
+        client: aioredis.Redis,
+        registry: CollectorRegistry,
+        *,
+        workload: str,
+        tenant_header: str = "X-Tenant-ID",
+        label: Callable[[str], str] = str,
+        tick_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.policy: Policy = schema.load(path)  # ConfigError at start-up
+        self._stamp = self._stat()
+        self.store = Store(client)
+        self.metrics = PolicyMetrics(registry)
+        self._workload = workload
+        self._tenant_header = tenant_header
+        self._label = label
+        self._tick_s = tick_s
+        self._clock = clock
+        self._used: dict[str, _Used] = {}
+        self._local: dict[str, int] = {}  # cost admitted without Redis, not reconciled yet
+        self._pending: deque[_Settlement] = deque()
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._down = False
+        self.saturation: Saturation = NOT_SATURATED
+
+    # -- the policy file
+
+    def _stat(self) -> tuple[int, int, int]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (0, 0, 0)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self) -> bool:
+        """Load the file again if it changed; a bad file keeps the policy in force."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            policy = schema.load(self.path)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("error").inc()
+            log.error("policy reload failed, the previous policy stays in force: %s", exc)
+            return False
+        self.policy = policy
+        self.metrics.reloads.labels("ok").inc()
+        log.info("policy reloaded from %s", self.path)
+        return True
+
+    # -- admission
+
+    def _ratio(self, tenant: str, budget: Budget, day: str, month: str) -> float:
+        if not budget.enabled:
+            return 0.0
+        seen = self._used.get(tenant)
+        day_used = month_used = 0
+        if seen is not None:
+            day_used = seen.day_used if seen.day == day else 0
+            month_used = seen.month_used if seen.month == month else 0
+        local = self._local.get(tenant, 0)
+        return budgets.used_ratio(budget, day_used + local, month_used + local)
+
+    def _saw(self, tenant: str, budget: Budget, day: str, month: str, day_used: int, month_used: int) -> None:
+        if not budget.enabled:
+            return
+        self._used[tenant] = _Used(day, month, day_used, month_used)
+        self.metrics.budget_used.labels(self._label(tenant)).set(
+            budgets.used_ratio(budget, day_used, month_used)
+        )
+
+    async def admit(
+        self, headers: Mapping[str, str], parsed: ParsedRequest, body: bytes, prompt_estimate: int
+    ) -> Admission:
+        started = time.perf_counter()
+        policy = self.policy
+        tenant = identity.tenant_of(policy, headers, self._tenant_header)
+        rules = policy.tenant(tenant)
+        now = self._clock()
+        day, month = budgets.periods(now)
+        ratio = self._ratio(tenant, rules.budget, day, month)
+        soft = caps.soft_cap(rules.soft_caps, ratio) if rules.soft_caps else None
+        requested = parsed.model
+        route = None
+        if requested is not None and requested in policy.downgrades:
+            route = downgrade.decide(policy.downgrades[requested], rules, ratio, self.saturation.saturated)
+        model = route.model if route is not None else requested
+        admission = Admission(tenant, body, model, None)
+        cap = None
+        if parsed.kind is not Kind.EMBEDDINGS:
+            cap = caps.decide(rules, parsed.max_tokens, soft)
+            if cap.reject is not None:
+                self.metrics.rejections.labels(self._label(tenant), "max_tokens").inc()
+                admission.rejection = Rejection(
+                    400, "invalid_request_error", "max_tokens_above_ceiling", cap.reject
+                )
+                return admission
+        if rules.needs_redis:
+            cap = await self._reserve(admission, policy, rules, parsed, prompt_estimate, cap, soft, now)
+            if admission.rejection is not None:
+                return admission
+        changed_cap = cap is not None and cap.action != caps.UNCHANGED
+        if cap is not None:
+            admission.max_tokens = cap.max_tokens
+            if changed_cap:
+                admission.headers["x-tokenscaler-max-tokens"] = cap.header()
+                self.metrics.clamps.labels(self._label(tenant), cap.action).inc()
+            budget = rules.budget
+            if parsed.stream and budget.enabled and budget.mid_stream != MID_OFF:
+                admission.stream_limit = cap.max_tokens * parsed.n
+                admission.stream_mode = budget.mid_stream
+        if route is not None and requested is not None:
+            admission.upstream = route.upstream
+            admission.headers["x-tokenscaler-model"] = route.header(requested)
+            self.metrics.downgrades.labels(self._label(tenant), route.model, route.reason).inc()
+        if changed_cap or route is not None:
+            admission.body = openai.rewritten(
+                parsed.kind,
+                body,
+                max_tokens=cap.max_tokens if changed_cap and cap is not None else None,
+                model=route.model if route is not None else None,
+            )
+        self.metrics.check.observe(time.perf_counter() - started)
+        return admission
+
+    async def _reserve(
+        self,
+        admission: Admission,
+        policy: Policy,
+        rules: TenantPolicy,
+        parsed: ParsedRequest,
+        prompt: int,
+        cap: caps.Cap | None,
+        soft: schema.SoftCap | None,
+        now: float,
+    ) -> caps.Cap | None:
+        """Reserve the budget and pass the rate limits; sets ``admission.rejection`` when refused."""
+        tenant, model = admission.tenant, admission.model
+        budget, rate = rules.budget, rules.rate_limit
+        n = parsed.n
+        generation = cap.max_tokens * n if cap is not None else 0
+        price = policy.price(model or "")
+        cost = budgets.cost(budget, price, prompt, generation)
+        least = 0
+        if budget.on_shortfall == SHORTEN and cap is not None:
+            least = budgets.cost(budget, price, prompt, min(budget.min_tokens, cap.max_tokens) * n)
+        factor = soft.rate_factor if soft is not None else 1.0
+        tenant_limit = model_limit = None
+        if rate.tokens_per_minute is not None:
+            tenant_limit = ratelimit.Limit.of(rate.tokens_per_minute, rate.burst_seconds, factor)
+        model_tpm = rate.per_model.get(model) if model is not None else None
+        if model_tpm is not None:
+            model_limit = ratelimit.Limit.of(model_tpm, rate.burst_seconds, factor)
+        day, month = budgets.periods(now)
+        ticket = Ticket(
+            id=uuid.uuid4().hex,
+            keys=tenant_keys(policy.scope, tenant, day, month, model if model_limit else None),
+            tenant=tenant,
+            day=day,
+            month=month,
+            budget=budget,
+            price=price,
+            tenant_interval=tenant_limit.interval_ms if tenant_limit else 0.0,
+            model_interval=model_limit.interval_ms if model_limit else 0.0,
+            cost=cost,
+            reserved=True,
+        )
+        reply: Admitted | None = None
+        if not self._down:
+            try:
+                reply = await asyncio.wait_for(
+                    self.store.admit(
+                        ticket.keys,
+                        id=ticket.id,
+                        cost=cost,
+                        day_limit=budget.daily or 0,
+                        month_limit=budget.monthly or 0,
+                        least=least,
+                        tokens=prompt + generation,
+                        tenant_rate=(ticket.tenant_interval, tenant_limit.tau_ms if tenant_limit else 0.0),
+                        model_rate=(ticket.model_interval, model_limit.tau_ms if model_limit else 0.0),
+                    ),
+                    policy.redis_timeout_s,
+                )
+            except _REDIS_ERRORS as exc:
+                self._failed("admit", exc)
+        label = self._label(tenant)
+        if reply is None:
+            return self._without_redis(admission, rules, ticket, cap, now)
+        self._saw(tenant, budget, day, month, reply.day_used, reply.month_used)
+        if reply.status == BUDGET:
+            self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
+            return cap
+        if reply.status != OK:
+            limit = tenant_limit if reply.status == RATE_TENANT else model_limit
+            assert limit is not None
+            self.metrics.rejections.labels(label, "rate_limit").inc()
+            which = "" if reply.status == RATE_TENANT else f" and model {model}"
+            wait = reply.retry_after_ms
+            admission.rejection = Rejection(
+                429,
+                "tokens",
+                "rate_limit_exceeded",
+                f"Rate limit reached for tenant {tenant}{which} on tokens per min (TPM): "
+                f"Limit {limit.tokens_per_minute}. Please try again in {ratelimit.duration(wait)}.",
+                {
+                    **ratelimit.headers(limit, 0, reply.reset_ms),
+                    **ratelimit.retry_headers(wait),
+                },
+            )
+            return cap
+        for limit, reset in ((model_limit, reply.model_reset_ms), (tenant_limit, reply.reset_ms)):
+            if limit is not None:  # the tenant's limit wins when both are set
+                remaining = int((limit.tau_ms - reset) / limit.interval_ms)
+                admission.headers.update(ratelimit.headers(limit, remaining, reset))
+        ticket.cost = reply.granted
+        admission.ticket = ticket
+        if cap is not None and reply.granted < cost:
+            allowed = budgets.generation_allowed(budget, price, reply.granted, prompt, n)
+            cap = caps.shortened(cap, max(1, allowed))
+        return cap
+
+    def _refuse_budget(
+        self, admission: Admission, rules: TenantPolicy, day_used: int, month_used: int, now: float
+    ) -> None:
+        budget = rules.budget
+        monthly = budget.monthly is not None and month_used >= budget.monthly
+        period = "monthly" if monthly else "daily"
+        self.metrics.rejections.labels(self._label(admission.tenant), "budget").inc()
+        wait_s = _period_end(now, monthly)
+        admission.rejection = Rejection(
+            429,
+            "insufficient_quota",
+            "budget_exceeded",
+            f"tenant {admission.tenant} has used its {period} {budget.unit} budget",
+            {"Retry-After": str(max(1, int(wait_s)))},
+        )
+
+    def _without_redis(
+        self, admission: Admission, rules: TenantPolicy, ticket: Ticket, cap: caps.Cap | None, now: float
+    ) -> caps.Cap | None:
+        tenant = admission.tenant
+        if rules.fail_mode == CLOSED:
+            # The script may have run with its reply lost: release that reservation, if any.
+            self._queue(_Settlement(ticket, 0, 0))
+            self.metrics.rejections.labels(self._label(tenant), "redis_unavailable").inc()
+            admission.rejection = Rejection(
+                503,
+                "server_error",
+                "policy_store_unavailable",
+                "the token budget store is unreachable; try again shortly",
+                {"Retry-After": "1"},
+            )
+            return cap
+        budget = rules.budget
+        if budget.enabled and self._ratio(tenant, budget, ticket.day, ticket.month) >= 1.0:
+            seen = self._used.get(tenant)
+            self._refuse_budget(
+                admission,
+                rules,
+                seen.day_used if seen else 0,
+                (seen.month_used if seen else 0) + self._local.get(tenant, 0),
+                now,
+            )
+            return cap
+        ticket.reserved = False
+        self._local[tenant] = self._local.get(tenant, 0) + ticket.cost
+        admission.ticket = ticket
+        self.metrics.fail_open.labels(self._label(tenant)).inc()
+        return cap
+
+    # -- settlement
+
+    def settle(self, admission: Admission, prompt: int, generation: int) -> None:
+        """Settle at the real usage (0 after a failure before any token), off the request path."""
+        ticket = admission.ticket
+        if ticket is None:
+            return
+        admission.ticket = None
+        cost = budgets.cost(ticket.budget, ticket.price, prompt, generation)
+        if not ticket.reserved:
+            self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost - ticket.cost
+        settlement = _Settlement(ticket, cost, prompt + generation)
+        if self._down:
+            self._queue(settlement)
+            return
+        task = asyncio.create_task(self._send(settlement))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, settlement: _Settlement) -> bool:
+        ticket = settlement.ticket
+        try:
+            settled = await asyncio.wait_for(
+                self.store.settle(
+                    ticket.keys,
+                    id=ticket.id,
+                    cost=settlement.cost,
+                    tokens=settlement.tokens,
+                    daily=ticket.budget.daily is not None,
+                    monthly=ticket.budget.monthly is not None,
+                    tenant_interval=ticket.tenant_interval,
+                    model_interval=ticket.model_interval,
+                    unreserved=not ticket.reserved,
+                ),
+                self.policy.redis_timeout_s,
+            )
+        except _REDIS_ERRORS as exc:
+            self._failed("settle", exc)
+            self._queue(settlement)
+            return False
+        if not ticket.reserved:
+            left = self._local.get(ticket.tenant, 0) - settlement.cost
+            if left > 0:
+                self._local[ticket.tenant] = left
+            else:
+                self._local.pop(ticket.tenant, None)
+        self._saw(
+            ticket.tenant, ticket.budget, ticket.day, ticket.month, settled.day_used, settled.month_used
+        )
+        return True
+
+    def _queue(self, settlement: _Settlement) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            lost = self._pending.popleft()
+            log.error("settlement queue full: dropped the settlement of tenant %s", lost.ticket.tenant)
+        self._pending.append(settlement)
+        self.metrics.pending.set(len(self._pending))
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.metrics.redis_errors.labels(op).inc()
+        if not self._down:
+            log.warning("policy store (Redis) unreachable, deciding without it until it answers: %r", exc)
+        self._down = True
+
+    # -- background
+
+    async def tick(self) -> None:
+        self.reload()
+        timeout = self.policy.redis_timeout_s
+        client = self.store.client
+        if self._down:
+            try:
+                await asyncio.wait_for(client.ping(), max(timeout, 1.0))
+            except _REDIS_ERRORS:
+                return
+            self._down = False
+            log.info("policy store (Redis) reachable again; reconciling %d settlements", len(self._pending))
+        while self._pending and not self._down:
+            settlement = self._pending.popleft()
+            if not await self._send(settlement):
+                # _send queued it again at the back: order does not matter, each is idempotent.
+                break
+        self.metrics.pending.set(len(self._pending))
+        if self.policy.watches_saturation:
+            try:
+                raw = await asyncio.wait_for(client.get(saturation_key(self._workload)), timeout)
+            except _REDIS_ERRORS as exc:
+                self._failed("saturation", exc)
+                return
+            self.saturation = decode(raw, int(self._clock() * 1000))
+            self.metrics.saturated.set(1 if self.saturation.saturated else 0)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            try:
+                await self.tick()
+            except Exception:  # the loop must outlive any one bad tick
+                log.exception("policy tick failed")
+
+    async def close(self, timeout_s: float) -> bool:
+        """Wait for settlements in flight, then send what is queued; False if some remain."""
+        with contextlib.suppress(TimeoutError):
+            if self._tasks:
+                await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), timeout_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.tick(), timeout_s)
+        if self._pending:
+            log.warning("%d policy settlements not delivered to Redis at shutdown", len(self._pending))
+        return not self._pending

@@ -1,0 +1,76 @@
+"""The policies' Prometheus metrics, on the sidecar's registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Policy checks are a Redis round trip: tens of microseconds to a few milliseconds.
+CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
+
+
+class PolicyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.budget_used = Gauge(
+            "tokenscaler_budget_used_ratio",
+            "Share of the tenant's token budget used (the larger of daily and monthly), as last seen.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "tokenscaler_policy_rejections",
+            "Requests refused by a policy (budget, rate_limit, max_tokens, redis_unavailable).",
+            ["tenant", "reason"],
+            registry=registry,
+        )
+        self.clamps = Counter(
+            "tokenscaler_policy_clamps",
+            "Requests whose max_tokens the sidecar set: default, clamped, soft-cap, budget.",
+            ["tenant", "action"],
+            registry=registry,
+        )
+        self.downgrades = Counter(
+            "tokenscaler_policy_downgrades",
+            "Requests sent to a cheaper model (reason: budget, saturated).",
+            ["tenant", "model", "reason"],
+            registry=registry,
+        )
+        self.stream_cuts = Counter(
+            "tokenscaler_policy_stream_cuts",
+            "Streams ended by the sidecar when they passed their budget reservation.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.fail_open = Counter(
+            "tokenscaler_policy_unchecked_requests",
+            "Requests admitted without Redis (fail-open), accounted locally and reconciled later.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "tokenscaler_policy_redis_errors",
+            "Failed policy calls to Redis.",
+            ["op"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "tokenscaler_policy_pending_settlements",
+            "Settlements waiting for Redis (retried every second).",
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "tokenscaler_policy_reloads",
+            "Policy file reloads (result: ok, error; an error keeps the previous policy).",
+            ["result"],
+            registry=registry,
+        )
+        self.saturated = Gauge(
+            "tokenscaler_policy_saturated",
+            "1 while the scaler reports this workload saturated (downgrades whenSaturated apply).",
+            registry=registry,
+        )
+        self.check = Histogram(
+            "tokenscaler_policy_check_seconds",
+            "Time spent deciding a request's policies before forwarding it (Redis round trip included).",
+            buckets=CHECK_BUCKETS,
+            registry=registry,
+        )
