@@ -16,8 +16,8 @@ Soft caps and budget-share downgrades act on the budget share this sidecar last 
 the tenant (every reply carries it): at most one request behind. The budget itself is
 exact: the reservation is atomic in Redis.
 
-Background (``run``, once a tick): the policy file is reloaded when its mtime, size or
-inode changed (a bad file keeps the policy in force, logs why and counts
+Background (``run``, once a tick): the policy file is reloaded when it changed (a bad
+file keeps the policy in force, logs why and counts
 ``tokenscaler_policy_reloads_total{result="error"}``); the scaler's saturation key is read
 when a downgrade rule needs it; queued settlements are sent.
 """
@@ -28,7 +28,6 @@ import asyncio
 import calendar
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections import deque
@@ -133,8 +132,8 @@ class PolicyEngine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self._content = self._read()
         self.policy: Policy = schema.load(path)  # ConfigError at start-up
-        self._stamp = self._stat()
         self.store = Store(client)
         self.metrics = PolicyMetrics(registry)
         self._workload = workload
@@ -151,19 +150,22 @@ class PolicyEngine:
 
     # -- the policy file
 
-    def _stat(self) -> tuple[int, int, int]:
+    def _read(self) -> bytes | None:
         try:
-            st = os.stat(self.path)
+            return self.path.read_bytes()
         except OSError:
-            return (0, 0, 0)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+            return None
 
     def reload(self) -> bool:
-        """Load the file again if it changed; a bad file keeps the policy in force."""
-        stamp = self._stat()
-        if stamp == self._stamp:
+        """Load the file again if it changed; a bad file keeps the policy in force.
+
+        The content is compared, not only the mtime: an edit within the filesystem's
+        timestamp granularity, or a ConfigMap's symlink swap, is seen all the same.
+        """
+        content = self._read()
+        if content is None or content == self._content:
             return False
-        self._stamp = stamp
+        self._content = content
         try:
             policy = schema.load(self.path)
         except ConfigError as exc:
