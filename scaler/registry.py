@@ -36,6 +36,8 @@ class ScaledObjectState:
     last_value: float | None = None
     last_active: bool | None = None
     last_evaluation: Evaluation | None = None
+    # the evaluation the per-ScaledObject gauges show; most calls repeat it (one per second)
+    gauged: Evaluation | None = None
 
 
 class Registry:
@@ -119,6 +121,9 @@ class Registry:
         labels = (state.namespace, state.name)
         if active is None:
             state.last_value = evaluation.value
+            if evaluation is state.gauged:
+                return
+            state.gauged = evaluation
             self.metrics.value.labels(*labels).set(evaluation.value)
             self.metrics.target.labels(*labels).set(evaluation.target)
             self.metrics.desired.labels(*labels).set(evaluation.replicas)
