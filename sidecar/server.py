@@ -20,6 +20,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -62,10 +63,21 @@ class Sidecar:
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
         )
+        self._policy_redis: aioredis.Redis | None = None
         if config.policy is not None:
+            # A client of its own, whose requests wait for a free connection (bounded by the
+            # policy's Redis timeout) rather than fail at once when a burst takes them all.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                config.redis_url,
+                max_connections=256,
+                timeout=2.0,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+            )
+            self._policy_redis = aioredis.Redis(connection_pool=pool)
             self.policy = self.proxy.policy = PolicyEngine(
                 config.policy,
-                self.redis,
+                self._policy_redis,
                 self.registry,
                 workload=config.workload,
                 tenant_header=config.tenant_header,
@@ -166,6 +178,8 @@ class Sidecar:
             log.warning("%d records not delivered to Redis at shutdown", self.flusher.buffered)
         await self.proxy.close()
         await self.redis.aclose()
+        if self._policy_redis is not None:
+            await self._policy_redis.aclose()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

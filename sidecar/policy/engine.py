@@ -3,8 +3,9 @@
 ``admit`` decides with the pure modules (identity, caps, downgrade, budgets, ratelimit)
 and makes at most one Redis round trip (``store.ADMIT``: budget reservation and rate
 limits together). ``settle`` runs after the response, off the request path: it sends the
-real usage (``store.SETTLE``); a settlement Redis does not take waits in a queue and is
-retried every tick, so no refund or charge is lost while Redis is away.
+real usage (``store.SETTLE``, pipelined with other requests' settlements); a settlement
+Redis does not take waits in a queue and is retried every tick, so no refund or charge is
+lost while Redis is away.
 
 Redis unreachable (an error or ``redisTimeoutMs``): for the next tick every request is
 decided without it. ``failMode: closed`` answers 503; ``failMode: open`` admits, checks
@@ -44,13 +45,16 @@ from sidecar.openai import Kind, ParsedRequest
 from sidecar.policy import budgets, caps, downgrade, identity, ratelimit, schema
 from sidecar.policy.metrics import PolicyMetrics
 from sidecar.policy.schema import CLOSED, MID_OFF, SHORTEN, Budget, Policy, Price, TenantPolicy
-from sidecar.policy.store import BUDGET, OK, RATE_TENANT, Admitted, Store, tenant_keys
+from sidecar.policy.store import BUDGET, OK, RATE_TENANT, Admitted, Store, settle_args, tenant_keys
 from token_scaler.errors import ConfigError
 from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturation_key
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
+BATCH = 200  # settlements per pipeline
+# Settlements wait this long for others to share their round trip (off the request path).
+SETTLE_LINGER_S = 0.005
 _REDIS_ERRORS = (TimeoutError, RedisError, OSError)
 
 
@@ -144,7 +148,8 @@ class PolicyEngine:
         self._used: dict[str, _Used] = {}
         self._local: dict[str, int] = {}  # cost admitted without Redis, not reconciled yet
         self._pending: deque[_Settlement] = deque()
-        self._tasks: set[asyncio.Task[bool]] = set()
+        self._outbox: list[_Settlement] = []
+        self._sender: asyncio.Task[None] | None = None
         self._down = False
         self.saturation: Saturation = NOT_SATURATED
 
@@ -297,8 +302,8 @@ class PolicyEngine:
         reply: Admitted | None = None
         if not self._down:
             try:
-                reply = await asyncio.wait_for(
-                    self.store.admit(
+                async with asyncio.timeout(policy.redis_timeout_s):
+                    reply = await self.store.admit(
                         ticket.keys,
                         id=ticket.id,
                         cost=cost,
@@ -308,9 +313,7 @@ class PolicyEngine:
                         tokens=prompt + generation,
                         tenant_rate=(ticket.tenant_interval, tenant_limit.tau_ms if tenant_limit else 0.0),
                         model_rate=(ticket.model_interval, model_limit.tau_ms if model_limit else 0.0),
-                    ),
-                    policy.redis_timeout_s,
-                )
+                    )
             except _REDIS_ERRORS as exc:
                 self._failed("admit", exc)
         label = self._label(tenant)
@@ -401,7 +404,11 @@ class PolicyEngine:
     # -- settlement
 
     def settle(self, admission: Admission, prompt: int, generation: int) -> None:
-        """Settle at the real usage (0 after a failure before any token), off the request path."""
+        """Settle at the real usage (0 after a failure before any token), off the request path.
+
+        Settlements wait in an outbox that one task sends, all that are there in one
+        pipeline: under load many requests' settlements share a round trip.
+        """
         ticket = admission.ticket
         if ticket is None:
             return
@@ -413,40 +420,58 @@ class PolicyEngine:
         if self._down:
             self._queue(settlement)
             return
-        task = asyncio.create_task(self._send(settlement))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._outbox.append(settlement)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._drain())
 
-    async def _send(self, settlement: _Settlement) -> bool:
-        ticket = settlement.ticket
-        try:
-            settled = await asyncio.wait_for(
-                self.store.settle(
-                    ticket.keys,
-                    id=ticket.id,
-                    cost=settlement.cost,
-                    tokens=settlement.tokens,
-                    daily=ticket.budget.daily is not None,
-                    monthly=ticket.budget.monthly is not None,
-                    tenant_interval=ticket.tenant_interval,
-                    model_interval=ticket.model_interval,
-                    unreserved=not ticket.reserved,
-                ),
-                self.policy.redis_timeout_s,
+    @property
+    def settling(self) -> bool:
+        """Settlements are on their way to Redis."""
+        return bool(self._outbox) or (self._sender is not None and not self._sender.done())
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(SETTLE_LINGER_S)
+        while self._outbox and not self._down:
+            batch, self._outbox = self._outbox[:BATCH], self._outbox[BATCH:]
+            await self._send(batch)
+        for settlement in self._outbox:  # Redis went away meanwhile
+            self._queue(settlement)
+        self._outbox = []
+
+    async def _send(self, batch: list[_Settlement]) -> bool:
+        items = []
+        for s in batch:
+            ticket = s.ticket
+            args = settle_args(
+                id=ticket.id,
+                cost=s.cost,
+                tokens=s.tokens,
+                daily=ticket.budget.daily is not None,
+                monthly=ticket.budget.monthly is not None,
+                tenant_interval=ticket.tenant_interval,
+                model_interval=ticket.model_interval,
+                unreserved=not ticket.reserved,
             )
+            items.append((ticket.keys, args))
+        try:
+            async with asyncio.timeout(self.policy.redis_timeout_s):
+                replies = await self.store.settle_many(items)
         except _REDIS_ERRORS as exc:
             self._failed("settle", exc)
-            self._queue(settlement)
+            for settlement in batch:
+                self._queue(settlement)
             return False
-        if not ticket.reserved:
-            left = self._local.get(ticket.tenant, 0) - settlement.cost
-            if left > 0:
-                self._local[ticket.tenant] = left
-            else:
-                self._local.pop(ticket.tenant, None)
-        self._saw(
-            ticket.tenant, ticket.budget, ticket.day, ticket.month, settled.day_used, settled.month_used
-        )
+        for settlement, settled in zip(batch, replies, strict=True):
+            ticket = settlement.ticket
+            if not ticket.reserved:
+                left = self._local.get(ticket.tenant, 0) - settlement.cost
+                if left > 0:
+                    self._local[ticket.tenant] = left
+                else:
+                    self._local.pop(ticket.tenant, None)
+            self._saw(
+                ticket.tenant, ticket.budget, ticket.day, ticket.month, settled.day_used, settled.month_used
+            )
         return True
 
     def _queue(self, settlement: _Settlement) -> None:
@@ -476,9 +501,9 @@ class PolicyEngine:
             self._down = False
             log.info("policy store (Redis) reachable again; reconciling %d settlements", len(self._pending))
         while self._pending and not self._down:
-            settlement = self._pending.popleft()
-            if not await self._send(settlement):
-                # _send queued it again at the back: order does not matter, each is idempotent.
+            batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            if not await self._send(batch):
+                # _send queued them again at the back: order does not matter, each is idempotent.
                 break
         self.metrics.pending.set(len(self._pending))
         if self.policy.watches_saturation:
@@ -501,8 +526,8 @@ class PolicyEngine:
     async def close(self, timeout_s: float) -> bool:
         """Wait for settlements in flight, then send what is queued; False if some remain."""
         with contextlib.suppress(TimeoutError):
-            if self._tasks:
-                await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), timeout_s)
+            if self._sender is not None:
+                await asyncio.wait_for(asyncio.shield(self._sender), timeout_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.tick(), timeout_s)
         if self._pending:

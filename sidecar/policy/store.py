@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from token_scaler.record import KEY_PREFIX
 
@@ -199,33 +200,49 @@ class Store:
         )
         return Admitted(*(int(x) for x in reply))
 
-    async def settle(
-        self,
-        keys: list[str],
-        *,
-        id: str,
-        cost: int,
-        tokens: int,
-        daily: bool,
-        monthly: bool,
-        tenant_interval: float,
-        model_interval: float,
-        unreserved: bool,
-    ) -> Settled:
-        reply = await self._settle(
-            keys=keys,
-            args=[
-                id,
-                cost,
-                tokens,
-                int(daily),
-                int(monthly),
-                repr(tenant_interval),
-                repr(model_interval),
-                int(unreserved),
-                DAY_TTL_S,
-                MONTH_TTL_S,
-            ],
-        )
-        applied, day, month = (int(x) for x in reply)
-        return Settled(applied, day, month)
+    async def settle_many(self, items: list[tuple[list[str], list[object]]]) -> list[Settled]:
+        """Settle several reservations in one round trip (a pipeline of ``SETTLE`` calls).
+
+        Each item is (keys, ``settle_args(...)``). A pipeline would check that the script
+        is loaded with an extra round trip every time; instead the rare ``NOSCRIPT`` (a
+        restarted or flushed Redis) loads it and sends the batch again: settling twice is
+        harmless, the script is idempotent.
+        """
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in items:
+                pipe.execute_command("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                self._settle.sha = await self.client.script_load(SETTLE)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return [Settled(*(int(x) for x in reply)) for reply in replies]
+        raise AssertionError("unreachable")
+
+
+def settle_args(
+    *,
+    id: str,
+    cost: int,
+    tokens: int,
+    daily: bool,
+    monthly: bool,
+    tenant_interval: float,
+    model_interval: float,
+    unreserved: bool,
+) -> list[object]:
+    return [
+        id,
+        cost,
+        tokens,
+        int(daily),
+        int(monthly),
+        repr(tenant_interval),
+        repr(model_interval),
+        int(unreserved),
+        DAY_TTL_S,
+        MONTH_TTL_S,
+    ]

@@ -62,7 +62,7 @@ async def settled(sidecar: Sidecar) -> None:
     """Wait for the settlements in flight (they run after the response)."""
     assert sidecar.policy is not None
     for _ in range(200):
-        if not sidecar.policy._tasks:
+        if not sidecar.policy.settling:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("settlements never finished")
@@ -232,6 +232,7 @@ async def test_rate_limit_headers_and_429(
         # passes only when the limit is full, so the second one waits for the first's 18 real
         # tokens (13 reserved, corrected at settlement) to drain: 1.8 s.
         await client.chat.completions.create(model="big", messages=MESSAGES, max_tokens=1)
+        await settled(sidecar)
         with pytest.raises(openai.RateLimitError) as info:
             await client.chat.completions.create(model="big", messages=MESSAGES, max_tokens=1)
         assert "model big" in info.value.message

@@ -1,0 +1,204 @@
+"""What the policies cost a request: the same sidecar with ``--policy`` and without, same run.
+
+    python -m bench.policy_bench                # ~1 minute, loopback only
+
+Processes: the fake upstream, a private Redis, and two sidecars: one without a policy, one
+with every per-request check on (max_tokens cap, daily and monthly budget reserved and
+settled, a tenant and a per-model rate limit; limits high enough that nothing is refused).
+Non-streamed chat at a fixed open-loop rate, rounds interleaved between the two. Reported:
+latency p50/p99 of each and the difference, and the sidecar's own measure of the policy
+check (``tokenscaler_policy_check_seconds``: decisions plus the Redis round trip).
+Results: bench/results/policy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench._common import cpu_seconds, percentiles, redis_for_bench, save
+from bench.sidecar_bench import CHAT, open_loop, wait_http
+from token_scaler.redis_conn import free_port
+
+POLICY = {
+    "scope": "bench",
+    "defaults": {
+        "maxTokens": {"default": 64, "ceiling": 1024},
+        "budget": {"daily": 10**12, "monthly": 10**13},
+        "rateLimit": {"tokensPerMinute": 10**10, "perModel": {"bench": 10**10}},
+    },
+}
+
+
+def histogram_quantile(text: str, name: str, q: float) -> float | None:
+    """A quantile of a Prometheus histogram from /metrics text (upper bound of its bucket)."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    for bound, count in buckets:
+        if count >= q * total:
+            return bound
+    return None
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def bench(
+    args: argparse.Namespace, targets: dict[str, str], admin_on: str, pids: dict[str, int]
+) -> dict[str, Any]:
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    cpu = dict.fromkeys(targets, 0.0)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+        for url in targets.values():
+            await open_loop(session, url, args.rate, 1)  # warm up
+        async with session.get(admin_on + "/metrics") as response:
+            before = await response.text()
+        for _ in range(args.rounds):
+            for name, url in targets.items():
+                before_cpu = cpu_seconds(pids[name])
+                latencies[name] += await open_loop(session, url, args.rate, args.seconds / args.rounds)
+                cpu[name] += cpu_seconds(pids[name]) - before_cpu
+        async with session.get(admin_on + "/metrics") as response:
+            metrics = await response.text()
+    result: dict[str, Any] = {"rate_per_s": args.rate, "args": vars(args)}
+    for name, samples in latencies.items():
+        result[name] = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+        result[name]["cpu_s_per_1000_requests"] = round(cpu[name] / len(samples) * 1000, 3)
+    result["added_ms"] = {
+        p: round(result["policy"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
+    }
+    count = sample(metrics, "tokenscaler_policy_check_seconds_count") - sample(
+        before, "tokenscaler_policy_check_seconds_count"
+    )
+    total = sample(metrics, "tokenscaler_policy_check_seconds_sum") - sample(
+        before, "tokenscaler_policy_check_seconds_sum"
+    )
+    result["check"] = {
+        "n": count,
+        "mean_ms": round(total / count * 1000, 3) if count else None,
+        "p50_bucket_ms": (histogram_quantile(metrics, "tokenscaler_policy_check_seconds", 0.5) or 0) * 1000,
+        "p99_bucket_ms": (histogram_quantile(metrics, "tokenscaler_policy_check_seconds", 0.99) or 0) * 1000,
+    }
+    return result
+
+
+async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str, float]:
+    """``admit`` alone, in this process, one request at a time: the check without the proxy's load."""
+    from prometheus_client import CollectorRegistry
+
+    from sidecar import openai
+    from sidecar.policy import PolicyEngine
+    from token_scaler.redis_conn import connect
+
+    body = json.dumps({**CHAT, "max_tokens": 16}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    client = connect(redis_url)
+    engine = PolicyEngine(policy, client, CollectorRegistry(), workload="bench/llm")
+    headers = {"X-Tenant-ID": "isolated"}
+    samples = []
+    for i in range(count + 300):
+        began = time.perf_counter()
+        admission = await engine.admit(headers, parsed, body, 100)
+        if i >= 300:
+            samples.append(time.perf_counter() - began)
+        engine.settle(admission, 100, 16)
+        await asyncio.sleep(0)
+    await engine.close(5)
+    await client.aclose()
+    return {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=float, default=200, help="non-streamed requests per second")
+    parser.add_argument("--seconds", type=float, default=24, help="seconds of load per target")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    args = parser.parse_args()
+    redis_url, server = redis_for_bench()
+    tmp = Path(tempfile.mkdtemp(prefix="policy-bench-"))
+    policy = tmp / "policy.yaml"
+    policy.write_text(yaml.safe_dump(POLICY))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        up = free_port()
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "bench.sidecar_bench", "--serve-upstream", str(up)])
+        )
+        wait_http(f"http://127.0.0.1:{up}/metrics", procs[-1], "the upstream")
+        targets: dict[str, str] = {}
+        admins: dict[str, str] = {}
+        pids: dict[str, int] = {}
+        for name, extra in (("no-policy", []), ("policy", ["--policy", str(policy)])):
+            port, admin = free_port(), free_port()
+            env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
+            argv = [
+                sys.executable, "-m", "token_scaler.cli", "sidecar", "--upstream", f"http://127.0.0.1:{up}",
+                "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
+                "--shutdown-delay", "0", "--log-level", "WARNING", *extra,
+            ]  # fmt: skip
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
+            wait_http(f"http://127.0.0.1:{admin}/readyz", procs[-1], name)
+            targets[name] = f"http://127.0.0.1:{port}"
+            pids[name] = procs[-1].pid
+            admins[name] = f"http://127.0.0.1:{admin}"
+        result = asyncio.run(bench(args, targets, admins["policy"], pids))
+        for proc in procs[1:]:  # the sidecars' CPU is no longer needed
+            proc.terminate()
+            proc.wait(timeout=20)
+        import uvloop
+
+        result["check_isolated"] = uvloop.run(isolated(redis_url, policy))
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=20)
+        if server is not None:
+            server.stop()
+    print(f"non-streamed chat at {args.rate}/s, {args.rounds} interleaved rounds (latency ms)")
+    for name in targets:
+        row = result[name]
+        print(
+            f"  {name:10} p50 {row['p50']:7.3f}  p90 {row['p90']:7.3f}  p99 {row['p99']:7.3f}  n={row['n']}"
+        )
+    added = result["added_ms"]
+    print(f"  policies add: p50 {added['p50']:+.3f}  p90 {added['p90']:+.3f}  p99 {added['p99']:+.3f}")
+    check = result["check"]
+    print(
+        f"  the check itself (decisions + one Redis round trip), n={check['n']:.0f}: mean "
+        f"{check['mean_ms']} ms, p50 <= {check['p50_bucket_ms']:g} ms, p99 <= {check['p99_bucket_ms']:g} ms"
+    )
+    alone = result["check_isolated"]
+    print(
+        f"  admit alone (in-process, sequential, same Redis): p50 {alone['p50']:.3f}  p90 {alone['p90']:.3f}"
+        f"  p99 {alone['p99']:.3f} ms  n={alone['n']}"
+    )
+    print(f"saved {save('policy', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
