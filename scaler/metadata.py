@@ -29,6 +29,7 @@ class ScalerSettings:
     panic_threshold: float = 2.0
     activation_tokens_per_second: float = 0.0
     model: str | None = None
+    max_replicas: int = 0
 
     @property
     def target(self) -> float:
@@ -51,6 +52,10 @@ KEYS: dict[str, tuple[str, str]] = {
     "panicThreshold": ("panic when the short-window rate >= this x the stable rate, a number > 1", "2.0"),
     "activationTokensPerSecond": ("IsActive is true above this weighted rate, a number >= 0", "0"),
     "model": ("count only this model's tokens (the request's `model`)", "all models"),
+    "maxReplicas": (
+        "the ScaledObject's maxReplicaCount (KEDA does not forward it), a whole number >= 0; 0 = unknown",
+        "0",
+    ),
 }
 
 
@@ -126,6 +131,9 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         panic_window = window // 2
     panic_threshold = number("panicThreshold", 2.0, lambda v: v > 1)
     activation = number("activationTokensPerSecond", 0.0, lambda v: v >= 0)
+    max_replicas = 0
+    if "maxReplicas" in metadata:
+        max_replicas = _whole("maxReplicas", metadata["maxReplicas"], 0, 100_000, allowed("maxReplicas"))
     model = metadata.get("model")
     if model is not None and not model.strip():
         raise MetadataError("model", model, "expected a model name (leave the key out to count all models)")
@@ -140,4 +148,5 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         panic_threshold=panic_threshold,
         activation_tokens_per_second=activation,
         model=model,
+        max_replicas=max_replicas,
     )

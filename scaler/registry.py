@@ -21,6 +21,7 @@ from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
 from scaler.window import TENANT_WINDOW_S, Evaluation, evaluate
 from token_scaler.pricing import PriceTable
+from token_scaler.saturation import DEMAND, MAX_REPLICAS, Saturation
 
 METRIC_NAME = "token-demand"
 
@@ -86,6 +87,23 @@ class Registry:
             self._cache[cache_key] = (second, series.past_version, evaluation)
         state.last_evaluation = evaluation
         return evaluation
+
+    async def saturation(self) -> dict[str, Saturation]:
+        """The saturation signal of every workload asked about, for the sidecars' downgrade rules.
+
+        A workload is saturated when the replicas its demand asks for reach ``maxReplicas``
+        (when the metadata gives it), or when tokens arrive faster than they are served
+        (> 1.1x over the stable window: the replicas serve all they can and a queue grows).
+        Several ScaledObjects of one workload (one per model, say): saturated if any is.
+        """
+        out: dict[str, Saturation] = {}
+        for state in list(self.objects.values()):
+            evaluation = await self.evaluate(state)
+            signal = saturation_of(state.settings, evaluation)
+            current = out.get(state.settings.workload)
+            if current is None or (signal.saturated and not current.saturated):
+                out[state.settings.workload] = signal
+        return out
 
     def forget_idle(self, idle_s: float) -> list[tuple[str, str]]:
         """Forget ScaledObjects KEDA has not asked about for ``idle_s`` (deleted, or moved to
@@ -219,6 +237,16 @@ class Registry:
                 "reason": evaluation.reason,
             }
         return out
+
+
+def saturation_of(settings: ScalerSettings, evaluation: Evaluation) -> Saturation:
+    at_max = settings.max_replicas > 0 and evaluation.replicas >= settings.max_replicas
+    stable = evaluation.stable
+    queueing = stable.served > 0 and stable.arrived > 1.1 * stable.served
+    reason = MAX_REPLICAS if at_max else DEMAND if queueing else ""
+    return Saturation(
+        at_max or queueing, reason, evaluation.replicas, settings.max_replicas, evaluation.second * 1000
+    )
 
 
 def _iso(t: float) -> str:

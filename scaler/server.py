@@ -20,6 +20,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
@@ -27,10 +28,12 @@ from scaler.config import ScalerConfig
 from scaler.cost import CostCollector
 from scaler.debug import make_app
 from scaler.metrics import ScalerMetrics
-from scaler.reader import StreamReader
+from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
 from token_scaler.redis_conn import connect
+from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
+from token_scaler.saturation import saturation_key
 
 log = logging.getLogger("token_scaler.scaler")
 
@@ -99,6 +102,7 @@ class ScalerServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._watch_health()))
         self._tasks.append(asyncio.create_task(self._forget_idle()))
+        self._tasks.append(asyncio.create_task(self._publish_saturation()))
         self.ready["serving"] = True
         log.info(
             "serving ExternalScaler on %s:%d (%s), debug HTTP on %s:%d, reading %s",
@@ -126,6 +130,25 @@ class ScalerServer:
                 serving = fresh
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.shutdown.wait(), 0.5)
+
+    async def _publish_saturation(self) -> None:
+        """Once a second, the saturation signal of each workload for its sidecars
+        (token_scaler/saturation.py). Every scaler replica writes the same value; while the
+        data is stale nothing is written, and the key's TTL turns the signal off."""
+        while not self.shutdown.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), 1.0)
+            if not self.registry.objects or not self.reader.fresh():
+                continue
+            try:
+                signals = await self.registry.saturation()
+                pipe = self.redis.pipeline(transaction=False)
+                for workload, signal in signals.items():
+                    pipe.set(saturation_key(workload), signal.encode(), px=SATURATION_TTL_MS)
+                await pipe.execute()
+            except (RedisError, RedisUnavailable, OSError) as exc:
+                self.metrics.redis_errors.labels("saturation").inc()
+                log.debug("saturation signal not written: %s", exc)
 
     async def _forget_idle(self) -> None:
         while not self.shutdown.is_set():

@@ -37,6 +37,7 @@ def test_every_key() -> None:
             "panicThreshold": "3",
             "activationTokensPerSecond": "5",
             "model": "llama-3-8b",
+            "maxReplicas": "12",
         },
         "ns",
         "so",
@@ -68,6 +69,7 @@ def test_every_documented_key_is_parsed() -> None:
         "panicThreshold",
         "activationTokensPerSecond",
         "model",
+        "maxReplicas",
     }
 
 
@@ -96,6 +98,8 @@ def test_short_window_shrinks_the_default_panic_window() -> None:
         ("activationTokensPerSecond", "-1", ">= 0"),
         ("model", " ", "model name"),
         ("workload", "no-slash", "<namespace>/<name>"),
+        ("maxReplicas", "-1", "whole number >= 0"),
+        ("maxReplicas", "ten", "whole number >= 0"),
         ("workload", "NS/Upper", "<namespace>/<name>"),
     ],
 )

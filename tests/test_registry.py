@@ -4,6 +4,7 @@ that land in seconds already answered."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -55,3 +56,25 @@ async def test_idle_scaled_objects_and_their_streams_are_forgotten() -> None:
     assert list(registry.objects) == [("ns", "b")] and list(reader.series) == ["ns/b"]
     (family,) = reader.metrics.value.collect()
     assert [sample.labels["scaledobject"] for sample in family.samples] == ["b"]
+
+
+def test_saturation_of() -> None:
+    from scaler.metadata import ScalerSettings
+    from scaler.registry import saturation_of
+    from scaler.window import Rates, evaluate
+
+    series = WorkloadSeries()
+    for i in range(30):
+        ts = (1_800_000_000 + i) * 1000 + 500
+        counts = ModelCounts(0, 1000, 0, 1000, 0, 0, 0, 0, 0)
+        series.add(Record("a", i, ts, 1000, {"m": counts}), f"{ts}-0")
+    settings = ScalerSettings("ns/llm", 100.0, headroom=1.0)
+    evaluation = evaluate(series, settings, (1_800_000_000 + 30) * 1000)
+    assert evaluation.replicas == 10
+    assert not saturation_of(settings, evaluation).saturated  # arrivals == served, no ceiling
+    capped = ScalerSettings("ns/llm", 100.0, headroom=1.0, max_replicas=10)
+    signal = saturation_of(capped, evaluation)
+    assert signal.saturated and signal.reason == "max-replicas" and (signal.desired, signal.max) == (10, 10)
+    queueing = Rates(30, 0, 1000, 0, 1200, 0, 1000, 1200)
+    signal = saturation_of(settings, replace(evaluation, stable=queueing))
+    assert signal.saturated and signal.reason == "demand"

@@ -17,6 +17,8 @@ from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from tests.keda import FakeSidecar, KedaClient
 from token_scaler.record import stream_key
+from token_scaler.saturation import decode as decode_saturation
+from token_scaler.saturation import saturation_key
 
 
 class Running:
@@ -262,3 +264,23 @@ async def test_stream_metric_spec(redis_url: str, workload: str) -> None:
     assert await asyncio.wait_for(call.read(), 5) == grpc.aio.EOF
     assert await call.code() == grpc.StatusCode.OK
     await running.channel.close()
+
+
+async def test_saturation_signal_for_the_sidecars(
+    scaler: Running, sync_redis: redis.Redis, workload: str
+) -> None:
+    ns, name = workload.split("/")
+    for pod in ("pod-a", "pod-b"):  # saturated: 3x the served rate arrives
+        history(FakeSidecar(sync_redis, workload, pod), 30, sg=500, ag=1500)
+    await scaler.keda.poll(
+        ns, name, {"tokensPerSecondPerReplica": "500", "headroom": "1", "maxReplicas": "4"}
+    )
+    raw = None
+    for _ in range(40):  # published once a second
+        raw = sync_redis.get(saturation_key(workload))
+        if raw is not None:
+            break
+        await asyncio.sleep(0.1)
+    signal = decode_saturation(raw, FakeSidecar(sync_redis, workload, "x").now_ms())
+    assert signal.saturated and signal.reason == "max-replicas" and signal.desired == 6 and signal.max == 4
+    assert 0 < sync_redis.pttl(saturation_key(workload)) <= 30_000
