@@ -21,13 +21,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
-from token_scaler.record import APPEND_SCRIPT, Record, append_args, seq_key, stream_key
+from token_scaler.errors import RecordError
+from token_scaler.record import APPEND_SCRIPT, Record, append_args, decode, seq_key, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +194,23 @@ class Flusher:
         except TimeoutError:
             log.warning("Redis did not take the last %d records before shutdown", len(self._buffer))
             return False
+
+
+async def recent_generation_means(
+    client: aioredis.Redis, workload: str, entries: int = 300, min_requests: int = 5
+) -> dict[str, float]:
+    """Generated tokens per ended request, per model, over the workload's newest stream
+    entries (all its sidecars): the seed of a new sidecar's estimates. Entries that do not
+    decode are skipped; models with fewer than ``min_requests`` ended requests are left out."""
+    rows: Any = await client.xrevrange(stream_key(workload), count=entries)
+    generated: dict[str, int] = {}
+    ended: dict[str, int] = {}
+    for _entry_id, fields in rows:
+        try:
+            record = decode(fields)
+        except RecordError:
+            continue
+        for model, counts in record.models.items():
+            generated[model] = generated.get(model, 0) + counts.served_generation
+            ended[model] = ended.get(model, 0) + counts.requests
+    return {m: max(0, generated[m]) / ended[m] for m in ended if ended[m] >= min_requests}

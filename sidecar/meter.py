@@ -20,6 +20,7 @@ a failure or a client disconnect what had been served by then.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from token_scaler.record import ModelCounts, TenantCounts
@@ -82,6 +83,16 @@ class Meter:
         if counts is None:
             counts = per_model[request.model] = TenantCounts()
         return counts
+
+    def seed_generation_means(self, means: Mapping[str, float]) -> None:
+        """Start from the workload's recent means (read from its stream at start-up) instead
+        of the default, for models this sidecar has not yet seen a request of: a new replica
+        then estimates arrivals like its peers, instead of over-reporting demand after each
+        scale-up."""
+        for name, mean in means.items():
+            model = self._model(name)
+            if model.mean_generation is None and mean >= 0:
+                model.mean_generation = mean
 
     def generation_estimate(self, model: str, max_tokens: int | None, n: int = 1) -> int:
         """n x min(max_tokens, the model's recent mean per choice), or the mean alone."""

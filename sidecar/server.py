@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.exceptions import RedisError
 
 from sidecar.config import SidecarConfig, make_sidecar_id
-from sidecar.flush import Flusher
+from sidecar.flush import Flusher, recent_generation_means
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
 from sidecar.policy import PolicyEngine
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Time the final flush gets after the drain, whatever the drain took.
 FINAL_FLUSH_TIMEOUT_S = 5.0
+# How long start-up waits in the background for the stream's generation means.
+SEED_TIMEOUT_S = 2.0
 
 
 class Sidecar:
@@ -99,6 +102,7 @@ class Sidecar:
         self._proxy_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._seed_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
 
     def _proxy_app(self) -> web.Application:
@@ -149,6 +153,7 @@ class Sidecar:
         await site.start()
         self.port = _bound_port(self._proxy_runner)
         self._flush_task = asyncio.create_task(self.flusher.run())
+        self._seed_task = asyncio.create_task(self._seed_estimates())
         if self.policy is not None:
             self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
@@ -161,12 +166,25 @@ class Sidecar:
             self.config.workload,
         )
 
+    async def _seed_estimates(self) -> None:
+        """Seed the meter's generation estimates from the workload's stream; best effort."""
+        try:
+            means = await asyncio.wait_for(
+                recent_generation_means(self.redis, self.config.workload), SEED_TIMEOUT_S
+            )
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.info("no generation estimates from the stream (%s); starting from the default", exc)
+            return
+        self.meter.seed_generation_means(means)
+        if means:
+            log.info("generation estimates from the stream: %s", {m: round(v, 1) for m, v in means.items()})
+
     async def stop(self) -> None:
         self.ready = False
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
-        for task in (self._flush_task, self._policy_task):
+        for task in (self._flush_task, self._policy_task, self._seed_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
