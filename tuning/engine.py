@@ -265,6 +265,11 @@ class _Sim:
 
     def _new_pod(self, t: float) -> Pod:
         pod = Pod(f"pod-{len(self.pods)}", len(self.pods), self.p, self.r, t)
+        # A new sidecar seeds its generation estimate from the workload's stream
+        # (sidecar.flush.recent_generation_means): here, the running pods' means.
+        means = [p.mean_generation for p in self.live if p.mean_generation is not None]
+        if means:
+            pod.mean_generation = sum(means) / len(means)
         self.pods.append(pod)
         self.live.append(pod)
         return pod

@@ -35,15 +35,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sidecar.meter import DEFAULT_EWMA_ALPHA, DEFAULT_GENERATION_ESTIMATE
 from token_scaler.record import ModelCounts
 from tuning.errors import ProfileFileError
 
 PROFILE_KIND = "token-scaler/replica-profile"
 PROFILE_VERSION = 1
 # The sidecar's estimate of generated tokens before it has seen a request end, and the
-# weight of the newest request in its running mean (sidecar/meter.py).
-GENERATION_ESTIMATE = 256
-ESTIMATE_ALPHA = 0.1
+# weight of the newest request in its running mean: the sidecar's own constants.
+GENERATION_ESTIMATE = DEFAULT_GENERATION_ESTIMATE
+ESTIMATE_ALPHA = DEFAULT_EWMA_ALPHA
 _EPS = 1e-6
 
 # Request status codes in the simulation's per-request arrays.
