@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,3 +78,20 @@ def totals(records: list[Record]) -> dict[str, int]:
             for key, value in zip(keys, counts.as_list()[:5], strict=True):
                 out[key] += value
     return out
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path, workload: str, redis_url: str) -> Iterator[Path]:
+    """Where the test writes its policy; it uses a scope of its own, whose keys are removed after."""
+    yield tmp_path / "policy.yaml"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"tokenscaler:v1:{{policy:{scope(workload)}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def scope(workload: str) -> str:
+    return workload.split("/")[0]

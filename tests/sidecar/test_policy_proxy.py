@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import yaml
 
 from sidecar.policy.identity import key_digest
 from sidecar.server import Sidecar
-from tests.sidecar.conftest import StartSidecar, read_records, totals
+from tests.sidecar.conftest import StartSidecar, read_records, scope, totals
 from tests.sidecar.fake_upstream import FakeUpstream
 from token_scaler.redis_conn import LocalRedis
 from token_scaler.saturation import Saturation, saturation_key
@@ -25,23 +24,6 @@ MESSAGES = [{"role": "user", "content": "Say something long about tokens."}]
 def write_policy(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-@pytest.fixture
-def policy_file(tmp_path: Path, workload: str, redis_url: str) -> Iterator[Path]:
-    """Where the test writes its policy; it uses a scope of its own, whose keys are removed after."""
-    yield tmp_path / "policy.yaml"
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"tokenscaler:v1:{{policy:{scope(workload)}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-def scope(workload: str) -> str:
-    return workload.split("/")[0]
 
 
 def sdk(sidecar: Sidecar, tenant: str | None = None, api_key: str = "k") -> openai.AsyncOpenAI:
