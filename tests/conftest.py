@@ -73,9 +73,14 @@ def workload(redis_url: str) -> Iterator[str]:
     """A workload name of this test's own; its keys are deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:10]}/llm"
     yield name
+    delete_keys(redis_url, f"{KEY_PREFIX}:{{{name}}}*")
+
+
+def delete_keys(redis_url: str, pattern: str) -> None:
+    """Remove what a test left in Redis under ``pattern``."""
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{KEY_PREFIX}:{{{name}}}*", count=1000))
+        keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)
     finally:

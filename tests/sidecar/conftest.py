@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
+from tests.conftest import delete_keys
 from tests.sidecar.fake_upstream import FakeUpstream
-from token_scaler.record import Record, decode, stream_key
+from token_scaler.record import KEY_PREFIX, Record, decode, stream_key
 
 
 @pytest.fixture
@@ -84,13 +85,7 @@ def totals(records: list[Record]) -> dict[str, int]:
 def policy_file(tmp_path: Path, workload: str, redis_url: str) -> Iterator[Path]:
     """Where the test writes its policy; it uses a scope of its own, whose keys are removed after."""
     yield tmp_path / "policy.yaml"
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"tokenscaler:v1:{{policy:{scope(workload)}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_keys(redis_url, f"{KEY_PREFIX}:{{policy:{scope(workload)}:*")
 
 
 def scope(workload: str) -> str:
