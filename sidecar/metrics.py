@@ -112,6 +112,12 @@ class Metrics:
             ["code"],
             registry=registry,
         )
+        self.upstream_retries = Counter(
+            "tokenscaler_upstream_retries",
+            "Upstream requests sent again because the server closed a kept-alive connection "
+            "without answering.",
+            registry=registry,
+        )
         self.flush_records = Counter(
             "tokenscaler_flush_records",
             "Stream records delivered to Redis (added: stored; duplicate: already stored).",

@@ -199,6 +199,30 @@ class Proxy:
     def _url(self, request: web.Request) -> str:
         return self.upstream + request.raw_path
 
+    async def _send(
+        self, method: str, url: str, headers: CIMultiDict[str], data: object
+    ) -> aiohttp.ClientResponse:
+        """The upstream request, retried once when the server closed the connection without
+        answering: a model server that closes a kept-alive connection while still advertising
+        keep-alive (llama.cpp's server after a stream) leaves a dead connection in the pool,
+        and a request sent on it fails before the server read it. A body still streaming from
+        the client cannot be sent twice, so those are not retried."""
+        for attempt in (1, 2):
+            try:
+                return await self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    skip_auto_headers=_SKIP_AUTO,
+                    allow_redirects=False,
+                )
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 2 or not (data is None or isinstance(data, bytes)):
+                    raise
+                self.metrics.upstream_retries.inc()
+        raise AssertionError("unreachable")
+
     def _upstream_error(self, exc: BaseException) -> web.Response:
         if isinstance(exc, asyncio.TimeoutError):
             status, message, code = 504, "the model server did not answer in time", "upstream_timeout"
@@ -217,14 +241,7 @@ class Proxy:
             headers = forward_headers(request.headers, drop=_REQUEST_DROP)
             data = body
         try:
-            upstream = await self.session.request(
-                request.method,
-                self._url(request),
-                headers=headers,
-                data=data,
-                skip_auto_headers=_SKIP_AUTO,
-                allow_redirects=False,
-            )
+            upstream = await self._send(request.method, self._url(request), headers, data)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return self._upstream_error(exc)
         async with upstream:
@@ -312,14 +329,9 @@ class Proxy:
     ) -> web.StreamResponse:
         url = self._url(request) if exchange.upstream is None else exchange.upstream + request.raw_path
         try:
-            upstream = await self.session.post(
-                url,
-                # Counting needs the body readable: no compression on counted endpoints.
-                headers=forward_headers(request.headers, drop=_REQUEST_DROP | {"accept-encoding"}),
-                data=body,
-                skip_auto_headers=_SKIP_AUTO,
-                allow_redirects=False,
-            )
+            # Counting needs the body readable: no compression on counted endpoints.
+            headers = forward_headers(request.headers, drop=_REQUEST_DROP | {"accept-encoding"})
+            upstream = await self._send("POST", url, headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             response = self._upstream_error(exc)
             exchange.code = str(response.status)

@@ -1,0 +1,82 @@
+"""An upstream that drops a kept-alive connection without answering (llama.cpp's server does,
+after a stream, while still advertising keep-alive): the sidecar sends the request again on a
+fresh connection instead of answering 502."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from tests.sidecar.conftest import StartSidecar
+
+BODY = json.dumps(
+    {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+).encode()
+
+
+class DroppingServer:
+    """Answers the first request of each connection with keep-alive, then closes the
+    connection when the next request arrives on it, without a byte of answer."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.decode().split("\r\n"):
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                await reader.readexactly(length)
+                if served:
+                    break  # the dead kept-alive connection: close without answering
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                    b"Keep-Alive: timeout=5, max=100\r\nContent-Length: "
+                    + str(len(BODY)).encode()
+                    + b"\r\n\r\n"
+                    + BODY
+                )
+                await writer.drain()
+                served += 1
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_dropped_kept_alive_connection_is_retried_once(start_sidecar: StartSidecar) -> None:
+    upstream = DroppingServer()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.post(
+                    f"http://127.0.0.1:{sidecar.port}/v1/chat/completions", json=body
+                ) as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["usage"]["total_tokens"] == 4
+        assert upstream.answered == 3 and upstream.connections == 3
+        retries = sidecar.registry.get_sample_value("tokenscaler_upstream_retries_total")
+        assert retries == 2
+    finally:
+        server.close()
+        await server.wait_closed()
