@@ -217,7 +217,11 @@ class Proxy:
                     skip_auto_headers=_SKIP_AUTO,
                     allow_redirects=False,
                 )
-            except aiohttp.ServerDisconnectedError:
+            except aiohttp.ClientConnectorError:
+                raise  # no connection at all: nothing was dropped, the server is not there
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # the dead connection shows as a disconnect before the answer, or as a failed
+                # write of the request body ("Can not write request body")
                 if attempt == 2 or not (data is None or isinstance(data, bytes)):
                     raise
                 self.metrics.upstream_retries.inc()

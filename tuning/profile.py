@@ -284,7 +284,10 @@ def _shape(ns: argparse.Namespace) -> tuple[Shape, str]:
 async def _measure(ns: argparse.Namespace, shape: Shape) -> tuple[str, str, list[Step], list[Shot]]:
     base = ns.url if ns.url.endswith("/v1") else ns.url + "/v1"
     rng = random.Random(ns.seed)
-    connector = aiohttp.TCPConnector(limit=max(ns.concurrency) + 4)
+    # One connection per request: a server that closes a kept-alive connection after a stream
+    # while still advertising keep-alive (llama.cpp's) would fail the next request sent on it,
+    # and those failures are the client's, not a measure of the server.
+    connector = aiohttp.TCPConnector(limit=max(ns.concurrency) + 4, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         model = ns.model or await discover_model(session, base, ns.api_key)
         target = Target(base, model, ns.api, ns.api_key, ns.ignore_eos, ns.timeout)

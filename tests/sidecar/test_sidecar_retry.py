@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import aiohttp
+import pytest
+from multidict import CIMultiDict
 
+from sidecar.proxy import Proxy
 from tests.sidecar.conftest import StartSidecar
 
 BODY = json.dumps(
@@ -25,9 +29,11 @@ BODY = json.dumps(
 
 class DroppingServer:
     """Answers the first request of each connection with keep-alive, then closes the
-    connection when the next request arrives on it, without a byte of answer."""
+    connection: when the next request arrives on it (``at_next_request``), without a byte of
+    answer, or at once after the answer, racing the client's next request."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_next_request: bool = True) -> None:
+        self.at_next_request = at_next_request
         self.connections = 0
         self.answered = 0
 
@@ -54,6 +60,8 @@ class DroppingServer:
                 await writer.drain()
                 served += 1
                 self.answered += 1
+                if not self.at_next_request:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -80,3 +88,78 @@ async def test_a_dropped_kept_alive_connection_is_retried_once(start_sidecar: St
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_connection_closed_right_after_the_answer_never_fails_a_request(
+    start_sidecar: StartSidecar,
+) -> None:
+    upstream = DroppingServer(at_next_request=False)
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        async with aiohttp.ClientSession() as client:
+            for _ in range(50):  # back to back, as the model server's close races the next request
+                async with client.post(
+                    f"http://127.0.0.1:{sidecar.port}/v1/chat/completions", json=body
+                ) as r:
+                    assert r.status == 200, await r.text()
+        assert upstream.answered == 50
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class _Session:
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def request(self, *args: object, **kwargs: object) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "answer"
+
+
+@pytest.mark.parametrize(
+    ("failure", "body", "retried"),
+    [
+        (aiohttp.ServerDisconnectedError(), b"{}", True),
+        (aiohttp.ClientOSError(None, "Can not write request body"), b"{}", True),
+        (aiohttp.ServerDisconnectedError(), None, True),
+        (aiohttp.ServerDisconnectedError(), object(), False),  # a body still streaming in
+    ],
+)
+async def test_which_failures_are_sent_again(failure: BaseException, body: object, retried: bool) -> None:
+    session = _Session([failure])
+    fake = SimpleNamespace(session=session, metrics=SimpleNamespace(upstream_retries=Counter()))
+    if retried:
+        answer: object = await Proxy._send(fake, "POST", "http://up/v1/x", CIMultiDict(), body)
+        assert answer == "answer"
+        assert session.calls == 2 and fake.metrics.upstream_retries.n == 1
+    else:
+        with pytest.raises(type(failure)):
+            await Proxy._send(fake, "POST", "http://up/v1/x", CIMultiDict(), body)
+        assert session.calls == 1
+
+
+async def test_an_unreachable_server_and_a_second_drop_are_not_retried_again() -> None:
+    refused = aiohttp.ClientConnectorError(
+        SimpleNamespace(ssl=None, host="up", port=1), OSError(111, "refused")
+    )
+    for failures, calls in (([refused], 1), ([aiohttp.ServerDisconnectedError()] * 2, 2)):
+        session = _Session(list(failures))
+        fake = SimpleNamespace(session=session, metrics=SimpleNamespace(upstream_retries=Counter()))
+        with pytest.raises(aiohttp.ClientError):
+            await Proxy._send(fake, "POST", "http://up/v1/x", CIMultiDict(), b"{}")
+        assert session.calls == calls
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def inc(self) -> None:
+        self.n += 1
