@@ -13,6 +13,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.proxy import Proxy
+from sidecar.server import Sidecar
 from tests.sidecar.conftest import StartSidecar
 
 BODY = json.dumps(
@@ -68,47 +69,39 @@ class DroppingServer:
             writer.close()
 
 
-async def test_a_dropped_kept_alive_connection_is_retried_once(start_sidecar: StartSidecar) -> None:
-    upstream = DroppingServer()
+async def through_sidecar(start_sidecar: StartSidecar, upstream: DroppingServer, requests: int) -> Sidecar:
+    """Send ``requests`` chats back to back through a sidecar in front of ``upstream``; all
+    must be answered."""
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}")
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         async with aiohttp.ClientSession() as client:
-            for _ in range(3):
-                async with client.post(
-                    f"http://127.0.0.1:{sidecar.port}/v1/chat/completions", json=body
-                ) as r:
+            for _ in range(requests):
+                url = f"http://127.0.0.1:{sidecar.port}/v1/chat/completions"
+                async with client.post(url, json=body) as r:
                     assert r.status == 200, await r.text()
                     assert (await r.json())["usage"]["total_tokens"] == 4
-        assert upstream.answered == 3 and upstream.connections == 3
-        retries = sidecar.registry.get_sample_value("tokenscaler_upstream_retries_total")
-        assert retries == 2
+        return sidecar
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_dropped_kept_alive_connection_is_retried_once(start_sidecar: StartSidecar) -> None:
+    upstream = DroppingServer()
+    sidecar = await through_sidecar(start_sidecar, upstream, 3)
+    assert upstream.answered == 3 and upstream.connections == 3
+    assert sidecar.registry.get_sample_value("tokenscaler_upstream_retries_total") == 2
 
 
 async def test_a_connection_closed_right_after_the_answer_never_fails_a_request(
     start_sidecar: StartSidecar,
 ) -> None:
     upstream = DroppingServer(at_next_request=False)
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}")
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-        async with aiohttp.ClientSession() as client:
-            for _ in range(50):  # back to back, as the model server's close races the next request
-                async with client.post(
-                    f"http://127.0.0.1:{sidecar.port}/v1/chat/completions", json=body
-                ) as r:
-                    assert r.status == 200, await r.text()
-        assert upstream.answered == 50
-    finally:
-        server.close()
-        await server.wait_closed()
+    await through_sidecar(start_sidecar, upstream, 50)  # the close races each next request
+    assert upstream.answered == 50
 
 
 class _Session:
