@@ -77,7 +77,9 @@ async def bench(
         for _ in range(args.rounds):
             for name, url in targets.items():
                 before_cpu = cpu_seconds(pids[name])
-                latencies[name] += await open_loop(session, url, args.rate, args.seconds / args.rounds)
+                load = await open_loop(session, url, args.rate, args.seconds / args.rounds)
+                assert not load.errors, f"{name}: {dict(load.errors)}"
+                latencies[name] += load.latencies
                 cpu[name] += cpu_seconds(pids[name]) - before_cpu
         async with session.get(admin_on + "/metrics") as response:
             metrics = await response.text()
