@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from token_scaler.redis_conn import LocalRedis, answers, free_port
 
@@ -52,9 +53,9 @@ def rss_mib(pid: int) -> float:
 
 
 class Scaler:
-    """``token-scaler serve`` as a separate process, as users run it."""
+    """``token-scaler serve`` as a separate process, as users run it (benchmarks and tests)."""
 
-    def __init__(self, redis_url: str, *extra: str) -> None:
+    def __init__(self, redis_url: str, *extra: str, capture: bool = False) -> None:
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.proc = subprocess.Popen(
@@ -71,15 +72,18 @@ class Scaler:
                 str(self.http_port),
                 "--redis-url",
                 redis_url,
-                "--log-level",
-                "WARNING",
+                *(() if capture else ("--log-level", "WARNING")),
                 *extra,
             ],
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.STDOUT if capture else None,
         )
         deadline = time.monotonic() + 30
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the scaler did not start")
+                output = self.proc.stdout.read().decode() if capture and self.proc.stdout else ""
+                self.stop()
+                raise RuntimeError(f"the scaler did not start: {output}")
             time.sleep(0.1)
 
     def _ready(self) -> bool:
@@ -88,6 +92,13 @@ class Scaler:
                 return bool(r.status == 200)
         except OSError:
             return False
+
+    def debug(self, workload: str) -> dict[str, Any]:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.http_port}/debug/scalers/{workload}", timeout=3
+        ) as r:
+            body: dict[str, Any] = json.loads(r.read())
+            return body
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as r:
@@ -106,9 +117,11 @@ class Scaler:
                     buckets[float(le)] = float(line.rsplit(" ", 1)[1])
         return buckets
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
+    def stop(self) -> int:
+        """SIGTERM, and the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=15)
 
 
 def bucket_quantile(buckets: dict[float, float], q: float) -> float:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,70 +17,23 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench._common import Scaler
 from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from tests.keda import FakeSidecar, KedaClient
-from token_scaler.redis_conn import LocalRedis, free_port
-
-
-class ScalerProcess:
-    def __init__(self, redis_url: str, *extra: str) -> None:
-        self.grpc_port = free_port()
-        self.http_port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "token_scaler.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--grpc-port",
-                str(self.grpc_port),
-                "--http-port",
-                str(self.http_port),
-                "--redis-url",
-                redis_url,
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise RuntimeError(f"scaler did not start: {out}")
-            time.sleep(0.1)
-
-    def debug(self, workload: str) -> dict:  # type: ignore[type-arg]
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.http_port}/debug/scalers/{workload}", timeout=3
-        ) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=15)
+from token_scaler.redis_conn import LocalRedis
 
 
 @pytest.fixture
-def processes(redis_url: str) -> Iterator[list[ScalerProcess]]:
-    started = [ScalerProcess(redis_url), ScalerProcess(redis_url)]
+def processes(redis_url: str) -> Iterator[list[Scaler]]:
+    started = [Scaler(redis_url, capture=True), Scaler(redis_url, capture=True)]
     yield started
     for p in started:
         p.stop()
 
 
 def test_two_scaler_replicas_give_the_same_answer(
-    processes: list[ScalerProcess], redis_url: str, workload: str
+    processes: list[Scaler], redis_url: str, workload: str
 ) -> None:
     client = redis.Redis.from_url(redis_url)
     sidecars = [FakeSidecar(client, workload, f"pod-{i}") for i in range(3)]
@@ -108,7 +58,7 @@ def test_two_scaler_replicas_give_the_same_answer(
     ns, name = workload.split("/")
     metadata = {"tokensPerSecondPerReplica": "300", "windowSeconds": "30"}
 
-    async def ask(p: ScalerProcess) -> float:
+    async def ask(p: Scaler) -> float:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
             return (await KedaClient(channel, "scaler:9090").poll(ns, name, metadata)).value
 
@@ -259,7 +209,7 @@ def test_tls(certs: Path, redis_url: str, workload: str, mutual: bool) -> None:
     extra = ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key")]
     if mutual:
         extra += ["--client-ca", str(certs / "ca.crt")]
-    proc = ScalerProcess(redis_url, *extra)
+    proc = Scaler(redis_url, *extra, capture=True)
     ns, name = workload.split("/")
     ca = (certs / "ca.crt").read_bytes()
     with_cert = grpc.ssl_channel_credentials(
@@ -292,7 +242,7 @@ def test_tls(certs: Path, redis_url: str, workload: str, mutual: bool) -> None:
 
 
 def test_sigterm_ends_streams_cleanly_and_exits_zero(redis_url: str, workload: str) -> None:
-    proc = ScalerProcess(redis_url, "--shutdown-grace", "5")
+    proc = Scaler(redis_url, "--shutdown-grace", "5", capture=True)
     ns, name = workload.split("/")
 
     async def scenario() -> grpc.StatusCode:
