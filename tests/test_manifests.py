@@ -290,6 +290,8 @@ def test_scaled_object_metadata_parses_with_the_scalers_parser() -> None:
         assert settings.window_s >= 2 * so["spec"].get("pollingInterval", 30)
         assert settings.panic_window_s < settings.window_s
         assert settings.generation_weight > 0
+        if settings.max_replicas:  # the saturation signal's ceiling is the ScaledObject's own
+            assert settings.max_replicas == so["spec"]["maxReplicaCount"], folder
 
         # workload: what the sidecars of the target Deployment report as.
         target = one(render(folder), "Deployment", so["spec"]["scaleTargetRef"]["name"])
