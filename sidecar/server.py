@@ -33,7 +33,7 @@ from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
 from sidecar.tokens import load_counter
 from token_scaler.errors import ConfigError
-from token_scaler.redis_conn import connect
+from token_scaler.redis_conn import connect, connection_class
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Sidecar:
                 timeout=2.0,
                 socket_timeout=2.0,
                 socket_connect_timeout=2.0,
+                **connection_class(config.redis_url),
             )
             self._policy_redis = aioredis.Redis(connection_pool=pool)
             self.policy = self.proxy.policy = PolicyEngine(

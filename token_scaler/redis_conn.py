@@ -9,9 +9,32 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
+
+
+class PackedConnection(aioredis.Connection):
+    """A plain TCP connection that packs commands with hiredis' C packer.
+
+    redis-py's asyncio connection packs every argument in Python; on the request path of the
+    sidecar's policies (a script call with ~20 arguments per request) that was a quarter of
+    the policy's CPU. Multi-word command names ("SCRIPT LOAD") are split as redis-py does.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if (isinstance(args[0], str) and " " in args[0]) or (isinstance(args[0], bytes) and b" " in args[0]):
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+def connection_class(url: str) -> dict[str, Any]:
+    """``connection_class`` for ``from_url``: the packed one for plain ``redis://`` URLs; TLS and
+    Unix sockets keep redis-py's own."""
+    return {"connection_class": PackedConnection} if urlparse(url).scheme == "redis" else {}
 
 
 def connect(url: str, *, timeout_s: float = 2.0) -> aioredis.Redis:
@@ -22,6 +45,7 @@ def connect(url: str, *, timeout_s: float = 2.0) -> aioredis.Redis:
         socket_connect_timeout=timeout_s,
         retry_on_timeout=False,
         health_check_interval=10,
+        **connection_class(url),
     )
     return client
 
