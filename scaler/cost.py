@@ -30,7 +30,7 @@ def series_cost(
     """The cost view of one workload's series, or why there is none."""
     s = now_ms // 1000
     start = s - COST_WINDOW_S
-    covered = 0 if series.first_sec is None else min(COST_WINDOW_S, max(0, s - series.first_sec))
+    covered, tenant_totals = series.tenant_window(now_ms)
     rates: dict[str, float] = {}
     for model, ring in series.rings.items():
         if model is None:
@@ -41,11 +41,7 @@ def series_cost(
     price = prices.replica_price(workload, rates)
     if isinstance(price, str):
         return price
-    tenant_tokens: dict[tuple[str, str], float] = {}
-    for sec, tenant, model, prompt, gen, _rq in series.tenant_log:
-        if start <= sec < s:
-            key = (tenant, model)
-            tenant_tokens[key] = tenant_tokens.get(key, 0.0) + prompt + gen
+    tenant_tokens = {key: float(prompt + gen) for key, (prompt, gen) in tenant_totals.items()}
     replicas = len(series.live_sidecars(now_ms, liveness_ms))
     flowing = {m: r for m, r in rates.items() if r != 0}
     return workload_cost(price, replicas, flowing, tenant_tokens)

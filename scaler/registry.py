@@ -20,7 +20,7 @@ from scaler.cost import describe_cost, series_cost
 from scaler.metadata import ScalerSettings, parse
 from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
-from scaler.window import TENANT_WINDOW_S, Evaluation, evaluate
+from scaler.window import Evaluation, evaluate
 from token_scaler.pricing import PriceTable
 from token_scaler.saturation import DEMAND, MAX_REPLICAS, Saturation
 
@@ -210,12 +210,10 @@ class Registry:
                 "tooOldEntries": series.too_old,
                 "clockClampedEntries": series.clamped,
             }
-            # the last TENANT_WINDOW_S complete seconds, divided by the part of them covered
-            end = now // 1000
-            covered = min(TENANT_WINDOW_S, end - (series.first_sec if series.first_sec is not None else end))
+            covered, totals = series.tenant_window(now)
             tenants: dict[str, dict[str, float]] = {}
-            for sec, tenant, model, prompt, gen, _rq in series.tenant_log:
-                if end - TENANT_WINDOW_S <= sec < end and (s.model is None or model == s.model):
+            for (tenant, model), (prompt, gen) in totals.items():
+                if s.model is None or model == s.model:
                     row = tenants.setdefault(
                         tenant, {"promptTokensPerSecond": 0.0, "generationTokensPerSecond": 0.0}
                     )

@@ -173,6 +173,19 @@ class WorkloadSeries:
         while self.tenant_log and self.tenant_log[0][0] < oldest:
             self.tenant_log.popleft()
 
+    def tenant_window(self, now_ms: int) -> tuple[int, dict[tuple[str, str], tuple[int, int]]]:
+        """Prompt and generated tokens served per (tenant, model) over the last
+        ``TENANT_WINDOW_S`` complete seconds, and how many of those seconds data covers."""
+        end = now_ms // 1000
+        start = end - TENANT_WINDOW_S
+        covered = 0 if self.first_sec is None else min(TENANT_WINDOW_S, max(0, end - self.first_sec))
+        totals: dict[tuple[str, str], tuple[int, int]] = {}
+        for sec, tenant, model, prompt, gen, _rq in self.tenant_log:
+            if start <= sec < end:
+                p, g = totals.get((tenant, model), (0, 0))
+                totals[(tenant, model)] = (p + prompt, g + gen)
+        return covered, totals
+
     def live_sidecars(self, now_ms: int, liveness_ms: int) -> dict[str, SidecarState]:
         return {s: st for s, st in self.sidecars.items() if now_ms - st.last_seen_ms <= liveness_ms}
 
