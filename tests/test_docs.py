@@ -26,3 +26,13 @@ def test_every_option_is_documented(module: str) -> None:
 
 def test_every_metadata_key_is_documented() -> None:
     assert [key for key in KEYS if f"`{key}`" not in README] == []
+
+
+def test_every_policy_key_is_in_the_readme_example() -> None:
+    from sidecar.policy import schema
+
+    keys = set().union(
+        *(getattr(schema, name) for name in dir(schema) if name.startswith("_") and name.endswith("_KEYS"))
+    )
+    section = README[README.index("## Policies") :]
+    assert sorted(key for key in keys if f"{key}:" not in section) == []

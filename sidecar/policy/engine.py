@@ -13,6 +13,13 @@ the budget against the last usage seen plus what this sidecar admitted since, an
 the real usage of those requests in the queue: when Redis is back they are charged to the
 shared budgets (reconciled). Rate limits are not enforced while Redis is away.
 
+Reservations are leased (``reservationLeaseSeconds``): the sidecar renews the leases of
+its requests in flight every third of it, so the reservation of a sidecar that died
+mid-request is released by the tenant's next admission once its lease ends (store.py).
+
+Budget periods (UTC day and month) are read on Redis' clock: every reply carries Redis'
+time and the sidecar keeps its offset, so sidecars with skewed clocks charge one day.
+
 Soft caps and budget-share downgrades act on the budget share this sidecar last saw for
 the tenant (every reply carries it): at most one request behind. The budget itself is
 exact: the reservation is atomic in Redis.
@@ -20,7 +27,7 @@ exact: the reservation is atomic in Redis.
 Background (``run``, once a tick): the policy file is reloaded when it changed (a bad
 file keeps the policy in force, logs why and counts
 ``tokenscaler_policy_reloads_total{result="error"}``); the scaler's saturation key is read
-when a downgrade rule needs it; queued settlements are sent.
+when a downgrade rule needs it; queued settlements are sent; leases are renewed.
 """
 
 from __future__ import annotations
@@ -45,7 +52,16 @@ from sidecar.openai import Kind, ParsedRequest
 from sidecar.policy import budgets, caps, downgrade, identity, ratelimit, schema
 from sidecar.policy.metrics import PolicyMetrics
 from sidecar.policy.schema import CLOSED, MID_OFF, SHORTEN, Budget, Policy, Price, TenantPolicy
-from sidecar.policy.store import BUDGET, OK, RATE_TENANT, Admitted, Store, settle_args, tenant_keys
+from sidecar.policy.store import (
+    BUDGET,
+    OK,
+    RATE_TENANT,
+    Admitted,
+    Store,
+    lease_key,
+    settle_args,
+    tenant_keys,
+)
 from token_scaler.errors import ConfigError
 from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturation_key
 
@@ -151,6 +167,10 @@ class PolicyEngine:
         self._outbox: list[_Settlement] = []
         self._sender: asyncio.Task[None] | None = None
         self._down = False
+        self._open: dict[str, Ticket] = {}  # reserved in Redis, not settled yet: their leases
+        self._renewed = 0.0  # monotonic time of the last lease renewal
+        self._offset_s = 0.0  # Redis' clock minus ours, from the last reply
+        self._synced = False
         self.saturation: Saturation = NOT_SATURATED
 
     # -- the policy file
@@ -210,7 +230,7 @@ class PolicyEngine:
         policy = self.policy
         tenant = identity.tenant_of(policy, headers, self._tenant_header)
         rules = policy.tenant(tenant)
-        now = self._clock()
+        now = self._clock() + self._offset_s
         day, month = budgets.periods(now)
         ratio = self._ratio(tenant, rules.budget, day, month)
         soft = caps.soft_cap(rules.soft_caps, ratio) if rules.soft_caps else None
@@ -313,12 +333,25 @@ class PolicyEngine:
                         tokens=prompt + generation,
                         tenant_rate=(ticket.tenant_interval, tenant_limit.tau_ms if tenant_limit else 0.0),
                         model_rate=(ticket.model_interval, model_limit.tau_ms if model_limit else 0.0),
+                        lease_ms=int(policy.lease_s * 1000),
+                        day=day,
+                        month=month,
                     )
             except _REDIS_ERRORS as exc:
                 self._failed("admit", exc)
         label = self._label(tenant)
         if reply is None:
             return self._without_redis(admission, rules, ticket, cap, now)
+        self._offset_s = reply.redis_time_ms / 1000 - self._clock()
+        self._synced = True
+        if reply.expired:
+            self.metrics.expired.labels(label).inc(reply.expired)
+            log.warning(
+                "released %d reservation(s) of tenant %s whose lease ended (a sidecar that died "
+                "mid-request, or one stalled past reservationLeaseSeconds)",
+                reply.expired,
+                tenant,
+            )
         self._saw(tenant, budget, day, month, reply.day_used, reply.month_used)
         if reply.status == BUDGET:
             self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
@@ -347,6 +380,7 @@ class PolicyEngine:
                 admission.headers.update(ratelimit.headers(limit, remaining, reset))
         ticket.cost = reply.granted
         admission.ticket = ticket
+        self._open[ticket.id] = ticket
         if cap is not None and reply.granted < cost:
             allowed = budgets.generation_allowed(budget, price, reply.granted, prompt, n)
             cap = caps.shortened(cap, max(1, allowed))
@@ -413,6 +447,7 @@ class PolicyEngine:
         if ticket is None:
             return
         admission.ticket = None
+        self._open.pop(ticket.id, None)
         cost = budgets.cost(ticket.budget, ticket.price, prompt, generation)
         if not ticket.reserved:
             self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost - ticket.cost
@@ -463,6 +498,12 @@ class PolicyEngine:
             return False
         for settlement, settled in zip(batch, replies, strict=True):
             ticket = settlement.ticket
+            if settled.applied == 3:
+                log.warning(
+                    "request of tenant %s settled after its lease ended and its reservation was "
+                    "released: charged in full (raise reservationLeaseSeconds if this sidecar stalls)",
+                    ticket.tenant,
+                )
             if not ticket.reserved:
                 left = self._local.get(ticket.tenant, 0) - settlement.cost
                 if left > 0:
@@ -506,6 +547,10 @@ class PolicyEngine:
                 # _send queued them again at the back: order does not matter, each is idempotent.
                 break
         self.metrics.pending.set(len(self._pending))
+        if not self._synced:
+            await self._sync_clock()
+        if self._open and not self._down and time.monotonic() - self._renewed >= self.policy.lease_s / 3:
+            await self._renew()
         if self.policy.watches_saturation:
             try:
                 raw = await asyncio.wait_for(client.get(saturation_key(self._workload)), timeout)
@@ -515,13 +560,38 @@ class PolicyEngine:
             self.saturation = decode(raw, int(self._clock() * 1000))
             self.metrics.saturated.set(1 if self.saturation.saturated else 0)
 
+    async def _sync_clock(self) -> None:
+        """Redis' clock before the first admission: its replies keep the offset after that."""
+        try:
+            seconds, micros = await asyncio.wait_for(
+                self.store.client.time(), max(self.policy.redis_timeout_s, 1.0)
+            )
+        except _REDIS_ERRORS as exc:
+            self._failed("time", exc)
+            return
+        self._offset_s = seconds + micros / 1e6 - self._clock()
+        self._synced = True
+
+    async def _renew(self) -> None:
+        """Push the leases of the reservations in flight (one pipeline, a script per tenant)."""
+        leases: dict[str, list[str]] = {}
+        for ticket in self._open.values():
+            leases.setdefault(lease_key(ticket.keys), []).append(ticket.id)
+        try:
+            async with asyncio.timeout(max(self.policy.redis_timeout_s, 1.0)):
+                await self.store.renew(leases, int(self.policy.lease_s * 1000))
+        except _REDIS_ERRORS as exc:
+            self._failed("renew", exc)
+            return
+        self._renewed = time.monotonic()
+
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_s)
+        while True:  # the first tick at once: it reads Redis' clock
             try:
                 await self.tick()
             except Exception:  # the loop must outlive any one bad tick
                 log.exception("policy tick failed")
+            await asyncio.sleep(self._tick_s)
 
     async def close(self, timeout_s: float) -> bool:
         """Wait for settlements in flight, then send what is queued; False if some remain."""

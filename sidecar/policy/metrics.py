@@ -46,6 +46,12 @@ class PolicyMetrics:
             ["tenant"],
             registry=registry,
         )
+        self.expired = Counter(
+            "tokenscaler_policy_reservations_expired",
+            "Reservations released because their lease ended (their sidecar died or stalled mid-request).",
+            ["tenant"],
+            registry=registry,
+        )
         self.redis_errors = Counter(
             "tokenscaler_policy_redis_errors",
             "Failed policy calls to Redis.",

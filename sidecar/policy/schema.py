@@ -109,6 +109,7 @@ class Policy:
     defaults: TenantPolicy = TenantPolicy()
     tenants: Mapping[str, TenantPolicy] = field(default_factory=dict)
     redis_timeout_s: float = 0.25
+    lease_s: float = 60.0  # a reservation not renewed for this long is released
 
     def tenant(self, name: str) -> TenantPolicy:
         return self.tenants.get(name, self.defaults)
@@ -200,7 +201,17 @@ _RATE_KEYS = frozenset({"tokensPerMinute", "perModel", "burstSeconds"})
 _SOFT_KEYS = frozenset({"atBudgetRatio", "maxTokens", "rateFactor"})
 _TENANT_KEYS = frozenset({"maxTokens", "budget", "rateLimit", "softCaps", "keepModel", "failMode"})
 _TOP_KEYS = frozenset(
-    {"version", "scope", "identity", "prices", "downgrade", "defaults", "tenants", "redisTimeoutMs"}
+    {
+        "version",
+        "scope",
+        "identity",
+        "prices",
+        "downgrade",
+        "defaults",
+        "tenants",
+        "redisTimeoutMs",
+        "reservationLeaseSeconds",
+    }
 )
 _IDENTITY_KEYS = frozenset({"tenantHeader", "apiKeys", "defaultTenant"})
 _PRICE_KEYS = frozenset({"prompt", "generation"})
@@ -394,6 +405,7 @@ def parse(data: object) -> Policy:
         defaults=defaults,
         tenants=tenants,
         redis_timeout_s=_int("redisTimeoutMs", timeout_ms, high=60_000) / 1000,
+        lease_s=_int("reservationLeaseSeconds", doc.get("reservationLeaseSeconds", 60), low=2, high=86_400),
     )
 
 

@@ -3,11 +3,14 @@
 Keys, one set per tenant in its own Redis Cluster slot (the ``{...}`` hash tag), so both
 scripts touch only keys of one slot::
 
-    tokenscaler:v1:{policy:<scope>:<tenant>}:budget:d:<YYYYMMDD>   used today (tokens or 1e-9 money)
-    tokenscaler:v1:{policy:<scope>:<tenant>}:budget:m:<YYYYMM>     used this month
-    tokenscaler:v1:{policy:<scope>:<tenant>}:rate                  GCRA TAT (ms, Redis clock)
-    tokenscaler:v1:{policy:<scope>:<tenant>}:rate:m:<model>        GCRA TAT of a per-model limit
-    tokenscaler:v1:{policy:<scope>:<tenant>}:res                   open reservations: id -> "cost:tokens"
+    tokenscaler:v1:{policy:<scope>:<tenant>}:budget:d:<YYYYMMDD>  used today (tokens or 1e-9 money)
+    tokenscaler:v1:{policy:<scope>:<tenant>}:budget:m:<YYYYMM>    used this month
+    tokenscaler:v1:{policy:<scope>:<tenant>}:rate                 GCRA TAT (ms, Redis clock)
+    tokenscaler:v1:{policy:<scope>:<tenant>}:rate:m:<model>       GCRA TAT of a per-model limit
+    tokenscaler:v1:{policy:<scope>:<tenant>}:res                  open reservations:
+                                                                  id -> "cost:tokens:day:month"
+    tokenscaler:v1:{policy:<scope>:<tenant>}:lease                their leases: id by deadline (ms)
+    tokenscaler:v1:{policy:<scope>:<tenant>}:swept                released when their lease ended
 
 ``ADMIT`` (one round trip per request) reads the budgets, grants the reservation (all of it,
 or under ``onShortfall: shorten`` what is left if that is at least the minimum), checks
@@ -20,13 +23,24 @@ number of sidecars see each other's reservations: used + reserved never passes a
 idempotent (a reservation is settled once; a retried call finds it gone and does nothing),
 so a settle whose reply was lost can be sent again without a double refund. For requests
 admitted while Redis was away (fail-open) it charges the real usage instead, once.
+
+Leases: a sidecar killed mid-request never settles, and its reservation would hold the
+tenant's budget to the period's end. Every reservation therefore has a lease (``:lease``,
+deadline on Redis' clock) that its sidecar renews while the request runs (``RENEW``, a
+pipeline every third of the lease). ``ADMIT`` first releases the tenant's reservations whose
+lease has ended (refunds them; at most 32 per call) and keeps each in ``:swept``. A
+settlement that arrives after that (a sidecar stalled longer than the lease, not dead)
+finds it there and charges the real usage in full: the release never loses a charge, it
+only frees the budget early.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from token_scaler.record import KEY_PREFIX
@@ -38,6 +52,25 @@ MONTH_TTL_S = 40 * 86_400
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 32)
+if #expired > 0 then
+  local base = string.sub(KEYS[1], 1, -5)
+  for _, id in ipairs(expired) do
+    local held = redis.call('HGET', KEYS[1], id)
+    if held then
+      local c, _, d, m = string.match(held, '^(%d+):(%d+):(%d*):(%d*)$')
+      if c and c ~= '0' then
+        for _, k in ipairs({d ~= '' and base .. ':budget:d:' .. d, m ~= '' and base .. ':budget:m:' .. m}) do
+          if k and redis.call('EXISTS', k) == 1 then redis.call('DECRBY', k, c) end
+        end
+      end
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('HSET', KEYS[7], id, held)
+      redis.call('EXPIRE', KEYS[7], ARGV[13])
+    end
+  end
+  redis.call('ZREM', KEYS[6], unpack(expired))
+end
 local cost, dl, ml = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local du, mu = 0, 0
 if dl > 0 then du = tonumber(redis.call('GET', KEYS[2]) or '0') end
@@ -47,7 +80,7 @@ if dl > 0 and dl - du < granted then granted = dl - du end
 if ml > 0 and ml - mu < granted then granted = ml - mu end
 if granted < cost then
   local least = tonumber(ARGV[5])
-  if least <= 0 or granted < least then return {1, 0, du, mu, 0, 0, 0} end
+  if least <= 0 or granted < least then return {1, 0, du, mu, 0, 0, 0, now, #expired} end
 end
 local tokens = tonumber(ARGV[6])
 if granted < cost and cost > 0 then tokens = math.ceil(tokens * granted / cost) end
@@ -61,7 +94,7 @@ for i = 1, 2 do
     local need = tau
     if tokens * interval > need then need = tokens * interval end
     if new - need > now then
-      return {1 + i, 0, du, mu, math.ceil(new - need - now), math.ceil(tat - now), 0}
+      return {1 + i, 0, du, mu, math.ceil(new - need - now), math.ceil(tat - now), 0, now, #expired}
     end
     tats[i] = new
   end
@@ -74,12 +107,17 @@ end
 local g = string.format('%d', granted)
 if dl > 0 then du = redis.call('INCRBY', KEYS[2], g); redis.call('EXPIRE', KEYS[2], ARGV[11]) end
 if ml > 0 then mu = redis.call('INCRBY', KEYS[3], g); redis.call('EXPIRE', KEYS[3], ARGV[12]) end
-redis.call('HSET', KEYS[1], ARGV[1], g .. ':' .. string.format('%d', tokens))
+local day, month = '', ''
+if dl > 0 then day = ARGV[15] end
+if ml > 0 then month = ARGV[16] end
+redis.call('HSET', KEYS[1], ARGV[1], g .. ':' .. string.format('%d', tokens) .. ':' .. day .. ':' .. month)
 redis.call('EXPIRE', KEYS[1], ARGV[13])
+redis.call('ZADD', KEYS[6], string.format('%.0f', now + tonumber(ARGV[14])), ARGV[1])
+redis.call('EXPIRE', KEYS[6], ARGV[13])
 local r1, r2 = 0, 0
 if tats[1] > 0 then r1 = math.ceil(tats[1] - now) end
 if tats[2] > 0 then r2 = math.ceil(tats[2] - now) end
-return {0, granted, du, mu, 0, r1, r2}
+return {0, granted, du, mu, 0, r1, r2, now, #expired}
 """
 
 SETTLE = """
@@ -87,12 +125,20 @@ local held = redis.call('HGET', KEYS[1], ARGV[1])
 local cost, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local dl, ml = ARGV[4] == '1', ARGV[5] == '1'
 local applied = 0
+local swept = not held and redis.call('HGET', KEYS[7], ARGV[1])
 if held then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  local sep = string.find(held, ':', 1, true)
-  cost = cost - tonumber(string.sub(held, 1, sep - 1))
-  tokens = tokens - tonumber(string.sub(held, sep + 1))
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  local c, tk = string.match(held, '^(%d+):(%d+)')
+  cost = cost - tonumber(c)
+  tokens = tokens - tonumber(tk)
   applied = 1
+elseif swept then
+  -- released when its lease ended (budget refunded, rate limits not): charge in full
+  redis.call('HDEL', KEYS[7], ARGV[1])
+  local _, tk = string.match(swept, '^(%d+):(%d+)')
+  tokens = tokens - tonumber(tk)
+  applied = 3
 elseif ARGV[8] == '1' then
   tokens = 0
   applied = 2
@@ -129,6 +175,14 @@ end
 return {applied, du, mu}
 """
 
+RENEW = """
+local t = redis.call('TIME')
+local deadline = string.format('%.0f', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1]))
+local renewed = 0
+for i = 2, #ARGV do renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, ARGV[i]) end
+return renewed
+"""
+
 OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
 
 
@@ -140,7 +194,13 @@ def tenant_keys(scope: str, tenant: str, day: str, month: str, model: str | None
         f"{base}:budget:m:{month}",
         f"{base}:rate",
         f"{base}:rate:m:{model or ''}",
+        f"{base}:lease",
+        f"{base}:swept",
     ]
+
+
+def lease_key(keys: list[str]) -> str:
+    return keys[5]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +212,13 @@ class Admitted:
     retry_after_ms: int  # when refused by a rate limit
     reset_ms: int  # TAT - now of the tenant limit (of the refusing one when refused)
     model_reset_ms: int
+    redis_time_ms: int  # Redis' clock when it decided
+    expired: int  # reservations of this tenant released because their lease ended
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    applied: int  # 0: already settled, 1: reservation settled, 2: charged without one
+    applied: int  # 0: already settled, 1: settled, 2: charged without one, 3: charged after its release
     day_used: int
     month_used: int
 
@@ -165,6 +227,7 @@ class Store:
     def __init__(self, client: aioredis.Redis) -> None:
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
+        self._renew = client.register_script(RENEW)
         self.client = client
 
     async def admit(
@@ -179,6 +242,9 @@ class Store:
         tokens: int,
         tenant_rate: tuple[float, float],
         model_rate: tuple[float, float],
+        lease_ms: int,
+        day: str,
+        month: str,
     ) -> Admitted:
         reply = await self._admit(
             keys=keys,
@@ -196,6 +262,9 @@ class Store:
                 DAY_TTL_S,
                 MONTH_TTL_S,
                 RESERVATIONS_TTL_S,
+                lease_ms,
+                day,
+                month,
             ],
         )
         return Admitted(*(int(x) for x in reply))
@@ -203,23 +272,39 @@ class Store:
     async def settle_many(self, items: list[tuple[list[str], list[object]]]) -> list[Settled]:
         """Settle several reservations in one round trip (a pipeline of ``SETTLE`` calls).
 
-        Each item is (keys, ``settle_args(...)``). A pipeline would check that the script
-        is loaded with an extra round trip every time; instead the rare ``NOSCRIPT`` (a
-        restarted or flushed Redis) loads it and sends the batch again: settling twice is
-        harmless, the script is idempotent.
+        Each item is (keys, ``settle_args(...)``).
+        """
+        replies = await self._pipelined(self._settle, SETTLE, items)
+        return [Settled(*(int(x) for x in reply)) for reply in replies]
+
+    async def renew(self, leases: dict[str, list[str]], lease_ms: int) -> int:
+        """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]}."""
+        items: list[tuple[list[str], list[object]]] = [
+            ([key], [lease_ms, *ids]) for key, ids in leases.items()
+        ]
+        return sum(int(r) for r in await self._pipelined(self._renew, RENEW, items))
+
+    async def _pipelined(
+        self, script: AsyncScript, source: str, items: list[tuple[list[str], list[object]]]
+    ) -> list[Any]:
+        """Run a script once per item in one round trip.
+
+        A pipeline would check that the script is loaded with an extra round trip every
+        time; instead the rare ``NOSCRIPT`` (a restarted or flushed Redis) loads it and
+        sends the batch again: every script here is idempotent, running one twice is harmless.
         """
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
             for keys, args in items:
-                pipe.execute_command("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                self._settle.sha = await self.client.script_load(SETTLE)
+                script.sha = await self.client.script_load(source)
                 continue
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-            return [Settled(*(int(x) for x in reply)) for reply in replies]
+            return list(replies)
         raise AssertionError("unreachable")
 
 

@@ -1,0 +1,214 @@
+"""Reservation leases: a sidecar that dies mid-request does not hold a tenant's budget.
+
+A reservation is leased; its sidecar renews the lease while the request runs. The tenant's
+next admission releases reservations whose lease ended. A settlement that arrives after
+its reservation was released charges the real usage in full: nothing is lost either way.
+Also: budget periods follow Redis' clock, not the sidecar's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from bench.sidecar_bench import wait_http
+from sidecar import openai
+from sidecar.policy import PolicyEngine
+from sidecar.policy.budgets import periods
+from sidecar.policy.store import Admitted, Store, settle_args, tenant_keys
+from tests.sidecar.conftest import StartSidecar, scope
+from tests.sidecar.fake_upstream import FakeUpstream
+from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
+from token_scaler.redis_conn import connect, free_port
+
+
+def base(workload: str, tenant: str) -> str:
+    return f"tokenscaler:v1:{{policy:{scope(workload)}:{tenant}}}"
+
+
+async def wait_for(predicate: object, what: str, timeout_s: float = 10.0) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def leased_policy(path: Path, workload: str) -> None:
+    """A daily budget and a 2-second lease."""
+    doc = {"scope": scope(workload), "reservationLeaseSeconds": 2, "defaults": {"budget": {"daily": 10_000}}}
+    write_policy(path, doc)
+
+
+def sidecar_process(
+    policy: Path, upstream: int, port: int, redis_url: str, workload: str
+) -> subprocess.Popen[bytes]:
+    """A sidecar in a process of its own (to be killed), ready to serve."""
+    admin = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": workload}
+    argv = [
+        sys.executable, "-m", "token_scaler.cli", "sidecar", "--policy", str(policy),
+        "--upstream", f"http://127.0.0.1:{upstream}", "--host", "127.0.0.1", "--port", str(port),
+        "--admin-port", str(admin), "--shutdown-delay", "0", "--log-level", "WARNING",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{admin}/readyz", proc, "the sidecar")
+    return proc
+
+
+async def test_the_reservation_of_a_killed_sidecar_is_released_when_its_lease_ends(
+    start_sidecar: StartSidecar, upstream: FakeUpstream, policy_file: Path, workload: str, redis_url: str
+) -> None:
+    leased_policy(policy_file, workload)
+    port = free_port()
+    doomed = sidecar_process(policy_file, upstream.port, port, redis_url, workload)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 500, "stream": True}
+        headers = {"X-Tenant-ID": "acme", "X-Fake-Delay": "0.5"}  # ~250 s of stream
+
+        async def long_request() -> None:
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                async with session.post(url, json=body, headers=headers) as response:
+                    async for _ in response.content:
+                        pass
+
+        task = asyncio.create_task(long_request())
+        await wait_for(lambda: r.hlen(f"{base(workload, 'acme')}:res") == 1, "the reservation")
+        reserved = used(redis_url, workload, "acme")
+        assert reserved >= 500  # prompt estimate + max_tokens
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=10)
+        with pytest.raises(aiohttp.ClientError):
+            await task
+        # Killed: nobody settles it, and it stays charged until its lease ends.
+        assert used(redis_url, workload, "acme") == reserved
+        [leased] = r.zrange(f"{base(workload, 'acme')}:lease", 0, -1)
+
+        sidecar = await start_sidecar(policy=policy_file)
+        async with sdk(sidecar, "acme") as client:
+            early = await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10)
+            await settled(sidecar)
+            assert early.usage is not None
+            # Within the lease: still held.
+            assert used(redis_url, workload, "acme") == reserved + early.usage.total_tokens
+            await asyncio.sleep(2.2)
+            late = await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10)
+            await settled(sidecar)
+        assert late.usage is not None
+        # Released by that admission: the budget holds only what was served.
+        assert used(redis_url, workload, "acme") == early.usage.total_tokens + late.usage.total_tokens
+        assert r.hlen(f"{base(workload, 'acme')}:res") == 0
+        assert r.zcard(f"{base(workload, 'acme')}:lease") == 0
+        assert r.hexists(f"{base(workload, 'acme')}:swept", leased)
+        assert sample(sidecar, "tokenscaler_policy_reservations_expired_total", tenant="acme") == 1
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait(timeout=10)
+        r.close()
+
+
+async def test_a_request_longer_than_the_lease_keeps_its_reservation(
+    start_sidecar: StartSidecar, upstream: FakeUpstream, policy_file: Path, workload: str, redis_url: str
+) -> None:
+    leased_policy(policy_file, workload)
+    sidecar = await start_sidecar(policy=policy_file)
+    async with sdk(sidecar, "acme") as client:
+
+        async def long_stream() -> int:
+            stream = await client.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                max_tokens=8,
+                stream=True,
+                extra_headers={"X-Fake-Delay": "0.5"},  # ~4 s, twice the lease
+            )
+            pieces = [chunk async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+            return len(pieces)
+
+        task = asyncio.create_task(long_stream())
+        for _ in range(6):  # admissions that would release it, were its lease not renewed
+            await asyncio.sleep(0.6)
+            await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+        assert await task == 8
+        await settled(sidecar)
+    assert sample(sidecar, "tokenscaler_policy_reservations_expired_total", tenant="acme") == 0
+    assert used(redis_url, workload, "acme") == upstream.reported.prompt + upstream.reported.generation
+
+
+async def test_a_settlement_after_the_release_charges_in_full(redis_url: str, workload: str) -> None:
+    client = connect(redis_url)
+    store = Store(client)
+    day, month = periods(time.time())
+    keys = tenant_keys(scope(workload), "late", day, month, None)
+    try:
+
+        async def admit(id: str, lease_ms: int) -> Admitted:
+            return await store.admit(
+                keys, id=id, cost=100, day_limit=1000, month_limit=0, least=0, tokens=100,
+                tenant_rate=(0.0, 0.0), model_rate=(0.0, 0.0), lease_ms=lease_ms, day=day, month=month,
+            )  # fmt: skip
+
+        def settle(id: str, cost: int) -> tuple[list[str], list[object]]:
+            args = settle_args(
+                id=id, cost=cost, tokens=cost, daily=True, monthly=False,
+                tenant_interval=0.0, model_interval=0.0, unreserved=False,
+            )  # fmt: skip
+            return keys, args
+
+        first = await admit("first", 50)
+        assert (first.status, first.granted, first.day_used, first.expired) == (0, 100, 100, 0)
+        await asyncio.sleep(0.1)
+        second = await admit("second", 60_000)
+        # The first reservation was released (refunded) before the second was counted.
+        assert (second.day_used, second.expired) == (100, 1)
+        late, on_time = await store.settle_many([settle("first", 70), settle("second", 40)])
+        assert late.applied == 3 and on_time.applied == 1
+        assert on_time.day_used == 70 + 40
+        # Sent again (a lost reply): nothing more.
+        [again] = await store.settle_many([settle("first", 70)])
+        assert (again.applied, again.day_used) == (0, 110)
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_budget_periods_follow_redis_clock(redis_url: str, workload: str, tmp_path: Path) -> None:
+    policy = write_policy(
+        tmp_path / "policy.yaml", {"scope": scope(workload), "defaults": {"budget": {"daily": 10_000}}}
+    )
+    client = connect(redis_url)
+    skewed = PolicyEngine(
+        policy, client, CollectorRegistry(), workload=workload, clock=lambda: time.time() - 86_400 * 3
+    )
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    tenant = f"skewed-{uuid.uuid4().hex[:6]}"
+    try:
+        await skewed.tick()  # reads Redis' clock
+        admission = await skewed.admit({"X-Tenant-ID": tenant}, parsed, body, 10)
+        assert admission.rejection is None and admission.ticket is not None
+        redis_now, _ = await client.time()
+        assert admission.ticket.day == periods(redis_now)[0]
+        skewed.settle(admission, 10, 5)
+        await skewed.close(5)
+        assert await client.get(f"{base(workload, tenant)}:budget:d:{periods(redis_now)[0]}") == b"15"
+    finally:
+        await client.delete(*[k async for k in client.scan_iter(f"{base(workload, tenant)}:*")])
+        await client.aclose()
