@@ -11,7 +11,9 @@ Redis unreachable (an error or ``redisTimeoutMs``): for the next tick every requ
 decided without it. ``failMode: closed`` answers 503; ``failMode: open`` admits, checks
 the budget against the last usage seen plus what this sidecar admitted since, and keeps
 the real usage of those requests in the queue: when Redis is back they are charged to the
-shared budgets (reconciled). Rate limits are not enforced while Redis is away.
+shared budgets (reconciled). Rate limits are enforced locally meanwhile, each sidecar its
+share: the limit divided by the sidecars of the scope seen in the last minute (each
+announces itself every ``ANNOUNCE_S``).
 
 Reservations are leased (``reservationLeaseSeconds``): the sidecar renews the leases of
 its requests in flight every third of it, so the reservation of a sidecar that died
@@ -36,6 +38,7 @@ import asyncio
 import calendar
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -71,6 +74,9 @@ MAX_PENDING = 100_000
 BATCH = 200  # settlements per pipeline
 # Settlements wait this long for others to share their round trip (off the request path).
 SETTLE_LINGER_S = 0.005
+# How often a sidecar announces itself (its peers' count sets its share of a rate limit
+# while Redis is away); well inside store.PRESENCE_WINDOW_MS.
+ANNOUNCE_S = 10.0
 _REDIS_ERRORS = (TimeoutError, RedisError, OSError)
 
 
@@ -98,6 +104,8 @@ class Ticket:
     model_interval: float
     cost: int  # reserved (granted)
     reserved: bool  # in Redis; False: admitted without it (fail-open)
+    tokens: int = 0  # reserved tokens (prompt estimate + max_tokens x n)
+    limits: list[tuple[str, ratelimit.Limit]] = field(default_factory=list)  # (local key, limit)
 
 
 @dataclass(slots=True)
@@ -171,6 +179,10 @@ class PolicyEngine:
         self._renewed = 0.0  # monotonic time of the last lease renewal
         self._offset_s = 0.0  # Redis' clock minus ours, from the last reply
         self._synced = False
+        self._local_rates = ratelimit.LocalLimiter()  # while Redis is away (fail-open)
+        self._id = uuid.uuid4().hex[:16]  # this sidecar among the scope's (presence)
+        self._peers = 1  # sidecars of the scope seen in the last minute, this one included
+        self._announced = -math.inf
         self.saturation: Saturation = NOT_SATURATED
 
     # -- the policy file
@@ -306,6 +318,9 @@ class PolicyEngine:
         if model_tpm is not None:
             model_limit = ratelimit.Limit.of(model_tpm, rate.burst_seconds, factor)
         day, month = budgets.periods(now)
+        limits = [(tenant, tenant_limit)] if tenant_limit else []
+        if model_limit:
+            limits.append((f"{tenant}\0{model}", model_limit))
         ticket = Ticket(
             id=uuid.uuid4().hex,
             keys=tenant_keys(policy.scope, tenant, day, month, model if model_limit else None),
@@ -318,6 +333,8 @@ class PolicyEngine:
             model_interval=model_limit.interval_ms if model_limit else 0.0,
             cost=cost,
             reserved=True,
+            tokens=prompt + generation,
+            limits=limits,
         )
         reply: Admitted | None = None
         if not self._down:
@@ -330,7 +347,7 @@ class PolicyEngine:
                         day_limit=budget.daily or 0,
                         month_limit=budget.monthly or 0,
                         least=least,
-                        tokens=prompt + generation,
+                        tokens=ticket.tokens,
                         tenant_rate=(ticket.tenant_interval, tenant_limit.tau_ms if tenant_limit else 0.0),
                         model_rate=(ticket.model_interval, model_limit.tau_ms if model_limit else 0.0),
                         lease_ms=int(policy.lease_s * 1000),
@@ -357,22 +374,10 @@ class PolicyEngine:
             self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
             return cap
         if reply.status != OK:
-            limit = tenant_limit if reply.status == RATE_TENANT else model_limit
+            per_model = reply.status != RATE_TENANT
+            limit = model_limit if per_model else tenant_limit
             assert limit is not None
-            self.metrics.rejections.labels(label, "rate_limit").inc()
-            which = "" if reply.status == RATE_TENANT else f" and model {model}"
-            wait = reply.retry_after_ms
-            admission.rejection = Rejection(
-                429,
-                "tokens",
-                "rate_limit_exceeded",
-                f"Rate limit reached for tenant {tenant}{which} on tokens per min (TPM): "
-                f"Limit {limit.tokens_per_minute}. Please try again in {ratelimit.duration(wait)}.",
-                {
-                    **ratelimit.headers(limit, 0, reply.reset_ms),
-                    **ratelimit.retry_headers(wait),
-                },
-            )
+            self._refuse_rate(admission, limit, per_model, reply.retry_after_ms, reply.reset_ms)
             return cap
         for limit, reset in ((model_limit, reply.model_reset_ms), (tenant_limit, reply.reset_ms)):
             if limit is not None:  # the tenant's limit wins when both are set
@@ -385,6 +390,20 @@ class PolicyEngine:
             allowed = budgets.generation_allowed(budget, price, reply.granted, prompt, n)
             cap = caps.shortened(cap, max(1, allowed))
         return cap
+
+    def _refuse_rate(
+        self, admission: Admission, limit: ratelimit.Limit, per_model: bool, wait_ms: float, reset_ms: float
+    ) -> None:
+        self.metrics.rejections.labels(self._label(admission.tenant), "rate_limit").inc()
+        which = f" and model {admission.model}" if per_model else ""
+        admission.rejection = Rejection(
+            429,
+            "tokens",
+            "rate_limit_exceeded",
+            f"Rate limit reached for tenant {admission.tenant}{which} on tokens per min (TPM): "
+            f"Limit {limit.tokens_per_minute}. Please try again in {ratelimit.duration(wait_ms)}.",
+            {**ratelimit.headers(limit, 0, reset_ms), **ratelimit.retry_headers(wait_ms)},
+        )
 
     def _refuse_budget(
         self, admission: Admission, rules: TenantPolicy, day_used: int, month_used: int, now: float
@@ -429,6 +448,13 @@ class PolicyEngine:
                 now,
             )
             return cap
+        if ticket.limits:
+            refused = self._local_rates.admit(ticket.limits, ticket.tokens, self._peers, now * 1000)
+            if refused is not None:
+                index, wait = refused
+                key, limit = ticket.limits[index]
+                self._refuse_rate(admission, limit, "\0" in key, wait, wait)
+                return cap
         ticket.reserved = False
         self._local[tenant] = self._local.get(tenant, 0) + ticket.cost
         admission.ticket = ticket
@@ -451,6 +477,7 @@ class PolicyEngine:
         cost = budgets.cost(ticket.budget, ticket.price, prompt, generation)
         if not ticket.reserved:
             self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost - ticket.cost
+            self._local_rates.correct(ticket.limits, prompt + generation - ticket.tokens, self._peers)
         settlement = _Settlement(ticket, cost, prompt + generation)
         if self._down:
             self._queue(settlement)
@@ -549,6 +576,8 @@ class PolicyEngine:
         self.metrics.pending.set(len(self._pending))
         if not self._synced:
             await self._sync_clock()
+        if self.policy.rate_limited and time.monotonic() - self._announced >= ANNOUNCE_S:
+            await self._announce()
         if self._open and not self._down and time.monotonic() - self._renewed >= self.policy.lease_s / 3:
             await self._renew()
         if self.policy.watches_saturation:
@@ -571,6 +600,18 @@ class PolicyEngine:
             return
         self._offset_s = seconds + micros / 1e6 - self._clock()
         self._synced = True
+
+    async def _announce(self) -> None:
+        try:
+            async with asyncio.timeout(max(self.policy.redis_timeout_s, 1.0)):
+                peers = await self.store.announce(self.policy.scope, self._id)
+        except _REDIS_ERRORS as exc:
+            self._failed("presence", exc)
+            return
+        self._announced = time.monotonic()
+        if peers != self._peers:
+            log.info("%d sidecars share the rate limits of scope %s", peers, self.policy.scope)
+        self._peers = max(1, peers)
 
     async def _renew(self) -> None:
         """Push the leases of the reservations in flight (one pipeline, a script per tenant)."""
@@ -600,6 +641,9 @@ class PolicyEngine:
                 await asyncio.wait_for(asyncio.shield(self._sender), timeout_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.tick(), timeout_s)
+        if self.policy.rate_limited and not self._down:
+            with contextlib.suppress(*_REDIS_ERRORS):  # the others' share grows a minute sooner
+                await asyncio.wait_for(self.store.leave(self.policy.scope, self._id), timeout_s)
         if self._pending:
             log.warning("%d policy settlements not delivered to Redis at shutdown", len(self._pending))
         return not self._pending

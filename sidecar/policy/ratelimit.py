@@ -49,3 +49,44 @@ def retry_headers(retry_after_ms: float) -> dict[str, str]:
         "Retry-After": str(max(1, math.ceil(retry_after_ms / 1000))),
         "retry-after-ms": str(max(1, math.ceil(retry_after_ms))),
     }
+
+
+class LocalLimiter:
+    """GCRA in this process, for while Redis is away (fail-open): the same limits, a share each.
+
+    Every sidecar of the scope enforces ``1 / peers`` of each limit (its interval is
+    ``peers`` times longer), so together they admit about the shared limit even though none
+    of them sees the others. ``peers`` is how many sidecars of the scope announced
+    themselves in Redis in the last minute before it went away.
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+
+    def admit(
+        self, limits: list[tuple[str, Limit]], tokens: int, peers: int, now_ms: float
+    ) -> tuple[int, float] | None:
+        """Take ``tokens`` from every limit, or from none.
+
+        None when admitted; else (index of the first limit that refuses, ms to wait).
+        """
+        new = []
+        for i, (key, limit) in enumerate(limits):
+            tat = max(self._tat.get(key, now_ms), now_ms)
+            step = tokens * limit.interval_ms * peers
+            wait = tat + step - max(limit.tau_ms, step) - now_ms
+            if wait > 0:
+                return i, wait
+            new.append((key, tat + step))
+        if len(self._tat) > self.MAX_KEYS:
+            self._tat = {k: v for k, v in self._tat.items() if v > now_ms}
+        self._tat.update(new)
+        return None
+
+    def correct(self, limits: list[tuple[str, Limit]], tokens: int, peers: int) -> None:
+        """Move the limits by ``tokens`` (negative: a refund once the real usage is known)."""
+        for key, limit in limits:
+            if key in self._tat:
+                self._tat[key] += tokens * limit.interval_ms * peers

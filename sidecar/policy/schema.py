@@ -124,6 +124,10 @@ class Policy:
         return max(self.prices.values(), key=lambda p: p.prompt + p.generation)
 
     @property
+    def rate_limited(self) -> bool:
+        return any(rules.rate_limit.enabled for rules in (self.defaults, *self.tenants.values()))
+
+    @property
     def watches_saturation(self) -> bool:
         return any(rule.when_saturated for rule in self.downgrades.values())
 

@@ -11,6 +11,7 @@ scripts touch only keys of one slot::
                                                                   id -> "cost:tokens:day:month"
     tokenscaler:v1:{policy:<scope>:<tenant>}:lease                their leases: id by deadline (ms)
     tokenscaler:v1:{policy:<scope>:<tenant>}:swept                released when their lease ended
+    tokenscaler:v1:{policy:<scope>}:sidecars                      sidecars of the scope, by last seen
 
 ``ADMIT`` (one round trip per request) reads the budgets, grants the reservation (all of it,
 or under ``onShortfall: shorten`` what is left if that is at least the minimum), checks
@@ -183,7 +184,23 @@ for i = 2, #ARGV do renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', 
 return renewed
 """
 
+# A sidecar announces itself (id scored by Redis' time) and learns how many sidecars of the
+# scope did so within ARGV[2] ms: its share of each rate limit while Redis is away.
+PRESENCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+PRESENCE_WINDOW_MS = 60_000
+
 OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
+
+
+def presence_key(scope: str) -> str:
+    return f"{KEY_PREFIX}:{{policy:{scope}}}:sidecars"
 
 
 def tenant_keys(scope: str, tenant: str, day: str, month: str, model: str | None) -> list[str]:
@@ -228,6 +245,7 @@ class Store:
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._renew = client.register_script(RENEW)
+        self._presence = client.register_script(PRESENCE)
         self.client = client
 
     async def admit(
@@ -276,6 +294,13 @@ class Store:
         """
         replies = await self._pipelined(self._settle, SETTLE, items)
         return [Settled(*(int(x) for x in reply)) for reply in replies]
+
+    async def announce(self, scope: str, sidecar: str) -> int:
+        """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""
+        return int(await self._presence(keys=[presence_key(scope)], args=[sidecar, PRESENCE_WINDOW_MS]))
+
+    async def leave(self, scope: str, sidecar: str) -> None:
+        await self.client.zrem(presence_key(scope), sidecar)
 
     async def renew(self, leases: dict[str, list[str]], lease_ms: int) -> int:
         """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]}."""

@@ -403,3 +403,47 @@ async def test_redis_outage_fail_open_reconciles_fail_closed_refuses(
         assert after == sum(outcomes)  # the fresh Redis holds the usage admitted without it
         assert sample(sidecar, "tokenscaler_policy_unchecked_requests_total", tenant="acme") == 3
     assert before > 0 and not sidecar.policy._pending
+
+
+async def test_rate_limits_hold_while_redis_is_away_each_sidecar_its_share(
+    start_sidecar: StartSidecar, tmp_path: Path, own_redis: LocalRedis
+) -> None:
+    # 600 tokens/min with a 5 s burst; a request reserves 22 tokens (prompt estimate 12 +
+    # max_tokens 10) and uses 27. Alone, a sidecar's local limit is the whole limit: 2
+    # requests in a row fit (2 x 22 x 100 ms + the correction to 27 < 5 s), a third does not.
+    # With two sidecars announced each has half: 1 request each.
+    def policy(scope: str) -> Path:
+        limits = {"rateLimit": {"tokensPerMinute": 600, "burstSeconds": 5}, "failMode": "open"}
+        return write_policy(
+            tmp_path / f"{scope}.yaml", {"scope": scope, "redisTimeoutMs": 200, "defaults": limits}
+        )
+
+    alone = await start_sidecar(policy=policy("solo"), redis_url=own_redis.url)
+    pair = [await start_sidecar(policy=policy("pair"), redis_url=own_redis.url) for _ in range(2)]
+    for sidecar in (alone, *pair, pair[0]):  # pair[0] again: learns of pair[1]
+        assert sidecar.policy is not None
+        sidecar.policy._announced = -1e9
+        await sidecar.policy.tick()  # announces itself, learns how many share the limits
+    own_redis.process.terminate()
+    own_redis.process.wait()
+
+    async def burst(sidecar: Sidecar, tenant: str) -> list[int]:
+        outcomes = []
+        async with sdk(sidecar, tenant) as client:
+            for _ in range(3):
+                try:
+                    await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10)
+                    outcomes.append(200)
+                except openai.RateLimitError as exc:
+                    assert exc.code == "rate_limit_exceeded"
+                    assert int(exc.response.headers["Retry-After"]) >= 1
+                    outcomes.append(429)
+                await settled(sidecar)
+        return outcomes
+
+    assert alone.policy._peers == 1
+    assert await burst(alone, "a") == [200, 200, 429]
+    for sidecar in pair:
+        assert sidecar.policy is not None and sidecar.policy._peers == 2
+        assert await burst(sidecar, "b") == [200, 429, 429]
+    assert sample(pair[0], "tokenscaler_policy_rejections_total", tenant="b", reason="rate_limit") == 2

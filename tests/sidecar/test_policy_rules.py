@@ -148,6 +148,25 @@ def test_rate_limit_parameters_and_headers() -> None:
     assert ratelimit.headers(limit, -3, 10)["x-ratelimit-remaining-tokens"] == "0"
 
 
+def test_local_limiter_takes_a_share_and_all_or_nothing() -> None:
+    tenant = ratelimit.Limit.of(600, 1)  # 100 ms per token, 1 s burst
+    model = ratelimit.Limit.of(6_000, 1)  # 10 ms per token
+    local = ratelimit.LocalLimiter()
+    both = [("t", tenant), ("t\0m", model)]
+    # Two peers: 200 ms per token for the tenant, 20 ms for the model; 1,000 ms of burst.
+    assert local.admit([("t\0m", model)], 50, 2, now_ms=0) is None  # the model's burst spent
+    # The model limit refuses: the tenant limit is not charged either.
+    assert local.admit(both, 1, 2, now_ms=0) == (1, 20.0)
+    assert local.admit(both, 1, 2, now_ms=20) is None
+    assert local.admit([("t", tenant)], 4, 2, now_ms=20) is None  # 1 + 4 tokens: 1,000 ms
+    assert local.admit([("t", tenant)], 1, 2, now_ms=20) == (0, 200.0)
+    # A request larger than the burst passes when nothing is owed, as in Redis.
+    assert local.admit([("x", tenant)], 50, 1, now_ms=0) is None
+    # The real usage was smaller: the difference is given back.
+    local.correct([("x", tenant)], -45, 1)
+    assert local.admit([("x", tenant)], 5, 1, now_ms=0) is None
+
+
 def test_request_rewrites_and_stop_events() -> None:
     body = b'{"model":"large","messages":[],"max_completion_tokens":900}'
     assert openai.rewritten(Kind.CHAT, body, max_tokens=100, model="small") == (
