@@ -111,13 +111,13 @@ async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str,
 
     from sidecar import openai
     from sidecar.policy import PolicyEngine
-    from token_scaler.redis_conn import connect
+    from token_scaler.redis_channel import Channel
 
     body = json.dumps({**CHAT, "max_tokens": 16}).encode()
     parsed = openai.parse_request(openai.Kind.CHAT, body)
     assert parsed is not None
-    client = connect(redis_url)
-    engine = PolicyEngine(policy, client, CollectorRegistry(), workload="bench/llm")
+    channel = Channel.from_url(redis_url)
+    engine = PolicyEngine(policy, channel, CollectorRegistry(), workload="bench/llm")
     headers = {"X-Tenant-ID": "isolated"}
     samples = []
     for i in range(count + 300):
@@ -128,7 +128,7 @@ async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str,
         engine.settle(admission, 100, 16)
         await asyncio.sleep(0)
     await engine.close(5)
-    await client.aclose()
+    await channel.close()
     return {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
 
 

@@ -20,7 +20,6 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.exceptions import RedisError
@@ -33,7 +32,8 @@ from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
 from sidecar.tokens import load_counter
 from token_scaler.errors import ConfigError
-from token_scaler.redis_conn import connect, connection_class
+from token_scaler.redis_channel import Channel
+from token_scaler.redis_conn import connect
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +66,11 @@ class Sidecar:
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
         )
-        self._policy_redis: aioredis.Redis | None = None
+        self._policy_redis: Channel | None = None
         if config.policy is not None:
-            # A client of its own, whose requests wait for a free connection (bounded by the
-            # policy's Redis timeout) rather than fail at once when a burst takes them all.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                config.redis_url,
-                max_connections=256,
-                timeout=2.0,
-                socket_timeout=2.0,
-                socket_connect_timeout=2.0,
-                **connection_class(config.redis_url),
-            )
-            self._policy_redis = aioredis.Redis(connection_pool=pool)
+            # One pipelined connection of its own: every request's admission and settlement
+            # (redis_channel.py says why not redis-py's pool on this path).
+            self._policy_redis = Channel.from_url(config.redis_url)
             self.policy = self.proxy.policy = PolicyEngine(
                 config.policy,
                 self._policy_redis,
@@ -198,7 +190,7 @@ class Sidecar:
         await self.proxy.close()
         await self.redis.aclose()
         if self._policy_redis is not None:
-            await self._policy_redis.aclose()
+            await self._policy_redis.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

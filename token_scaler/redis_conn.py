@@ -75,13 +75,22 @@ class LocalRedis:
     process: subprocess.Popen[bytes]
     port: int
     workdir: Path
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def socket(self) -> Path:
+        """Its Unix socket (also listening there)."""
+        return self.workdir / "redis.sock"
 
     @classmethod
-    def start(cls, port: int | None = None, binary: str | None = None) -> LocalRedis:
+    def start(
+        cls, port: int | None = None, binary: str | None = None, password: str | None = None
+    ) -> LocalRedis:
         exe = binary or shutil.which("redis-server")
         if exe is None:
             raise FileNotFoundError("redis-server is not on PATH")
@@ -102,11 +111,14 @@ class LocalRedis:
                 str(workdir),
                 "--logfile",
                 str(workdir / "redis.log"),
+                "--unixsocket",
+                str(workdir / "redis.sock"),
+                *(["--requirepass", password] if password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        server = cls(process, port, workdir)
+        server = cls(process, port, workdir, password)
         deadline = time.monotonic() + 10
         while not answers(server.url):
             if process.poll() is not None or time.monotonic() > deadline:

@@ -3,9 +3,10 @@
 ``admit`` decides with the pure modules (identity, caps, downgrade, budgets, ratelimit)
 and makes at most one Redis round trip (``store.ADMIT``: budget reservation and rate
 limits together). ``settle`` runs after the response, off the request path: it sends the
-real usage (``store.SETTLE``, pipelined with other requests' settlements); a settlement
-Redis does not take waits in a queue and is retried every tick, so no refund or charge is
-lost while Redis is away.
+real usage (``store.SETTLE``), riding in the write of the next admission (one pipelined
+connection, token_scaler/redis_channel.py), so under load a request costs one round trip;
+a settlement Redis does not take waits in a queue and is retried every tick, so no refund
+or charge is lost while Redis is away.
 
 Redis unreachable (an error or ``redisTimeoutMs``): for the next tick every request is
 decided without it. ``failMode: closed`` answers 503; ``failMode: open`` admits, checks
@@ -42,11 +43,10 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
@@ -60,12 +60,14 @@ from sidecar.policy.store import (
     OK,
     RATE_TENANT,
     Admitted,
+    Settled,
     Store,
     lease_key,
     settle_args,
     tenant_keys,
 )
 from token_scaler.errors import ConfigError
+from token_scaler.redis_channel import Arg, Channel
 from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturation_key
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ class PolicyEngine:
     def __init__(
         self,
         path: Path,
-        client: aioredis.Redis,
+        channel: Channel,
         registry: CollectorRegistry,
         *,
         workload: str,
@@ -162,7 +164,7 @@ class PolicyEngine:
         self.path = path
         self._content = self._read()
         self.policy: Policy = schema.load(path)  # ConfigError at start-up
-        self.store = Store(client)
+        self.store = Store(channel)
         self.metrics = PolicyMetrics(registry)
         self._workload = workload
         self._tenant_header = tenant_header
@@ -173,7 +175,8 @@ class PolicyEngine:
         self._local: dict[str, int] = {}  # cost admitted without Redis, not reconciled yet
         self._pending: deque[_Settlement] = deque()
         self._outbox: list[_Settlement] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._inflight: set[asyncio.Task[bool]] = set()
         self._down = False
         self._open: dict[str, Ticket] = {}  # reserved in Redis, not settled yet: their leases
         self._renewed = 0.0  # monotonic time of the last lease renewal
@@ -338,6 +341,8 @@ class PolicyEngine:
         )
         reply: Admitted | None = None
         if not self._down:
+            if self._outbox:  # the settlements waiting ride along in the same write
+                self._send_outbox()
             try:
                 async with asyncio.timeout(policy.redis_timeout_s):
                     reply = await self.store.admit(
@@ -466,8 +471,9 @@ class PolicyEngine:
     def settle(self, admission: Admission, prompt: int, generation: int) -> None:
         """Settle at the real usage (0 after a failure before any token), off the request path.
 
-        Settlements wait in an outbox that one task sends, all that are there in one
-        pipeline: under load many requests' settlements share a round trip.
+        Settlements wait in an outbox; the next admission takes them along (queued just
+        before it, they leave in the same write), or after ``SETTLE_LINGER_S`` they go on
+        their own: under load, a request costs one round trip, not two.
         """
         ticket = admission.ticket
         if ticket is None:
@@ -483,24 +489,32 @@ class PolicyEngine:
             self._queue(settlement)
             return
         self._outbox.append(settlement)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._drain())
+        if self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._send_outbox)
 
     @property
     def settling(self) -> bool:
         """Settlements are on their way to Redis."""
-        return bool(self._outbox) or (self._sender is not None and not self._sender.done())
+        return bool(self._outbox) or bool(self._inflight)
 
-    async def _drain(self) -> None:
-        await asyncio.sleep(SETTLE_LINGER_S)
-        while self._outbox and not self._down:
-            batch, self._outbox = self._outbox[:BATCH], self._outbox[BATCH:]
-            await self._send(batch)
-        for settlement in self._outbox:  # Redis went away meanwhile
-            self._queue(settlement)
-        self._outbox = []
+    def _send_outbox(self) -> None:
+        """Queue the outbox's settlements on the channel now; their replies are awaited apart."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        outbox, self._outbox = self._outbox, []
+        if self._down:
+            for settlement in outbox:
+                self._queue(settlement)
+            return
+        for start in range(0, len(outbox), BATCH):
+            batch = outbox[start : start + BATCH]
+            task = asyncio.create_task(self._settled(batch, self.store.settle_many(self._items(batch))))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
-    async def _send(self, batch: list[_Settlement]) -> bool:
+    @staticmethod
+    def _items(batch: list[_Settlement]) -> list[tuple[list[str], list[Arg]]]:
         items = []
         for s in batch:
             ticket = s.ticket
@@ -515,9 +529,13 @@ class PolicyEngine:
                 unreserved=not ticket.reserved,
             )
             items.append((ticket.keys, args))
+        return items
+
+    async def _settled(self, batch: list[_Settlement], sent: Awaitable[list[Settled]]) -> bool:
+        """Apply the replies of a batch of settlements; on failure they wait in the queue."""
         try:
             async with asyncio.timeout(self.policy.redis_timeout_s):
-                replies = await self.store.settle_many(items)
+                replies = await sent
         except _REDIS_ERRORS as exc:
             self._failed("settle", exc)
             for settlement in batch:
@@ -560,17 +578,16 @@ class PolicyEngine:
     async def tick(self) -> None:
         self.reload()
         timeout = self.policy.redis_timeout_s
-        client = self.store.client
         if self._down:
             try:
-                await asyncio.wait_for(client.ping(), max(timeout, 1.0))
+                await asyncio.wait_for(self.store.ping(), max(timeout, 1.0))
             except _REDIS_ERRORS:
                 return
             self._down = False
             log.info("policy store (Redis) reachable again; reconciling %d settlements", len(self._pending))
         while self._pending and not self._down:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            if not await self._send(batch):
+            if not await self._settled(batch, self.store.settle_many(self._items(batch))):
                 # _send queued them again at the back: order does not matter, each is idempotent.
                 break
         self.metrics.pending.set(len(self._pending))
@@ -582,7 +599,7 @@ class PolicyEngine:
             await self._renew()
         if self.policy.watches_saturation:
             try:
-                raw = await asyncio.wait_for(client.get(saturation_key(self._workload)), timeout)
+                raw = await asyncio.wait_for(self.store.get(saturation_key(self._workload)), timeout)
             except _REDIS_ERRORS as exc:
                 self._failed("saturation", exc)
                 return
@@ -592,13 +609,11 @@ class PolicyEngine:
     async def _sync_clock(self) -> None:
         """Redis' clock before the first admission: its replies keep the offset after that."""
         try:
-            seconds, micros = await asyncio.wait_for(
-                self.store.client.time(), max(self.policy.redis_timeout_s, 1.0)
-            )
+            redis_now = await asyncio.wait_for(self.store.time(), max(self.policy.redis_timeout_s, 1.0))
         except _REDIS_ERRORS as exc:
             self._failed("time", exc)
             return
-        self._offset_s = seconds + micros / 1e6 - self._clock()
+        self._offset_s = redis_now - self._clock()
         self._synced = True
 
     async def _announce(self) -> None:
@@ -636,9 +651,9 @@ class PolicyEngine:
 
     async def close(self, timeout_s: float) -> bool:
         """Wait for settlements in flight, then send what is queued; False if some remain."""
-        with contextlib.suppress(TimeoutError):
-            if self._sender is not None:
-                await asyncio.wait_for(asyncio.shield(self._sender), timeout_s)
+        self._send_outbox()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.tick(), timeout_s)
         if self.policy.rate_limited and not self._down:

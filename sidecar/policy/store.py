@@ -37,14 +37,13 @@ only frees the budget early.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
-
 from token_scaler.record import KEY_PREFIX
+from token_scaler.redis_channel import Arg, Channel, LuaScript
 
 RESERVATIONS_TTL_S = 3 * 86_400
 DAY_TTL_S = 3 * 86_400
@@ -196,6 +195,8 @@ return redis.call('ZCARD', KEYS[1])
 """
 PRESENCE_WINDOW_MS = 60_000
 
+_ADMIT, _SETTLE, _RENEW, _PRESENCE = (LuaScript(source) for source in (ADMIT, SETTLE, RENEW, PRESENCE))
+
 OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
 
 
@@ -240,15 +241,23 @@ class Settled:
     month_used: int
 
 
-class Store:
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._admit = client.register_script(ADMIT)
-        self._settle = client.register_script(SETTLE)
-        self._renew = client.register_script(RENEW)
-        self._presence = client.register_script(PRESENCE)
-        self.client = client
+def _raised(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
-    async def admit(
+
+class Store:
+    """The scripts and commands of the policies, over one pipelined channel.
+
+    Every method queues its commands when it is called (not when awaited), so commands
+    issued together leave in one write: ``settle_many`` then ``admit`` costs one round trip.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def admit(
         self,
         keys: list[str],
         *,
@@ -263,74 +272,71 @@ class Store:
         lease_ms: int,
         day: str,
         month: str,
-    ) -> Admitted:
-        reply = await self._admit(
-            keys=keys,
-            args=[
-                id,
-                cost,
-                day_limit,
-                month_limit,
-                least,
-                tokens,
-                repr(tenant_rate[0]),
-                repr(tenant_rate[1]),
-                repr(model_rate[0]),
-                repr(model_rate[1]),
-                DAY_TTL_S,
-                MONTH_TTL_S,
-                RESERVATIONS_TTL_S,
-                lease_ms,
-                day,
-                month,
-            ],
-        )
-        return Admitted(*(int(x) for x in reply))
+    ) -> Awaitable[Admitted]:
+        args: list[Arg] = [
+            id,
+            cost,
+            day_limit,
+            month_limit,
+            least,
+            tokens,
+            repr(tenant_rate[0]),
+            repr(tenant_rate[1]),
+            repr(model_rate[0]),
+            repr(model_rate[1]),
+            DAY_TTL_S,
+            MONTH_TTL_S,
+            RESERVATIONS_TTL_S,
+            lease_ms,
+            day,
+            month,
+        ]
+        return self._admitted(self.channel.evalsha(_ADMIT, keys, args))
 
-    async def settle_many(self, items: list[tuple[list[str], list[object]]]) -> list[Settled]:
-        """Settle several reservations in one round trip (a pipeline of ``SETTLE`` calls).
+    @staticmethod
+    async def _admitted(reply: Awaitable[Any]) -> Admitted:
+        return Admitted(*(int(x) for x in _raised(await reply)))
 
-        Each item is (keys, ``settle_args(...)``).
+    def settle_many(self, items: list[tuple[list[str], list[Arg]]]) -> Awaitable[list[Settled]]:
+        """Settle several reservations (one ``SETTLE`` each, queued together).
+
+        Each item is (keys, ``settle_args(...)``). Every reply is checked: one error raises,
+        and the caller sends the batch again later (settling is idempotent).
         """
-        replies = await self._pipelined(self._settle, SETTLE, items)
-        return [Settled(*(int(x) for x in reply)) for reply in replies]
+        return self._settled([self.channel.evalsha(_SETTLE, keys, args) for keys, args in items])
+
+    @staticmethod
+    async def _settled(replies: list[Awaitable[Any]]) -> list[Settled]:
+        done = await asyncio.gather(*replies, return_exceptions=True)
+        return [Settled(*(int(x) for x in _raised(reply))) for reply in done]
 
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""
-        return int(await self._presence(keys=[presence_key(scope)], args=[sidecar, PRESENCE_WINDOW_MS]))
+        return int(
+            _raised(
+                await self.channel.evalsha(_PRESENCE, [presence_key(scope)], [sidecar, PRESENCE_WINDOW_MS])
+            )
+        )
 
     async def leave(self, scope: str, sidecar: str) -> None:
-        await self.client.zrem(presence_key(scope), sidecar)
+        _raised(await self.channel.send("ZREM", presence_key(scope), sidecar))
 
     async def renew(self, leases: dict[str, list[str]], lease_ms: int) -> int:
         """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]}."""
-        items: list[tuple[list[str], list[object]]] = [
-            ([key], [lease_ms, *ids]) for key, ids in leases.items()
-        ]
-        return sum(int(r) for r in await self._pipelined(self._renew, RENEW, items))
+        replies = [self.channel.evalsha(_RENEW, [key], [lease_ms, *ids]) for key, ids in leases.items()]
+        return sum(int(_raised(r)) for r in await asyncio.gather(*replies, return_exceptions=True))
 
-    async def _pipelined(
-        self, script: AsyncScript, source: str, items: list[tuple[list[str], list[object]]]
-    ) -> list[Any]:
-        """Run a script once per item in one round trip.
+    async def ping(self) -> None:
+        _raised(await self.channel.send("PING"))
 
-        A pipeline would check that the script is loaded with an extra round trip every
-        time; instead the rare ``NOSCRIPT`` (a restarted or flushed Redis) loads it and
-        sends the batch again: every script here is idempotent, running one twice is harmless.
-        """
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in items:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                script.sha = await self.client.script_load(source)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return list(replies)
-        raise AssertionError("unreachable")
+    async def time(self) -> float:
+        """Redis' clock, seconds."""
+        seconds, micros = _raised(await self.channel.send("TIME"))
+        return int(seconds) + int(micros) / 1e6
+
+    async def get(self, key: str) -> bytes | None:
+        reply: bytes | None = _raised(await self.channel.send("GET", key))
+        return reply
 
 
 def settle_args(
@@ -343,7 +349,7 @@ def settle_args(
     tenant_interval: float,
     model_interval: float,
     unreserved: bool,
-) -> list[object]:
+) -> list[Arg]:
     return [
         id,
         cost,

@@ -31,6 +31,7 @@ from sidecar.policy.store import Admitted, Store, settle_args, tenant_keys
 from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
 from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
+from token_scaler.redis_channel import Arg, Channel
 from token_scaler.redis_conn import connect, free_port
 
 
@@ -153,7 +154,7 @@ async def test_a_request_longer_than_the_lease_keeps_its_reservation(
 
 async def test_a_settlement_after_the_release_charges_in_full(redis_url: str, workload: str) -> None:
     client = connect(redis_url)
-    store = Store(client)
+    store = Store(Channel.from_url(redis_url))
     day, month = periods(time.time())
     keys = tenant_keys(scope(workload), "late", day, month, None)
     try:
@@ -164,7 +165,7 @@ async def test_a_settlement_after_the_release_charges_in_full(redis_url: str, wo
                 tenant_rate=(0.0, 0.0), model_rate=(0.0, 0.0), lease_ms=lease_ms, day=day, month=month,
             )  # fmt: skip
 
-        def settle(id: str, cost: int) -> tuple[list[str], list[object]]:
+        def settle(id: str, cost: int) -> tuple[list[str], list[Arg]]:
             args = settle_args(
                 id=id, cost=cost, tokens=cost, daily=True, monthly=False,
                 tenant_interval=0.0, model_interval=0.0, unreserved=False,
@@ -194,7 +195,11 @@ async def test_budget_periods_follow_redis_clock(redis_url: str, workload: str, 
     )
     client = connect(redis_url)
     skewed = PolicyEngine(
-        policy, client, CollectorRegistry(), workload=workload, clock=lambda: time.time() - 86_400 * 3
+        policy,
+        Channel.from_url(redis_url),
+        CollectorRegistry(),
+        workload=workload,
+        clock=lambda: time.time() - 86_400 * 3,
     )
     body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
     parsed = openai.parse_request(openai.Kind.CHAT, body)

@@ -1,0 +1,253 @@
+"""One Redis connection that pipelines every caller's commands (the policies' hot path).
+
+Why not redis-py's client here: per command it takes a connection from its pool, wraps
+the call in retry and timeout helpers, and writes with a syscall of its own. On the
+sidecar's request path (one admit script per request, one settle script after it) that
+machinery cost more CPU than Redis itself, and CPU on two cores is what the p99 pays.
+
+A channel keeps one connection. Commands issued within one event-loop iteration leave in
+one write (an admission rides with the settlements queued before it; concurrent requests
+share a write); Redis answers a connection's commands in order, so replies are matched to
+their callers first in, first out. Packing and parsing are hiredis' (C). ``send`` queues at
+once and returns a future: what is queued before an ``await`` goes out together.
+
+Failure: a lost connection fails every command waiting on it with ``ConnectionError``
+(they may or may not have run: callers' scripts are idempotent or carry an id); the next
+command connects again. A caller that stops waiting (a timeout) leaves its future behind:
+the reply still arrives in order and is dropped. Error replies are returned as
+``ResponseError`` values, not raised, so one bad command in a batch spoils nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+Arg = str | bytes | int | float
+
+
+def _pack(args: tuple[Arg, ...]) -> bytes:
+    # hiredis' stub types the argument as a 1-tuple; it takes any number of arguments.
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.reader = hiredis.Reader(replyError=ResponseError)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.channel._waiting
+        try:
+            while (reply := self.reader.gets()) is not False:
+                if not waiting:  # a reply nobody asked for: the stream is out of step
+                    raise hiredis.ProtocolError("a reply nobody was waiting for")
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        except hiredis.ProtocolError as exc:
+            self.channel._lost(RedisConnectionError(f"Redis protocol error: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.channel._lost(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+
+class Channel:
+    """Commands to one Redis over one connection, pipelined. See the module's docstring."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        self._host, self._port, self._path = host, port, path
+        self._db, self._username, self._password = db, username, password
+        self._ssl = ssl_context
+        self._connect_timeout_s = connect_timeout_s
+        self._transport: asyncio.Transport | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()  # sent, reply not read yet
+        self._queued: list[bytes] = []  # packed, not written yet
+        self._queued_futures: list[asyncio.Future[Any]] = []
+        self._flush_scheduled = False
+        self._closed = False
+
+    @classmethod
+    def like(cls, client: aioredis.Redis) -> Channel:
+        """A channel to the server (address, database, credentials, TLS) ``client`` talks to."""
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        ssl_context = None
+        if issubclass(pool.connection_class, SSLConnection):
+            ssl_context = pool.connection_class(**kwargs).ssl_context.get()
+        return cls(
+            host=kwargs.get("host", "127.0.0.1"),
+            port=int(kwargs.get("port", 6379)),
+            path=kwargs.get("path")
+            if issubclass(pool.connection_class, UnixDomainSocketConnection)
+            else None,
+            db=int(kwargs.get("db", 0) or 0),
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            ssl_context=ssl_context,
+            connect_timeout_s=float(kwargs.get("socket_connect_timeout") or 2.0),
+        )
+
+    @classmethod
+    def from_url(cls, url: str) -> Channel:
+        """A channel to ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, as redis-py reads it."""
+        return cls.like(aioredis.Redis.from_url(url))  # no connection is made by from_url
+
+    # -- sending
+
+    def send(self, *args: Arg) -> asyncio.Future[Any]:
+        """Queue one command now; the future holds its reply (a ``ResponseError`` for an error)."""
+        if self._closed:
+            raise RedisConnectionError("the Redis channel is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append(_pack(args))
+        self._queued_futures.append(future)
+        if self._transport is None:
+            if self._connecting is None:
+                self._connecting = asyncio.create_task(self._connect())
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return future
+
+    def evalsha(self, script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]) -> Awaitable[Any]:
+        """Run a script by its digest, queued now; loaded and run again if Redis lacks it.
+
+        A ``NOSCRIPT`` reply means the script did not run, so running it after the load
+        runs it once.
+        """
+        first = self.send("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self._loaded(first, script, keys, args)
+
+    async def _loaded(
+        self, first: asyncio.Future[Any], script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]
+    ) -> Any:
+        reply = await first
+        if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+            loaded = await self.send("SCRIPT", "LOAD", script.source)
+            if isinstance(loaded, ResponseError):
+                return loaded
+            reply = await self.send("EVALSHA", script.sha, len(keys), *keys, *args)
+        return reply
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._transport is None or not self._queued:
+            return
+        data, self._queued = b"".join(self._queued), []
+        self._waiting.extend(self._queued_futures)
+        self._queued_futures = []
+        self._transport.write(data)
+
+    # -- the connection
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                if self._path is not None:
+                    transport, _ = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
+                else:
+                    transport, _ = await loop.create_connection(
+                        lambda: _Protocol(self),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._ssl else None,
+                    )
+                setup: list[tuple[Arg, ...]] = []
+                if self._password is not None:
+                    auth: tuple[Arg, ...] = (self._password,)
+                    if self._username:
+                        auth = (self._username, self._password)
+                    setup.append(("AUTH", *auth))
+                if self._db:
+                    setup.append(("SELECT", self._db))
+                replies = [loop.create_future() for _ in setup]
+                # The handshake goes first, before anything callers queued meanwhile.
+                self._waiting.extend(replies)
+                transport.write(b"".join(_pack(c) for c in setup))
+                for command, reply in zip(setup, replies, strict=True):
+                    answer = await reply
+                    if isinstance(answer, ResponseError):
+                        transport.close()
+                        raise RedisConnectionError(f"Redis refused {command[0]!s}: {answer}")
+        except (OSError, TimeoutError, RedisConnectionError) as exc:
+            self._connecting = None
+            error = (
+                exc
+                if isinstance(exc, RedisConnectionError)
+                else RedisConnectionError(f"cannot connect to Redis at {self._where}: {exc!r}")
+            )
+            self._fail_queued(error)
+            return
+        self._transport = transport
+        self._connecting = None
+        if self._closed:
+            transport.close()
+            return
+        self._flush()
+
+    @property
+    def _where(self) -> str:
+        return self._path or f"{self._host}:{self._port}"
+
+    def _fail_queued(self, error: Exception) -> None:
+        futures, self._queued_futures, self._queued = self._queued_futures, [], []
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+    def _lost(self, error: Exception) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        waiting, self._waiting = self._waiting, deque()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+        if self._queued and self._connecting is None and not self._closed:
+            self._connecting = asyncio.create_task(self._connect())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            with contextlib.suppress(Exception):
+                await self._connecting
+        self._lost(RedisConnectionError("the Redis channel is closed"))
+        self._fail_queued(RedisConnectionError("the Redis channel is closed"))
