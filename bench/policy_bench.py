@@ -2,13 +2,17 @@
 
     python -m bench.policy_bench                # ~1 minute, loopback only
 
-Processes: the fake upstream, a private Redis, and two sidecars: one without a policy, one
+Processes: the fake upstream, a private Redis, and three sidecars: two without a policy
+(``no-policy`` and ``no-policy-b``, the same thing twice: their difference is how far two
+p99s of one thing land apart on this machine, the noise band of the comparison) and one
 with every per-request check on (max_tokens cap, daily and monthly budget reserved and
-settled, a tenant and a per-model rate limit; limits high enough that nothing is refused).
-Non-streamed chat at a fixed open-loop rate, rounds interleaved between the two. Reported:
-latency p50/p99 of each and the difference, and the sidecar's own measure of the policy
-check (``tokenscaler_policy_check_seconds``: decisions plus the Redis round trip).
-Results: bench/results/policy.json.
+settled, a tenant and a per-model rate limit, a model limit across tenants; limits high
+enough that nothing is refused). Non-streamed chat at a fixed open-loop rate, rounds
+interleaved. Reported: latency p50/p90/p99 of each, the policy's difference and the A/A
+difference, CPU per 1,000 requests, the sidecar's own measure of the check
+(``tokenscaler_policy_check_seconds``: decisions plus the Redis round trip), the check alone
+in-process, and the floor under any Redis-backed check: a PING round trip to the same
+Redis over the same kind of connection. Results: bench/results/policy.json.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ POLICY = {
         "budget": {"daily": 10**12, "monthly": 10**13},
         "rateLimit": {"tokensPerMinute": 10**10, "perModel": {"bench": 10**10}},
     },
+    "modelLimits": {"bench": {"tokensPerMinute": 10**10}},
 }
 
 
@@ -90,6 +95,9 @@ async def bench(
     result["added_ms"] = {
         p: round(result["policy"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
     }
+    result["a_a_ms"] = {
+        p: round(result["no-policy-b"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
+    }
     count = sample(metrics, "tokenscaler_policy_check_seconds_count") - sample(
         before, "tokenscaler_policy_check_seconds_count"
     )
@@ -105,8 +113,9 @@ async def bench(
     return result
 
 
-async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str, float]:
-    """``admit`` alone, in this process, one request at a time: the check without the proxy's load."""
+async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str, dict[str, float]]:
+    """``admit`` alone, in this process, one request at a time: the check without the proxy's
+    load; then PING over the same connection: one round trip, the floor under any check."""
     from prometheus_client import CollectorRegistry
 
     from sidecar import openai
@@ -128,8 +137,17 @@ async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str,
         engine.settle(admission, 100, 16)
         await asyncio.sleep(0)
     await engine.close(5)
+    pings = []
+    for i in range(count + 300):
+        began = time.perf_counter()
+        await channel.send("PING")
+        if i >= 300:
+            pings.append(time.perf_counter() - began)
+        await asyncio.sleep(0)
     await channel.close()
-    return {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+    ms = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+    rtt = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(pings).items()}
+    return {"admit": ms, "ping": rtt}
 
 
 def main() -> int:
@@ -137,8 +155,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rate", type=float, default=200, help="non-streamed requests per second")
-    parser.add_argument("--seconds", type=float, default=24, help="seconds of load per target")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    parser.add_argument("--seconds", type=float, default=40, help="seconds of load per target")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
     args = parser.parse_args()
     redis_url, server = redis_for_bench()
     tmp = Path(tempfile.mkdtemp(prefix="policy-bench-"))
@@ -154,7 +172,7 @@ def main() -> int:
         targets: dict[str, str] = {}
         admins: dict[str, str] = {}
         pids: dict[str, int] = {}
-        for name, extra in (("no-policy", []), ("policy", ["--policy", str(policy)])):
+        for name, extra in (("no-policy", []), ("policy", ["--policy", str(policy)]), ("no-policy-b", [])):
             port, admin = free_port(), free_port()
             env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
             argv = [
@@ -186,18 +204,26 @@ def main() -> int:
         print(
             f"  {name:10} p50 {row['p50']:7.3f}  p90 {row['p90']:7.3f}  p99 {row['p99']:7.3f}  n={row['n']}"
         )
-    added = result["added_ms"]
+    added, noise = result["added_ms"], result["a_a_ms"]
     print(f"  policies add: p50 {added['p50']:+.3f}  p90 {added['p90']:+.3f}  p99 {added['p99']:+.3f}")
+    print(
+        f"  A/A (no-policy-b - no-policy, the noise band): p50 {noise['p50']:+.3f}"
+        f"  p90 {noise['p90']:+.3f}  p99 {noise['p99']:+.3f}"
+    )
+    print(
+        "  CPU per 1,000 requests: "
+        + ", ".join(f"{name} {result[name]['cpu_s_per_1000_requests']:.3f} s" for name in targets)
+    )
     check = result["check"]
     print(
         f"  the check itself (decisions + one Redis round trip), n={check['n']:.0f}: mean "
         f"{check['mean_ms']} ms, p50 <= {check['p50_bucket_ms']:g} ms, p99 <= {check['p99_bucket_ms']:g} ms"
     )
-    alone = result["check_isolated"]
-    print(
-        f"  admit alone (in-process, sequential, same Redis): p50 {alone['p50']:.3f}  p90 {alone['p90']:.3f}"
-        f"  p99 {alone['p99']:.3f} ms  n={alone['n']}"
-    )
+    for what, row in (
+        ("admit alone (in-process, sequential, same Redis)", result["check_isolated"]["admit"]),
+        ("PING round trip (the floor, same connection)", result["check_isolated"]["ping"]),
+    ):
+        print(f"  {what}: p50 {row['p50']:.3f}  p90 {row['p90']:.3f}  p99 {row['p99']:.3f} ms  n={row['n']}")
     print(f"saved {save('policy', result)}")
     return 0
 

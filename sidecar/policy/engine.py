@@ -46,6 +46,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
@@ -60,9 +61,11 @@ from sidecar.policy.store import (
     OK,
     RATE_TENANT,
     Admitted,
+    ModelAdmitted,
     Settled,
     Store,
     lease_key,
+    model_rate_key,
     settle_args,
     tenant_keys,
 )
@@ -74,8 +77,9 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
 BATCH = 200  # settlements per pipeline
-# Settlements wait this long for others to share their round trip (off the request path).
-SETTLE_LINGER_S = 0.005
+# Settlements wait this long for the next admission to take them along (off the request
+# path; at 20 requests/s and more nearly all ride, below that they go on their own).
+SETTLE_LINGER_S = 0.05
 # How often a sidecar announces itself (its peers' count sets its share of a rate limit
 # while Redis is away); well inside store.PRESENCE_WINDOW_MS.
 ANNOUNCE_S = 10.0
@@ -108,6 +112,8 @@ class Ticket:
     reserved: bool  # in Redis; False: admitted without it (fail-open)
     tokens: int = 0  # reserved tokens (prompt estimate + max_tokens x n)
     limits: list[tuple[str, ratelimit.Limit]] = field(default_factory=list)  # (local key, limit)
+    wide_key: str | None = None  # the model's limit across tenants, when it has one
+    wide_interval: float = 0.0
 
 
 @dataclass(slots=True)
@@ -129,6 +135,7 @@ class _Settlement:
     ticket: Ticket
     cost: int
     tokens: int
+    moved: bool = False  # the model-wide limit was corrected (or needs no correction)
 
 
 @dataclass(slots=True)
@@ -177,6 +184,7 @@ class PolicyEngine:
         self._outbox: list[_Settlement] = []
         self._linger: asyncio.TimerHandle | None = None
         self._inflight: set[asyncio.Task[bool]] = set()
+        self._moves: set[asyncio.Task[None]] = set()
         self._down = False
         self._open: dict[str, Ticket] = {}  # reserved in Redis, not settled yet: their leases
         self._renewed = 0.0  # monotonic time of the last lease renewal
@@ -264,7 +272,7 @@ class PolicyEngine:
                     400, "invalid_request_error", "max_tokens_above_ceiling", cap.reject
                 )
                 return admission
-        if rules.needs_redis:
+        if rules.needs_redis or (model is not None and model in policy.model_limits):
             cap = await self._reserve(admission, policy, rules, parsed, prompt_estimate, cap, soft, now)
             if admission.rejection is not None:
                 return admission
@@ -320,10 +328,15 @@ class PolicyEngine:
         model_tpm = rate.per_model.get(model) if model is not None else None
         if model_tpm is not None:
             model_limit = ratelimit.Limit.of(model_tpm, rate.burst_seconds, factor)
+        wide = policy.model_limits.get(model) if model is not None else None
+        wide_limit = ratelimit.Limit.of(wide.tokens_per_minute, wide.burst_seconds) if wide else None
         day, month = budgets.periods(now)
+        # Local keys (fail-open): the tenant, the tenant and model, and the model ("\1").
         limits = [(tenant, tenant_limit)] if tenant_limit else []
         if model_limit:
             limits.append((f"{tenant}\0{model}", model_limit))
+        if wide_limit:
+            limits.append((f"\1{model}", wide_limit))
         ticket = Ticket(
             id=uuid.uuid4().hex,
             keys=tenant_keys(policy.scope, tenant, day, month, model if model_limit else None),
@@ -338,14 +351,17 @@ class PolicyEngine:
             reserved=True,
             tokens=prompt + generation,
             limits=limits,
+            wide_key=model_rate_key(policy.scope, model) if wide_limit and model else None,
+            wide_interval=wide_limit.interval_ms if wide_limit else 0.0,
         )
         reply: Admitted | None = None
+        wide_reply: ModelAdmitted | None = None
         if not self._down:
             if self._outbox:  # the settlements waiting ride along in the same write
                 self._send_outbox()
             try:
                 async with asyncio.timeout(policy.redis_timeout_s):
-                    reply = await self.store.admit(
+                    admitted = self.store.admit(
                         ticket.keys,
                         id=ticket.id,
                         cost=cost,
@@ -359,6 +375,13 @@ class PolicyEngine:
                         day=day,
                         month=month,
                     )
+                    if wide_limit is None or ticket.wide_key is None:
+                        reply = await admitted
+                    else:  # in the same write as the tenant's admission
+                        taken = self.store.model_rate(
+                            ticket.wide_key, ticket.tokens, wide_limit.interval_ms, wide_limit.tau_ms
+                        )
+                        reply, wide_reply = await asyncio.gather(admitted, taken)
             except _REDIS_ERRORS as exc:
                 self._failed("admit", exc)
         label = self._label(tenant)
@@ -377,15 +400,19 @@ class PolicyEngine:
         self._saw(tenant, budget, day, month, reply.day_used, reply.month_used)
         if reply.status == BUDGET:
             self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
+            if wide_reply is not None and not wide_reply.refused:
+                self._give_back(ticket)
             return cap
-        if reply.status != OK:
-            per_model = reply.status != RATE_TENANT
-            limit = model_limit if per_model else tenant_limit
-            assert limit is not None
-            self._refuse_rate(admission, limit, per_model, reply.retry_after_ms, reply.reset_ms)
+        if reply.status != OK or (wide_reply is not None and wide_reply.refused):
+            self._refused_one(admission, ticket, reply, wide_reply, tenant_limit, model_limit, wide_limit)
             return cap
-        for limit, reset in ((model_limit, reply.model_reset_ms), (tenant_limit, reply.reset_ms)):
-            if limit is not None:  # the tenant's limit wins when both are set
+        shown = [
+            (wide_limit, wide_reply.reset_ms if wide_reply else 0),
+            (model_limit, reply.model_reset_ms),
+            (tenant_limit, reply.reset_ms),
+        ]
+        for limit, reset in shown:
+            if limit is not None:  # the tenant's limit wins when several are set
                 remaining = int((limit.tau_ms - reset) / limit.interval_ms)
                 admission.headers.update(ratelimit.headers(limit, remaining, reset))
         ticket.cost = reply.granted
@@ -396,16 +423,63 @@ class PolicyEngine:
             cap = caps.shortened(cap, max(1, allowed))
         return cap
 
+    def _refused_one(
+        self,
+        admission: Admission,
+        ticket: Ticket,
+        reply: Admitted,
+        wide_reply: ModelAdmitted | None,
+        tenant_limit: ratelimit.Limit | None,
+        model_limit: ratelimit.Limit | None,
+        wide_limit: ratelimit.Limit | None,
+    ) -> None:
+        """A rate limit refused: answer 429 and give back what the other check took."""
+        if reply.status != OK:
+            if wide_reply is not None and not wide_reply.refused:
+                self._give_back(ticket)
+            per_model = reply.status != RATE_TENANT
+            limit = model_limit if per_model else tenant_limit
+            assert limit is not None
+            which = f"tenant {admission.tenant}" + (f" and model {admission.model}" if per_model else "")
+            self._refuse_rate(admission, limit, which, reply.retry_after_ms, reply.reset_ms)
+            return
+        assert wide_reply is not None and wide_limit is not None
+        # The tenant's admission went through: release its reservation (with the next write).
+        self._outbox.append(_Settlement(ticket, 0, 0, moved=True))
+        if self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._send_outbox)
+        which = f"model {admission.model} (all tenants)"
+        self._refuse_rate(admission, wide_limit, which, wide_reply.retry_after_ms, wide_reply.reset_ms)
+
+    def _give_back(self, ticket: Ticket) -> None:
+        """Return the tokens a refused request took from its model's limit across tenants."""
+        assert ticket.wide_key is not None
+        self._background(self.store.move(ticket.wide_key, -ticket.tokens * ticket.wide_interval))
+
+    def _background(self, reply: Awaitable[Any]) -> None:
+        """Await a reply off the request path; a failure only counts (what it fixes is a rate)."""
+
+        async def wait() -> None:
+            try:
+                async with asyncio.timeout(max(self.policy.redis_timeout_s, 1.0)):
+                    await reply
+            except _REDIS_ERRORS as exc:
+                self.metrics.redis_errors.labels("move").inc()
+                log.debug("rate limit correction not applied: %r", exc)
+
+        task = asyncio.create_task(wait())
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
+
     def _refuse_rate(
-        self, admission: Admission, limit: ratelimit.Limit, per_model: bool, wait_ms: float, reset_ms: float
+        self, admission: Admission, limit: ratelimit.Limit, which: str, wait_ms: float, reset_ms: float
     ) -> None:
         self.metrics.rejections.labels(self._label(admission.tenant), "rate_limit").inc()
-        which = f" and model {admission.model}" if per_model else ""
         admission.rejection = Rejection(
             429,
             "tokens",
             "rate_limit_exceeded",
-            f"Rate limit reached for tenant {admission.tenant}{which} on tokens per min (TPM): "
+            f"Rate limit reached for {which} on tokens per min (TPM): "
             f"Limit {limit.tokens_per_minute}. Please try again in {ratelimit.duration(wait_ms)}.",
             {**ratelimit.headers(limit, 0, reset_ms), **ratelimit.retry_headers(wait_ms)},
         )
@@ -458,7 +532,12 @@ class PolicyEngine:
             if refused is not None:
                 index, wait = refused
                 key, limit = ticket.limits[index]
-                self._refuse_rate(admission, limit, "\0" in key, wait, wait)
+                which = f"tenant {tenant}"
+                if key.startswith("\1"):
+                    which = f"model {admission.model} (all tenants)"
+                elif "\0" in key:
+                    which += f" and model {admission.model}"
+                self._refuse_rate(admission, limit, which, wait, wait)
                 return cap
         ticket.reserved = False
         self._local[tenant] = self._local.get(tenant, 0) + ticket.cost
@@ -509,9 +588,21 @@ class PolicyEngine:
             return
         for start in range(0, len(outbox), BATCH):
             batch = outbox[start : start + BATCH]
+            self._move(batch)
             task = asyncio.create_task(self._settled(batch, self.store.settle_many(self._items(batch))))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _move(self, batch: list[_Settlement]) -> None:
+        """Correct the model limits across tenants to the real tokens, once per settlement."""
+        for settlement in batch:
+            ticket = settlement.ticket
+            if settlement.moved or ticket.wide_key is None or not ticket.reserved:
+                continue
+            settlement.moved = True
+            delta = settlement.tokens - ticket.tokens
+            if delta:
+                self._background(self.store.move(ticket.wide_key, delta * ticket.wide_interval))
 
     @staticmethod
     def _items(batch: list[_Settlement]) -> list[tuple[list[str], list[Arg]]]:
@@ -587,6 +678,7 @@ class PolicyEngine:
             log.info("policy store (Redis) reachable again; reconciling %d settlements", len(self._pending))
         while self._pending and not self._down:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            self._move(batch)
             if not await self._settled(batch, self.store.settle_many(self._items(batch))):
                 # _send queued them again at the back: order does not matter, each is idempotent.
                 break

@@ -63,6 +63,14 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelLimit:
+    """Tokens per minute of one model, all tenants together (what its replicas can serve)."""
+
+    tokens_per_minute: int
+    burst_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class SoftCap:
     at: float  # share of a budget used
     max_tokens: int | None = None
@@ -106,6 +114,7 @@ class Policy:
     default_tenant: str = "default"
     prices: Mapping[str, Price] = field(default_factory=dict)
     downgrades: Mapping[str, Downgrade] = field(default_factory=dict)
+    model_limits: Mapping[str, ModelLimit] = field(default_factory=dict)  # model as sent upstream
     defaults: TenantPolicy = TenantPolicy()
     tenants: Mapping[str, TenantPolicy] = field(default_factory=dict)
     redis_timeout_s: float = 0.25
@@ -125,7 +134,8 @@ class Policy:
 
     @property
     def rate_limited(self) -> bool:
-        return any(rules.rate_limit.enabled for rules in (self.defaults, *self.tenants.values()))
+        tenants = (self.defaults, *self.tenants.values())
+        return bool(self.model_limits) or any(rules.rate_limit.enabled for rules in tenants)
 
     @property
     def watches_saturation(self) -> bool:
@@ -215,10 +225,12 @@ _TOP_KEYS = frozenset(
         "tenants",
         "redisTimeoutMs",
         "reservationLeaseSeconds",
+        "modelLimits",
     }
 )
 _IDENTITY_KEYS = frozenset({"tenantHeader", "apiKeys", "defaultTenant"})
 _PRICE_KEYS = frozenset({"prompt", "generation"})
+_MODEL_LIMIT_KEYS = frozenset({"tokensPerMinute", "burstSeconds"})
 _DOWNGRADE_KEYS = frozenset({"to", "upstream", "atBudgetRatio", "whenSaturated"})
 
 
@@ -273,6 +285,18 @@ def _rate_limit(path: str, raw: object) -> RateLimit:
         tokens_per_minute=None if tpm is None else _int(f"{path}.tokensPerMinute", tpm),
         per_model=per_model,
         burst_seconds=_number(f"{path}.burstSeconds", doc.get("burstSeconds", 60.0), low=0.001, high=86400),
+    )
+
+
+def _model_limit(path: str, raw: object) -> ModelLimit:
+    doc = _mapping(path, raw, _MODEL_LIMIT_KEYS)
+    if "tokensPerMinute" not in doc:
+        raise _fail(
+            f"{path}.tokensPerMinute", "required: the model's tokens per minute, all tenants together"
+        )
+    return ModelLimit(
+        tokens_per_minute=_int(f"{path}.tokensPerMinute", doc["tokensPerMinute"]),
+        burst_seconds=_number(f"{path}.burstSeconds", doc.get("burstSeconds", 10.0), low=0.001, high=86400),
     )
 
 
@@ -387,6 +411,10 @@ def parse(data: object) -> Policy:
         _name("downgrade", model): _downgrade(f"downgrade.{model}", model, raw)
         for model, raw in _mapping("downgrade", doc.get("downgrade")).items()
     }
+    model_limits = {
+        _name("modelLimits", model): _model_limit(f"modelLimits.{model}", raw)
+        for model, raw in _mapping("modelLimits", doc.get("modelLimits")).items()
+    }
     defaults_doc = _mapping("defaults", doc.get("defaults"), _TENANT_KEYS)
     defaults = _tenant("defaults", defaults_doc, opt_in=False)
     tenants: dict[str, TenantPolicy] = {}
@@ -406,6 +434,7 @@ def parse(data: object) -> Policy:
         default_tenant=default_tenant,
         prices=prices,
         downgrades=downgrades,
+        model_limits=model_limits,
         defaults=defaults,
         tenants=tenants,
         redis_timeout_s=_int("redisTimeoutMs", timeout_ms, high=60_000) / 1000,

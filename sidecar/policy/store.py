@@ -12,6 +12,14 @@ scripts touch only keys of one slot::
     tokenscaler:v1:{policy:<scope>:<tenant>}:lease                their leases: id by deadline (ms)
     tokenscaler:v1:{policy:<scope>:<tenant>}:swept                released when their lease ended
     tokenscaler:v1:{policy:<scope>}:sidecars                      sidecars of the scope, by last seen
+    tokenscaler:v1:{policy:<scope>/model/<model>}:rate            GCRA TAT of a model, all tenants
+
+A model's limit across tenants lives in a slot of its own ('/' is not allowed in tenant
+names, so it cannot collide with a tenant's tag). ``MODEL_RATE`` checks and takes it, queued
+in the same write as ``ADMIT``; when one of the two refuses and the other admitted, the
+sidecar gives back what the other took (a release, or ``MOVE`` by minus the tokens).
+Settlements move it by the difference between real and reserved tokens, once (``MOVE`` has
+no id: it is sent at most once, a lost correction only tightens the limit for a burst).
 
 ``ADMIT`` (one round trip per request) reads the budgets, grants the reservation (all of it,
 or under ``onShortfall: shorten`` what is left if that is at least the minimum), checks
@@ -195,9 +203,46 @@ return redis.call('ZCARD', KEYS[1])
 """
 PRESENCE_WINDOW_MS = 60_000
 
-_ADMIT, _SETTLE, _RENEW, _PRESENCE = (LuaScript(source) for source in (ADMIT, SETTLE, RENEW, PRESENCE))
+
+# A model's tokens per minute across tenants (GCRA): {0, 0, reset} or {1, retry after, reset}.
+MODEL_RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local tokens, interval, tau = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new = tat + tokens * interval
+local need = tau
+if tokens * interval > need then need = tokens * interval end
+if new - need > now then return {1, math.ceil(new - need - now), math.ceil(tat - now)} end
+redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
+return {0, 0, math.ceil(new - now)}
+"""
+
+# Move a GCRA TAT by ARGV[1] ms (negative: give tokens back); a TAT in the past is gone.
+MOVE = """
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+tat = tat + tonumber(ARGV[1])
+if tat > now then
+  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+_ADMIT, _SETTLE, _RENEW, _PRESENCE, _MODEL_RATE, _MOVE = (
+    LuaScript(source) for source in (ADMIT, SETTLE, RENEW, PRESENCE, MODEL_RATE, MOVE)
+)
 
 OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
+
+
+def model_rate_key(scope: str, model: str) -> str:
+    return f"{KEY_PREFIX}:{{policy:{scope}/model/{model}}}:rate"
 
 
 def presence_key(scope: str) -> str:
@@ -232,6 +277,13 @@ class Admitted:
     model_reset_ms: int
     redis_time_ms: int  # Redis' clock when it decided
     expired: int  # reservations of this tenant released because their lease ended
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAdmitted:
+    refused: bool
+    retry_after_ms: int
+    reset_ms: int  # TAT - now
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +348,23 @@ class Store:
     @staticmethod
     async def _admitted(reply: Awaitable[Any]) -> Admitted:
         return Admitted(*(int(x) for x in _raised(await reply)))
+
+    def model_rate(
+        self, key: str, tokens: int, interval_ms: float, tau_ms: float
+    ) -> Awaitable[ModelAdmitted]:
+        """Check and take a model's limit across tenants (queued now, like ``admit``)."""
+        return self._model_admitted(
+            self.channel.evalsha(_MODEL_RATE, [key], [tokens, repr(interval_ms), repr(tau_ms)])
+        )
+
+    @staticmethod
+    async def _model_admitted(reply: Awaitable[Any]) -> ModelAdmitted:
+        refused, retry, reset = _raised(await reply)
+        return ModelAdmitted(bool(refused), int(retry), int(reset))
+
+    def move(self, key: str, ms: float) -> Awaitable[Any]:
+        """Move a rate limit's TAT by ``ms`` (queued now; the reply says nothing useful)."""
+        return self.channel.evalsha(_MOVE, [key], [repr(ms)])
 
     def settle_many(self, items: list[tuple[list[str], list[Arg]]]) -> Awaitable[list[Settled]]:
         """Settle several reservations (one ``SETTLE`` each, queued together).

@@ -447,3 +447,59 @@ async def test_rate_limits_hold_while_redis_is_away_each_sidecar_its_share(
         assert sidecar.policy is not None and sidecar.policy._peers == 2
         assert await burst(sidecar, "b") == [200, 429, 429]
     assert sample(pair[0], "tokenscaler_policy_rejections_total", tenant="b", reason="rate_limit") == 2
+
+
+async def test_a_model_limit_across_tenants_refuses_and_gives_back(
+    start_sidecar: StartSidecar, policy_file: Path, workload: str, redis_url: str
+) -> None:
+    # 600 tokens/min for model m, whoever asks, 5 s of burst: 100 ms per token. A request
+    # reserves 22 tokens (2.2 s) and uses 27 (2.7 s once settled): two fit, the third not.
+    write_policy(
+        policy_file,
+        {
+            "scope": scope(workload),
+            "modelLimits": {"m": {"tokensPerMinute": 600, "burstSeconds": 5}},
+            "tenants": {"rich": {"budget": {"daily": 10_000}}, "poor": {"budget": {"daily": 5}}},
+        },
+    )
+    sidecar = await start_sidecar(policy=policy_file)
+    wide = f"tokenscaler:v1:{{policy:{scope(workload)}/model/m}}:rate"
+    r = redis.Redis.from_url(redis_url)
+    try:
+        # Refused by its budget: what it took from the model's limit is given back.
+        async with sdk(sidecar, "poor") as client:
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10)
+            assert info.value.code == "budget_exceeded"
+        for _ in range(100):
+            if r.pttl(wide) < 0:
+                break
+            await asyncio.sleep(0.02)
+        assert r.pttl(wide) < 0  # nothing owed
+        served = []
+        for tenant in ("a", "b"):
+            async with sdk(sidecar, tenant) as client:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="m", messages=MESSAGES, max_tokens=10
+                )
+                served.append(raw.parse())
+                assert raw.headers["x-ratelimit-limit-tokens"] == "600"
+                await settled(sidecar)
+        # Settled to the real usage (27 tokens each): 5.4 s owed, less the time gone by.
+        assert 4_700 < r.pttl(wide) <= 5_401  # uncorrected it would be 4.4 s
+        async with sdk(sidecar, "rich") as client:
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10)
+            assert "model m (all tenants)" in info.value.message
+            assert int(info.value.response.headers["Retry-After"]) >= 1
+            # Another model is not limited.
+            await client.chat.completions.create(model="other", messages=MESSAGES, max_tokens=10)
+        await settled(sidecar)
+        await asyncio.sleep(0.05)
+        # The refused request's budget reservation was released: only "other" is charged.
+        assert used(redis_url, workload, "rich") == 27
+        assert r.hlen(f"tokenscaler:v1:{{policy:{scope(workload)}:rich}}:res") == 0
+        assert sample(sidecar, "tokenscaler_policy_rejections_total", tenant="rich", reason="rate_limit") == 1
+    finally:
+        r.delete(wide)
+        r.close()
