@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,24 @@ class LuaScript:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+def _outcome(future: asyncio.Future[Any]) -> Any:
+    """A finished future's reply, or its exception (retrieved, so asyncio never warns of it)."""
+    if future.cancelled():
+        return None
+    return future.exception() or future.result()
+
+
+def _settle(outer: asyncio.Future[Any], inner: asyncio.Future[Any]) -> None:
+    if outer.done():
+        return
+    if inner.cancelled():
+        outer.cancel()
+    elif (exc := inner.exception()) is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(inner.result())
 
 
 class _Protocol(asyncio.Protocol):
@@ -145,25 +163,27 @@ class Channel:
             asyncio.get_running_loop().call_soon(self._flush)
         return future
 
-    def evalsha(self, script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]) -> Awaitable[Any]:
+    def evalsha(self, script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Run a script by its digest, queued now; loaded and run again if Redis lacks it.
 
         A ``NOSCRIPT`` reply means the script did not run, so running it after the load
-        runs it once.
+        runs it once. Callbacks, not a coroutine: no task per call on the hot path.
         """
-        first = self.send("EVALSHA", script.sha, len(keys), *keys, *args)
-        return self._loaded(first, script, keys, args)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    async def _loaded(
-        self, first: asyncio.Future[Any], script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]
-    ) -> Any:
-        reply = await first
-        if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-            loaded = await self.send("SCRIPT", "LOAD", script.source)
-            if isinstance(loaded, ResponseError):
-                return loaded
-            reply = await self.send("EVALSHA", script.sha, len(keys), *keys, *args)
-        return reply
+        def first_done(first: asyncio.Future[Any]) -> None:
+            reply = _outcome(first)
+            if outer.done():  # the caller stopped waiting
+                return
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                self.send("SCRIPT", "LOAD", script.source).add_done_callback(_outcome)
+                self.send(*command).add_done_callback(lambda again: _settle(outer, again))
+            else:
+                _settle(outer, first)
+
+        self.send(*command).add_done_callback(first_done)
+        return outer
 
     def _flush(self) -> None:
         self._flush_scheduled = False

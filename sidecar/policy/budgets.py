@@ -6,6 +6,7 @@ rounded up, so a sum in Redis never drifts and never undercharges.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from sidecar.policy.schema import MONEY, Budget, Price
@@ -21,7 +22,12 @@ def cost(budget: Budget, price: Price, prompt: int, generation: int) -> int:
 
 def periods(now: float) -> tuple[str, str]:
     """The UTC day (``20250131``) and month (``202501``) a moment belongs to."""
-    day = time.strftime("%Y%m%d", time.gmtime(now))
+    return _periods_of_day(int(now // DAY_S))
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_day(day_number: int) -> tuple[str, str]:
+    day = time.strftime("%Y%m%d", time.gmtime(day_number * DAY_S))
     return day, day[:6]
 
 

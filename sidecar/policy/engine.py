@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from redis.exceptions import RedisError
 
 from sidecar import openai
@@ -179,6 +180,7 @@ class PolicyEngine:
         self._tick_s = tick_s
         self._clock = clock
         self._used: dict[str, _Used] = {}
+        self._budget_gauges: dict[str, Gauge] = {}
         self._local: dict[str, int] = {}  # cost admitted without Redis, not reconciled yet
         self._pending: deque[_Settlement] = deque()
         self._outbox: list[_Settlement] = []
@@ -191,7 +193,8 @@ class PolicyEngine:
         self._offset_s = 0.0  # Redis' clock minus ours, from the last reply
         self._synced = False
         self._local_rates = ratelimit.LocalLimiter()  # while Redis is away (fail-open)
-        self._id = uuid.uuid4().hex[:16]  # this sidecar among the scope's (presence)
+        self._id = uuid.uuid4().hex[:16]  # this sidecar among the scope's (presence, reservation ids)
+        self._ids = itertools.count()
         self._peers = 1  # sidecars of the scope seen in the last minute, this one included
         self._announced = -math.inf
         self.saturation: Saturation = NOT_SATURATED
@@ -242,9 +245,12 @@ class PolicyEngine:
         if not budget.enabled:
             return
         self._used[tenant] = _Used(day, month, day_used, month_used)
-        self.metrics.budget_used.labels(self._label(tenant)).set(
-            budgets.used_ratio(budget, day_used, month_used)
-        )
+        gauge = self._budget_gauges.get(tenant)
+        if gauge is None:  # labels() looks the child up by its label values: once per tenant
+            if len(self._budget_gauges) > 10_000:  # tenants come from requests: keep it bounded
+                self._budget_gauges.clear()
+            gauge = self._budget_gauges[tenant] = self.metrics.budget_used.labels(self._label(tenant))
+        gauge.set(budgets.used_ratio(budget, day_used, month_used))
 
     async def admit(
         self, headers: Mapping[str, str], parsed: ParsedRequest, body: bytes, prompt_estimate: int
@@ -338,7 +344,7 @@ class PolicyEngine:
         if wide_limit:
             limits.append((f"\1{model}", wide_limit))
         ticket = Ticket(
-            id=uuid.uuid4().hex,
+            id=f"{self._id}.{next(self._ids):x}",  # unique: a random prefix per sidecar
             keys=tenant_keys(policy.scope, tenant, day, month, model if model_limit else None),
             tenant=tenant,
             day=day,

@@ -46,12 +46,14 @@ only frees the budget early.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from token_scaler.record import KEY_PREFIX
 from token_scaler.redis_channel import Arg, Channel, LuaScript
+
+T = TypeVar("T")
 
 RESERVATIONS_TTL_S = 3 * 86_400
 DAY_TTL_S = 3 * 86_400
@@ -299,6 +301,27 @@ def _raised(reply: Any) -> Any:
     return reply
 
 
+def _mapped(reply: asyncio.Future[Any], convert: Callable[[Any], T]) -> asyncio.Future[T]:
+    """A future of ``convert(reply)``: an error reply or a failure becomes its exception."""
+    out: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def done(inner: asyncio.Future[Any]) -> None:
+        if out.done():  # the caller stopped waiting
+            if not inner.cancelled():
+                inner.exception()  # retrieved: asyncio does not warn of it
+            return
+        try:
+            if inner.cancelled():
+                out.cancel()
+            else:
+                out.set_result(convert(_raised(inner.exception() or inner.result())))
+        except Exception as exc:
+            out.set_exception(exc)
+
+    reply.add_done_callback(done)
+    return out
+
+
 class Store:
     """The scripts and commands of the policies, over one pipelined channel.
 
@@ -343,24 +366,14 @@ class Store:
             day,
             month,
         ]
-        return self._admitted(self.channel.evalsha(_ADMIT, keys, args))
-
-    @staticmethod
-    async def _admitted(reply: Awaitable[Any]) -> Admitted:
-        return Admitted(*(int(x) for x in _raised(await reply)))
+        return _mapped(self.channel.evalsha(_ADMIT, keys, args), lambda r: Admitted(*(int(x) for x in r)))
 
     def model_rate(
         self, key: str, tokens: int, interval_ms: float, tau_ms: float
     ) -> Awaitable[ModelAdmitted]:
         """Check and take a model's limit across tenants (queued now, like ``admit``)."""
-        return self._model_admitted(
-            self.channel.evalsha(_MODEL_RATE, [key], [tokens, repr(interval_ms), repr(tau_ms)])
-        )
-
-    @staticmethod
-    async def _model_admitted(reply: Awaitable[Any]) -> ModelAdmitted:
-        refused, retry, reset = _raised(await reply)
-        return ModelAdmitted(bool(refused), int(retry), int(reset))
+        reply = self.channel.evalsha(_MODEL_RATE, [key], [tokens, repr(interval_ms), repr(tau_ms)])
+        return _mapped(reply, lambda r: ModelAdmitted(bool(r[0]), int(r[1]), int(r[2])))
 
     def move(self, key: str, ms: float) -> Awaitable[Any]:
         """Move a rate limit's TAT by ``ms`` (queued now; the reply says nothing useful)."""
@@ -375,8 +388,8 @@ class Store:
         return self._settled([self.channel.evalsha(_SETTLE, keys, args) for keys, args in items])
 
     @staticmethod
-    async def _settled(replies: list[Awaitable[Any]]) -> list[Settled]:
-        done = await asyncio.gather(*replies, return_exceptions=True)
+    async def _settled(replies: list[asyncio.Future[Any]]) -> list[Settled]:
+        done = await asyncio.gather(*replies, return_exceptions=True)  # futures: no task each
         return [Settled(*(int(x) for x in _raised(reply))) for reply in done]
 
     async def announce(self, scope: str, sidecar: str) -> int:
