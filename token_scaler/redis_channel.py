@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,22 +53,24 @@ class LuaScript:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-def _outcome(future: asyncio.Future[Any]) -> Any:
-    """A finished future's reply, or its exception (retrieved, so asyncio never warns of it)."""
-    if future.cancelled():
-        return None
-    return future.exception() or future.result()
+# Called with (reply, None) or (None, error) when a command's reply arrives or it fails.
+Deliver = Callable[[Any, BaseException | None], None]
 
 
-def _settle(outer: asyncio.Future[Any], inner: asyncio.Future[Any]) -> None:
-    if outer.done():
-        return
-    if inner.cancelled():
-        outer.cancel()
-    elif (exc := inner.exception()) is not None:
-        outer.set_exception(exc)
-    else:
-        outer.set_result(inner.result())
+def _into(future: asyncio.Future[Any]) -> Deliver:
+    def deliver(reply: Any, error: BaseException | None) -> None:
+        if future.done():  # its caller stopped waiting
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(reply)
+
+    return deliver
+
+
+def _ignore(reply: Any, error: BaseException | None) -> None:
+    return None
 
 
 class _Protocol(asyncio.Protocol):
@@ -83,9 +85,7 @@ class _Protocol(asyncio.Protocol):
             while (reply := self.reader.gets()) is not False:
                 if not waiting:  # a reply nobody asked for: the stream is out of step
                     raise hiredis.ProtocolError("a reply nobody was waiting for")
-                future = waiting.popleft()
-                if not future.done():
-                    future.set_result(reply)
+                waiting.popleft()(reply, None)
         except hiredis.ProtocolError as exc:
             self.channel._lost(RedisConnectionError(f"Redis protocol error: {exc}"))
 
@@ -114,9 +114,9 @@ class Channel:
         self._connect_timeout_s = connect_timeout_s
         self._transport: asyncio.Transport | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._waiting: deque[asyncio.Future[Any]] = deque()  # sent, reply not read yet
+        self._waiting: deque[Deliver] = deque()  # sent, reply not read yet
         self._queued: list[bytes] = []  # packed, not written yet
-        self._queued_futures: list[asyncio.Future[Any]] = []
+        self._queued_deliver: list[Deliver] = []
         self._flush_scheduled = False
         self._closed = False
 
@@ -148,50 +148,76 @@ class Channel:
 
     # -- sending
 
-    def send(self, *args: Arg) -> asyncio.Future[Any]:
-        """Queue one command now; the future holds its reply (a ``ResponseError`` for an error)."""
-        if self._closed:
-            raise RedisConnectionError("the Redis channel is closed")
+    def send(self, *args: Arg, flush: bool = False) -> asyncio.Future[Any]:
+        """Queue one command now; the future holds its reply (a ``ResponseError`` for an error).
+
+        ``flush``: write it, and all queued before it, now rather than at the end of this
+        loop iteration (for a command a request waits on: it does not queue behind the
+        rest of the iteration's work).
+        """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append(_pack(args))
-        self._queued_futures.append(future)
-        if self._transport is None:
-            if self._connecting is None:
-                self._connecting = asyncio.create_task(self._connect())
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._enqueue(args, _into(future), flush)
         return future
 
-    def evalsha(self, script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
+    def evalsha(
+        self,
+        script: LuaScript,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        *,
+        convert: Callable[[Any], Any] | None = None,
+        flush: bool = False,
+    ) -> asyncio.Future[Any]:
         """Run a script by its digest, queued now; loaded and run again if Redis lacks it.
 
         A ``NOSCRIPT`` reply means the script did not run, so running it after the load
-        runs it once. Callbacks, not a coroutine: no task per call on the hot path.
+        runs it once. ``convert`` turns the reply into the future's result as it arrives
+        (raising makes it the future's exception): the waiting task wakes once, with no
+        callback hop in between.
         """
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        def first_done(first: asyncio.Future[Any]) -> None:
-            reply = _outcome(first)
+        def deliver(reply: Any, error: BaseException | None, *, retry: bool = True) -> None:
             if outer.done():  # the caller stopped waiting
                 return
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                self.send("SCRIPT", "LOAD", script.source).add_done_callback(_outcome)
-                self.send(*command).add_done_callback(lambda again: _settle(outer, again))
-            else:
-                _settle(outer, first)
+            if error is not None:
+                outer.set_exception(error)
+                return
+            if retry and isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                self._enqueue(("SCRIPT", "LOAD", script.source), _ignore, False)
+                self._enqueue(command, lambda r, e: deliver(r, e, retry=False), True)
+                return
+            try:
+                outer.set_result(reply if convert is None else convert(reply))
+            except Exception as exc:
+                outer.set_exception(exc)
 
-        self.send(*command).add_done_callback(first_done)
+        self._enqueue(command, deliver, flush)
         return outer
+
+    def _enqueue(self, args: tuple[Arg, ...], deliver: Deliver, flush: bool) -> None:
+        if self._closed:
+            deliver(None, RedisConnectionError("the Redis channel is closed"))
+            return
+        self._queued.append(_pack(args))
+        self._queued_deliver.append(deliver)
+        if self._transport is None:
+            if self._connecting is None:
+                self._connecting = asyncio.create_task(self._connect())
+        elif flush:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._transport is None or not self._queued:
             return
         data, self._queued = b"".join(self._queued), []
-        self._waiting.extend(self._queued_futures)
-        self._queued_futures = []
+        self._waiting.extend(self._queued_deliver)
+        self._queued_deliver = []
         self._transport.write(data)
 
     # -- the connection
@@ -220,7 +246,7 @@ class Channel:
                     setup.append(("SELECT", self._db))
                 replies = [loop.create_future() for _ in setup]
                 # The handshake goes first, before anything callers queued meanwhile.
-                self._waiting.extend(replies)
+                self._waiting.extend(_into(reply) for reply in replies)
                 transport.write(b"".join(_pack(c) for c in setup))
                 for command, reply in zip(setup, replies, strict=True):
                     answer = await reply
@@ -248,19 +274,17 @@ class Channel:
         return self._path or f"{self._host}:{self._port}"
 
     def _fail_queued(self, error: Exception) -> None:
-        futures, self._queued_futures, self._queued = self._queued_futures, [], []
-        for future in futures:
-            if not future.done():
-                future.set_exception(error)
+        queued, self._queued_deliver, self._queued = self._queued_deliver, [], []
+        for deliver in queued:
+            deliver(None, error)
 
     def _lost(self, error: Exception) -> None:
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.abort()
         waiting, self._waiting = self._waiting, deque()
-        for future in waiting:
-            if not future.done():
-                future.set_exception(error)
+        for deliver in waiting:
+            deliver(None, error)
         if self._queued and self._connecting is None and not self._closed:
             self._connecting = asyncio.create_task(self._connect())
 

@@ -367,6 +367,11 @@ class PolicyEngine:
                 self._send_outbox()
             try:
                 async with asyncio.timeout(policy.redis_timeout_s):
+                    taken = None
+                    if wide_limit is not None and ticket.wide_key is not None:
+                        taken = self.store.model_rate(
+                            ticket.wide_key, ticket.tokens, wide_limit.interval_ms, wide_limit.tau_ms
+                        )
                     admitted = self.store.admit(
                         ticket.keys,
                         id=ticket.id,
@@ -381,12 +386,9 @@ class PolicyEngine:
                         day=day,
                         month=month,
                     )
-                    if wide_limit is None or ticket.wide_key is None:
+                    if taken is None:
                         reply = await admitted
-                    else:  # in the same write as the tenant's admission
-                        taken = self.store.model_rate(
-                            ticket.wide_key, ticket.tokens, wide_limit.interval_ms, wide_limit.tau_ms
-                        )
+                    else:  # both in one write
                         reply, wide_reply = await asyncio.gather(admitted, taken)
             except _REDIS_ERRORS as exc:
                 self._failed("admit", exc)

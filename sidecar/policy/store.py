@@ -46,14 +46,12 @@ only frees the budget early.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from token_scaler.record import KEY_PREFIX
 from token_scaler.redis_channel import Arg, Channel, LuaScript
-
-T = TypeVar("T")
 
 RESERVATIONS_TTL_S = 3 * 86_400
 DAY_TTL_S = 3 * 86_400
@@ -301,27 +299,6 @@ def _raised(reply: Any) -> Any:
     return reply
 
 
-def _mapped(reply: asyncio.Future[Any], convert: Callable[[Any], T]) -> asyncio.Future[T]:
-    """A future of ``convert(reply)``: an error reply or a failure becomes its exception."""
-    out: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-
-    def done(inner: asyncio.Future[Any]) -> None:
-        if out.done():  # the caller stopped waiting
-            if not inner.cancelled():
-                inner.exception()  # retrieved: asyncio does not warn of it
-            return
-        try:
-            if inner.cancelled():
-                out.cancel()
-            else:
-                out.set_result(convert(_raised(inner.exception() or inner.result())))
-        except Exception as exc:
-            out.set_exception(exc)
-
-    reply.add_done_callback(done)
-    return out
-
-
 class Store:
     """The scripts and commands of the policies, over one pipelined channel.
 
@@ -366,14 +343,24 @@ class Store:
             day,
             month,
         ]
-        return _mapped(self.channel.evalsha(_ADMIT, keys, args), lambda r: Admitted(*(int(x) for x in r)))
+        # Written at once: the request waits on it (settlements and a model check queued
+        # before it leave in the same write).
+        return self.channel.evalsha(
+            _ADMIT, keys, args, convert=lambda r: Admitted(*(int(x) for x in _raised(r))), flush=True
+        )
 
     def model_rate(
         self, key: str, tokens: int, interval_ms: float, tau_ms: float
     ) -> Awaitable[ModelAdmitted]:
-        """Check and take a model's limit across tenants (queued now, like ``admit``)."""
-        reply = self.channel.evalsha(_MODEL_RATE, [key], [tokens, repr(interval_ms), repr(tau_ms)])
-        return _mapped(reply, lambda r: ModelAdmitted(bool(r[0]), int(r[1]), int(r[2])))
+        """Check and take a model's limit across tenants (queued now: call it before
+        ``admit``, which writes both)."""
+
+        def convert(reply: Any) -> ModelAdmitted:
+            refused, retry, reset = _raised(reply)
+            return ModelAdmitted(bool(refused), int(retry), int(reset))
+
+        args: list[Arg] = [tokens, repr(interval_ms), repr(tau_ms)]
+        return self.channel.evalsha(_MODEL_RATE, [key], args, convert=convert)
 
     def move(self, key: str, ms: float) -> Awaitable[Any]:
         """Move a rate limit's TAT by ``ms`` (queued now; the reply says nothing useful)."""
