@@ -6,10 +6,13 @@ sidecar's request path (one admit script per request, one settle script after it
 machinery cost more CPU than Redis itself, and CPU on two cores is what the p99 pays.
 
 A channel keeps one connection. Commands issued within one event-loop iteration leave in
-one write (an admission rides with the settlements queued before it; concurrent requests
-share a write); Redis answers a connection's commands in order, so replies are matched to
-their callers first in, first out. Packing and parsing are hiredis' (C). ``send`` queues at
-once and returns a future: what is queued before an ``await`` goes out together.
+one write at its end; a command a request waits on (``flush=True``: an admission) is
+written at once, with everything queued before it (the settlements waiting ride along).
+Redis answers a connection's commands in order, so replies are matched to their callers
+first in, first out, and delivered in ``data_received`` itself: a script's reply is
+converted there and the waiting task wakes once, without callback hops that would queue
+behind the loop's other work. Packing and parsing are hiredis' (C). ``send`` and
+``evalsha`` queue when called and return a future.
 
 Failure: a lost connection fails every command waiting on it with ``ConnectionError``
 (they may or may not have run: callers' scripts are idempotent or carry an id); the next
