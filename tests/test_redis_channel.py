@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hiredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -31,21 +32,28 @@ def key() -> str:
 async def writes_of(channel: Channel, commands: list[tuple[Any, ...]]) -> tuple[list[Any], int]:
     """Replies of commands queued together, and how many socket writes carried them."""
     await channel.send("PING")  # connected
-    transport = channel._transport
-    assert transport is not None
-    writes = 0
-    write = transport.write
+    current = channel._current
+    assert current is not None and current.transport is not None
+    transport = current.transport
 
-    def counted(data: Any) -> None:
-        nonlocal writes
-        writes += 1
-        write(data)
+    class Counting:
+        """The transport, with its writes counted (uvloop's cannot be patched)."""
 
-    transport.write = counted  # type: ignore[method-assign]
+        writes = 0
+
+        def write(self, data: bytes) -> None:
+            Counting.writes += 1
+            transport.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(transport, name)
+
+    current.transport = Counting()  # type: ignore[assignment]
     try:
         replies = await asyncio.gather(*(channel.send(*c) for c in commands))
     finally:
-        transport.write = write  # type: ignore[method-assign]
+        current.transport = transport
+    writes = Counting.writes
     return replies, writes
 
 
@@ -130,3 +138,88 @@ async def test_password_database_and_unix_socket_from_the_url() -> None:
                 await chan.close()
     finally:
         server.stop()
+
+
+class FakeRedis:
+    """Answers +OK (PONG to PING) on every connection but the ones told to stay silent."""
+
+    def __init__(self, silent: set[int]) -> None:
+        self.silent = silent
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        number = len(self.writers)
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                if number not in self.silent:
+                    writer.write(b"+PONG\r\n" if command[0].upper() == b"PING" else b"+OK\r\n")
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        for writer in self.writers:
+            writer.close()
+        self.server.close()
+
+
+async def test_an_abandoned_handshake_leaves_nothing_to_the_next_connection() -> None:
+    fake = FakeRedis(silent={1})  # the first connection never answers its AUTH
+    port = await fake.start()
+    chan = Channel(port=port, password="pw", connect_timeout_s=0.2)
+    try:
+        with pytest.raises(RedisConnectionError, match="cannot connect"):
+            await chan.send("PING")
+        assert await chan.send("PING") == b"PONG"  # a second connection, its own AUTH
+        # The first connection answers late, then closes: the second is not disturbed.
+        fake.writers[0].write(b"+OK\r\n+OK\r\n")
+        fake.writers[0].close()
+        await asyncio.sleep(0.05)
+        assert await chan.send("PING") == b"PONG"
+        assert len(fake.writers) == 2
+    finally:
+        await chan.close()
+        await fake.stop()
+
+
+async def test_reset_drops_a_silent_connection_and_the_next_command_reconnects() -> None:
+    fake = FakeRedis(silent={1})
+    port = await fake.start()
+    chan = Channel(port=port)
+    try:
+        waiting = chan.send("PING")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await asyncio.shield(waiting)
+        chan.reset()  # what the policy engine does when a reply takes too long
+        with pytest.raises(RedisConnectionError, match="reset"):
+            await waiting
+        assert await chan.send("PING") == b"PONG"
+        assert len(fake.writers) == 2
+    finally:
+        await chan.close()
+        await fake.stop()
+
+
+def test_the_same_under_uvloop_the_sidecars_event_loop(redis_url: str) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        chan = Channel.from_url(redis_url)
+        try:
+            k = key()
+            replies, writes = await writes_of(chan, [("INCR", k)] * 100 + [("DEL", k)])
+            assert replies == [*range(1, 101), 1] and writes == 1
+            chan.reset()
+            assert await chan.send("PING") == b"PONG"
+        finally:
+            await chan.close()
+
+    uvloop.run(scenario())

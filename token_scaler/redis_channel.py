@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -77,23 +78,46 @@ def _ignore(reply: Any, error: BaseException | None) -> None:
 
 
 class _Protocol(asyncio.Protocol):
+    """One connection and the replies it owes: an abandoned connection's late replies and
+    its close touch nothing of the connection that replaced it."""
+
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.reader = hiredis.Reader(replyError=ResponseError)
+        self.waiting: deque[Deliver] = deque()  # sent on this connection, reply not read yet
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A peer that vanished without a reset is found by the kernel, not in 15 minutes.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 10_000)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        waiting = self.channel._waiting
+        waiting = self.waiting
         try:
             while (reply := self.reader.gets()) is not False:
                 if not waiting:  # a reply nobody asked for: the stream is out of step
                     raise hiredis.ProtocolError("a reply nobody was waiting for")
                 waiting.popleft()(reply, None)
         except hiredis.ProtocolError as exc:
-            self.channel._lost(RedisConnectionError(f"Redis protocol error: {exc}"))
+            self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.channel._lost(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+        self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+    def fail(self, error: Exception) -> None:
+        """Close this connection and fail what it owes; the channel forgets it if current."""
+        if self.transport is not None:
+            self.transport.abort()
+        waiting, self.waiting = self.waiting, deque()
+        for deliver in waiting:
+            deliver(None, error)
+        self.channel._gone(self)
 
 
 class Channel:
@@ -115,9 +139,8 @@ class Channel:
         self._db, self._username, self._password = db, username, password
         self._ssl = ssl_context
         self._connect_timeout_s = connect_timeout_s
-        self._transport: asyncio.Transport | None = None
+        self._current: _Protocol | None = None  # the connection in use
         self._connecting: asyncio.Task[None] | None = None
-        self._waiting: deque[Deliver] = deque()  # sent, reply not read yet
         self._queued: list[bytes] = []  # packed, not written yet
         self._queued_deliver: list[Deliver] = []
         self._flush_scheduled = False
@@ -205,7 +228,7 @@ class Channel:
             return
         self._queued.append(_pack(args))
         self._queued_deliver.append(deliver)
-        if self._transport is None:
+        if self._current is None:
             if self._connecting is None:
                 self._connecting = asyncio.create_task(self._connect())
         elif flush:
@@ -216,29 +239,38 @@ class Channel:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._transport is None or not self._queued:
+        current = self._current
+        if current is None or current.transport is None or not self._queued:
             return
         data, self._queued = b"".join(self._queued), []
-        self._waiting.extend(self._queued_deliver)
+        current.waiting.extend(self._queued_deliver)
         self._queued_deliver = []
-        self._transport.write(data)
+        current.transport.write(data)
+
+    def reset(self) -> None:
+        """Drop the connection (a caller gave up on a reply: the peer may be gone without a
+        word); what it owes fails, the next command connects again."""
+        if self._current is not None:
+            self._current.fail(RedisConnectionError("connection to Redis reset: a reply took too long"))
 
     # -- the connection
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 if self._path is not None:
-                    transport, _ = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
+                    _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
                 else:
-                    transport, _ = await loop.create_connection(
+                    _, protocol = await loop.create_connection(
                         lambda: _Protocol(self),
                         self._host,
                         self._port,
                         ssl=self._ssl,
                         server_hostname=self._host if self._ssl else None,
                     )
+                assert protocol.transport is not None
                 setup: list[tuple[Arg, ...]] = []
                 if self._password is not None:
                     auth: tuple[Arg, ...] = (self._password,)
@@ -249,15 +281,21 @@ class Channel:
                     setup.append(("SELECT", self._db))
                 replies = [loop.create_future() for _ in setup]
                 # The handshake goes first, before anything callers queued meanwhile.
-                self._waiting.extend(_into(reply) for reply in replies)
-                transport.write(b"".join(_pack(c) for c in setup))
+                protocol.waiting.extend(_into(reply) for reply in replies)
+                protocol.transport.write(b"".join(_pack(c) for c in setup))
                 for command, reply in zip(setup, replies, strict=True):
                     answer = await reply
                     if isinstance(answer, ResponseError):
-                        transport.close()
                         raise RedisConnectionError(f"Redis refused {command[0]!s}: {answer}")
-        except (OSError, TimeoutError, RedisConnectionError) as exc:
+                if protocol.transport.is_closing():
+                    raise RedisConnectionError("connection to Redis closed during the handshake")
+        except BaseException as exc:
             self._connecting = None
+            if protocol is not None:
+                protocol.fail(RedisConnectionError("handshake abandoned"))
+            if not isinstance(exc, OSError | TimeoutError | RedisConnectionError):
+                self._fail_queued(RedisConnectionError(f"connecting to Redis failed: {exc!r}"))
+                raise
             error = (
                 exc
                 if isinstance(exc, RedisConnectionError)
@@ -265,11 +303,11 @@ class Channel:
             )
             self._fail_queued(error)
             return
-        self._transport = transport
         self._connecting = None
         if self._closed:
-            transport.close()
+            protocol.fail(RedisConnectionError("the Redis channel is closed"))
             return
+        self._current = protocol
         self._flush()
 
     @property
@@ -281,13 +319,11 @@ class Channel:
         for deliver in queued:
             deliver(None, error)
 
-    def _lost(self, error: Exception) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.abort()
-        waiting, self._waiting = self._waiting, deque()
-        for deliver in waiting:
-            deliver(None, error)
+    def _gone(self, protocol: _Protocol) -> None:
+        """A connection closed: if it was the one in use, the next command connects again."""
+        if protocol is not self._current:
+            return
+        self._current = None
         if self._queued and self._connecting is None and not self._closed:
             self._connecting = asyncio.create_task(self._connect())
 
@@ -296,5 +332,6 @@ class Channel:
         if self._connecting is not None:
             with contextlib.suppress(Exception):
                 await self._connecting
-        self._lost(RedisConnectionError("the Redis channel is closed"))
+        if self._current is not None:
+            self._current.fail(RedisConnectionError("the Redis channel is closed"))
         self._fail_queued(RedisConnectionError("the Redis channel is closed"))

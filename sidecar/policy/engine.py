@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sidecar import openai
 from sidecar.openai import Kind, ParsedRequest
@@ -362,7 +362,8 @@ class PolicyEngine:
         )
         reply: Admitted | None = None
         wide_reply: ModelAdmitted | None = None
-        if not self._down:
+        sent = not self._down  # the scripts may run, whatever becomes of their replies
+        if sent:
             if self._outbox:  # the settlements waiting ride along in the same write
                 self._send_outbox()
             try:
@@ -392,9 +393,13 @@ class PolicyEngine:
                         reply, wide_reply = await asyncio.gather(admitted, taken)
             except _REDIS_ERRORS as exc:
                 self._failed("admit", exc)
+            except asyncio.CancelledError:
+                # The client went away while Redis decided: release what may be reserved.
+                self._release(ticket)
+                raise
         label = self._label(tenant)
         if reply is None:
-            return self._without_redis(admission, rules, ticket, cap, now)
+            return self._without_redis(admission, rules, ticket, cap, now, sent)
         self._offset_s = reply.redis_time_ms / 1000 - self._clock()
         self._synced = True
         if reply.expired:
@@ -508,13 +513,28 @@ class PolicyEngine:
             {"Retry-After": str(max(1, int(wait_s)))},
         )
 
+    def _release(self, ticket: Ticket) -> None:
+        """Release a reservation the admission may have made though its reply never came.
+
+        The model limit across tenants is left as it is: whether it took the tokens is not
+        known, and giving back what it never took would loosen it.
+        """
+        self._queue(_Settlement(ticket, 0, 0, moved=True))
+
     def _without_redis(
-        self, admission: Admission, rules: TenantPolicy, ticket: Ticket, cap: caps.Cap | None, now: float
+        self,
+        admission: Admission,
+        rules: TenantPolicy,
+        ticket: Ticket,
+        cap: caps.Cap | None,
+        now: float,
+        sent: bool,
     ) -> caps.Cap | None:
+        """Decide without Redis; ``sent``: an admission went out, its reply lost or late."""
         tenant = admission.tenant
         if rules.fail_mode == CLOSED:
-            # The script may have run with its reply lost: release that reservation, if any.
-            self._queue(_Settlement(ticket, 0, 0))
+            if sent:
+                self._release(ticket)
             self.metrics.rejections.labels(self._label(tenant), "redis_unavailable").inc()
             admission.rejection = Rejection(
                 503,
@@ -526,6 +546,8 @@ class PolicyEngine:
             return cap
         budget = rules.budget
         if budget.enabled and self._ratio(tenant, budget, ticket.day, ticket.month) >= 1.0:
+            if sent:
+                self._release(ticket)
             seen = self._used.get(tenant)
             self._refuse_budget(
                 admission,
@@ -538,6 +560,8 @@ class PolicyEngine:
         if ticket.limits:
             refused = self._local_rates.admit(ticket.limits, ticket.tokens, self._peers, now * 1000)
             if refused is not None:
+                if sent:
+                    self._release(ticket)
                 index, wait = refused
                 key, limit = ticket.limits[index]
                 which = f"tenant {tenant}"
@@ -630,8 +654,11 @@ class PolicyEngine:
             items.append((ticket.keys, args))
         return items
 
-    async def _settled(self, batch: list[_Settlement], sent: Awaitable[list[Settled]]) -> bool:
-        """Apply the replies of a batch of settlements; on failure they wait in the queue."""
+    async def _settled(
+        self, batch: list[_Settlement], sent: Awaitable[list[Settled | BaseException]]
+    ) -> bool:
+        """Apply the replies of a batch of settlements; those Redis did not take wait in the
+        queue (sent again: settling is idempotent)."""
         try:
             async with asyncio.timeout(self.policy.redis_timeout_s):
                 replies = await sent
@@ -640,8 +667,29 @@ class PolicyEngine:
             for settlement in batch:
                 self._queue(settlement)
             return False
+        except BaseException:  # cancelled (shutdown): nothing is lost
+            for settlement in batch:
+                self._queue(settlement)
+            raise
+        failure: BaseException | None = None
         for settlement, settled in zip(batch, replies, strict=True):
             ticket = settlement.ticket
+            if isinstance(settled, ResponseError):
+                # The script itself failed (a key of the wrong type, say): sending it again
+                # would fail again. Said loudly, with what was not charged.
+                self.metrics.redis_errors.labels("settle_script").inc()
+                log.error(
+                    "Redis refused the settlement of a request of tenant %s (%s tokens, cost %s): %s",
+                    ticket.tenant,
+                    settlement.tokens,
+                    settlement.cost,
+                    settled,
+                )
+                continue
+            if isinstance(settled, BaseException):
+                failure = settled
+                self._queue(settlement)
+                continue
             if settled.applied == 3:
                 log.warning(
                     "request of tenant %s settled after its lease ended and its reservation was "
@@ -657,6 +705,9 @@ class PolicyEngine:
             self._saw(
                 ticket.tenant, ticket.budget, ticket.day, ticket.month, settled.day_used, settled.month_used
             )
+        if failure is not None:
+            self._failed("settle", failure)
+            return False
         return True
 
     def _queue(self, settlement: _Settlement) -> None:
@@ -668,6 +719,10 @@ class PolicyEngine:
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(op).inc()
+        if isinstance(exc, TimeoutError):
+            # No reply in time: the peer may be gone without a reset. A new connection
+            # finds out; the replies still owed on this one fail now.
+            self.store.channel.reset()
         if not self._down:
             log.warning("policy store (Redis) unreachable, deciding without it until it answers: %r", exc)
         self._down = True

@@ -10,7 +10,8 @@ scripts touch only keys of one slot::
     tokenscaler:v1:{policy:<scope>:<tenant>}:res                  open reservations:
                                                                   id -> "cost:tokens:day:month"
     tokenscaler:v1:{policy:<scope>:<tenant>}:lease                their leases: id by deadline (ms)
-    tokenscaler:v1:{policy:<scope>:<tenant>}:swept                released when their lease ended
+    tokenscaler:v1:{policy:<scope>:<tenant>}:swept:<id>           released when its lease ended (3 days)
+    tokenscaler:v1:{policy:<scope>:<tenant>}:charged:<id>         charged without a reservation (1 hour)
     tokenscaler:v1:{policy:<scope>}:sidecars                      sidecars of the scope, by last seen
     tokenscaler:v1:{policy:<scope>/model/<model>}:rate            GCRA TAT of a model, all tenants
 
@@ -31,13 +32,14 @@ number of sidecars see each other's reservations: used + reserved never passes a
 ``real - reserved`` (negative: a refund) to the budgets and the rate limits' TATs. It is
 idempotent (a reservation is settled once; a retried call finds it gone and does nothing),
 so a settle whose reply was lost can be sent again without a double refund. For requests
-admitted while Redis was away (fail-open) it charges the real usage instead, once.
+admitted while Redis was away (fail-open) it charges the real usage instead, once: the id is
+kept an hour in ``:charged:<id>`` (a settlement is retried within seconds of Redis answering).
 
 Leases: a sidecar killed mid-request never settles, and its reservation would hold the
 tenant's budget to the period's end. Every reservation therefore has a lease (``:lease``,
 deadline on Redis' clock) that its sidecar renews while the request runs (``RENEW``, a
 pipeline every third of the lease). ``ADMIT`` first releases the tenant's reservations whose
-lease has ended (refunds them; at most 32 per call) and keeps each in ``:swept``. A
+lease has ended (refunds them; at most 32 per call) and keeps each in ``:swept:<id>``. A
 settlement that arrives after that (a sidecar stalled longer than the lease, not dead)
 finds it there and charges the real usage in full: the release never loses a charge, it
 only frees the budget early.
@@ -73,8 +75,7 @@ if #expired > 0 then
         end
       end
       redis.call('HDEL', KEYS[1], id)
-      redis.call('HSET', KEYS[7], id, held)
-      redis.call('EXPIRE', KEYS[7], ARGV[13])
+      redis.call('SET', base .. ':swept:' .. id, held, 'EX', ARGV[13])
     end
   end
   redis.call('ZREM', KEYS[6], unpack(expired))
@@ -129,11 +130,12 @@ return {0, granted, du, mu, 0, r1, r2, now, #expired}
 """
 
 SETTLE = """
+local base = string.sub(KEYS[1], 1, -5)
 local held = redis.call('HGET', KEYS[1], ARGV[1])
 local cost, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local dl, ml = ARGV[4] == '1', ARGV[5] == '1'
 local applied = 0
-local swept = not held and redis.call('HGET', KEYS[7], ARGV[1])
+local swept = not held and redis.call('GET', base .. ':swept:' .. ARGV[1])
 if held then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[6], ARGV[1])
@@ -143,11 +145,11 @@ if held then
   applied = 1
 elseif swept then
   -- released when its lease ended (budget refunded, rate limits not): charge in full
-  redis.call('HDEL', KEYS[7], ARGV[1])
+  redis.call('DEL', base .. ':swept:' .. ARGV[1])
   local _, tk = string.match(swept, '^(%d+):(%d+)')
   tokens = tokens - tonumber(tk)
   applied = 3
-elseif ARGV[8] == '1' then
+elseif ARGV[8] == '1' and redis.call('SET', base .. ':charged:' .. ARGV[1], '1', 'NX', 'EX', 3600) then
   tokens = 0
   applied = 2
 else
@@ -258,7 +260,6 @@ def tenant_keys(scope: str, tenant: str, day: str, month: str, model: str | None
         f"{base}:rate",
         f"{base}:rate:m:{model or ''}",
         f"{base}:lease",
-        f"{base}:swept",
     ]
 
 
@@ -366,18 +367,20 @@ class Store:
         """Move a rate limit's TAT by ``ms`` (queued now; the reply says nothing useful)."""
         return self.channel.evalsha(_MOVE, [key], [repr(ms)])
 
-    def settle_many(self, items: list[tuple[list[str], list[Arg]]]) -> Awaitable[list[Settled]]:
+    def settle_many(
+        self, items: list[tuple[list[str], list[Arg]]]
+    ) -> Awaitable[list[Settled | BaseException]]:
         """Settle several reservations (one ``SETTLE`` each, queued together).
 
-        Each item is (keys, ``settle_args(...)``). Every reply is checked: one error raises,
-        and the caller sends the batch again later (settling is idempotent).
+        Each item is (keys, ``settle_args(...)``); each result is its ``Settled``, or the
+        error of that one (a ``ResponseError`` from the script, a lost connection).
         """
         return self._settled([self.channel.evalsha(_SETTLE, keys, args) for keys, args in items])
 
     @staticmethod
-    async def _settled(replies: list[asyncio.Future[Any]]) -> list[Settled]:
+    async def _settled(replies: list[asyncio.Future[Any]]) -> list[Settled | BaseException]:
         done = await asyncio.gather(*replies, return_exceptions=True)  # futures: no task each
-        return [Settled(*(int(x) for x in _raised(reply))) for reply in done]
+        return [r if isinstance(r, BaseException) else Settled(*(int(x) for x in r)) for r in done]
 
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""

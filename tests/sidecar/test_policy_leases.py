@@ -76,7 +76,7 @@ async def test_the_reservation_of_a_killed_sidecar_is_released_when_its_lease_en
     leased_policy(policy_file, workload)
     port = free_port()
     doomed = sidecar_process(policy_file, upstream.port, port, redis_url, workload)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis.Redis.from_url(redis_url)
     try:
         body = {"model": "m", "messages": MESSAGES, "max_tokens": 500, "stream": True}
         headers = {"X-Tenant-ID": "acme", "X-Fake-Delay": "0.5"}  # ~250 s of stream
@@ -115,7 +115,7 @@ async def test_the_reservation_of_a_killed_sidecar_is_released_when_its_lease_en
         assert used(redis_url, workload, "acme") == early.usage.total_tokens + late.usage.total_tokens
         assert r.hlen(f"{base(workload, 'acme')}:res") == 0
         assert r.zcard(f"{base(workload, 'acme')}:lease") == 0
-        assert r.hexists(f"{base(workload, 'acme')}:swept", leased)
+        assert r.exists(f"{base(workload, 'acme')}:swept:{leased.decode()}")
         assert sample(sidecar, "tokenscaler_policy_reservations_expired_total", tenant="acme") == 1
     finally:
         if doomed.poll() is None:
@@ -152,7 +152,9 @@ async def test_a_request_longer_than_the_lease_keeps_its_reservation(
     assert used(redis_url, workload, "acme") == upstream.reported.prompt + upstream.reported.generation
 
 
-async def test_a_settlement_after_the_release_charges_in_full(redis_url: str, workload: str) -> None:
+async def test_a_settlement_after_the_release_charges_in_full_and_every_settlement_applies_once(
+    redis_url: str, workload: str
+) -> None:
     client = connect(redis_url)
     store = Store(Channel.from_url(redis_url))
     day, month = periods(time.time())
@@ -165,10 +167,10 @@ async def test_a_settlement_after_the_release_charges_in_full(redis_url: str, wo
                 tenant_rate=(0.0, 0.0), model_rate=(0.0, 0.0), lease_ms=lease_ms, day=day, month=month,
             )  # fmt: skip
 
-        def settle(id: str, cost: int) -> tuple[list[str], list[Arg]]:
+        def settle(id: str, cost: int, unreserved: bool = False) -> tuple[list[str], list[Arg]]:
             args = settle_args(
                 id=id, cost=cost, tokens=cost, daily=True, monthly=False,
-                tenant_interval=0.0, model_interval=0.0, unreserved=False,
+                tenant_interval=0.0, model_interval=0.0, unreserved=unreserved,
             )  # fmt: skip
             return keys, args
 
@@ -184,8 +186,14 @@ async def test_a_settlement_after_the_release_charges_in_full(redis_url: str, wo
         # Sent again (a lost reply): nothing more.
         [again] = await store.settle_many([settle("first", 70)])
         assert (again.applied, again.day_used) == (0, 110)
+        # Admitted while Redis was away (no reservation): charged once, however often sent.
+        sent = [settle("offline", 25, unreserved=True)] * 2
+        charged, twice = await store.settle_many(sent)
+        assert (charged.applied, charged.day_used) == (2, 135)
+        assert (twice.applied, twice.day_used) == (0, 135)
     finally:
-        await client.delete(*keys)
+        tenant = tenant_keys(scope(workload), "late", day, month, None)[0][: -len(":res")]
+        await client.delete(*keys, *[k async for k in client.scan_iter(f"{tenant}:*")])
         await client.aclose()
 
 
@@ -216,4 +224,83 @@ async def test_budget_periods_follow_redis_clock(redis_url: str, workload: str, 
         assert await client.get(f"{base(workload, tenant)}:budget:d:{periods(redis_now)[0]}") == b"15"
     finally:
         await client.delete(*[k async for k in client.scan_iter(f"{base(workload, tenant)}:*")])
+        await client.aclose()
+
+
+async def test_a_client_gone_during_admission_releases_and_outage_refusals_release_nothing(
+    tmp_path: Path,
+) -> None:
+    from tests.test_redis_channel import FakeRedis
+
+    policy = write_policy(
+        tmp_path / "policy.yaml",
+        {
+            "redisTimeoutMs": 200,
+            "modelLimits": {"m": {"tokensPerMinute": 600}},
+            "defaults": {"budget": {"daily": 10_000}, "failMode": "closed"},
+        },
+    )
+    fake = FakeRedis(silent={1})  # takes the admission, never answers
+    channel = Channel(port=await fake.start())
+    engine = PolicyEngine(policy, channel, CollectorRegistry(), workload="test/x")
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    try:
+        admitting = asyncio.create_task(engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10))
+        await asyncio.sleep(0.05)
+        admitting.cancel()  # the client went away while Redis decided
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        [release] = engine._pending
+        assert (release.cost, release.tokens, release.moved) == (0, 0, True)
+        # Redis does not answer: the admission times out (fail-closed: 503) and releases
+        # what it may have reserved; the requests refused while it is marked away sent
+        # nothing, and release nothing.
+        refused = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
+        assert refused.rejection is not None and refused.rejection.status == 503
+        assert len(engine._pending) == 2
+        for _ in range(5):
+            refused = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
+            assert refused.rejection is not None and refused.rejection.status == 503
+        assert len(engine._pending) == 2
+        assert all(s.moved for s in engine._pending)  # the model limit is never given back blind
+    finally:
+        await channel.close()
+        await fake.stop()
+
+
+async def test_a_settlement_redis_refuses_is_said_and_spoils_nothing_else(
+    redis_url: str, workload: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = write_policy(
+        tmp_path / "policy.yaml", {"scope": scope(workload), "defaults": {"budget": {"daily": 10_000}}}
+    )
+    client = connect(redis_url)
+    channel = Channel.from_url(redis_url)
+    registry = CollectorRegistry()
+    engine = PolicyEngine(policy, channel, registry, workload=workload)
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    try:
+        good = await engine.admit({"X-Tenant-ID": "good"}, parsed, body, 10)
+        bad = await engine.admit({"X-Tenant-ID": "bad"}, parsed, body, 10)
+        assert good.ticket is not None and bad.ticket is not None
+        day_key, good_key = bad.ticket.keys[1], good.ticket.keys[1]
+        await client.delete(day_key)
+        await client.hset(day_key, "not", "a counter")  # the settlement's INCRBY fails
+        engine.settle(good, 10, 3)
+        engine.settle(bad, 10, 3)
+        await engine.close(5)
+        assert not engine._down and not engine._pending
+        assert await client.get(good_key) == b"13"
+        errors = registry.get_sample_value("tokenscaler_policy_redis_errors_total", {"op": "settle_script"})
+        assert errors == 1
+        assert "Redis refused the settlement of a request of tenant bad" in caplog.text
+    finally:
+        await client.delete(
+            *[k async for k in client.scan_iter(f"tokenscaler:v1:{{policy:{scope(workload)}:*")]
+        )
+        await channel.close()
         await client.aclose()
