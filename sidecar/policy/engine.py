@@ -77,6 +77,7 @@ from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturatio
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
+MAX_TENANTS_SEEN = 100_000  # budget shares remembered for soft caps and downgrades
 BATCH = 200  # settlements per pipeline
 # Settlements wait this long for the next admission to take them along (off the request
 # path; at 20 requests/s and more nearly all ride, below that they go on their own).
@@ -244,10 +245,16 @@ class PolicyEngine:
     def _saw(self, tenant: str, budget: Budget, day: str, month: str, day_used: int, month_used: int) -> None:
         if not budget.enabled:
             return
+        if len(self._used) >= MAX_TENANTS_SEEN and tenant not in self._used:
+            # Tenants come from requests: keep today's, forget older ones (at worst a soft cap
+            # acts one request late for a tenant forgotten here).
+            self._used = {t: u for t, u in self._used.items() if u.day == day}
+            if len(self._used) >= MAX_TENANTS_SEEN:
+                self._used.clear()
         self._used[tenant] = _Used(day, month, day_used, month_used)
         gauge = self._budget_gauges.get(tenant)
         if gauge is None:  # labels() looks the child up by its label values: once per tenant
-            if len(self._budget_gauges) > 10_000:  # tenants come from requests: keep it bounded
+            if len(self._budget_gauges) > MAX_TENANTS_SEEN:  # tenants come from requests: bounded
                 self._budget_gauges.clear()
             gauge = self._budget_gauges[tenant] = self.metrics.budget_used.labels(self._label(tenant))
         gauge.set(budgets.used_ratio(budget, day_used, month_used))

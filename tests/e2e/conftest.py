@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from sidecar.config import SidecarConfig
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "llama-server"
 MODEL_ALIAS = "gemma-3-270m"
@@ -257,3 +259,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"overall generation: {steps} decode steps in {gen_ms / 1000:.2f} s = {rate:.1f} tok/s"
         )
+
+
+def sidecar_config(llama: LlamaServer, redis_url: str, workload: str, **overrides: Any) -> SidecarConfig:
+    """A sidecar in front of ``llama`` on loopback ports of its own (started by the caller)."""
+    settings: dict[str, Any] = {
+        "workload": workload,
+        "redis_url": redis_url,
+        "upstream": llama.base_url,
+        "host": "127.0.0.1",
+        "port": 0,
+        "admin_port": 0,
+        "shutdown_delay_s": 0.0,
+        "drain_timeout_s": 10.0,
+        **overrides,
+    }
+    return SidecarConfig(**settings)

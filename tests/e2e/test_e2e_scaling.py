@@ -36,9 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
-from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
-from tests.e2e.conftest import LlamaServer, Timings
+from tests.e2e.conftest import LlamaServer, Timings, sidecar_config
 from tests.keda import KedaClient
 from token_scaler.record import Record, decode, stream_key
 from token_scaler.redis_conn import LocalRedis
@@ -206,16 +205,11 @@ async def running(
     closers: list[Callable[[], Awaitable[Any]]] = []
     try:
         sidecar = Sidecar(
-            SidecarConfig(
-                workload=workload,
-                redis_url=redis_url,
-                upstream=llama.base_url,
-                host="127.0.0.1",
-                port=0,
-                admin_port=0,
+            sidecar_config(
+                llama,
+                redis_url,
+                workload,
                 flush_interval_s=FLUSH_INTERVAL_S,
-                shutdown_delay_s=0.0,
-                drain_timeout_s=10.0,
                 sidecar_id=f"e2e-{uuid.uuid4().hex[:8]}",
             ),
             CollectorRegistry(),

@@ -191,3 +191,25 @@ def test_saturation_signal() -> None:
     assert decode(signal.encode(), 1_040_001) == NOT_SATURATED  # stale
     for raw in (None, b"{", b'{"v":2,"ts":1,"saturated":true}', b'{"v":1,"ts":"x","saturated":true}'):
         assert decode(raw, 0) == NOT_SATURATED
+
+
+def test_the_budget_shares_remembered_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.policy import engine as engine_module
+    from sidecar.policy.schema import Budget
+    from token_scaler.redis_channel import Channel
+
+    monkeypatch.setattr(engine_module, "MAX_TENANTS_SEEN", 3)
+    path = tmp_path / "policy.yaml"
+    path.write_text("defaults: {budget: {daily: 100}}\n")
+    engine = engine_module.PolicyEngine(
+        path, Channel.from_url("redis://127.0.0.1:1"), CollectorRegistry(), workload="w/x"
+    )
+    budget = Budget(daily=100)
+    for tenant in ("a", "b", "c"):
+        engine._saw(tenant, budget, "20261126", "202611", 10, 10)
+    engine._saw("c", budget, "20261127", "202611", 20, 20)  # known: nothing forgotten
+    assert sorted(engine._used) == ["a", "b", "c"]
+    engine._saw("d", budget, "20261127", "202611", 5, 5)  # a fourth: yesterday's go
+    assert sorted(engine._used) == ["c", "d"]
