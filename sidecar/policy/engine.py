@@ -157,6 +157,22 @@ def _period_end(now: float, monthly: bool) -> float:
     return calendar.timegm((year, month, 1, 0, 0, 0)) - now
 
 
+# Redis refusing for now: still loading, busy with a script, a replica after a failover, out
+# of memory, ... (inside a script these read "READONLY ... script: <sha>, on @user_script").
+_TRANSIENT = (
+    "READONLY", "LOADING", "BUSY", "OOM", "MISCONF", "MASTERDOWN", "NOREPLICAS",
+    "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT", "ERR max number of clients",
+)  # fmt: skip
+
+
+def _script_fault(error: ResponseError) -> bool:
+    """An error of the script itself (it would fail again), not Redis refusing for now."""
+    text = str(error)
+    if text.startswith(_TRANSIENT):
+        return False
+    return "script:" in text or "user_script" in text or text.startswith("WRONGTYPE")
+
+
 class PolicyEngine:
     def __init__(
         self,
@@ -681,9 +697,10 @@ class PolicyEngine:
         failure: BaseException | None = None
         for settlement, settled in zip(batch, replies, strict=True):
             ticket = settlement.ticket
-            if isinstance(settled, ResponseError):
+            if isinstance(settled, ResponseError) and _script_fault(settled):
                 # The script itself failed (a key of the wrong type, say): sending it again
                 # would fail again. Said loudly, with what was not charged.
+                self._forget_local(settlement)
                 self.metrics.redis_errors.labels("settle_script").inc()
                 log.error(
                     "Redis refused the settlement of a request of tenant %s (%s tokens, cost %s): %s",
@@ -694,6 +711,8 @@ class PolicyEngine:
                 )
                 continue
             if isinstance(settled, BaseException):
+                # A lost connection, or Redis refusing for now (LOADING, BUSY, READONLY after a
+                # failover, OOM): sent again once it answers.
                 failure = settled
                 self._queue(settlement)
                 continue
@@ -703,12 +722,7 @@ class PolicyEngine:
                     "released: charged in full (raise reservationLeaseSeconds if this sidecar stalls)",
                     ticket.tenant,
                 )
-            if not ticket.reserved:
-                left = self._local.get(ticket.tenant, 0) - settlement.cost
-                if left > 0:
-                    self._local[ticket.tenant] = left
-                else:
-                    self._local.pop(ticket.tenant, None)
+            self._forget_local(settlement)
             self._saw(
                 ticket.tenant, ticket.budget, ticket.day, ticket.month, settled.day_used, settled.month_used
             )
@@ -717,10 +731,26 @@ class PolicyEngine:
             return False
         return True
 
+    def _forget_local(self, settlement: _Settlement) -> None:
+        """A fail-open request's cost is in Redis now (or never will be): not local any more."""
+        ticket = settlement.ticket
+        if ticket.reserved:
+            return
+        left = self._local.get(ticket.tenant, 0) - settlement.cost
+        if left > 0:
+            self._local[ticket.tenant] = left
+        else:
+            self._local.pop(ticket.tenant, None)
+
     def _queue(self, settlement: _Settlement) -> None:
         if len(self._pending) >= MAX_PENDING:
             lost = self._pending.popleft()
-            log.error("settlement queue full: dropped the settlement of tenant %s", lost.ticket.tenant)
+            self._forget_local(lost)
+            log.error(
+                "settlement queue full: dropped the settlement of a request of tenant %s (%s tokens)",
+                lost.ticket.tenant,
+                lost.tokens,
+            )
         self._pending.append(settlement)
         self.metrics.pending.set(len(self._pending))
 
@@ -742,6 +772,9 @@ class PolicyEngine:
         if self._down:
             try:
                 await asyncio.wait_for(self.store.ping(), max(timeout, 1.0))
+            except TimeoutError:
+                self.store.channel.reset()  # a connection that takes commands and never answers
+                return
             except _REDIS_ERRORS:
                 return
             self._down = False

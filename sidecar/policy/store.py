@@ -11,7 +11,7 @@ scripts touch only keys of one slot::
                                                                   id -> "cost:tokens:day:month"
     tokenscaler:v1:{policy:<scope>:<tenant>}:lease                their leases: id by deadline (ms)
     tokenscaler:v1:{policy:<scope>:<tenant>}:swept:<id>           released when its lease ended (3 days)
-    tokenscaler:v1:{policy:<scope>:<tenant>}:charged:<id>         charged without a reservation (1 hour)
+    tokenscaler:v1:{policy:<scope>:<tenant>}:charged:<id>         charged without a reservation (a day)
     tokenscaler:v1:{policy:<scope>}:sidecars                      sidecars of the scope, by last seen
     tokenscaler:v1:{policy:<scope>/model/<model>}:rate            GCRA TAT of a model, all tenants
 
@@ -33,7 +33,7 @@ number of sidecars see each other's reservations: used + reserved never passes a
 idempotent (a reservation is settled once; a retried call finds it gone and does nothing),
 so a settle whose reply was lost can be sent again without a double refund. For requests
 admitted while Redis was away (fail-open) it charges the real usage instead, once: the id is
-kept an hour in ``:charged:<id>`` (a settlement is retried within seconds of Redis answering).
+kept a day in ``:charged:<id>``, whichever branch charged it.
 
 Leases: a sidecar killed mid-request never settles, and its reservation would hold the
 tenant's budget to the period's end. Every reservation therefore has a lease (``:lease``,
@@ -56,6 +56,10 @@ from token_scaler.record import KEY_PREFIX
 from token_scaler.redis_channel import Arg, Channel, LuaScript
 
 RESERVATIONS_TTL_S = 3 * 86_400
+# How long a fail-open charge is remembered by its id, so a settlement sent again (its reply
+# lost) is not charged twice. One key per request admitted without Redis: a day bounds the
+# memory an outage leaves behind; a settlement is resent within seconds of Redis answering.
+CHARGED_TTL_S = 86_400
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 
@@ -131,12 +135,18 @@ return {0, granted, du, mu, 0, r1, r2, now, #expired}
 
 SETTLE = """
 local base = string.sub(KEYS[1], 1, -5)
-local held = redis.call('HGET', KEYS[1], ARGV[1])
 local cost, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local dl, ml = ARGV[4] == '1', ARGV[5] == '1'
+-- Admitted without Redis (fail-open): whichever branch charges it, it is charged once.
+local unreserved = ARGV[8] == '1'
+local charged = base .. ':charged:' .. ARGV[1]
+local done = unreserved and redis.call('EXISTS', charged) == 1
+local held = not done and redis.call('HGET', KEYS[1], ARGV[1])
+local swept = not done and not held and redis.call('GET', base .. ':swept:' .. ARGV[1])
 local applied = 0
-local swept = not held and redis.call('GET', base .. ':swept:' .. ARGV[1])
-if held then
+if done then
+  cost, tokens = 0, 0
+elseif held then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[6], ARGV[1])
   local c, tk = string.match(held, '^(%d+):(%d+)')
@@ -149,12 +159,13 @@ elseif swept then
   local _, tk = string.match(swept, '^(%d+):(%d+)')
   tokens = tokens - tonumber(tk)
   applied = 3
-elseif ARGV[8] == '1' and redis.call('SET', base .. ':charged:' .. ARGV[1], '1', 'NX', 'EX', 3600) then
+elseif unreserved then
   tokens = 0
   applied = 2
 else
   cost, tokens = 0, 0
 end
+if unreserved and applied ~= 0 then redis.call('SET', charged, '1', 'EX', ARGV[11]) end
 local du, mu = 0, 0
 if dl then
   if cost ~= 0 then
@@ -433,4 +444,5 @@ def settle_args(
         int(unreserved),
         DAY_TTL_S,
         MONTH_TTL_S,
+        CHARGED_TTL_S,
     ]

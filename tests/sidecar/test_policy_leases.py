@@ -32,7 +32,7 @@ from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
 from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
 from token_scaler.redis_channel import Arg, Channel
-from token_scaler.redis_conn import connect, free_port
+from token_scaler.redis_conn import LocalRedis, connect, free_port
 
 
 def base(workload: str, tenant: str) -> str:
@@ -191,6 +191,14 @@ async def test_a_settlement_after_the_release_charges_in_full_and_every_settleme
         charged, twice = await store.settle_many(sent)
         assert (charged.applied, charged.day_used) == (2, 135)
         assert (twice.applied, twice.day_used) == (0, 135)
+        # Admitted without Redis though its admission did reach Redis (the reply was lost):
+        # the reservation is settled to the real cost, and sending it again changes nothing.
+        lost = await admit("lost", 60_000)
+        assert lost.day_used == 235
+        sent = [settle("lost", 30, unreserved=True)] * 2
+        charged, twice = await store.settle_many(sent)
+        assert (charged.applied, charged.day_used) == (1, 165)
+        assert (twice.applied, twice.day_used) == (0, 165)
     finally:
         tenant = tenant_keys(scope(workload), "late", day, month, None)[0][: -len(":res")]
         await client.delete(*keys, *[k async for k in client.scan_iter(f"{tenant}:*")])
@@ -302,5 +310,30 @@ async def test_a_settlement_redis_refuses_is_said_and_spoils_nothing_else(
         await client.delete(
             *[k async for k in client.scan_iter(f"tokenscaler:v1:{{policy:{scope(workload)}:*")]
         )
+        await channel.close()
+        await client.aclose()
+
+
+async def test_a_settlement_redis_refuses_for_now_waits_for_it(own_redis: LocalRedis, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "policy.yaml", {"defaults": {"budget": {"daily": 10_000}}})
+    client = connect(own_redis.url)
+    channel = Channel.from_url(own_redis.url)
+    engine = PolicyEngine(policy, channel, CollectorRegistry(), workload="test/x")
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    try:
+        admission = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
+        assert admission.ticket is not None
+        day_key = admission.ticket.keys[1]
+        # A failover made this Redis a replica: writes, scripts' included, answer READONLY.
+        await client.execute_command("REPLICAOF", "127.0.0.1", "1")
+        engine.settle(admission, 10, 3)
+        await engine.close(5)
+        assert len(engine._pending) == 1 and engine._down  # kept, not dropped as a script fault
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+        await engine.tick()
+        assert not engine._pending and await client.get(day_key) == b"13"
+    finally:
         await channel.close()
         await client.aclose()
