@@ -63,9 +63,35 @@ CHARGED_TTL_S = 86_400
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 
-ADMIT = """
+# Lua every script below starts with: Redis' clock in ms (``now``), and the GCRA on one TAT
+# key: ``gcra`` checks a take and writes nothing, ``set_tat`` writes, ``move`` shifts a TAT
+# by ``ms`` (negative: gives tokens back; a TAT that falls into the past is gone).
+_PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local function set_tat(key, tat)
+  redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
+end
+local function gcra(key, tokens, interval, tau)
+  -- the TAT after taking ``tokens``; or nil, the wait and what is owed (ms) when refused
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new = tat + tokens * interval
+  local need = tau
+  if tokens * interval > need then need = tokens * interval end
+  if new - need > now then return nil, math.ceil(new - need - now), math.ceil(tat - now) end
+  return new
+end
+local function move(key, ms)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat == 0 then return 0 end
+  tat = tat + ms
+  if tat > now then set_tat(key, tat) else redis.call('DEL', key) end
+  return 1
+end
+"""
+
+ADMIT = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 32)
 if #expired > 0 then
   local base = string.sub(KEYS[1], 1, -5)
@@ -101,21 +127,13 @@ local tats = {0, 0}
 for i = 1, 2 do
   local interval, tau = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   if interval > 0 then
-    local tat = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
-    if tat < now then tat = now end
-    local new = tat + tokens * interval
-    local need = tau
-    if tokens * interval > need then need = tokens * interval end
-    if new - need > now then
-      return {1 + i, 0, du, mu, math.ceil(new - need - now), math.ceil(tat - now), 0, now, #expired}
-    end
+    local new, wait, owed = gcra(KEYS[3 + i], tokens, interval, tau)
+    if not new then return {1 + i, 0, du, mu, wait, owed, 0, now, #expired} end
     tats[i] = new
   end
 end
 for i = 1, 2 do
-  if tats[i] > 0 then
-    redis.call('SET', KEYS[3 + i], string.format('%.3f', tats[i]), 'PX', math.ceil(tats[i] - now) + 1)
-  end
+  if tats[i] > 0 then set_tat(KEYS[3 + i], tats[i]) end
 end
 local g = string.format('%d', granted)
 if dl > 0 then du = redis.call('INCRBY', KEYS[2], g); redis.call('EXPIRE', KEYS[2], ARGV[11]) end
@@ -178,27 +196,16 @@ if ml then
   else mu = tonumber(redis.call('GET', KEYS[3]) or '0') end
 end
 if tokens ~= 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
   for i = 1, 2 do
     local interval = tonumber(ARGV[5 + i])
-    local tat = interval > 0 and tonumber(redis.call('GET', KEYS[3 + i]) or '0') or 0
-    if tat > 0 then
-      tat = tat + tokens * interval
-      if tat > now then
-        redis.call('SET', KEYS[3 + i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
-      else
-        redis.call('DEL', KEYS[3 + i])
-      end
-    end
+    if interval > 0 then move(KEYS[3 + i], tokens * interval) end
   end
 end
 return {applied, du, mu}
 """
 
 RENEW = """
-local t = redis.call('TIME')
-local deadline = string.format('%.0f', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1]))
+local deadline = string.format('%.0f', now + tonumber(ARGV[1]))
 local renewed = 0
 for i = 2, #ARGV do renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, ARGV[i]) end
 return renewed
@@ -207,10 +214,9 @@ return renewed
 # A sidecar announces itself (id scored by Redis' time) and learns how many sidecars of the
 # scope did so within ARGV[2] ms: its share of each rate limit while Redis is away.
 PRESENCE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local ms = math.floor(now)
+redis.call('ZADD', KEYS[1], ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('ZCARD', KEYS[1])
 """
@@ -219,36 +225,19 @@ PRESENCE_WINDOW_MS = 60_000
 
 # A model's tokens per minute across tenants (GCRA): {0, 0, reset} or {1, retry after, reset}.
 MODEL_RATE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local tokens, interval, tau = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new = tat + tokens * interval
-local need = tau
-if tokens * interval > need then need = tokens * interval end
-if new - need > now then return {1, math.ceil(new - need - now), math.ceil(tat - now)} end
-redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
+local new, wait, owed = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+if not new then return {1, wait, owed} end
+set_tat(KEYS[1], new)
 return {0, 0, math.ceil(new - now)}
 """
 
-# Move a GCRA TAT by ARGV[1] ms (negative: give tokens back); a TAT in the past is gone.
+# Move a GCRA TAT by ARGV[1] ms (negative: give tokens back).
 MOVE = """
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat == 0 then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-tat = tat + tonumber(ARGV[1])
-if tat > now then
-  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
-else
-  redis.call('DEL', KEYS[1])
-end
-return 1
+return move(KEYS[1], tonumber(ARGV[1]))
 """
 
 _ADMIT, _SETTLE, _RENEW, _PRESENCE, _MODEL_RATE, _MOVE = (
-    LuaScript(source) for source in (ADMIT, SETTLE, RENEW, PRESENCE, MODEL_RATE, MOVE)
+    LuaScript(_PRELUDE + source) for source in (ADMIT, SETTLE, RENEW, PRESENCE, MODEL_RATE, MOVE)
 )
 
 OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
