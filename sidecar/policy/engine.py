@@ -44,7 +44,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,25 @@ _TRANSIENT = (
     "READONLY", "LOADING", "BUSY", "OOM", "MISCONF", "MASTERDOWN", "NOREPLICAS",
     "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT", "ERR max number of clients",
 )  # fmt: skip
+
+
+TENANT, PER_MODEL, WIDE = "tenant", "tenant-model", "model"  # the kinds of rate limit
+
+
+def _which(admission: Admission, kind: str) -> str:
+    """The limit that refused, as the 429's message names it."""
+    if kind == WIDE:
+        return f"model {admission.model} (all tenants)"
+    if kind == PER_MODEL:
+        return f"tenant {admission.tenant} and model {admission.model}"
+    return f"tenant {admission.tenant}"
+
+
+def _kind_of(local_key: str) -> str:
+    """The kind of limit a local limiter key stands for (see ``_reserve``)."""
+    if local_key.startswith("\1"):
+        return WIDE
+    return PER_MODEL if "\0" in local_key else TENANT
 
 
 def _script_fault(error: ResponseError) -> bool:
@@ -476,16 +495,15 @@ class PolicyEngine:
             per_model = reply.status != RATE_TENANT
             limit = model_limit if per_model else tenant_limit
             assert limit is not None
-            which = f"tenant {admission.tenant}" + (f" and model {admission.model}" if per_model else "")
+            which = _which(admission, PER_MODEL if per_model else TENANT)
             self._refuse_rate(admission, limit, which, reply.retry_after_ms, reply.reset_ms)
             return
         assert wide_reply is not None and wide_limit is not None
         # The tenant's admission went through: release its reservation (with the next write).
-        self._outbox.append(_Settlement(ticket, 0, 0, moved=True))
-        if self._linger is None:
-            self._linger = asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._send_outbox)
-        which = f"model {admission.model} (all tenants)"
-        self._refuse_rate(admission, wide_limit, which, wide_reply.retry_after_ms, wide_reply.reset_ms)
+        self._post(_Settlement(ticket, 0, 0, moved=True))
+        self._refuse_rate(
+            admission, wide_limit, _which(admission, WIDE), wide_reply.retry_after_ms, wide_reply.reset_ms
+        )
 
     def _give_back(self, ticket: Ticket) -> None:
         """Return the tokens a refused request took from its model's limit across tenants."""
@@ -497,7 +515,7 @@ class PolicyEngine:
 
         async def wait() -> None:
             try:
-                async with asyncio.timeout(max(self.policy.redis_timeout_s, 1.0)):
+                async with asyncio.timeout(self._background_timeout_s):
                     await reply
             except _REDIS_ERRORS as exc:
                 self.metrics.redis_errors.labels("move").inc()
@@ -587,12 +605,7 @@ class PolicyEngine:
                     self._release(ticket)
                 index, wait = refused
                 key, limit = ticket.limits[index]
-                which = f"tenant {tenant}"
-                if key.startswith("\1"):
-                    which = f"model {admission.model} (all tenants)"
-                elif "\0" in key:
-                    which += f" and model {admission.model}"
-                self._refuse_rate(admission, limit, which, wait, wait)
+                self._refuse_rate(admission, limit, _which(admission, _kind_of(key)), wait, wait)
                 return cap
         ticket.reserved = False
         self._local[tenant] = self._local.get(tenant, 0) + ticket.cost
@@ -622,6 +635,10 @@ class PolicyEngine:
         if self._down:
             self._queue(settlement)
             return
+        self._post(settlement)
+
+    def _post(self, settlement: _Settlement) -> None:
+        """Into the outbox: sent with the next admission, or after ``SETTLE_LINGER_S``."""
         self._outbox.append(settlement)
         if self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._send_outbox)
@@ -642,11 +659,15 @@ class PolicyEngine:
                 self._queue(settlement)
             return
         for start in range(0, len(outbox), BATCH):
-            batch = outbox[start : start + BATCH]
-            self._move(batch)
-            task = asyncio.create_task(self._settled(batch, self.store.settle_many(self._items(batch))))
+            task = asyncio.create_task(self._send(outbox[start : start + BATCH]))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _send(self, batch: list[_Settlement]) -> Coroutine[Any, Any, bool]:
+        """Queue a batch's settlements (and model-limit corrections) on the channel now; the
+        coroutine returned applies their replies."""
+        self._move(batch)
+        return self._settled(batch, self.store.settle_many(self._items(batch)))
 
     def _move(self, batch: list[_Settlement]) -> None:
         """Correct the model limits across tenants to the real tokens, once per settlement."""
@@ -754,6 +775,11 @@ class PolicyEngine:
         self._pending.append(settlement)
         self.metrics.pending.set(len(self._pending))
 
+    @property
+    def _background_timeout_s(self) -> float:
+        """Calls off the request path (pings, renewals, corrections) may wait a little longer."""
+        return max(self.policy.redis_timeout_s, 1.0)
+
     def _failed(self, op: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(op).inc()
         if isinstance(exc, TimeoutError):
@@ -771,7 +797,7 @@ class PolicyEngine:
         timeout = self.policy.redis_timeout_s
         if self._down:
             try:
-                await asyncio.wait_for(self.store.ping(), max(timeout, 1.0))
+                await asyncio.wait_for(self.store.ping(), self._background_timeout_s)
             except TimeoutError:
                 self.store.channel.reset()  # a connection that takes commands and never answers
                 return
@@ -781,9 +807,8 @@ class PolicyEngine:
             log.info("policy store (Redis) reachable again; reconciling %d settlements", len(self._pending))
         while self._pending and not self._down:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            self._move(batch)
-            if not await self._settled(batch, self.store.settle_many(self._items(batch))):
-                # _send queued them again at the back: order does not matter, each is idempotent.
+            if not await self._send(batch):
+                # _settled queued them again at the back: order does not matter, each is idempotent.
                 break
         self.metrics.pending.set(len(self._pending))
         if not self._synced:
@@ -804,7 +829,7 @@ class PolicyEngine:
     async def _sync_clock(self) -> None:
         """Redis' clock before the first admission: its replies keep the offset after that."""
         try:
-            redis_now = await asyncio.wait_for(self.store.time(), max(self.policy.redis_timeout_s, 1.0))
+            redis_now = await asyncio.wait_for(self.store.time(), self._background_timeout_s)
         except _REDIS_ERRORS as exc:
             self._failed("time", exc)
             return
@@ -813,7 +838,7 @@ class PolicyEngine:
 
     async def _announce(self) -> None:
         try:
-            async with asyncio.timeout(max(self.policy.redis_timeout_s, 1.0)):
+            async with asyncio.timeout(self._background_timeout_s):
                 peers = await self.store.announce(self.policy.scope, self._id)
         except _REDIS_ERRORS as exc:
             self._failed("presence", exc)
@@ -829,7 +854,7 @@ class PolicyEngine:
         for ticket in self._open.values():
             leases.setdefault(lease_key(ticket.keys), []).append(ticket.id)
         try:
-            async with asyncio.timeout(max(self.policy.redis_timeout_s, 1.0)):
+            async with asyncio.timeout(self._background_timeout_s):
                 await self.store.renew(leases, int(self.policy.lease_s * 1000))
         except _REDIS_ERRORS as exc:
             self._failed("renew", exc)
