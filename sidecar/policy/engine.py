@@ -16,6 +16,10 @@ shared budgets (reconciled). Rate limits are enforced locally meanwhile, each si
 share: the limit divided by the sidecars of the scope seen in the last minute (each
 announces itself every ``ANNOUNCE_S``).
 
+A tenant busy at this sidecar is admitted without the round trip: its budget and rate are
+reserved ahead in chunks, off the request path, and requests draw from them (chunks.py);
+near a limit chunks stop and every request reserves on its own again.
+
 Reservations are leased (``reservationLeaseSeconds``): the sidecar renews the leases of
 its requests in flight every third of it, so the reservation of a sidecar that died
 mid-request is released by the tenant's next admission once its lease ends (store.py).
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -54,7 +59,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from sidecar import openai
 from sidecar.openai import Kind, ParsedRequest
-from sidecar.policy import budgets, caps, downgrade, identity, ratelimit, schema
+from sidecar.policy import budgets, caps, chunks, downgrade, identity, ratelimit, schema
 from sidecar.policy.metrics import PolicyMetrics
 from sidecar.policy.schema import CLOSED, MID_OFF, SHORTEN, Budget, Policy, Price, TenantPolicy
 from sidecar.policy.store import (
@@ -65,6 +70,7 @@ from sidecar.policy.store import (
     ModelAdmitted,
     Settled,
     Store,
+    checkpoint_args,
     lease_key,
     model_rate_key,
     settle_args,
@@ -116,6 +122,7 @@ class Ticket:
     limits: list[tuple[str, ratelimit.Limit]] = field(default_factory=list)  # (local key, limit)
     wide_key: str | None = None  # the model's limit across tenants, when it has one
     wide_interval: float = 0.0
+    chunk: chunks.Chunk | None = None  # drawn from a chunk reserved ahead (chunks.py)
 
 
 @dataclass(slots=True)
@@ -233,6 +240,10 @@ class PolicyEngine:
         self._ids = itertools.count()
         self._peers = 1  # sidecars of the scope seen in the last minute, this one included
         self._announced = -math.inf
+        self._chunks = chunks.Chunks()
+        self._takes: set[asyncio.Task[None]] = set()  # chunks being asked for
+        self._generation = 0  # policy reloads: a chunk asked for before one is retired at once
+        self._closing = False
         self.saturation: Saturation = NOT_SATURATED
 
     # -- the policy file
@@ -274,7 +285,8 @@ class PolicyEngine:
         if seen is not None:
             day_used = seen.day_used if seen.day == day else 0
             month_used = seen.month_used if seen.month == month else 0
-        local = self._local.get(tenant, 0)
+        # Chunks this sidecar holds unused are not spent: they come back when retired.
+        local = self._local.get(tenant, 0) - self._chunks.undrawn.get(tenant, 0)
         return budgets.used_ratio(budget, day_used + local, month_used + local)
 
     def _saw(self, tenant: str, budget: Budget, day: str, month: str, day_used: int, month_used: int) -> None:
@@ -292,7 +304,8 @@ class PolicyEngine:
             if len(self._budget_gauges) > MAX_TENANTS_SEEN:  # tenants come from requests: bounded
                 self._budget_gauges.clear()
             gauge = self._budget_gauges[tenant] = self.metrics.budget_used.labels(self._label(tenant))
-        gauge.set(budgets.used_ratio(budget, day_used, month_used))
+        unused = self._chunks.undrawn.get(tenant, 0)
+        gauge.set(budgets.used_ratio(budget, day_used - unused, month_used - unused))
 
     async def admit(
         self, headers: Mapping[str, str], parsed: ParsedRequest, body: bytes, prompt_estimate: int
@@ -402,6 +415,10 @@ class PolicyEngine:
             wide_key=model_rate_key(policy.scope, model) if wide_limit and model else None,
             wide_interval=wide_limit.interval_ms if wide_limit else 0.0,
         )
+        if policy.chunks.enabled and self._from_chunk(
+            admission, ticket, (tenant_limit, model_limit, wide_limit)
+        ):
+            return cap
         reply: Admitted | None = None
         wide_reply: ModelAdmitted | None = None
         sent = not self._down  # the scripts may run, whatever becomes of their replies
@@ -410,49 +427,18 @@ class PolicyEngine:
                 self._send_outbox()
             try:
                 async with asyncio.timeout(policy.redis_timeout_s):
-                    taken = None
-                    if wide_limit is not None and ticket.wide_key is not None:
-                        taken = self.store.model_rate(
-                            ticket.wide_key, ticket.tokens, wide_limit.interval_ms, wide_limit.tau_ms
-                        )
-                    admitted = self.store.admit(
-                        ticket.keys,
-                        id=ticket.id,
-                        cost=cost,
-                        day_limit=budget.daily or 0,
-                        month_limit=budget.monthly or 0,
-                        least=least,
-                        tokens=ticket.tokens,
-                        tenant_rate=(ticket.tenant_interval, tenant_limit.tau_ms if tenant_limit else 0.0),
-                        model_rate=(ticket.model_interval, model_limit.tau_ms if model_limit else 0.0),
-                        lease_ms=int(policy.lease_s * 1000),
-                        day=day,
-                        month=month,
+                    reply, wide_reply = await self._ask(
+                        ticket, least, (tenant_limit, model_limit, wide_limit)
                     )
-                    if taken is None:
-                        reply = await admitted
-                    else:  # both in one write
-                        reply, wide_reply = await asyncio.gather(admitted, taken)
             except _REDIS_ERRORS as exc:
                 self._failed("admit", exc)
             except asyncio.CancelledError:
                 # The client went away while Redis decided: release what may be reserved.
                 self._release(ticket)
                 raise
-        label = self._label(tenant)
         if reply is None:
             return self._without_redis(admission, rules, ticket, cap, now, sent)
-        self._offset_s = reply.redis_time_ms / 1000 - self._clock()
-        self._synced = True
-        if reply.expired:
-            self.metrics.expired.labels(label).inc(reply.expired)
-            log.warning(
-                "released %d reservation(s) of tenant %s whose lease ended (a sidecar that died "
-                "mid-request, or one stalled past reservationLeaseSeconds)",
-                reply.expired,
-                tenant,
-            )
-        self._saw(tenant, budget, day, month, reply.day_used, reply.month_used)
+        self._noted(reply, ticket)
         if reply.status == BUDGET:
             self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
             if wide_reply is not None and not wide_reply.refused:
@@ -473,10 +459,278 @@ class PolicyEngine:
         ticket.cost = reply.granted
         admission.ticket = ticket
         self._open[ticket.id] = ticket
+        self.metrics.admissions.labels("redis").inc()
         if cap is not None and reply.granted < cost:
             allowed = budgets.generation_allowed(budget, price, reply.granted, prompt, n)
             cap = caps.shortened(cap, max(1, allowed))
         return cap
+
+    async def _ask(
+        self, ticket: Ticket, least: int, limits: tuple[ratelimit.Limit | None, ...]
+    ) -> tuple[Admitted, ModelAdmitted | None]:
+        """Reserve ``ticket`` in Redis: ADMIT, and the model's limit across tenants in the same write."""
+        tenant_limit, model_limit, wide_limit = limits
+        budget = ticket.budget
+        taken = None
+        if wide_limit is not None and ticket.wide_key is not None:
+            taken = self.store.model_rate(
+                ticket.wide_key, ticket.tokens, wide_limit.interval_ms, wide_limit.tau_ms
+            )
+        admitted = self.store.admit(
+            ticket.keys,
+            id=ticket.id,
+            cost=ticket.cost,
+            day_limit=budget.daily or 0,
+            month_limit=budget.monthly or 0,
+            least=least,
+            tokens=ticket.tokens,
+            tenant_rate=(ticket.tenant_interval, tenant_limit.tau_ms if tenant_limit else 0.0),
+            model_rate=(ticket.model_interval, model_limit.tau_ms if model_limit else 0.0),
+            lease_ms=int(self.policy.lease_s * 1000),
+            day=ticket.day,
+            month=ticket.month,
+        )
+        if taken is None:
+            return await admitted, None
+        reply, wide_reply = await asyncio.gather(admitted, taken)  # both in one write
+        return reply, wide_reply
+
+    def _noted(self, reply: Admitted, ticket: Ticket) -> None:
+        """What every admission reply tells: Redis' clock, leases that ended, the budget used."""
+        self._offset_s = reply.redis_time_ms / 1000 - self._clock()
+        self._synced = True
+        if reply.expired:
+            self.metrics.expired.labels(self._label(ticket.tenant)).inc(reply.expired)
+            log.warning(
+                "released %d reservation(s) of tenant %s whose lease ended (a sidecar that died "
+                "mid-request, or one stalled past reservationLeaseSeconds)",
+                reply.expired,
+                ticket.tenant,
+            )
+        self._saw(ticket.tenant, ticket.budget, ticket.day, ticket.month, reply.day_used, reply.month_used)
+
+    # -- chunks: reserved ahead, drawn from locally (chunks.py)
+
+    def _from_chunk(
+        self, admission: Admission, ticket: Ticket, limits: tuple[ratelimit.Limit | None, ...]
+    ) -> bool:
+        """Admit from a chunk when one has room (no round trip); ask for the next one when due."""
+        now = time.monotonic()
+        key = (
+            *ticket.keys,
+            ticket.tenant_interval,
+            ticket.model_interval,
+            ticket.wide_key,
+            ticket.wide_interval,
+        )
+        demand = self._chunks.seen(key, now, ticket.cost, ticket.tokens)
+        chunk = self._chunks.draw(key, ticket.tenant, ticket.cost, ticket.tokens, now)
+        if not self._down and not self._closing:
+            self._ask_ahead(key, demand, ticket, limits, now)
+        if chunk is None:
+            return False
+        ticket.chunk = chunk
+        admission.ticket = ticket
+        admission.headers.update(chunk.remaining_headers(now))
+        self.metrics.admissions.labels("chunk").inc()
+        return True
+
+    def _ask_ahead(
+        self,
+        key: chunks.Key,
+        demand: chunks.Demand,
+        template: Ticket,
+        limits: tuple[ratelimit.Limit | None, ...],
+        now: float,
+    ) -> None:
+        if key in self._chunks.taking or self._chunks.backoff.get(key, 0.0) > now:
+            return
+        rules = self.policy.chunks
+        target = chunks.size(
+            demand,
+            now,
+            seconds=rules.seconds,
+            min_rps=rules.min_requests_per_second,
+            budget_left=self._budget_left(template),
+            bursts=[limit.tau_ms / limit.interval_ms for limit in limits if limit is not None],
+            peers=self._peers,
+        )
+        if target is None or not self._chunks.wants(key, target, now):
+            return
+        self._chunks.taking.add(key)
+        task = asyncio.create_task(self._take(key, template, limits, target, self._generation))
+        self._takes.add(task)
+        task.add_done_callback(self._takes.discard)
+
+    def _budget_left(self, ticket: Ticket) -> int | None:
+        """What the tenant had left when last seen (0 before any reply: no chunk blind)."""
+        budget = ticket.budget
+        if not budget.enabled:
+            return None
+        seen = self._used.get(ticket.tenant)
+        if seen is None:
+            return 0
+        left = []
+        if budget.daily:
+            left.append(budget.daily - (seen.day_used if seen.day == ticket.day else 0))
+        if budget.monthly:
+            left.append(budget.monthly - (seen.month_used if seen.month == ticket.month else 0))
+        return min(left) if left else None
+
+    async def _take(
+        self,
+        key: chunks.Key,
+        template: Ticket,
+        limits: tuple[ratelimit.Limit | None, ...],
+        target: chunks.Size,
+        generation: int,
+    ) -> None:
+        """Reserve a chunk: ADMIT (and the model's limit across tenants) for ``target``."""
+        tenant_limit, model_limit, wide_limit = limits
+        ticket = dataclasses.replace(
+            template,
+            id=f"{self._id}.{next(self._ids):x}",
+            cost=target.cost,
+            tokens=target.tokens,
+            reserved=True,
+            limits=[],
+            chunk=None,
+        )
+        try:
+            async with asyncio.timeout(self._background_timeout_s):
+                reply, wide_reply = await self._ask(ticket, target.least, limits)
+        except _REDIS_ERRORS as exc:
+            self._failed("chunk", exc)
+            self._release(ticket)
+            self._chunks.backoff[key] = time.monotonic() + chunks.BACKOFF_S
+            return
+        except asyncio.CancelledError:
+            self._release(ticket)
+            raise
+        finally:
+            self._chunks.taking.discard(key)
+        if reply.status != OK or (wide_reply is not None and wide_reply.refused):
+            # A limit is near: requests reserve alone for a while (exact, one round trip each).
+            if reply.status == OK:
+                self._post(_Settlement(ticket, 0, 0, moved=True))
+            elif wide_reply is not None and not wide_reply.refused:
+                self._give_back(ticket)
+            self._chunks.backoff[key] = time.monotonic() + chunks.BACKOFF_S
+            self.metrics.chunks.labels("refused").inc()
+            self._noted(reply, ticket)
+            return
+        asked_tokens = ticket.tokens
+        if reply.granted < ticket.cost:  # the script scales the tokens alike
+            ticket.tokens = math.ceil(ticket.tokens * reply.granted / ticket.cost)
+        ticket.cost = reply.granted
+        now = time.monotonic()
+        shown = [
+            (limit, float(reset))
+            for limit, reset in (
+                (wide_limit, wide_reply.reset_ms if wide_reply else 0),
+                (model_limit, reply.model_reset_ms),
+                (tenant_limit, reply.reset_ms),
+            )
+            if limit is not None
+        ]
+        chunk = chunks.Chunk(
+            ticket, ticket.cost, ticket.tokens, shown, now, now, asked_tokens if ticket.wide_key else 0
+        )
+        self._chunks.add(key, chunk)
+        self.metrics.chunks.labels("taken").inc()
+        if generation != self._generation or self._closing:
+            self._chunks.retire(chunk)  # asked for under a policy no longer in force
+            self._soon()
+        self._noted(reply, ticket)
+
+    def _send_checkpoints(self) -> None:
+        """Tell Redis the state of the chunks that changed (their replies awaited apart)."""
+        if not self._chunks or self._down:
+            return
+        dirty = self._chunks.dirty()
+        for start in range(0, len(dirty), BATCH):
+            task = asyncio.create_task(self._checkpoint(dirty[start : start + BATCH]))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _checkpoint(self, dirty: list[tuple[chunks.Key, chunks.Chunk]]) -> bool:
+        items: list[tuple[list[str], list[Arg]]] = []
+        closing = []
+        for _, chunk in dirty:
+            chunk.seq += 1
+            held = chunk.held()
+            ticket = chunk.ticket
+            items.append(
+                (
+                    ticket.keys,
+                    checkpoint_args(
+                        id=ticket.id,
+                        seq=chunk.seq,
+                        held=held,
+                        charged=(chunk.real_cost, chunk.real_tokens),
+                        daily=ticket.budget.daily is not None,
+                        monthly=ticket.budget.monthly is not None,
+                        tenant_interval=ticket.tenant_interval,
+                        model_interval=ticket.model_interval,
+                    ),
+                )
+            )
+            closing.append(chunk.final)
+            if ticket.wide_key is not None:  # the model's limit across tenants: its own slot
+                counted = held[1] + chunk.real_tokens
+                if counted != chunk.wide_counted:
+                    moved = (counted - chunk.wide_counted) * ticket.wide_interval
+                    chunk.wide_counted = counted
+                    self._background(self.store.move(ticket.wide_key, moved))
+        sent = self.store.checkpoint_many(items)
+        try:
+            async with asyncio.timeout(self.policy.redis_timeout_s):
+                replies = await sent
+        except _REDIS_ERRORS as exc:
+            self._failed("checkpoint", exc)
+            for _, chunk in dirty:
+                chunk.dirty = True  # sent again with the next: only the latest state counts
+            return False
+        except BaseException:
+            for _, chunk in dirty:
+                chunk.dirty = True
+            raise
+        failure: BaseException | None = None
+        for (key, chunk), closed, reply in zip(dirty, closing, replies, strict=True):
+            ticket = chunk.ticket
+            if isinstance(reply, ResponseError) and _script_fault(reply):
+                self.metrics.redis_errors.labels("checkpoint_script").inc()
+                log.error(
+                    "Redis refused the checkpoint of a chunk of tenant %s (charged %s tokens, cost %s); "
+                    "it is dropped and its lease releases what it holds: %s",
+                    ticket.tenant,
+                    chunk.real_tokens,
+                    chunk.real_cost,
+                    reply,
+                )
+                self._chunks.retire(chunk)
+                self._chunks.forget(key, chunk)
+                continue
+            if isinstance(reply, BaseException):
+                failure = reply
+                chunk.dirty = True
+                continue
+            if reply.applied == 3:
+                log.warning(
+                    "a chunk of tenant %s was released when its lease ended (this sidecar stalled "
+                    "past reservationLeaseSeconds): its requests are charged in full",
+                    ticket.tenant,
+                )
+                self._chunks.retire(chunk)
+            if closed:
+                self._chunks.forget(key, chunk)
+            self._saw(
+                ticket.tenant, ticket.budget, ticket.day, ticket.month, reply.day_used, reply.month_used
+            )
+        if failure is not None:
+            self._failed("checkpoint", failure)
+            return False
+        return True
 
     def _refused_one(
         self,
@@ -611,6 +865,7 @@ class PolicyEngine:
         self._local[tenant] = self._local.get(tenant, 0) + ticket.cost
         admission.ticket = ticket
         self.metrics.fail_open.labels(self._label(tenant)).inc()
+        self.metrics.admissions.labels("without_redis").inc()
         return cap
 
     # -- settlement
@@ -626,8 +881,12 @@ class PolicyEngine:
         if ticket is None:
             return
         admission.ticket = None
-        self._open.pop(ticket.id, None)
         cost = budgets.cost(ticket.budget, ticket.price, prompt, generation)
+        if ticket.chunk is not None:  # charged to its chunk: the next checkpoint tells Redis
+            ticket.chunk.end(ticket.cost, ticket.tokens, cost, prompt + generation)
+            self._soon()
+            return
+        self._open.pop(ticket.id, None)
         if not ticket.reserved:
             self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost - ticket.cost
             self._local_rates.correct(ticket.limits, prompt + generation - ticket.tokens, self._peers)
@@ -640,13 +899,17 @@ class PolicyEngine:
     def _post(self, settlement: _Settlement) -> None:
         """Into the outbox: sent with the next admission, or after ``SETTLE_LINGER_S``."""
         self._outbox.append(settlement)
+        self._soon()
+
+    def _soon(self) -> None:
+        """Send the outbox and the chunks' checkpoints within ``SETTLE_LINGER_S``."""
         if self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._send_outbox)
 
     @property
     def settling(self) -> bool:
         """Settlements are on their way to Redis."""
-        return bool(self._outbox) or bool(self._inflight)
+        return bool(self._outbox) or bool(self._inflight) or self._linger is not None
 
     def _send_outbox(self) -> None:
         """Queue the outbox's settlements on the channel now; their replies are awaited apart."""
@@ -658,6 +921,7 @@ class PolicyEngine:
             for settlement in outbox:
                 self._queue(settlement)
             return
+        self._send_checkpoints()
         for start in range(0, len(outbox), BATCH):
             task = asyncio.create_task(self._send(outbox[start : start + BATCH]))
             self._inflight.add(task)
@@ -793,7 +1057,11 @@ class PolicyEngine:
     # -- background
 
     async def tick(self) -> None:
-        self.reload()
+        if self.reload():
+            self._generation += 1
+            self._chunks.retire_all()  # limits may have changed: what they hold comes back
+        if self._chunks:
+            self._chunks.expire(time.monotonic(), self.policy.chunks.seconds)
         timeout = self.policy.redis_timeout_s
         if self._down:
             try:
@@ -811,11 +1079,13 @@ class PolicyEngine:
                 # _settled queued them again at the back: order does not matter, each is idempotent.
                 break
         self.metrics.pending.set(len(self._pending))
+        self._send_checkpoints()
         if not self._synced:
             await self._sync_clock()
         if self.policy.rate_limited and time.monotonic() - self._announced >= ANNOUNCE_S:
             await self._announce()
-        if self._open and not self._down and time.monotonic() - self._renewed >= self.policy.lease_s / 3:
+        renewing = self._open or self._chunks
+        if renewing and not self._down and time.monotonic() - self._renewed >= self.policy.lease_s / 3:
             await self._renew()
         if self.policy.watches_saturation:
             try:
@@ -851,7 +1121,8 @@ class PolicyEngine:
     async def _renew(self) -> None:
         """Push the leases of the reservations in flight (one pipeline, a script per tenant)."""
         leases: dict[str, list[str]] = {}
-        for ticket in self._open.values():
+        tickets = [*self._open.values(), *(chunk.ticket for chunk in self._chunks)]
+        for ticket in tickets:
             leases.setdefault(lease_key(ticket.keys), []).append(ticket.id)
         try:
             async with asyncio.timeout(self._background_timeout_s):
@@ -871,6 +1142,12 @@ class PolicyEngine:
 
     async def close(self, timeout_s: float) -> bool:
         """Wait for settlements in flight, then send what is queued; False if some remain."""
+        self._closing = True
+        for task in self._takes:  # a chunk asked for now would only be released again
+            task.cancel()
+        if self._takes:
+            await asyncio.wait(set(self._takes), timeout=timeout_s)
+        self._chunks.retire_all()  # their unused part goes back to the tenants
         self._send_outbox()
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout_s)

@@ -52,6 +52,21 @@ class PolicyMetrics:
             ["tenant"],
             registry=registry,
         )
+        self.admissions = Counter(
+            "tokenscaler_policy_admissions",
+            "Requests admitted by the budget and rate-limit policies, by how: chunk (from a "
+            "reservation made ahead, no round trip), redis (a reservation of its own), "
+            "without_redis (fail-open).",
+            ["path"],
+            registry=registry,
+        )
+        self.chunks = Counter(
+            "tokenscaler_policy_chunks",
+            "Reservations made ahead for a tenant's next requests (result: taken, refused: a limit "
+            "too near, requests reserve alone for a second).",
+            ["result"],
+            registry=registry,
+        )
         self.redis_errors = Counter(
             "tokenscaler_policy_redis_errors",
             "Failed policy calls to Redis.",

@@ -106,6 +106,18 @@ class Downgrade:
     when_saturated: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkPolicy:
+    """Reserving ahead (chunks.py): ``seconds`` of a tenant's traffic at a time, 0: never."""
+
+    seconds: float = 1.0
+    min_requests_per_second: float = 20.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0
+
+
 @dataclass(frozen=True)
 class Policy:
     scope: str = "default"
@@ -119,6 +131,7 @@ class Policy:
     tenants: Mapping[str, TenantPolicy] = field(default_factory=dict)
     redis_timeout_s: float = 0.25
     lease_s: float = 60.0  # a reservation not renewed for this long is released
+    chunks: ChunkPolicy = ChunkPolicy()
 
     def tenant(self, name: str) -> TenantPolicy:
         return self.tenants.get(name, self.defaults)
@@ -226,8 +239,10 @@ _TOP_KEYS = frozenset(
         "redisTimeoutMs",
         "reservationLeaseSeconds",
         "modelLimits",
+        "reservationChunks",
     }
 )
+_CHUNK_KEYS = frozenset({"seconds", "minRequestsPerSecond"})
 _IDENTITY_KEYS = frozenset({"tenantHeader", "apiKeys", "defaultTenant"})
 _PRICE_KEYS = frozenset({"prompt", "generation"})
 _MODEL_LIMIT_KEYS = frozenset({"tokensPerMinute", "burstSeconds"})
@@ -439,6 +454,18 @@ def parse(data: object) -> Policy:
         tenants=tenants,
         redis_timeout_s=_int("redisTimeoutMs", timeout_ms, high=60_000) / 1000,
         lease_s=_int("reservationLeaseSeconds", doc.get("reservationLeaseSeconds", 60), low=2, high=86_400),
+        chunks=_chunks(
+            "reservationChunks", _mapping("reservationChunks", doc.get("reservationChunks"), _CHUNK_KEYS)
+        ),
+    )
+
+
+def _chunks(path: str, doc: Mapping[str, Any]) -> ChunkPolicy:
+    return ChunkPolicy(
+        seconds=_number(f"{path}.seconds", doc.get("seconds", 1.0), high=60.0),
+        min_requests_per_second=_number(
+            f"{path}.minRequestsPerSecond", doc.get("minRequestsPerSecond", 20.0), low=0.1, high=1e6
+        ),
     )
 
 

@@ -65,7 +65,8 @@ MONTH_TTL_S = 40 * 86_400
 
 # Lua every script below starts with: Redis' clock in ms (``now``), and the GCRA on one TAT
 # key: ``gcra`` checks a take and writes nothing, ``set_tat`` writes, ``move`` shifts a TAT
-# by ``ms`` (negative: gives tokens back; a TAT that falls into the past is gone).
+# by ``ms`` (negative: gives tokens back; a TAT that falls into the past is gone); ``charge``
+# applies a settlement's difference to a tenant's budgets and rate limits.
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -89,6 +90,26 @@ local function move(key, ms)
   if tat > now then set_tat(key, tat) else redis.call('DEL', key) end
   return 1
 end
+-- A tenant's keys (tenant_keys): add ``cost`` to the budgets kept (daily, monthly) and move
+-- both rate limits' TATs by ``tokens``; returns the budgets used after it.
+local function charge(cost, tokens, daily, monthly, tenant_interval, model_interval, day_ttl, month_ttl)
+  local used = {0, 0}
+  for i, kept in ipairs({daily, monthly}) do
+    if kept then
+      local key = KEYS[1 + i]
+      if cost ~= 0 then
+        used[i] = redis.call('INCRBY', key, string.format('%d', cost))
+        redis.call('EXPIRE', key, i == 1 and day_ttl or month_ttl)
+      else used[i] = tonumber(redis.call('GET', key) or '0') end
+    end
+  end
+  if tokens ~= 0 then
+    for i, interval in ipairs({tonumber(tenant_interval), tonumber(model_interval)}) do
+      if interval > 0 then move(KEYS[3 + i], tokens * interval) end
+    end
+  end
+  return used[1], used[2]
+end
 """
 
 ADMIT = """
@@ -98,7 +119,7 @@ if #expired > 0 then
   for _, id in ipairs(expired) do
     local held = redis.call('HGET', KEYS[1], id)
     if held then
-      local c, _, d, m = string.match(held, '^(%d+):(%d+):(%d*):(%d*)$')
+      local c, _, d, m = string.match(held, '^(%d+):(%d+):(%d*):(%d*)')
       if c and c ~= '0' then
         for _, k in ipairs({d ~= '' and base .. ':budget:d:' .. d, m ~= '' and base .. ':budget:m:' .. m}) do
           if k and redis.call('EXISTS', k) == 1 then redis.call('DECRBY', k, c) end
@@ -184,23 +205,52 @@ else
   cost, tokens = 0, 0
 end
 if unreserved and applied ~= 0 then redis.call('SET', charged, '1', 'EX', ARGV[11]) end
-local du, mu = 0, 0
-if dl then
-  if cost ~= 0 then
-    du = redis.call('INCRBY', KEYS[2], string.format('%d', cost)); redis.call('EXPIRE', KEYS[2], ARGV[9])
-  else du = tonumber(redis.call('GET', KEYS[2]) or '0') end
-end
-if ml then
-  if cost ~= 0 then
-    mu = redis.call('INCRBY', KEYS[3], string.format('%d', cost)); redis.call('EXPIRE', KEYS[3], ARGV[10])
-  else mu = tonumber(redis.call('GET', KEYS[3]) or '0') end
-end
-if tokens ~= 0 then
-  for i = 1, 2 do
-    local interval = tonumber(ARGV[5 + i])
-    if interval > 0 then move(KEYS[3 + i], tokens * interval) end
+local du, mu = charge(cost, tokens, dl, ml, ARGV[6], ARGV[7], ARGV[9], ARGV[10])
+return {applied, du, mu}
+"""
+
+# A chunk (chunks.py) is a reservation whose entry also says what has been charged to it:
+# "held:held tokens:day:month:seq:charged:charged tokens". The sidecar sends its state
+# (ARGV[3..6]: held, held tokens, charged, charged tokens) under a sequence number: a
+# checkpoint older than the one applied is ignored, so one sent twice, or overtaken by a
+# later one, applies once. The budgets and the rate limits move by the difference from the
+# state applied before; held 0 closes the chunk. Released at its lease's end (the sweep in
+# ADMIT refunds what is held, what was charged stays), a checkpoint after that charges what
+# was charged since, in full, and says so (applied = 3).
+CHECKPOINT = """
+local base = string.sub(KEYS[1], 1, -5)
+local id, seq = ARGV[1], tonumber(ARGV[2])
+local hc, ht, cc, ct = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local pattern = '^(%d+):(%d+):(%d*):(%d*):?(%d*):?(%d*):?(%d*)$'
+local entry = redis.call('HGET', KEYS[1], id)
+local swept = not entry and redis.call('GET', base .. ':swept:' .. id)
+local state = entry or swept
+local cost, tokens, applied = 0, 0, 0
+if state then
+  local h, htk, d, m, s, c, ctk = string.match(state, pattern)
+  if h and seq > (tonumber(s) or 0) then
+    c, ctk = tonumber(c) or 0, tonumber(ctk) or 0
+    local fmt = '%d:%d:' .. d .. ':' .. m .. ':%d:%d:%d'
+    if entry then
+      cost = hc + cc - tonumber(h) - c
+      tokens = ht + ct - tonumber(htk) - ctk
+      applied = 1
+      if hc == 0 and ht == 0 then
+        redis.call('HDEL', KEYS[1], id)
+        redis.call('ZREM', KEYS[6], id)
+      else
+        redis.call('HSET', KEYS[1], id, string.format(fmt, hc, ht, seq, cc, ct))
+      end
+    else
+      -- released: what it held was refunded (the rate limits keep it until they drain)
+      cost = cc - c
+      tokens = ct - tonumber(htk) - ctk
+      applied = 3
+      redis.call('SET', base .. ':swept:' .. id, string.format(fmt, 0, 0, seq, cc, ct), 'KEEPTTL')
+    end
   end
 end
+local du, mu = charge(cost, tokens, ARGV[7] == '1', ARGV[8] == '1', ARGV[9], ARGV[10], ARGV[11], ARGV[12])
 return {applied, du, mu}
 """
 
@@ -236,8 +286,8 @@ MOVE = """
 return move(KEYS[1], tonumber(ARGV[1]))
 """
 
-_ADMIT, _SETTLE, _RENEW, _PRESENCE, _MODEL_RATE, _MOVE = (
-    LuaScript(_PRELUDE + source) for source in (ADMIT, SETTLE, RENEW, PRESENCE, MODEL_RATE, MOVE)
+_ADMIT, _SETTLE, _CHECKPOINT, _RENEW, _PRESENCE, _MODEL_RATE, _MOVE = (
+    LuaScript(_PRELUDE + source) for source in (ADMIT, SETTLE, CHECKPOINT, RENEW, PRESENCE, MODEL_RATE, MOVE)
 )
 
 OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
@@ -382,6 +432,13 @@ class Store:
         done = await asyncio.gather(*replies, return_exceptions=True)  # futures: no task each
         return [r if isinstance(r, BaseException) else Settled(*(int(x) for x in r)) for r in done]
 
+    def checkpoint_many(
+        self, items: list[tuple[list[str], list[Arg]]]
+    ) -> Awaitable[list[Settled | BaseException]]:
+        """Move chunks to their state (one ``CHECKPOINT`` each, queued together): each item
+        is (keys, ``checkpoint_args(...)``), each result a ``Settled`` or the error of that one."""
+        return self._settled([self.channel.evalsha(_CHECKPOINT, keys, args) for keys, args in items])
+
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""
         return int(
@@ -434,4 +491,32 @@ def settle_args(
         DAY_TTL_S,
         MONTH_TTL_S,
         CHARGED_TTL_S,
+    ]
+
+
+def checkpoint_args(
+    *,
+    id: str,
+    seq: int,
+    held: tuple[int, int],
+    charged: tuple[int, int],
+    daily: bool,
+    monthly: bool,
+    tenant_interval: float,
+    model_interval: float,
+) -> list[Arg]:
+    """A chunk's state: held (cost, tokens) and charged (cost, tokens) under ``seq``."""
+    return [
+        id,
+        seq,
+        held[0],
+        held[1],
+        charged[0],
+        charged[1],
+        int(daily),
+        int(monthly),
+        repr(tenant_interval),
+        repr(model_interval),
+        DAY_TTL_S,
+        MONTH_TTL_S,
     ]

@@ -7,7 +7,10 @@ process of its own. What is checked:
   reservation left open (no lost refund), nothing charged twice;
 - the token rate limit admits, across the four sidecars, within 1 % of what it allows
   from the start of the load to the last admission (its burst plus tokens/min x minutes,
-  on Redis' clock).
+  on Redis' clock), with a burst too small for reservation chunks and with one large
+  enough that the sidecars take them.
+The sidecars take chunks (reserve ahead) from 5 requests/s of a tenant: the budget test
+runs with them, and checks that they were used.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import random
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ SIDECARS = 4
 BUDGET = 20_000
 RATE_TPM = 120_000  # 2,000 tokens/s
 RATE_BURST_S = 0.5
+CHUNKED_BURST_S = 5.0
 PROMPT_ESTIMATE = 12  # the sidecar's estimate of MESSAGES (characters / 4 + 4 per message)
 MESSAGES = [{"role": "user", "content": "Say something long about tokens."}]
 
@@ -43,6 +48,17 @@ class Fleet:
     urls: list[str]
     scope: str
     redis_url: str
+    admins: list[str]
+
+    def total(self, name: str, labels: str) -> float:
+        """A metric summed over the sidecars' /metrics."""
+        found = 0.0
+        for admin in self.admins:
+            with urllib.request.urlopen(f"{admin}/metrics", timeout=5) as response:
+                for line in response.read().decode().splitlines():
+                    if line.startswith(f"{name}{{{labels}}} "):
+                        found += float(line.rsplit(" ", 1)[1])
+        return found
 
     def key(self, tenant: str, suffix: str) -> str:
         return f"tokenscaler:v1:{{policy:{self.scope}:{tenant}}}:{suffix}"
@@ -58,9 +74,11 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             {
                 "scope": scope,
                 "redisTimeoutMs": 2000,
+                "reservationChunks": {"minRequestsPerSecond": 5},
                 "tenants": {
                     "budgeted": {"budget": {"daily": BUDGET}},
                     "limited": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": RATE_BURST_S}},
+                    "chunked": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": CHUNKED_BURST_S}},
                 },
             }
         )
@@ -86,7 +104,7 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             admins.append(admin)
         for proc, admin in zip(procs[1:], admins, strict=True):
             wait_http(f"http://127.0.0.1:{admin}/readyz", proc, "a sidecar")
-        yield Fleet(urls, scope, redis_url)
+        yield Fleet(urls, scope, redis_url, [f"http://127.0.0.1:{a}" for a in admins])
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -168,7 +186,10 @@ async def test_one_budget_across_four_sidecars_is_never_overspent_and_refunds_ar
     print(
         f"\nbudget {BUDGET}: used {used}, over by {used - BUDGET} (largest reservation {biggest}); {statuses}"
     )
+    chunked = fleet.total("tokenscaler_policy_admissions_total", 'path="chunk"')
+    print(f"{chunked:.0f} requests admitted from chunks")
     assert statuses[200] > 100 and statuses[500] > 5 and statuses[429] >= 3 * SIDECARS * 6
+    assert chunked > 0  # the sidecars reserved ahead, and it still holds
     assert used == told  # every reservation settled to the real usage, once
     # The fake's prompt is 17 tokens, estimated 12: requests in flight when the budget
     # filled may each pass their reservation by 5. Generation never does (max_tokens).
@@ -176,7 +197,11 @@ async def test_one_budget_across_four_sidecars_is_never_overspent_and_refunds_ar
     assert used > BUDGET - biggest  # and it was spent down to less than one reservation
 
 
-async def test_rate_limit_across_four_sidecars_is_within_one_percent(fleet: Fleet) -> None:
+@pytest.mark.parametrize(("tenant", "burst_s"), [("limited", RATE_BURST_S), ("chunked", CHUNKED_BURST_S)])
+async def test_rate_limit_across_four_sidecars_is_within_one_percent(
+    fleet: Fleet, tenant: str, burst_s: float
+) -> None:
+    chunked_before = fleet.total("tokenscaler_policy_admissions_total", 'path="chunk"')
     admitted = 0
     statuses: dict[int, int] = {}
     client = redis.Redis.from_url(fleet.redis_url)
@@ -196,7 +221,7 @@ async def test_rate_limit_across_four_sidecars_is_within_one_percent(fleet: Flee
                 await warm.read()
             await start.wait()
             while redis_now() < began + 4.0:
-                status, tokens, headers = await chat(session, url, "limited", 26, stream=False)
+                status, tokens, headers = await chat(session, url, tenant, 26, stream=False)
                 statuses[status] = statuses.get(status, 0) + 1
                 admitted += tokens
                 if status == 200:
@@ -210,10 +235,14 @@ async def test_rate_limit_across_four_sidecars_is_within_one_percent(fleet: Flee
     start.set()
     await asyncio.gather(*workers)
     client.close()
-    allowed = RATE_TPM / 60 * (RATE_BURST_S + ended - began)
+    allowed = RATE_TPM / 60 * (burst_s + ended - began)
+    chunked = fleet.total("tokenscaler_policy_admissions_total", 'path="chunk"') - chunked_before
     print(
-        f"\nrate limit {RATE_TPM}/min over {ended - began:.3f} s: admitted {admitted} tokens of "
-        f"{allowed:.0f} allowed ({admitted / allowed - 1:+.2%}); {statuses}"
+        f"\nrate limit {RATE_TPM}/min, burst {burst_s} s, over {ended - began:.3f} s: admitted "
+        f"{admitted} tokens of {allowed:.0f} allowed ({admitted / allowed - 1:+.2%}); {statuses}; "
+        f"{chunked:.0f} from chunks"
     )
+    if tenant == "chunked":
+        assert chunked > 0
     assert statuses[429] > statuses[200] > 100  # demand well above the limit the whole time
     assert abs(admitted / allowed - 1) <= 0.01

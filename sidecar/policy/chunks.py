@@ -1,0 +1,301 @@
+"""Reservation chunks: a tenant's budget and rate reserved ahead, admitted from locally (pure).
+
+Under load, the Redis round trip of every admission is most of what the policies add to a
+request. A sidecar that sees a tenant (with a model, when a limit of that model applies) at
+``reservationChunks.minRequestsPerSecond`` or more reserves a chunk ahead, off the request
+path: an ordinary leased reservation (``store.ADMIT``) of about ``reservationChunks.seconds``
+of that traffic, in budget and in rate-limit tokens alike. The next requests draw their own
+reservation (prompt estimate + max_tokens) from it with no round trip. When one ends, its
+real usage is charged to the chunk; the chunk's state in Redis (what it still holds, what
+was charged) is brought up to date by ``store.CHECKPOINT`` in the writes that carry the
+settlements, at most ``engine.SETTLE_LINGER_S`` later.
+
+What keeps holding, and why:
+- A budget is never passed by more than one request's reservation: a chunk is a
+  reservation, granted atomically like any other, and requests draw within it.
+- Near a limit chunks stop: a chunk is at most what is left of the budget, and a burst of
+  each rate limit, divided by 4 x the sidecars of the scope; when that is less than two
+  requests' worth no chunk is taken and every request reserves on its own, as without
+  chunks. A rate limit that refuses a chunk holds chunks back for ``BACKOFF_S``.
+- A sidecar that dies leaves its chunks to their leases like any reservation: what they
+  held is refunded, what was charged stays. The requests it served since its last
+  checkpoint (at most ``SETTLE_LINGER_S``) are lost with it, as a request in flight is.
+- Redis away: a chunk goes on admitting (it is reserved); checkpoints wait and are sent
+  when Redis answers (absolute states: only the last one matters).
+
+A chunk is retired (no more draws) when it cannot take a request and has less than two
+requests' worth left, when it has been idle for ``seconds``, after ``AGE_LIMIT`` chunk
+lengths, when the policy is reloaded, or when a checkpoint finds it released. Its unused
+part is released with the checkpoint after its last request ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sidecar.policy import ratelimit
+
+if TYPE_CHECKING:
+    from sidecar.policy.engine import Ticket
+
+WINDOW_S = 1.0  # the time constant of the demand estimate
+BACKOFF_S = 1.0  # after a refused chunk, requests reserve alone this long
+LOW_WATER = 0.5  # a new chunk is asked for when what is left falls below this share of one
+AGE_LIMIT = 8  # chunk lengths after which a chunk is retired (what it holds comes back)
+SHARE = 4  # a chunk takes at most 1 / (SHARE x sidecars) of what is left of a limit
+MAX_KEYS = 100_000
+
+Key = Hashable  # what a chunk is for: the tenant's Redis keys and limits (engine._reserve)
+
+
+@dataclass(slots=True)
+class Demand:
+    """Requests, cost and tokens per second at this sidecar (exponentially weighted)."""
+
+    at: float
+    requests: float = 0.0
+    cost: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, now: float, cost: int, tokens: int) -> None:
+        self._decay(now)
+        self.requests += 1 / WINDOW_S
+        self.cost += cost / WINDOW_S
+        self.tokens += tokens / WINDOW_S
+
+    def _decay(self, now: float) -> None:
+        if now > self.at:
+            kept = math.exp(-(now - self.at) / WINDOW_S)
+            self.requests *= kept
+            self.cost *= kept
+            self.tokens *= kept
+            self.at = now
+
+
+@dataclass(slots=True)
+class Size:
+    cost: int
+    tokens: int
+    least: int  # the smallest grant (cost) worth taking: two requests
+
+
+def size(
+    demand: Demand,
+    now: float,
+    *,
+    seconds: float,
+    min_rps: float,
+    budget_left: int | None,
+    bursts: list[float],
+    peers: int,
+) -> Size | None:
+    """How much to reserve ahead; None when the traffic is too thin or a limit too near.
+
+    ``budget_left``: what the tenant has left (None: no budget); ``bursts``: each rate
+    limit's burst, in tokens.
+    """
+    demand._decay(now)
+    if demand.requests < min_rps:
+        return None
+    cost, tokens = demand.cost * seconds, demand.tokens * seconds
+    per_cost, per_tokens = demand.cost / demand.requests, demand.tokens / demand.requests
+    share = SHARE * max(1, peers)
+    scale = 1.0
+    if budget_left is not None and cost > 0:
+        scale = min(scale, max(0, budget_left) / share / cost)
+    for burst in bursts:
+        if tokens > 0:
+            scale = min(scale, burst / share / tokens)
+    cost, tokens = cost * scale, tokens * scale
+    if tokens < 2 * per_tokens or (per_cost > 0 and cost < 2 * per_cost):
+        return None
+    return Size(math.ceil(cost), math.ceil(tokens), math.ceil(2 * per_cost - 1e-6))
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A reservation requests draw from: its state here, and what Redis was last told."""
+
+    ticket: Ticket  # its reservation: id, keys, intervals, budget, day, month
+    cost: int  # granted
+    tokens: int
+    shown: list[tuple[ratelimit.Limit, float]]  # each limit and its reset (ms) when granted
+    taken: float  # monotonic seconds
+    used: float  # the last draw
+    wide_counted: int  # tokens the model's limit across tenants holds for it
+    drawn_cost: int = 0
+    drawn_tokens: int = 0
+    ended_cost: int = 0  # the reservations of the draws that ended
+    ended_tokens: int = 0
+    real_cost: int = 0  # and their real usage: charged
+    real_tokens: int = 0
+    inflight: int = 0
+    retired: bool = False
+    seq: int = 0  # checkpoints sent
+    dirty: bool = False  # its state changed since the last checkpoint
+
+    def fits(self, cost: int, tokens: int) -> bool:
+        return (
+            not self.retired
+            and self.drawn_cost + cost <= self.cost
+            and self.drawn_tokens + tokens <= self.tokens
+        )
+
+    def draw(self, cost: int, tokens: int, now: float) -> None:
+        self.drawn_cost += cost
+        self.drawn_tokens += tokens
+        self.inflight += 1
+        self.used = now
+
+    def end(self, cost: int, tokens: int, real_cost: int, real_tokens: int) -> None:
+        """A request drawn from it ended: ``cost``/``tokens`` drawn, real usage charged."""
+        self.ended_cost += cost
+        self.ended_tokens += tokens
+        self.real_cost += real_cost
+        self.real_tokens += real_tokens
+        self.inflight -= 1
+        self.dirty = True
+
+    @property
+    def left(self) -> tuple[int, int]:
+        """Undrawn (cost, tokens); nothing once retired."""
+        if self.retired:
+            return 0, 0
+        return self.cost - self.drawn_cost, self.tokens - self.drawn_tokens
+
+    def held(self) -> tuple[int, int]:
+        """What Redis should hold for it: the undrawn part (until retired) and the draws in flight."""
+        left_cost, left_tokens = self.left
+        return (
+            self.drawn_cost - self.ended_cost + left_cost,
+            self.drawn_tokens - self.ended_tokens + left_tokens,
+        )
+
+    @property
+    def final(self) -> bool:
+        """Retired and no request in flight: the next checkpoint closes it."""
+        return self.retired and self.inflight == 0
+
+    def remaining_headers(self, now: float) -> dict[str, str]:
+        """The rate-limit headers of a request drawn from it, as of the grant: the limits'
+        resets then, less the time since, and the chunk's undrawn tokens available still."""
+        headers: dict[str, str] = {}
+        elapsed_ms = (now - self.taken) * 1000
+        undrawn = self.tokens - self.drawn_tokens
+        for limit, reset_ms in self.shown:
+            reset = max(0.0, reset_ms - elapsed_ms)
+            remaining = int((limit.tau_ms - reset) / limit.interval_ms) + undrawn
+            headers.update(ratelimit.headers(limit, remaining, reset))
+        return headers
+
+
+@dataclass(slots=True)
+class Chunks:
+    """This sidecar's chunks by key, the demand it sees, and what it holds per tenant."""
+
+    chunks: dict[Key, list[Chunk]] = field(default_factory=dict)
+    demand: dict[Key, Demand] = field(default_factory=dict)
+    taking: set[Key] = field(default_factory=set)  # a chunk is being asked for
+    backoff: dict[Key, float] = field(default_factory=dict)  # monotonic time until which not
+    undrawn: dict[str, int] = field(default_factory=dict)  # tenant -> cost held unused
+
+    def seen(self, key: Key, now: float, cost: int, tokens: int) -> Demand:
+        demand = self.demand.get(key)
+        if demand is None:
+            if len(self.demand) >= MAX_KEYS:
+                self.prune(now)
+            demand = self.demand[key] = Demand(now)
+        demand.add(now, cost, tokens)
+        return demand
+
+    def draw(self, key: Key, tenant: str, cost: int, tokens: int, now: float) -> Chunk | None:
+        """The chunk this request is admitted from, if one has room."""
+        for chunk in self.chunks.get(key, ()):
+            if chunk.fits(cost, tokens):
+                chunk.draw(cost, tokens, now)
+                self._undrawn(tenant, -cost)
+                return chunk
+        # None has room: retire those with less than two such requests left.
+        for chunk in self.chunks.get(key, ()):
+            left_cost, left_tokens = chunk.left
+            if not chunk.retired and (left_cost < 2 * cost or left_tokens < 2 * tokens):
+                self.retire(chunk)
+        return None
+
+    def wants(self, key: Key, target: Size, now: float) -> bool:
+        """Ask for a chunk: what is left here is below the low-water mark and none is on its way."""
+        if key in self.taking or self.backoff.get(key, 0.0) > now:
+            return False
+        left_cost = left_tokens = 0
+        for chunk in self.chunks.get(key, ()):
+            cost, tokens = chunk.left
+            left_cost += cost
+            left_tokens += tokens
+        return left_tokens < LOW_WATER * target.tokens or (
+            target.cost > 0 and left_cost < LOW_WATER * target.cost
+        )
+
+    def add(self, key: Key, chunk: Chunk) -> None:
+        self.chunks.setdefault(key, []).append(chunk)
+        self._undrawn(chunk.ticket.tenant, chunk.cost)
+
+    def retire(self, chunk: Chunk) -> None:
+        if chunk.retired:
+            return
+        self._undrawn(chunk.ticket.tenant, -(chunk.cost - chunk.drawn_cost))
+        chunk.retired = True
+        chunk.dirty = True
+
+    def forget(self, key: Key, chunk: Chunk) -> None:
+        """Closed in Redis: no more to say about it."""
+        chunks = self.chunks.get(key)
+        if chunks is not None and chunk in chunks:
+            chunks.remove(chunk)
+            if not chunks:
+                del self.chunks[key]
+
+    def expire(self, now: float, seconds: float) -> None:
+        """Retire the chunks idle for ``seconds``, or older than ``AGE_LIMIT`` of them."""
+        for chunk in self:
+            if now - chunk.used >= seconds or now - chunk.taken >= AGE_LIMIT * seconds:
+                self.retire(chunk)
+        self.prune(now)
+
+    def prune(self, now: float) -> None:
+        """Forget the demand of keys gone quiet (and the backoffs that ended)."""
+        for key, demand in list(self.demand.items()):
+            demand._decay(now)
+            if demand.requests < 0.01 and key not in self.chunks and key not in self.taking:
+                del self.demand[key]
+        self.backoff = {k: t for k, t in self.backoff.items() if t > now}
+
+    def retire_all(self) -> None:
+        for chunk in self:
+            self.retire(chunk)
+
+    def dirty(self) -> list[tuple[Key, Chunk]]:
+        """The chunks with a state Redis has not been told, marked clean."""
+        found = []
+        for key, chunks in self.chunks.items():
+            for chunk in chunks:
+                if chunk.dirty:
+                    chunk.dirty = False
+                    found.append((key, chunk))
+        return found
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for chunks in list(self.chunks.values()):
+            yield from list(chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def _undrawn(self, tenant: str, delta: int) -> None:
+        left = self.undrawn.get(tenant, 0) + delta
+        if left > 0:
+            self.undrawn[tenant] = left
+        else:
+            self.undrawn.pop(tenant, None)

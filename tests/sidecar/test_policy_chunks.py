@@ -1,0 +1,378 @@
+"""Reservation chunks: a tenant's budget and rate reserved ahead, admitted from locally.
+
+Pure parts (sizing, a chunk's accounting) by hand; the checkpoint script against a real
+Redis (sequence numbers, closing, a chunk released by its lease); the engine against a real
+Redis at a rate where chunks are taken: most requests admitted with no round trip, and
+after it closes Redis holds exactly the real usage in the budget and in the rate limits'
+TATs, with nothing left reserved; a Redis that stops answering while chunks admit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from sidecar import openai
+from sidecar.policy import PolicyEngine, ratelimit
+from sidecar.policy.budgets import periods
+from sidecar.policy.chunks import Chunk, Chunks, Demand, size
+from sidecar.policy.engine import Admission, Ticket
+from sidecar.policy.schema import Budget, Price
+from sidecar.policy.store import Admitted, Store, checkpoint_args, tenant_keys
+from tests.sidecar.test_policy_proxy import MESSAGES, write_policy
+from token_scaler.redis_channel import Arg, Channel
+from token_scaler.redis_conn import LocalRedis
+
+# -- sizing and accounting (pure)
+
+
+def busy(rps: float, cost: int, tokens: int) -> Demand:
+    """The demand estimate after a steady ``rps`` for a long while."""
+    demand = Demand(0.0)
+    for i in range(int(rps * 20)):
+        demand.add(i / rps, cost, tokens)
+    return demand
+
+
+def test_a_chunk_is_a_second_of_traffic_capped_by_a_share_of_what_is_left() -> None:
+    demand = busy(100, 50, 40)
+    now = demand.at
+    # About a second of traffic: 100 requests of cost 50 / 40 tokens (estimate within 5 %).
+    got = size(demand, now, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1)
+    assert got is not None
+    assert 4750 <= got.cost <= 5250 and 3800 <= got.tokens <= 4200 and got.least == 100
+    # A budget with 40,000 left among 2 sidecars: at most 40,000 / (4 x 2) = 5,000 → uncapped;
+    # with 8,000 left: 1,000, and the tokens scale alike.
+    capped = size(demand, now, seconds=1.0, min_rps=20, budget_left=8_000, bursts=[], peers=2)
+    assert capped is not None and capped.cost == 1000 and abs(capped.tokens - 800) <= 1
+    # A rate limit's burst of 4,000 tokens among 1 sidecar: 1,000 tokens at most.
+    burst = size(demand, now, seconds=1.0, min_rps=20, budget_left=None, bursts=[4000.0], peers=1)
+    assert burst is not None and burst.tokens == 1000 and abs(burst.cost - 1250) <= 1
+    # Less than two requests' worth: no chunk, every request reserves alone.
+    assert size(demand, now, seconds=1.0, min_rps=20, budget_left=300, bursts=[], peers=1) is None
+    assert size(demand, now, seconds=1.0, min_rps=20, budget_left=None, bursts=[300.0], peers=1) is None
+    # Thin traffic: none either; and the estimate decays when the traffic stops.
+    assert size(busy(10, 50, 40), 20.0, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
+    assert size(demand, now + 5, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
+
+
+def ticket(tenant: str = "t") -> Ticket:
+    return Ticket(
+        id="c1", keys=tenant_keys("s", tenant, "20260101", "202601", None), tenant=tenant, day="20260101",
+        month="202601", budget=Budget(daily=10_000), price=Price(0, 0), tenant_interval=0.0,
+        model_interval=0.0, cost=1000, reserved=True, tokens=1000,
+    )  # fmt: skip
+
+
+def test_a_chunk_holds_its_undrawn_part_and_its_draws_in_flight_until_retired() -> None:
+    registry = Chunks()
+    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0)
+    registry.add("k", chunk)
+    assert registry.undrawn == {"t": 1000}
+    assert registry.draw("k", "t", 300, 300, 1.0) is chunk
+    assert registry.draw("k", "t", 300, 300, 1.0) is chunk
+    assert registry.undrawn == {"t": 400} and chunk.held() == (1000, 1000)
+    chunk.end(300, 300, 120, 120)  # used 120 of its 300
+    assert chunk.held() == (700, 700) and (chunk.real_cost, chunk.real_tokens) == (120, 120)
+    # 400 left: a request of 300 fits, then one of 300 does not; 100 left < 2 x 300: retired.
+    assert registry.draw("k", "t", 300, 300, 2.0) is chunk
+    assert registry.draw("k", "t", 300, 300, 2.0) is None
+    assert chunk.retired and registry.undrawn == {} and not chunk.final
+    assert chunk.held() == (600, 600)  # the two draws in flight; the undrawn 100 goes back
+    chunk.end(300, 300, 300, 300)
+    chunk.end(300, 300, 10, 10)
+    assert chunk.final and chunk.held() == (0, 0) and chunk.real_cost == 430
+    assert registry.dirty() == [("k", chunk)] and registry.dirty() == []
+
+
+def test_idle_and_old_chunks_are_retired() -> None:
+    registry = Chunks()
+    idle = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0)
+    busy_ = Chunk(ticket("u"), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0)
+    registry.add("a", idle)
+    registry.add("b", busy_)
+    busy_.draw(10, 10, 1.5)
+    registry.expire(1.6, seconds=1.0)
+    assert idle.retired and not busy_.retired
+    busy_.draw(10, 10, 8.5)
+    registry.expire(8.6, seconds=1.0)  # 8 chunk lengths old
+    assert busy_.retired
+
+
+def test_rate_limit_headers_of_a_draw_count_the_chunk_undrawn_tokens() -> None:
+    limit = ratelimit.Limit.of(60_000, 10.0)  # 1 token/ms, burst 10,000 tokens
+    chunk = Chunk(ticket(), 1000, 1000, [(limit, 4000.0)], taken=10.0, used=10.0, wide_counted=0)
+    chunk.draw(100, 100, 10.5)
+    headers = chunk.remaining_headers(10.5)
+    # Reset 4,000 ms at the grant, 500 ms ago: 3,500 ms → 6,500 tokens free + 900 undrawn.
+    assert headers["x-ratelimit-remaining-tokens"] == "7400"
+    assert headers["x-ratelimit-reset-tokens"] == "3.5s"
+    assert headers["x-ratelimit-limit-tokens"] == "60000"
+
+
+# -- the checkpoint script (real Redis)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    channel = Channel.from_url(redis_url)
+    yield Store(channel)
+    await channel.close()
+
+
+def admit_args(day: str, month: str, cost: int, lease_ms: int = 60_000) -> dict[str, Any]:
+    return dict(
+        cost=cost, day_limit=100_000, month_limit=0, least=0, tokens=cost, tenant_rate=(1.0, 1e9),
+        model_rate=(0.0, 0.0), lease_ms=lease_ms, day=day, month=month,
+    )  # fmt: skip
+
+
+async def fresh_tenant(store: Store) -> tuple[str, str, list[str]]:
+    """Today, this month (Redis' clock) and the keys of a new tenant."""
+    day, month = periods(await store.time())
+    return day, month, tenant_keys("chunks-test", f"t-{uuid.uuid4().hex[:8]}", day, month, None)
+
+
+def state(
+    keys: list[str], seq: int, held: int, charged: int, *, interval: float
+) -> list[tuple[list[str], list[Arg]]]:
+    """A checkpoint of chunk ``c`` (tokens and cost alike), a daily budget, a tenant limit."""
+    args = checkpoint_args(
+        id="c", seq=seq, held=(held, held), charged=(charged, charged), daily=True, monthly=False,
+        tenant_interval=interval, model_interval=0.0,
+    )  # fmt: skip
+    return [(keys, args)]
+
+
+async def test_a_checkpoint_applies_once_in_sequence_order_and_closes_the_chunk(
+    store: Store, redis_url: str
+) -> None:
+    day, month, keys = await fresh_tenant(store)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        admitted: Admitted = await store.admit(keys, id="c", **admit_args(day, month, 1000))
+        assert admitted.granted == 1000 and int(r.get(keys[1]) or 0) == 1000
+        tat0 = float(r.get(keys[3]) or 0)
+
+        async def checkpoint(seq: int, held: int, charged: int) -> int:
+            [settled] = await store.checkpoint_many(state(keys, seq, held, charged, interval=1.0))
+            assert not isinstance(settled, BaseException)
+            return settled.applied
+
+        assert await checkpoint(1, 700, 120) == 1  # 300 drawn and ended, 120 of them used
+        assert int(r.get(keys[1]) or 0) == 820
+        assert await checkpoint(1, 700, 120) == 0  # sent twice: once
+        assert await checkpoint(3, 400, 300) == 1
+        assert await checkpoint(2, 650, 150) == 0  # overtaken by 3: ignored
+        assert int(r.get(keys[1]) or 0) == 700
+        # The rate limit's TAT moved by the same tokens (1 ms each): 1000 → 700.
+        assert abs(float(r.get(keys[3]) or 0) - (tat0 - 300)) < 1.0
+        assert await checkpoint(4, 0, 450) == 1  # retired, nothing in flight: closed
+        assert int(r.get(keys[1]) or 0) == 450
+        assert r.hlen(keys[0]) == 0 and r.zcard(keys[5]) == 0
+        assert await checkpoint(4, 0, 450) == 0  # a lost reply, sent again
+        assert int(r.get(keys[1]) or 0) == 450
+    finally:
+        r.delete(*keys, f"{keys[0][:-4]}:swept:c")
+        r.close()
+
+
+async def test_a_chunk_released_by_its_lease_keeps_what_was_charged_and_charges_the_rest_late(
+    store: Store, redis_url: str
+) -> None:
+    day, month, keys = await fresh_tenant(store)
+    r = redis.Redis.from_url(redis_url)
+
+    def checkpoint(seq: int, held: int, charged: int) -> list[tuple[list[str], list[Arg]]]:
+        return state(keys, seq, held, charged, interval=0.0)
+
+    try:
+        await store.admit(keys, id="c", **admit_args(day, month, 1000, lease_ms=100))
+        [done] = await store.checkpoint_many(checkpoint(1, 800, 150))
+        assert int(r.get(keys[1]) or 0) == 950
+        await asyncio.sleep(0.15)  # its sidecar stalls: the lease ends
+        other = await store.admit(keys, id="x", **admit_args(day, month, 10))
+        assert other.expired == 1
+        assert int(r.get(keys[1]) or 0) == 150 + 10  # what it held came back, the charge stayed
+        # Its sidecar wakes: what was charged since is charged in full, once.
+        [late] = await store.checkpoint_many(checkpoint(2, 0, 400))
+        assert not isinstance(late, BaseException) and late.applied == 3
+        assert int(r.get(keys[1]) or 0) == 400 + 10
+        [again] = await store.checkpoint_many(checkpoint(2, 0, 400))
+        assert not isinstance(again, BaseException) and again.applied == 0
+        assert int(r.get(keys[1]) or 0) == 400 + 10
+        assert not isinstance(done, BaseException)
+    finally:
+        r.delete(*keys, f"{keys[0][:-4]}:swept:c")
+        r.close()
+
+
+# -- the engine (real Redis)
+
+TPM = 60_000  # 1 token per ms
+
+
+def chunk_policy(path: Path, scope: str, **chunks: object) -> None:
+    write_policy(
+        path,
+        {
+            "scope": scope,
+            "reservationChunks": {"minRequestsPerSecond": 5, **chunks},
+            "defaults": {
+                "maxTokens": {"default": 20},
+                "budget": {"daily": 1_000_000},
+                "rateLimit": {"tokensPerMinute": TPM, "burstSeconds": 60, "perModel": {"m": TPM}},
+            },
+            "modelLimits": {"m": {"tokensPerMinute": TPM, "burstSeconds": 60}},
+        },
+    )
+
+
+async def serve(
+    engine: PolicyEngine, tenant: str, count: int, rng: random.Random, gap_s: float = 0.002
+) -> tuple[int, list[Admission]]:
+    """Admit ``count`` requests one after the other and settle each at a random real usage
+    (the prompt off the estimate by -3..+3); the real tokens in total and the admissions."""
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 20}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    real = 0
+    seen = []
+    for _ in range(count):
+        admission = await engine.admit({"X-Tenant-ID": tenant}, parsed, body, 10)
+        assert admission.rejection is None, admission.rejection
+        seen.append(admission)
+        prompt, generation = 10 + rng.randint(-3, 3), rng.randint(0, 20)
+        real += prompt + generation
+        engine.settle(admission, prompt, generation)
+        await asyncio.sleep(gap_s)
+    return real, seen
+
+
+def admissions(registry: CollectorRegistry, path: str) -> float:
+    return registry.get_sample_value("tokenscaler_policy_admissions_total", {"path": path}) or 0.0
+
+
+async def test_chunks_admit_most_requests_and_redis_ends_with_exactly_the_real_usage(
+    tmp_path: Path, redis_url: str
+) -> None:
+    scope = f"chunks-{uuid.uuid4().hex[:8]}"
+    policy = tmp_path / "policy.yaml"
+    chunk_policy(policy, scope)
+    registry = CollectorRegistry()
+    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
+    r = redis.Redis.from_url(redis_url)
+    try:
+        await engine.tick()
+        start_s, start_us = r.time()
+        started_ms = start_s * 1000 + start_us / 1000
+        real, seen = await serve(engine, "acme", 600, random.Random(3))
+        by_chunk = admissions(registry, "chunk")
+        assert by_chunk > 500 and admissions(registry, "redis") + by_chunk == 600
+        assert any("x-ratelimit-remaining-tokens" in a.headers for a in seen[-10:])
+        assert await engine.close(5.0)
+        base = f"tokenscaler:v1:{{policy:{scope}:acme}}"
+        day = periods(started_ms / 1000)[0]
+        assert int(r.get(f"{base}:budget:d:{day}") or 0) == real
+        assert r.hlen(f"{base}:res") == 0 and r.zcard(f"{base}:lease") == 0
+        # The rate limits hold exactly the real tokens, 1 ms each, from the first admission on
+        # (60 s of burst: their TATs never fell behind Redis' clock in this run).
+        for key in (f"{base}:rate", f"{base}:rate:m:m", f"tokenscaler:v1:{{policy:{scope}/model/m}}:rate"):
+            tat = float(r.get(key) or 0)
+            assert abs(tat - started_ms - real) < 100, (key, tat - started_ms, real)
+        taken = registry.get_sample_value("tokenscaler_policy_chunks_total", {"result": "taken"}) or 0
+        print(f"\n600 requests: {by_chunk:.0f} from {taken:.0f} chunks; {real} tokens")
+    finally:
+        await engine.store.channel.close()
+        r.delete(*r.keys(f"tokenscaler:v1:{{policy:{scope}*"))
+        r.close()
+
+
+async def test_near_the_budget_chunks_stop_and_it_is_never_passed_by_more_than_a_reservation(
+    tmp_path: Path, redis_url: str
+) -> None:
+    scope = f"chunks-{uuid.uuid4().hex[:8]}"
+    policy = tmp_path / "policy.yaml"
+    write_policy(
+        policy,
+        {
+            "scope": scope,
+            "reservationChunks": {"minRequestsPerSecond": 5},
+            "defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 6_000}},
+        },
+    )
+    registry = CollectorRegistry()
+    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 20}).encode()
+    parsed = openai.parse_request(openai.Kind.CHAT, body)
+    assert parsed is not None
+    r = redis.Redis.from_url(redis_url)
+    real = refused = 0
+    try:
+        await engine.tick()
+        while refused < 20:
+            admission = await engine.admit({"X-Tenant-ID": "acme"}, parsed, body, 10)
+            if admission.rejection is not None:
+                refused += 1
+                await asyncio.sleep(0.01)  # refunds reopen room
+                continue
+            real += 30
+            engine.settle(admission, 10, 20)  # all it reserved
+            await asyncio.sleep(0.002)
+        assert await engine.close(5.0)
+        day = periods(await engine.store.time())[0]
+        used = int(r.get(f"tokenscaler:v1:{{policy:{scope}:acme}}:budget:d:{day}") or 0)
+        assert used == real and 6_000 - 30 < used <= 6_000
+        assert admissions(registry, "chunk") > 50
+        assert r.hlen(f"tokenscaler:v1:{{policy:{scope}:acme}}:res") == 0
+    finally:
+        await engine.store.channel.close()
+        r.delete(*r.keys(f"tokenscaler:v1:{{policy:{scope}*"))
+        r.close()
+
+
+async def test_chunks_keep_admitting_while_redis_does_not_answer_and_reconcile_after(
+    tmp_path: Path,
+) -> None:
+    server = LocalRedis.start()
+    scope = f"chunks-{uuid.uuid4().hex[:8]}"
+    policy = tmp_path / "policy.yaml"
+    chunk_policy(policy, scope, seconds=5)
+    registry = CollectorRegistry()
+    engine = PolicyEngine(policy, Channel.from_url(server.url), registry, workload=f"{scope}/w")
+    r = redis.Redis.from_url(server.url)
+    try:
+        await engine.tick()
+        real, _ = await serve(engine, "acme", 200, random.Random(5))
+        assert admissions(registry, "chunk") > 100
+        server.process.send_signal(signal.SIGSTOP)  # no answer, no reset
+        stopped_at = admissions(registry, "chunk")
+        more, _ = await serve(engine, "acme", 50, random.Random(6))
+        real += more
+        # Every one of them came out of a chunk already reserved: none without Redis.
+        assert admissions(registry, "chunk") == stopped_at + 50
+        assert admissions(registry, "without_redis") == 0
+        await asyncio.sleep(0.5)  # the checkpoints time out: Redis is marked away
+        assert engine._down
+        server.process.send_signal(signal.SIGCONT)
+        await engine.tick()
+        assert await engine.close(5.0)
+        day = periods(await engine.store.time())[0]
+        base = f"tokenscaler:v1:{{policy:{scope}:acme}}"
+        assert int(r.get(f"{base}:budget:d:{day}") or 0) == real
+        assert r.hlen(f"{base}:res") == 0
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        await engine.store.channel.close()
+        r.close()
+        server.stop()
