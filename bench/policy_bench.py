@@ -1,19 +1,25 @@
 """What the policies cost a request: the same sidecar with ``--policy`` and without, same run.
 
-    python -m bench.policy_bench                # ~4 minutes, loopback only
+    python -m bench.policy_bench                # ~6 minutes, loopback only
+    python -m bench.policy_bench --tenants 20   # the load spread over 20 tenants
 
-Processes: the fake upstream, a private Redis, and three sidecars: two without a policy
+Processes: the fake upstream, a private Redis, and four sidecars: two without a policy
 (``no-policy`` and ``no-policy-b``, the same thing twice: their difference is how far two
-p99s of one thing land apart on this machine, the noise band of the comparison) and one
-with every per-request check on (max_tokens cap, daily and monthly budget reserved and
-settled, a tenant and a per-model rate limit, a model limit across tenants; limits high
-enough that nothing is refused). Non-streamed chat at a fixed open-loop rate, rounds
-interleaved. Reported: latency p50/p90/p99 of each, the policy's difference and the A/A
-difference, pooled and as the median over rounds of each round's difference (robust to a
-burst of noise that lands in one target's round), CPU per 1,000 requests, the sidecar's
-own measure of the check (``tokenscaler_policy_check_seconds``: decisions plus the Redis
-round trip), the check alone in-process, and the floor under any Redis-backed check: a
-PING round trip to the same Redis over the same kind of connection. Results: bench/results/policy.json.
+p99s of one thing land apart on this machine, the noise band of the comparison) and two with
+every per-request check on (max_tokens cap, daily and monthly budget reserved and settled, a
+tenant and a per-model rate limit, a model limit across tenants; limits high enough that
+nothing is refused): ``policy`` as configured by default (busy tenants are admitted from
+reservation chunks, no round trip) and ``policy-per-request`` with chunks off
+(``reservationChunks.seconds: 0``: one Redis round trip per request). Non-streamed chat at a
+fixed open-loop rate, rounds interleaved; ``--tenants N`` spreads it over N tenants (at 200
+requests/s, 10 tenants or more are each below the chunks' default 20 requests/s). Reported:
+latency p50/p90/p99 of each, the policy's difference and the A/A difference, pooled and as
+the median over rounds of each round's difference (robust to a burst of noise that lands in
+one target's round), CPU per 1,000 requests, the sidecar's own measure of the check
+(``tokenscaler_policy_check_seconds``: decisions plus the Redis round trip), the check alone
+in-process, and the floor under any Redis-backed check: a PING round trip to the same Redis
+over the same kind of connection. Results: bench/results/policy.json (with ``--tenants``:
+policy-tenants-N.json).
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ async def bench(
             rounds.append({})
             for name, url in targets.items():
                 before_cpu = cpu_seconds(pids[name])
-                load = await open_loop(session, url, args.rate, args.seconds / args.rounds)
+                load = await open_loop(session, url, args.rate, args.seconds / args.rounds, args.tenants)
                 assert not load.errors, f"{name}: {dict(load.errors)}"
                 latencies[name] += load.latencies
                 rounds[-1][name] = percentiles(load.latencies)
@@ -100,12 +106,20 @@ async def bench(
     result["added_ms"] = {
         p: round(result["policy"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
     }
+    result["added_per_request_ms"] = {
+        p: round(result["policy-per-request"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
+    }
     result["a_a_ms"] = {
         p: round(result["no-policy-b"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
     }
     # A burst of noise on this shared machine lands in one target's round and moves its
     # pooled p99; the median over rounds of each round's difference is robust to that.
-    for key, other in (("added_median_ms", "policy"), ("a_a_median_ms", "no-policy-b")):
+    medians = (
+        ("added_median_ms", "policy"),
+        ("added_per_request_median_ms", "policy-per-request"),
+        ("a_a_median_ms", "no-policy-b"),
+    )
+    for key, other in medians:
         result[key] = {
             p: round(statistics.median((r[other][p] - r["no-policy"][p]) * 1000 for r in rounds), 3)
             for p in ("p50", "p90", "p99")
@@ -116,6 +130,12 @@ async def bench(
     total = sample(metrics, "tokenscaler_policy_check_seconds_sum") - sample(
         before, "tokenscaler_policy_check_seconds_sum"
     )
+    result["admissions"] = {
+        path: sample(metrics, f'tokenscaler_policy_admissions_total{{path="{path}"}}')
+        - sample(before, f'tokenscaler_policy_admissions_total{{path="{path}"}}')
+        for path in ("chunk", "redis", "without_redis")
+    }
+    result["chunks_taken"] = sample(metrics, 'tokenscaler_policy_chunks_total{result="taken"}')
     result["check"] = {
         "n": count,
         "mean_ms": round(total / count * 1000, 3) if count else None,
@@ -169,11 +189,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200, help="non-streamed requests per second")
     parser.add_argument("--seconds", type=float, default=60, help="seconds of load per target")
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
+    parser.add_argument("--tenants", type=int, default=0, help="spread the load over this many tenants")
     args = parser.parse_args()
     redis_url, server = redis_for_bench()
     tmp = Path(tempfile.mkdtemp(prefix="policy-bench-"))
     policy = tmp / "policy.yaml"
     policy.write_text(yaml.safe_dump(POLICY))
+    per_request = tmp / "per-request.yaml"
+    per_request.write_text(yaml.safe_dump({**POLICY, "reservationChunks": {"seconds": 0}}))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         up = free_port()
@@ -184,7 +207,13 @@ def main() -> int:
         targets: dict[str, str] = {}
         admins: dict[str, str] = {}
         pids: dict[str, int] = {}
-        for name, extra in (("no-policy", []), ("policy", ["--policy", str(policy)]), ("no-policy-b", [])):
+        sidecars: list[tuple[str, list[str]]] = [
+            ("no-policy", []),
+            ("policy", ["--policy", str(policy)]),
+            ("no-policy-b", []),
+            ("policy-per-request", ["--policy", str(per_request)]),
+        ]
+        for name, extra in sidecars:
             port, admin = free_port(), free_port()
             env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
             argv = [
@@ -204,6 +233,7 @@ def main() -> int:
         import uvloop
 
         result["check_isolated"] = uvloop.run(isolated(redis_url, policy))
+        result["check_isolated_per_request"] = uvloop.run(isolated(redis_url, per_request))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -218,7 +248,17 @@ def main() -> int:
         )
     added, noise = result["added_ms"], result["a_a_ms"]
     print(f"  policies add: p50 {added['p50']:+.3f}  p90 {added['p90']:+.3f}  p99 {added['p99']:+.3f}")
-    for label, key in (("policies add", "added_median_ms"), ("A/A", "a_a_median_ms")):
+    alone = result["added_per_request_ms"]
+    print(
+        f"  policies without chunks add: p50 {alone['p50']:+.3f}  p90 {alone['p90']:+.3f}"
+        f"  p99 {alone['p99']:+.3f}"
+    )
+    labels = (
+        ("policies add", "added_median_ms"),
+        ("policies without chunks add", "added_per_request_median_ms"),
+        ("A/A", "a_a_median_ms"),
+    )
+    for label, key in labels:
         row = result[key]
         print(
             f"  {label}, median over rounds of the round's difference: p50 {row['p50']:+.3f}"
@@ -232,6 +272,11 @@ def main() -> int:
         "  CPU per 1,000 requests: "
         + ", ".join(f"{name} {result[name]['cpu_s_per_1000_requests']:.3f} s" for name in targets)
     )
+    paths = result["admissions"]
+    print(
+        f"  admitted (policy): {paths['chunk']:.0f} from chunks (no round trip), {paths['redis']:.0f} "
+        f"with a reservation of their own; {result['chunks_taken']:.0f} chunks taken"
+    )
     check = result["check"]
     print(
         f"  the check itself (decisions + one Redis round trip), n={check['n']:.0f}: mean "
@@ -239,10 +284,11 @@ def main() -> int:
     )
     for what, row in (
         ("admit alone (in-process, sequential, same Redis)", result["check_isolated"]["admit"]),
+        ("admit alone without chunks", result["check_isolated_per_request"]["admit"]),
         ("PING round trip (the floor, same connection)", result["check_isolated"]["ping"]),
     ):
         print(f"  {what}: p50 {row['p50']:.3f}  p90 {row['p90']:.3f}  p99 {row['p99']:.3f} ms  n={row['n']}")
-    print(f"saved {save('policy', result)}")
+    print(f"saved {save(f'policy-tenants-{args.tenants}' if args.tenants else 'policy', result)}")
     return 0
 
 

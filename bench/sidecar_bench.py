@@ -339,8 +339,11 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
 FAILURES = (aiohttp.ClientError, TimeoutError)
 
 
-async def open_loop(session: aiohttp.ClientSession, url: str, rate: float, seconds: float) -> Load:
-    """Requests started on a fixed schedule, whatever the answers take (no coordinated omission)."""
+async def open_loop(
+    session: aiohttp.ClientSession, url: str, rate: float, seconds: float, tenants: int = 0
+) -> Load:
+    """Requests started on a fixed schedule, whatever the answers take (no coordinated omission);
+    ``tenants``: spread them over that many tenants (``X-Tenant-ID`` t0, t1, ... in turn)."""
     loop = asyncio.get_running_loop()
     count = max(1, int(rate * seconds))
     start = loop.time() + 0.05
@@ -351,7 +354,10 @@ async def open_loop(session: aiohttp.ClientSession, url: str, rate: float, secon
         began = time.perf_counter()
         try:
             async with session.post(
-                url + "/v1/chat/completions", json=CHAT, timeout=REQUEST_TIMEOUT
+                url + "/v1/chat/completions",
+                json=CHAT,
+                timeout=REQUEST_TIMEOUT,
+                headers={"X-Tenant-ID": f"t{i % tenants}"} if tenants else None,
             ) as response:
                 await response.read()
         except FAILURES as exc:

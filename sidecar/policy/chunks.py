@@ -17,11 +17,18 @@ What keeps holding, and why:
   each rate limit, divided by 4 x the sidecars of the scope; when that is less than two
   requests' worth no chunk is taken and every request reserves on its own, as without
   chunks. A rate limit that refuses a chunk holds chunks back for ``BACKOFF_S``.
+- A request whose real usage passes its reservation (a prompt estimated short) takes the
+  excess from the chunk's undrawn part, so a chunk's requests together stay within it.
 - A sidecar that dies leaves its chunks to their leases like any reservation: what they
   held is refunded, what was charged stays. The requests it served since its last
   checkpoint (at most ``SETTLE_LINGER_S``) are lost with it, as a request in flight is.
-- Redis away: a chunk goes on admitting (it is reserved); checkpoints wait and are sent
-  when Redis answers (absolute states: only the last one matters).
+- Redis away: a chunk goes on admitting (it is reserved) until half its lease has passed
+  since the last renewal Redis confirmed, well before another sidecar could release it;
+  checkpoints wait and are sent when Redis answers (absolute states: the last one counts).
+- Redis lost a chunk (a failover to a replica that missed it, a restart without
+  persistence): a checkpoint finds neither it nor a trace of its closing. The chunk is
+  retired and what was charged to it since the last checkpoint Redis took is charged
+  without a reservation, once (as a fail-open request is).
 
 A chunk is retired (no more draws) when it cannot take a request and has less than two
 requests' worth left, when it has been idle for ``seconds``, after ``AGE_LIMIT`` chunk
@@ -126,6 +133,7 @@ class Chunk:
     taken: float  # monotonic seconds
     used: float  # the last draw
     wide_counted: int  # tokens the model's limit across tenants holds for it
+    until: float  # monotonic: no draw after this (half a lease after the last renewal)
     drawn_cost: int = 0
     drawn_tokens: int = 0
     ended_cost: int = 0  # the reservations of the draws that ended
@@ -136,10 +144,13 @@ class Chunk:
     retired: bool = False
     seq: int = 0  # checkpoints sent
     dirty: bool = False  # its state changed since the last checkpoint
+    closing_sent: bool = False  # a checkpoint holding nothing (it closes the entry) went out
+    acked: tuple[int, int] = (0, 0)  # charged (cost, tokens) in the last checkpoint Redis took
 
-    def fits(self, cost: int, tokens: int) -> bool:
+    def fits(self, cost: int, tokens: int, now: float) -> bool:
         return (
             not self.retired
+            and now < self.until
             and self.drawn_cost + cost <= self.cost
             and self.drawn_tokens + tokens <= self.tokens
         )
@@ -150,14 +161,25 @@ class Chunk:
         self.inflight += 1
         self.used = now
 
-    def end(self, cost: int, tokens: int, real_cost: int, real_tokens: int) -> None:
-        """A request drawn from it ended: ``cost``/``tokens`` drawn, real usage charged."""
-        self.ended_cost += cost
-        self.ended_tokens += tokens
+    def end(self, cost: int, tokens: int, real_cost: int, real_tokens: int) -> int:
+        """A request drawn from it ended: ``cost``/``tokens`` drawn, real usage charged.
+
+        Usage past the reservation comes out of the undrawn part while there is some (as if
+        drawn and ended at once), so what the chunk holds plus what it charged stays within
+        what was granted. Returns the cost taken from the undrawn part.
+        """
+        left_cost, left_tokens = self.left
+        over_cost = min(max(0, real_cost - cost), left_cost)
+        over_tokens = min(max(0, real_tokens - tokens), left_tokens)
+        self.drawn_cost += over_cost
+        self.drawn_tokens += over_tokens
+        self.ended_cost += cost + over_cost
+        self.ended_tokens += tokens + over_tokens
         self.real_cost += real_cost
         self.real_tokens += real_tokens
         self.inflight -= 1
         self.dirty = True
+        return over_cost
 
     @property
     def left(self) -> tuple[int, int]:
@@ -207,6 +229,8 @@ class Chunks:
         if demand is None:
             if len(self.demand) >= MAX_KEYS:
                 self.prune(now)
+                if len(self.demand) >= MAX_KEYS:  # keys come from requests: bounded
+                    self.demand = {k: d for k, d in self.demand.items() if k in self.chunks}
             demand = self.demand[key] = Demand(now)
         demand.add(now, cost, tokens)
         return demand
@@ -214,16 +238,20 @@ class Chunks:
     def draw(self, key: Key, tenant: str, cost: int, tokens: int, now: float) -> Chunk | None:
         """The chunk this request is admitted from, if one has room."""
         for chunk in self.chunks.get(key, ()):
-            if chunk.fits(cost, tokens):
+            if chunk.fits(cost, tokens, now):
                 chunk.draw(cost, tokens, now)
                 self._undrawn(tenant, -cost)
                 return chunk
-        # None has room: retire those with less than two such requests left.
+        # None has room: retire those with less than two such requests left, or out of time.
         for chunk in self.chunks.get(key, ()):
             left_cost, left_tokens = chunk.left
-            if not chunk.retired and (left_cost < 2 * cost or left_tokens < 2 * tokens):
+            if not chunk.retired and (left_cost < 2 * cost or left_tokens < 2 * tokens or now >= chunk.until):
                 self.retire(chunk)
         return None
+
+    def end(self, chunk: Chunk, cost: int, tokens: int, real_cost: int, real_tokens: int) -> None:
+        """A request drawn from ``chunk`` ended (``Chunk.end``)."""
+        self._undrawn(chunk.ticket.tenant, -chunk.end(cost, tokens, real_cost, real_tokens))
 
     def wants(self, key: Key, target: Size, now: float) -> bool:
         """Ask for a chunk: what is left here is below the low-water mark and none is on its way."""

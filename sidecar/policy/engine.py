@@ -148,6 +148,18 @@ class _Settlement:
 
 
 @dataclass(slots=True)
+class _Checkpoint:
+    """A chunk's state as sent, to apply its reply."""
+
+    key: chunks.Key
+    chunk: chunks.Chunk
+    item: tuple[list[str], list[Arg]]  # (keys, CHECKPOINT arguments)
+    charged: tuple[int, int]
+    final: bool  # the last: the chunk is forgotten once Redis took it
+    closed_before: bool  # an earlier checkpoint held nothing: the entry may be gone already
+
+
+@dataclass(slots=True)
 class _Used:
     day: str
     month: str
@@ -528,6 +540,10 @@ class PolicyEngine:
         if not self._down and not self._closing:
             self._ask_ahead(key, demand, ticket, limits, now)
         if chunk is None:
+            if any(c.dirty for c in self._chunks.chunks.get(key, ())):
+                # Retired just now: its unused part goes back in the write of this request's
+                # own admission, ahead of it.
+                self._send_checkpoints()
             return False
         ticket.chunk = chunk
         admission.ticket = ticket
@@ -596,6 +612,7 @@ class PolicyEngine:
             limits=[],
             chunk=None,
         )
+        asked = time.monotonic()
         try:
             async with asyncio.timeout(self._background_timeout_s):
                 reply, wide_reply = await self._ask(ticket, target.least, limits)
@@ -634,7 +651,14 @@ class PolicyEngine:
             if limit is not None
         ]
         chunk = chunks.Chunk(
-            ticket, ticket.cost, ticket.tokens, shown, now, now, asked_tokens if ticket.wide_key else 0
+            ticket,
+            ticket.cost,
+            ticket.tokens,
+            shown,
+            now,
+            now,
+            asked_tokens if ticket.wide_key else 0,
+            until=asked + self._draw_window_s,
         )
         self._chunks.add(key, chunk)
         self.metrics.chunks.labels("taken").inc()
@@ -644,86 +668,97 @@ class PolicyEngine:
         self._noted(reply, ticket)
 
     def _send_checkpoints(self) -> None:
-        """Tell Redis the state of the chunks that changed (their replies awaited apart)."""
+        """Queue the state of the chunks that changed now (in the write of whatever is sent
+        next); their replies are awaited apart."""
         if not self._chunks or self._down:
             return
         dirty = self._chunks.dirty()
         for start in range(0, len(dirty), BATCH):
-            task = asyncio.create_task(self._checkpoint(dirty[start : start + BATCH]))
+            batch = [self._state(key, chunk) for key, chunk in dirty[start : start + BATCH]]
+            sent = self.store.checkpoint_many([state.item for state in batch])
+            task = asyncio.create_task(self._checkpointed(batch, sent))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _checkpoint(self, dirty: list[tuple[chunks.Key, chunks.Chunk]]) -> bool:
-        items: list[tuple[list[str], list[Arg]]] = []
-        closing = []
-        for _, chunk in dirty:
-            chunk.seq += 1
-            held = chunk.held()
-            ticket = chunk.ticket
-            items.append(
-                (
-                    ticket.keys,
-                    checkpoint_args(
-                        id=ticket.id,
-                        seq=chunk.seq,
-                        held=held,
-                        charged=(chunk.real_cost, chunk.real_tokens),
-                        daily=ticket.budget.daily is not None,
-                        monthly=ticket.budget.monthly is not None,
-                        tenant_interval=ticket.tenant_interval,
-                        model_interval=ticket.model_interval,
-                    ),
-                )
-            )
-            closing.append(chunk.final)
-            if ticket.wide_key is not None:  # the model's limit across tenants: its own slot
-                counted = held[1] + chunk.real_tokens
-                if counted != chunk.wide_counted:
-                    moved = (counted - chunk.wide_counted) * ticket.wide_interval
-                    chunk.wide_counted = counted
-                    self._background(self.store.move(ticket.wide_key, moved))
-        sent = self.store.checkpoint_many(items)
+    def _state(self, key: chunks.Key, chunk: chunks.Chunk) -> _Checkpoint:
+        """A chunk's state as a checkpoint (and the correction of the model's limit across
+        tenants, its own slot, sent with it)."""
+        chunk.seq += 1
+        held = chunk.held()
+        ticket = chunk.ticket
+        charged = (chunk.real_cost, chunk.real_tokens)
+        args = checkpoint_args(
+            id=ticket.id,
+            seq=chunk.seq,
+            held=held,
+            charged=charged,
+            daily=ticket.budget.daily is not None,
+            monthly=ticket.budget.monthly is not None,
+            tenant_interval=ticket.tenant_interval,
+            model_interval=ticket.model_interval,
+        )
+        state = _Checkpoint(key, chunk, (ticket.keys, args), charged, chunk.final, chunk.closing_sent)
+        chunk.closing_sent = chunk.closing_sent or held == (0, 0)
+        if ticket.wide_key is not None:
+            counted = held[1] + chunk.real_tokens
+            if counted != chunk.wide_counted:
+                moved = (counted - chunk.wide_counted) * ticket.wide_interval
+                chunk.wide_counted = counted
+                self._background(self.store.move(ticket.wide_key, moved))
+        return state
+
+    async def _checkpointed(
+        self, batch: list[_Checkpoint], sent: Awaitable[list[Settled | BaseException]]
+    ) -> bool:
+        """Apply the replies of a batch of checkpoints; a chunk whose checkpoint Redis did not
+        take is sent again with the next (only the latest state counts)."""
         try:
             async with asyncio.timeout(self.policy.redis_timeout_s):
                 replies = await sent
         except _REDIS_ERRORS as exc:
             self._failed("checkpoint", exc)
-            for _, chunk in dirty:
-                chunk.dirty = True  # sent again with the next: only the latest state counts
+            for state in batch:
+                state.chunk.dirty = True
             return False
         except BaseException:
-            for _, chunk in dirty:
-                chunk.dirty = True
+            for state in batch:
+                state.chunk.dirty = True
             raise
         failure: BaseException | None = None
-        for (key, chunk), closed, reply in zip(dirty, closing, replies, strict=True):
-            ticket = chunk.ticket
+        for state, reply in zip(batch, replies, strict=True):
+            chunk, ticket = state.chunk, state.chunk.ticket
             if isinstance(reply, ResponseError) and _script_fault(reply):
+                # It would fail again: said loudly; the chunk admits no more and is dropped once
+                # its requests have ended (its lease releases what it holds).
                 self.metrics.redis_errors.labels("checkpoint_script").inc()
                 log.error(
-                    "Redis refused the checkpoint of a chunk of tenant %s (charged %s tokens, cost %s); "
-                    "it is dropped and its lease releases what it holds: %s",
+                    "Redis refused the checkpoint of a chunk of tenant %s (charged %s tokens, cost %s): %s",
                     ticket.tenant,
                     chunk.real_tokens,
                     chunk.real_cost,
                     reply,
                 )
                 self._chunks.retire(chunk)
-                self._chunks.forget(key, chunk)
+                if state.final:
+                    self._chunks.forget(state.key, chunk)
                 continue
             if isinstance(reply, BaseException):
                 failure = reply
                 chunk.dirty = True
                 continue
-            if reply.applied == 3:
+            if reply.applied == 0 and not state.closed_before:
+                self._lost(state)
+            elif reply.applied == 3:
                 log.warning(
                     "a chunk of tenant %s was released when its lease ended (this sidecar stalled "
                     "past reservationLeaseSeconds): its requests are charged in full",
                     ticket.tenant,
                 )
                 self._chunks.retire(chunk)
-            if closed:
-                self._chunks.forget(key, chunk)
+            if reply.applied:
+                chunk.acked = state.charged
+            if state.final:
+                self._chunks.forget(state.key, chunk)
             self._saw(
                 ticket.tenant, ticket.budget, ticket.day, ticket.month, reply.day_used, reply.month_used
             )
@@ -731,6 +766,30 @@ class PolicyEngine:
             self._failed("checkpoint", failure)
             return False
         return True
+
+    def _lost(self, state: _Checkpoint) -> None:
+        """Redis has no trace of a chunk it granted (a failover to a replica that missed it, a
+        restart without persistence): no more draws from it, and what was charged to it since
+        the last checkpoint Redis took is charged without a reservation, once."""
+        chunk = state.chunk
+        ticket = chunk.ticket
+        cost, tokens = state.charged[0] - chunk.acked[0], state.charged[1] - chunk.acked[1]
+        chunk.acked = state.charged
+        self._chunks.retire(chunk)
+        self.metrics.redis_errors.labels("chunk_lost").inc()
+        log.error(
+            "Redis lost a chunk of tenant %s (failover or restart?): it admits no more; "
+            "%s tokens (cost %s) charged to it since its last checkpoint are charged without it",
+            ticket.tenant,
+            tokens,
+            cost,
+        )
+        if cost or tokens:
+            unreserved = dataclasses.replace(
+                ticket, id=f"{ticket.id}.{chunk.seq}", reserved=False, chunk=None, wide_key=None
+            )
+            self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost
+            self._post(_Settlement(unreserved, cost, tokens, moved=True))
 
     def _refused_one(
         self,
@@ -883,7 +942,7 @@ class PolicyEngine:
         admission.ticket = None
         cost = budgets.cost(ticket.budget, ticket.price, prompt, generation)
         if ticket.chunk is not None:  # charged to its chunk: the next checkpoint tells Redis
-            ticket.chunk.end(ticket.cost, ticket.tokens, cost, prompt + generation)
+            self._chunks.end(ticket.chunk, ticket.cost, ticket.tokens, cost, prompt + generation)
             self._soon()
             return
         self._open.pop(ticket.id, None)
@@ -1040,6 +1099,18 @@ class PolicyEngine:
         self.metrics.pending.set(len(self._pending))
 
     @property
+    def _announces(self) -> bool:
+        """Sidecars count each other when they share a limit: a rate limit's share while Redis
+        is away, and a chunk's share of a budget or burst."""
+        return self.policy.rate_limited or self.policy.chunks.enabled
+
+    @property
+    def _draw_window_s(self) -> float:
+        """How long after its grant (or the last renewal Redis confirmed) a chunk admits: half
+        its lease, so no other sidecar can have released it meanwhile, whatever happens to Redis."""
+        return self.policy.lease_s / 2
+
+    @property
     def _background_timeout_s(self) -> float:
         """Calls off the request path (pings, renewals, corrections) may wait a little longer."""
         return max(self.policy.redis_timeout_s, 1.0)
@@ -1082,7 +1153,7 @@ class PolicyEngine:
         self._send_checkpoints()
         if not self._synced:
             await self._sync_clock()
-        if self.policy.rate_limited and time.monotonic() - self._announced >= ANNOUNCE_S:
+        if self._announces and time.monotonic() - self._announced >= ANNOUNCE_S:
             await self._announce()
         renewing = self._open or self._chunks
         if renewing and not self._down and time.monotonic() - self._renewed >= self.policy.lease_s / 3:
@@ -1121,9 +1192,10 @@ class PolicyEngine:
     async def _renew(self) -> None:
         """Push the leases of the reservations in flight (one pipeline, a script per tenant)."""
         leases: dict[str, list[str]] = {}
-        tickets = [*self._open.values(), *(chunk.ticket for chunk in self._chunks)]
-        for ticket in tickets:
+        held = list(self._chunks)
+        for ticket in [*self._open.values(), *(chunk.ticket for chunk in held)]:
             leases.setdefault(lease_key(ticket.keys), []).append(ticket.id)
+        sent = time.monotonic()
         try:
             async with asyncio.timeout(self._background_timeout_s):
                 await self.store.renew(leases, int(self.policy.lease_s * 1000))
@@ -1131,6 +1203,8 @@ class PolicyEngine:
             self._failed("renew", exc)
             return
         self._renewed = time.monotonic()
+        for chunk in held:  # renewed from no later than ``sent``: they may admit on
+            chunk.until = max(chunk.until, sent + self._draw_window_s)
 
     async def run(self) -> None:
         while True:  # the first tick at once: it reads Redis' clock
@@ -1153,9 +1227,20 @@ class PolicyEngine:
             await asyncio.wait(set(self._inflight), timeout=timeout_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.tick(), timeout_s)
-        if self.policy.rate_limited and not self._down:
+        if self._outbox:  # what the checkpoints' replies posted (a chunk Redis lost)
+            self._send_outbox()
+        if self._inflight:  # the checkpoints tick sent, and those
+            await asyncio.wait(set(self._inflight), timeout=timeout_s)
+        if self._announces and not self._down:
             with contextlib.suppress(*_REDIS_ERRORS):  # the others' share grows a minute sooner
                 await asyncio.wait_for(self.store.leave(self.policy.scope, self._id), timeout_s)
-        if self._pending:
-            log.warning("%d policy settlements not delivered to Redis at shutdown", len(self._pending))
-        return not self._pending
+        left = list(self._chunks)
+        if self._pending or self._outbox or left:
+            log.warning(
+                "not delivered to Redis at shutdown: %d policy settlements, %d chunks (their leases "
+                "release what they hold: %d tokens charged to them since their last checkpoint are lost)",
+                len(self._pending) + len(self._outbox),
+                len(left),
+                sum(chunk.real_tokens - chunk.acked[1] for chunk in left),
+            )
+        return not (self._pending or self._outbox or left)

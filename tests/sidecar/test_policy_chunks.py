@@ -10,11 +10,14 @@ TATs, with nothing left reserved; a Redis that stops answering while chunks admi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +79,7 @@ def ticket(tenant: str = "t") -> Ticket:
 
 def test_a_chunk_holds_its_undrawn_part_and_its_draws_in_flight_until_retired() -> None:
     registry = Chunks()
-    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0)
+    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0)
     registry.add("k", chunk)
     assert registry.undrawn == {"t": 1000}
     assert registry.draw("k", "t", 300, 300, 1.0) is chunk
@@ -95,10 +98,33 @@ def test_a_chunk_holds_its_undrawn_part_and_its_draws_in_flight_until_retired() 
     assert registry.dirty() == [("k", chunk)] and registry.dirty() == []
 
 
+def test_usage_past_a_reservation_comes_out_of_the_undrawn_part() -> None:
+    registry = Chunks()
+    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0)
+    registry.add("k", chunk)
+    for _ in range(3):
+        assert registry.draw("k", "t", 300, 300, 1.0) is chunk
+    # A prompt estimated short: 350 used of 300 reserved; the 50 come out of the 100 undrawn.
+    registry.end(chunk, 300, 300, 350, 350)
+    assert chunk.left == (50, 50) and registry.undrawn == {"t": 50}
+    assert chunk.held() == (650, 650)  # + 350 charged = the 1000 granted, not 1050
+    registry.end(chunk, 300, 300, 400, 400)  # 100 over, 50 left to take it from
+    assert chunk.left == (0, 0) and chunk.held() == (300, 300)
+    assert chunk.held()[0] + chunk.real_cost == 1050  # past the grant by what nothing covered
+
+
+def test_a_chunk_admits_only_until_its_deadline() -> None:
+    registry = Chunks()
+    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=5.0)
+    registry.add("k", chunk)
+    assert registry.draw("k", "t", 10, 10, 4.9) is chunk
+    assert registry.draw("k", "t", 10, 10, 5.0) is None and chunk.retired
+
+
 def test_idle_and_old_chunks_are_retired() -> None:
     registry = Chunks()
-    idle = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0)
-    busy_ = Chunk(ticket("u"), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0)
+    idle = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0)
+    busy_ = Chunk(ticket("u"), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0)
     registry.add("a", idle)
     registry.add("b", busy_)
     busy_.draw(10, 10, 1.5)
@@ -111,7 +137,7 @@ def test_idle_and_old_chunks_are_retired() -> None:
 
 def test_rate_limit_headers_of_a_draw_count_the_chunk_undrawn_tokens() -> None:
     limit = ratelimit.Limit.of(60_000, 10.0)  # 1 token/ms, burst 10,000 tokens
-    chunk = Chunk(ticket(), 1000, 1000, [(limit, 4000.0)], taken=10.0, used=10.0, wide_counted=0)
+    chunk = Chunk(ticket(), 1000, 1000, [(limit, 4000.0)], taken=10.0, used=10.0, wide_counted=0, until=100.0)
     chunk.draw(100, 100, 10.5)
     headers = chunk.remaining_headers(10.5)
     # Reset 4,000 ms at the grant, 500 ms ago: 3,500 ms → 6,500 tokens free + 900 undrawn.
@@ -220,159 +246,250 @@ async def test_a_chunk_released_by_its_lease_keeps_what_was_charged_and_charges_
 # -- the engine (real Redis)
 
 TPM = 60_000  # 1 token per ms
+BODY = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 20}).encode()
 
 
-def chunk_policy(path: Path, scope: str, **chunks: object) -> None:
-    write_policy(
-        path,
-        {
-            "scope": scope,
-            "reservationChunks": {"minRequestsPerSecond": 5, **chunks},
-            "defaults": {
-                "maxTokens": {"default": 20},
-                "budget": {"daily": 1_000_000},
-                "rateLimit": {"tokensPerMinute": TPM, "burstSeconds": 60, "perModel": {"m": TPM}},
-            },
-            "modelLimits": {"m": {"tokensPerMinute": TPM, "burstSeconds": 60}},
+def busy_policy(**chunks: object) -> dict[str, Any]:
+    """A budget and all three rate limits (1 token/ms, a minute of burst); chunks from 5/s."""
+    return {
+        "reservationChunks": {"minRequestsPerSecond": 5, **chunks},
+        "defaults": {
+            "maxTokens": {"default": 20},
+            "budget": {"daily": 1_000_000},
+            "rateLimit": {"tokensPerMinute": TPM, "burstSeconds": 60, "perModel": {"m": TPM}},
         },
-    )
+        "modelLimits": {"m": {"tokensPerMinute": TPM, "burstSeconds": 60}},
+    }
 
 
-async def serve(
-    engine: PolicyEngine, tenant: str, count: int, rng: random.Random, gap_s: float = 0.002
-) -> tuple[int, list[Admission]]:
-    """Admit ``count`` requests one after the other and settle each at a random real usage
-    (the prompt off the estimate by -3..+3); the real tokens in total and the admissions."""
-    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 20}).encode()
-    parsed = openai.parse_request(openai.Kind.CHAT, body)
-    assert parsed is not None
-    real = 0
-    seen = []
-    for _ in range(count):
-        admission = await engine.admit({"X-Tenant-ID": tenant}, parsed, body, 10)
-        assert admission.rejection is None, admission.rejection
-        seen.append(admission)
-        prompt, generation = 10 + rng.randint(-3, 3), rng.randint(0, 20)
-        real += prompt + generation
-        engine.settle(admission, prompt, generation)
-        await asyncio.sleep(gap_s)
-    return real, seen
+@dataclass
+class Run:
+    engine: PolicyEngine
+    registry: CollectorRegistry
+    scope: str
+    redis: redis.Redis
+
+    def key(self, suffix: str, tenant: str = "acme") -> str:
+        return f"tokenscaler:v1:{{policy:{self.scope}:{tenant}}}:{suffix}"
+
+    def admissions(self, path: str) -> float:
+        return self.registry.get_sample_value("tokenscaler_policy_admissions_total", {"path": path}) or 0.0
+
+    def errors(self, op: str) -> float:
+        return self.registry.get_sample_value("tokenscaler_policy_redis_errors_total", {"op": op}) or 0.0
+
+    async def used_today(self, tenant: str = "acme") -> int:
+        day = periods(await self.engine.store.time())[0]
+        return int(self.redis.get(self.key(f"budget:d:{day}", tenant)) or 0)
+
+    async def admit(self, tenant: str = "acme") -> Admission:
+        parsed = openai.parse_request(openai.Kind.CHAT, BODY)
+        assert parsed is not None
+        return await self.engine.admit({"X-Tenant-ID": tenant}, parsed, BODY, 10)
+
+    async def serve(
+        self, count: int, rng: random.Random, tenant: str = "acme"
+    ) -> tuple[int, list[Admission]]:
+        """Admit ``count`` requests one after the other and settle each at a random real usage
+        (the prompt off the estimate by -3..+3); the real tokens in total and the admissions."""
+        real = 0
+        seen = []
+        for _ in range(count):
+            admission = await self.admit(tenant)
+            assert admission.rejection is None, admission.rejection
+            seen.append(admission)
+            prompt, generation = 10 + rng.randint(-3, 3), rng.randint(0, 20)
+            real += prompt + generation
+            self.engine.settle(admission, prompt, generation)
+            await asyncio.sleep(0.002)
+        return real, seen
 
 
-def admissions(registry: CollectorRegistry, path: str) -> float:
-    return registry.get_sample_value("tokenscaler_policy_admissions_total", {"path": path}) or 0.0
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, redis_url: str, doc: dict[str, Any]) -> AsyncIterator[Run]:
+    """An engine on a policy of its own scope, its clock read; its keys removed after."""
+    scope = f"chunks-{uuid.uuid4().hex[:8]}"
+    policy = tmp_path / f"{scope}.yaml"
+    write_policy(policy, {"scope": scope, **doc})
+    registry = CollectorRegistry()
+    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await engine.tick()
+        yield Run(engine, registry, scope, client)
+    finally:
+        with contextlib.suppress(Exception):
+            await engine.close(0.5)
+        await engine.store.channel.close()
+        with contextlib.suppress(redis.RedisError):
+            keys = client.keys(f"tokenscaler:v1:{{policy:{scope}*")
+            if keys:
+                client.delete(*keys)
+        client.close()
 
 
 async def test_chunks_admit_most_requests_and_redis_ends_with_exactly_the_real_usage(
     tmp_path: Path, redis_url: str
 ) -> None:
-    scope = f"chunks-{uuid.uuid4().hex[:8]}"
-    policy = tmp_path / "policy.yaml"
-    chunk_policy(policy, scope)
-    registry = CollectorRegistry()
-    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
-    r = redis.Redis.from_url(redis_url)
-    try:
-        await engine.tick()
-        start_s, start_us = r.time()
+    async with running(tmp_path, redis_url, busy_policy()) as run:
+        start_s, start_us = run.redis.time()
         started_ms = start_s * 1000 + start_us / 1000
-        real, seen = await serve(engine, "acme", 600, random.Random(3))
-        by_chunk = admissions(registry, "chunk")
-        assert by_chunk > 500 and admissions(registry, "redis") + by_chunk == 600
+        real, seen = await run.serve(600, random.Random(3))
+        by_chunk = run.admissions("chunk")
+        assert by_chunk > 500 and run.admissions("redis") + by_chunk == 600
         assert any("x-ratelimit-remaining-tokens" in a.headers for a in seen[-10:])
-        assert await engine.close(5.0)
-        base = f"tokenscaler:v1:{{policy:{scope}:acme}}"
-        day = periods(started_ms / 1000)[0]
-        assert int(r.get(f"{base}:budget:d:{day}") or 0) == real
-        assert r.hlen(f"{base}:res") == 0 and r.zcard(f"{base}:lease") == 0
+        assert await run.engine.close(5.0)
+        assert await run.used_today() == real
+        assert run.redis.hlen(run.key("res")) == 0 and run.redis.zcard(run.key("lease")) == 0
         # The rate limits hold exactly the real tokens, 1 ms each, from the first admission on
         # (60 s of burst: their TATs never fell behind Redis' clock in this run).
-        for key in (f"{base}:rate", f"{base}:rate:m:m", f"tokenscaler:v1:{{policy:{scope}/model/m}}:rate"):
-            tat = float(r.get(key) or 0)
+        wide = f"tokenscaler:v1:{{policy:{run.scope}/model/m}}:rate"
+        for key in (run.key("rate"), run.key("rate:m:m"), wide):
+            tat = float(run.redis.get(key) or 0)
             assert abs(tat - started_ms - real) < 100, (key, tat - started_ms, real)
-        taken = registry.get_sample_value("tokenscaler_policy_chunks_total", {"result": "taken"}) or 0
+        taken = run.registry.get_sample_value("tokenscaler_policy_chunks_total", {"result": "taken"}) or 0
         print(f"\n600 requests: {by_chunk:.0f} from {taken:.0f} chunks; {real} tokens")
-    finally:
-        await engine.store.channel.close()
-        r.delete(*r.keys(f"tokenscaler:v1:{{policy:{scope}*"))
-        r.close()
 
 
 async def test_near_the_budget_chunks_stop_and_it_is_never_passed_by_more_than_a_reservation(
     tmp_path: Path, redis_url: str
 ) -> None:
-    scope = f"chunks-{uuid.uuid4().hex[:8]}"
-    policy = tmp_path / "policy.yaml"
-    write_policy(
-        policy,
-        {
-            "scope": scope,
-            "reservationChunks": {"minRequestsPerSecond": 5},
-            "defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 6_000}},
-        },
-    )
-    registry = CollectorRegistry()
-    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
-    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 20}).encode()
-    parsed = openai.parse_request(openai.Kind.CHAT, body)
-    assert parsed is not None
-    r = redis.Redis.from_url(redis_url)
-    real = refused = 0
-    try:
-        await engine.tick()
+    doc = {
+        "reservationChunks": {"minRequestsPerSecond": 5},
+        "defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 6_000}},
+    }
+    async with running(tmp_path, redis_url, doc) as run:
+        real = refused = 0
         while refused < 20:
-            admission = await engine.admit({"X-Tenant-ID": "acme"}, parsed, body, 10)
+            admission = await run.admit()
             if admission.rejection is not None:
                 refused += 1
                 await asyncio.sleep(0.01)  # refunds reopen room
                 continue
             real += 30
-            engine.settle(admission, 10, 20)  # all it reserved
+            run.engine.settle(admission, 10, 20)  # all it reserved
             await asyncio.sleep(0.002)
-        assert await engine.close(5.0)
-        day = periods(await engine.store.time())[0]
-        used = int(r.get(f"tokenscaler:v1:{{policy:{scope}:acme}}:budget:d:{day}") or 0)
+        assert await run.engine.close(5.0)
+        used = await run.used_today()
         assert used == real and 6_000 - 30 < used <= 6_000
-        assert admissions(registry, "chunk") > 50
-        assert r.hlen(f"tokenscaler:v1:{{policy:{scope}:acme}}:res") == 0
-    finally:
-        await engine.store.channel.close()
-        r.delete(*r.keys(f"tokenscaler:v1:{{policy:{scope}*"))
-        r.close()
+        assert run.admissions("chunk") > 50
+        assert run.redis.hlen(run.key("res")) == 0
 
 
 async def test_chunks_keep_admitting_while_redis_does_not_answer_and_reconcile_after(
     tmp_path: Path,
 ) -> None:
     server = LocalRedis.start()
-    scope = f"chunks-{uuid.uuid4().hex[:8]}"
-    policy = tmp_path / "policy.yaml"
-    chunk_policy(policy, scope, seconds=5)
-    registry = CollectorRegistry()
-    engine = PolicyEngine(policy, Channel.from_url(server.url), registry, workload=f"{scope}/w")
-    r = redis.Redis.from_url(server.url)
     try:
-        await engine.tick()
-        real, _ = await serve(engine, "acme", 200, random.Random(5))
-        assert admissions(registry, "chunk") > 100
-        server.process.send_signal(signal.SIGSTOP)  # no answer, no reset
-        stopped_at = admissions(registry, "chunk")
-        more, _ = await serve(engine, "acme", 50, random.Random(6))
-        real += more
-        # Every one of them came out of a chunk already reserved: none without Redis.
-        assert admissions(registry, "chunk") == stopped_at + 50
-        assert admissions(registry, "without_redis") == 0
-        await asyncio.sleep(0.5)  # the checkpoints time out: Redis is marked away
-        assert engine._down
-        server.process.send_signal(signal.SIGCONT)
-        await engine.tick()
-        assert await engine.close(5.0)
-        day = periods(await engine.store.time())[0]
-        base = f"tokenscaler:v1:{{policy:{scope}:acme}}"
-        assert int(r.get(f"{base}:budget:d:{day}") or 0) == real
-        assert r.hlen(f"{base}:res") == 0
+        async with running(tmp_path, server.url, busy_policy(seconds=5)) as run:
+            real, _ = await run.serve(200, random.Random(5))
+            assert run.admissions("chunk") > 100
+            server.process.send_signal(signal.SIGSTOP)  # no answer, no reset
+            stopped_at = run.admissions("chunk")
+            more, _ = await run.serve(50, random.Random(6))
+            real += more
+            # Every one of them came out of a chunk already reserved: none without Redis.
+            assert run.admissions("chunk") == stopped_at + 50
+            assert run.admissions("without_redis") == 0
+            await asyncio.sleep(0.5)  # the checkpoints time out: Redis is marked away
+            assert run.engine._down
+            server.process.send_signal(signal.SIGCONT)
+            await run.engine.tick()
+            assert await run.engine.close(5.0)
+            assert await run.used_today() == real
+            assert run.redis.hlen(run.key("res")) == 0
     finally:
         server.process.send_signal(signal.SIGCONT)
-        await engine.store.channel.close()
-        r.close()
         server.stop()
+
+
+async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp_path: Path) -> None:
+    """Redis unreachable: another sidecar may release the chunk once its lease ends; this
+    one stops drawing from it at half the lease, so it never admits from a released chunk."""
+    server = LocalRedis.start()
+    doc = {
+        "reservationLeaseSeconds": 2,
+        "reservationChunks": {"minRequestsPerSecond": 5, "seconds": 5},
+        "defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 10**9}, "failMode": "closed"},
+    }
+    try:
+        async with running(tmp_path, server.url, doc) as run:
+            await run.serve(100, random.Random(1))
+            assert run.admissions("chunk") > 50
+            server.process.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            last_from_chunk = refused = 0.0
+            while time.monotonic() - stopped < 1.6:
+                admission = await run.admit()
+                if admission.rejection is None:
+                    assert admission.ticket is not None and admission.ticket.chunk is not None
+                    last_from_chunk = time.monotonic() - stopped
+                    run.engine.settle(admission, 10, 20)
+                else:
+                    refused += 1
+                    assert admission.rejection.status == 503  # failMode closed: no chunk, no Redis
+                await asyncio.sleep(0.005)
+            # Granted (or renewed) before the stop: half of 2 s later, no more draws.
+            assert 0 < last_from_chunk <= 1.0 and refused > 0
+            assert not await run.engine.close(0.3)  # Redis still away: chunks not closed, said so
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+async def test_a_chunk_redis_lost_is_retired_and_its_usage_since_is_charged_anyway(
+    tmp_path: Path, redis_url: str
+) -> None:
+    async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
+        real, _ = await run.serve(200, random.Random(8))
+        await asyncio.sleep(0.2)  # every checkpoint taken
+        held = sum(chunk.held()[0] for chunk in run.engine._chunks)
+        assert held > 0
+        run.redis.delete(run.key("res"))  # Redis forgets the chunks (their budget stays counted)
+        more, _ = await run.serve(100, random.Random(9))
+        assert await run.engine.close(5.0)
+        assert run.errors("chunk_lost") >= 1
+        # Every token served is charged; what the lost chunks held stays counted (nothing
+        # can release it any more), as it would for a reservation Redis lost.
+        assert await run.used_today() == real + more + held
+        assert run.redis.hlen(run.key("res")) == 0
+
+
+async def test_sidecars_count_each_other_for_chunk_shares_with_a_budget_alone(
+    tmp_path: Path, redis_url: str
+) -> None:
+    doc = {"defaults": {"budget": {"daily": 10_000}}}
+    async with running(tmp_path, redis_url, doc) as run:
+        others = [
+            PolicyEngine(run.engine.path, Channel.from_url(redis_url), CollectorRegistry(), workload="x/w")
+            for _ in range(2)
+        ]
+        try:
+            for engine in others:
+                await engine.tick()
+            assert others[-1]._peers == 3
+        finally:
+            for engine in others:
+                await engine.close(2.0)
+                await engine.store.channel.close()
+
+
+async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_requests_end(
+    tmp_path: Path, redis_url: str
+) -> None:
+    async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
+        await run.serve(100, random.Random(2))
+        first, second = await run.admit(), await run.admit()
+        assert first.ticket is not None and first.ticket.chunk is not None
+        chunk = first.ticket.chunk
+        day_key = first.ticket.keys[1]
+        run.redis.delete(day_key)
+        run.redis.hset(day_key, "not", "a counter")  # the checkpoint's INCRBY fails
+        run.engine.settle(second, 10, 5)
+        await asyncio.sleep(0.2)
+        assert run.errors("checkpoint_script") >= 1
+        assert chunk.retired and chunk in list(run.engine._chunks)  # its lease still renewed
+        run.engine.settle(first, 10, 5)
+        await asyncio.sleep(0.2)
+        assert chunk not in list(run.engine._chunks)
