@@ -146,6 +146,7 @@ class Chunk:
     dirty: bool = False  # its state changed since the last checkpoint
     closing_sent: bool = False  # a checkpoint holding nothing (it closes the entry) went out
     acked: tuple[int, int] = (0, 0)  # charged (cost, tokens) in the last checkpoint Redis took
+    key: Key = None  # what it is for (set by ``Chunks.add``)
 
     def fits(self, cost: int, tokens: int, now: float) -> bool:
         return (
@@ -204,24 +205,24 @@ class Chunk:
     def remaining_headers(self, now: float) -> dict[str, str]:
         """The rate-limit headers of a request drawn from it, as of the grant: the limits'
         resets then, less the time since, and the chunk's undrawn tokens available still."""
-        headers: dict[str, str] = {}
-        elapsed_ms = (now - self.taken) * 1000
-        undrawn = self.tokens - self.drawn_tokens
-        for limit, reset_ms in self.shown:
-            reset = max(0.0, reset_ms - elapsed_ms)
-            remaining = int((limit.tau_ms - reset) / limit.interval_ms) + undrawn
-            headers.update(ratelimit.headers(limit, remaining, reset))
-        return headers
+        if not self.shown:
+            return {}
+        limit, reset_ms = self.shown[-1]  # the tenant's limit wins when several are set
+        reset = max(0.0, reset_ms - (now - self.taken) * 1000)
+        remaining = int((limit.tau_ms - reset) / limit.interval_ms) + self.tokens - self.drawn_tokens
+        return ratelimit.headers(limit, remaining, reset)
 
 
 @dataclass(slots=True)
 class Chunks:
     """This sidecar's chunks by key, the demand it sees, and what it holds per tenant."""
 
-    chunks: dict[Key, list[Chunk]] = field(default_factory=dict)
+    chunks: dict[Key, list[Chunk]] = field(default_factory=dict)  # admitting
+    retired: dict[str, Chunk] = field(default_factory=dict)  # by id: not closed in Redis yet
     demand: dict[Key, Demand] = field(default_factory=dict)
     taking: set[Key] = field(default_factory=set)  # a chunk is being asked for
     backoff: dict[Key, float] = field(default_factory=dict)  # monotonic time until which not
+    targets: dict[Key, Size] = field(default_factory=dict)  # the last sizing of each key
     undrawn: dict[str, int] = field(default_factory=dict)  # tenant -> cost held unused
 
     def seen(self, key: Key, now: float, cost: int, tokens: int) -> Demand:
@@ -231,21 +232,22 @@ class Chunks:
                 self.prune(now)
                 if len(self.demand) >= MAX_KEYS:  # keys come from requests: bounded
                     self.demand = {k: d for k, d in self.demand.items() if k in self.chunks}
+                    self.targets = {k: t for k, t in self.targets.items() if k in self.chunks}
             demand = self.demand[key] = Demand(now)
         demand.add(now, cost, tokens)
         return demand
 
     def draw(self, key: Key, tenant: str, cost: int, tokens: int, now: float) -> Chunk | None:
-        """The chunk this request is admitted from, if one has room."""
-        for chunk in self.chunks.get(key, ()):
+        """The chunk this request is admitted from, the oldest with room; on the way, the
+        chunks without room for it and less than two such requests left (or out of time)
+        are retired."""
+        for chunk in list(self.chunks.get(key, ())):
             if chunk.fits(cost, tokens, now):
                 chunk.draw(cost, tokens, now)
                 self._undrawn(tenant, -cost)
                 return chunk
-        # None has room: retire those with less than two such requests left, or out of time.
-        for chunk in self.chunks.get(key, ()):
             left_cost, left_tokens = chunk.left
-            if not chunk.retired and (left_cost < 2 * cost or left_tokens < 2 * tokens or now >= chunk.until):
+            if left_cost < 2 * cost or left_tokens < 2 * tokens or now >= chunk.until:
                 self.retire(chunk)
         return None
 
@@ -267,29 +269,38 @@ class Chunks:
         )
 
     def add(self, key: Key, chunk: Chunk) -> None:
+        chunk.key = key
         self.chunks.setdefault(key, []).append(chunk)
         self._undrawn(chunk.ticket.tenant, chunk.cost)
 
     def retire(self, chunk: Chunk) -> None:
+        """No more draws; it waits in ``retired`` until closed in Redis."""
         if chunk.retired:
             return
         self._undrawn(chunk.ticket.tenant, -(chunk.cost - chunk.drawn_cost))
         chunk.retired = True
         chunk.dirty = True
+        self._remove(chunk)
+        self.retired[chunk.ticket.id] = chunk
 
-    def forget(self, key: Key, chunk: Chunk) -> None:
+    def forget(self, chunk: Chunk) -> None:
         """Closed in Redis: no more to say about it."""
-        chunks = self.chunks.get(key)
+        self.retired.pop(chunk.ticket.id, None)
+        self._remove(chunk)
+
+    def _remove(self, chunk: Chunk) -> None:
+        chunks = self.chunks.get(chunk.key)
         if chunks is not None and chunk in chunks:
             chunks.remove(chunk)
             if not chunks:
-                del self.chunks[key]
+                del self.chunks[chunk.key]
 
     def expire(self, now: float, seconds: float) -> None:
         """Retire the chunks idle for ``seconds``, or older than ``AGE_LIMIT`` of them."""
-        for chunk in self:
-            if now - chunk.used >= seconds or now - chunk.taken >= AGE_LIMIT * seconds:
-                self.retire(chunk)
+        for chunks in list(self.chunks.values()):
+            for chunk in list(chunks):
+                if now - chunk.used >= seconds or now - chunk.taken >= AGE_LIMIT * seconds:
+                    self.retire(chunk)
         self.prune(now)
 
     def prune(self, now: float) -> None:
@@ -298,28 +309,28 @@ class Chunks:
             demand._decay(now)
             if demand.requests < 0.01 and key not in self.chunks and key not in self.taking:
                 del self.demand[key]
+                self.targets.pop(key, None)
         self.backoff = {k: t for k, t in self.backoff.items() if t > now}
 
     def retire_all(self) -> None:
         for chunk in self:
             self.retire(chunk)
 
-    def dirty(self) -> list[tuple[Key, Chunk]]:
+    def dirty(self) -> list[Chunk]:
         """The chunks with a state Redis has not been told, marked clean."""
-        found = []
-        for key, chunks in self.chunks.items():
-            for chunk in chunks:
-                if chunk.dirty:
-                    chunk.dirty = False
-                    found.append((key, chunk))
+        found = [chunk for chunk in self if chunk.dirty]
+        for chunk in found:
+            chunk.dirty = False
         return found
 
     def __iter__(self) -> Iterator[Chunk]:
+        """Every chunk not closed in Redis yet: admitting, then retired."""
         for chunks in list(self.chunks.values()):
             yield from list(chunks)
+        yield from list(self.retired.values())
 
     def __bool__(self) -> bool:
-        return bool(self.chunks)
+        return bool(self.chunks) or bool(self.retired)
 
     def _undrawn(self, tenant: str, delta: int) -> None:
         left = self.undrawn.get(tenant, 0) + delta

@@ -151,7 +151,6 @@ class _Settlement:
 class _Checkpoint:
     """A chunk's state as sent, to apply its reply."""
 
-    key: chunks.Key
     chunk: chunks.Chunk
     item: tuple[list[str], list[Arg]]  # (keys, CHECKPOINT arguments)
     charged: tuple[int, int]
@@ -540,7 +539,7 @@ class PolicyEngine:
         if not self._down and not self._closing:
             self._ask_ahead(key, demand, ticket, limits, now)
         if chunk is None:
-            if any(c.dirty for c in self._chunks.chunks.get(key, ())):
+            if self._chunks.retired:
                 # Retired just now: its unused part goes back in the write of this request's
                 # own admission, ahead of it.
                 self._send_checkpoints()
@@ -561,6 +560,9 @@ class PolicyEngine:
     ) -> None:
         if key in self._chunks.taking or self._chunks.backoff.get(key, 0.0) > now:
             return
+        last = self._chunks.targets.get(key)
+        if last is not None and not self._chunks.wants(key, last, now):
+            return  # plenty left by the last sizing: the demand need not be sized again
         rules = self.policy.chunks
         target = chunks.size(
             demand,
@@ -571,7 +573,11 @@ class PolicyEngine:
             bursts=[limit.tau_ms / limit.interval_ms for limit in limits if limit is not None],
             peers=self._peers,
         )
-        if target is None or not self._chunks.wants(key, target, now):
+        if target is None:
+            self._chunks.targets.pop(key, None)
+            return
+        self._chunks.targets[key] = target
+        if not self._chunks.wants(key, target, now):
             return
         self._chunks.taking.add(key)
         task = asyncio.create_task(self._take(key, template, limits, target, self._generation))
@@ -674,13 +680,13 @@ class PolicyEngine:
             return
         dirty = self._chunks.dirty()
         for start in range(0, len(dirty), BATCH):
-            batch = [self._state(key, chunk) for key, chunk in dirty[start : start + BATCH]]
+            batch = [self._state(chunk) for chunk in dirty[start : start + BATCH]]
             sent = self.store.checkpoint_many([state.item for state in batch])
             task = asyncio.create_task(self._checkpointed(batch, sent))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    def _state(self, key: chunks.Key, chunk: chunks.Chunk) -> _Checkpoint:
+    def _state(self, chunk: chunks.Chunk) -> _Checkpoint:
         """A chunk's state as a checkpoint (and the correction of the model's limit across
         tenants, its own slot, sent with it)."""
         chunk.seq += 1
@@ -697,7 +703,7 @@ class PolicyEngine:
             tenant_interval=ticket.tenant_interval,
             model_interval=ticket.model_interval,
         )
-        state = _Checkpoint(key, chunk, (ticket.keys, args), charged, chunk.final, chunk.closing_sent)
+        state = _Checkpoint(chunk, (ticket.keys, args), charged, chunk.final, chunk.closing_sent)
         chunk.closing_sent = chunk.closing_sent or held == (0, 0)
         if ticket.wide_key is not None:
             counted = held[1] + chunk.real_tokens
@@ -740,7 +746,7 @@ class PolicyEngine:
                 )
                 self._chunks.retire(chunk)
                 if state.final:
-                    self._chunks.forget(state.key, chunk)
+                    self._chunks.forget(chunk)
                 continue
             if isinstance(reply, BaseException):
                 failure = reply
@@ -758,7 +764,7 @@ class PolicyEngine:
             if reply.applied:
                 chunk.acked = state.charged
             if state.final:
-                self._chunks.forget(state.key, chunk)
+                self._chunks.forget(chunk)
             self._saw(
                 ticket.tenant, ticket.budget, ticket.day, ticket.month, reply.day_used, reply.month_used
             )

@@ -91,7 +91,8 @@ class PolicyMetrics:
         )
         self.check = Histogram(
             "tokenscaler_policy_check_seconds",
-            "Time spent deciding a request's policies before forwarding it (Redis round trip included).",
+            "Time spent deciding a request's policies before forwarding it (a Redis round trip included, "
+            "unless admitted from a chunk).",
             buckets=CHECK_BUCKETS,
             registry=registry,
         )

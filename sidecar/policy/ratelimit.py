@@ -9,6 +9,7 @@ updated by one Lua script, so every sidecar shares one limit.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,10 +20,11 @@ class Limit:
     interval_ms: float  # per token
     tau_ms: float  # burst tolerance
 
-    @classmethod
-    def of(cls, tokens_per_minute: int, burst_seconds: float, factor: float = 1.0) -> Limit:
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)  # a few per policy, asked for on every request
+    def of(tokens_per_minute: int, burst_seconds: float, factor: float = 1.0) -> Limit:
         rate = max(1e-9, tokens_per_minute * factor)
-        return cls(max(1, int(rate)), 60_000.0 / rate, burst_seconds * 1000.0)
+        return Limit(max(1, int(rate)), 60_000.0 / rate, burst_seconds * 1000.0)
 
 
 def duration(ms: float) -> str:

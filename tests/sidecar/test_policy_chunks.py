@@ -95,7 +95,9 @@ def test_a_chunk_holds_its_undrawn_part_and_its_draws_in_flight_until_retired() 
     chunk.end(300, 300, 300, 300)
     chunk.end(300, 300, 10, 10)
     assert chunk.final and chunk.held() == (0, 0) and chunk.real_cost == 430
-    assert registry.dirty() == [("k", chunk)] and registry.dirty() == []
+    assert registry.dirty() == [chunk] and registry.dirty() == []
+    registry.forget(chunk)
+    assert not registry and list(registry) == []
 
 
 def test_usage_past_a_reservation_comes_out_of_the_undrawn_part() -> None:
