@@ -73,6 +73,12 @@ class Demand:
         self.cost += cost / WINDOW_S
         self.tokens += tokens / WINDOW_S
 
+    def usual(self) -> tuple[float, float]:
+        """The cost and tokens of a request, on average."""
+        if self.requests <= 0:
+            return 0.0, 0.0
+        return self.cost / self.requests, self.tokens / self.requests
+
     def _decay(self, now: float) -> None:
         if now > self.at:
             kept = math.exp(-(now - self.at) / WINDOW_S)
@@ -146,6 +152,9 @@ class Chunk:
     dirty: bool = False  # its state changed since the last checkpoint
     closing_sent: bool = False  # a checkpoint holding nothing (it closes the entry) went out
     acked: tuple[int, int] = (0, 0)  # charged (cost, tokens) in the last checkpoint Redis took
+    acked_seq: int = 0
+    lost_seq: int = 0  # Redis lost it: the checkpoint whose charge was made without it
+    lost_charged: tuple[int, int] = (0, 0)
     key: Key = None  # what it is for (set by ``Chunks.add``)
 
     def fits(self, cost: int, tokens: int, now: float) -> bool:
@@ -223,6 +232,7 @@ class Chunks:
     taking: set[Key] = field(default_factory=set)  # a chunk is being asked for
     backoff: dict[Key, float] = field(default_factory=dict)  # monotonic time until which not
     targets: dict[Key, Size] = field(default_factory=dict)  # the last sizing of each key
+    retirements: int = 0  # chunks retired so far (a change tells a caller one was just now)
     undrawn: dict[str, int] = field(default_factory=dict)  # tenant -> cost held unused
 
     def seen(self, key: Key, now: float, cost: int, tokens: int) -> Demand:
@@ -237,17 +247,18 @@ class Chunks:
         demand.add(now, cost, tokens)
         return demand
 
-    def draw(self, key: Key, tenant: str, cost: int, tokens: int, now: float) -> Chunk | None:
+    def draw(self, key: Key, tenant: str, cost: int, tokens: int, now: float, demand: Demand) -> Chunk | None:
         """The chunk this request is admitted from, the oldest with room; on the way, the
-        chunks without room for it and less than two such requests left (or out of time)
-        are retired."""
+        chunks without room for it and for less than two requests of the usual size are
+        retired (one past its deadline is only passed over: a renewal extends it)."""
         for chunk in list(self.chunks.get(key, ())):
             if chunk.fits(cost, tokens, now):
                 chunk.draw(cost, tokens, now)
                 self._undrawn(tenant, -cost)
                 return chunk
             left_cost, left_tokens = chunk.left
-            if left_cost < 2 * cost or left_tokens < 2 * tokens or now >= chunk.until:
+            per_cost, per_tokens = demand.usual()
+            if left_cost < 2 * min(cost, per_cost) or left_tokens < 2 * min(tokens, per_tokens):
                 self.retire(chunk)
         return None
 
@@ -280,6 +291,7 @@ class Chunks:
         self._undrawn(chunk.ticket.tenant, -(chunk.cost - chunk.drawn_cost))
         chunk.retired = True
         chunk.dirty = True
+        self.retirements += 1
         self._remove(chunk)
         self.retired[chunk.ticket.id] = chunk
 

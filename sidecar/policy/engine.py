@@ -152,6 +152,7 @@ class _Checkpoint:
     """A chunk's state as sent, to apply its reply."""
 
     chunk: chunks.Chunk
+    seq: int
     item: tuple[list[str], list[Arg]]  # (keys, CHECKPOINT arguments)
     charged: tuple[int, int]
     final: bool  # the last: the chunk is forgotten once Redis took it
@@ -535,14 +536,18 @@ class PolicyEngine:
             ticket.wide_interval,
         )
         demand = self._chunks.seen(key, now, ticket.cost, ticket.tokens)
-        chunk = self._chunks.draw(key, ticket.tenant, ticket.cost, ticket.tokens, now)
+        retirements = self._chunks.retirements
+        chunk = self._chunks.draw(key, ticket.tenant, ticket.cost, ticket.tokens, now, demand)
         if not self._down and not self._closing:
             self._ask_ahead(key, demand, ticket, limits, now)
-        if chunk is None:
-            if self._chunks.retired:
-                # Retired just now: its unused part goes back in the write of this request's
-                # own admission, ahead of it.
+        if self._chunks.retirements != retirements:
+            if chunk is None:
+                # Retired just now: what it did not use goes back in the write of this
+                # request's own admission, ahead of it.
                 self._send_checkpoints()
+            else:
+                self._soon()
+        if chunk is None:
             return False
         ticket.chunk = chunk
         admission.ticket = ticket
@@ -703,8 +708,12 @@ class PolicyEngine:
             tenant_interval=ticket.tenant_interval,
             model_interval=ticket.model_interval,
         )
-        state = _Checkpoint(chunk, (ticket.keys, args), charged, chunk.final, chunk.closing_sent)
-        chunk.closing_sent = chunk.closing_sent or held == (0, 0)
+        state = _Checkpoint(chunk, chunk.seq, (ticket.keys, args), charged, chunk.final, chunk.closing_sent)
+        if held == (0, 0):
+            # It closes the entry (set when sent: if its reply is lost, a loss of the chunk
+            # by Redis goes unseen, and its usage since the last checkpoint with it).
+            chunk.closing_sent = True
+            self._chunks.retire(chunk)  # all drawn and ended: nothing more may be drawn
         if ticket.wide_key is not None:
             counted = held[1] + chunk.real_tokens
             if counted != chunk.wide_counted:
@@ -754,6 +763,9 @@ class PolicyEngine:
                 continue
             if reply.applied == 0 and not state.closed_before:
                 self._lost(state)
+                if state.final:
+                    self._chunks.forget(chunk)
+                continue
             elif reply.applied == 3:
                 log.warning(
                     "a chunk of tenant %s was released when its lease ended (this sidecar stalled "
@@ -761,8 +773,8 @@ class PolicyEngine:
                     ticket.tenant,
                 )
                 self._chunks.retire(chunk)
-            if reply.applied:
-                chunk.acked = state.charged
+            if reply.applied and state.seq > chunk.acked_seq:
+                chunk.acked, chunk.acked_seq = state.charged, state.seq
             if state.final:
                 self._chunks.forget(chunk)
             self._saw(
@@ -775,24 +787,30 @@ class PolicyEngine:
 
     def _lost(self, state: _Checkpoint) -> None:
         """Redis has no trace of a chunk it granted (a failover to a replica that missed it, a
-        restart without persistence): no more draws from it, and what was charged to it since
-        the last checkpoint Redis took is charged without a reservation, once."""
+        restart without persistence): no more draws from it, and its usage is charged without
+        a reservation, once. Replication keeps order, so a Redis without the chunk's grant
+        has none of its checkpoints either: all that was charged to it is charged again (a
+        Redis that evicts keys would be charged twice for what it kept: run it with
+        ``maxmemory-policy noeviction``)."""
         chunk = state.chunk
         ticket = chunk.ticket
-        cost, tokens = state.charged[0] - chunk.acked[0], state.charged[1] - chunk.acked[1]
-        chunk.acked = state.charged
-        self._chunks.retire(chunk)
-        self.metrics.redis_errors.labels("chunk_lost").inc()
-        log.error(
-            "Redis lost a chunk of tenant %s (failover or restart?): it admits no more; "
-            "%s tokens (cost %s) charged to it since its last checkpoint are charged without it",
-            ticket.tenant,
-            tokens,
-            cost,
-        )
-        if cost or tokens:
+        if state.seq <= chunk.lost_seq:
+            return  # an older checkpoint's reply: the newer one charged it
+        cost, tokens = state.charged[0] - chunk.lost_charged[0], state.charged[1] - chunk.lost_charged[1]
+        if not chunk.lost_seq:
+            self._chunks.retire(chunk)
+            self.metrics.redis_errors.labels("chunk_lost").inc()
+            log.error(
+                "Redis lost a chunk of tenant %s (failover or restart?): it admits no more; "
+                "its %s tokens (cost %s) are charged without it",
+                ticket.tenant,
+                tokens,
+                cost,
+            )
+        chunk.lost_seq, chunk.lost_charged = state.seq, state.charged
+        if cost:  # a charge without a reservation moves budgets only (as fail-open's do)
             unreserved = dataclasses.replace(
-                ticket, id=f"{ticket.id}.{chunk.seq}", reserved=False, chunk=None, wide_key=None
+                ticket, id=f"{ticket.id}.{state.seq}", reserved=False, chunk=None, wide_key=None
             )
             self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost
             self._post(_Settlement(unreserved, cost, tokens, moved=True))
@@ -1111,6 +1129,15 @@ class PolicyEngine:
         return self.policy.rate_limited or self.policy.chunks.enabled
 
     @property
+    def _renew_every_s(self) -> float:
+        """A third of the lease; with chunks, often enough that a chunk's draw window (half
+        the lease) is pushed on before it ends, a tick and a call's timeout included."""
+        every = self.policy.lease_s / 3
+        if self.policy.chunks.enabled:
+            every = min(every, self._draw_window_s - self._tick_s - self._background_timeout_s)
+        return max(0.0, every)
+
+    @property
     def _draw_window_s(self) -> float:
         """How long after its grant (or the last renewal Redis confirmed) a chunk admits: half
         its lease, so no other sidecar can have released it meanwhile, whatever happens to Redis."""
@@ -1161,8 +1188,11 @@ class PolicyEngine:
             await self._sync_clock()
         if self._announces and time.monotonic() - self._announced >= ANNOUNCE_S:
             await self._announce()
-        renewing = self._open or self._chunks
-        if renewing and not self._down and time.monotonic() - self._renewed >= self.policy.lease_s / 3:
+        if (
+            (self._open or self._chunks)
+            and not self._down
+            and time.monotonic() - self._renewed >= self._renew_every_s
+        ):
             await self._renew()
         if self.policy.watches_saturation:
             try:
@@ -1204,13 +1234,14 @@ class PolicyEngine:
         sent = time.monotonic()
         try:
             async with asyncio.timeout(self._background_timeout_s):
-                await self.store.renew(leases, int(self.policy.lease_s * 1000))
+                renewed = await self.store.renew(leases, int(self.policy.lease_s * 1000))
         except _REDIS_ERRORS as exc:
             self._failed("renew", exc)
             return
         self._renewed = time.monotonic()
-        for chunk in held:  # renewed from no later than ``sent``: they may admit on
-            chunk.until = max(chunk.until, sent + self._draw_window_s)
+        for chunk in held:  # renewed no later than ``sent``: they may admit on (the others not)
+            if chunk.ticket.id in renewed:
+                chunk.until = max(chunk.until, sent + self._draw_window_s)
 
     async def run(self) -> None:
         while True:  # the first tick at once: it reads Redis' clock

@@ -254,10 +254,11 @@ local du, mu = charge(cost, tokens, ARGV[7] == '1', ARGV[8] == '1', ARGV[9], ARG
 return {applied, du, mu}
 """
 
+# Each id: 1 if its lease was pushed on, 0 if it has none (settled, closed, or released).
 RENEW = """
 local deadline = string.format('%.0f', now + tonumber(ARGV[1]))
-local renewed = 0
-for i = 2, #ARGV do renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, ARGV[i]) end
+local renewed = {}
+for i = 2, #ARGV do renewed[i - 1] = redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, ARGV[i]) end
 return renewed
 """
 
@@ -450,10 +451,16 @@ class Store:
     async def leave(self, scope: str, sidecar: str) -> None:
         _raised(await self.channel.send("ZREM", presence_key(scope), sidecar))
 
-    async def renew(self, leases: dict[str, list[str]], lease_ms: int) -> int:
-        """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]}."""
+    async def renew(self, leases: dict[str, list[str]], lease_ms: int) -> set[str]:
+        """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]};
+        the ids whose lease was there to push."""
         replies = [self.channel.evalsha(_RENEW, [key], [lease_ms, *ids]) for key, ids in leases.items()]
-        return sum(int(_raised(r)) for r in await asyncio.gather(*replies, return_exceptions=True))
+        renewed: set[str] = set()
+        for ids, reply in zip(
+            leases.values(), await asyncio.gather(*replies, return_exceptions=True), strict=True
+        ):
+            renewed.update(id for id, done in zip(ids, _raised(reply), strict=True) if int(done))
+        return renewed
 
     async def ping(self) -> None:
         _raised(await self.channel.send("PING"))
