@@ -1,7 +1,7 @@
 """What the policies cost a request: the same sidecar with ``--policy`` and without, same run.
 
     python -m bench.policy_bench                # ~7 minutes, loopback only
-    python -m bench.policy_bench --tenants 20   # the load spread over 20 tenants
+    python -m bench.policy_bench --tenants 50   # the load spread over 50 tenants
 
 Processes: the fake upstream, a private Redis, and four sidecars: two without a policy
 (``no-policy`` and ``no-policy-b``, the same thing twice: their difference is how far two
@@ -13,8 +13,8 @@ reservation chunks, no round trip) and ``policy-per-request`` with chunks off
 (``reservationChunks.seconds: 0``: one Redis round trip per request). Non-streamed chat at a
 fixed open-loop rate, rounds interleaved, each target's round after 1 s of unmeasured load
 (so each is measured in steady traffic, not coming back from idle); ``--tenants N`` spreads
-it over N tenants (at 200 requests/s, 40 tenants or more are each below the chunks' default
-5 requests/s). Reported: latency p50/p90/p99 of each, the policy's difference and the A/A
+it over N tenants (at 200 requests/s, 100 tenants or more are each below the chunks' default
+2 requests/s). Reported: latency p50/p90/p99 of each, the policy's difference and the A/A
 difference, pooled and as the median over rounds of each round's difference (robust to a
 burst of noise that lands in one target's round), CPU per 1,000 requests, the sidecar's own
 measure of the check (``tokenscaler_policy_check_seconds``: decisions, and the Redis round

@@ -27,13 +27,16 @@ What keeps holding, and why:
   checkpoints wait and are sent when Redis answers (absolute states: the last one counts).
 - Redis lost a chunk (a failover to a replica that missed it, a restart without
   persistence): a checkpoint finds neither it nor a trace of its closing. The chunk is
-  retired and what was charged to it since the last checkpoint Redis took is charged
-  without a reservation, once (as a fail-open request is).
+  retired and all that was charged to it is charged without a reservation, once (as a
+  fail-open request is): replication keeps order, so a Redis without the grant has none of
+  the checkpoints that followed it either.
 
-A chunk is retired (no more draws) when it cannot take a request and has less than two
-requests' worth left, when it has been idle for ``seconds``, after ``AGE_LIMIT`` chunk
-lengths, when the policy is reloaded, or when a checkpoint finds it released. Its unused
-part is released with the checkpoint after its last request ends.
+A chunk is retired (no more draws) when it cannot take a request and has room for less than
+two requests of the usual size, when it has been idle for ``seconds``, after ``AGE_LIMIT``
+chunk lengths, when its entry closed (all drawn and ended), when the policy is reloaded, or
+when a checkpoint finds it released or lost. Its unused part is released with the
+checkpoint after its last request ends. Past its draw window (no renewal confirmed) it is
+passed over, not retired: the next renewal lets it admit again.
 """
 
 from __future__ import annotations

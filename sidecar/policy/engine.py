@@ -853,10 +853,14 @@ class PolicyEngine:
         async def wait() -> None:
             try:
                 async with asyncio.timeout(self._background_timeout_s):
-                    await reply
+                    result = await reply
+                if isinstance(result, ResponseError):  # error replies arrive as values
+                    raise result
             except _REDIS_ERRORS as exc:
                 self.metrics.redis_errors.labels("move").inc()
-                log.debug("rate limit correction not applied: %r", exc)
+                # A script error says more than a connection lost (already said elsewhere).
+                level = logging.WARNING if isinstance(exc, ResponseError) else logging.DEBUG
+                log.log(level, "a model-wide rate limit correction was not applied: %r", exc)
 
         task = asyncio.create_task(wait())
         self._moves.add(task)

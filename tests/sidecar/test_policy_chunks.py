@@ -512,3 +512,12 @@ async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_request
         run.engine.settle(first, 10, 5)
         await asyncio.sleep(0.2)
         assert chunk not in list(run.engine._chunks)
+
+
+async def test_a_model_limit_correction_redis_refuses_is_counted(tmp_path: Path, redis_url: str) -> None:
+    async with running(tmp_path, redis_url, busy_policy()) as run:
+        key = f"tokenscaler:v1:{{policy:{run.scope}/model/m}}:rate"
+        run.redis.hset(key, "not", "a TAT")  # the script's GET fails: an error reply, not a raise
+        run.engine._background(run.engine.store.move(key, -5.0))
+        await asyncio.sleep(0.3)
+        assert run.errors("move") == 1

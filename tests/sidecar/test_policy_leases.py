@@ -49,8 +49,13 @@ async def wait_for(predicate: object, what: str, timeout_s: float = 10.0) -> Non
 
 
 def leased_policy(path: Path, workload: str) -> None:
-    """A daily budget and a 2-second lease."""
-    doc = {"scope": scope(workload), "reservationLeaseSeconds": 2, "defaults": {"budget": {"daily": 10_000}}}
+    """A daily budget and a 2-second lease; a reservation per request (chunks: test_policy_chunks.py)."""
+    doc = {
+        "scope": scope(workload),
+        "reservationLeaseSeconds": 2,
+        "reservationChunks": {"seconds": 0},
+        "defaults": {"budget": {"daily": 10_000}},
+    }
     write_policy(path, doc)
 
 
