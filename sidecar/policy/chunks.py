@@ -8,7 +8,7 @@ of that traffic, in budget and in rate-limit tokens alike. The next requests dra
 reservation (prompt estimate + max_tokens) from it with no round trip. When one ends, its
 real usage is charged to the chunk; the chunk's state in Redis (what it still holds, what
 was charged) is brought up to date by ``store.CHECKPOINT`` in the writes that carry the
-settlements, at most ``engine.SETTLE_LINGER_S`` later.
+settlements, at most every ``CHECKPOINT_EVERY_S`` (a retired chunk's at once).
 
 What keeps holding, and why:
 - A budget is never passed by more than one request's reservation: a chunk is a
@@ -21,7 +21,7 @@ What keeps holding, and why:
   excess from the chunk's undrawn part, so a chunk's requests together stay within it.
 - A sidecar that dies leaves its chunks to their leases like any reservation: what they
   held is refunded, what was charged stays. The requests it served since its last
-  checkpoint (at most ``SETTLE_LINGER_S``) are lost with it, as a request in flight is.
+  checkpoint (at most ``CHECKPOINT_EVERY_S``) are lost with it, as a request in flight is.
 - Redis away: a chunk goes on admitting (it is reserved) until half its lease has passed
   since the last renewal Redis confirmed, well before another sidecar could release it;
   checkpoints wait and are sent when Redis answers (absolute states: the last one counts).
@@ -32,7 +32,8 @@ What keeps holding, and why:
   the checkpoints that followed it either.
 
 A chunk is retired (no more draws) when it cannot take a request and has room for less than
-two requests of the usual size, when it has been idle for ``seconds``, after ``AGE_LIMIT``
+two requests of the usual size, when it has been idle for ``seconds`` (thin traffic: for
+``IDLE_GAPS`` of its usual gaps between requests), after ``AGE_LIMIT``
 chunk lengths, when its entry closed (all drawn and ended), when the policy is reloaded, or
 when a checkpoint finds it released or lost. Its unused part is released with the
 checkpoint after its last request ends. Past its draw window (no renewal confirmed) it is
@@ -56,6 +57,11 @@ BACKOFF_S = 1.0  # after a refused chunk, requests reserve alone this long
 LOW_WATER = 0.5  # a new chunk is asked for when what is left falls below this share of one
 AGE_LIMIT = 8  # chunk lengths after which a chunk is retired (what it holds comes back)
 SHARE = 4  # a chunk takes at most 1 / (SHARE x sidecars) of what is left of a limit
+MIN_REQUESTS = 8  # the smallest chunk asked for, in requests of the usual size
+# A chunk's checkpoints are at least this far apart (a retired one's go at once): thin traffic
+# would otherwise send one per request. It bounds what a sidecar killed outright loses.
+CHECKPOINT_EVERY_S = 0.25
+IDLE_GAPS = 4  # a chunk idle for this many of the usual gaps between requests is retired
 MAX_KEYS = 100_000
 
 Key = Hashable  # what a chunk is for: the tenant's Redis keys and limits (engine._reserve)
@@ -96,6 +102,7 @@ class Size:
     cost: int
     tokens: int
     least: int  # the smallest grant (cost) worth taking: two requests
+    idle_s: float  # retired when idle this long
 
 
 def size(
@@ -116,8 +123,11 @@ def size(
     demand._decay(now)
     if demand.requests < min_rps:
         return None
-    cost, tokens = demand.cost * seconds, demand.tokens * seconds
     per_cost, per_tokens = demand.cost / demand.requests, demand.tokens / demand.requests
+    # Thin traffic: a chunk of at least MIN_REQUESTS (a chunk per request or two would cost
+    # about what it saves), kept through IDLE_GAPS of the usual gap between requests.
+    requests = max(demand.requests * seconds, MIN_REQUESTS)
+    cost, tokens = per_cost * requests, per_tokens * requests
     share = SHARE * max(1, peers)
     scale = 1.0
     if budget_left is not None and cost > 0:
@@ -128,7 +138,8 @@ def size(
     cost, tokens = cost * scale, tokens * scale
     if tokens < 2 * per_tokens or (per_cost > 0 and cost < 2 * per_cost):
         return None
-    return Size(math.ceil(cost), math.ceil(tokens), math.ceil(2 * per_cost - 1e-6))
+    idle_s = max(seconds, IDLE_GAPS / demand.requests)
+    return Size(math.ceil(cost), math.ceil(tokens), math.ceil(2 * per_cost - 1e-6), idle_s)
 
 
 @dataclass(slots=True)
@@ -143,6 +154,7 @@ class Chunk:
     used: float  # the last draw
     wide_counted: int  # tokens the model's limit across tenants holds for it
     until: float  # monotonic: no draw after this (half a lease after the last renewal)
+    idle_s: float = 0.0  # retired when idle this long (at least ``seconds``)
     drawn_cost: int = 0
     drawn_tokens: int = 0
     ended_cost: int = 0  # the reservations of the draws that ended
@@ -153,6 +165,7 @@ class Chunk:
     retired: bool = False
     seq: int = 0  # checkpoints sent
     dirty: bool = False  # its state changed since the last checkpoint
+    sent_at: float = -math.inf  # monotonic: its last checkpoint
     closing_sent: bool = False  # a checkpoint holding nothing (it closes the entry) went out
     acked: tuple[int, int] = (0, 0)  # charged (cost, tokens) in the last checkpoint Redis took
     acked_seq: int = 0
@@ -311,10 +324,12 @@ class Chunks:
                 del self.chunks[chunk.key]
 
     def expire(self, now: float, seconds: float) -> None:
-        """Retire the chunks idle for ``seconds``, or older than ``AGE_LIMIT`` of them."""
+        """Retire the chunks idle for ``seconds`` (thin traffic: its ``idle_s``), or older
+        than ``AGE_LIMIT`` of them."""
         for chunks in list(self.chunks.values()):
             for chunk in list(chunks):
-                if now - chunk.used >= seconds or now - chunk.taken >= AGE_LIMIT * seconds:
+                idle = max(seconds, min(chunk.idle_s, AGE_LIMIT * seconds))
+                if now - chunk.used >= idle or now - chunk.taken >= AGE_LIMIT * seconds:
                     self.retire(chunk)
         self.prune(now)
 
@@ -331,12 +346,20 @@ class Chunks:
         for chunk in self:
             self.retire(chunk)
 
-    def dirty(self) -> list[Chunk]:
-        """The chunks with a state Redis has not been told, marked clean."""
-        found = [chunk for chunk in self if chunk.dirty]
-        for chunk in found:
-            chunk.dirty = False
-        return found
+    def dirty(self, now: float) -> tuple[list[Chunk], bool]:
+        """The chunks with a state Redis has not been told and due a checkpoint (retired, or
+        ``CHECKPOINT_EVERY_S`` since their last), marked clean and sent now; and whether
+        others are waiting for their turn."""
+        found, waiting = [], False
+        for chunk in self:
+            if chunk.dirty:
+                if chunk.retired or now - chunk.sent_at >= CHECKPOINT_EVERY_S:
+                    chunk.dirty = False
+                    chunk.sent_at = now
+                    found.append(chunk)
+                else:
+                    waiting = True
+        return found, waiting
 
     def __iter__(self) -> Iterator[Chunk]:
         """Every chunk not closed in Redis yet: admitting, then retired."""

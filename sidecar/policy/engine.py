@@ -670,6 +670,7 @@ class PolicyEngine:
             now,
             asked_tokens if ticket.wide_key else 0,
             until=asked + self._draw_window_s,
+            idle_s=target.idle_s,
         )
         self._chunks.add(key, chunk)
         self.metrics.chunks.labels("taken").inc()
@@ -683,7 +684,9 @@ class PolicyEngine:
         next); their replies are awaited apart."""
         if not self._chunks or self._down:
             return
-        dirty = self._chunks.dirty()
+        dirty, waiting = self._chunks.dirty(time.monotonic())
+        if waiting:
+            self._soon()
         for start in range(0, len(dirty), BATCH):
             batch = [self._state(chunk) for chunk in dirty[start : start + BATCH]]
             sent = self.store.checkpoint_many([state.item for state in batch])

@@ -67,6 +67,11 @@ def test_a_chunk_is_a_second_of_traffic_capped_by_a_share_of_what_is_left() -> N
     # Thin traffic: none either; and the estimate decays when the traffic stops.
     assert size(busy(10, 50, 40), 20.0, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
     assert size(demand, now + 5, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
+    # Thin traffic (2/s): at least 8 requests' worth, kept through 4 usual gaps (about 2 s; the
+    # estimate just after a request runs high) of idling.
+    thin = busy(2, 50, 40)
+    small = size(thin, thin.at, seconds=1.0, min_rps=1, budget_left=None, bursts=[], peers=1)
+    assert small is not None and small.cost == 400 and 1.5 <= small.idle_s <= 2.1
 
 
 def ticket(tenant: str = "t") -> Ticket:
@@ -96,9 +101,28 @@ def test_a_chunk_holds_its_undrawn_part_and_its_draws_in_flight_until_retired() 
     chunk.end(300, 300, 300, 300)
     chunk.end(300, 300, 10, 10)
     assert chunk.final and chunk.held() == (0, 0) and chunk.real_cost == 430
-    assert registry.dirty() == [chunk] and registry.dirty() == []
+    assert registry.dirty(5.0) == ([chunk], False) and registry.dirty(5.0) == ([], False)
     registry.forget(chunk)
     assert not registry and list(registry) == []
+
+
+def test_a_chunk_is_checkpointed_at_most_every_quarter_second_until_retired() -> None:
+    registry = Chunks()
+    usual = busy(10, 10, 10)
+    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0)
+    registry.add("k", chunk)
+    for at in (1.0, 1.1):
+        assert registry.draw("k", "t", 10, 10, at, usual) is chunk
+        registry.end(chunk, 10, 10, 5, 5)
+    assert registry.dirty(1.1) == ([chunk], False)
+    assert registry.draw("k", "t", 10, 10, 1.2, usual) is chunk
+    registry.end(chunk, 10, 10, 5, 5)
+    assert registry.dirty(1.2) == ([], True)  # its turn comes at 1.35
+    assert registry.dirty(1.35) == ([chunk], False)
+    assert registry.draw("k", "t", 10, 10, 1.4, usual) is chunk
+    registry.end(chunk, 10, 10, 5, 5)
+    registry.retire(chunk)
+    assert registry.dirty(1.4) == ([chunk], False)  # retired: at once
 
 
 def test_usage_past_a_reservation_comes_out_of_the_undrawn_part() -> None:
@@ -151,6 +175,12 @@ def test_idle_and_old_chunks_are_retired() -> None:
     busy_.draw(10, 10, 8.5)
     registry.expire(8.6, seconds=1.0)  # 8 chunk lengths old
     assert busy_.retired
+    thin = Chunk(ticket("v"), 1000, 1000, [], taken=10.0, used=10.0, wide_counted=0, until=100.0, idle_s=2.0)
+    registry.add("c", thin)
+    registry.expire(11.5, seconds=1.0)
+    assert not thin.retired  # 1.5 s idle: within its 2 s
+    registry.expire(12.1, seconds=1.0)
+    assert thin.retired
 
 
 def test_rate_limit_headers_of_a_draw_count_the_chunk_undrawn_tokens() -> None:
@@ -459,7 +489,7 @@ async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp
 async def test_a_chunk_redis_lost_is_retired_and_charged_without_it(tmp_path: Path, redis_url: str) -> None:
     async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
         real, _ = await run.serve(200, random.Random(8))
-        await asyncio.sleep(0.2)  # every checkpoint taken
+        await asyncio.sleep(0.5)  # every checkpoint taken
         lost = list(run.engine._chunks)
         assert lost and all(chunk.acked[0] == chunk.real_cost for chunk in lost)
         # A failover to a replica that missed the chunks' grants, and so all that followed
@@ -506,11 +536,11 @@ async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_request
         run.redis.delete(day_key)
         run.redis.hset(day_key, "not", "a counter")  # the checkpoint's INCRBY fails
         run.engine.settle(second, 10, 5)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         assert run.errors("checkpoint_script") >= 1
         assert chunk.retired and chunk in list(run.engine._chunks)  # its lease still renewed
         run.engine.settle(first, 10, 5)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         assert chunk not in list(run.engine._chunks)
 
 
