@@ -77,7 +77,7 @@ class Demand:
     tokens: float = 0.0
 
     def add(self, now: float, cost: int, tokens: int) -> None:
-        self._decay(now)
+        self.decay(now)
         self.requests += 1 / WINDOW_S
         self.cost += cost / WINDOW_S
         self.tokens += tokens / WINDOW_S
@@ -88,7 +88,7 @@ class Demand:
             return 0.0, 0.0
         return self.cost / self.requests, self.tokens / self.requests
 
-    def _decay(self, now: float) -> None:
+    def decay(self, now: float) -> None:
         if now > self.at:
             kept = math.exp(-(now - self.at) / WINDOW_S)
             self.requests *= kept
@@ -120,10 +120,10 @@ def size(
     ``budget_left``: what the tenant has left (None: no budget); ``bursts``: each rate
     limit's burst, in tokens.
     """
-    demand._decay(now)
+    demand.decay(now)
     if demand.requests < min_rps:
         return None
-    per_cost, per_tokens = demand.cost / demand.requests, demand.tokens / demand.requests
+    per_cost, per_tokens = demand.usual()
     # Thin traffic: a chunk of at least MIN_REQUESTS (a chunk per request or two would cost
     # about what it saves), kept through IDLE_GAPS of the usual gap between requests.
     requests = max(demand.requests * seconds, MIN_REQUESTS)
@@ -282,10 +282,12 @@ class Chunks:
         """A request drawn from ``chunk`` ended (``Chunk.end``)."""
         self._undrawn(chunk.ticket.tenant, -chunk.end(cost, tokens, real_cost, real_tokens))
 
-    def wants(self, key: Key, target: Size, now: float) -> bool:
-        """Ask for a chunk: what is left here is below the low-water mark and none is on its way."""
-        if key in self.taking or self.backoff.get(key, 0.0) > now:
-            return False
+    def may_ask(self, key: Key, now: float) -> bool:
+        """No chunk of the key is on its way, and no refusal holds them back."""
+        return key not in self.taking and self.backoff.get(key, 0.0) <= now
+
+    def wants(self, key: Key, target: Size) -> bool:
+        """What is left here is below the low-water mark (ask for a chunk, if ``may_ask``)."""
         left_cost = left_tokens = 0
         for chunk in self.chunks.get(key, ()):
             cost, tokens = chunk.left
@@ -336,7 +338,7 @@ class Chunks:
     def prune(self, now: float) -> None:
         """Forget the demand of keys gone quiet (and the backoffs that ended)."""
         for key, demand in list(self.demand.items()):
-            demand._decay(now)
+            demand.decay(now)
             if demand.requests < 0.01 and key not in self.chunks and key not in self.taking:
                 del self.demand[key]
                 self.targets.pop(key, None)

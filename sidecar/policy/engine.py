@@ -196,6 +196,21 @@ def _which(admission: Admission, kind: str) -> str:
     return f"tenant {admission.tenant}"
 
 
+def _resets(
+    limits: tuple[ratelimit.Limit | None, ...], reply: Admitted, wide_reply: ModelAdmitted | None
+) -> list[tuple[ratelimit.Limit, float]]:
+    """Each limit in force (of the tenant, the tenant and model, the model across tenants)
+    with its reset (ms) from the admission's replies: the model's first, the tenant's last
+    (it wins in the headers when several are set)."""
+    tenant_limit, model_limit, wide_limit = limits
+    found = (
+        (wide_limit, wide_reply.reset_ms if wide_reply else 0),
+        (model_limit, reply.model_reset_ms),
+        (tenant_limit, reply.reset_ms),
+    )
+    return [(limit, float(reset)) for limit, reset in found if limit is not None]
+
+
 def _kind_of(local_key: str) -> str:
     """The kind of limit a local limiter key stands for (see ``_reserve``)."""
     if local_key.startswith("\1"):
@@ -289,19 +304,24 @@ class PolicyEngine:
 
     # -- admission
 
+    def _last_used(self, tenant: str, day: str, month: str) -> tuple[int, int] | None:
+        """The tenant's budget used in this day and month as last seen (None: never seen)."""
+        seen = self._used.get(tenant)
+        if seen is None:
+            return None
+        return (seen.day_used if seen.day == day else 0, seen.month_used if seen.month == month else 0)
+
     def _ratio(self, tenant: str, budget: Budget, day: str, month: str) -> float:
         if not budget.enabled:
             return 0.0
-        seen = self._used.get(tenant)
-        day_used = month_used = 0
-        if seen is not None:
-            day_used = seen.day_used if seen.day == day else 0
-            month_used = seen.month_used if seen.month == month else 0
+        day_used, month_used = self._last_used(tenant, day, month) or (0, 0)
         # Chunks this sidecar holds unused are not spent: they come back when retired.
         local = self._local.get(tenant, 0) - self._chunks.undrawn.get(tenant, 0)
         return budgets.used_ratio(budget, day_used + local, month_used + local)
 
-    def _saw(self, tenant: str, budget: Budget, day: str, month: str, day_used: int, month_used: int) -> None:
+    def _saw(self, ticket: Ticket, day_used: int, month_used: int) -> None:
+        """A reply's budget used, for the ticket's tenant and periods."""
+        tenant, budget, day, month = ticket.tenant, ticket.budget, ticket.day, ticket.month
         if not budget.enabled:
             return
         if len(self._used) >= MAX_TENANTS_SEEN and tenant not in self._used:
@@ -451,23 +471,15 @@ class PolicyEngine:
         if reply is None:
             return self._without_redis(admission, rules, ticket, cap, now, sent)
         self._noted(reply, ticket)
-        if reply.status == BUDGET:
-            self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
-            if wide_reply is not None and not wide_reply.refused:
-                self._give_back(ticket)
+        if self._refused(ticket, reply, wide_reply):
+            if reply.status == BUDGET:
+                self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
+            else:
+                self._refused_one(admission, reply, wide_reply, tenant_limit, model_limit, wide_limit)
             return cap
-        if reply.status != OK or (wide_reply is not None and wide_reply.refused):
-            self._refused_one(admission, ticket, reply, wide_reply, tenant_limit, model_limit, wide_limit)
-            return cap
-        shown = [
-            (wide_limit, wide_reply.reset_ms if wide_reply else 0),
-            (model_limit, reply.model_reset_ms),
-            (tenant_limit, reply.reset_ms),
-        ]
-        for limit, reset in shown:
-            if limit is not None:  # the tenant's limit wins when several are set
-                remaining = int((limit.tau_ms - reset) / limit.interval_ms)
-                admission.headers.update(ratelimit.headers(limit, remaining, reset))
+        for limit, reset in _resets((tenant_limit, model_limit, wide_limit), reply, wide_reply):
+            remaining = int((limit.tau_ms - reset) / limit.interval_ms)  # the last (tenant's) wins
+            admission.headers.update(ratelimit.headers(limit, remaining, reset))
         ticket.cost = reply.granted
         admission.ticket = ticket
         self._open[ticket.id] = ticket
@@ -519,7 +531,7 @@ class PolicyEngine:
                 reply.expired,
                 ticket.tenant,
             )
-        self._saw(ticket.tenant, ticket.budget, ticket.day, ticket.month, reply.day_used, reply.month_used)
+        self._saw(ticket, reply.day_used, reply.month_used)
 
     # -- chunks: reserved ahead, drawn from locally (chunks.py)
 
@@ -563,10 +575,10 @@ class PolicyEngine:
         limits: tuple[ratelimit.Limit | None, ...],
         now: float,
     ) -> None:
-        if key in self._chunks.taking or self._chunks.backoff.get(key, 0.0) > now:
+        if not self._chunks.may_ask(key, now):
             return
         last = self._chunks.targets.get(key)
-        if last is not None and not self._chunks.wants(key, last, now):
+        if last is not None and not self._chunks.wants(key, last):
             return  # plenty left by the last sizing: the demand need not be sized again
         rules = self.policy.chunks
         target = chunks.size(
@@ -582,7 +594,7 @@ class PolicyEngine:
             self._chunks.targets.pop(key, None)
             return
         self._chunks.targets[key] = target
-        if not self._chunks.wants(key, target, now):
+        if not self._chunks.wants(key, target):
             return
         self._chunks.taking.add(key)
         task = asyncio.create_task(self._take(key, template, limits, target, self._generation))
@@ -594,14 +606,14 @@ class PolicyEngine:
         budget = ticket.budget
         if not budget.enabled:
             return None
-        seen = self._used.get(ticket.tenant)
+        seen = self._last_used(ticket.tenant, ticket.day, ticket.month)
         if seen is None:
             return 0
         left = []
         if budget.daily:
-            left.append(budget.daily - (seen.day_used if seen.day == ticket.day else 0))
+            left.append(budget.daily - seen[0])
         if budget.monthly:
-            left.append(budget.monthly - (seen.month_used if seen.month == ticket.month else 0))
+            left.append(budget.monthly - seen[1])
         return min(left) if left else None
 
     async def _take(
@@ -613,7 +625,6 @@ class PolicyEngine:
         generation: int,
     ) -> None:
         """Reserve a chunk: ADMIT (and the model's limit across tenants) for ``target``."""
-        tenant_limit, model_limit, wide_limit = limits
         ticket = dataclasses.replace(
             template,
             id=f"{self._id}.{next(self._ids):x}",
@@ -637,12 +648,8 @@ class PolicyEngine:
             raise
         finally:
             self._chunks.taking.discard(key)
-        if reply.status != OK or (wide_reply is not None and wide_reply.refused):
+        if self._refused(ticket, reply, wide_reply):
             # A limit is near: requests reserve alone for a while (exact, one round trip each).
-            if reply.status == OK:
-                self._post(_Settlement(ticket, 0, 0, moved=True))
-            elif wide_reply is not None and not wide_reply.refused:
-                self._give_back(ticket)
             self._chunks.backoff[key] = time.monotonic() + chunks.BACKOFF_S
             self.metrics.chunks.labels("refused").inc()
             self._noted(reply, ticket)
@@ -652,20 +659,11 @@ class PolicyEngine:
             ticket.tokens = math.ceil(ticket.tokens * reply.granted / ticket.cost)
         ticket.cost = reply.granted
         now = time.monotonic()
-        shown = [
-            (limit, float(reset))
-            for limit, reset in (
-                (wide_limit, wide_reply.reset_ms if wide_reply else 0),
-                (model_limit, reply.model_reset_ms),
-                (tenant_limit, reply.reset_ms),
-            )
-            if limit is not None
-        ]
         chunk = chunks.Chunk(
             ticket,
             ticket.cost,
             ticket.tokens,
-            shown,
+            _resets(limits, reply, wide_reply),
             now,
             now,
             asked_tokens if ticket.wide_key else 0,
@@ -725,23 +723,36 @@ class PolicyEngine:
                 self._background(self.store.move(ticket.wide_key, moved))
         return state
 
+    async def _batch_replies(
+        self, op: str, sent: Awaitable[list[Settled | BaseException]], again: Callable[[], None]
+    ) -> list[Settled | BaseException] | None:
+        """The replies of a batch of settlements or checkpoints; None when Redis did not answer
+        in time, after ``again`` put the batch back to be sent again (also when cancelled, at
+        shutdown: nothing is lost)."""
+        try:
+            async with asyncio.timeout(self.policy.redis_timeout_s):
+                return await sent
+        except _REDIS_ERRORS as exc:
+            self._failed(op, exc)
+            again()
+            return None
+        except BaseException:
+            again()
+            raise
+
     async def _checkpointed(
         self, batch: list[_Checkpoint], sent: Awaitable[list[Settled | BaseException]]
     ) -> bool:
         """Apply the replies of a batch of checkpoints; a chunk whose checkpoint Redis did not
         take is sent again with the next (only the latest state counts)."""
-        try:
-            async with asyncio.timeout(self.policy.redis_timeout_s):
-                replies = await sent
-        except _REDIS_ERRORS as exc:
-            self._failed("checkpoint", exc)
+
+        def again() -> None:
             for state in batch:
                 state.chunk.dirty = True
+
+        replies = await self._batch_replies("checkpoint", sent, again)
+        if replies is None:
             return False
-        except BaseException:
-            for state in batch:
-                state.chunk.dirty = True
-            raise
         failure: BaseException | None = None
         for state, reply in zip(batch, replies, strict=True):
             chunk, ticket = state.chunk, state.chunk.ticket
@@ -780,9 +791,7 @@ class PolicyEngine:
                 chunk.acked, chunk.acked_seq = state.charged, state.seq
             if state.final:
                 self._chunks.forget(chunk)
-            self._saw(
-                ticket.tenant, ticket.budget, ticket.day, ticket.month, reply.day_used, reply.month_used
-            )
+            self._saw(ticket, reply.day_used, reply.month_used)
         if failure is not None:
             self._failed("checkpoint", failure)
             return False
@@ -818,20 +827,29 @@ class PolicyEngine:
             self._local[ticket.tenant] = self._local.get(ticket.tenant, 0) + cost
             self._post(_Settlement(unreserved, cost, tokens, moved=True))
 
+    def _refused(self, ticket: Ticket, reply: Admitted, wide_reply: ModelAdmitted | None) -> bool:
+        """Whether the tenant's check or the model's across tenants refused; if one did, what
+        the other took is given back."""
+        wide_refused = wide_reply is not None and wide_reply.refused
+        if reply.status == OK and not wide_refused:
+            return False
+        if reply.status == OK:  # the tenant's reservation went through: released with the next write
+            self._post(_Settlement(ticket, 0, 0, moved=True))
+        elif wide_reply is not None and not wide_refused:
+            self._give_back(ticket)
+        return True
+
     def _refused_one(
         self,
         admission: Admission,
-        ticket: Ticket,
         reply: Admitted,
         wide_reply: ModelAdmitted | None,
         tenant_limit: ratelimit.Limit | None,
         model_limit: ratelimit.Limit | None,
         wide_limit: ratelimit.Limit | None,
     ) -> None:
-        """A rate limit refused: answer 429 and give back what the other check took."""
+        """A rate limit refused: answer 429 (what the other check took is given back already)."""
         if reply.status != OK:
-            if wide_reply is not None and not wide_reply.refused:
-                self._give_back(ticket)
             per_model = reply.status != RATE_TENANT
             limit = model_limit if per_model else tenant_limit
             assert limit is not None
@@ -839,8 +857,6 @@ class PolicyEngine:
             self._refuse_rate(admission, limit, which, reply.retry_after_ms, reply.reset_ms)
             return
         assert wide_reply is not None and wide_limit is not None
-        # The tenant's admission went through: release its reservation (with the next write).
-        self._post(_Settlement(ticket, 0, 0, moved=True))
         self._refuse_rate(
             admission, wide_limit, _which(admission, WIDE), wide_reply.retry_after_ms, wide_reply.reset_ms
         )
@@ -1057,18 +1073,14 @@ class PolicyEngine:
     ) -> bool:
         """Apply the replies of a batch of settlements; those Redis did not take wait in the
         queue (sent again: settling is idempotent)."""
-        try:
-            async with asyncio.timeout(self.policy.redis_timeout_s):
-                replies = await sent
-        except _REDIS_ERRORS as exc:
-            self._failed("settle", exc)
+
+        def again() -> None:
             for settlement in batch:
                 self._queue(settlement)
+
+        replies = await self._batch_replies("settle", sent, again)
+        if replies is None:
             return False
-        except BaseException:  # cancelled (shutdown): nothing is lost
-            for settlement in batch:
-                self._queue(settlement)
-            raise
         failure: BaseException | None = None
         for settlement, settled in zip(batch, replies, strict=True):
             ticket = settlement.ticket
@@ -1098,9 +1110,7 @@ class PolicyEngine:
                     ticket.tenant,
                 )
             self._forget_local(settlement)
-            self._saw(
-                ticket.tenant, ticket.budget, ticket.day, ticket.month, settled.day_used, settled.month_used
-            )
+            self._saw(ticket, settled.day_used, settled.month_used)
         if failure is not None:
             self._failed("settle", failure)
             return False

@@ -426,7 +426,13 @@ class Store:
         Each item is (keys, ``settle_args(...)``); each result is its ``Settled``, or the
         error of that one (a ``ResponseError`` from the script, a lost connection).
         """
-        return self._settled([self.channel.evalsha(_SETTLE, keys, args) for keys, args in items])
+        return self._many(_SETTLE, items)
+
+    def _many(
+        self, script: LuaScript, items: list[tuple[list[str], list[Arg]]]
+    ) -> Awaitable[list[Settled | BaseException]]:
+        """One ``script`` per item, queued now; their replies as ``Settled`` or errors."""
+        return self._settled([self.channel.evalsha(script, keys, args) for keys, args in items])
 
     @staticmethod
     async def _settled(replies: list[asyncio.Future[Any]]) -> list[Settled | BaseException]:
@@ -438,7 +444,7 @@ class Store:
     ) -> Awaitable[list[Settled | BaseException]]:
         """Move chunks to their state (one ``CHECKPOINT`` each, queued together): each item
         is (keys, ``checkpoint_args(...)``), each result a ``Settled`` or the error of that one."""
-        return self._settled([self.channel.evalsha(_CHECKPOINT, keys, args) for keys, args in items])
+        return self._many(_CHECKPOINT, items)
 
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""

@@ -197,7 +197,7 @@ def test_the_budget_shares_remembered_stay_bounded(tmp_path: Path, monkeypatch: 
     from prometheus_client import CollectorRegistry
 
     from sidecar.policy import engine as engine_module
-    from sidecar.policy.schema import Budget
+    from sidecar.policy.schema import Budget, Price
     from token_scaler.redis_channel import Channel
 
     monkeypatch.setattr(engine_module, "MAX_TENANTS_SEEN", 3)
@@ -207,9 +207,16 @@ def test_the_budget_shares_remembered_stay_bounded(tmp_path: Path, monkeypatch: 
         path, Channel.from_url("redis://127.0.0.1:1"), CollectorRegistry(), workload="w/x"
     )
     budget = Budget(daily=100)
+
+    def of(tenant: str, day: str) -> engine_module.Ticket:
+        return engine_module.Ticket(
+            id="x", keys=[], tenant=tenant, day=day, month="202611", budget=budget, price=Price(0, 0),
+            tenant_interval=0.0, model_interval=0.0, cost=0, reserved=True,
+        )  # fmt: skip
+
     for tenant in ("a", "b", "c"):
-        engine._saw(tenant, budget, "20261126", "202611", 10, 10)
-    engine._saw("c", budget, "20261127", "202611", 20, 20)  # known: nothing forgotten
+        engine._saw(of(tenant, "20261126"), 10, 10)
+    engine._saw(of("c", "20261127"), 20, 20)  # known: nothing forgotten
     assert sorted(engine._used) == ["a", "b", "c"]
-    engine._saw("d", budget, "20261127", "202611", 5, 5)  # a fourth: yesterday's go
+    engine._saw(of("d", "20261127"), 5, 5)  # a fourth: yesterday's go
     assert sorted(engine._used) == ["c", "d"]
