@@ -12,10 +12,11 @@ nothing is refused): ``policy`` as configured by default (busy tenants are admit
 reservation chunks, no round trip) and ``policy-per-request`` with chunks off
 (``reservationChunks.seconds: 0``: one Redis round trip per request). Non-streamed chat at a
 fixed open-loop rate, rounds interleaved, each target's round after 1 s of unmeasured load
-(so each is measured in steady traffic, not coming back from idle); ``--tenants N`` spreads
-it over N tenants (at 200 requests/s, 100 tenants or more are each below the chunks' default
-2 requests/s). Reported: latency p50/p90/p99 of each, the policy's difference and the A/A
-difference, pooled and as the median over rounds of each round's difference (robust to a
+(so each is measured in steady traffic, not coming back from idle; with many tenants, long
+enough for each to send 5 requests); ``--tenants N`` spreads it over N tenants (at 200
+requests/s, 400 tenants or more are each below the chunks' default 0.5 requests/s).
+Reported: latency p50/p90/p99 of each, the policy's difference and the A/A difference,
+pooled and as the median over rounds of each round's difference (robust to a
 burst of noise that lands in one target's round), CPU per 1,000 requests, the sidecar's own
 measure of the check (``tokenscaler_policy_check_seconds``: decisions, and the Redis round
 trip when there is one), the check alone in-process, and the floor under any Redis-backed
@@ -42,6 +43,7 @@ import yaml
 
 from bench._common import cpu_seconds, percentiles, redis_for_bench, save
 from bench.sidecar_bench import CHAT, open_loop, wait_http
+from sidecar.policy.chunks import STEADY_GAPS
 from token_scaler.redis_conn import free_port
 
 POLICY = {
@@ -75,6 +77,13 @@ PATHS = ("chunk", "redis", "without_redis")  # tokenscaler_policy_admissions_tot
 WARM_S = 1.0  # unmeasured load before each target's round
 
 
+def warm_s(rate: float, tenants: int) -> float:
+    """Unmeasured load before a round: at least ``WARM_S``, and enough for every tenant to be
+    seen busy again (``chunks.STEADY_GAPS`` gaps) after idling through the other targets'
+    rounds, as it is on a sidecar serving without pause."""
+    return max(WARM_S, (STEADY_GAPS + 1) * max(1, tenants) / rate)
+
+
 async def metrics_of(session: aiohttp.ClientSession, admin: str) -> str:
     async with session.get(admin + "/metrics") as response:
         return await response.text()
@@ -106,7 +115,7 @@ async def bench(
             for name, url in targets.items():
                 # Unmeasured: the rounds measure a sidecar in steady traffic, not one coming
                 # back from idling through the other targets' rounds (connections, chunks).
-                await open_loop(session, url, args.rate, WARM_S, args.tenants)
+                await open_loop(session, url, args.rate, warm_s(args.rate, args.tenants), args.tenants)
                 if name == "policy":
                     before = await metrics_of(session, admin_on)
                 before_cpu = cpu_seconds(pids[name])

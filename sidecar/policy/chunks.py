@@ -2,13 +2,15 @@
 
 Under load, the Redis round trip of every admission is most of what the policies add to a
 request. A sidecar that sees a tenant (with a model, when a limit of that model applies) at
-``reservationChunks.minRequestsPerSecond`` or more reserves a chunk ahead, off the request
-path: an ordinary leased reservation (``store.ADMIT``) of about ``reservationChunks.seconds``
-of that traffic, in budget and in rate-limit tokens alike. The next requests draw their own
+``reservationChunks.minRequestsPerSecond`` or more (over its last ``STEADY_GAPS`` gaps between
+requests) reserves a chunk ahead, off the request path: an ordinary leased reservation
+(``store.ADMIT``) of about ``reservationChunks.seconds`` of that traffic, in budget and in
+rate-limit tokens alike. The next requests draw their own
 reservation (prompt estimate + max_tokens) from it with no round trip. When one ends, its
 real usage is charged to the chunk; the chunk's state in Redis (what it still holds, what
 was charged) is brought up to date by ``store.CHECKPOINT`` in the writes that carry the
-settlements, at most every ``CHECKPOINT_EVERY_S`` (a retired chunk's at once).
+settlements, at most every ``CHECKPOINT_EVERY_S`` or ``CHECKPOINT_GAPS`` of its tenant's
+usual gaps between requests, whichever is longer (a retired chunk's at once).
 
 What keeps holding, and why:
 - A budget is never passed by more than one request's reservation: a chunk is a
@@ -20,8 +22,9 @@ What keeps holding, and why:
 - A request whose real usage passes its reservation (a prompt estimated short) takes the
   excess from the chunk's undrawn part, so a chunk's requests together stay within it.
 - A sidecar that dies leaves its chunks to their leases like any reservation: what they
-  held is refunded, what was charged stays. The requests it served since its last
-  checkpoint (at most ``CHECKPOINT_EVERY_S``) are lost with it, as a request in flight is.
+  held is refunded, what was charged stays. The requests that ended since its last
+  checkpoint (at most a second's worth, or about ``CHECKPOINT_GAPS`` of a thin tenant's) are
+  lost with it, as a request in flight is.
 - Redis away: a chunk goes on admitting (it is reserved) until half its lease has passed
   since the last renewal Redis confirmed, well before another sidecar could release it;
   checkpoints wait and are sent when Redis answers (absolute states: the last one counts).
@@ -43,6 +46,7 @@ passed over, not retired: the next renewal lets it admit again.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,41 +56,62 @@ from sidecar.policy import ratelimit
 if TYPE_CHECKING:
     from sidecar.policy.engine import Ticket
 
-WINDOW_S = 1.0  # the time constant of the demand estimate
+WINDOW_S = 1.0  # the time constant of the demand estimate (a busy tenant's changes seen fast)
+# Whether a tenant is busy enough for chunks is told by the time its last STEADY_GAPS gaps
+# between requests took: one request after a quiet minute is not a tenant at 1 request/s (it
+# would take a chunk for itself), a tenant at 1 request/s does not look idle between its
+# requests, and one coming back after a pause counts again after a few requests.
+STEADY_GAPS = 4
 BACKOFF_S = 1.0  # after a refused chunk, requests reserve alone this long
 LOW_WATER = 0.5  # a new chunk is asked for when what is left falls below this share of one
 AGE_LIMIT = 8  # chunk lengths after which a chunk is retired (what it holds comes back)
 SHARE = 4  # a chunk takes at most 1 / (SHARE x sidecars) of what is left of a limit
 MIN_REQUESTS = 8  # the smallest chunk asked for, in requests of the usual size
-# A chunk's checkpoints are at least this far apart (a retired one's go at once): thin traffic
-# would otherwise send one per request. It bounds what a sidecar killed outright loses.
-CHECKPOINT_EVERY_S = 0.25
+# A chunk's checkpoints are at least this far apart, and CHECKPOINT_GAPS of its tenant's usual
+# gaps between requests (a retired one's go at once): each request would otherwise send one.
+# It bounds what a sidecar killed outright loses: the requests that ended since (1 s of a busy
+# tenant's, about 4 of a thin one's), as it loses those in flight with or without chunks.
+CHECKPOINT_EVERY_S = 1.0
+CHECKPOINT_GAPS = 4
 IDLE_GAPS = 4  # a chunk idle for this many of the usual gaps between requests is retired
 MAX_KEYS = 100_000
+# A key quiet this long is forgotten: its gaps no longer say it is busy (STEADY_GAPS over at
+# least this long is below the lowest minRequestsPerSecond, 0.1).
+FORGET_S = 60.0
 
 Key = Hashable  # what a chunk is for: the tenant's Redis keys and limits (engine._reserve)
 
 
 @dataclass(slots=True)
 class Demand:
-    """Requests, cost and tokens per second at this sidecar (exponentially weighted)."""
+    """Requests, cost and tokens per second at this sidecar (exponentially weighted), and
+    the arrivals of its last few requests."""
 
     at: float
     requests: float = 0.0
     cost: float = 0.0
     tokens: float = 0.0
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=STEADY_GAPS + 1))
 
     def add(self, now: float, cost: int, tokens: int) -> None:
         self.decay(now)
         self.requests += 1 / WINDOW_S
         self.cost += cost / WINDOW_S
         self.tokens += tokens / WINDOW_S
+        self.arrivals.append(now)
 
     def usual(self) -> tuple[float, float]:
         """The cost and tokens of a request, on average."""
         if self.requests <= 0:
             return 0.0, 0.0
         return self.cost / self.requests, self.tokens / self.requests
+
+    def steady(self, now: float) -> float:
+        """Requests per second over the last ``STEADY_GAPS`` gaps (until now: it falls when
+        the requests stop); 0 before there are that many."""
+        if len(self.arrivals) <= STEADY_GAPS or now <= self.arrivals[0]:
+            return 0.0
+        return STEADY_GAPS / (now - self.arrivals[0])
 
     def decay(self, now: float) -> None:
         if now > self.at:
@@ -103,6 +128,7 @@ class Size:
     tokens: int
     least: int  # the smallest grant (cost) worth taking: two requests
     idle_s: float  # retired when idle this long
+    checkpoint_s: float  # its checkpoints this far apart
 
 
 def size(
@@ -121,11 +147,13 @@ def size(
     limit's burst, in tokens.
     """
     demand.decay(now)
-    if demand.requests < min_rps:
+    steady = demand.steady(now)
+    if steady < min_rps:
         return None
     per_cost, per_tokens = demand.usual()
     # Thin traffic: a chunk of at least MIN_REQUESTS (a chunk per request or two would cost
-    # about what it saves), kept through IDLE_GAPS of the usual gap between requests.
+    # about what it saves), kept through IDLE_GAPS of the usual gap between requests. Sized
+    # on the recent rate: the steady one lags when a tenant slows down.
     requests = max(demand.requests * seconds, MIN_REQUESTS)
     cost, tokens = per_cost * requests, per_tokens * requests
     share = SHARE * max(1, peers)
@@ -138,8 +166,10 @@ def size(
     cost, tokens = cost * scale, tokens * scale
     if tokens < 2 * per_tokens or (per_cost > 0 and cost < 2 * per_cost):
         return None
-    idle_s = max(seconds, IDLE_GAPS / demand.requests)
-    return Size(math.ceil(cost), math.ceil(tokens), math.ceil(2 * per_cost - 1e-6), idle_s)
+    rate = max(steady, demand.requests)  # between a thin tenant's requests, the steady one
+    idle_s = max(seconds, IDLE_GAPS / rate)
+    checkpoint_s = max(CHECKPOINT_EVERY_S, CHECKPOINT_GAPS / rate)
+    return Size(math.ceil(cost), math.ceil(tokens), math.ceil(2 * per_cost - 1e-6), idle_s, checkpoint_s)
 
 
 @dataclass(slots=True)
@@ -155,6 +185,7 @@ class Chunk:
     wide_counted: int  # tokens the model's limit across tenants holds for it
     until: float  # monotonic: no draw after this (half a lease after the last renewal)
     idle_s: float = 0.0  # retired when idle this long (at least ``seconds``)
+    checkpoint_s: float = CHECKPOINT_EVERY_S  # its checkpoints at least this far apart
     drawn_cost: int = 0
     drawn_tokens: int = 0
     ended_cost: int = 0  # the reservations of the draws that ended
@@ -338,8 +369,8 @@ class Chunks:
     def prune(self, now: float) -> None:
         """Forget the demand of keys gone quiet (and the backoffs that ended)."""
         for key, demand in list(self.demand.items()):
-            demand.decay(now)
-            if demand.requests < 0.01 and key not in self.chunks and key not in self.taking:
+            quiet = not demand.arrivals or now - demand.arrivals[-1] >= FORGET_S
+            if quiet and key not in self.chunks and key not in self.taking:
                 del self.demand[key]
                 self.targets.pop(key, None)
         self.backoff = {k: t for k, t in self.backoff.items() if t > now}
@@ -348,20 +379,20 @@ class Chunks:
         for chunk in self:
             self.retire(chunk)
 
-    def dirty(self, now: float) -> tuple[list[Chunk], bool]:
+    def dirty(self, now: float) -> tuple[list[Chunk], float]:
         """The chunks with a state Redis has not been told and due a checkpoint (retired, or
-        ``CHECKPOINT_EVERY_S`` since their last), marked clean and sent now; and whether
-        others are waiting for their turn."""
-        found, waiting = [], False
+        their ``checkpoint_s`` since their last), marked clean and sent now; and when the
+        next of the others is due (``math.inf``: none waits)."""
+        found, due = [], math.inf
         for chunk in self:
             if chunk.dirty:
-                if chunk.retired or now - chunk.sent_at >= CHECKPOINT_EVERY_S:
+                if chunk.retired or now - chunk.sent_at >= chunk.checkpoint_s:
                     chunk.dirty = False
                     chunk.sent_at = now
                     found.append(chunk)
                 else:
-                    waiting = True
-        return found, waiting
+                    due = min(due, chunk.sent_at + chunk.checkpoint_s)
+        return found, due
 
     def __iter__(self) -> Iterator[Chunk]:
         """Every chunk not closed in Redis yet: admitting, then retired."""

@@ -255,6 +255,8 @@ class PolicyEngine:
         self._pending: deque[_Settlement] = deque()
         self._outbox: list[_Settlement] = []
         self._linger: asyncio.TimerHandle | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None  # the next checkpoint due
+        self._checkpoint_due = math.inf
         self._inflight: set[asyncio.Task[bool]] = set()
         self._moves: set[asyncio.Task[None]] = set()
         self._down = False
@@ -490,9 +492,15 @@ class PolicyEngine:
         return cap
 
     async def _ask(
-        self, ticket: Ticket, least: int, limits: tuple[ratelimit.Limit | None, ...]
+        self,
+        ticket: Ticket,
+        least: int,
+        limits: tuple[ratelimit.Limit | None, ...],
+        *,
+        waiting: bool = True,
     ) -> tuple[Admitted, ModelAdmitted | None]:
-        """Reserve ``ticket`` in Redis: ADMIT, and the model's limit across tenants in the same write."""
+        """Reserve ``ticket`` in Redis: ADMIT, and the model's limit across tenants in the same
+        write (at once when a request is ``waiting`` on it)."""
         tenant_limit, model_limit, wide_limit = limits
         budget = ticket.budget
         taken = None
@@ -513,6 +521,7 @@ class PolicyEngine:
             lease_ms=int(self.policy.lease_s * 1000),
             day=ticket.day,
             month=ticket.month,
+            flush=waiting,
         )
         if taken is None:
             return await admitted, None
@@ -637,7 +646,7 @@ class PolicyEngine:
         asked = time.monotonic()
         try:
             async with asyncio.timeout(self._background_timeout_s):
-                reply, wide_reply = await self._ask(ticket, target.least, limits)
+                reply, wide_reply = await self._ask(ticket, target.least, limits, waiting=False)
         except _REDIS_ERRORS as exc:
             self._failed("chunk", exc)
             self._release(ticket)
@@ -669,6 +678,7 @@ class PolicyEngine:
             asked_tokens if ticket.wide_key else 0,
             until=asked + self._draw_window_s,
             idle_s=target.idle_s,
+            checkpoint_s=target.checkpoint_s,
         )
         self._chunks.add(key, chunk)
         self.metrics.chunks.labels("taken").inc()
@@ -682,15 +692,26 @@ class PolicyEngine:
         next); their replies are awaited apart."""
         if not self._chunks or self._down:
             return
-        dirty, waiting = self._chunks.dirty(time.monotonic())
-        if waiting:
-            self._soon()
+        now = time.monotonic()
+        dirty, due = self._chunks.dirty(now)
+        if due < self._checkpoint_due:  # the others wait for their turn (those due together
+            # within a linger go in one write), not in a busy loop
+            if self._checkpoint_timer is not None:
+                self._checkpoint_timer.cancel()
+            self._checkpoint_due = due
+            self._checkpoint_timer = asyncio.get_running_loop().call_later(
+                max(due - now, SETTLE_LINGER_S), self._checkpoints_due
+            )
         for start in range(0, len(dirty), BATCH):
             batch = [self._state(chunk) for chunk in dirty[start : start + BATCH]]
             sent = self.store.checkpoint_many([state.item for state in batch])
             task = asyncio.create_task(self._checkpointed(batch, sent))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _checkpoints_due(self) -> None:
+        self._checkpoint_timer, self._checkpoint_due = None, math.inf
+        self._send_checkpoints()
 
     def _state(self, chunk: chunks.Chunk) -> _Checkpoint:
         """A chunk's state as a checkpoint (and the correction of the model's limit across
@@ -1288,6 +1309,9 @@ class PolicyEngine:
         if self._announces and not self._down:
             with contextlib.suppress(*_REDIS_ERRORS):  # the others' share grows a minute sooner
                 await asyncio.wait_for(self.store.leave(self.policy.scope, self._id), timeout_s)
+        if self._checkpoint_timer is not None:  # what is left is said below
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer, self._checkpoint_due = None, math.inf
         left = list(self._chunks)
         if self._pending or self._outbox or left:
             log.warning(

@@ -376,6 +376,7 @@ class Store:
         lease_ms: int,
         day: str,
         month: str,
+        flush: bool = True,
     ) -> Awaitable[Admitted]:
         args: list[Arg] = [
             id,
@@ -395,10 +396,11 @@ class Store:
             day,
             month,
         ]
-        # Written at once: the request waits on it (settlements and a model check queued
-        # before it leave in the same write).
+        # ``flush``: written at once, for a request waiting on it (settlements and a model
+        # check queued before it leave in the same write); a chunk asked for ahead rides in
+        # the loop iteration's write instead.
         return self.channel.evalsha(
-            _ADMIT, keys, args, convert=lambda r: Admitted(*(int(x) for x in _raised(r))), flush=True
+            _ADMIT, keys, args, convert=lambda r: Admitted(*(int(x) for x in _raised(r))), flush=flush
         )
 
     def model_rate(

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,7 +28,8 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from sidecar import openai
-from sidecar.policy import PolicyEngine, ratelimit
+from sidecar.policy import PolicyEngine, chunks, ratelimit
+from sidecar.policy import engine as engine_module
 from sidecar.policy.budgets import periods
 from sidecar.policy.chunks import Chunk, Chunks, Demand, size
 from sidecar.policy.engine import Admission, Ticket
@@ -64,9 +67,22 @@ def test_a_chunk_is_a_second_of_traffic_capped_by_a_share_of_what_is_left() -> N
     # Less than two requests' worth: no chunk, every request reserves alone.
     assert size(demand, now, seconds=1.0, min_rps=20, budget_left=300, bursts=[], peers=1) is None
     assert size(demand, now, seconds=1.0, min_rps=20, budget_left=None, bursts=[300.0], peers=1) is None
-    # Thin traffic: none either; and the estimate decays when the traffic stops.
+    # Thin traffic: none either; nor once the traffic stops.
     assert size(busy(10, 50, 40), 20.0, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
-    assert size(demand, now + 5, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
+    assert size(demand, now + 1, seconds=1.0, min_rps=20, budget_left=None, bursts=[], peers=1) is None
+    # One request after a quiet while is not traffic; one a second, steadily, is (at 0.5/s),
+    # between its requests too, and again four requests after a pause.
+    once = busy(1, 50, 40)
+    once.add(once.at + 60, 50, 40)
+    assert size(once, once.at, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1) is None
+    steady = busy(1, 50, 40)
+    slow = size(steady, steady.at + 0.9, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1)
+    assert slow is not None and 400 <= slow.cost <= 401
+    assert 4 <= slow.checkpoint_s <= 5 and 4 <= slow.idle_s <= 5
+    for gap in range(1, 5):
+        once.add(once.at + 1, 50, 40)
+        back = size(once, once.at, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1)
+        assert (back is not None) == (gap == 4)
     # Thin traffic (2/s): at least 8 requests' worth, kept through 4 usual gaps (about 2 s; the
     # estimate just after a request runs high) of idling.
     thin = busy(2, 50, 40)
@@ -101,28 +117,30 @@ def test_a_chunk_holds_its_undrawn_part_and_its_draws_in_flight_until_retired() 
     chunk.end(300, 300, 300, 300)
     chunk.end(300, 300, 10, 10)
     assert chunk.final and chunk.held() == (0, 0) and chunk.real_cost == 430
-    assert registry.dirty(5.0) == ([chunk], False) and registry.dirty(5.0) == ([], False)
+    assert registry.dirty(5.0) == ([chunk], math.inf) and registry.dirty(5.0) == ([], math.inf)
     registry.forget(chunk)
     assert not registry and list(registry) == []
 
 
-def test_a_chunk_is_checkpointed_at_most_every_quarter_second_until_retired() -> None:
+def test_a_chunk_is_checkpointed_at_most_every_checkpoint_interval_until_retired() -> None:
     registry = Chunks()
     usual = busy(10, 10, 10)
+    every = chunks.CHECKPOINT_EVERY_S
     chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0)
     registry.add("k", chunk)
-    for at in (1.0, 1.1):
+    for at in (1.0, 1.0 + every / 10):
         assert registry.draw("k", "t", 10, 10, at, usual) is chunk
         registry.end(chunk, 10, 10, 5, 5)
-    assert registry.dirty(1.1) == ([chunk], False)
-    assert registry.draw("k", "t", 10, 10, 1.2, usual) is chunk
+    sent = 1.0 + every / 10
+    assert registry.dirty(sent) == ([chunk], math.inf)
+    assert registry.draw("k", "t", 10, 10, sent + every / 2, usual) is chunk
     registry.end(chunk, 10, 10, 5, 5)
-    assert registry.dirty(1.2) == ([], True)  # its turn comes at 1.35
-    assert registry.dirty(1.35) == ([chunk], False)
-    assert registry.draw("k", "t", 10, 10, 1.4, usual) is chunk
+    assert registry.dirty(sent + every / 2) == ([], sent + every)  # its turn: an interval on
+    assert registry.dirty(sent + every) == ([chunk], math.inf)
+    assert registry.draw("k", "t", 10, 10, sent + every * 1.1, usual) is chunk
     registry.end(chunk, 10, 10, 5, 5)
     registry.retire(chunk)
-    assert registry.dirty(1.4) == ([chunk], False)  # retired: at once
+    assert registry.dirty(sent + every * 1.1) == ([chunk], math.inf)  # retired: at once
 
 
 def test_usage_past_a_reservation_comes_out_of_the_undrawn_part() -> None:
@@ -326,6 +344,15 @@ class Run:
     def errors(self, op: str) -> float:
         return self.registry.get_sample_value("tokenscaler_policy_redis_errors_total", {"op": op}) or 0.0
 
+    async def until(self, done: Callable[[], bool], within_s: float = 10.0) -> bool:
+        """Wait for the engine's background work (checkpoints go out at their interval)
+        to make ``done`` true; whether it did."""
+        for _ in range(int(within_s / 0.02)):
+            if done():
+                return True
+            await asyncio.sleep(0.02)
+        return done()
+
     async def used_today(self, tenant: str = "acme") -> int:
         day = periods(await self.engine.store.time())[0]
         return int(self.redis.get(self.key(f"budget:d:{day}", tenant)) or 0)
@@ -399,6 +426,46 @@ async def test_chunks_admit_most_requests_and_redis_ends_with_exactly_the_real_u
         print(f"\n600 requests: {by_chunk:.0f} from {taken:.0f} chunks; {real} tokens")
 
 
+async def test_a_thin_tenant_is_admitted_from_chunks_and_a_rare_one_is_not(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks by default from 0.5 requests/s over a tenant's last 4 gaps: a tenant at one a
+    second is admitted from chunks after its fifth request; one a minute never takes one. The
+    engine's monotonic clock is moved by hand (a second a request) for a fast test."""
+    clock = [1000.0]
+    monkeypatch.setattr(
+        engine_module,
+        "time",
+        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, gmtime=time.gmtime),
+    )
+    doc = {"defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 1_000_000}}}
+    async with running(tmp_path, redis_url, doc) as run:
+        rng, real = random.Random(4), 0
+
+        async def one(tenant: str, gap_s: float) -> bool:
+            """Whether it came from a chunk."""
+            nonlocal real
+            clock[0] += gap_s
+            admission = await run.admit(tenant)
+            assert admission.rejection is None and admission.ticket is not None
+            chunked = admission.ticket.chunk is not None
+            prompt, generation = 10 + rng.randint(-3, 3), rng.randint(0, 20)
+            real += prompt + generation
+            run.engine.settle(admission, prompt, generation)
+            await asyncio.sleep(0.01)  # a chunk asked for comes back
+            return chunked
+
+        for _ in range(6):
+            await one("rare", 60.0)
+        assert run.admissions("chunk") == 0 and run.admissions("redis") == 6
+        assert run.registry.get_sample_value("tokenscaler_policy_chunks_total", {"result": "taken"}) is None
+        from_chunks = [await one("thin", 1.0) for _ in range(30)]
+        assert from_chunks[:5] == [False] * 5 and all(from_chunks[5:]), from_chunks
+        assert await run.engine.close(5.0)
+        assert await run.used_today("rare") + await run.used_today("thin") == real
+        assert run.redis.hlen(run.key("res", "thin")) == 0
+
+
 async def test_near_the_budget_chunks_stop_and_it_is_never_passed_by_more_than_a_reservation(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -439,7 +506,10 @@ async def test_chunks_keep_admitting_while_redis_does_not_answer_and_reconcile_a
             # Every one of them came out of a chunk already reserved: none without Redis.
             assert run.admissions("chunk") == stopped_at + 50
             assert run.admissions("without_redis") == 0
-            await asyncio.sleep(0.5)  # the checkpoints time out: Redis is marked away
+            for _ in range(100):  # the next checkpoint times out: Redis is marked away
+                if run.engine._down:
+                    break
+                await asyncio.sleep(0.05)
             assert run.engine._down
             server.process.send_signal(signal.SIGCONT)
             await run.engine.tick()
@@ -489,9 +559,8 @@ async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp
 async def test_a_chunk_redis_lost_is_retired_and_charged_without_it(tmp_path: Path, redis_url: str) -> None:
     async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
         real, _ = await run.serve(200, random.Random(8))
-        await asyncio.sleep(0.5)  # every checkpoint taken
         lost = list(run.engine._chunks)
-        assert lost and all(chunk.acked[0] == chunk.real_cost for chunk in lost)
+        assert lost and await run.until(lambda: all(c.acked[0] == c.real_cost for c in lost))
         # A failover to a replica that missed the chunks' grants, and so all that followed
         # them: their entries, what they held and what was charged to them are gone.
         day = periods(await run.engine.store.time())[0]
@@ -536,12 +605,10 @@ async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_request
         run.redis.delete(day_key)
         run.redis.hset(day_key, "not", "a counter")  # the checkpoint's INCRBY fails
         run.engine.settle(second, 10, 5)
-        await asyncio.sleep(0.5)
-        assert run.errors("checkpoint_script") >= 1
+        assert await run.until(lambda: run.errors("checkpoint_script") >= 1)
         assert chunk.retired and chunk in list(run.engine._chunks)  # its lease still renewed
         run.engine.settle(first, 10, 5)
-        await asyncio.sleep(0.5)
-        assert chunk not in list(run.engine._chunks)
+        assert await run.until(lambda: chunk not in list(run.engine._chunks))
 
 
 async def test_a_model_limit_correction_redis_refuses_is_counted(tmp_path: Path, redis_url: str) -> None:
