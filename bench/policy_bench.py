@@ -2,6 +2,7 @@
 
     python -m bench.policy_bench                # ~7 minutes, loopback only
     python -m bench.policy_bench --tenants 50   # the load spread over 50 tenants
+    python -m bench.policy_bench --tenants 1000 --zipf 1   # a few busy tenants, a long tail
 
 Processes: the fake upstream, a private Redis, and four sidecars: two without a policy
 (``no-policy`` and ``no-policy-b``, the same thing twice: their difference is how far two
@@ -13,8 +14,9 @@ reservation chunks, no round trip) and ``policy-per-request`` with chunks off
 (``reservationChunks.seconds: 0``: one Redis round trip per request). Non-streamed chat at a
 fixed open-loop rate, rounds interleaved, each target's round after 1 s of unmeasured load
 (so each is measured in steady traffic, not coming back from idle; with many tenants, long
-enough for each to send 5 requests); ``--tenants N`` spreads it over N tenants (at 200
-requests/s, 400 tenants or more are each below the chunks' default 0.5 requests/s).
+enough for each at 0.5 requests/s or more to send 5); ``--tenants N`` spreads it over N
+tenants in turn (at 200 requests/s, 400 tenants or more are each below the chunks' default
+0.5 requests/s), ``--zipf S`` draws them at random, tenant k weighted 1 / (k + 1) ** S.
 Reported: latency p50/p90/p99 of each, the policy's difference and the A/A difference,
 pooled and as the median over rounds of each round's difference (robust to a
 burst of noise that lands in one target's round), CPU per 1,000 requests, the sidecar's own
@@ -44,6 +46,7 @@ import yaml
 from bench._common import cpu_seconds, percentiles, redis_for_bench, save
 from bench.sidecar_bench import CHAT, open_loop, wait_http
 from sidecar.policy.chunks import STEADY_GAPS
+from sidecar.policy.schema import ChunkPolicy
 from token_scaler.redis_conn import free_port
 
 POLICY = {
@@ -78,10 +81,14 @@ WARM_S = 1.0  # unmeasured load before each target's round
 
 
 def warm_s(rate: float, tenants: int) -> float:
-    """Unmeasured load before a round: at least ``WARM_S``, and enough for every tenant to be
-    seen busy again (``chunks.STEADY_GAPS`` gaps) after idling through the other targets'
-    rounds, as it is on a sidecar serving without pause."""
-    return max(WARM_S, (STEADY_GAPS + 1) * max(1, tenants) / rate)
+    """Unmeasured load before a round: at least ``WARM_S``, and enough for every tenant at the
+    chunks' default ``minRequestsPerSecond`` or more to be seen busy again (``STEADY_GAPS``
+    gaps) after idling through the other targets' rounds, as it is on a sidecar serving
+    without pause."""
+    requests = STEADY_GAPS + 1
+    return max(
+        WARM_S, min(requests * max(1, tenants) / rate, requests / ChunkPolicy().min_requests_per_second)
+    )
 
 
 async def metrics_of(session: aiohttp.ClientSession, admin: str) -> str:
@@ -115,11 +122,15 @@ async def bench(
             for name, url in targets.items():
                 # Unmeasured: the rounds measure a sidecar in steady traffic, not one coming
                 # back from idling through the other targets' rounds (connections, chunks).
-                await open_loop(session, url, args.rate, warm_s(args.rate, args.tenants), args.tenants)
+                await open_loop(
+                    session, url, args.rate, warm_s(args.rate, args.tenants), args.tenants, args.zipf
+                )
                 if name == "policy":
                     before = await metrics_of(session, admin_on)
                 before_cpu = cpu_seconds(pids[name])
-                load = await open_loop(session, url, args.rate, args.seconds / args.rounds, args.tenants)
+                load = await open_loop(
+                    session, url, args.rate, args.seconds / args.rounds, args.tenants, args.zipf
+                )
                 cpu[name] += cpu_seconds(pids[name]) - before_cpu
                 assert not load.errors, f"{name}: {dict(load.errors)}"
                 latencies[name] += load.latencies
@@ -154,6 +165,9 @@ async def bench(
             p: round(statistics.median((r[other][p] - r["no-policy"][p]) * 1000 for r in rounds), 3)
             for p in ("p50", "p90", "p99")
         }
+    result["rounds_p99_ms"] = {  # each round's p99, to see the spread behind the medians
+        name: [round(r[name]["p99"] * 1000, 3) for r in rounds] for name in targets
+    }
     count = sample(metrics, "tokenscaler_policy_check_seconds_count")
     total = sample(metrics, "tokenscaler_policy_check_seconds_sum")
     result["admissions"] = paths  # in the measured rounds
@@ -212,6 +226,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="seconds of load per target")
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
     parser.add_argument("--tenants", type=int, default=0, help="spread the load over this many tenants")
+    parser.add_argument(
+        "--zipf", type=float, default=0.0, help="with --tenants: tenant k drawn with weight 1/(k+1)**ZIPF"
+    )
     args = parser.parse_args()
     redis_url, server = redis_for_bench()
     tmp = Path(tempfile.mkdtemp(prefix="policy-bench-"))
@@ -310,7 +327,8 @@ def main() -> int:
         ("PING round trip (the floor, same connection)", result["check_isolated"]["ping"]),
     ):
         print(f"  {what}: p50 {row['p50']:.3f}  p90 {row['p90']:.3f}  p99 {row['p99']:.3f} ms  n={row['n']}")
-    print(f"saved {save(f'policy-tenants-{args.tenants}' if args.tenants else 'policy', result)}")
+    name = f"policy-tenants-{args.tenants}" if args.tenants else "policy"
+    print(f"saved {save(name + (f'-zipf-{args.zipf:g}' if args.zipf else ''), result)}")
     return 0
 
 

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -339,15 +340,34 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
 FAILURES = (aiohttp.ClientError, TimeoutError)
 
 
+def tenant_headers(count: int, tenants: int, zipf: float = 0.0) -> list[dict[str, str] | None]:
+    """The ``X-Tenant-ID`` of each of ``count`` requests: t0, t1, ... in turn, or with ``zipf``
+    drawn at random with tenant k weighted 1 / (k + 1) ** zipf (a few busy tenants and a long
+    tail of rare ones; seeded, so every target gets the same sequence)."""
+    if not tenants:
+        return [None] * count
+    if not zipf:
+        return [{"X-Tenant-ID": f"t{i % tenants}"} for i in range(count)]
+    weights = [1 / (k + 1) ** zipf for k in range(tenants)]
+    drawn = random.Random(7).choices(range(tenants), weights=weights, k=count)
+    return [{"X-Tenant-ID": f"t{k}"} for k in drawn]
+
+
 async def open_loop(
-    session: aiohttp.ClientSession, url: str, rate: float, seconds: float, tenants: int = 0
+    session: aiohttp.ClientSession,
+    url: str,
+    rate: float,
+    seconds: float,
+    tenants: int = 0,
+    zipf: float = 0.0,
 ) -> Load:
     """Requests started on a fixed schedule, whatever the answers take (no coordinated omission);
-    ``tenants``: spread them over that many tenants (``X-Tenant-ID`` t0, t1, ... in turn)."""
+    ``tenants``: spread them over that many tenants (``tenant_headers``)."""
     loop = asyncio.get_running_loop()
     count = max(1, int(rate * seconds))
     start = loop.time() + 0.05
     out = Load()
+    headers = tenant_headers(count, tenants, zipf)
 
     async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
@@ -357,7 +377,7 @@ async def open_loop(
                 url + "/v1/chat/completions",
                 json=CHAT,
                 timeout=REQUEST_TIMEOUT,
-                headers={"X-Tenant-ID": f"t{i % tenants}"} if tenants else None,
+                headers=headers[i],
             ) as response:
                 await response.read()
         except FAILURES as exc:

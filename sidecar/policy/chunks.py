@@ -46,7 +46,6 @@ passed over, not retired: the next renewal lets it admit again.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -91,7 +90,7 @@ class Demand:
     requests: float = 0.0
     cost: float = 0.0
     tokens: float = 0.0
-    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=STEADY_GAPS + 1))
+    arrivals: list[float] = field(default_factory=list)  # the last STEADY_GAPS + 1
 
     def add(self, now: float, cost: int, tokens: int) -> None:
         self.decay(now)
@@ -99,6 +98,8 @@ class Demand:
         self.cost += cost / WINDOW_S
         self.tokens += tokens / WINDOW_S
         self.arrivals.append(now)
+        if len(self.arrivals) > STEADY_GAPS + 1:
+            del self.arrivals[0]
 
     def usual(self) -> tuple[float, float]:
         """The cost and tokens of a request, on average."""
@@ -108,10 +109,12 @@ class Demand:
 
     def steady(self, now: float) -> float:
         """Requests per second over the last ``STEADY_GAPS`` gaps (until now: it falls when
-        the requests stop); 0 before there are that many."""
+        the requests stop), but no more than the recent rate where that is the better
+        measure (a burst of requests at once is not a tenant at thousands a second); 0 before
+        there are that many."""
         if len(self.arrivals) <= STEADY_GAPS or now <= self.arrivals[0]:
             return 0.0
-        return STEADY_GAPS / (now - self.arrivals[0])
+        return min(STEADY_GAPS / (now - self.arrivals[0]), max(self.requests, STEADY_GAPS / WINDOW_S))
 
     def decay(self, now: float) -> None:
         if now > self.at:
@@ -288,8 +291,9 @@ class Chunks:
             if len(self.demand) >= MAX_KEYS:
                 self.prune(now)
                 if len(self.demand) >= MAX_KEYS:  # keys come from requests: bounded
-                    self.demand = {k: d for k, d in self.demand.items() if k in self.chunks}
-                    self.targets = {k: t for k, t in self.targets.items() if k in self.chunks}
+                    held = self.chunks.keys() | self.taking
+                    self.demand = {k: d for k, d in self.demand.items() if k in held}
+                    self.targets = {k: t for k, t in self.targets.items() if k in held}
             demand = self.demand[key] = Demand(now)
         demand.add(now, cost, tokens)
         return demand

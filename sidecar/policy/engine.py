@@ -1035,8 +1035,13 @@ class PolicyEngine:
 
     @property
     def settling(self) -> bool:
-        """Settlements are on their way to Redis."""
-        return bool(self._outbox) or bool(self._inflight) or self._linger is not None
+        """Settlements (or chunks' checkpoints) are on their way to Redis."""
+        return (
+            bool(self._outbox)
+            or bool(self._inflight)
+            or self._linger is not None
+            or self._checkpoint_timer is not None
+        )
 
     def _send_outbox(self) -> None:
         """Queue the outbox's settlements on the channel now; their replies are awaited apart."""
