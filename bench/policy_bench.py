@@ -14,9 +14,9 @@ reservation chunks, no round trip) and ``policy-per-request`` with chunks off
 (``reservationChunks.seconds: 0``: one Redis round trip per request). Non-streamed chat at a
 fixed open-loop rate, rounds interleaved, each target's round after 1 s of unmeasured load
 (so each is measured in steady traffic, not coming back from idle; with many tenants, long
-enough for each at 0.5 requests/s or more to send 5); ``--tenants N`` spreads it over N
-tenants in turn (at 200 requests/s, 400 tenants or more are each below the chunks' default
-0.5 requests/s), ``--zipf S`` draws them at random, tenant k weighted 1 / (k + 1) ** S.
+enough for each at 0.1 requests/s or more to send 5); ``--tenants N`` spreads it over N
+tenants in turn (at 200 requests/s, more than 2,000 tenants are each below the chunks'
+default 0.1 requests/s), ``--zipf S`` draws them at random, tenant k weighted 1 / (k + 1) ** S.
 Reported: latency p50/p90/p99 of each, the policy's difference and the A/A difference,
 pooled and as the median over rounds of each round's difference (robust to a
 burst of noise that lands in one target's round), CPU per 1,000 requests, the sidecar's own
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -80,15 +81,17 @@ PATHS = ("chunk", "redis", "without_redis")  # tokenscaler_policy_admissions_tot
 WARM_S = 1.0  # unmeasured load before each target's round
 
 
-def warm_s(rate: float, tenants: int) -> float:
+def warm_s(rate: float, tenants: int, zipf: float = 0.0) -> float:
     """Unmeasured load before a round: at least ``WARM_S``, and enough for every tenant at the
-    chunks' default ``minRequestsPerSecond`` or more to be seen busy again (``STEADY_GAPS``
-    gaps) after idling through the other targets' rounds, as it is on a sidecar serving
-    without pause."""
+    chunks' default ``minRequestsPerSecond`` or more to send ``STEADY_GAPS`` + 1 requests (to
+    be seen busy again after idling through the other targets' rounds, as it is on a sidecar
+    serving without pause)."""
     requests = STEADY_GAPS + 1
-    return max(
-        WARM_S, min(requests * max(1, tenants) / rate, requests / ChunkPolicy().min_requests_per_second)
-    )
+    if not tenants:
+        return WARM_S
+    weights = [1 / math.pow(k + 1, zipf) for k in range(tenants)]
+    slowest = rate * weights[-1] / sum(weights)  # requests/s of the rarest tenant
+    return max(WARM_S, min(requests / slowest, requests / ChunkPolicy().min_requests_per_second))
 
 
 async def metrics_of(session: aiohttp.ClientSession, admin: str) -> str:
@@ -123,7 +126,12 @@ async def bench(
                 # Unmeasured: the rounds measure a sidecar in steady traffic, not one coming
                 # back from idling through the other targets' rounds (connections, chunks).
                 await open_loop(
-                    session, url, args.rate, warm_s(args.rate, args.tenants), args.tenants, args.zipf
+                    session,
+                    url,
+                    args.rate,
+                    warm_s(args.rate, args.tenants, args.zipf),
+                    args.tenants,
+                    args.zipf,
                 )
                 if name == "policy":
                     before = await metrics_of(session, admin_on)

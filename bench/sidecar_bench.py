@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import os
 import random
 import shutil
@@ -348,7 +349,7 @@ def tenant_headers(count: int, tenants: int, zipf: float = 0.0) -> list[dict[str
         return [None] * count
     if not zipf:
         return [{"X-Tenant-ID": f"t{i % tenants}"} for i in range(count)]
-    weights = [1 / (k + 1) ** zipf for k in range(tenants)]
+    weights = [1 / math.pow(k + 1, zipf) for k in range(tenants)]
     drawn = random.Random(7).choices(range(tenants), weights=weights, k=count)
     return [{"X-Tenant-ID": f"t{k}"} for k in drawn]
 

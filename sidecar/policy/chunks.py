@@ -36,11 +36,12 @@ What keeps holding, and why:
 
 A chunk is retired (no more draws) when it cannot take a request and has room for less than
 two requests of the usual size, when it has been idle for ``seconds`` (thin traffic: for
-``IDLE_GAPS`` of its usual gaps between requests), after ``AGE_LIMIT``
-chunk lengths, when its entry closed (all drawn and ended), when the policy is reloaded, or
-when a checkpoint finds it released or lost. Its unused part is released with the
-checkpoint after its last request ends. Past its draw window (no renewal confirmed) it is
-passed over, not retired: the next renewal lets it admit again.
+``IDLE_SPANS`` times its tenant's last ``STEADY_GAPS`` gaps), after ``AGE_LIMIT`` chunk
+lengths (thin traffic: ``AGE_SPANS`` times the time its requests take to draw it; its
+successor is asked for at half that), when its entry closed (all drawn and ended), when the
+policy is reloaded, or when a checkpoint finds it released or lost. Its unused part is
+released with the checkpoint after its last request ends. Past its draw window (no renewal
+confirmed) it is passed over, not retired: the next renewal lets it admit again.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ STEADY_GAPS = 4
 BACKOFF_S = 1.0  # after a refused chunk, requests reserve alone this long
 LOW_WATER = 0.5  # a new chunk is asked for when what is left falls below this share of one
 AGE_LIMIT = 8  # chunk lengths after which a chunk is retired (what it holds comes back)
+AGE_SPANS = 2  # ... or, for thin traffic, this many times the time its requests take to draw it
 SHARE = 4  # a chunk takes at most 1 / (SHARE x sidecars) of what is left of a limit
 MIN_REQUESTS = 8  # the smallest chunk asked for, in requests of the usual size
 # A chunk's checkpoints are at least this far apart, and CHECKPOINT_GAPS of its tenant's usual
@@ -72,7 +74,11 @@ MIN_REQUESTS = 8  # the smallest chunk asked for, in requests of the usual size
 # tenant's, about 4 of a thin one's), as it loses those in flight with or without chunks.
 CHECKPOINT_EVERY_S = 1.0
 CHECKPOINT_GAPS = 4
-IDLE_GAPS = 4  # a chunk idle for this many of the usual gaps between requests is retired
+# A chunk idle for IDLE_SPANS times the time its tenant's last STEADY_GAPS gaps took is retired
+# (at least ``seconds``): at a steady rate (random arrivals) an idle gap that long comes by
+# chance once in (1 + IDLE_SPANS) ** STEADY_GAPS = 256 gaps, where a multiple of an estimated
+# rate would end thin tenants' chunks (and add a round trip) whenever the estimate ran high.
+IDLE_SPANS = 3
 MAX_KEYS = 100_000
 # A key quiet this long is forgotten: its gaps no longer say it is busy (STEADY_GAPS over at
 # least this long is below the lowest minRequestsPerSecond, 0.1).
@@ -116,6 +122,12 @@ class Demand:
             return 0.0
         return min(STEADY_GAPS / (now - self.arrivals[0]), max(self.requests, STEADY_GAPS / WINDOW_S))
 
+    def span(self) -> float:
+        """The time its last ``STEADY_GAPS`` gaps took; 0 before there are that many."""
+        if len(self.arrivals) <= STEADY_GAPS:
+            return 0.0
+        return self.arrivals[-1] - self.arrivals[0]
+
     def decay(self, now: float) -> None:
         if now > self.at:
             kept = math.exp(-(now - self.at) / WINDOW_S)
@@ -130,8 +142,8 @@ class Size:
     cost: int
     tokens: int
     least: int  # the smallest grant (cost) worth taking: two requests
-    idle_s: float  # retired when idle this long
     checkpoint_s: float  # its checkpoints this far apart
+    age_s: float  # retired this long after it was taken
 
 
 def size(
@@ -155,8 +167,8 @@ def size(
         return None
     per_cost, per_tokens = demand.usual()
     # Thin traffic: a chunk of at least MIN_REQUESTS (a chunk per request or two would cost
-    # about what it saves), kept through IDLE_GAPS of the usual gap between requests. Sized
-    # on the recent rate: the steady one lags when a tenant slows down.
+    # about what it saves). Sized on the recent rate: the steady one lags when a tenant slows
+    # down.
     requests = max(demand.requests * seconds, MIN_REQUESTS)
     cost, tokens = per_cost * requests, per_tokens * requests
     share = SHARE * max(1, peers)
@@ -170,9 +182,10 @@ def size(
     if tokens < 2 * per_tokens or (per_cost > 0 and cost < 2 * per_cost):
         return None
     rate = max(steady, demand.requests)  # between a thin tenant's requests, the steady one
-    idle_s = max(seconds, IDLE_GAPS / rate)
     checkpoint_s = max(CHECKPOINT_EVERY_S, CHECKPOINT_GAPS / rate)
-    return Size(math.ceil(cost), math.ceil(tokens), math.ceil(2 * per_cost - 1e-6), idle_s, checkpoint_s)
+    age_s = max(AGE_LIMIT * seconds, AGE_SPANS * requests * scale / rate)
+    least = math.ceil(2 * per_cost - 1e-6)
+    return Size(math.ceil(cost), math.ceil(tokens), least, checkpoint_s, age_s)
 
 
 @dataclass(slots=True)
@@ -187,8 +200,8 @@ class Chunk:
     used: float  # the last draw
     wide_counted: int  # tokens the model's limit across tenants holds for it
     until: float  # monotonic: no draw after this (half a lease after the last renewal)
-    idle_s: float = 0.0  # retired when idle this long (at least ``seconds``)
     checkpoint_s: float = CHECKPOINT_EVERY_S  # its checkpoints at least this far apart
+    age_s: float = 0.0  # retired this long after it was taken (0: AGE_LIMIT x ``seconds``)
     drawn_cost: int = 0
     drawn_tokens: int = 0
     ended_cost: int = 0  # the reservations of the draws that ended
@@ -321,10 +334,14 @@ class Chunks:
         """No chunk of the key is on its way, and no refusal holds them back."""
         return key not in self.taking and self.backoff.get(key, 0.0) <= now
 
-    def wants(self, key: Key, target: Size) -> bool:
-        """What is left here is below the low-water mark (ask for a chunk, if ``may_ask``)."""
+    def wants(self, key: Key, target: Size, now: float) -> bool:
+        """What is left here is below the low-water mark (ask for a chunk, if ``may_ask``).
+        A chunk past half its age counts as gone: its successor is asked for while it still
+        admits (a thin tenant's next request would otherwise find none, and wait for Redis)."""
         left_cost = left_tokens = 0
         for chunk in self.chunks.get(key, ()):
+            if chunk.age_s and now - chunk.taken >= chunk.age_s / 2:
+                continue
             cost, tokens = chunk.left
             left_cost += cost
             left_tokens += tokens
@@ -361,12 +378,15 @@ class Chunks:
                 del self.chunks[chunk.key]
 
     def expire(self, now: float, seconds: float) -> None:
-        """Retire the chunks idle for ``seconds`` (thin traffic: its ``idle_s``), or older
-        than ``AGE_LIMIT`` of them."""
+        """Retire the chunks idle for ``seconds`` (thin traffic: ``IDLE_SPANS`` times its
+        tenant's last gaps), or older than ``AGE_LIMIT`` of them (thin traffic: its ``age_s``)."""
         for chunks in list(self.chunks.values()):
             for chunk in list(chunks):
-                idle = max(seconds, min(chunk.idle_s, AGE_LIMIT * seconds))
-                if now - chunk.used >= idle or now - chunk.taken >= AGE_LIMIT * seconds:
+                age = max(AGE_LIMIT * seconds, chunk.age_s)
+                demand = self.demand.get(chunk.key)
+                span = demand.span() if demand is not None else 0.0
+                idle = max(seconds, min(IDLE_SPANS * span, age))
+                if now - chunk.used >= idle or now - chunk.taken >= age:
                     self.retire(chunk)
         self.prune(now)
 

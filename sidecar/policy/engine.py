@@ -587,7 +587,7 @@ class PolicyEngine:
         if not self._chunks.may_ask(key, now):
             return
         last = self._chunks.targets.get(key)
-        if last is not None and not self._chunks.wants(key, last):
+        if last is not None and not self._chunks.wants(key, last, now):
             return  # plenty left by the last sizing: the demand need not be sized again
         rules = self.policy.chunks
         target = chunks.size(
@@ -603,7 +603,7 @@ class PolicyEngine:
             self._chunks.targets.pop(key, None)
             return
         self._chunks.targets[key] = target
-        if not self._chunks.wants(key, target):
+        if not self._chunks.wants(key, target, now):
             return
         self._chunks.taking.add(key)
         task = asyncio.create_task(self._take(key, template, limits, target, self._generation))
@@ -677,8 +677,8 @@ class PolicyEngine:
             now,
             asked_tokens if ticket.wide_key else 0,
             until=asked + self._draw_window_s,
-            idle_s=target.idle_s,
             checkpoint_s=target.checkpoint_s,
+            age_s=target.age_s,
         )
         self._chunks.add(key, chunk)
         self.metrics.chunks.labels("taken").inc()

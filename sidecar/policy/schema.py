@@ -111,7 +111,7 @@ class ChunkPolicy:
     """Reserving ahead (chunks.py): ``seconds`` of a tenant's traffic at a time, 0: never."""
 
     seconds: float = 1.0
-    min_requests_per_second: float = 0.5
+    min_requests_per_second: float = 0.1
 
     @property
     def enabled(self) -> bool:
@@ -464,7 +464,7 @@ def _chunks(path: str, doc: Mapping[str, Any]) -> ChunkPolicy:
     return ChunkPolicy(
         seconds=_number(f"{path}.seconds", doc.get("seconds", 1.0), high=60.0),
         min_requests_per_second=_number(
-            f"{path}.minRequestsPerSecond", doc.get("minRequestsPerSecond", 0.5), low=0.1, high=1e6
+            f"{path}.minRequestsPerSecond", doc.get("minRequestsPerSecond", 0.1), low=0.1, high=1e6
         ),
     )
 

@@ -78,16 +78,17 @@ def test_a_chunk_is_a_second_of_traffic_capped_by_a_share_of_what_is_left() -> N
     steady = busy(1, 50, 40)
     slow = size(steady, steady.at + 0.9, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1)
     assert slow is not None and 400 <= slow.cost <= 401
-    assert 4 <= slow.checkpoint_s <= 5 and 4 <= slow.idle_s <= 5
+    assert 4 <= slow.checkpoint_s <= 5 and 16 <= slow.age_s <= 20  # two spans of its 8 requests
     for gap in range(1, 5):
         once.add(once.at + 1, 50, 40)
         back = size(once, once.at, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1)
         assert (back is not None) == (gap == 4)
-    # Thin traffic (2/s): at least 8 requests' worth, kept through 4 usual gaps (about 2 s; the
-    # estimate just after a request runs high) of idling.
+    # Thin traffic (2/s): at least 8 requests' worth, checkpointed every 4 usual gaps (about
+    # 2 s), retired after 8 s (as a busy tenant's; two spans of its 8 requests, at most).
     thin = busy(2, 50, 40)
     small = size(thin, thin.at, seconds=1.0, min_rps=1, budget_left=None, bursts=[], peers=1)
-    assert small is not None and small.cost == 400 and 1.5 <= small.idle_s <= 2.1
+    assert small is not None and small.cost == 400 and 1.5 <= small.checkpoint_s <= 2.1
+    assert 8 <= small.age_s <= 8.5
 
 
 def ticket(tenant: str = "t") -> Ticket:
@@ -216,12 +217,27 @@ def test_idle_and_old_chunks_are_retired() -> None:
     busy_.draw(10, 10, 8.5)
     registry.expire(8.6, seconds=1.0)  # 8 chunk lengths old
     assert busy_.retired
-    thin = Chunk(ticket("v"), 1000, 1000, [], taken=10.0, used=10.0, wide_counted=0, until=100.0, idle_s=2.0)
+    # Thin traffic: idle for 3 times the time its tenant's last 4 gaps took (4 x 0.5 s here).
+    for at in (6.0, 6.5, 7.0, 7.5, 8.0):
+        registry.seen("c", at, 10, 10)
+    thin = Chunk(ticket("v"), 1000, 1000, [], taken=8.0, used=8.0, wide_counted=0, until=100.0, age_s=60.0)
     registry.add("c", thin)
-    registry.expire(11.5, seconds=1.0)
-    assert not thin.retired  # 1.5 s idle: within its 2 s
-    registry.expire(12.1, seconds=1.0)
+    registry.expire(13.9, seconds=1.0)
+    assert not thin.retired  # 5.9 s idle: within its 6 s
+    registry.expire(14.1, seconds=1.0)
     assert thin.retired
+
+
+def test_a_successor_is_asked_for_once_a_chunk_is_past_half_its_age() -> None:
+    """A thin tenant's chunk may age out before it is half drawn: its successor is asked for
+    while it still admits, so the next request does not find none and wait for Redis."""
+    registry = Chunks()
+    target = chunks.Size(cost=1000, tokens=1000, least=100, checkpoint_s=1.0, age_s=20.0)
+    chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0, age_s=20.0)
+    registry.add("k", chunk)
+    assert not registry.wants("k", target, 9.9)  # all of it left
+    assert registry.wants("k", target, 10.0)
+    assert registry.draw("k", "t", 10, 10, 10.0, busy(1, 10, 10)) is chunk  # and it still admits
 
 
 def test_rate_limit_headers_of_a_draw_count_the_chunk_undrawn_tokens() -> None:
