@@ -91,7 +91,8 @@ def warm_s(rate: float, tenants: int, zipf: float = 0.0) -> float:
         return WARM_S
     weights = [1 / math.pow(k + 1, zipf) for k in range(tenants)]
     slowest = rate * weights[-1] / sum(weights)  # requests/s of the rarest tenant
-    return max(WARM_S, min(requests / slowest, requests / ChunkPolicy().min_requests_per_second))
+    # At most 15 s (a rarer tenant's requests reserve alone in the first rounds of a run).
+    return max(WARM_S, min(requests / slowest, requests / ChunkPolicy().min_requests_per_second, 15.0))
 
 
 async def metrics_of(session: aiohttp.ClientSession, admin: str) -> str:

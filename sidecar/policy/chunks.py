@@ -181,7 +181,9 @@ def size(
     cost, tokens = cost * scale, tokens * scale
     if tokens < 2 * per_tokens or (per_cost > 0 and cost < 2 * per_cost):
         return None
-    rate = max(steady, demand.requests)  # between a thin tenant's requests, the steady one
+    # Under a request a window the recent estimate says nothing (right after a request it is
+    # at least one a second, whatever the tenant's pace): the steady one alone.
+    rate = steady if steady < 1 / WINDOW_S else max(steady, demand.requests)
     checkpoint_s = max(CHECKPOINT_EVERY_S, CHECKPOINT_GAPS / rate)
     age_s = max(AGE_LIMIT * seconds, AGE_SPANS * requests * scale / rate)
     least = math.ceil(2 * per_cost - 1e-6)
@@ -201,7 +203,8 @@ class Chunk:
     wide_counted: int  # tokens the model's limit across tenants holds for it
     until: float  # monotonic: no draw after this (half a lease after the last renewal)
     checkpoint_s: float = CHECKPOINT_EVERY_S  # its checkpoints at least this far apart
-    age_s: float = 0.0  # retired this long after it was taken (0: AGE_LIMIT x ``seconds``)
+    age_s: float = 0.0  # retired this long after its first draw (0: AGE_LIMIT x ``seconds``)
+    begun: float = -1.0  # monotonic: its first draw
     drawn_cost: int = 0
     drawn_tokens: int = 0
     ended_cost: int = 0  # the reservations of the draws that ended
@@ -228,7 +231,14 @@ class Chunk:
             and self.drawn_tokens + tokens <= self.tokens
         )
 
+    def age(self, now: float) -> float:
+        """Since its first draw: a successor taken ahead waits its turn without ageing (one
+        never drawn ends by idling)."""
+        return now - self.begun if self.begun >= 0 else 0.0
+
     def draw(self, cost: int, tokens: int, now: float) -> None:
+        if self.begun < 0:
+            self.begun = now
         self.drawn_cost += cost
         self.drawn_tokens += tokens
         self.inflight += 1
@@ -340,7 +350,7 @@ class Chunks:
         admits (a thin tenant's next request would otherwise find none, and wait for Redis)."""
         left_cost = left_tokens = 0
         for chunk in self.chunks.get(key, ()):
-            if chunk.age_s and now - chunk.taken >= chunk.age_s / 2:
+            if chunk.age_s and chunk.age(now) >= chunk.age_s / 2:
                 continue
             cost, tokens = chunk.left
             left_cost += cost
@@ -353,6 +363,13 @@ class Chunks:
         chunk.key = key
         self.chunks.setdefault(key, []).append(chunk)
         self._undrawn(chunk.ticket.tenant, chunk.cost)
+
+    def succeeded(self, key: Key, now: float) -> None:
+        """A successor of the key's chunks was granted: those past half their age, for which it
+        was asked (``wants``), are retired, so a tenant holds one chunk's worth, not two."""
+        for chunk in list(self.chunks.get(key, ())):
+            if chunk.age_s and chunk.age(now) >= chunk.age_s / 2:
+                self.retire(chunk)
 
     def retire(self, chunk: Chunk) -> None:
         """No more draws; it waits in ``retired`` until closed in Redis."""
@@ -386,7 +403,7 @@ class Chunks:
                 demand = self.demand.get(chunk.key)
                 span = demand.span() if demand is not None else 0.0
                 idle = max(seconds, min(IDLE_SPANS * span, age))
-                if now - chunk.used >= idle or now - chunk.taken >= age:
+                if now - chunk.used >= idle or chunk.age(now) >= age:
                     self.retire(chunk)
         self.prune(now)
 

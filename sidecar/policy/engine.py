@@ -680,6 +680,10 @@ class PolicyEngine:
             checkpoint_s=target.checkpoint_s,
             age_s=target.age_s,
         )
+        retirements = self._chunks.retirements
+        self._chunks.succeeded(key, now)
+        if self._chunks.retirements != retirements:
+            self._soon()  # what the old one did not use goes back
         self._chunks.add(key, chunk)
         self.metrics.chunks.labels("taken").inc()
         if generation != self._generation or self._closing:
@@ -1269,22 +1273,28 @@ class PolicyEngine:
         self._peers = max(1, peers)
 
     async def _renew(self) -> None:
-        """Push the leases of the reservations in flight (one pipeline, a script per tenant)."""
+        """Push the leases of the reservations in flight (a script per tenant, ``BATCH`` tenants
+        a pipeline: with thousands of tenants holding chunks, one pipeline of all of them would
+        hold the loop and could outlast its timeout)."""
         leases: dict[str, list[str]] = {}
-        held = list(self._chunks)
-        for ticket in [*self._open.values(), *(chunk.ticket for chunk in held)]:
+        held = {chunk.ticket.id: chunk for chunk in self._chunks}
+        for ticket in [*self._open.values(), *(chunk.ticket for chunk in held.values())]:
             leases.setdefault(lease_key(ticket.keys), []).append(ticket.id)
-        sent = time.monotonic()
-        try:
-            async with asyncio.timeout(self._background_timeout_s):
-                renewed = await self.store.renew(leases, int(self.policy.lease_s * 1000))
-        except _REDIS_ERRORS as exc:
-            self._failed("renew", exc)
-            return
+        keys = list(leases)
+        for start in range(0, len(keys), BATCH):
+            batch = {key: leases[key] for key in keys[start : start + BATCH]}
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(self._background_timeout_s):
+                    renewed = await self.store.renew(batch, int(self.policy.lease_s * 1000))
+            except _REDIS_ERRORS as exc:
+                self._failed("renew", exc)
+                return
+            for id in renewed:  # renewed no later than ``sent``: they may admit on (the others not)
+                chunk = held.get(id)
+                if chunk is not None:
+                    chunk.until = max(chunk.until, sent + self._draw_window_s)
         self._renewed = time.monotonic()
-        for chunk in held:  # renewed no later than ``sent``: they may admit on (the others not)
-            if chunk.ticket.id in renewed:
-                chunk.until = max(chunk.until, sent + self._draw_window_s)
 
     async def run(self) -> None:
         while True:  # the first tick at once: it reads Redis' clock

@@ -78,7 +78,14 @@ def test_a_chunk_is_a_second_of_traffic_capped_by_a_share_of_what_is_left() -> N
     steady = busy(1, 50, 40)
     slow = size(steady, steady.at + 0.9, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1)
     assert slow is not None and 400 <= slow.cost <= 401
-    assert 4 <= slow.checkpoint_s <= 5 and 16 <= slow.age_s <= 20  # two spans of its 8 requests
+    # One request in 10 s, sized just after one (as a request sizes it): checkpoints every 4
+    # gaps, retired after 2 spans of its 8 requests, whatever the recent estimate says.
+    rare = Demand(0.0)
+    for i in range(10):
+        rare.add(i * 10.0, 50, 40)
+    thin_size = size(rare, rare.at, seconds=1.0, min_rps=0.1, budget_left=None, bursts=[], peers=1)
+    assert thin_size is not None and 400 <= thin_size.cost <= 401
+    assert 39 <= thin_size.checkpoint_s <= 41 and 159 <= thin_size.age_s <= 161
     for gap in range(1, 5):
         once.add(once.at + 1, 50, 40)
         back = size(once, once.at, seconds=1.0, min_rps=0.5, budget_left=None, bursts=[], peers=1)
@@ -215,7 +222,10 @@ def test_idle_and_old_chunks_are_retired() -> None:
     registry.expire(1.6, seconds=1.0)
     assert idle.retired and not busy_.retired
     busy_.draw(10, 10, 8.5)
-    registry.expire(8.6, seconds=1.0)  # 8 chunk lengths old
+    registry.expire(8.6, seconds=1.0)
+    assert not busy_.retired  # its age counts from its first draw, at 1.5
+    busy_.draw(10, 10, 9.4)
+    registry.expire(9.5, seconds=1.0)  # 8 chunk lengths after it
     assert busy_.retired
     # Thin traffic: idle for 3 times the time its tenant's last 4 gaps took (4 x 0.5 s here).
     for at in (6.0, 6.5, 7.0, 7.5, 8.0):
@@ -230,14 +240,25 @@ def test_idle_and_old_chunks_are_retired() -> None:
 
 def test_a_successor_is_asked_for_once_a_chunk_is_past_half_its_age() -> None:
     """A thin tenant's chunk may age out before it is half drawn: its successor is asked for
-    while it still admits, so the next request does not find none and wait for Redis."""
+    while it still admits, so the next request does not find none and wait for Redis; once
+    granted, the old one is retired. Age counts from the first draw: a successor taken
+    ahead does not age while it waits its turn."""
     registry = Chunks()
+    usual = busy(1, 10, 10)
     target = chunks.Size(cost=1000, tokens=1000, least=100, checkpoint_s=1.0, age_s=20.0)
     chunk = Chunk(ticket(), 1000, 1000, [], taken=0.0, used=0.0, wide_counted=0, until=100.0, age_s=20.0)
     registry.add("k", chunk)
-    assert not registry.wants("k", target, 9.9)  # all of it left
-    assert registry.wants("k", target, 10.0)
-    assert registry.draw("k", "t", 10, 10, 10.0, busy(1, 10, 10)) is chunk  # and it still admits
+    assert registry.draw("k", "t", 10, 10, 5.0, usual) is chunk
+    assert not registry.wants("k", target, 14.9)  # nearly all of it left
+    assert registry.wants("k", target, 15.0)
+    assert registry.draw("k", "t", 10, 10, 15.0, usual) is chunk  # and it still admits
+    successor = Chunk(
+        ticket(), 1000, 1000, [], taken=15.1, used=15.1, wide_counted=0, until=100.0, age_s=20.0
+    )
+    registry.succeeded("k", 15.1)  # granted: the old one's unused part goes back
+    registry.add("k", successor)
+    assert chunk.retired and registry.chunks["k"] == [successor] and registry.undrawn == {"t": 1000}
+    assert not registry.wants("k", target, 40.0)  # not drawn yet: not ageing
 
 
 def test_rate_limit_headers_of_a_draw_count_the_chunk_undrawn_tokens() -> None:
