@@ -143,7 +143,7 @@ class Size:
     tokens: int
     least: int  # the smallest grant (cost) worth taking: two requests
     checkpoint_s: float  # its checkpoints this far apart
-    age_s: float  # retired this long after it was taken
+    age_s: float  # retired this long after its first draw
 
 
 def size(
@@ -235,6 +235,10 @@ class Chunk:
         """Since its first draw: a successor taken ahead waits its turn without ageing (one
         never drawn ends by idling)."""
         return now - self.begun if self.begun >= 0 else 0.0
+
+    def ending(self, now: float) -> bool:
+        """Past half its age: its successor is asked for (and retires it when granted)."""
+        return bool(self.age_s) and self.age(now) >= self.age_s / 2
 
     def draw(self, cost: int, tokens: int, now: float) -> None:
         if self.begun < 0:
@@ -350,7 +354,7 @@ class Chunks:
         admits (a thin tenant's next request would otherwise find none, and wait for Redis)."""
         left_cost = left_tokens = 0
         for chunk in self.chunks.get(key, ()):
-            if chunk.age_s and chunk.age(now) >= chunk.age_s / 2:
+            if chunk.ending(now):
                 continue
             cost, tokens = chunk.left
             left_cost += cost
@@ -364,12 +368,14 @@ class Chunks:
         self.chunks.setdefault(key, []).append(chunk)
         self._undrawn(chunk.ticket.tenant, chunk.cost)
 
-    def succeeded(self, key: Key, now: float) -> None:
-        """A successor of the key's chunks was granted: those past half their age, for which it
-        was asked (``wants``), are retired, so a tenant holds one chunk's worth, not two."""
-        for chunk in list(self.chunks.get(key, ())):
-            if chunk.age_s and chunk.age(now) >= chunk.age_s / 2:
-                self.retire(chunk)
+    def succeeded(self, key: Key, now: float) -> bool:
+        """A successor of the key's chunks was granted: those ``ending``, for which it was
+        asked (``wants``), are retired, so a tenant holds one chunk's worth, not two. Whether
+        any was."""
+        ended = [chunk for chunk in self.chunks.get(key, ()) if chunk.ending(now)]
+        for chunk in ended:
+            self.retire(chunk)
+        return bool(ended)
 
     def retire(self, chunk: Chunk) -> None:
         """No more draws; it waits in ``retired`` until closed in Redis."""

@@ -680,9 +680,7 @@ class PolicyEngine:
             checkpoint_s=target.checkpoint_s,
             age_s=target.age_s,
         )
-        retirements = self._chunks.retirements
-        self._chunks.succeeded(key, now)
-        if self._chunks.retirements != retirements:
+        if self._chunks.succeeded(key, now):
             self._soon()  # what the old one did not use goes back
         self._chunks.add(key, chunk)
         self.metrics.chunks.labels("taken").inc()
