@@ -3,6 +3,7 @@
     python -m bench.policy_bench                # ~7 minutes, loopback only
     python -m bench.policy_bench --tenants 50   # the load spread over 50 tenants
     python -m bench.policy_bench --tenants 1000 --zipf 1   # a few busy tenants, a long tail
+    python -m bench.policy_bench --pool run1.json run2.json  # the rounds of saved runs as one
 
 Processes: the fake upstream, a private Redis, and four sidecars: two without a policy
 (``no-policy`` and ``no-policy-b``, the same thing twice: their difference is how far two
@@ -18,12 +19,16 @@ enough for each at 0.1 requests/s or more to send 5); ``--tenants N`` spreads it
 tenants in turn (at 200 requests/s, more than 2,000 tenants are each below the chunks'
 default 0.1 requests/s), ``--zipf S`` draws them at random, tenant k weighted 1 / (k + 1) ** S.
 Reported: latency p50/p90/p99 of each, the policy's difference and the A/A difference,
-pooled and as the median over rounds of each round's difference (robust to a
-burst of noise that lands in one target's round), CPU per 1,000 requests, the sidecar's own
-measure of the check (``tokenscaler_policy_check_seconds``: decisions, and the Redis round
-trip when there is one), the check alone in-process, and the floor under any Redis-backed
-check: a PING round trip to the same Redis over the same kind of connection. Results:
-bench/results/policy.json (with ``--tenants``: policy-tenants-N.json).
+pooled and as the median over rounds of each round's difference (robust to a burst of noise
+that lands in one target's round), with a 90 % bootstrap interval for the p99's, CPU per 1,000
+requests, how often each sidecar's event loop ran late (``tokenscaler_event_loop_lag_seconds``:
+stalls show there directly, where the latency shows them only through the machine's scatter),
+the sidecar's own measure of the check (``tokenscaler_policy_check_seconds``: decisions, and
+the Redis round trip when there is one), the check alone in-process, and the floor under any
+Redis-backed check: a PING round trip to the same Redis over the same kind of connection.
+Results: bench/results/policy.json (with ``--tenants``: policy-tenants-N.json).
+``--pool A.json B.json ...`` runs nothing: it reports the p99 medians and intervals over the
+rounds of several saved runs together (one run's median moves by a few tenths of a millisecond).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -61,13 +67,19 @@ POLICY = {
 }
 
 
-def histogram_quantile(text: str, name: str, q: float) -> float | None:
-    """A quantile of a Prometheus histogram from /metrics text (upper bound of its bucket)."""
+def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:
+    """A Prometheus histogram's cumulative buckets from /metrics text: (upper bound, count)."""
     buckets: list[tuple[float, float]] = []
     for line in text.splitlines():
         if line.startswith(f"{name}_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    return buckets
+
+
+def histogram_quantile(text: str, name: str, q: float) -> float | None:
+    """A quantile of a Prometheus histogram from /metrics text (upper bound of its bucket)."""
+    buckets = histogram_buckets(text, name)
     if not buckets or buckets[-1][1] == 0:
         return None
     total = buckets[-1][1]
@@ -75,6 +87,18 @@ def histogram_quantile(text: str, name: str, q: float) -> float | None:
         if count >= q * total:
             return bound
     return None
+
+
+LAG = "tokenscaler_event_loop_lag_seconds"
+LAG_OVER_S = (0.002, 0.005, 0.01)  # the shares of the loop-lag samples reported
+
+
+def lag_over(counts: dict[float, float]) -> dict[str, float]:
+    """The share of loop-lag samples later than each of ``LAG_OVER_S``, from bucket counts."""
+    total = counts.get(math.inf, 0.0)
+    return {
+        f"over_{bound * 1000:g}ms": (total - counts[bound]) / total if total else 0.0 for bound in LAG_OVER_S
+    }
 
 
 PATHS = ("chunk", "redis", "without_redis")  # tokenscaler_policy_admissions_total{path}
@@ -95,6 +119,45 @@ def warm_s(rate: float, tenants: int, zipf: float = 0.0) -> float:
     return max(WARM_S, min(requests / slowest, requests / ChunkPolicy().min_requests_per_second, 15.0))
 
 
+COMPARED = (("policy", "policies"), ("policy-per-request", "policies without chunks"), ("no-policy-b", "A/A"))
+
+
+def median_interval(diffs: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """The median of the rounds' differences and its 90 % bootstrap interval (rounds drawn
+    again with replacement): how far another run of as many rounds could land."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return medians[int(0.05 * draws)], statistics.median(diffs), medians[int(0.95 * draws) - 1]
+
+
+def intervals(rounds_p99_ms: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per compared target: [low, median, high] of its rounds' p99 minus ``no-policy``'s."""
+    base = rounds_p99_ms["no-policy"]
+    return {
+        name: [
+            round(v, 3)
+            for v in median_interval([a - b for a, b in zip(rounds_p99_ms[name], base, strict=True)])
+        ]
+        for name, _ in COMPARED
+    }
+
+
+def pool(paths: list[str]) -> int:
+    """``--pool``: the rounds of several saved runs as one, for a finer median than one run gives."""
+    rounds: dict[str, list[float]] = {}
+    for path in paths:
+        for name, values in json.loads(Path(path).read_text())["rounds_p99_ms"].items():
+            rounds.setdefault(name, []).extend(values)
+    print(
+        f"{len(paths)} runs, {len(rounds['no-policy'])} rounds; "
+        "p99 minus no-policy's, median over rounds [90 % interval]:"
+    )
+    for name, label in COMPARED:
+        low, median, high = intervals(rounds)[name]
+        print(f"  {label:26} {median:+.3f} ms  [{low:+.3f}, {high:+.3f}]")
+    return 0
+
+
 async def metrics_of(session: aiohttp.ClientSession, admin: str) -> str:
     async with session.get(admin + "/metrics") as response:
         return await response.text()
@@ -112,9 +175,11 @@ def sample(text: str, name: str) -> float:
 
 
 async def bench(
-    args: argparse.Namespace, targets: dict[str, str], admin_on: str, pids: dict[str, int]
+    args: argparse.Namespace, targets: dict[str, str], admins: dict[str, str], pids: dict[str, int]
 ) -> dict[str, Any]:
+    admin_on = admins["policy"]
     latencies: dict[str, list[float]] = {name: [] for name in targets}
+    lag: dict[str, dict[float, float]] = {name: {} for name in targets}  # measured rounds' buckets
     rounds: list[dict[str, dict[str, float]]] = []  # per round: target -> percentiles
     cpu = dict.fromkeys(targets, 0.0)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
@@ -134,8 +199,7 @@ async def bench(
                     args.tenants,
                     args.zipf,
                 )
-                if name == "policy":
-                    before = await metrics_of(session, admin_on)
+                before = await metrics_of(session, admins[name])
                 before_cpu = cpu_seconds(pids[name])
                 load = await open_loop(
                     session, url, args.rate, args.seconds / args.rounds, args.tenants, args.zipf
@@ -144,8 +208,11 @@ async def bench(
                 assert not load.errors, f"{name}: {dict(load.errors)}"
                 latencies[name] += load.latencies
                 rounds[-1][name] = percentiles(load.latencies)
+                after = await metrics_of(session, admins[name])
+                was = dict(histogram_buckets(before, LAG))
+                for bound, count in histogram_buckets(after, LAG):
+                    lag[name][bound] = lag[name].get(bound, 0.0) + count - was.get(bound, 0.0)
                 if name == "policy":
-                    after = await metrics_of(session, admin_on)
                     for path in PATHS:
                         paths[path] += admitted(after, path) - admitted(before, path)
         metrics = await metrics_of(session, admin_on)
@@ -153,6 +220,7 @@ async def bench(
     for name, samples in latencies.items():
         result[name] = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
         result[name]["cpu_s_per_1000_requests"] = round(cpu[name] / len(samples) * 1000, 3)
+        result[name]["loop_lag"] = {k: round(v, 5) for k, v in lag_over(lag[name]).items()}
     result["added_ms"] = {
         p: round(result["policy"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
     }
@@ -177,6 +245,7 @@ async def bench(
     result["rounds_p99_ms"] = {  # each round's p99, to see the spread behind the medians
         name: [round(r[name]["p99"] * 1000, 3) for r in rounds] for name in targets
     }
+    result["p99_median_interval_ms"] = intervals(result["rounds_p99_ms"])
     count = sample(metrics, "tokenscaler_policy_check_seconds_count")
     total = sample(metrics, "tokenscaler_policy_check_seconds_sum")
     result["admissions"] = paths  # in the measured rounds
@@ -238,7 +307,15 @@ def main() -> int:
     parser.add_argument(
         "--zipf", type=float, default=0.0, help="with --tenants: tenant k drawn with weight 1/(k+1)**ZIPF"
     )
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="RESULT",
+        help="no run: pool the rounds of saved results (JSON) and report",
+    )
     args = parser.parse_args()
+    if args.pool:
+        return pool(args.pool)
     redis_url, server = redis_for_bench()
     tmp = Path(tempfile.mkdtemp(prefix="policy-bench-"))
     policy = tmp / "policy.yaml"
@@ -274,7 +351,7 @@ def main() -> int:
             targets[name] = f"http://127.0.0.1:{port}"
             pids[name] = procs[-1].pid
             admins[name] = f"http://127.0.0.1:{admin}"
-        result = asyncio.run(bench(args, targets, admins["policy"], pids))
+        result = asyncio.run(bench(args, targets, admins, pids))
         for proc in procs[1:]:  # the sidecars' CPU is no longer needed
             proc.terminate()
             proc.wait(timeout=20)
@@ -312,6 +389,10 @@ def main() -> int:
             f"  {label}, median over rounds of the round's difference: p50 {row['p50']:+.3f}"
             f"  p90 {row['p90']:+.3f}  p99 {row['p99']:+.3f}"
         )
+    print("  p99 minus no-policy's, median over rounds [90 % bootstrap interval over rounds]:")
+    for name, label in COMPARED:
+        low, median, high = result["p99_median_interval_ms"][name]
+        print(f"    {label:26} {median:+.3f} ms  [{low:+.3f}, {high:+.3f}]")
     print(
         f"  A/A (no-policy-b - no-policy, the noise band): p50 {noise['p50']:+.3f}"
         f"  p90 {noise['p90']:+.3f}  p99 {noise['p99']:+.3f}"
@@ -320,6 +401,9 @@ def main() -> int:
         "  CPU per 1,000 requests: "
         + ", ".join(f"{name} {result[name]['cpu_s_per_1000_requests']:.3f} s" for name in targets)
     )
+    print("  event loop late (tokenscaler_event_loop_lag_seconds, measured rounds), share of samples:")
+    for name in targets:
+        print(f"    {name:20} " + "  ".join(f"{k} {v:.3%}" for k, v in result[name]["loop_lag"].items()))
     paths = result["admissions"]
     print(
         f"  admitted (policy, measured rounds): {paths['chunk']:.0f} from chunks (no round trip), "

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from sidecar.config import SidecarConfig, make_sidecar_id
 from sidecar.flush import Flusher, recent_generation_means
+from sidecar.loop_lag import LoopLag
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
 from sidecar.policy import PolicyEngine
@@ -97,6 +98,8 @@ class Sidecar:
         self._flush_task: asyncio.Task[None] | None = None
         self._seed_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
+        self.loop_lag = LoopLag(self.registry)
+        self._lag_task: asyncio.Task[None] | None = None
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -147,6 +150,7 @@ class Sidecar:
         self.port = _bound_port(self._proxy_runner)
         self._flush_task = asyncio.create_task(self.flusher.run())
         self._seed_task = asyncio.create_task(self._seed_estimates())
+        self._lag_task = asyncio.create_task(self.loop_lag.run())
         if self.policy is not None:
             self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
@@ -177,7 +181,7 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
-        for task in (self._flush_task, self._policy_task, self._seed_task):
+        for task in (self._flush_task, self._policy_task, self._seed_task, self._lag_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -6,12 +6,15 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
 from sidecar.config import SidecarConfig, make_sidecar_id
+from sidecar.loop_lag import LoopLag
 from tests.sidecar.conftest import StartSidecar, read_records, totals
 from tests.sidecar.fake_upstream import FakeUpstream
 from token_scaler import cli
@@ -74,6 +77,7 @@ async def test_admin_endpoints(start_sidecar: StartSidecar) -> None:
         assert ready.status == 200 and (await ready.json())["sidecar"] == "test-0"
         metrics = await (await session.get(f"{base}/metrics")).text()
         assert "tokenscaler_flush_buffered_records" in metrics
+        assert "tokenscaler_event_loop_lag_seconds_bucket" in metrics
         sidecar.ready = False
         assert (await session.get(f"{base}/readyz")).status == 503
 
@@ -149,3 +153,26 @@ def test_event_loop_choice() -> None:
     pytest.importorskip("uvloop")
     factory = loop_factory("auto")
     assert factory is not None and loop_factory("uvloop") is factory
+
+
+async def test_loop_lag_sees_a_blocked_loop() -> None:
+    registry = CollectorRegistry()
+    probe = LoopLag(registry)
+    task = asyncio.create_task(probe.run())
+
+    def late(bound: float) -> float:
+        """Samples later than ``bound`` seconds."""
+        total = registry.get_sample_value("tokenscaler_event_loop_lag_seconds_count") or 0.0
+        within = registry.get_sample_value("tokenscaler_event_loop_lag_seconds_bucket", {"le": str(bound)})
+        return total - (within or 0.0)
+
+    try:
+        await asyncio.sleep(0.2)  # the probe is armed and sampling
+        before = late(0.025)
+        # A callback that holds the loop 60 ms: the probe's timer, due within 10 ms, runs at
+        # least 50 ms late, whatever the machine's speed.
+        asyncio.get_running_loop().call_soon(time.sleep, 0.06)
+        await asyncio.sleep(0.2)
+        assert late(0.025) >= before + 1
+    finally:
+        task.cancel()
