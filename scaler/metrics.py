@@ -33,6 +33,12 @@ class ScalerMetrics:
             ["field"],
             registry=r,
         )
+        self.duplicates = Counter(
+            "tokenscaler_scaler_duplicate_entries_total",
+            "Entries skipped because their sidecar's seq was applied already (stored again after "
+            "Redis lost its seq keys: a restart without persistence, a failover)",
+            registry=r,
+        )
         self.too_old = Counter(
             "tokenscaler_scaler_too_old_entries_total",
             "Entries older than the history the scaler keeps",

@@ -175,7 +175,9 @@ class StreamReader:
                 )
             return
         too_old = series.too_old
-        series.add(record, entry_id)
+        if not series.add(record, entry_id):
+            self.metrics.duplicates.inc()
+            return
         self.metrics.entries.inc()
         if series.too_old != too_old:
             self.metrics.too_old.inc()

@@ -208,6 +208,7 @@ class Registry:
                 "entriesRead": series.entries,
                 "badEntries": self.reader.bad_entries.get(s.workload, 0),
                 "tooOldEntries": series.too_old,
+                "duplicateEntries": series.duplicates,
                 "clockClampedEntries": series.clamped,
             }
             covered, totals = series.tenant_window(now)

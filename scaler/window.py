@@ -87,6 +87,7 @@ class SecondRing:
 class SidecarState:
     last_ts_ms: int
     last_seen_ms: int
+    last_seq: int
     entries: int = 0
     # model -> (inflight, waiting for first token, backlog prompt, backlog generation)
     gauges: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
@@ -107,13 +108,22 @@ class WorkloadSeries:
     clock_sec: int = 0
     too_old: int = 0
     clamped: int = 0
+    duplicates: int = 0  # entries skipped: their sidecar's seq was applied already
     # (second, tenant, model, prompt, generation, requests), newest last
     tenant_log: deque[tuple[int, str, str, int, int, int]] = field(default_factory=deque)
 
     def ring(self, model: str | None) -> SecondRing | None:
         return self.rings.get(model)
 
-    def add(self, record: Record, entry_id: bytes | str) -> None:
+    def add(self, record: Record, entry_id: bytes | str) -> bool:
+        """Apply an entry; False when its sidecar's ``seq`` was applied already (see below)."""
+        state = self.sidecars.get(record.sidecar)
+        if state is not None and record.seq <= state.last_seq:
+            # The append script stores a seq once, but only while Redis keeps the sidecar's
+            # seq key: after a restart without persistence (or a failover to a replica that
+            # lagged), an append whose reply was lost to the crash is stored again.
+            self.duplicates += 1
+            return False
         t_ms = entry_time_ms(record, entry_id)
         if t_ms < record.ts_ms:
             self.clamped += 1
@@ -149,9 +159,9 @@ class WorkloadSeries:
         accepted = all_models.add(sec, total) and accepted
         if not accepted:
             self.too_old += 1
-        state = self.sidecars.get(record.sidecar)
         if state is None:
-            state = self.sidecars[record.sidecar] = SidecarState(record.ts_ms, t_ms)
+            state = self.sidecars[record.sidecar] = SidecarState(record.ts_ms, t_ms, record.seq)
+        state.last_seq = record.seq
         state.entries += 1
         if record.ts_ms >= state.last_ts_ms:
             state.last_ts_ms = record.ts_ms
@@ -163,6 +173,7 @@ class WorkloadSeries:
         for tenant, per_model in record.tenants.items():
             for model, tc in per_model.items():
                 self.tenant_log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
+        return True
 
     def prune(self, now_ms: int) -> None:
         """Forget sidecars silent for longer than the history, and old tenant rows."""

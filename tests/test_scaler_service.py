@@ -16,7 +16,7 @@ from scaler._gen import externalscaler_pb2 as pb
 from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from tests.keda import FakeSidecar, KedaClient
-from token_scaler.record import stream_key
+from token_scaler.record import APPEND_SCRIPT, append_args, seq_key, stream_key
 from token_scaler.saturation import decode as decode_saturation
 from token_scaler.saturation import saturation_key
 
@@ -154,6 +154,51 @@ async def test_corrupt_entries_are_skipped_and_counted(
     assert body["stream"]["badEntries"] == 3 and body["stream"]["entriesRead"] == 30
     assert 'tokenscaler_scaler_bad_entries_total{field="m"} 1.0' in metrics
     assert 'tokenscaler_scaler_bad_entries_total{field="v"} 2.0' in metrics
+
+
+async def test_an_entry_stored_again_counts_once(
+    scaler: Running, sync_redis: redis.Redis, workload: str
+) -> None:
+    """Redis restarted without persistence forgets the seq keys, and an append whose reply the
+    crash lost is stored again: the scaler skips the seq it applied already."""
+    ns, name = workload.split("/")
+    meta = {"tokensPerSecondPerReplica": "100"}
+    sidecar = FakeSidecar(sync_redis, workload, "pod-a")
+    await scaler.keda.poll(ns, name, meta)  # the scaler follows the stream from here on
+
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer s3cret"}) as http:
+
+        async def read(entries: int) -> dict[str, int]:
+            """The debug view's stream counts once the scaler has seen ``entries`` entries."""
+            for _ in range(200):
+                async with http.get(f"{scaler.http}/debug/scalers/{workload}") as resp:
+                    stream: dict[str, int] = (await resp.json())["stream"]
+                if stream["entriesRead"] + stream["duplicateEntries"] >= entries:
+                    break
+                await asyncio.sleep(0.05)
+            return stream
+
+        now = sidecar.now_ms()  # seconds that have ended: the answer holds what they describe
+        for i in range(31, 2, -1):
+            sidecar.flush(now - i * 1000, sg=100)
+        last = sidecar.flush(now - 2000, sg=6000)
+        await read(30)
+        before = (await scaler.keda.poll(ns, name, meta)).value
+        sync_redis.delete(seq_key(workload, "pod-a"))
+        keys = (stream_key(workload), seq_key(workload, "pod-a"))
+        sync_redis.eval(APPEND_SCRIPT, 2, *keys, *append_args([last], 1200))
+        assert sync_redis.xlen(stream_key(workload)) == 31  # stored twice
+        other = FakeSidecar(sync_redis, workload, "pod-b")
+        other.seq = last.seq - 1  # the same seq from another sidecar is another entry
+        other.flush(sg=0)
+        stream = await read(32)
+        async with http.get(f"{scaler.http}/metrics") as resp:
+            metrics = await resp.text()
+    assert (stream["entriesRead"], stream["duplicateEntries"]) == (31, 1)
+    assert "tokenscaler_scaler_duplicate_entries_total 1.0" in metrics
+    after = (await scaler.keda.poll(ns, name, meta)).value
+    assert before > 250  # the 6000 tokens are in: twice, they would add as much again
+    assert after == pytest.approx(before, rel=0.05)
 
 
 async def test_debug_endpoint(scaler: Running, sync_redis: redis.Redis, workload: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -207,7 +209,8 @@ def test_ring_rejects_seconds_it_no_longer_holds() -> None:
 def test_gauges_follow_the_newest_entry_per_sidecar() -> None:
     series = WorkloadSeries()
     new = Record("a", 2, T0 * 1000 + 2000, 1000, {"m": ModelCounts(0, 0, 0, 0, 0, 3, 1, 50, 70)})
-    old = Record("a", 1, T0 * 1000 + 1000, 1000, {"m": ModelCounts(0, 0, 0, 0, 0, 9, 9, 9, 9)})
+    # a later seq with an older ts (stamped late: cut before the sidecar knew Redis' clock)
+    old = Record("a", 3, T0 * 1000 + 1000, 1000, {"m": ModelCounts(0, 0, 0, 0, 0, 9, 9, 9, 9)})
     series.add(new, f"{T0 * 1000 + 2000}-0")
     series.add(old, f"{T0 * 1000 + 5000}-0")  # arrives late: must not replace the newer gauges
     assert series.sidecars["a"].gauges["m"] == (3, 1, 50, 70)
@@ -251,3 +254,16 @@ def test_steady_rate_is_exact_whatever_the_flush_phase(phase_ms: int, seconds: i
         series.add(Record("a", k, ts, 1000, {"m": ModelCounts(0, 400, 0, 400, 0, 0, 0, 0, 0)}), f"{ts}-0")
     for now_ms in ((T0 + seconds) * 1000 + phase_ms, (T0 + seconds) * 1000 + 999):
         assert evaluate(series, settings_(), now_ms).value == 400
+
+
+def test_a_seq_applied_already_is_skipped() -> None:
+    series = WorkloadSeries()
+    first = Record("a", 7, T0 * 1000 + 999, 1000, {"m": ModelCounts(0, 500, 0, 500, 0, 0, 0, 0, 0)})
+    assert series.add(first, f"{T0 * 1000 + 999}-0")
+    # stored again by a Redis that forgot the seq keys, and an older seq: both skipped
+    assert not series.add(first, f"{T0 * 1000 + 1500}-0")
+    assert not series.add(replace(first, seq=6), f"{T0 * 1000 + 1600}-0")
+    assert series.add(replace(first, sidecar="b"), f"{T0 * 1000 + 1700}-0")  # another sidecar's
+    assert series.add(replace(first, seq=8), f"{T0 * 1000 + 1800}-0")
+    assert (series.entries, series.duplicates, series.sidecars["a"].entries) == (3, 2, 2)
+    assert evaluate(series, settings_(), (T0 + 2) * 1000).value == pytest.approx(1500 / 2)

@@ -50,7 +50,11 @@ they describe.
 
 Duplicates: the append script stores an entry only if its ``seq`` is above the last
 ``seq`` stored for that sidecar, so a retried append whose reply was lost adds
-nothing. Sidecars write one stream concurrently; no order across sidecars is assumed.
+nothing. A reader likewise applies a sidecar's entry only if its ``seq`` is above the
+last it applied for that sidecar: Redis forgets the seq keys when it restarts without
+persistence (or fails over to a replica that lagged), and an append whose reply the
+crash lost is then stored again. Sidecars write one stream concurrently; no order across
+sidecars is assumed.
 
 Bad entries: a reader skips an entry it cannot decode, counts it in a metric, logs the
 first one per stream with the reason (``RecordError`` names field and value), and goes
