@@ -20,7 +20,8 @@ tenants in turn (at 200 requests/s, more than 2,000 tenants are each below the c
 default 0.1 requests/s), ``--zipf S`` draws them at random, tenant k weighted 1 / (k + 1) ** S.
 Reported: latency p50/p90/p99 of each, the policy's difference and the A/A difference,
 pooled and as the median over rounds of each round's difference (robust to a burst of noise
-that lands in one target's round), with a 90 % bootstrap interval for the p99's, CPU per 1,000
+that lands in one target's round), with a 90 % interval for the p99's (from the order of the
+rounds' differences: it assumes nothing of their spread), CPU per 1,000
 requests, how often each sidecar's event loop ran late (``tokenscaler_event_loop_lag_seconds``:
 stalls show there directly, where the latency shows them only through the machine's scatter),
 the sidecar's own measure of the check (``tokenscaler_policy_check_seconds``: decisions, and
@@ -38,7 +39,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -93,12 +93,17 @@ LAG = "tokenscaler_event_loop_lag_seconds"
 LAG_OVER_S = (0.002, 0.005, 0.01)  # the shares of the loop-lag samples reported
 
 
-def lag_over(counts: dict[float, float]) -> dict[str, float]:
-    """The share of loop-lag samples later than each of ``LAG_OVER_S``, from bucket counts."""
+def lag_over(counts: dict[float, float]) -> dict[str, float | None]:
+    """The share of loop-lag samples later than each of ``LAG_OVER_S``, from bucket counts
+    (None: the sidecar has no such bucket, or no samples: not the same as never late)."""
     total = counts.get(math.inf, 0.0)
-    return {
-        f"over_{bound * 1000:g}ms": (total - counts[bound]) / total if total else 0.0 for bound in LAG_OVER_S
-    }
+    shares: dict[str, float | None] = {}
+    for bound in LAG_OVER_S:
+        within = counts.get(bound)
+        shares[f"over_{bound * 1000:g}ms"] = (
+            (total - within) / total if total and within is not None else None
+        )
+    return shares
 
 
 PATHS = ("chunk", "redis", "without_redis")  # tokenscaler_policy_admissions_total{path}
@@ -122,12 +127,21 @@ def warm_s(rate: float, tenants: int, zipf: float = 0.0) -> float:
 COMPARED = (("policy", "policies"), ("policy-per-request", "policies without chunks"), ("no-policy-b", "A/A"))
 
 
-def median_interval(diffs: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """The median of the rounds' differences and its 90 % bootstrap interval (rounds drawn
-    again with replacement): how far another run of as many rounds could land."""
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
-    return medians[int(0.05 * draws)], statistics.median(diffs), medians[int(0.95 * draws) - 1]
+def median_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """The median of the rounds' differences and an interval that holds the true median with
+    at least 90 % confidence: the k-th lowest and highest difference, k the largest for which
+    fewer than k of n rounds fall below the median with chance at most 5 % (the binomial
+    distribution of the rounds on either side of it). It assumes nothing of the differences'
+    spread, and is honest with few rounds, where a bootstrap's interval is too narrow."""
+    ordered, n = sorted(diffs), len(diffs)
+    k, below = 0, 0.0  # below: the chance that fewer than k + 1 rounds fall below the median
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > 0.05:
+            break
+        k += 1
+    k = max(k, 1)  # with fewer than 5 rounds no interval reaches 90 %: the whole range
+    return ordered[k - 1], statistics.median(diffs), ordered[n - k]
 
 
 def intervals(rounds_p99_ms: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -220,7 +234,9 @@ async def bench(
     for name, samples in latencies.items():
         result[name] = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
         result[name]["cpu_s_per_1000_requests"] = round(cpu[name] / len(samples) * 1000, 3)
-        result[name]["loop_lag"] = {k: round(v, 5) for k, v in lag_over(lag[name]).items()}
+        result[name]["loop_lag"] = {
+            k: None if v is None else round(v, 5) for k, v in lag_over(lag[name]).items()
+        }
     result["added_ms"] = {
         p: round(result["policy"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
     }
@@ -389,7 +405,7 @@ def main() -> int:
             f"  {label}, median over rounds of the round's difference: p50 {row['p50']:+.3f}"
             f"  p90 {row['p90']:+.3f}  p99 {row['p99']:+.3f}"
         )
-    print("  p99 minus no-policy's, median over rounds [90 % bootstrap interval over rounds]:")
+    print("  p99 minus no-policy's, median over rounds [90 % interval of that median]:")
     for name, label in COMPARED:
         low, median, high = result["p99_median_interval_ms"][name]
         print(f"    {label:26} {median:+.3f} ms  [{low:+.3f}, {high:+.3f}]")
@@ -403,7 +419,8 @@ def main() -> int:
     )
     print("  event loop late (tokenscaler_event_loop_lag_seconds, measured rounds), share of samples:")
     for name in targets:
-        print(f"    {name:20} " + "  ".join(f"{k} {v:.3%}" for k, v in result[name]["loop_lag"].items()))
+        shares = result[name]["loop_lag"].items()
+        print(f"    {name:20} " + "  ".join(f"{k} {'n/a' if v is None else f'{v:.3%}'}" for k, v in shares))
     paths = result["admissions"]
     print(
         f"  admitted (policy, measured rounds): {paths['chunk']:.0f} from chunks (no round trip), "

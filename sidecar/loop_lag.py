@@ -27,8 +27,8 @@ class LoopLag:
         self.interval_s = interval_s
         self.lag = Histogram(
             "tokenscaler_event_loop_lag_seconds",
-            "How late a timer due every 10 ms ran: the time any request step waited for the event "
-            "loop then (resolution about 1 ms).",
+            f"How late a timer due every {interval_s * 1000:g} ms ran: the time any request step "
+            "waited for the event loop then (resolution about 1 ms).",
             buckets=BUCKETS,
             registry=registry,
         )
@@ -38,4 +38,6 @@ class LoopLag:
         while True:
             due = time.perf_counter() + self.interval_s
             await asyncio.sleep(self.interval_s)
+            # uvloop arms timers on the clock it read at the start of the loop's iteration:
+            # a timer may fire up to that iteration's age early, which is no negative lag.
             observe(max(0.0, time.perf_counter() - due))

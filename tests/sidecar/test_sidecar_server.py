@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -162,9 +163,10 @@ async def test_loop_lag_sees_a_blocked_loop() -> None:
 
     def late(bound: float) -> float:
         """Samples later than ``bound`` seconds."""
-        total = registry.get_sample_value("tokenscaler_event_loop_lag_seconds_count") or 0.0
+        total = registry.get_sample_value("tokenscaler_event_loop_lag_seconds_count")
         within = registry.get_sample_value("tokenscaler_event_loop_lag_seconds_bucket", {"le": str(bound)})
-        return total - (within or 0.0)
+        assert total is not None and within is not None, f"no bucket {bound}"
+        return total - within
 
     try:
         await asyncio.sleep(0.2)  # the probe is armed and sampling
@@ -176,3 +178,5 @@ async def test_loop_lag_sees_a_blocked_loop() -> None:
         assert late(0.025) >= before + 1
     finally:
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
