@@ -159,7 +159,8 @@ class StreamReader:
 
     def _apply(
         self, workload: str, series: WorkloadSeries, entry_id: bytes, fields: Mapping[Any, Any]
-    ) -> None:
+    ) -> bool:
+        """Apply one entry; False when it was skipped (bad, or its seq applied already)."""
         try:
             record = decode(fields)
         except RecordError as exc:
@@ -173,14 +174,15 @@ class StreamReader:
                     workload,
                     exc,
                 )
-            return
+            return False
         too_old = series.too_old
         if not series.add(record, entry_id):
             self.metrics.duplicates.inc()
-            return
+            return False
         self.metrics.entries.inc()
         if series.too_old != too_old:
             self.metrics.too_old.inc()
+        return True
 
     def _mark_ok(self) -> None:
         self._last_ok = time.monotonic()
@@ -205,8 +207,7 @@ class StreamReader:
             series = self.series[workload]
             series.clock_sec = now_sec
             for entry_id, fields in entries:
-                self._apply(workload, series, entry_id, fields)
-                applied += 1
+                applied += self._apply(workload, series, entry_id, fields)
             if entries:
                 self._last_ids[key] = entries[-1][0].decode()
         self._mark_ok()

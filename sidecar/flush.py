@@ -71,7 +71,14 @@ class Flusher:
         self._monotonic = monotonic
         self._buffer: deque[_Pending] = deque()
         self._limit = buffer_records
-        self._seq = 0
+        # A process that reuses its predecessor's sidecar id (a fixed --sidecar-id) must not
+        # start below the seqs that one stored: the append script, and the scaler, would skip
+        # its records until it passed them. The wall clock in milliseconds at start-up is
+        # above any seq an earlier process reached at a record per interval of 1 ms or more
+        # (unless the clock stepped back further than that process lived), and is exact in
+        # Redis' Lua numbers (14 significant digits).
+        self.first_seq = round(clock() * 1000) + 1
+        self._seq = self.first_seq - 1
         self._offset_ms: int | None = None
         self._last_cut = monotonic()
         self._delivery: asyncio.Task[bool] | None = None

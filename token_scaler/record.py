@@ -16,6 +16,8 @@ entry holds what happened at that sidecar during ``(ts - dt, ts]``:
     v    "1"                      schema version; a reader skips versions it does not know
     sc   sidecar id               unique per sidecar process ([A-Za-z0-9._-], <= 128 chars)
     seq  integer                  per sidecar, +1 per entry; makes retried appends idempotent
+                                  (a sidecar starts at its start-up time in ms: above what a
+                                  predecessor with the same id stored)
     ts   integer ms               end of the interval, on the Redis clock as the sidecar
                                   estimates it (local clock + offset learnt from Redis TIME)
     dt   integer ms               length of the interval (> 0)

@@ -751,7 +751,6 @@ async def _outage(
             own_redis.process.kill()
             own_redis.process.wait()
             killed_at = time.time()
-            seqs_before = [e.record.seq for e in stack.tail.entries]
 
             # The outage: requests keep being served; the sidecar buffers its records; the
             # scaler, with no fresh data, answers UNAVAILABLE once its staleness bound passes.
@@ -768,6 +767,9 @@ async def _outage(
                 f"only {buffered} records buffered through a {OUTAGE_S:g}s outage"
             )
 
+            # Read from the old server: what the tail had parsed by the kill, and any reply
+            # already in its socket then.
+            seqs_before = [e.record.seq for e in stack.tail.entries]
             restarted.append(LocalRedis.start(port=own_redis.port))
             back_at = time.time()
             await clients
@@ -811,6 +813,7 @@ async def _outage(
     finally:
         sync.close()
     assert held and min(held) >= last_before - len(twice) + 1
+    assert view["stream"]["duplicateEntries"] <= len(twice)  # those the scaler had read, skipped
     assert sorted(s for s in held if s > last_before)[0] == last_before + 1
     # The scaler read it all: its 120 s window holds the whole run, exactly.
     assert view["dataFresh"] and view["redisError"] is None

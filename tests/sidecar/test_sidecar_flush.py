@@ -55,7 +55,7 @@ async def test_outage_and_recovery_lose_nothing(
         finally:
             back.stop()
     # Redis came back empty (no persistence): the first record went with it.
-    assert [r.seq for r in records] == [2, 3, 4, 5, 6, 7, 8]
+    assert [r.seq - sidecar.flusher.first_seq for r in records] == [1, 2, 3, 4, 5, 6, 7]
     assert [r.ts_ms for r in records[:6]] == stamps
     got = totals(records)
     assert got["rq"] == 7 and got["sg"] == got["ag"] == 7 * 6
@@ -74,10 +74,33 @@ async def test_a_retried_batch_is_not_counted_twice(redis_url: str, workload: st
     flusher.cut()
     assert await flusher.deliver()
     records = read_records(redis_url, workload)
-    assert [r.seq for r in records] == [1, 2, 3, 4]
+    assert [r.seq - flusher.first_seq for r in records] == [0, 1, 2, 3]
     assert totals(records)["sp"] == 10
     assert metrics.registry.get_sample_value("tokenscaler_flush_records_total", {"result": "duplicate"}) == 3
     await flusher._client.aclose()
+
+
+async def test_a_restarted_process_with_the_same_id_is_not_skipped(redis_url: str, workload: str) -> None:
+    """A fixed sidecar id survives a restart: the new process numbers above the old one."""
+    import time
+
+    start = time.time()
+    old, old_meter, _ = make_flusher(redis_url, workload, clock=lambda: start)
+    for _ in range(5):  # five records, as a process that ran five intervals
+        old_meter.finish(old_meter.arrive("m", "t", 10, 5), 10, 5)
+        old.cut()
+    assert await old.deliver()
+    await old._client.aclose()
+    # The next process of that pod, a second later (records at 1 ms intervals would not reach it)
+    new, new_meter, metrics = make_flusher(redis_url, workload, clock=lambda: start + 1)
+    new_meter.finish(new_meter.arrive("m", "t", 10, 5), 10, 5)
+    new.cut()
+    assert await new.deliver()
+    records = read_records(redis_url, workload)
+    assert len(records) == 6 and totals(records)["sp"] == 60
+    assert records[-1].seq > records[-2].seq
+    assert metrics.registry.get_sample_value("tokenscaler_flush_records_total", {"result": "added"}) == 1
+    await new._client.aclose()
 
 
 async def test_buffer_is_bounded_and_drops_are_counted(workload: str) -> None:
@@ -85,7 +108,7 @@ async def test_buffer_is_bounded_and_drops_are_counted(workload: str) -> None:
     for _ in range(8):
         flusher.cut()
         assert not await flusher.deliver()
-    assert [p.record.seq for p in flusher._buffer] == [4, 5, 6, 7, 8]
+    assert [p.record.seq - flusher.first_seq for p in flusher._buffer] == [3, 4, 5, 6, 7]
     assert metrics.registry.get_sample_value("tokenscaler_flush_dropped_records_total") == 3
     assert metrics.registry.get_sample_value("tokenscaler_flush_buffered_records") == 5
     await flusher._client.aclose()
@@ -121,6 +144,7 @@ async def test_the_flush_loop_writes_one_record_per_interval(
             break
         await asyncio.sleep(0.01)
     assert len(records) >= 3
-    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    first = sidecar.flusher.first_seq
+    assert [r.seq for r in records] == list(range(first, first + len(records)))
     assert all(r.sidecar == sidecar.flusher.sidecar_id and r.models == {} for r in records)
     assert all(r.interval_ms > 0 for r in records)
