@@ -51,7 +51,7 @@ import aiohttp
 import yaml
 
 from bench._common import cpu_seconds, percentiles, redis_for_bench, save
-from bench.sidecar_bench import CHAT, open_loop, wait_http
+from bench.sidecar_bench import CHAT, open_loop, wait_http, zipf_weights
 from sidecar.policy.chunks import STEADY_GAPS
 from sidecar.policy.schema import ChunkPolicy
 from token_scaler.redis_conn import free_port
@@ -118,7 +118,7 @@ def warm_s(rate: float, tenants: int, zipf: float = 0.0) -> float:
     requests = STEADY_GAPS + 1
     if not tenants:
         return WARM_S
-    weights = [1 / math.pow(k + 1, zipf) for k in range(tenants)]
+    weights = zipf_weights(tenants, zipf)
     slowest = rate * weights[-1] / sum(weights)  # requests/s of the rarest tenant
     # At most 15 s (a rarer tenant's requests reserve alone in the first rounds of a run).
     return max(WARM_S, min(requests / slowest, requests / ChunkPolicy().min_requests_per_second, 15.0))
@@ -166,8 +166,9 @@ def pool(paths: list[str]) -> int:
         f"{len(paths)} runs, {len(rounds['no-policy'])} rounds; "
         "p99 minus no-policy's, median over rounds [90 % interval]:"
     )
+    found = intervals(rounds)
     for name, label in COMPARED:
-        low, median, high = intervals(rounds)[name]
+        low, median, high = found[name]
         print(f"  {label:26} {median:+.3f} ms  [{low:+.3f}, {high:+.3f}]")
     return 0
 

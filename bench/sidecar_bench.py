@@ -341,6 +341,11 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
 FAILURES = (aiohttp.ClientError, TimeoutError)
 
 
+def zipf_weights(tenants: int, zipf: float) -> list[float]:
+    """Tenant k's weight, 1 / (k + 1) ** zipf."""
+    return [1 / math.pow(k + 1, zipf) for k in range(tenants)]
+
+
 def tenant_headers(count: int, tenants: int, zipf: float = 0.0) -> list[dict[str, str] | None]:
     """The ``X-Tenant-ID`` of each of ``count`` requests: t0, t1, ... in turn, or with ``zipf``
     drawn at random with tenant k weighted 1 / (k + 1) ** zipf (a few busy tenants and a long
@@ -349,8 +354,7 @@ def tenant_headers(count: int, tenants: int, zipf: float = 0.0) -> list[dict[str
         return [None] * count
     if not zipf:
         return [{"X-Tenant-ID": f"t{i % tenants}"} for i in range(count)]
-    weights = [1 / math.pow(k + 1, zipf) for k in range(tenants)]
-    drawn = random.Random(7).choices(range(tenants), weights=weights, k=count)
+    drawn = random.Random(7).choices(range(tenants), weights=zipf_weights(tenants, zipf), k=count)
     return [{"X-Tenant-ID": f"t{k}"} for k in drawn]
 
 

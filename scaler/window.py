@@ -87,7 +87,7 @@ class SecondRing:
 class SidecarState:
     last_ts_ms: int
     last_seen_ms: int
-    last_seq: int
+    last_seq: int = -1  # the seq of the last entry applied
     entries: int = 0
     # model -> (inflight, waiting for first token, backlog prompt, backlog generation)
     gauges: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
@@ -160,7 +160,7 @@ class WorkloadSeries:
         if not accepted:
             self.too_old += 1
         if state is None:
-            state = self.sidecars[record.sidecar] = SidecarState(record.ts_ms, t_ms, record.seq)
+            state = self.sidecars[record.sidecar] = SidecarState(record.ts_ms, t_ms)
         state.last_seq = record.seq
         state.entries += 1
         if record.ts_ms >= state.last_ts_ms:
