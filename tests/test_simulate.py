@@ -32,7 +32,6 @@ from tuning.replica import (
     load_profile,
     saturated_throughput,
 )
-from tuning.sweep import Point, pareto, recommend
 from tuning.trace import AZURE_ATTRIBUTION, Trace, load_csv, load_sample
 
 FAST = ReplicaProfile(cold_start_s=20.0)
@@ -71,8 +70,9 @@ def token_policy(capacity: float = 4000.0, **extra: str) -> TokenPolicy:
     return TokenPolicy(parse({"tokensPerSecondPerReplica": str(capacity), **extra}, "ns", "llm"))
 
 
+@pytest.mark.parametrize("routing", ["least-requests", "round-robin", "least-tokens"])
 @pytest.mark.parametrize("policy_name", ["token", "rps", "concurrency", "prometheus"])
-def test_no_request_lost_and_work_conserved(policy_name):
+def test_no_request_lost_and_work_conserved(policy_name, routing):
     trace = synthetic()
     inner: Policy = {
         "token": token_policy(),
@@ -82,7 +82,10 @@ def test_no_request_lost_and_work_conserved(policy_name):
     }[policy_name]
     policy = Recorder(inner)
     config = SimConfig(
-        FAST, HpaSettings(min_replicas=1, max_replicas=6).with_scale_down_window(30), timeout_s=30
+        FAST,
+        HpaSettings(min_replicas=1, max_replicas=6).with_scale_down_window(30),
+        timeout_s=30,
+        routing=routing,
     )
     result = simulate(trace, policy, config)
     r = result.requests
@@ -217,59 +220,61 @@ def test_profile_file_round_trip_and_errors(tmp_path):
         load_profile(path)
 
 
-def test_pareto_front_and_recommendation():
-    def pt(gpu: float, att: float) -> Point:
-        return Point({}, 60.0, gpu, att, {})
-
-    points = [pt(5, 0.90), pt(4, 0.80), pt(6, 0.85), pt(7, 0.99), pt(4, 0.70), pt(8, 0.99)]
-    front = pareto(points)
-    assert [(p.gpu_hours, p.attainment) for p in front] == [(4, 0.80), (5, 0.90), (7, 0.99)]
-    best = recommend(front, 0.95)
-    assert best is not None and best.gpu_hours == 7
-    fallback = recommend(front, 0.999)
-    assert fallback is not None and fallback.attainment == 0.99
-
-
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "sim.json"
     code = cli.main(
         [
-            "--policies", "token,rps,concurrency,prometheus",
+            "--policies", "token,rps,concurrency,prometheus,foresight",
             "--cold-start", "30",
             "--max-replicas", "8",
             "--metadata", "windowSeconds=30",
             "--json", str(out),
             "--sweep",
             "--sweep-windows", "30",
-            "--sweep-headrooms", "1.3,2",
+            "--sweep-headroom-range", "1,3",
             "--sweep-panic", "6:2,off",
             "--sweep-scale-down-windows", "60",
+            "--sweep-rps-windows", "60",
+            "--sweep-rate-windows", "60",
+            "--slo-goal", "0.8",
+            "--tpot-slo", "0.5",
             "--quiet",
         ]
     )  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
     assert "Splitwise" in text  # the shipped sample's attribution
-    for name in ("token", "rps", "concurrency", "prometheus"):
+    for name in ("token", "rps", "concurrency", "prometheus", "foresight"):
         assert f"\n{name} " in text
     report = json.loads(out.read_text())
     assert report["trace"]["requests"] == 476
     assert report["token_metadata"]["windowSeconds"] == "30"
-    assert [p["policy"] for p in report["policies"]] == ["token", "rps", "concurrency", "prometheus"]
-    assert len(report["sweep"]["points"]) == 4
-    assert report["sweep"]["recommended"]["metadata"]["windowSeconds"] == "30"
-    # the other policies swept over the same headrooms, side by side
-    assert [c["policy"] for c in report["sweep"]["comparison"]] == [
+    assert [p["policy"] for p in report["policies"]] == [
         "token",
         "rps",
         "concurrency",
         "prometheus",
-        "fixed",
+        "foresight",
     ]
-    assert len(report["sweep"]["baselines"]["rps"]) == 2
-    fixed = report["sweep"]["baselines"]["fixed"]
-    assert [p["parameters"]["replicas"] for p in fixed] == [str(n) for n in range(1, 9)]
-    assert "GPU-h for 95%" in text
+    sweep = report["sweep"]
+    # every policy searched, the bounds beside them, fixed by its replica count
+    assert [p["policy"] for p in sweep["policies"]] == [
+        "token", "rps", "concurrency", "prometheus", "foresight", "foresight-requests", "fixed",
+    ]  # fmt: skip
+    by_name = {p["policy"]: p for p in sweep["policies"]}
+    # token: two panic variants, each bisected; the others one family each
+    assert {pt["settings"]["panic"] for pt in by_name["token"]["points"]} == {"6@2", "off"}
+    assert all(float(pt["settings"]["headroom"]) <= 3 for pt in by_name["rps"]["points"])
+    # fixed is searched over every count, so the cheapest reaching a level is one count
+    # more than the most expensive not reaching it
+    fixed = by_name["fixed"]
+    reached = fixed["cheapest"]["0.8"]
+    if reached is not None:
+        n = int(reached["settings"]["replicas"])
+        below = [pt for pt in fixed["points"] if int(pt["settings"]["replicas"]) == n - 1]
+        assert n == 1 or (below and below[0]["slo"] < 0.8)
+    assert "GPU-h for 95%" in text and "\nforesight-requests " in text
+    assert "at 80 %: " in text
 
 
 def test_cli_plots(tmp_path):
@@ -277,7 +282,8 @@ def test_cli_plots(tmp_path):
     png = tmp_path / "sim.png"
     code = cli.main(
         ["--policies", "token,rps", "--plot", str(png), "--quiet", "--sweep", "--sweep-windows", "30",
-         "--sweep-headrooms", "1.3", "--sweep-panic", "off", "--sweep-scale-down-windows", "60"]
+         "--sweep-headroom-range", "1,2", "--sweep-panic", "off", "--sweep-scale-down-windows", "60",
+         "--sweep-rps-windows", "60", "--max-replicas", "6"]
     )  # fmt: skip
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -297,3 +303,93 @@ def test_cli_rejects_bad_metadata():
 
     with pytest.raises(ConfigError, match="headroom"):
         cli.main(["--metadata", "headroom=0.5", "--quiet"])
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(SystemExit):
+        cli.main(["--policies", "token,magic", "--quiet"])
+
+
+def test_tpot_is_the_mean_gap_after_the_first_token():
+    from tuning.metrics import time_per_output_token
+    from tuning.replica import Requests
+
+    r = Requests.of([0.0, 0.0, 0.0], [10, 10, 10], [11, 1, 0])
+    r.first_token[:] = [1.0, 1.0, 1.0]
+    r.finish[:] = [3.0, 1.0, 1.0]
+    assert time_per_output_token(r).tolist() == [0.2, 0.0, 0.0]
+    slo = Slo(ttft_s=2.0, tpot_s=0.1)
+    assert slo.describe() == "TTFT <= 2s and TPOT <= 100ms"
+
+
+def test_least_tokens_routing_spreads_tokens_not_requests():
+    """One pod gets a request of 30,000 prompt tokens; with least-requests the next short
+    request can land behind it, with least-tokens it goes to the other pod."""
+    arrival = np.array([0.0, 0.01, 0.02])
+    trace = Trace(arrival, np.array([30000, 100, 100]), np.array([10, 10, 10]), "two pods")
+    hpa = HpaSettings(min_replicas=2, max_replicas=2)
+    ttft = {}
+    for routing in ("least-requests", "least-tokens"):
+        config = SimConfig(FAST, hpa, initial_replicas=2, routing=routing)
+        r = simulate(trace, FixedPolicy(2), config).requests
+        ttft[routing] = (r.first_token - r.arrival).tolist()
+    # least-requests: request 1 goes to pod 1, request 2 back to pod 0 behind the long prompt
+    assert ttft["least-requests"][2] > 4.0
+    assert max(ttft["least-tokens"][1:]) < 1.0
+
+
+def test_foresight_sees_the_demand_ahead():
+    from tuning.policies import ForesightPolicy
+
+    arrival = np.array([100.0, 100.5, 101.0])
+    policy = ForesightPolicy(1000.0, arrival, np.array([3000.0, 3000.0, 3000.0]), lookahead_s=50, smooth_s=10)
+    assert policy.value(40.0, 0) == 0.0  # 60 s ahead: not yet seen
+    assert policy.value(60.0, 0) == pytest.approx(900.0)  # 9,000 tokens in a 10 s mean
+    assert policy.value(101.0, 0) == pytest.approx(300.0)  # only the last request is ahead
+    assert policy.value(102.0, 0) == 0.0
+
+
+def test_search_finds_the_smallest_headroom_and_the_fewest_replicas():
+    from tuning.compare import Search
+    from tuning.registry import Calibration
+
+    trace = synthetic()
+    cal = Calibration(trace, 4000.0, 1.0, 1.0, 32, {"tokensPerSecondPerReplica": "4000"}, 60)
+    calls = []
+
+    def fake(policy, config):
+        # attainment grows with the target's inverse; GPU-hours with it too
+        h = 4000.0 / policy.target if policy.name != "token" else policy.settings.headroom
+        calls.append(h)
+        return {"gpu_hours": h, "slo_both": min(1.0, 0.5 * h)}
+
+    search = Search(cal, SimConfig(FAST), fake, [0.8, 0.9], (0.5, 4.0), [60.0])
+    best = search.policy("prometheus", [{}])
+    # the smallest headroom reaching 0.8 is 1.6, 0.9 is 1.8: bisection gets within 3 %
+    assert 1.6 <= best.cheapest(0.8).gpu_hours <= 1.6 * 1.04
+    assert 1.8 <= best.cheapest(0.9).gpu_hours <= 1.8 * 1.04
+    assert len(calls) < 20
+    fixed = search.fixed(lambda n: {"gpu_hours": float(n), "slo_both": min(1.0, n / 10)}, 40)
+    assert fixed.cheapest(0.8).settings == {"replicas": "8"}
+    assert fixed.cheapest(0.9).settings == {"replicas": "9"}
+    unreachable = search.fixed(lambda n: {"gpu_hours": float(n), "slo_both": 0.5}, 4)
+    assert unreachable.cheapest(0.8) is None and len(unreachable.runs) == 1
+
+
+def test_verdict_says_who_wins_in_words():
+    from tuning.compare import Best, Run, verdict
+
+    def best(gpu: float) -> Best:
+        return Best([Run("x", {}, gpu, 0.95, {})])
+
+    results = {"token": best(9.0), "rps": best(10.0), "fixed": best(8.0), "foresight": best(7.5)}
+    lines = verdict(results, 0.9, ("token", "rps"), "foresight")
+    assert lines[0] == "at 90 %: the cheapest autoscaler is token (9.00 GPU-h)"
+    assert "FIXED deployment beats every autoscaler: 8.00 GPU-h (+12.5 % for token)" in lines[1]
+    assert "token vs rps: -10.0 %" in lines[2]
+    assert "foresight bound (7.50 GPU-h): token +20.0 %, rps +33.3 %" in lines[3]
+    results["fixed"] = best(12.0)
+    assert (
+        "autoscaling beats fixed (12.00 GPU-h) by 25.0 %"
+        in verdict(results, 0.9, ("token", "rps"), "foresight")[1]
+    )

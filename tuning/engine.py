@@ -5,10 +5,14 @@ or a sequence ends), a pod becoming ready, a request arriving, the once-a-second
 (clients give up, sidecars flush, the policy observes, the timeline is sampled), the HPA
 sync, the KEDA poll. Pods move in closed form between events (``tuning.replica``).
 
-Routing: a Service in front of the pods sends each request to the ready pod with the
-fewest requests outstanding (least-request balancing); a request that arrives while no
-pod is ready waits at the gateway (as with KEDA's HTTP add-on interceptor) up to the
-same queue limit, and is routed when a pod becomes ready.
+Routing (``SimConfig.routing``): how a request picks a ready pod. ``round-robin`` is a
+Kubernetes Service (kube-proxy spreads connections without looking at load);
+``least-requests`` picks the pod with the fewest requests outstanding (Envoy's or a
+mesh's least-request balancing, the default); ``least-tokens`` picks the pod with the
+fewest outstanding weighted tokens (prompts not yet prefilled plus the generation
+estimated for every request not yet finished), as ``token-scaler gateway`` does. A
+request that arrives while no pod is ready waits at the gateway (as with KEDA's HTTP
+add-on interceptor) up to the same queue limit, and is routed when a pod becomes ready.
 
 Scaling down deletes starting pods first (newest first), then ready ones (newest first,
 as a ReplicaSet does); a deleted ready pod stops receiving requests and finishes what it
@@ -47,6 +51,7 @@ from tuning.trace import Trace
 
 _POD, _READY, _ARRIVAL, _TICK, _SYNC, _POLL = range(6)
 MODEL = "model"
+ROUTINGS = ("least-requests", "round-robin", "least-tokens")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,14 @@ class SimConfig:
     timeout_s: float = 60.0  # a client stops waiting for a slot after this long
     grace_s: float = 600.0  # terminationGracePeriodSeconds of a deleted pod
     margin_s: float = 120.0  # the horizon is the last arrival plus this
+    routing: str = "least-requests"  # one of ROUTINGS
+    # what a generated token weighs against a prompt token: ``least-tokens`` routing
+    # and the weighted arrivals of the timeline
+    generation_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing {self.routing!r}: expected one of {', '.join(ROUTINGS)}")
 
 
 @dataclass
@@ -91,11 +104,23 @@ class _Sim:
         self.holding: deque[int] = deque()
         self.arrivals = 0
         self.arrived_tokens = 0
+        self.arrived_weighted = 0.0
         self.scale_ups = self.scale_downs = 0
         self.last_active = 0.0
         self.cached_value = 0.0
+        self.next_pod = 0  # round-robin position
         self.timeline: dict[str, list[float]] = {
-            k: [] for k in ("t", "pods", "ready", "queue", "in_flight", "arrived_tokens", "served_tokens")
+            k: []
+            for k in (
+                "t",
+                "pods",
+                "ready",
+                "queue",
+                "in_flight",
+                "arrived_tokens",
+                "arrived_weighted",
+                "served_tokens",
+            )
         }
         self.syncs: dict[str, list[float]] = {k: [] for k in ("t", "value", "desired", "current")}
 
@@ -158,6 +183,7 @@ class _Sim:
     def _arrive(self, i: int, t: float) -> None:
         self.arrivals += 1
         self.arrived_tokens += int(self.r.prompt[i] + self.r.generated[i])
+        self.arrived_weighted += float(self.r.prompt[i] + self.cfg.generation_weight * self.r.generated[i])
         if not self.ready:
             if len(self.holding) >= self.p.max_queue:
                 self._reject(i, t)
@@ -166,8 +192,18 @@ class _Sim:
             return
         self._route(i, t)
 
+    def _pick(self) -> Pod:
+        routing = self.cfg.routing
+        if routing == "round-robin":
+            self.next_pod += 1
+            return self.ready[self.next_pod % len(self.ready)]
+        if routing == "least-tokens":
+            gw = self.cfg.generation_weight
+            return min(self.ready, key=lambda p: (p.load_prompt + gw * p.load_generation, p.order))
+        return min(self.ready, key=lambda p: (p.outstanding, p.order))
+
     def _route(self, i: int, t: float) -> None:
-        pod = min(self.ready, key=lambda p: (p.outstanding, p.order))
+        pod = self._pick()
         if len(pod.queue) >= self.p.max_queue:
             self._reject(i, t)
             return
@@ -216,9 +252,11 @@ class _Sim:
         tl["queue"].append(sum(len(p.queue) for p in self.live) + len(self.holding))
         tl["in_flight"].append(self._in_flight())
         tl["arrived_tokens"].append(self.arrived_tokens)
+        tl["arrived_weighted"].append(self.arrived_weighted)
         tl["served_tokens"].append(served_p + served_g)
         self.arrivals = 0
         self.arrived_tokens = 0
+        self.arrived_weighted = 0.0
         if all_arrived and t >= self.horizon:
             return not bool((r.status == PENDING).any()) or t >= self.horizon + 3600
         return False

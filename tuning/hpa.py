@@ -5,12 +5,18 @@ Followed from kubernetes ``pkg/controller/podautoscaler`` (horizontal.go, replic
 
 * External metric with ``AverageValue`` (KEDA's default): ``ratio = value / (target x current)``;
   when ``|1 - ratio| <= tolerance`` the count stays, else ``ceil(value / target)``.
-* Stabilization: every sync records its raw recommendation; scaling up takes the lowest of
-  those in the scale-up window (default 0 s: none), scaling down the highest of those in
-  the scale-down window (default 300 s). Which window applies depends on whether the raw
-  recommendation is above or below the current count.
+* Initial recommendation: the first reconcile records the current count as a
+  recommendation (``recordInitialRecommendation``), so a new HPA does not scale down
+  before a scale-down window has passed.
+* Stabilization (``stabilizeRecommendationWithBehaviors``): every sync records its raw
+  recommendation. The upper bound for scaling up is the lowest recommendation in the
+  scale-up window (default 0 s: the raw one), the lower bound for scaling down the highest
+  in the scale-down window (default 300 s); the count rises to the first when it is below
+  it and falls to the second when it is above it, and otherwise stays. So a count never
+  rises while the raw recommendation is below it, whatever the older recommendations say.
 * Rate policies, per period: ``Pods`` adds/removes at most N pods, ``Percent`` N % of the
-  count at the start of the period (replicas changed within the period are undone first);
+  count at the start of the period, which is the current count with every scale-up and
+  scale-down within the period undone (both directions, as Kubernetes since 1.27);
   ``selectPolicy: Max`` takes the policy allowing the larger change. Defaults: up
   max(4 pods, 100 %) per 15 s; down 100 % per 15 s.
 * Then min/max replicas. ``current`` is the pods the Deployment has (starting or ready,
@@ -87,16 +93,24 @@ def metric_replicas(value: float, target: float, current: int, tolerance: float)
     return math.ceil(value / target)
 
 
-def _changed_within(events: list[tuple[float, int]], now: float, period_s: float) -> int:
+Events = list[tuple[float, int]]
+
+
+def _changed_within(events: Events, now: float, period_s: float) -> int:
     return sum(change for t, change in events if t > now - period_s)
 
 
-def scale_up_limit(current: int, events: list[tuple[float, int]], rules: Rules, now: float) -> int:
+def _period_start(current: int, ups: Events, downs: Events, now: float, period_s: float) -> int:
+    """The count at the start of the period: every change within it undone."""
+    return current - _changed_within(ups, now, period_s) + _changed_within(downs, now, period_s)
+
+
+def scale_up_limit(current: int, ups: Events, rules: Rules, now: float, downs: Events | None = None) -> int:
     if rules.select == "Disabled":
         return current
     proposals = []
     for policy in rules.policies:
-        start = current - _changed_within(events, now, policy.period_s)
+        start = _period_start(current, ups, downs or [], now, policy.period_s)
         if policy.kind == "Pods":
             proposals.append(start + policy.value)
         else:
@@ -104,12 +118,12 @@ def scale_up_limit(current: int, events: list[tuple[float, int]], rules: Rules, 
     return (min if rules.select == "Min" else max)(proposals)
 
 
-def scale_down_limit(current: int, events: list[tuple[float, int]], rules: Rules, now: float) -> int:
+def scale_down_limit(current: int, downs: Events, rules: Rules, now: float, ups: Events | None = None) -> int:
     if rules.select == "Disabled":
         return current
     proposals = []
     for policy in rules.policies:
-        start = current + _changed_within(events, now, policy.period_s)
+        start = _period_start(current, ups or [], downs, now, policy.period_s)
         if policy.kind == "Pods":
             proposals.append(start - policy.value)
         else:
@@ -122,9 +136,10 @@ class Hpa:
     """One HorizontalPodAutoscaler's memory: recommendations and scale events."""
 
     settings: HpaSettings
-    recommendations: list[tuple[float, int]] = field(default_factory=list)
-    up_events: list[tuple[float, int]] = field(default_factory=list)
-    down_events: list[tuple[float, int]] = field(default_factory=list)
+    recommendations: Events = field(default_factory=list)
+    up_events: Events = field(default_factory=list)
+    down_events: Events = field(default_factory=list)
+    initialized: bool = False
 
     def sync(self, now: float, current: int, value: float, target: float) -> int:
         """One reconcile: the replica count the HPA sets (``current`` when it leaves it)."""
@@ -132,6 +147,9 @@ class Hpa:
         hpa_min = max(1, s.min_replicas)
         if current == 0:
             return 0  # scaling is disabled at zero; KEDA activates
+        if not self.initialized:
+            self.recommendations.append((now, current))
+            self.initialized = True
         if current > s.max_replicas:
             desired = s.max_replicas
         elif current < hpa_min:
@@ -148,28 +166,27 @@ class Hpa:
 
     def _normalize(self, now: float, current: int, raw: int, hpa_min: int) -> int:
         s = self.settings
-        if raw >= current:
-            window, better = s.scale_up.stabilization_s, min
-        else:
-            window, better = s.scale_down.stabilization_s, max
-        stabilized = raw
+        up_bound = down_bound = raw
         for t, rec in self.recommendations:
-            if t > now - window:
-                stabilized = better(rec, stabilized)
+            if t > now - s.scale_up.stabilization_s:
+                up_bound = min(up_bound, rec)
+            if t > now - s.scale_down.stabilization_s:
+                down_bound = max(down_bound, rec)
         self.recommendations.append((now, raw))
+        stabilized = min(max(current, up_bound), down_bound)
         if stabilized > current:
-            limit = max(scale_up_limit(current, self.up_events, s.scale_up, now), current)
-            return min(stabilized, s.max_replicas, limit)
+            up = scale_up_limit(current, self.up_events, s.scale_up, now, self.down_events)
+            return min(stabilized, s.max_replicas, max(up, current))
         if stabilized < current:
-            limit = min(scale_down_limit(current, self.down_events, s.scale_down, now), current)
-            return max(stabilized, hpa_min, limit)
+            down = scale_down_limit(current, self.down_events, s.scale_down, now, self.up_events)
+            return max(stabilized, hpa_min, min(down, current))
         return stabilized
 
     def _forget(self, now: float) -> None:
         s = self.settings
         keep = max(s.scale_up.stabilization_s, s.scale_down.stabilization_s)
         self.recommendations = [(t, r) for t, r in self.recommendations if t > now - keep - 1]
-        up_period = max((p.period_s for p in s.scale_up.policies), default=0.0)
-        down_period = max((p.period_s for p in s.scale_down.policies), default=0.0)
-        self.up_events = [(t, c) for t, c in self.up_events if t > now - up_period - 1]
-        self.down_events = [(t, c) for t, c in self.down_events if t > now - down_period - 1]
+        # either direction's limit undoes the other's changes within its own periods
+        period = max((p.period_s for p in s.scale_up.policies + s.scale_down.policies), default=0.0)
+        self.up_events = [(t, c) for t, c in self.up_events if t > now - period - 1]
+        self.down_events = [(t, c) for t, c in self.down_events if t > now - period - 1]

@@ -10,6 +10,7 @@ import numpy as np
 
 from tuning.engine import RunResult
 from tuning.errors import TuningError
+from tuning.metrics import Slo
 from tuning.replica import DONE
 
 
@@ -31,38 +32,62 @@ def _smooth(values: np.ndarray[Any, Any], seconds: int) -> np.ndarray[Any, Any]:
     return np.convolve(values, kernel, mode="same")
 
 
-def simulation(results: Sequence[RunResult], path: str | Path, title: str, footnote: str = "") -> None:
-    """Load, replicas and queue over time, and the TTFT CDF, one colour per policy."""
+def _cdf(ax: Any, values: np.ndarray[Any, Any], total: int, label: str) -> None:
+    """Share of ALL requests within x: rejected and dropped ones keep the curve below 1."""
+    values = np.sort(values)
+    if len(values):
+        ax.step(values, np.arange(1, len(values) + 1) / total, where="post", label=label)
+
+
+def simulation(
+    results: Sequence[RunResult],
+    path: str | Path,
+    title: str,
+    footnote: str = "",
+    capacity: float | None = None,
+    slo: Slo | None = None,
+) -> None:
+    """Per policy (one colour each): demand against the capacity of its ready pods, ready
+    and starting pods, queues, and the TTFT and end-to-end CDFs with the SLO marked.
+    ``capacity`` is one replica's in the timeline's weighted tokens/s."""
     plt = _pyplot()
-    fig, axes = plt.subplots(4, 1, figsize=(11, 13), constrained_layout=True)
-    load_ax, pods_ax, queue_ax, cdf_ax = axes
+    fig, axes = plt.subplots(5, 1, figsize=(11, 16), constrained_layout=True)
+    load_ax, pods_ax, queue_ax, ttft_ax, e2e_ax = axes
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     first = results[0]
     t = first.timeline["t"] / 60
-    load_ax.plot(t, _smooth(first.timeline["arrived_tokens"], 10), color="black", lw=0.8)
-    load_ax.set_ylabel("tokens/s arriving\n(10 s mean)")
+    load_ax.plot(t, _smooth(first.timeline["arrived_weighted"], 30), color="black", lw=0.9, label="demand")
+    load_ax.set_ylabel("weighted tokens/s arriving\n(30 s mean)")
     load_ax.set_title(title)
-    for result in results:
+    for k, result in enumerate(results):
+        color = colors[k % len(colors)]
         tl = result.timeline
         minutes = tl["t"] / 60
-        pods_ax.step(minutes, tl["pods"], where="post", lw=1.0, label=result.policy)
-        queue_ax.plot(minutes, tl["queue"], lw=0.8, label=result.policy)
+        if capacity is not None:
+            load_ax.step(minutes, tl["ready"] * capacity, where="post", lw=0.8, color=color,
+                         label=f"{result.policy}: capacity of ready pods")  # fmt: skip
+        pods_ax.step(minutes, tl["pods"], where="post", lw=0.8, ls="--", color=color)
+        pods_ax.step(minutes, tl["ready"], where="post", lw=1.1, color=color, label=result.policy)
+        queue_ax.plot(minutes, tl["queue"], lw=0.8, color=color, label=result.policy)
         r = result.requests
         done = r.status == DONE
-        ttft = np.sort((r.first_token - r.arrival)[done])
-        if len(ttft):
-            # share of ALL requests served within x: rejected/dropped ones never reach 1.0
-            share = np.arange(1, len(ttft) + 1) / len(r.arrival)
-            cdf_ax.step(ttft, share, where="post", label=result.policy)
-    pods_ax.set_ylabel("replicas (pods)")
+        _cdf(ttft_ax, (r.first_token - r.arrival)[done], len(r.arrival), result.policy)
+        _cdf(e2e_ax, (r.finish - r.arrival)[done], len(r.arrival), result.policy)
+    pods_ax.set_ylabel("pods: ready (solid),\nready + starting (dashed)")
     queue_ax.set_ylabel("requests queued")
     queue_ax.set_xlabel("minutes")
-    cdf_ax.set_xscale("log")
-    cdf_ax.set_xlabel("time to first token (s)")
-    cdf_ax.set_ylabel("share of requests")
-    for ax in (pods_ax, queue_ax, cdf_ax):
+    ttft_ax.set_xlabel("time to first token (s)")
+    e2e_ax.set_xlabel("end to end (s)")
+    if slo is not None:
+        ttft_ax.axvline(slo.ttft_s, color="red", lw=0.8, ls=":", label=f"SLO {slo.ttft_s:g}s")
+        if slo.e2e_s is not None:
+            e2e_ax.axvline(slo.e2e_s, color="red", lw=0.8, ls=":", label=f"SLO {slo.e2e_s:g}s")
+    for ax in (ttft_ax, e2e_ax):
+        ax.set_xscale("log")
+        ax.set_ylabel("share of requests")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
-    load_ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=7)
     if footnote:
         fig.supxlabel(footnote, fontsize=7, color="dimgray")
     fig.savefig(path, dpi=100)
@@ -70,28 +95,26 @@ def simulation(results: Sequence[RunResult], path: str | Path, title: str, footn
 
 
 def pareto(
-    points: Sequence[tuple[float, float, str]],
-    front: Sequence[tuple[float, float, str]],
-    others: dict[str, list[tuple[float, float]]],
-    path: str | Path,
-    title: str,
-    footnote: str = "",
+    runs: dict[str, list[tuple[float, float]]], path: str | Path, title: str, footnote: str = ""
 ) -> None:
-    """GPU-hours against SLO attainment: every sweep point, the front, the other policies' fronts."""
+    """GPU-hours against SLO attainment: each policy's runs (dots) and its Pareto front (line).
+    The legend names the policies; no point carries a label of its own, so none overprint."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
-    ax.scatter(
-        [p[0] for p in points], [p[1] for p in points], s=12, color="lightgray", label="token policy settings"
-    )
-    fx = [p[0] for p in front]
-    fy = [p[1] for p in front]
-    ax.plot(fx, fy, "o-", color="tab:blue", label="Pareto front")
-    for x, y, label in front:
-        ax.annotate(label, (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
-    for name, pts in others.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", lw=0.8, label=f"{name} (front)")
+    for name, points in runs.items():
+        if not points:
+            continue
+        ordered = sorted(points)
+        front, best = [], -1.0
+        for x, y in ordered:
+            if y > best:
+                front.append((x, y))
+                best = y
+        dots = ax.scatter([p[0] for p in points], [p[1] for p in points], s=8, alpha=0.35)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=1.2, color=dots.get_facecolor()[0],
+                label=f"{name} ({len(points)} runs)")  # fmt: skip
     ax.set_xlabel("GPU-hours")
-    ax.set_ylabel("SLO attainment (TTFT and end-to-end)")
+    ax.set_ylabel("share of requests within every SLO")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -13,12 +13,21 @@
   over the model servers' own served-token counters, scraped every ``scrape_s``: the
   KEDA ``prometheus`` scaler path, stale by the scrape interval plus the rate window, and
   blind to tokens waiting in queues.
+* ``foresight``: not a policy anyone can run, a bound: it knows the trace. Its value at
+  ``t`` is the highest demand (weighted tokens, or requests, arriving per second, as a
+  mean over ``smooth_s``) in ``[t, t + lookahead_s]``, with the lookahead a cold start
+  plus the time the HPA and KEDA take to act, so pods are ready before the demand they
+  serve arrives. Through the same HPA as every policy, it shows how close a perfect
+  signal gets: each policy's distance to it is what better signals could still win.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from scaler.metadata import ScalerSettings
 from scaler.window import WorkloadSeries, evaluate
@@ -191,4 +200,52 @@ class PrometheusRatePolicy(Policy):
         )
 
 
-POLICY_NAMES = ("token", "rps", "concurrency", "prometheus")
+def forward_max(values: npt.NDArray[np.float64], width: int) -> npt.NDArray[np.float64]:
+    """``out[i] = max(values[i : i + width])`` (shorter at the end), in log2(width) passes."""
+    n = len(values)
+    if width <= 1 or n == 0:
+        return values.copy()
+    m = np.concatenate([values, np.full(width, -np.inf)])
+    span = 1
+    while 2 * span <= width:
+        m = np.maximum(m[: len(m) - span], m[span:])
+        span *= 2
+    # m[i] = max over [i, i + span); two such windows cover [i, i + width)
+    out: npt.NDArray[np.float64] = np.maximum(m[:n], m[width - span : width - span + n])
+    return out
+
+
+class ForesightPolicy(Policy):
+    """The foresight bound: knows the demand ``lookahead_s`` ahead (see the module docstring)."""
+
+    name = "foresight"
+
+    def __init__(
+        self,
+        target: float,
+        arrival_s: npt.NDArray[np.float64],
+        weight: npt.NDArray[np.float64],
+        lookahead_s: int,
+        smooth_s: int = 30,
+        unit: str = "weighted tokens/s",
+    ) -> None:
+        super().__init__(target)
+        self.lookahead_s, self.smooth_s, self.unit = lookahead_s, smooth_s, unit
+        seconds = np.floor(arrival_s).astype(np.int64)
+        size = int(seconds[-1]) + 1 if len(seconds) else 1
+        per_second = np.bincount(seconds, weights=weight, minlength=size).astype(np.float64)
+        # the mean over [t, t + smooth_s): what a replica's capacity must absorb
+        cum = np.concatenate([[0.0], np.cumsum(per_second), np.zeros(smooth_s)])
+        cum[size + 1 :] = cum[size]
+        mean = (cum[smooth_s : smooth_s + size] - cum[:size]) / smooth_s
+        self.values = forward_max(mean, lookahead_s + 1)
+
+    def value(self, now_s: float, in_flight: int) -> float:
+        i = int(now_s)
+        return float(self.values[i]) if 0 <= i < len(self.values) else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"target {self.target:.4g} {self.unit} per replica, the highest {self.smooth_s}s mean "
+            f"demand of the next {self.lookahead_s}s, known exactly"
+        )

@@ -194,6 +194,10 @@ class Pod:
         self.bp = 0
         self.bg = 0
         self.mean_generation: float | None = None
+        # outstanding work as a token-aware router sees it: prompts not yet prefilled and
+        # the estimated generation of requests not yet finished
+        self.load_prompt = 0
+        self.load_generation = 0
 
     @property
     def outstanding(self) -> int:
@@ -249,6 +253,8 @@ class Pod:
         self.waiting += 1
         self.bp += prompt
         self.bg += estimate
+        self.load_prompt += prompt
+        self.load_generation += estimate
         self.queue.append(i)
         self.admit(t)
 
@@ -300,6 +306,7 @@ class Pod:
             self.sg_total += 1.0
         self.waiting -= 1
         self.bp -= prompt
+        self.load_prompt -= prompt
 
     def _finish(self, i: int, t: float) -> None:
         r = self.r
@@ -308,6 +315,7 @@ class Pod:
         r.status[i] = DONE
         self.ag += generated - int(r.estimate[i])
         self.bg -= int(r.estimate[i])
+        self.load_generation -= int(r.estimate[i])
         self.rq += 1
         self.inflight -= 1
         mean = self.mean_generation
@@ -331,6 +339,8 @@ class Pod:
         self.ag -= estimate
         self.bp -= prompt
         self.bg -= estimate
+        self.load_prompt -= prompt
+        self.load_generation -= estimate
         self.waiting -= 1
         self.inflight -= 1
         self.rq += 1
@@ -349,6 +359,7 @@ class Pod:
             r.finish[i] = t
             self.ag += served - int(r.estimate[i])
             self.bg -= int(r.estimate[i])
+            self.load_generation -= int(r.estimate[i])
             self.sg_total += served - 1 - (self.clock - r.started[i])
             self.inflight -= 1
             self.rq += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -18,27 +19,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scaler.metadata import ScalerSettings, parse
-from token_scaler.errors import ConfigError, MetadataError
+from scaler.metadata import ScalerSettings
+from token_scaler.errors import ConfigError
 from tuning import args as a
-from tuning.engine import RunResult, SimConfig, simulate
+from tuning.compare import Best, Search, comparison_table, to_json, verdict
+from tuning.engine import ROUTINGS, RunResult, SimConfig, simulate
 from tuning.hpa import HpaSettings
 from tuning.metrics import Slo, summarize
-from tuning.policies import (
-    POLICY_NAMES,
-    ConcurrencyPolicy,
-    FixedPolicy,
-    Policy,
-    PrometheusRatePolicy,
-    RequestRatePolicy,
-    TokenPolicy,
-)
+from tuning.policies import FixedPolicy, Policy
+from tuning.registry import BOUNDS, POLICIES, RUNNABLE, Calibration, make, token_metadata, token_settings
 from tuning.replica import ReplicaProfile, load_profile, saturated_throughput
 from tuning.report import fmt, percent, table
-from tuning.sweep import Point, grid, panic_label, pareto, parse_panic, recommend
+from tuning.sweep import PANIC_OFF, parse_panic
 from tuning.trace import Trace, load_csv, load_sample, sample_path
-
-WORKLOAD = ("default", "llm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the HPA reads the value KEDA polled, not a fresh one",
     )
+    g.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        default="least-requests",
+        help="how a request picks a ready pod (default least-requests)",
+    )
     g = p.add_argument_group("policies")
     g.add_argument(
         "--policies",
         type=a.listed(_policy_name),
-        default=list(POLICY_NAMES),
-        help=f"comma-separated, from {', '.join(POLICY_NAMES)} (default all)",
+        default=[*RUNNABLE, "foresight"],
+        help=f"comma-separated, from {', '.join(POLICIES)} (default: the first four and foresight)",
     )
     g.add_argument(
         "--metadata",
@@ -142,17 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run a Deployment of this many replicas and no autoscaling (policy 'fixed')",
     )
     g.add_argument(
-        "--rps-target",
-        type=a.positive_float,
-        help="requests/s per replica (default: capacity / mean request / headroom)",
-    )
-    g.add_argument(
         "--rps-window", type=a.positive_int, default=60, help="request-rate window, s (default 60)"
-    )
-    g.add_argument(
-        "--concurrency-target",
-        type=a.positive_float,
-        help="requests in flight per replica (default: max concurrency / headroom)",
     )
     g.add_argument(
         "--scrape-interval",
@@ -163,56 +152,94 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--rate-window", type=a.positive_int, default=60, help="Prometheus rate() window, s (default 60)"
     )
+    g.add_argument(
+        "--lookahead-margin",
+        type=a.non_negative_float,
+        default=30.0,
+        help="foresight: seconds it sees beyond the cold start, the time to act (default 30)",
+    )
     g = p.add_argument_group("results")
     g.add_argument(
         "--ttft-slo", type=a.positive_float, default=2.0, help="time to first token target, s (default 2)"
     )
     g.add_argument(
-        "--e2e-slo", type=a.positive_float, default=20.0, help="end-to-end latency target, s (default 20)"
+        "--tpot-slo",
+        type=a.positive_float,
+        default=0.1,
+        help="time per output token target (after the first), s (default 0.1)",
+    )
+    g.add_argument(
+        "--e2e-slo", type=a.positive_float, help="also bound each request end to end, s (default: no bound)"
     )
     g.add_argument("--json", type=Path, help="write every figure (and the sweep) here")
     g.add_argument("--plot", type=Path, help="write a PNG here (and <name>-sweep.png with --sweep)")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    g = p.add_argument_group("sweep (token policy)")
+    g = p.add_argument_group("sweep: every policy searched alike")
     g.add_argument(
-        "--sweep", action="store_true", help="also run the token policy over a grid; print the Pareto front"
+        "--sweep",
+        action="store_true",
+        help="search every policy's settings and fixed replica counts; compare the cheapest "
+        "reaching each attainment level, with the foresight bound",
     )
     g.add_argument(
-        "--sweep-windows",
-        type=a.listed(a.positive_int),
-        default=[30, 60, 120],
-        help="windowSeconds (default 30,60,120)",
-    )
-    g.add_argument(
-        "--sweep-headrooms",
-        type=a.listed(a.positive_float),
-        default=[1.0, 1.15, 1.3, 1.6, 2.0],
-        help="headroom (default 1,1.15,1.3,1.6,2)",
-    )
-    g.add_argument(
-        "--sweep-panic",
-        type=a.listed(a.arg(parse_panic)),
-        default=[(6, 2.0), (10, 3.0), (6, 1e9)],
-        help="WINDOW:THRESHOLD or off (default 6:2,10:3,off)",
+        "--sweep-headroom-range",
+        type=a.arg(_range),
+        default=(0.5, 8.0),
+        metavar="LOW,HIGH",
+        help="headroom searched for every policy: target = calibrated capacity / headroom (default 0.5,8)",
     )
     g.add_argument(
         "--sweep-scale-down-windows",
         type=a.listed(a.non_negative_float),
-        default=[60.0, 120.0, 300.0],
-        help="scaleDown stabilization, s (default 60,120,300)",
+        default=[60.0, 300.0],
+        help="scaleDown stabilization, s, for every policy (default 60,300)",
+    )
+    g.add_argument(
+        "--sweep-windows",
+        type=a.listed(a.positive_int),
+        default=[30, 60],
+        help="token: windowSeconds (default 30,60)",
+    )
+    g.add_argument(
+        "--sweep-panic",
+        type=a.listed(a.arg(parse_panic)),
+        default=[(6, 2.0), (6, PANIC_OFF)],
+        help="token: WINDOW:THRESHOLD or off (default 6:2,off)",
+    )
+    g.add_argument(
+        "--sweep-rps-windows",
+        type=a.listed(a.positive_int),
+        default=[30, 60],
+        help="rps: request-rate windows, s (default 30,60)",
+    )
+    g.add_argument(
+        "--sweep-rate-windows",
+        type=a.listed(a.positive_int),
+        default=[60, 120],
+        help="prometheus: rate() windows, s (default 60,120)",
     )
     g.add_argument(
         "--slo-goal",
         type=a.arg(a.fraction),
-        default=0.99,
-        help="attainment (both SLOs) the recommendation must reach (default 0.99)",
+        default=0.9,
+        help="attainment (every SLO) the recommendation must reach (default 0.9)",
     )
     return p
 
 
+def _range(raw: str) -> tuple[float, float]:
+    low, sep, high = raw.partition(",")
+    if not sep:
+        raise ValueError("expected LOW,HIGH")
+    lo, hi = float(low), float(high)
+    if not 0 < lo < hi:
+        raise ValueError("expected 0 < LOW < HIGH")
+    return lo, hi
+
+
 def _policy_name(raw: str) -> str:
-    if raw not in POLICY_NAMES:
-        raise ValueError(f"unknown policy; expected one of {', '.join(POLICY_NAMES)}")
+    if raw not in POLICIES:
+        raise ValueError(f"unknown policy; expected one of {', '.join(POLICIES)}")
     return raw
 
 
@@ -220,24 +247,16 @@ def _policy_name(raw: str) -> str:
 class Setup:
     trace: Trace
     config: SimConfig
-    metadata: dict[str, str]
-    settings: ScalerSettings
-    rps_target: float
-    concurrency_target: float
+    cal: Calibration
     capacity_note: str
     slo: Slo
 
-
-def _settings(metadata: dict[str, str]) -> ScalerSettings:
-    try:
-        return parse(metadata, *WORKLOAD)
-    except MetadataError as exc:
-        raise ConfigError(f"--metadata: {exc}") from None
+    @property
+    def settings(self) -> ScalerSettings:
+        return token_settings(self.cal.metadata)
 
 
-def prepare(ns: argparse.Namespace) -> Setup:
-    trace = load_csv(ns.trace) if ns.trace else load_sample()
-    trace = trace.transformed(speedup=ns.speedup, scale=ns.scale, seed=ns.seed)
+def _replica_profile(ns: argparse.Namespace) -> ReplicaProfile:
     profile = load_profile(ns.replica_profile) if ns.replica_profile else ReplicaProfile()
     overrides: dict[str, Any] = {}
     for flag, name in (
@@ -249,7 +268,13 @@ def prepare(ns: argparse.Namespace) -> Setup:
         if getattr(ns, flag) is not None:
             overrides[name] = getattr(ns, flag)
     try:
-        profile = replace(profile, **overrides)
+        return replace(profile, **overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _hpa(ns: argparse.Namespace) -> HpaSettings:
+    try:
         hpa = HpaSettings(
             min_replicas=ns.min_replicas,
             max_replicas=ns.max_replicas,
@@ -261,16 +286,30 @@ def prepare(ns: argparse.Namespace) -> Setup:
         ).with_scale_down_window(ns.scale_down_window)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    hpa = replace(hpa, scale_up=replace(hpa.scale_up, stabilization_s=ns.scale_up_window))
-    config = SimConfig(profile, hpa, ns.initial_replicas, ns.timeout, ns.grace)
+    return replace(hpa, scale_up=replace(hpa.scale_up, stabilization_s=ns.scale_up_window))
 
+
+def warm_start(trace: Trace, capacity: float, pw: float, gw: float, seconds: float, hpa: HpaSettings) -> int:
+    """The replicas that serve the first ``seconds`` of the trace at capacity: where every
+    autoscaler starts, so none pays for a cold fleet under full load that a warm fixed
+    deployment does not."""
+    head = trace.head(seconds)
+    rate = float((pw * head.prompt + gw * head.generated).sum()) / seconds
+    return min(max(1, hpa.min_replicas, math.ceil(rate / capacity)), hpa.max_replicas)
+
+
+def prepare(ns: argparse.Namespace) -> Setup:
+    trace = load_csv(ns.trace) if ns.trace else load_sample()
+    trace = trace.transformed(speedup=ns.speedup, scale=ns.scale, seed=ns.seed)
+    profile = _replica_profile(ns)
+    hpa = _hpa(ns)
     pw, gw = profile.suggested_weights()
     if profile.prompt_weight is not None and profile.generation_weight is not None:
         pw, gw = profile.prompt_weight, profile.generation_weight
     metadata = {"promptWeight": f"{pw:g}", "generationWeight": f"{gw:g}"}
     user = dict(ns.metadata)
     metadata.update({k: v for k, v in user.items() if k in ("promptWeight", "generationWeight")})
-    weights = _settings({**metadata, "tokensPerSecondPerReplica": "1"})
+    weights = token_settings({**metadata, "tokensPerSecondPerReplica": "1"})
     pw, gw = weights.prompt_weight, weights.generation_weight
     if profile.tokens_per_second_per_replica is not None:
         capacity = profile.tokens_per_second_per_replica
@@ -284,104 +323,50 @@ def prepare(ns: argparse.Namespace) -> Setup:
         )
     metadata["tokensPerSecondPerReplica"] = f"{capacity:.0f}"
     metadata.update(user)
-    settings = _settings(metadata)
-    mean_p, mean_g = trace.mean_tokens()
-    per_request = settings.prompt_weight * mean_p + settings.generation_weight * mean_g
-    rps = ns.rps_target or settings.tokens_per_second_per_replica / per_request / settings.headroom
-    conc = ns.concurrency_target or profile.max_concurrency / settings.headroom
-    return Setup(trace, config, metadata, settings, rps, conc, note, Slo(ns.ttft_slo, ns.e2e_slo))
-
-
-def make_policy(name: str, setup: Setup, ns: argparse.Namespace, headroom: float | None = None) -> Policy:
-    """The named policy; ``headroom`` rescales a baseline's target as the token policy's headroom does."""
-    s = setup.settings
-    factor = 1.0 if headroom is None else s.headroom / headroom
-    if name == "token":
-        return TokenPolicy(s)
-    if name == "rps":
-        return RequestRatePolicy(setup.rps_target * factor, ns.rps_window)
-    if name == "concurrency":
-        return ConcurrencyPolicy(setup.concurrency_target * factor)
-    return PrometheusRatePolicy(
-        s.target * factor, s.prompt_weight, s.generation_weight, ns.scrape_interval, ns.rate_window
+    token_settings(metadata)  # a bad --metadata fails here, naming the key
+    lookahead = math.ceil(profile.cold_start_s + ns.lookahead_margin)
+    cal = Calibration(
+        trace, capacity, pw, gw, profile.max_concurrency, metadata, lookahead, ns.scrape_interval
     )
+    initial = ns.initial_replicas
+    if initial is None:
+        initial = warm_start(trace, capacity, pw, gw, profile.cold_start_s + 60.0, hpa)
+    try:
+        config = SimConfig(
+            profile,
+            hpa,
+            initial,
+            ns.timeout,
+            ns.grace,
+            routing=ns.routing,
+            generation_weight=gw / pw,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return Setup(trace, config, cal, note, Slo(ns.ttft_slo, ns.tpot_slo, ns.e2e_slo))
+
+
+def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, str]]:
+    """The settings besides headroom that a policy is run with (several in a sweep)."""
+    if name == "token":
+        if not sweep:
+            return [{}]
+        return [
+            {"windowSeconds": str(w), "panic": "off" if pt >= PANIC_OFF else f"{pw}@{pt:g}"}
+            for w in ns.sweep_windows
+            for pw, pt in ns.sweep_panic
+            if pw <= w // 2
+        ]
+    if name == "rps":
+        return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]
+    if name == "prometheus":
+        return [{"window": str(w)} for w in (ns.sweep_rate_windows if sweep else [ns.rate_window])]
+    return [{}]
 
 
 def fixed_config(config: SimConfig, replicas: int) -> SimConfig:
     hpa = replace(config.hpa, min_replicas=replicas, max_replicas=replicas)
     return replace(config, hpa=hpa, initial_replicas=replicas)
-
-
-def _fixed_points(setup: Setup, ns: argparse.Namespace) -> list[Point]:
-    """Static provisioning at 1..maxReplicas pods (about 20 counts)."""
-    top = setup.config.hpa.max_replicas
-    counts = sorted(set(range(1, top + 1, max(1, top // 20))) | {top})
-    points = []
-    for k, n in enumerate(counts, start=1):
-        if not ns.quiet:
-            print(f"\rfixed replicas {k}/{len(counts)}", end="", file=sys.stderr, flush=True)
-        _, summary = run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))
-        points.append(
-            Point(
-                {"policy": "fixed", "replicas": str(n)},
-                0.0,
-                summary["gpu_hours"],
-                summary["slo_both"],
-                summary,
-            )
-        )
-    if not ns.quiet:
-        print(file=sys.stderr)
-    return points
-
-
-def _baseline_points(setup: Setup, ns: argparse.Namespace) -> dict[str, list[Point]]:
-    """The other policies over the same headrooms and scale-down windows, for a fair comparison."""
-    out: dict[str, list[Point]] = {}
-    names = [n for n in ns.policies if n != "token"]
-    total = len(names) * len(ns.sweep_headrooms) * len(ns.sweep_scale_down_windows)
-    k = 0
-    for name in names:
-        out[name] = []
-        for headroom in ns.sweep_headrooms:
-            for down in ns.sweep_scale_down_windows:
-                k += 1
-                if not ns.quiet:
-                    print(f"\rsweep of the other policies {k}/{total}", end="", file=sys.stderr, flush=True)
-                config = replace(setup.config, hpa=setup.config.hpa.with_scale_down_window(down))
-                _, summary = run_one(setup, make_policy(name, setup, ns, headroom), config)
-                settings = {"policy": name, "headroom": f"{headroom:g}"}
-                out[name].append(Point(settings, down, summary["gpu_hours"], summary["slo_both"], summary))
-    if total and not ns.quiet:
-        print(file=sys.stderr)
-    return out
-
-
-def _comparison(fronts: dict[str, list[Point]], goal: float) -> tuple[str, list[dict[str, Any]]]:
-    """Per policy: the fewest GPU-hours that reach each attainment level."""
-    levels = sorted({0.8, 0.9, 0.95, goal})
-    rows, data = [], []
-    for name, points in fronts.items():
-        cheapest: dict[str, float | None] = {}
-        for level in levels:
-            meeting = [p.gpu_hours for p in points if p.attainment >= level]
-            cheapest[f"{level:g}"] = min(meeting) if meeting else None
-        top = max(points, key=lambda p: (p.attainment, -p.gpu_hours))
-        data.append(
-            {
-                "policy": name,
-                "gpu_hours_to_reach": cheapest,
-                "best_attainment": top.attainment,
-                "best_attainment_gpu_hours": top.gpu_hours,
-            }
-        )
-        rows.append(
-            [name]
-            + [fmt(v, ".2f") for v in cheapest.values()]
-            + [percent(top.attainment), f"{top.gpu_hours:.2f}"]
-        )
-    headers = ["policy"] + [f"GPU-h for {100 * level:g}%" for level in levels] + ["best", "at GPU-h"]
-    return table(headers, rows), data
 
 
 def run_one(
@@ -396,8 +381,8 @@ def run_one(
 
 def policy_table(summaries: Sequence[dict[str, Any]]) -> str:
     headers = [
-        "policy", "GPU-h", "cost", "TTFT SLO", "E2E SLO", "both", "TTFT p50", "p95", "p99",
-        "queue avg", "max", "replicas avg", "max", "rejected", "dropped", "cpu s",
+        "policy", "GPU-h", "cost", "TTFT SLO", "TPOT SLO", "all SLOs", "TTFT p50", "p95", "p99",
+        "TPOT p90", "queue avg", "max", "replicas avg", "max", "rejected", "dropped", "cpu s",
     ]  # fmt: skip
     rows = [
         [
@@ -405,11 +390,12 @@ def policy_table(summaries: Sequence[dict[str, Any]]) -> str:
             fmt(s["gpu_hours"], ".2f"),
             fmt(s["cost"], ".2f"),
             percent(s["slo_ttft"]),
-            percent(s["slo_e2e"]),
+            percent(s["slo_tpot"]),
             percent(s["slo_both"]),
             fmt(s["ttft_p50"], ".2f"),
             fmt(s["ttft_p95"], ".2f"),
             fmt(s["ttft_p99"], ".2f"),
+            fmt(s["tpot_p90"], ".3f"),
             fmt(s["queue_mean"], ".1f"),
             fmt(s["queue_max"]),
             fmt(s["replicas_mean"], ".1f"),
@@ -436,105 +422,70 @@ def _header(setup: Setup, ns: argparse.Namespace) -> list[str]:
         f"replica: {p.source}; cold start {p.cold_start_s:g}s, {p.max_concurrency} sequences, "
         f"{p.prefill_tokens_per_s:g} prompt tokens/s, step {1000 * p.step_base_s:g} ms + "
         f"{1000 * p.step_per_seq_s:g} ms/sequence, ${p.price_per_hour:g}/replica-hour",
-        f"KEDA/HPA: replicas {h.min_replicas}..{h.max_replicas}, poll {h.polling_s:g}s, sync {h.sync_s:g}s, "
-        f"tolerance {h.tolerance:g}, scale-up max(4 pods, 100%)/15s, scale-down stabilization "
-        f"{h.scale_down.stabilization_s:g}s",
+        f"KEDA/HPA: replicas {h.min_replicas}..{h.max_replicas}, every autoscaler starts with "
+        f"{cfg.initial_replicas} ready, poll {h.polling_s:g}s, sync {h.sync_s:g}s, tolerance "
+        f"{h.tolerance:g}, scale-up max(4 pods, 100%)/15s, scale-down stabilization "
+        f"{h.scale_down.stabilization_s:g}s; routing {cfg.routing}",
         f"capacity: {setup.capacity_note}",
-        f"SLO: TTFT <= {setup.slo.ttft_s:g}s, end-to-end <= {setup.slo.e2e_s:g}s "
-        f"(rejected and dropped requests count as misses); clients give up after {cfg.timeout_s:g}s queued",
+        f"SLO per request: {setup.slo.describe()} (rejected and dropped requests miss); "
+        f"clients give up after {cfg.timeout_s:g}s queued",
     ]
     return lines
 
 
 def _sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
-    combos = grid(
-        setup.metadata, ns.sweep_windows, ns.sweep_headrooms, ns.sweep_panic, ns.sweep_scale_down_windows
+    levels = sorted({0.8, 0.9, 0.95, ns.slo_goal})
+
+    def run(policy: Policy, config: SimConfig) -> dict[str, Any]:
+        return run_one(setup, policy, config)[1]
+
+    search = Search(
+        setup.cal,
+        setup.config,
+        run,
+        levels,
+        ns.sweep_headroom_range,
+        ns.sweep_scale_down_windows,
+        progress=not ns.quiet,
     )
-    points: list[Point] = []
-    for k, (metadata, down) in enumerate(combos, start=1):
-        if not ns.quiet:
-            print(f"\rsweep {k}/{len(combos)}", end="", file=sys.stderr, flush=True)
-        config = replace(setup.config, hpa=setup.config.hpa.with_scale_down_window(down))
-        _, summary = run_one(setup, TokenPolicy(_settings(metadata)), config)
-        points.append(Point(metadata, down, summary["gpu_hours"], summary["slo_both"], summary))
+    names = [n for n in ns.policies if n in RUNNABLE] + [n for n in BOUNDS]
+    results: dict[str, Best] = {}
+    for name in names:
+        results[name] = search.policy(name, _variants(name, ns, sweep=True))
+    results["fixed"] = search.fixed(
+        lambda n: run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))[1],
+        setup.config.hpa.max_replicas,
+    )
     if not ns.quiet:
         print(file=sys.stderr)
-    front = pareto(points)
-    best = recommend(front, ns.slo_goal)
-    others = _baseline_points(setup, ns)
-    others["fixed"] = _fixed_points(setup, ns)
-    comparison_text, comparison = _comparison({"token": points, **others}, ns.slo_goal)
-
-    def label(point: Point) -> str:
-        m = point.metadata
-        panic = panic_label(int(m["panicWindowSeconds"]), float(m["panicThreshold"]))
-        return f"w{m['windowSeconds']} h{m['headroom']} p{panic} d{point.scale_down_window_s:g}"
-
-    rows = [
-        [
-            m["windowSeconds"],
-            m["headroom"],
-            panic_label(int(m["panicWindowSeconds"]), float(m["panicThreshold"])),
-            f"{pt.scale_down_window_s:g}",
-            f"{pt.gpu_hours:.2f}",
-            percent(pt.summary["slo_ttft"]),
-            percent(pt.attainment),
-            fmt(pt.summary["ttft_p95"], ".2f"),
-            "<- recommended" if pt is best else "",
-        ]
-        for pt in front
-        for m in [pt.metadata]
-    ]
-    text = table(
-        [
-            "windowSeconds",
-            "headroom",
-            "panic",
-            "scaleDown window",
-            "GPU-h",
-            "TTFT SLO",
-            "both",
-            "TTFT p95",
-            "",
-        ],
-        rows,
-    )
     out: dict[str, Any] = {
         "goal": ns.slo_goal,
-        "points": [
-            {"metadata": p.metadata, "scale_down_window_s": p.scale_down_window_s, **p.summary}
-            for p in points
-        ],
-        "front": [label(p) for p in front],
+        "levels": levels,
+        "headroom_range": list(ns.sweep_headroom_range),
+        "scale_down_windows": ns.sweep_scale_down_windows,
+        "policies": to_json(results, levels),
+        "table": comparison_table(results, levels, ns.slo_goal, ns.sweep_headroom_range[0]),
+        "verdict": [line for lv in levels for line in verdict(results, lv, RUNNABLE, "foresight")],
         "recommended": None,
-        "table": text,
-        "baselines": {
-            name: [
-                {"parameters": p.metadata, "scale_down_window_s": p.scale_down_window_s, **p.summary}
-                for p in pts
-            ]
-            for name, pts in others.items()
-        },
-        "comparison": comparison,
-        "comparison_table": comparison_text,
     }
+    token = results.get("token")
+    best = token.cheapest(ns.slo_goal) if token else None
     if best is not None:
+        variant = {k: v for k, v in best.settings.items() if k not in ("headroom", "scaleDownWindow")}
         out["recommended"] = {
-            "metadata": best.metadata,
-            "scale_down_window_s": best.scale_down_window_s,
+            "metadata": token_metadata(setup.cal, float(best.settings["headroom"]), variant),
+            "scale_down_window_s": float(best.settings["scaleDownWindow"]),
             "gpu_hours": best.gpu_hours,
             "slo_both": best.attainment,
-            "meets_goal": best.attainment >= ns.slo_goal,
+            "meets_goal": True,
         }
     if ns.plot:
         from tuning import plots
 
         plots.pareto(
-            [(p.gpu_hours, p.attainment, "") for p in points],
-            [(p.gpu_hours, p.attainment, label(p)) for p in front],
-            {name: [(p.gpu_hours, p.attainment) for p in pareto(pts)] for name, pts in others.items()},
+            {name: [(r.gpu_hours, r.attainment) for r in b.runs] for name, b in results.items()},
             ns.plot.with_name(ns.plot.stem + "-sweep.png"),
-            f"token policy sweep: {len(points)} settings",
+            f"every policy searched alike: {sum(len(b.runs) for b in results.values())} runs",
             setup.trace.attribution,
         )
     return out
@@ -552,8 +503,8 @@ def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
         "generationWeight",
     )
     lines = [
-        ("recommended" if rec["meets_goal"] else f"no setting reached {100 * goal:g}%; the highest")
-        + f": {rec['gpu_hours']:.2f} GPU-h at {100 * rec['slo_both']:.1f}% of requests within both SLOs",
+        f"token policy, cheapest reaching {100 * goal:g}%: {rec['gpu_hours']:.2f} GPU-h at "
+        f"{100 * rec['slo_both']:.1f}% of requests within every SLO",
         "  triggers[0].metadata:",
     ]
     lines += [f'    {k}: "{m[k]}"' for k in keys if k in m]
@@ -564,6 +515,36 @@ def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
     return "\n".join(lines)
 
 
+def _report(setup: Setup, ns: argparse.Namespace, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg = setup.config
+    return {
+        "trace": {
+            "source": setup.trace.source,
+            "attribution": setup.trace.attribution,
+            "requests": len(setup.trace),
+            "duration_s": setup.trace.duration_s,
+            "speedup": ns.speedup,
+            "scale": ns.scale,
+            "seed": ns.seed,
+        },
+        "replica": cfg.replica.to_json(),
+        "hpa": {
+            "min_replicas": cfg.hpa.min_replicas,
+            "max_replicas": cfg.hpa.max_replicas,
+            "initial_replicas": cfg.initial_replicas,
+            "tolerance": cfg.hpa.tolerance,
+            "sync_s": cfg.hpa.sync_s,
+            "polling_s": cfg.hpa.polling_s,
+            "scale_down_window_s": cfg.hpa.scale_down.stabilization_s,
+            "scale_up_window_s": cfg.hpa.scale_up.stabilization_s,
+        },
+        "routing": cfg.routing,
+        "slo": {"ttft_s": setup.slo.ttft_s, "tpot_s": setup.slo.tpot_s, "e2e_s": setup.slo.e2e_s},
+        "token_metadata": setup.cal.metadata,
+        "policies": summaries,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup = prepare(ns)
@@ -572,8 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ns.policies:
         if not ns.quiet:
             print(f"simulating {name} ...", file=sys.stderr, flush=True)
-        policy = make_policy(name, setup, ns)
-        result, summary = run_one(setup, policy)
+        variant = _variants(name, ns, sweep=False)[0]
+        result, summary = run_one(setup, make(name, setup.cal, None, variant))
         results.append(result)
         summaries.append(summary)
     if ns.fixed_replicas:
@@ -584,36 +565,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(_header(setup, ns)))
     print()
     for s in summaries:
-        print(f"  {s['policy']:<12} {s['settings']}")
+        print(f"  {s['policy']:<18} {s['settings']}")
     print()
     print(policy_table(summaries))
-    report: dict[str, Any] = {
-        "trace": {
-            "source": setup.trace.source,
-            "attribution": setup.trace.attribution,
-            "requests": len(setup.trace),
-            "duration_s": setup.trace.duration_s,
-            "speedup": ns.speedup,
-            "scale": ns.scale,
-            "seed": ns.seed,
-        },
-        "replica": setup.config.replica.to_json(),
-        "hpa": {
-            "min_replicas": setup.config.hpa.min_replicas,
-            "max_replicas": setup.config.hpa.max_replicas,
-            "tolerance": setup.config.hpa.tolerance,
-            "sync_s": setup.config.hpa.sync_s,
-            "polling_s": setup.config.hpa.polling_s,
-            "scale_down_window_s": setup.config.hpa.scale_down.stabilization_s,
-            "scale_up_window_s": setup.config.hpa.scale_up.stabilization_s,
-        },
-        "slo": {"ttft_s": setup.slo.ttft_s, "e2e_s": setup.slo.e2e_s},
-        "token_metadata": setup.metadata,
-        "policies": summaries,
-        "timelines": {
-            r.policy: {k: v.tolist() for k, v in r.timeline.items() if k in ("t", "pods", "queue")}
-            for r in results
-        },
+    report = _report(setup, ns, summaries)
+    report["timelines"] = {
+        r.policy: {k: v.tolist() for k, v in r.timeline.items() if k in ("t", "pods", "ready", "queue")}
+        for r in results
     }
     if ns.plot and results:
         from tuning import plots
@@ -622,24 +580,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             results,
             ns.plot,
             f"{Path(setup.trace.source).name}: load x{ns.scale:g}, "
-            f"cold start {setup.config.replica.cold_start_s:g}s",
+            f"cold start {setup.config.replica.cold_start_s:g}s, routing {setup.config.routing}",
             setup.trace.attribution,
+            setup.cal.capacity / setup.cal.prompt_weight,
+            setup.slo,
         )
         print(f"\nplot: {ns.plot}")
     if ns.sweep:
         sweep = _sweep(setup, ns)
-        report["sweep"] = {k: v for k, v in sweep.items() if k not in ("table", "comparison_table")}
+        report["sweep"] = {k: v for k, v in sweep.items() if k != "table"}
+        lo, hi = ns.sweep_headroom_range
         print(
-            "\nsweep of the token policy: Pareto front of GPU-hours vs attainment of both SLOs "
-            f"({len(sweep['points'])} settings)"
+            f"\nevery policy searched alike: headroom {lo:g}..{hi:g} (target = calibrated capacity / "
+            f"headroom), scale-down windows {', '.join(f'{d:g}s' for d in ns.sweep_scale_down_windows)}, "
+            "each policy's own windows; fixed = the fewest replicas, searched over 1..maxReplicas. "
+            "The fewest GPU-hours reaching each attainment of every SLO (* = held by the range's edge):"
         )
         print(sweep["table"])
-        print(
-            "\nevery policy over the same headrooms (a baseline's target x default headroom / headroom) "
-            "and scale-down windows, and 'fixed' = N replicas without autoscaling, N = 1..max: "
-            "the fewest GPU-hours that reach each attainment of both SLOs"
-        )
-        print(sweep["comparison_table"])
+        print()
+        print("\n".join(sweep["verdict"]))
         if sweep["recommended"] is not None:
             print()
             print(_recommendation_text(sweep["recommended"], ns.slo_goal))

@@ -1,0 +1,220 @@
+"""``simulate --sweep``: every policy given the same search, and the foresight bound.
+
+For each policy, each of its variants (the token policy's window and panic settings, the
+request-rate and Prometheus rate windows) and each scale-down stabilization window, the
+search looks for the smallest headroom whose run reaches each attainment level, by
+bisection on log(headroom) over one range for every policy (``--sweep-headroom-range``):
+GPU-hours grow with headroom, so the smallest headroom reaching a level is the cheapest
+setting of that family that does. A fixed deployment is searched the same way over its
+replica count (every count from 1 to maxReplicas is a candidate, not a sampled few).
+
+Every run an autoscaler makes starts from the same warm start (``SimConfig``'s initial
+replicas), and every policy is calibrated from one measurement (``tuning.registry``). A
+level reached only at an edge of the range is flagged: the range, not the policy, may be
+what limits it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tuning.engine import SimConfig
+from tuning.registry import Calibration, Variant, make
+from tuning.report import fmt, table
+
+BISECTIONS = 6  # log-space steps: a 8x headroom range is resolved to about 3 %
+
+
+@dataclass(frozen=True)
+class Run:
+    policy: str
+    settings: dict[str, str]
+    gpu_hours: float
+    attainment: float
+    summary: dict[str, Any]
+
+
+@dataclass
+class Best:
+    """The runs of one policy."""
+
+    runs: list[Run] = field(default_factory=list)
+
+    def cheapest(self, level: float) -> Run | None:
+        meeting = [r for r in self.runs if r.attainment >= level]
+        return min(meeting, key=lambda r: r.gpu_hours) if meeting else None
+
+
+Simulate = Callable[[Any, SimConfig], dict[str, Any]]  # (policy, config) -> summary
+
+
+@dataclass(frozen=True)
+class Search:
+    cal: Calibration
+    config: SimConfig
+    simulate: Simulate
+    levels: Sequence[float]
+    headroom_range: tuple[float, float]
+    scale_down_windows: Sequence[float]
+    progress: bool = False
+
+    def policy(self, name: str, variants: Sequence[Variant]) -> Best:
+        best = Best()
+        for variant in variants:
+            for down in self.scale_down_windows:
+                config = replace(self.config, hpa=self.config.hpa.with_scale_down_window(down))
+                self._bisect_headroom(name, variant, down, config, best)
+        return best
+
+    def _bisect_headroom(
+        self, name: str, variant: Variant, down: float, config: SimConfig, best: Best
+    ) -> None:
+        cache: dict[float, Run] = {}
+
+        def run(h: float) -> Run:
+            h = round(h, 4)
+            if h not in cache:
+                summary = self.simulate(make(name, self.cal, h, variant), config)
+                settings = {**variant, "headroom": f"{h:g}", "scaleDownWindow": f"{down:g}"}
+                cache[h] = Run(name, settings, summary["gpu_hours"], summary["slo_both"], summary)
+                best.runs.append(cache[h])
+                if self.progress:
+                    print(f"\r{name} {settings}".ljust(100), end="", file=sys.stderr, flush=True)
+            return cache[h]
+
+        lo, hi = self.headroom_range
+        for level in self.levels:
+            if run(hi).attainment < level or run(lo).attainment >= level:
+                continue  # not even at the top of the range, or already at its bottom
+            a, b = math.log(lo), math.log(hi)  # attainment(a) < level <= attainment(b)
+            for _ in range(BISECTIONS):
+                mid = (a + b) / 2
+                if run(math.exp(mid)).attainment >= level:
+                    b = mid
+                else:
+                    a = mid
+
+    def fixed(self, simulate_fixed: Callable[[int], dict[str, Any]], max_replicas: int) -> Best:
+        """The fewest replicas reaching each level, by bisection over 1..max_replicas."""
+        best = Best()
+        cache: dict[int, Run] = {}
+
+        def run(n: int) -> Run:
+            if n not in cache:
+                summary = simulate_fixed(n)
+                cache[n] = Run(
+                    "fixed", {"replicas": str(n)}, summary["gpu_hours"], summary["slo_both"], summary
+                )
+                best.runs.append(cache[n])
+            return cache[n]
+
+        for level in self.levels:
+            if run(max_replicas).attainment < level:
+                continue
+            lo, hi = 0, max_replicas  # attainment(lo) < level <= attainment(hi); 0 replicas serve nothing
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if run(mid).attainment >= level:
+                    hi = mid
+                else:
+                    lo = mid
+        return best
+
+
+def _label(run: Run | None) -> str:
+    if run is None:
+        return "-"
+    return " ".join(f"{k}={v}" for k, v in run.settings.items())
+
+
+def _held_by_edge(run: Run | None, low: float) -> bool:
+    """No run reached the level (so not even the range's top did), or the cheapest one
+    is at the range's low end, where a lower headroom might reach it cheaper."""
+    if run is None:
+        return True
+    return "headroom" in run.settings and float(run.settings["headroom"]) <= low
+
+
+def comparison_table(results: dict[str, Best], levels: Sequence[float], goal: float, low: float) -> str:
+    headers = ["policy"] + [f"GPU-h for {100 * lv:g}%" for lv in levels] + [f"setting at {100 * goal:g}%"]
+    rows = []
+    for name, best in results.items():
+        cells = []
+        for level in levels:
+            run = best.cheapest(level)
+            mark = "*" if _held_by_edge(run, low) else ""
+            cells.append(fmt(run.gpu_hours, ".2f") + mark if run else "-" + mark)
+        rows.append([name, *cells, _label(best.cheapest(goal))])
+    return table(headers, rows)
+
+
+def verdict(results: dict[str, Best], level: float, runnable: Sequence[str], bound: str) -> list[str]:
+    """Who wins at ``level``, by how much, in words: fixed, the autoscalers, the bound."""
+    lines = []
+    costs = {name: best.cheapest(level) for name, best in results.items()}
+    reached = {n: r.gpu_hours for n, r in costs.items() if r is not None}
+    autoscalers = {n: reached[n] for n in runnable if n in reached}
+    pct = f"{100 * level:g} %"
+    if not autoscalers:
+        return [f"at {pct}: no autoscaling policy reached it in the searched range"]
+    winner = min(autoscalers, key=lambda n: autoscalers[n])
+    lines.append(f"at {pct}: the cheapest autoscaler is {winner} ({autoscalers[winner]:.2f} GPU-h)")
+    fixed = reached.get("fixed")
+    if fixed is None:
+        lines.append("  no fixed replica count up to maxReplicas reached it")
+    elif fixed <= autoscalers[winner]:
+        lines.append(
+            f"  a FIXED deployment beats every autoscaler: {fixed:.2f} GPU-h "
+            f"({_rel(autoscalers[winner], fixed)} for {winner})"
+        )
+    else:
+        lines.append(
+            f"  autoscaling beats fixed ({fixed:.2f} GPU-h) by {_saving(autoscalers[winner], fixed)}"
+        )
+    token = autoscalers.get("token")
+    if token is not None:
+        for other in runnable:
+            if other != "token" and other in autoscalers:
+                lines.append(f"  token vs {other}: {_rel(token, autoscalers[other])}")
+    if bound in reached:
+        b = reached[bound]
+        distances = ", ".join(f"{n} {_rel(c, b)}" for n, c in autoscalers.items())
+        lines.append(f"  distance to the foresight bound ({b:.2f} GPU-h): {distances}")
+    return lines
+
+
+def _rel(value: float, reference: float) -> str:
+    """``value`` against ``reference``: '+12.0 %' costs more, '-5.0 %' less."""
+    return f"{100 * (value / reference - 1):+.1f} %"
+
+
+def _saving(value: float, reference: float) -> str:
+    return f"{100 * (1 - value / reference):.1f} %"
+
+
+def to_json(results: dict[str, Best], levels: Sequence[float]) -> list[dict[str, Any]]:
+    out = []
+    for name, best in results.items():
+        cheapest: dict[str, Any] = {}
+        for level in levels:
+            run = best.cheapest(level)
+            cheapest[f"{level:g}"] = (
+                None
+                if run is None
+                else {"gpu_hours": run.gpu_hours, "attainment": run.attainment, "settings": run.settings}
+            )
+        out.append(
+            {
+                "policy": name,
+                "runs": len(best.runs),
+                "cheapest": cheapest,
+                "points": [
+                    {"settings": r.settings, "gpu_hours": r.gpu_hours, "slo": r.attainment} for r in best.runs
+                ],
+            }
+        )
+    return out
