@@ -27,6 +27,7 @@ class ScalerSettings:
     generation_weight: float = 1.0
     panic_window_s: int = 6
     panic_threshold: float = 2.0
+    panic_hold_s: int = 15
     activation_tokens_per_second: float = 0.0
     model: str | None = None
     max_replicas: int = 0
@@ -49,7 +50,14 @@ KEYS: dict[str, tuple[str, str]] = {
     "promptWeight": ("weight of prompt tokens, a number >= 0", "1.0"),
     "generationWeight": ("weight of generated tokens, a number >= 0", "1.0"),
     "panicWindowSeconds": ("short burst window in seconds, a whole number from 1 to half the window", "6"),
-    "panicThreshold": ("panic when the short-window rate >= this x the stable rate, a number > 1", "2.0"),
+    "panicThreshold": (
+        "panic when the short window asks for >= this x the replicas reporting now, a number > 1",
+        "2.0",
+    ),
+    "panicHoldSeconds": (
+        "panic ends this long after its last trigger, a whole number from 1 to the window",
+        "15",
+    ),
     "activationTokensPerSecond": ("IsActive is true above this weighted rate, a number >= 0", "0"),
     "model": ("count only this model's tokens (the request's `model`)", "all models"),
     "maxReplicas": (
@@ -130,6 +138,15 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
     elif panic_window > window // 2:
         panic_window = window // 2
     panic_threshold = number("panicThreshold", 2.0, lambda v: v > 1)
+    panic_hold = min(15, window)
+    if "panicHoldSeconds" in metadata:
+        panic_hold = _whole(
+            "panicHoldSeconds",
+            metadata["panicHoldSeconds"],
+            1,
+            window,
+            f"expected a whole number from 1 to {window} (windowSeconds)",
+        )
     activation = number("activationTokensPerSecond", 0.0, lambda v: v >= 0)
     max_replicas = 0
     if "maxReplicas" in metadata:
@@ -146,6 +163,7 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         generation_weight=generation_weight,
         panic_window_s=panic_window,
         panic_threshold=panic_threshold,
+        panic_hold_s=panic_hold,
         activation_tokens_per_second=activation,
         model=model,
         max_replicas=max_replicas,

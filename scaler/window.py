@@ -23,14 +23,22 @@ seconds than asked for: rates divide by the seconds actually covered
 (``now - first data``), never by the full window, so a fresh scaler does not
 under-report the load that just arrived.
 
-Panic (after Knative's KPA). For each whole second ``g`` of the last stable window
-the stable and panic-window demands are computed; ``g`` triggers when the replicas
-the panic window asks for are >= ``panicThreshold`` x those the stable window asks
-for (at least 1) -- compared in replicas, as Knative compares pods, so noise at
-low rates does not panic. While any second of the last stable window triggered,
-the value is the highest demand (stable or panic) since the first such trigger:
-it does not fall until a stable window has passed without one. The decision is a
-function of the buckets only, so replicas agree.
+Panic (after Knative's KPA). For each whole second ``g`` of the last
+``panicHoldSeconds`` the panic-window demand is computed; ``g`` triggers when the
+replicas it asks for are >= ``panicThreshold`` x the replicas running at ``g``: the
+most of the replicas reporting, those the stable window asks for, and 1. Against the
+replicas reporting, as Knative compares the panic window's pods with the pods ready
+now, a burst the running replicas can absorb does not panic, and a fleet that grew
+after a burst stops panicking once it has; against the stable window's, noise does
+not panic while pods are still starting. The replicas reporting are the sidecars' records
+per second (each live sidecar flushes one a second, idle or not), averaged over the
+``PRESENCE_S`` seconds before ``g``. While a second of the last ``panicHoldSeconds``
+triggered, the value is the highest demand (stable or panic) of those seconds; panic
+ends ``panicHoldSeconds`` after the last trigger, so a burst costs only while it lasts
+(the HPA's scale-down stabilization keeps the pods it asked for; holding the value
+longer would only hold them again). The default hold, 15 s, is one HPA sync: a trigger
+between two syncs is seen by the next. The decision is a function of the buckets
+only, so scaler replicas agree.
 """
 
 from __future__ import annotations
@@ -47,7 +55,11 @@ from token_scaler.record import Record, entry_time_ms
 
 # sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
 N_SERIES = 5
-# The panic hold looks back one window at rates that each span a window.
+# The replicas reporting at a second: the mean of the sidecar records per second over
+# this many seconds before it (flushes jitter across second boundaries).
+PRESENCE_S = 4
+# Evaluations look back a window and a panic hold (at most another window); the rest
+# is margin for entries that arrive late.
 HISTORY_S = 2 * MAX_WINDOW_S + 5
 TENANT_WINDOW_S = 60
 
@@ -55,32 +67,39 @@ Floats = npt.NDArray[np.float64]
 
 
 class SecondRing:
-    """Per-second sums of the five counters over the last ``size`` seconds."""
+    """Per-second sums of ``series`` counters (the five above) over the last ``size`` seconds.
+    Plain lists, not arrays: an entry adds a handful of numbers, where numpy's per-call
+    cost would be most of the ingest; ``window`` builds the array evaluations read."""
 
-    def __init__(self, size: int = HISTORY_S) -> None:
+    def __init__(self, size: int = HISTORY_S, series: int = N_SERIES) -> None:
         self.size = size
-        self.values: Floats = np.zeros((N_SERIES, size))
-        self.secs = np.full(size, -1, dtype=np.int64)
+        self.series = series
+        self.values: list[list[float]] = [[0.0] * series for _ in range(size)]
+        self.secs: list[int] = [-1] * size
 
     def add(self, sec: int, counts: list[float]) -> bool:
         """Add counts to second ``sec``; False when that second has left the ring."""
         slot = sec % self.size
-        held = int(self.secs[slot])
+        held = self.secs[slot]
         if held != sec:
             if held > sec:
                 return False
-            self.values[:, slot] = 0.0
+            self.values[slot] = [float(c) for c in counts]
             self.secs[slot] = sec
-        self.values[:, slot] += counts
+            return True
+        row = self.values[slot]
+        for i, c in enumerate(counts):
+            row[i] += c
         return True
 
     def window(self, start: int, stop: int) -> Floats:
-        """Counts for seconds ``[start, stop)`` as an array (N_SERIES, stop - start)."""
-        seconds = np.arange(start, stop, dtype=np.int64)
-        slots = seconds % self.size
-        out = self.values[:, slots].copy()
-        out[:, self.secs[slots] != seconds] = 0.0
-        return out
+        """Counts for seconds ``[start, stop)`` as an array (series, stop - start)."""
+        zero = [0.0] * self.series
+        size, secs, values = self.size, self.secs, self.values
+        rows = [values[sec % size] if secs[sec % size] == sec else zero for sec in range(start, stop)]
+        if not rows:
+            return np.zeros((self.series, 0))
+        return np.array(rows, dtype=np.float64).T.copy()
 
 
 @dataclass
@@ -98,6 +117,8 @@ class WorkloadSeries:
     """Everything read so far from one workload's stream."""
 
     rings: dict[str | None, SecondRing] = field(default_factory=dict)
+    # sidecar-seconds reported per second: a record of an interval of k seconds adds k
+    presence: SecondRing = field(default_factory=lambda: SecondRing(series=1))
     first_sec: int | None = None
     sidecars: dict[str, SidecarState] = field(default_factory=dict)
     entries: int = 0
@@ -157,6 +178,7 @@ class WorkloadSeries:
         if all_models is None:
             all_models = self.rings[None] = SecondRing()
         accepted = all_models.add(sec, total) and accepted
+        self.presence.add(sec, [max(1, round(record.interval_ms / 1000))])
         if not accepted:
             self.too_old += 1
         if state is None:
@@ -242,6 +264,18 @@ def _rates(sums: Floats, seconds: float, pw: float, gw: float) -> Rates:
     return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag)
 
 
+def _reporting(series: WorkloadSeries, grid: npt.NDArray[np.int64]) -> Floats:
+    """The replicas reporting at each second of ``grid``: sidecar-seconds per second over
+    the ``PRESENCE_S`` seconds before it (fewer at the start of the data)."""
+    start = int(grid[0]) - PRESENCE_S
+    counts = series.presence.window(start, int(grid[-1]))[0]
+    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    ends = grid - start
+    known = np.clip(grid - (series.first_sec or 0), 1, PRESENCE_S).astype(np.float64)
+    out: Floats = (cum[ends] - cum[ends - known.astype(np.int64)]) / known
+    return out
+
+
 def replicas_for(value: float, target: float) -> int:
     """What KEDA's HPA derives with metricType AverageValue: ceil(value / target)."""
     return math.ceil(value / target - 1e-9) if value > 0 else 0
@@ -271,15 +305,18 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
             "no entry from any sidecar of this workload (or this model) yet",
         )
 
-    counts = ring.window(s - 2 * w, s)  # seconds s-2w .. s-1
-    cum = np.zeros((N_SERIES, 2 * w + 1))
+    hold = min(settings.panic_hold_s, w)
+    n = w + hold
+    counts = ring.window(s - n, s)  # seconds s-n .. s-1
+    cum = np.zeros((N_SERIES, n + 1))
     np.cumsum(counts, axis=1, out=cum[:, 1:])
-    # grid points g = s-w+1 .. s, each the end (exclusive) of its windows; k indexes cum
-    k = np.arange(w + 1, 2 * w + 1)
-    grid = np.arange(s - w + 1, s + 1)
+    # the seconds g = s-hold+1 .. s that may hold panic, each the end (exclusive) of its
+    # windows; k indexes cum
+    k = np.arange(n + 1 - hold, n + 1)
+    grid = np.arange(s - hold + 1, s + 1)
+    known = (grid - series.first_sec).astype(np.float64)
     stable_sums = cum[:, k] - cum[:, k - w]
     panic_sums = cum[:, k] - cum[:, k - wp]
-    known = (grid - series.first_sec).astype(np.float64)
     cover_stable = np.clip(known, 0, w)
     cover_panic = np.clip(known, 0, wp)
 
@@ -287,13 +324,15 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         safe = np.where(cover >= 1, cover, 1.0)
         served = (pw * sums[0] + gw * sums[1]) / safe
         arrived = (pw * sums[2] + gw * sums[3]) / safe
-        return np.where(cover >= 1, np.maximum(np.maximum(served, arrived), 0.0), 0.0)
+        out: Floats = np.where(cover >= 1, np.maximum(np.maximum(served, arrived), 0.0), 0.0)
+        return out
 
     stable_demand = demand(stable_sums, cover_stable)
     panic_demand = demand(panic_sums, cover_panic)
-    stable_replicas = np.maximum(1, np.ceil(stable_demand / target - 1e-9))
+    stable_replicas = np.ceil(stable_demand / target - 1e-9)
     panic_replicas = np.ceil(panic_demand / target - 1e-9)
-    triggers = panic_replicas >= settings.panic_threshold * stable_replicas
+    running = np.maximum(np.maximum(1.0, stable_replicas), _reporting(series, grid))
+    triggers = panic_replicas >= settings.panic_threshold * running
 
     stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
@@ -302,14 +341,16 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
 
     if triggers.any():
         first = int(np.argmax(triggers))
-        held = np.maximum(stable_demand[first:], panic_demand[first:])
-        value = float(held.max())
+        held = np.maximum(stable_demand, panic_demand)[first:][triggers[first:]]
+        value = max(float(held.max()), stable.demand)
         since = int(grid[first])
+        last = int(grid[len(triggers) - 1 - int(np.argmax(triggers[::-1]))])
         rule = "panic"
         reason = (
             f"panic since second {since}: the {wp}s window asked for >= {settings.panic_threshold:g}x "
-            f"the replicas of the {w}s window; holding the highest demand since then "
-            f"({value:.1f} tokens/s) until {w}s pass without a trigger"
+            f"the replicas running (those reporting, at least the {w}s window's); holding the highest "
+            f"demand of its triggers ({value:.1f} tokens/s) until {hold}s pass without one "
+            f"(last: second {last})"
         )
     else:
         value = stable.demand

@@ -35,6 +35,7 @@ def test_every_key() -> None:
             "generationWeight": "1",
             "panicWindowSeconds": "10",
             "panicThreshold": "3",
+            "panicHoldSeconds": "30",
             "activationTokensPerSecond": "5",
             "model": "llama-3-8b",
             "maxReplicas": "12",
@@ -55,6 +56,7 @@ def test_every_key() -> None:
         5.0,
         "llama-3-8b",
     )
+    assert s.panic_hold_s == 30
 
 
 def test_every_documented_key_is_parsed() -> None:
@@ -67,6 +69,7 @@ def test_every_documented_key_is_parsed() -> None:
         "generationWeight",
         "panicWindowSeconds",
         "panicThreshold",
+        "panicHoldSeconds",
         "activationTokensPerSecond",
         "model",
         "maxReplicas",
@@ -95,6 +98,8 @@ def test_short_window_shrinks_the_default_panic_window() -> None:
         ("panicWindowSeconds", "0", "from 1 to 30"),
         ("panicWindowSeconds", "31", "from 1 to 30"),
         ("panicThreshold", "1", "> 1"),
+        ("panicHoldSeconds", "0", "from 1 to 60"),
+        ("panicHoldSeconds", "61", "from 1 to 60"),
         ("activationTokensPerSecond", "-1", ">= 0"),
         ("model", " ", "model name"),
         ("workload", "no-slash", "<namespace>/<name>"),

@@ -124,21 +124,21 @@ def test_no_data() -> None:
 
 def test_panic_entry_hold_and_exit() -> None:
     # 100 tokens/s for 120 s, then a burst of 1,000 tokens/s for 6 s, then 100 again.
-    # target = 130 / 1.3 = 100 tokens/s per replica.
+    # target = 130 / 1.3 = 100 tokens/s per replica; one sidecar reports.
     series = WorkloadSeries()
     feed(series, T0, 120, sg=100)
     feed(series, T0 + 120, 6, sg=1000, seq0=120)
     feed(series, T0 + 126, 200, sg=100, seq0=126)
-    s = settings_()
+    s = settings_()  # panic window 6 s, threshold 2, hold 15 s
 
     before = evaluate(series, s, (T0 + 120) * 1000)
     assert not before.panic_active and before.value == 100
 
-    # Second 1 of the burst: panic window (5*100 + 1000)/6 = 250 -> 3 replicas; stable
-    # (59*100 + 1000)/60 = 115 -> 2 replicas; 3 < 2 x 2: no panic yet.
+    # Second 1 of the burst: panic window (5*100 + 1000)/6 = 250 -> 3 replicas; running
+    # = max(1 reporting, stable (59*100 + 1000)/60 = 115 -> 2) = 2; 3 < 2 x 2: no panic yet.
     one = evaluate(series, s, (T0 + 121) * 1000)
     assert not one.panic_active and one.value == pytest.approx(115)
-    # Second 2: panic (4*100 + 2000)/6 = 400 -> 4 replicas >= 2 x 2 (stable 130 -> 2): panic.
+    # Second 2: panic (4*100 + 2000)/6 = 400 -> 4 replicas >= 2 x 2: panic.
     two = evaluate(series, s, (T0 + 122) * 1000)
     assert two.panic_active and two.panic_since == T0 + 122
     assert two.value == pytest.approx(400) and two.replicas == 4
@@ -146,21 +146,46 @@ def test_panic_entry_hold_and_exit() -> None:
     peak = evaluate(series, s, (T0 + 126) * 1000)
     assert peak.value == pytest.approx(1000) and peak.replicas == 10
 
-    # The value does not fall while the trigger is within the last stable window...
-    for t in (130, 150, 180):
-        held = evaluate(series, s, (T0 + t) * 1000)
-        assert held.panic_active and held.value == pytest.approx(1000), t
-    # ...and panic ends one stable window after the last trigger.
-    last_trigger = max(t for t in range(T0 + 121, T0 + 200) if _triggers(series, s, t))
-    assert evaluate(series, s, (last_trigger + 59) * 1000).panic_active
-    after = evaluate(series, s, (last_trigger + 60) * 1000)
+    # The last trigger, as the scaler compares them (the stable window's replicas rule here).
+    last = max(t for t in range(T0 + 121, T0 + 200) if _triggers(series, s, t))
+    assert last < T0 + 132  # the burst left the 6 s window by then
+    # The value holds the highest demand of the triggers within the last 15 s: 1,000
+    # while the peak is inside them, then the last trigger's own, until 15 s after it...
+    assert evaluate(series, s, (T0 + 126 + 14) * 1000).value == pytest.approx(1000)
+    assert last + 14 > T0 + 126 + 14
+    held = evaluate(series, s, (last + 14) * 1000)
+    assert held.panic_active
+    last_demand = evaluate(series, s, last * 1000).panic.demand
+    assert last_demand < 1000 and held.value == pytest.approx(last_demand)
+    # ...and then panic ends: the burst costs 15 s past its last trigger, not a window.
+    after = evaluate(series, s, (last + 15) * 1000)
     assert not after.panic_active and after.rule.startswith("stable")
     assert after.value == after.stable.demand < 200
 
 
+def test_panic_compares_with_the_replicas_reporting() -> None:
+    # Ten sidecars report (a fleet scaled up after an earlier burst) while the stable
+    # window asks for 3: a burst to 8 replicas' worth fits the running fleet, no panic.
+    series = WorkloadSeries()
+    for i in range(10):
+        feed(series, T0, 120, sg=30, sidecar=f"pod-{i}", seq0=0)
+        feed(series, T0 + 120, 6, sg=80, sidecar=f"pod-{i}", seq0=120)
+    s = settings_()
+    ev = evaluate(series, s, (T0 + 126) * 1000)
+    assert ev.panic.demand == pytest.approx(800) and replicas_for(ev.panic.demand, ev.target) == 8
+    assert ev.stable.demand < 400  # the stable window asks for 4 at most: 8 >= 2 x 4
+    assert not ev.panic_active  # but 8 < 2 x 10 replicas running
+    # The same burst onto two sidecars panics.
+    small = WorkloadSeries()
+    for i in range(2):
+        feed(small, T0, 120, sg=150, sidecar=f"pod-{i}")
+        feed(small, T0 + 120, 6, sg=400, sidecar=f"pod-{i}", seq0=120)
+    assert evaluate(small, s, (T0 + 126) * 1000).panic_active
+
+
 def _triggers(series: WorkloadSeries, s: ScalerSettings, t: int) -> bool:
     ev = evaluate(series, s, t * 1000)
-    # the trigger condition at t, in replicas as the scaler compares them
+    # the trigger condition at t, in replicas as the scaler compares them (one sidecar)
     stable_r = max(1, replicas_for(ev.stable.demand, ev.target))
     return replicas_for(ev.panic.demand, ev.target) >= s.panic_threshold * stable_r
 
