@@ -31,6 +31,9 @@ class ScalerSettings:
     activation_tokens_per_second: float = 0.0
     model: str | None = None
     max_replicas: int = 0
+    predictive: bool = False
+    lead_s: int = 300
+    max_forecast_error: float = 0.3
 
     @property
     def target(self) -> float:
@@ -55,11 +58,25 @@ KEYS: dict[str, tuple[str, str]] = {
         "2.0",
     ),
     "panicHoldSeconds": (
-        "panic ends this long after its last trigger, a whole number from 1 to the window",
+        "panic ends this long after its last trigger, a whole number from 1 to 600",
         "15",
     ),
     "activationTokensPerSecond": ("IsActive is true above this weighted rate, a number >= 0", "0"),
     "model": ("count only this model's tokens (the request's `model`)", "all models"),
+    "predictive": (
+        "true: answer max(demand now, the seasonal forecast of the next leadSeconds) while the "
+        "forecast proves right; true or false",
+        "false",
+    ),
+    "leadSeconds": (
+        "how far ahead the forecast looks (a cold start and the time to act), 60 to 3600",
+        "300",
+    ),
+    "maxForecastError": (
+        "the forecast is used only while its recent error (mean absolute / mean demand) is at "
+        "most this, a number > 0",
+        "0.3",
+    ),
     "maxReplicas": (
         "the ScaledObject's maxReplicaCount (KEDA does not forward it), a whole number >= 0; 0 = unknown",
         "0",
@@ -138,19 +155,25 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
     elif panic_window > window // 2:
         panic_window = window // 2
     panic_threshold = number("panicThreshold", 2.0, lambda v: v > 1)
-    panic_hold = min(15, window)
+    panic_hold = 15
     if "panicHoldSeconds" in metadata:
         panic_hold = _whole(
-            "panicHoldSeconds",
-            metadata["panicHoldSeconds"],
-            1,
-            window,
-            f"expected a whole number from 1 to {window} (windowSeconds)",
+            "panicHoldSeconds", metadata["panicHoldSeconds"], 1, MAX_WINDOW_S, allowed("panicHoldSeconds")
         )
     activation = number("activationTokensPerSecond", 0.0, lambda v: v >= 0)
     max_replicas = 0
     if "maxReplicas" in metadata:
         max_replicas = _whole("maxReplicas", metadata["maxReplicas"], 0, 100_000, allowed("maxReplicas"))
+    predictive = False
+    if "predictive" in metadata:
+        raw = metadata["predictive"].strip().lower()
+        if raw not in ("true", "false"):
+            raise MetadataError("predictive", metadata["predictive"], allowed("predictive"))
+        predictive = raw == "true"
+    lead = 300
+    if "leadSeconds" in metadata:
+        lead = _whole("leadSeconds", metadata["leadSeconds"], 60, 3600, allowed("leadSeconds"))
+    max_error = number("maxForecastError", 0.3, lambda v: v > 0)
     model = metadata.get("model")
     if model is not None and not model.strip():
         raise MetadataError("model", model, "expected a model name (leave the key out to count all models)")
@@ -167,4 +190,7 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         activation_tokens_per_second=activation,
         model=model,
         max_replicas=max_replicas,
+        predictive=predictive,
+        lead_s=lead,
+        max_forecast_error=max_error,
     )

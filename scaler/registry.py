@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaler.cost import describe_cost, series_cost
+from scaler.forecast import Forecast
 from scaler.metadata import ScalerSettings, parse
 from scaler.metrics import ScalerMetrics
+from scaler.predictive import Predictor, combine
 from scaler.reader import StreamReader
 from scaler.window import Evaluation, evaluate
 from token_scaler.pricing import PriceTable
@@ -40,18 +42,24 @@ class ScaledObjectState:
     last_evaluation: Evaluation | None = None
     # the evaluation the per-ScaledObject gauges show; most calls repeat it (one per second)
     gauged: Evaluation | None = None
+    last_forecast: Forecast | None = None
 
 
 class Registry:
     def __init__(
-        self, reader: StreamReader, metrics: ScalerMetrics, prices: PriceTable | None = None
+        self,
+        reader: StreamReader,
+        metrics: ScalerMetrics,
+        prices: PriceTable | None = None,
+        predictor: Predictor | None = None,
     ) -> None:
         self.reader = reader
         self.metrics = metrics
         self.prices = prices
+        self.predictor = predictor
         self.objects: dict[tuple[str, str], ScaledObjectState] = {}
         self._parsed: dict[tuple[str, str, frozenset[tuple[str, str]]], ScalerSettings] = {}
-        self._cache: dict[tuple[str, ScalerSettings], tuple[int, int, Evaluation]] = {}
+        self._cache: dict[tuple[str, ScalerSettings], tuple[int, int, Evaluation, Forecast | None]] = {}
 
     def resolve(
         self, namespace: str, name: str, metadata: Mapping[str, str], method: str
@@ -82,12 +90,20 @@ class Registry:
         cache_key = (settings.workload, settings)
         cached = self._cache.get(cache_key)
         if cached is not None and cached[0] == second and cached[1] == series.past_version:
-            evaluation = cached[2]
+            evaluation, fc = cached[2], cached[3]
         else:
-            evaluation = evaluate(series, settings, now)
-            self._cache[cache_key] = (second, series.past_version, evaluation)
+            evaluation, fc = evaluate(series, settings, now), None
+            if settings.predictive and self.predictor is not None:
+                fc = await self.predictor.forecast(settings, now)
+                evaluation = combine(evaluation, fc, settings)
+            self._cache[cache_key] = (second, series.past_version, evaluation, fc)
         state.last_evaluation = evaluation
+        state.last_forecast = fc
         return evaluation
+
+    def predictive_workloads(self) -> set[str]:
+        """Workloads some ScaledObject asks a forecast of: their history is kept."""
+        return {st.settings.workload for st in self.objects.values() if st.settings.predictive}
 
     async def saturation(self) -> dict[str, Saturation]:
         """The saturation signal of every workload asked about, for the sidecars' downgrade rules.
@@ -132,6 +148,8 @@ class Registry:
                 with contextlib.suppress(KeyError):
                     gauge.remove(*key)
             self._cache = {k: v for k, v in self._cache.items() if k[1] != state.settings}
+            if self.predictor is not None:
+                self.predictor.forget(state.settings)
         in_use = {st.settings.workload for st in self.objects.values()}
         for workload in [w for w in self.reader.series if w not in in_use]:
             self.reader.drop(workload)
@@ -176,6 +194,9 @@ class Registry:
                 "panicThreshold": s.panic_threshold,
                 "activationTokensPerSecond": s.activation_tokens_per_second,
                 "model": s.model,
+                "predictive": s.predictive,
+                "leadSeconds": s.lead_s,
+                "maxForecastError": s.max_forecast_error,
             },
             "metricName": METRIC_NAME,
             "target": s.target,
@@ -189,6 +210,8 @@ class Registry:
         evaluation = state.last_evaluation
         if series is not None:
             evaluation = evaluate(series, s, now)
+            if s.predictive and state.last_forecast is not None:
+                evaluation = combine(evaluation, state.last_forecast, s)
             live = series.live_sidecars(now, self.reader.liveness_ms)
             gauges = [0, 0, 0, 0]
             for st in live.values():
@@ -226,6 +249,22 @@ class Registry:
         else:
             cost = series_cost(series, self.prices, s.workload, now, self.reader.liveness_ms)
             out["cost"] = describe_cost(cost, self.prices.currency)
+        fc = state.last_forecast
+        if s.predictive:
+            out["forecast"] = (
+                None
+                if fc is None
+                else {
+                    "valueTokensPerSecond": round(fc.value, 3),
+                    "leadSeconds": s.lead_s,
+                    "season": fc.season,
+                    "level": round(fc.level, 3),
+                    "recentError": None if fc.error is None else round(fc.error, 4),
+                    "maxError": s.max_forecast_error,
+                    "trusted": fc.trusted,
+                    "reason": fc.reason,
+                }
+            )
         if evaluation is not None:
             out["evaluation"] = {
                 "second": evaluation.second,

@@ -27,7 +27,9 @@ from scaler._gen import externalscaler_pb2_grpc as pb_grpc
 from scaler.config import ScalerConfig
 from scaler.cost import CostCollector
 from scaler.debug import make_app
+from scaler.history import HistoryStore
 from scaler.metrics import ScalerMetrics
+from scaler.predictive import Predictor
 from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
@@ -57,7 +59,8 @@ class ScalerServer:
         self.reader = StreamReader(
             self.redis, self.metrics, stale_after_s=cfg.stale_after_s, liveness_s=cfg.liveness_s
         )
-        self.registry = Registry(self.reader, self.metrics, cfg.prices)
+        self.history = HistoryStore(self.redis)
+        self.registry = Registry(self.reader, self.metrics, cfg.prices, Predictor(self.history))
         if cfg.prices is not None:
             self.metrics.registry.register(CostCollector(self.reader, cfg.prices))
         self.health = health.aio.HealthServicer()
@@ -103,6 +106,7 @@ class ScalerServer:
         self._tasks.append(asyncio.create_task(self._watch_health()))
         self._tasks.append(asyncio.create_task(self._forget_idle()))
         self._tasks.append(asyncio.create_task(self._publish_saturation()))
+        self._tasks.append(asyncio.create_task(self._record_history()))
         self.ready["serving"] = True
         log.info(
             "serving ExternalScaler on %s:%d (%s), debug HTTP on %s:%d, reading %s",
@@ -149,6 +153,26 @@ class ScalerServer:
             except (RedisError, RedisUnavailable, OSError) as exc:
                 self.metrics.redis_errors.labels("saturation").inc()
                 log.debug("saturation signal not written: %s", exc)
+
+    async def _record_history(self) -> None:
+        """Every 10 s, the minutes that ended, into the history of each workload a predictive
+        ScaledObject reads (scaler/history.py); nothing while the data is stale."""
+        while not self.shutdown.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), 10.0)
+            if not self.reader.fresh():
+                continue
+            now_s = self.reader.now_ms() / 1000
+            for workload in self.registry.predictive_workloads():
+                series = self.reader.series.get(workload)
+                if series is None:
+                    continue
+                try:
+                    await self.history.load(workload, now_s)
+                    await self.history.update(workload, series, now_s)
+                except (RedisError, OSError) as exc:
+                    self.metrics.redis_errors.labels("history").inc()
+                    log.debug("history of %s not written: %s", workload, exc)
 
     async def _forget_idle(self) -> None:
         while not self.shutdown.is_set():

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
 from token_scaler.record import Record, entry_time_ms
 
@@ -197,6 +198,16 @@ class WorkloadSeries:
                 self.tenant_log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
         return True
 
+    def minute_counts(self, minute: int, model: str | None = None) -> MinuteCounts | None:
+        """The tokens of one whole minute (Unix seconds // 60), None unless the data covers
+        all of it."""
+        ring = self.rings.get(model)
+        start = minute * MINUTE_S
+        if ring is None or self.first_sec is None or self.first_sec > start:
+            return None
+        sums = ring.window(start, start + MINUTE_S).sum(axis=1)
+        return MinuteCounts(float(sums[0]), float(sums[1]), float(sums[2]), float(sums[3]))
+
     def prune(self, now_ms: int) -> None:
         """Forget sidecars silent for longer than the history, and old tenant rows."""
         horizon = now_ms - HISTORY_S * 1000
@@ -305,7 +316,7 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
             "no entry from any sidecar of this workload (or this model) yet",
         )
 
-    hold = min(settings.panic_hold_s, w)
+    hold = settings.panic_hold_s
     n = w + hold
     counts = ring.window(s - n, s)  # seconds s-n .. s-1
     cum = np.zeros((N_SERIES, n + 1))

@@ -73,6 +73,9 @@ def test_every_documented_key_is_parsed() -> None:
         "activationTokensPerSecond",
         "model",
         "maxReplicas",
+        "predictive",
+        "leadSeconds",
+        "maxForecastError",
     }
 
 
@@ -98,12 +101,15 @@ def test_short_window_shrinks_the_default_panic_window() -> None:
         ("panicWindowSeconds", "0", "from 1 to 30"),
         ("panicWindowSeconds", "31", "from 1 to 30"),
         ("panicThreshold", "1", "> 1"),
-        ("panicHoldSeconds", "0", "from 1 to 60"),
-        ("panicHoldSeconds", "61", "from 1 to 60"),
+        ("panicHoldSeconds", "0", "from 1 to 600"),
+        ("panicHoldSeconds", "601", "from 1 to 600"),
         ("activationTokensPerSecond", "-1", ">= 0"),
         ("model", " ", "model name"),
         ("workload", "no-slash", "<namespace>/<name>"),
         ("maxReplicas", "-1", "whole number >= 0"),
+        ("predictive", "yes", "true or false"),
+        ("leadSeconds", "30", "60 to 3600"),
+        ("maxForecastError", "0", "a number > 0"),
         ("maxReplicas", "ten", "whole number >= 0"),
         ("workload", "NS/Upper", "<namespace>/<name>"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -393,3 +394,21 @@ def test_verdict_says_who_wins_in_words():
         "autoscaling beats fixed (12.00 GPU-h) by 25.0 %"
         in verdict(results, 0.9, ("token", "rps"), "foresight")[1]
     )
+
+
+def test_kv_cache_limit_holds_requests_until_their_context_fits():
+    # three requests of 6,000 context tokens each into a replica of 10,000: one at a time
+    arrival = np.array([0.0, 0.0, 0.0])
+    trace = Trace(arrival, np.array([1000, 1000, 1000]), np.array([5000, 5000, 5000]), "kv")
+    hpa = HpaSettings(min_replicas=1, max_replicas=1)
+    limited = SimConfig(replace(FAST, kv_cache_tokens=10_000), hpa, initial_replicas=1, timeout_s=3600)
+    r = simulate(trace, FixedPolicy(1), limited).requests
+    assert (r.status == DONE).all()
+    order = np.argsort(r.first_token)
+    # each starts only after the one before it finished
+    assert all(r.first_token[order[k + 1]] >= r.finish[order[k]] for k in range(2))
+    free = simulate(trace, FixedPolicy(1), replace(limited, replica=FAST)).requests
+    assert free.finish.max() < r.finish.max() / 2  # without the limit all three share the batch
+    # a request larger than the whole cache still runs, alone
+    big = Trace(np.array([0.0]), np.array([20_000]), np.array([10]), "big")
+    assert (simulate(big, FixedPolicy(1), limited).requests.status == DONE).all()

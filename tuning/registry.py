@@ -79,8 +79,11 @@ def token_metadata(cal: Calibration, headroom: float | None, variant: Variant) -
         if panic == "off":
             metadata.update(panicWindowSeconds="6", panicThreshold=f"{PANIC_OFF:g}")
         else:
-            window, _, threshold = panic.partition("@")
+            window, _, rest = panic.partition("@")
+            threshold, _, hold = rest.partition("/")
             metadata.update(panicWindowSeconds=window, panicThreshold=threshold)
+            if hold:
+                metadata["panicHoldSeconds"] = hold
     if headroom is not None:
         if headroom >= 1:
             metadata["headroom"] = f"{headroom:.4g}"

@@ -61,6 +61,10 @@ class ReplicaProfile:
     chunk_tokens: int = 2048
     max_concurrency: int = 32
     max_queue: int = 512
+    # KV-cache capacity in tokens (None: only max_concurrency limits the batch). A request
+    # is admitted when its prompt and generation fit beside those running, as a server
+    # that reserves a sequence's whole context at admission does.
+    kv_cache_tokens: int | None = None
     cold_start_s: float = 120.0
     price_per_hour: float = 2.5
     gpus_per_replica: int = 1
@@ -78,6 +82,8 @@ class ReplicaProfile:
             raise ValueError("step_per_seq_s, cold_start_s and price_per_hour cannot be negative")
         if self.max_concurrency < 1 or self.chunk_tokens <= self.max_concurrency or self.max_queue < 0:
             raise ValueError("need max_concurrency >= 1, chunk_tokens > max_concurrency, max_queue >= 0")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError("kv_cache_tokens must be at least 1 (or absent: no limit)")
 
     def step_s(self, decoding: int, prefilling: bool) -> float:
         chunk = self.chunk_tokens - decoding if prefilling else 0
@@ -198,6 +204,7 @@ class Pod:
         # the estimated generation of requests not yet finished
         self.load_prompt = 0
         self.load_generation = 0
+        self.kv_used = 0  # context tokens reserved by admitted requests (with kv_cache_tokens)
 
     @property
     def outstanding(self) -> int:
@@ -263,10 +270,21 @@ class Pod:
         if self.prefill and self.head_left <= _EPS:
             self.settle(t)
 
+    def _context(self, i: int) -> int:
+        return int(self.r.prompt[i] + self.r.generated[i])
+
     def _fill(self) -> None:
         slots = self.p.max_concurrency - len(self.prefill) - len(self.decoding)
+        limit = self.p.kv_cache_tokens
         while slots > 0 and self.queue:
-            i = self.queue.popleft()
+            i = self.queue[0]
+            if limit is not None:
+                need = self._context(i)
+                # a request larger than the whole cache runs alone rather than never
+                if self.kv_used + need > limit and (self.prefill or self.decoding):
+                    break
+                self.kv_used += need
+            self.queue.popleft()
             if not self.prefill:
                 self.head_left = float(self.r.prompt[i])
             self.prefill.append(i)
@@ -316,10 +334,15 @@ class Pod:
         self.ag += generated - int(r.estimate[i])
         self.bg -= int(r.estimate[i])
         self.load_generation -= int(r.estimate[i])
+        self._release(i)
         self.rq += 1
         self.inflight -= 1
         mean = self.mean_generation
         self.mean_generation = generated if mean is None else mean + ESTIMATE_ALPHA * (generated - mean)
+
+    def _release(self, i: int) -> None:
+        if self.p.kv_cache_tokens is not None:
+            self.kv_used -= self._context(i)
 
     def expire(self, t: float, timeout_s: float) -> list[int]:
         """Clients stop waiting: queued requests older than ``timeout_s`` are dropped."""
@@ -352,8 +375,10 @@ class Pod:
         for i in self.queue:
             self._abort_waiting(i, t)
         for i in self.prefill:
+            self._release(i)
             self._abort_waiting(i, t)
         for _, i in self.decoding:
+            self._release(i)
             served = 1 + int(self.clock - r.started[i])
             r.status[i] = DROPPED
             r.finish[i] = t

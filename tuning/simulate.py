@@ -30,7 +30,7 @@ from tuning.policies import FixedPolicy, Policy
 from tuning.registry import BOUNDS, POLICIES, RUNNABLE, Calibration, make, token_metadata, token_settings
 from tuning.replica import ReplicaProfile, load_profile, saturated_throughput
 from tuning.report import fmt, percent, table
-from tuning.sweep import PANIC_OFF, parse_panic
+from tuning.sweep import PANIC_OFF, panic_variant, parse_panic
 from tuning.trace import Trace, load_csv, load_sample, sample_path
 
 
@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--max-queue", type=a.arg(a.non_negative_int), help="requests one replica queues (default 512)"
+    )
+    g.add_argument(
+        "--kv-cache-tokens",
+        type=a.positive_int,
+        help="KV-cache capacity of one replica in tokens: a request is admitted when its prompt and "
+        "generation fit beside those running (default: no limit but --max-concurrency)",
     )
     g.add_argument(
         "--timeout",
@@ -203,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sweep-panic",
         type=a.listed(a.arg(parse_panic)),
-        default=[(6, 2.0), (6, PANIC_OFF)],
-        help="token: WINDOW:THRESHOLD or off (default 6:2,off)",
+        default=[(6, 2.0, None), (6, PANIC_OFF, None)],
+        help="token: panic WINDOW:THRESHOLD[:HOLD] or off (default 6:2,off)",
     )
     g.add_argument(
         "--sweep-rps-windows",
@@ -264,6 +270,7 @@ def _replica_profile(ns: argparse.Namespace) -> ReplicaProfile:
         ("price_per_hour", "price_per_hour"),
         ("max_concurrency", "max_concurrency"),
         ("max_queue", "max_queue"),
+        ("kv_cache_tokens", "kv_cache_tokens"),
     ):
         if getattr(ns, flag) is not None:
             overrides[name] = getattr(ns, flag)
@@ -352,9 +359,9 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
         if not sweep:
             return [{}]
         return [
-            {"windowSeconds": str(w), "panic": "off" if pt >= PANIC_OFF else f"{pw}@{pt:g}"}
+            {"windowSeconds": str(w), "panic": panic_variant(pw, pt, hold)}
             for w in ns.sweep_windows
-            for pw, pt in ns.sweep_panic
+            for pw, pt, hold in ns.sweep_panic
             if pw <= w // 2
         ]
     if name == "rps":

@@ -1,0 +1,167 @@
+"""Predictive pre-scaling: a seasonal forecast of a workload's demand, pure (no I/O).
+
+History. Per whole minute (Unix seconds // 60) the workload's token counts of that
+minute: served and arrived prompt and generation tokens, as the stream's entries say
+(``MinuteCounts``). A ScaledObject weighs them with its own weights, so one history
+serves every ScaledObject of a workload. The scaler keeps the last ``HISTORY_DAYS`` in
+Redis (``scaler/history.py``), so it survives restarts and every scaler replica reads
+the same; the simulator keeps it in memory (``tuning/policies.py``). Both forecast with
+``forecast`` below.
+
+Forecast (seasonal naive, scaled to the recent level). The demand expected over the
+next ``lead`` seconds is the highest minute of the same stretch one season ago (a week
+when the history holds that minute, else a day), times the level ratio: the demand of
+the last ``LEVEL_MINUTES`` over the same minutes one season ago (clamped to
+``LEVEL_CLAMP``): a Tuesday that runs 20 % above last Tuesday is expected to go on
+doing so. Taking the highest minute of the lead stretch, not the one at its end, keeps
+replicas for a peak that comes and goes inside it.
+
+Trust. Every minute the forecast that would have been made ``lead`` earlier for that
+minute is compared with what came: the error is the mean absolute error over the last
+``ERROR_MINUTES`` minutes, relative to their mean demand. While it is above
+``maxForecastError`` (or the history lacks a season), the forecast is not trusted and
+the scaler answers reactively: a forecast that keeps missing turns itself off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+MINUTE_S = 60
+DAY_MIN = 24 * 60
+WEEK_MIN = 7 * DAY_MIN
+HISTORY_DAYS = 8
+LEVEL_MINUTES = 30
+LEVEL_CLAMP = (0.5, 2.0)
+ERROR_MINUTES = 60
+
+
+@dataclass(frozen=True)
+class MinuteCounts:
+    """Tokens counted in one minute: served prompt/generation, arrived prompt/generation."""
+
+    served_prompt: float
+    served_generation: float
+    arrived_prompt: float
+    arrived_generation: float
+
+    def demand(self, pw: float, gw: float) -> float:
+        """Weighted tokens per second over the minute: max(arrived, served), as the window."""
+        served = pw * self.served_prompt + gw * self.served_generation
+        arrived = pw * self.arrived_prompt + gw * self.arrived_generation
+        return max(served, arrived, 0.0) / MINUTE_S
+
+    def encode(self) -> str:
+        return ",".join(f"{v:.0f}" for v in self.as_tuple())
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.served_prompt, self.served_generation, self.arrived_prompt, self.arrived_generation)
+
+    @classmethod
+    def decode(cls, raw: str) -> MinuteCounts:
+        """Raises ValueError naming the value when it is not four numbers."""
+        parts = raw.split(",")
+        if len(parts) != 4:
+            raise ValueError(f"expected 4 comma-separated numbers, got {raw!r}")
+        values = [float(p) for p in parts]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"expected numbers >= 0, got {raw!r}")
+        return cls(*values)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    value: float  # expected weighted tokens/s over the lead (0 without a forecast)
+    season: str  # "week", "day" or "none"
+    level: float  # the recent level over the same minutes one season ago
+    error: float | None  # recent relative mean absolute error, None when not measurable
+    trusted: bool
+    reason: str
+
+
+def _demands(
+    history: Mapping[int, MinuteCounts], minutes: Iterable[int], pw: float, gw: float
+) -> list[float]:
+    return [history[m].demand(pw, gw) for m in minutes if m in history]
+
+
+def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
+    """The longest season whose minute one season before ``minute`` is in the history."""
+    for season in (WEEK_MIN, DAY_MIN):
+        if minute - season in history:
+            return season
+    return None
+
+
+def _level(history: Mapping[int, MinuteCounts], now_min: int, season: int, pw: float, gw: float) -> float:
+    recent = _demands(history, range(now_min - LEVEL_MINUTES, now_min), pw, gw)
+    before = _demands(history, range(now_min - LEVEL_MINUTES - season, now_min - season), pw, gw)
+    if not recent or not before or sum(before) <= 0:
+        return 1.0
+    ratio = (sum(recent) / len(recent)) / (sum(before) / len(before))
+    return min(max(ratio, LEVEL_CLAMP[0]), LEVEL_CLAMP[1])
+
+
+def predict(
+    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, pw: float, gw: float
+) -> tuple[float, str, float]:
+    """(expected demand over minutes now..now+lead, season used, level); 0 and "none" when
+    the history has no season for them."""
+    season = _season(history, now_min + lead_min)
+    if season is None:
+        return 0.0, "none", 1.0
+    past = _demands(history, range(now_min - season, now_min + lead_min + 1 - season), pw, gw)
+    if not past:
+        return 0.0, "none", 1.0
+    level = _level(history, now_min, season, pw, gw)
+    return max(past) * level, "week" if season == WEEK_MIN else "day", level
+
+
+def recent_error(
+    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, pw: float, gw: float
+) -> float | None:
+    """Relative mean absolute error, over the last ``ERROR_MINUTES``, of what ``predict``
+    would have said ``lead`` minutes before each minute (for that minute alone)."""
+    errors, actuals = [], []
+    for m in range(now_min - ERROR_MINUTES, now_min):
+        if m not in history:
+            continue
+        season = _season(history, m)
+        if season is None:
+            continue
+        actual = history[m].demand(pw, gw)
+        expected = history[m - season].demand(pw, gw) * _level(history, m - lead_min, season, pw, gw)
+        errors.append(abs(expected - actual))
+        actuals.append(actual)
+    if len(actuals) < ERROR_MINUTES // 2 or sum(actuals) <= 0:
+        return None
+    return sum(errors) / sum(actuals)
+
+
+def forecast(
+    history: Mapping[int, MinuteCounts],
+    now_s: float,
+    lead_s: int,
+    pw: float,
+    gw: float,
+    max_error: float,
+) -> Forecast:
+    """The forecast at ``now_s`` (Redis time) for the next ``lead_s`` seconds."""
+    now_min = int(now_s // MINUTE_S)
+    lead_min = max(1, math.ceil(lead_s / MINUTE_S))
+    value, season, level = predict(history, now_min, lead_min, pw, gw)
+    error = recent_error(history, now_min, lead_min, pw, gw)
+    if season == "none":
+        return Forecast(
+            0.0, season, 1.0, error, False, "no forecast: the history holds no day or week before"
+        )
+    if error is None:
+        return Forecast(value, season, level, None, False, "not trusted yet: under 30 minutes to check it on")
+    trusted = error <= max_error
+    reason = (
+        f"same minutes one {season} ago x {level:.2f} (recent level); recent error {100 * error:.0f} %"
+        + ("" if trusted else f" > {100 * max_error:.0f} %: not trusted, answering reactively")
+    )
+    return Forecast(value, season, level, error, trusted, reason)
