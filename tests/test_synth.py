@@ -173,10 +173,16 @@ def _hourly_code_share(config: SynthConfig) -> np.ndarray:
 
 def test_the_shifting_mix_shifts_and_the_steady_one_does_not() -> None:
     shifting = _hourly_code_share(replace(WEEK, mix="shifting"))
-    # code's share follows code_share + 0.35 cos(2 pi (h - 14) / 24) at the middle of each hour
-    model = 0.5 + 0.35 * np.cos(2 * np.pi * (np.arange(24) + 0.5 - 14) / 24)
+    # code's share follows code_share + 0.35 cos(2 pi (h - 12) / 24) at the middle of each hour
+    model = 0.5 + 0.35 * np.cos(2 * np.pi * (np.arange(24) + 0.5 - 12) / 24)
     assert np.abs(shifting - model).max() < 0.03
-    assert shifting[11:17].min() > 0.75 and shifting[:5].max() < 0.3
+    assert shifting[9:15].min() > 0.75 and shifting[21:].max() < 0.3 and shifting[:3].max() < 0.3
+    # code completion peaks in business hours, conversation in the evening
+    synth = made(replace(WEEK, mix="shifting"))
+    hour = ((synth.clock_s % DAY_S) // HOUR_S).astype(int)
+    code_rate = np.bincount(hour[synth.service == 0], minlength=24)
+    conversation_rate = np.bincount(hour[synth.service == 1], minlength=24)
+    assert 12 <= int(np.argmax(code_rate)) <= 14 and 17 <= int(np.argmax(conversation_rate)) <= 19
     steady = _hourly_code_share(WEEK)
     assert np.abs(steady - 0.5).max() < 0.03
 
@@ -251,6 +257,13 @@ def test_bad_flags_give_clear_errors(tmp_path: Path, capsys, argv: list[str], me
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_an_empty_trace_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t.csv"
+    assert cli.main(["synthesize", "--days", "0.0001", "--mean-rps", "0.001", "-o", str(out)]) == 2
+    assert "no requests drawn" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_unwritable_outputs_are_config_errors(tmp_path: Path, capsys) -> None:

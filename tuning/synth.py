@@ -24,15 +24,16 @@ Where the shape comes from. The Azure LLM inference traces 2024 (one week each o
 conversation service, May 2024, described in Stojkovic et al., "DynamoLLM: Designing LLM
 Inference Clusters for Performance and Energy Efficiency", HPCA 2025; their per-minute
 invocation plots are in AzurePublicDataset's ``analysis/AzureLLMInferenceDataset2024.ipynb``)
-show one hump per day and quieter weekends. Read by eye from those plots: the coding week's
-weekday peaks are about ten times its night troughs and its weekend days stay near a quarter
-of the weekday peaks; the conversation week swings about two to two-and-a-half times a day
-and its weekend days run at roughly half its weekdays. The default ``peak_to_trough`` of 4 and
-``weekend_factor`` of 0.5 sit between the two. BurstGPT (Wang et al., "BurstGPT: A Real-world
-Workload Dataset to Optimize LLM Serving Systems", 2024) reports bursts on top of such
-periodic load in a production LLM service. Assumed, not measured: the cosine-squared form,
-the peak at 14:00 local time, a weekend that is the weekday curve scaled down, square bursts,
-their frequency (4 a day), size (x2-x4) and length (30-300 s).
+show a daily cycle, high in the daytime and low at night, and quieter weekends. Read by eye from
+those plots: the coding week's weekday peaks are about ten times its night troughs and its
+weekend days peak at a quarter or less of the weekday peaks; the conversation week swings about
+two to two-and-a-half times a day and its weekend days run at roughly half to two thirds of its
+weekdays. The default ``peak_to_trough`` of 4 and ``weekend_factor`` of 0.5 sit between the two.
+BurstGPT (Wang et al., arXiv 2401.17644: months of GPT-3.5 and GPT-4 requests served through
+Azure) documents bursty arrivals in production LLM serving; the bursts here stand in for those.
+Assumed, not measured: the cosine-squared form, the peak at 14:00 local time, a weekend that is
+the weekday curve scaled down, square bursts, their frequency (4 a day), size (x2-x4) and length
+(30-300 s).
 
 **Request sizes** are drawn with replacement (prompt and generated tokens together, as pairs)
 from the Azure LLM inference trace 2023 (Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0),
@@ -42,10 +43,14 @@ conversation service (19,366 requests, median 1,020 and 129) for ``conversation`
 
 **The mix** says which service a request belongs to. ``steady``: a request is ``code`` with
 probability ``code_share`` at every hour. ``shifting``: that probability is
-``code_share + mix_swing * cos(2 pi (h - peak_hour) / 24)`` (clipped to 0..1), so code
-completion dominates business hours and conversation the evening and night (the conversation
-service's own rate then peaks in the evening), and the weighted tokens per request swing over
-the day (``summarize`` reports by how much). Assumed: that phase and swing.
+``code_share + mix_swing * cos(2 pi (h - peak_hour + 2) / 24)`` (clipped to 0..1), highest two
+hours before the rate's peak (12:00 by default) and lowest twelve hours later, so code
+completion dominates business hours and conversation the evening and night, and the weighted
+tokens per request swing over the day (``summarize`` reports by how much). With the defaults
+the conversation service's own rate then has a single peak at 18:00, about 2.6 times its
+trough, and the code service's a single peak at 13:15, about 20 times its trough (the Azure 2024
+coding week: about ten). Assumed: the phase and the swing; the Azure 2024 conversation week
+swings about as much but peaks in the daytime (UTC), like the coding week.
 
 The three random parts (bursts, arrival times, sizes and services) draw from separate streams of
 ``seed``: two mixes with the same seed have the same arrival times.
@@ -79,6 +84,8 @@ SIZES_ATTRIBUTION = (
     "request sizes from the Azure LLM inference trace 2023 ({services}), CC-BY 4.0: Patel et al., "
     '"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024'
 )
+# hours by which the code share's daily high comes before the rate's peak
+SHARE_LEAD_H = 2.0
 MAX_DAYS = 60.0
 MAX_EXPECTED_REQUESTS = 50_000_000
 
@@ -164,7 +171,7 @@ def code_share(hour: npt.NDArray[np.float64], config: SynthConfig) -> npt.NDArra
     """Probability that a request arriving at ``hour`` (local, 0..24) belongs to ``code``."""
     if config.mix == "steady":
         return np.full(np.shape(hour), config.code_share)
-    swing = config.mix_swing * np.cos(2.0 * np.pi * (hour - config.peak_hour) / 24.0)
+    swing = config.mix_swing * np.cos(2.0 * np.pi * (hour - config.peak_hour + SHARE_LEAD_H) / 24.0)
     return np.clip(config.code_share + swing, 0.0, 1.0)
 
 

@@ -236,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=ns.seed,
     )
     synth = generate(config)
+    if not len(synth.trace):
+        expected = config.mean_rps * config.span_s
+        raise ConfigError(
+            f"no requests drawn ({expected:.2g} expected from --mean-rps {config.mean_rps:g} over "
+            f"--days {config.days:g}); raise either"
+        )
     lines = report(summarize(synth, ns.prompt_weight, getattr(ns, "generation_weight", None)), config)
     output: Path = ns.output
     note = output.with_suffix(".md")
