@@ -4,7 +4,7 @@ a CSV that ``token-scaler simulate --trace`` replays, a note beside it, and a su
 Example::
 
     token-scaler synthesize --days 7 --mean-rps 1.65 --mix shifting --seed 1 -o week.csv
-    token-scaler simulate --trace week.csv --cold-start 120 --sweep
+    token-scaler simulate --trace week.csv --cold-start 120
 """
 
 from __future__ import annotations
