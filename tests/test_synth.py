@@ -230,6 +230,7 @@ def test_the_command_writes_the_csv_the_note_and_a_summary(tmp_path: Path, capsy
         ({"burst_seconds": (0.0, 10.0)}, "burst_seconds=(0.0, 10.0)"),
         ({"mix": "diurnal"}, "mix='diurnal': expected one of steady, shifting"),
         ({"code_share": 1.5}, "code_share=1.5"),
+        ({"seed": -1}, "seed=-1: expected a whole number"),
     ],
 )
 def test_bad_settings_name_the_setting(settings: dict[str, object], named: str) -> None:

@@ -141,6 +141,8 @@ class SynthConfig:
             raise bad("code_share", "expected a fraction from 0 to 1")
         if not 0 <= self.mix_swing <= 1:
             raise bad("mix_swing", "expected a fraction from 0 to 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "expected a whole number of 0 or more")
         if not 0 < self.step_s <= 60:
             raise bad("step_s", "expected a rate grid step above 0 and at most 60 seconds")
 
