@@ -111,13 +111,15 @@ def test_sampled_arrivals_show_the_peak_to_trough_and_weekend_factor() -> None:
     weekday = day < 5
     peak = np.count_nonzero(weekday & (hour == 14))
     trough = np.count_nonzero(weekday & (hour == 2))
-    # hour-long bins around the extremes hold a little less / more than the extremes themselves
-    assert 4.5 < peak / trough < 5.0
-    assert peak / trough == pytest.approx(
-        float(np.mean(diurnal(14 + np.linspace(0, 1, 61), 5.0, 14.0)))
-        / float(np.mean(diurnal(2 + np.linspace(0, 1, 61), 5.0, 14.0))),
-        rel=4 * math.sqrt(1 / peak + 1 / trough),
-    )
+    # the documented curve, 1 + 4 g(h)^2, averaged over each hour-long bin: about 4.95
+    minutes = np.linspace(0, 1, 61)
+
+    def curve(h: np.ndarray) -> float:
+        return float(np.mean(1 + 4 * ((1 + np.cos(2 * np.pi * (h - 14) / 24)) / 2) ** 2))
+
+    expected = curve(14 + minutes) / curve(2 + minutes)
+    assert 4.9 < expected < 5.0
+    assert peak / trough == pytest.approx(expected, rel=4 * math.sqrt(1 / peak + 1 / trough))
     daytime = (hour >= 3) & (hour < 21)
     saturday = np.count_nonzero(daytime & (day == 5))
     wednesday = np.count_nonzero(daytime & (day == 2))
