@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("sidecar.server", "run the token-metering proxy beside a model server"),
     "simulate": ("tuning.simulate", "replay a request trace through simulated autoscaling policies"),
     "profile": ("tuning.profile", "measure a model server's token capacity under rising load"),
+    "synthesize": ("tuning.synthesize", "write a trace of days of traffic (daily + weekly envelope, bursts)"),
     "cost": (
         "token_scaler.cost_cli",
         "cost per 1k tokens from a billing export and token counts (reporting only, never for scaling)",
