@@ -412,3 +412,43 @@ def test_kv_cache_limit_holds_requests_until_their_context_fits():
     # a request larger than the whole cache still runs, alone
     big = Trace(np.array([0.0]), np.array([20_000]), np.array([10]), "big")
     assert (simulate(big, FixedPolicy(1), limited).requests.status == DONE).all()
+
+
+def test_predictive_token_policy_wakes_before_a_ramp_it_saw_yesterday():
+    """One hour whose second half runs at 8x the first, and a history saying yesterday did
+    the same: with a 10-minute cold start, the forecast (scaler.forecast, the scaler's own
+    code) has pods ready at the ramp; the reactive policy starts them when it arrives."""
+    from scaler.forecast import MinuteCounts
+
+    rng = np.random.default_rng(5)
+    low = np.sort(rng.uniform(0, 1800, 900))  # 0.5 req/s
+    high = np.sort(rng.uniform(1800, 3600, 7200))  # 4 req/s
+    arrival = np.concatenate([low, high])
+    trace = Trace(arrival, np.full(len(arrival), 1000), np.full(len(arrival), 100), "ramp")
+    profile = replace(FAST, cold_start_s=600.0)
+    config = SimConfig(profile, HpaSettings(min_replicas=1, max_replicas=20), initial_replicas=1)
+    sp, sg = saturated_throughput(profile, trace.prompt, trace.generated)
+    meta = {"tokensPerSecondPerReplica": f"{sp + sg:.0f}", "leadSeconds": "720"}
+
+    def minute(rate_rps: float) -> MinuteCounts:
+        prompt, generated = rate_rps * 60 * 1000.0, rate_rps * 60 * 100.0
+        return MinuteCounts(prompt, generated, prompt, generated)
+
+    def with_yesterday(policy: TokenPolicy) -> TokenPolicy:
+        day = 24 * 60
+        for m in range(-90, 60):  # yesterday, from 90 minutes before this hour to its end
+            policy.history[m - day] = minute(0.5 if m < 30 else 4.0)
+        for m in range(-60, 0):  # the hour before this one, as quiet as yesterday's
+            policy.history[m] = minute(0.5)
+        return policy
+
+    reactive = with_yesterday(token_policy(sp + sg, leadSeconds="720"))
+    predictive = with_yesterday(TokenPolicy(parse({**meta, "predictive": "true"}, "ns", "llm")))
+    slo = Slo(ttft_s=2.0, tpot_s=1.0)
+    late = summarize(simulate(trace, reactive, config), slo)
+    early_run = simulate(trace, predictive, config)
+    early = summarize(early_run, slo)
+    ready = early_run.timeline["ready"]
+    # the forecast asked for pods about leadSeconds before the ramp: ready when it comes
+    assert ready[1800] > ready[1100]
+    assert early["slo_both"] > late["slo_both"] + 0.1

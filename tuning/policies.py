@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from scaler.forecast import MINUTE_S, Forecast, MinuteCounts
+from scaler.history import SETTLE_S
 from scaler.metadata import ScalerSettings
-from scaler.window import WorkloadSeries, evaluate
+from scaler.predictive import combine, forecast_for
+from scaler.window import Evaluation, WorkloadSeries, evaluate
 from token_scaler.record import Record
 
 
@@ -69,6 +72,10 @@ class Policy:
 
 
 class TokenPolicy(Policy):
+    """With ``predictive`` settings the minutes of the series go into a history kept in memory
+    and the answer is ``scaler.predictive.combine``d with ``forecast_for`` it, as the scaler
+    does with the history it keeps in Redis."""
+
     name = "token"
     needs_records = True
 
@@ -77,19 +84,35 @@ class TokenPolicy(Policy):
         self.settings = settings
         self.series = WorkloadSeries()
         self.last_rule = ""
+        self.history: dict[int, MinuteCounts] = {}
+        self.forecast: tuple[int, Forecast] | None = None
 
     def observe(self, second: Second) -> None:
         entry_id = f"{second.t * 1000}-0"
         for record in second.records:
             self.series.add(record, entry_id)
+        if self.settings.predictive and second.t % MINUTE_S == SETTLE_S:
+            counts = self.series.minute_counts(second.t // MINUTE_S - 1, self.settings.model)
+            if counts is not None:
+                self.history[second.t // MINUTE_S - 1] = counts
+
+    def _evaluate(self, now_s: float) -> Evaluation:
+        now_ms = int(now_s * 1000)
+        result = evaluate(self.series, self.settings, now_ms)
+        if self.settings.predictive:
+            minute = now_ms // 1000 // MINUTE_S
+            if self.forecast is None or self.forecast[0] != minute:
+                self.forecast = (minute, forecast_for(self.history, self.settings, now_ms))
+            result = combine(result, self.forecast[1], self.settings)
+        return result
 
     def value(self, now_s: float, in_flight: int) -> float:
-        result = evaluate(self.series, self.settings, int(now_s * 1000))
+        result = self._evaluate(now_s)
         self.last_rule = result.rule
         return result.value
 
     def active(self, now_s: float, in_flight: int) -> bool:
-        return evaluate(self.series, self.settings, int(now_s * 1000)).active
+        return self._evaluate(now_s).active
 
     def describe(self) -> str:
         s = self.settings
@@ -97,6 +120,7 @@ class TokenPolicy(Policy):
             f"tokensPerSecondPerReplica={s.tokens_per_second_per_replica:g} headroom={s.headroom:g} "
             f"window={s.window_s}s panic={s.panic_window_s}s@{s.panic_threshold:g}x "
             f"weights={s.prompt_weight:g}/{s.generation_weight:g}"
+            + (f" predictive lead={s.lead_s}s" if s.predictive else "")
         )
 
 
