@@ -216,6 +216,10 @@ def test_the_command_writes_the_csv_the_note_and_a_summary(tmp_path: Path, capsy
     assert "swing x" in printed and "CC-BY 4.0" in printed
     note = (tmp_path / "week.md").read_text()
     assert "Splitwise" in note and "mix: shifting" in note and "--mean-rps 0.2" in note
+    # a replay of the CSV carries the note's attribution (simulate prints it and plots it)
+    assert load_csv(out).attribution.startswith("request sizes from the Azure LLM inference trace 2023")
+    (tmp_path / "week.md").unlink()
+    assert load_csv(out).attribution == ""
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,7 @@ def load_csv(path: str | Path, *, attribution: str | None = None) -> Trace:
     order = np.argsort(arrival, kind="stable")
     arrival = arrival[order] - arrival[order[0]]
     if attribution is None:
-        attribution = AZURE_ATTRIBUTION if "azure" in Path(name).name.lower() else ""
+        attribution = AZURE_ATTRIBUTION if "azure" in Path(name).name.lower() else _noted(Path(path))
     return Trace(
         arrival,
         np.asarray(prompts, dtype=np.int64)[order],
@@ -158,6 +158,19 @@ def load_csv(path: str | Path, *, attribution: str | None = None) -> Trace:
         name,
         attribution,
     )
+
+
+def _noted(path: Path) -> str:
+    """The attribution line of the note ``token-scaler synthesize`` writes beside its CSV."""
+    note = path.with_suffix(".md")
+    try:
+        lines = note.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    for line in lines:
+        if line.startswith("Attribution: "):
+            return line.removeprefix("Attribution: ").split(". Keep it")[0]
+    return ""
 
 
 def sample_path() -> Path:
