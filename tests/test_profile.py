@@ -151,6 +151,35 @@ def test_profile_finds_the_slots_and_writes_a_profile_simulate_reads(fake, tmp_p
     assert f"replica: {out} (fake-model" in capsys.readouterr().out
 
 
+def test_open_loop_steps_send_at_the_rate_whatever_the_server_does(fake, tmp_path, capsys):
+    """Open loop: at 2 requests/s the two slots keep up; at 40/s (twice what two slots of
+    about 0.1 s per request serve) requests keep arriving and wait, so the time to first
+    token grows, where a closed loop would have sent fewer."""
+    out = tmp_path / "open.json"
+    code = cli.main(
+        [
+            "--url", fake.url,
+            "--rates", "2,40",
+            "--step-seconds", "2",
+            "--prompt-tokens", "200",
+            "--output-tokens", "12",
+            "--ttft-p95", "5",
+            "--itl-p95", "1",
+            "--json", str(out),
+            "--quiet",
+        ]
+    )  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0, text
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["offered_rps"] for s in steps] == [2, 40]
+    # Poisson arrivals over 2 s: about 4 and 80 requests (all answered, none refused)
+    assert 1 <= steps[0]["requests"] <= 12 and 50 <= steps[1]["requests"] <= 120
+    assert steps[1]["ttft_p50"] > 2 * steps[0]["ttft_p50"]
+    assert steps[1]["concurrency"] > steps[0]["concurrency"]  # mean in flight grew
+    assert "offered req/s" in text and "in flight" in text
+
+
 def test_profile_plot(fake, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "profile.png"

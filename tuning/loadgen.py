@@ -300,3 +300,50 @@ async def run_step(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return shots, time.perf_counter() - start
+
+
+async def run_open_step(
+    session: aiohttp.ClientSession,
+    target: Target,
+    rate: float,
+    seconds: float,
+    shape: Shape,
+    rng: random.Random,
+    progress: Callable[[float, int], None] | None = None,
+) -> tuple[list[Shot], float]:
+    """Open loop: requests sent at Poisson arrivals of ``rate`` per second for ``seconds``,
+    whatever the server's answers (as users arrive), then those under way finish. Unlike the
+    closed loop, a server that slows down faces the same offered load and its queue grows.
+    Returns every request and the step's wall time."""
+    shots: list[Shot] = []
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+    deadline = start + seconds
+    next_at = start + rng.expovariate(rate)
+    try:
+        while next_at < deadline:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            words, max_tokens = shape.draw(rng)
+            shot = Shot(time.perf_counter(), words, max_tokens)
+            shots.append(shot)
+            task = asyncio.create_task(send(session, target, make_prompt(words, rng), shot))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            next_at += rng.expovariate(rate)
+            if progress is not None:
+                progress(time.perf_counter() - start, sum(1 for s in shots if s.ok))
+        while tasks:
+            await asyncio.wait(set(tasks), timeout=0.25)
+            if progress is not None:
+                progress(time.perf_counter() - start, sum(1 for s in shots if s.ok))
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return shots, time.perf_counter() - start
+
+
+def mean_in_flight(shots: Sequence[Shot], seconds: float) -> float:
+    """Requests in flight on average over the step (Little's law on what was measured)."""
+    busy = sum((s.end if s.end is not None else s.sent) - s.sent for s in shots)
+    return busy / seconds if seconds > 0 else 0.0

@@ -1,8 +1,11 @@
 """``token-scaler profile``: measure a live OpenAI-compatible model server under rising
-concurrency and say what one replica can take.
+concurrency (or a rising arrival rate) and say what one replica can take.
 
 At each step ``concurrency`` clients send streaming requests back to back for
-``--step-seconds``. Per step: served prompt and generated tokens/s, time to first token,
+``--step-seconds`` (a closed loop: a slower server is sent fewer requests). With
+``--rates`` each step instead sends requests at Poisson arrivals of that many per second
+whatever the server does (an open loop, as users arrive), and its concurrency is the mean
+number in flight it caused. Per step: served prompt and generated tokens/s, time to first token,
 inter-token latency, and the wait before prefill (TTFT above the first step's). The answer is
 the highest weighted tokens/s of a step that meets ``--ttft-p95`` and ``--itl-p95``: the
 ``tokensPerSecondPerReplica`` to paste into the ScaledObject. The file written with
@@ -36,7 +39,15 @@ import numpy as np
 from token_scaler import config
 from tuning import args as a
 from tuning.errors import EndpointError
-from tuning.loadgen import Shape, Shot, Target, discover_model, run_step
+from tuning.loadgen import (
+    Shape,
+    Shot,
+    Target,
+    discover_model,
+    mean_in_flight,
+    run_open_step,
+    run_step,
+)
 from tuning.replica import PROFILE_KIND, PROFILE_VERSION, ReplicaProfile
 from tuning.report import fmt, table
 from tuning.trace import load_csv, load_sample, sample_path
@@ -55,11 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default: the first one GET /v1/models lists)")
     p.add_argument("--api-key", help="sent as a Bearer token")
     p.add_argument("--api", choices=("chat", "completions"), default="chat", help="endpoint (default chat)")
-    p.add_argument(
+    load = p.add_mutually_exclusive_group()
+    load.add_argument(
         "--concurrency",
         type=a.listed(a.positive_int),
         default=[1, 2, 4, 8, 16, 32],
-        help="concurrency steps (default 1,2,4,8,16,32)",
+        help="closed-loop steps: clients sending back to back (default 1,2,4,8,16,32)",
+    )
+    load.add_argument(
+        "--rates",
+        type=a.listed(a.positive_float),
+        help="open-loop steps instead: requests/s at Poisson arrivals, e.g. 0.5,1,2,4",
     )
     p.add_argument(
         "--step-seconds", type=a.positive_float, default=30.0, help="length of a step (default 30)"
@@ -133,6 +150,7 @@ class Step:
     weighted_tps: float = 0.0
     meets: bool = False
     first_error: str | None = None
+    offered_rps: float | None = None  # open loop: the arrival rate the step sent
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -207,13 +225,16 @@ def fit_replica(steps: Sequence[Step], shots_at_lowest: Sequence[Shot]) -> tuple
 
 
 def _table(steps: Sequence[Step]) -> str:
+    open_loop = any(s.offered_rps is not None for s in steps)
     headers = [
-        "concurrency", "requests", "errors", "prompt tok/s", "gen tok/s", "weighted tok/s",
-        "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "wait p50", "meets",
+        "offered req/s" if open_loop else "concurrency", "requests", "errors", "prompt tok/s",
+        "gen tok/s", "weighted tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "wait p50", "meets",
     ]  # fmt: skip
     rows = [
         [
-            str(s.concurrency),
+            f"{s.offered_rps:g} ({s.concurrency} in flight)"
+            if s.offered_rps is not None
+            else str(s.concurrency),
             str(s.requests),
             str(s.errors),
             f"{s.prompt_tps:.1f}",
@@ -237,10 +258,10 @@ class _Progress:
         self.seconds = step_seconds
         self.enabled = enabled
         self.index = 0
-        self.concurrency = 0
+        self.label = ""
 
-    def start(self, index: int, concurrency: int) -> None:
-        self.index, self.concurrency = index, concurrency
+    def start(self, index: int, label: str) -> None:
+        self.index, self.label = index, label
         self(0.0, 0)
 
     def __call__(self, elapsed: float, done: int) -> None:
@@ -250,8 +271,7 @@ class _Progress:
         bar = "#" * round(30 * share)
         tail = "draining" if elapsed > self.seconds else f"{elapsed:4.0f}/{self.seconds:g}s"
         print(
-            f"\r[{bar:<30}] step {self.index + 1}/{self.total}  concurrency {self.concurrency:<4} {tail}  "
-            f"{done} done ",
+            f"\r[{bar:<30}] step {self.index + 1}/{self.total}  {self.label:<16} {tail}  {done} done ",
             end="",
             file=sys.stderr,
             flush=True,
@@ -287,27 +307,36 @@ async def _measure(ns: argparse.Namespace, shape: Shape) -> tuple[str, str, list
     # One connection per request: a server that closes a kept-alive connection after a stream
     # while still advertising keep-alive (llama.cpp's) would fail the next request sent on it,
     # and those failures are the client's, not a measure of the server.
-    connector = aiohttp.TCPConnector(limit=max(ns.concurrency) + 4, force_close=True)
+    open_loop = ns.rates is not None
+    levels: list[float] = list(ns.rates) if open_loop else [float(c) for c in ns.concurrency]
+    limit = 1000 if open_loop else int(max(levels)) + 4
+    connector = aiohttp.TCPConnector(limit=limit, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         model = ns.model or await discover_model(session, base, ns.api_key)
         target = Target(base, model, ns.api, ns.api_key, ns.ignore_eos, ns.timeout)
-        progress = _Progress(len(ns.concurrency), ns.step_seconds, not ns.quiet)
+        progress = _Progress(len(levels), ns.step_seconds, not ns.quiet)
         steps: list[Step] = []
         lowest: list[Shot] = []
-        for index, concurrency in enumerate(ns.concurrency):
-            progress.start(index, concurrency)
-            shots, seconds = await run_step(
-                session, target, concurrency, ns.step_seconds, shape, rng, progress
-            )
-            step = summarize_step(concurrency, shots, seconds)
+        for index, level in enumerate(levels):
+            label = f"{level:g} req/s" if open_loop else f"concurrency {level:g}"
+            progress.start(index, label)
+            if open_loop:
+                shots, seconds = await run_open_step(
+                    session, target, level, ns.step_seconds, shape, rng, progress
+                )
+                step = summarize_step(max(1, round(mean_in_flight(shots, seconds))), shots, seconds)
+                step.offered_rps = level
+            else:
+                shots, seconds = await run_step(
+                    session, target, int(level), ns.step_seconds, shape, rng, progress
+                )
+                step = summarize_step(int(level), shots, seconds)
             steps.append(step)
             if index == 0:
                 lowest = shots
             if step.requests == 0:
                 progress.finish()
-                raise EndpointError(
-                    f"no request succeeded at concurrency {concurrency}: {step.first_error or 'no answer'}"
-                )
+                raise EndpointError(f"no request succeeded at {label}: {step.first_error or 'no answer'}")
         progress.finish()
     return base, model, steps, lowest
 
@@ -349,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "headroom": ns.headroom,
             "atConcurrency": best.concurrency,
         }
+        if best.offered_rps is not None:
+            recommendation["atRequestsPerSecond"] = best.offered_rps
         profile = replace(
             profile,
             tokens_per_second_per_replica=recommendation["tokensPerSecondPerReplica"],
@@ -373,10 +404,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if best is None:
         print("\nno step met the latency targets: lower the concurrency steps or relax --ttft-p95/--itl-p95")
     else:
-        print(
-            f"\nhighest weighted tokens/s within the targets: {best.weighted_tps:.1f} "
-            f"at concurrency {best.concurrency}"
+        where = (
+            f"{best.offered_rps:g} requests/s ({best.concurrency} in flight)"
+            if best.offered_rps is not None
+            else f"concurrency {best.concurrency}"
         )
+        print(f"\nhighest weighted tokens/s within the targets: {best.weighted_tps:.1f} at {where}")
         print("\nScaledObject trigger metadata:")
         print("  triggers:")
         print("  - type: external")
