@@ -34,6 +34,7 @@ class ScalerSettings:
     predictive: bool = False
     lead_s: int = 300
     max_forecast_error: float = 0.3
+    kv_cache_target: float | None = None
 
     @property
     def target(self) -> float:
@@ -76,6 +77,11 @@ KEYS: dict[str, tuple[str, str]] = {
         "the forecast is used only while its recent error (mean absolute / mean demand) is at "
         "most this, a number > 0",
         "0.3",
+    ),
+    "kvCacheTarget": (
+        "ask for at least the replicas that bring the model servers' mean KV-cache use down to "
+        "this fraction, a number in (0, 1]",
+        "none",
     ),
     "maxReplicas": (
         "the ScaledObject's maxReplicaCount (KEDA does not forward it), a whole number >= 0; 0 = unknown",
@@ -174,6 +180,9 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
     if "leadSeconds" in metadata:
         lead = _whole("leadSeconds", metadata["leadSeconds"], 60, 3600, allowed("leadSeconds"))
     max_error = number("maxForecastError", 0.3, lambda v: v > 0)
+    kv_target = None
+    if "kvCacheTarget" in metadata:
+        kv_target = number("kvCacheTarget", 0.8, lambda v: 0 < v <= 1)
     model = metadata.get("model")
     if model is not None and not model.strip():
         raise MetadataError("model", model, "expected a model name (leave the key out to count all models)")
@@ -193,4 +202,5 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         predictive=predictive,
         lead_s=lead,
         max_forecast_error=max_error,
+        kv_cache_target=kv_target,
     )

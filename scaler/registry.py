@@ -21,6 +21,7 @@ from scaler.forecast import Forecast
 from scaler.metadata import ScalerSettings, parse
 from scaler.metrics import ScalerMetrics
 from scaler.predictive import Predictor, combine
+from scaler.pressure import apply_floor, pressure
 from scaler.reader import StreamReader
 from scaler.window import Evaluation, evaluate
 from token_scaler.pricing import PriceTable
@@ -96,6 +97,9 @@ class Registry:
             if settings.predictive and self.predictor is not None:
                 fc = await self.predictor.forecast(settings, now)
                 evaluation = combine(evaluation, fc, settings)
+            if settings.kv_cache_target is not None:
+                live = series.live_sidecars(now, self.reader.liveness_ms)
+                evaluation = apply_floor(evaluation, pressure(live), settings)
             self._cache[cache_key] = (second, series.past_version, evaluation, fc)
         state.last_evaluation = evaluation
         state.last_forecast = fc
@@ -197,6 +201,7 @@ class Registry:
                 "predictive": s.predictive,
                 "leadSeconds": s.lead_s,
                 "maxForecastError": s.max_forecast_error,
+                "kvCacheTarget": s.kv_cache_target,
             },
             "metricName": METRIC_NAME,
             "target": s.target,
@@ -209,10 +214,12 @@ class Registry:
         }
         evaluation = state.last_evaluation
         if series is not None:
+            live = series.live_sidecars(now, self.reader.liveness_ms)
+            server = pressure(live)
             evaluation = evaluate(series, s, now)
             if s.predictive and state.last_forecast is not None:
                 evaluation = combine(evaluation, state.last_forecast, s)
-            live = series.live_sidecars(now, self.reader.liveness_ms)
+            evaluation = apply_floor(evaluation, server, s)
             gauges = [0, 0, 0, 0]
             for st in live.values():
                 for model, g in st.gauges.items():
@@ -226,6 +233,12 @@ class Registry:
                 "waitingForFirstToken": gauges[1],
                 "backlogPromptTokens": gauges[2],
                 "backlogGenerationTokens": gauges[3],
+                "modelServers": {
+                    "reportingKvCache": server.replicas,
+                    "kvCacheInUse": round(server.kv_sum, 4),
+                    "running": server.running,
+                    "waiting": server.waiting,
+                },
             }
             out["stream"] = {
                 "entriesRead": series.entries,

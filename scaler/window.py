@@ -52,7 +52,7 @@ import numpy.typing as npt
 
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
-from token_scaler.record import Record, entry_time_ms
+from token_scaler.record import Record, ServerGauges, entry_time_ms
 
 # sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
 N_SERIES = 5
@@ -111,6 +111,7 @@ class SidecarState:
     entries: int = 0
     # model -> (inflight, waiting for first token, backlog prompt, backlog generation)
     gauges: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    server: ServerGauges | None = None  # the model server's own gauges, as last reported
 
 
 @dataclass
@@ -193,6 +194,7 @@ class WorkloadSeries:
                 m: (c.inflight, c.waiting, c.backlog_prompt, c.backlog_generation)
                 for m, c in record.models.items()
             }
+            state.server = record.server
         for tenant, per_model in record.tenants.items():
             for model, tc in per_model.items():
                 self.tenant_log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))

@@ -38,6 +38,14 @@ def event_loop(raw: str) -> str:
     return choice
 
 
+def model_metrics_url(raw: str) -> str:
+    """``auto`` (the upstream's /metrics), ``off``, or an http(s) URL."""
+    choice = raw.strip()
+    if choice.lower() in ("auto", "off"):
+        return choice.lower()
+    return c.http_url(choice)
+
+
 OPTIONS: dict[str, c.Option[Any]] = {
     "workload": c.Option(
         "--workload",
@@ -52,6 +60,14 @@ OPTIONS: dict[str, c.Option[Any]] = {
     ),
     "upstream": c.Option(
         "--upstream", "TOKEN_SCALER_UPSTREAM", c.http_url, "http://127.0.0.1:8000", "the model server"
+    ),
+    "model_metrics_url": c.Option(
+        "--model-metrics-url",
+        "TOKEN_SCALER_MODEL_METRICS_URL",
+        model_metrics_url,
+        "auto",
+        "the model server's Prometheus metrics, read every second into the records (running, "
+        "waiting, KV cache): auto = <upstream>/metrics, off, or a URL",
     ),
     "host": c.Option("--host", "TOKEN_SCALER_HOST", c.text, "0.0.0.0", "address both ports listen on"),
     "port": c.Option("--port", "TOKEN_SCALER_PORT", c.port, 8080, "proxy port"),
@@ -182,6 +198,7 @@ class SidecarConfig:
     workload: str
     redis_url: str = "redis://127.0.0.1:6379/0"
     upstream: str = "http://127.0.0.1:8000"
+    model_metrics_url: str = "auto"
     host: str = "0.0.0.0"
     port: int = 8080
     admin_port: int = 9100
@@ -203,6 +220,15 @@ class SidecarConfig:
     event_loop: str = "auto"
     log_level: str = "INFO"
     policy: Path | None = None
+
+    @property
+    def server_metrics(self) -> str | None:
+        """Where the model server's metrics are read from; None when off."""
+        if self.model_metrics_url == "off":
+            return None
+        if self.model_metrics_url == "auto":
+            return self.upstream.rstrip("/") + "/metrics"
+        return self.model_metrics_url
 
     def __post_init__(self) -> None:
         # One label value is kept for "other", and a record holds at most this many.

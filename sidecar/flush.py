@@ -29,7 +29,15 @@ from redis.exceptions import RedisError
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
 from token_scaler.errors import RecordError
-from token_scaler.record import APPEND_SCRIPT, Record, append_args, decode, seq_key, stream_key
+from token_scaler.record import (
+    APPEND_SCRIPT,
+    Record,
+    ServerGauges,
+    append_args,
+    decode,
+    seq_key,
+    stream_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,9 @@ class Flusher:
         retention_s: int = 1200,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        server_gauges: Callable[[], ServerGauges | None] = lambda: None,
     ) -> None:
+        self._server_gauges = server_gauges
         self._client = client
         self._meter = meter
         self._metrics = metrics
@@ -111,6 +121,7 @@ class Flusher:
             interval_ms=interval_ms,
             models=snapshot.models,
             tenants=snapshot.tenants,
+            server=self._server_gauges(),
         )
         if len(self._buffer) >= self._limit:
             self._buffer.popleft()

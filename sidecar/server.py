@@ -31,6 +31,7 @@ from sidecar.meter import Meter
 from sidecar.metrics import Metrics
 from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
+from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
 from token_scaler.errors import ConfigError
 from token_scaler.redis_channel import Channel
@@ -80,6 +81,8 @@ class Sidecar:
                 tenant_header=config.tenant_header,
                 label=self.proxy.tenants,
             )
+        metrics_url = config.server_metrics
+        self.server_gauges = None if metrics_url is None else ServerGaugePoller(metrics_url)
         self.flusher = Flusher(
             self.redis,
             self.meter,
@@ -89,6 +92,7 @@ class Sidecar:
             interval_s=config.flush_interval_s,
             buffer_records=config.buffer_records,
             retention_s=config.retention_s,
+            server_gauges=self.server_gauges.latest if self.server_gauges else lambda: None,
         )
         self.ready = False
         self.port = config.port
@@ -100,6 +104,7 @@ class Sidecar:
         self._policy_task: asyncio.Task[None] | None = None
         self.loop_lag = LoopLag(self.registry)
         self._lag_task: asyncio.Task[None] | None = None
+        self._gauges_task: asyncio.Task[None] | None = None
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -151,6 +156,8 @@ class Sidecar:
         self._flush_task = asyncio.create_task(self.flusher.run())
         self._seed_task = asyncio.create_task(self._seed_estimates())
         self._lag_task = asyncio.create_task(self.loop_lag.run())
+        if self.server_gauges is not None:
+            self._gauges_task = asyncio.create_task(self.server_gauges.run())
         if self.policy is not None:
             self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
@@ -181,7 +188,7 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
-        for task in (self._flush_task, self._policy_task, self._seed_task, self._lag_task):
+        for task in (self._flush_task, self._policy_task, self._seed_task, self._lag_task, self._gauges_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -76,6 +76,7 @@ def test_every_documented_key_is_parsed() -> None:
         "predictive",
         "leadSeconds",
         "maxForecastError",
+        "kvCacheTarget",
     }
 
 
@@ -110,6 +111,7 @@ def test_short_window_shrinks_the_default_panic_window() -> None:
         ("predictive", "yes", "true or false"),
         ("leadSeconds", "30", "60 to 3600"),
         ("maxForecastError", "0", "a number > 0"),
+        ("kvCacheTarget", "1.5", "in (0, 1]"),
         ("maxReplicas", "ten", "whole number >= 0"),
         ("workload", "NS/Upper", "<namespace>/<name>"),
     ],

@@ -23,6 +23,10 @@ entry holds what happened at that sidecar during ``(ts - dt, ts]``:
     dt   integer ms               length of the interval (> 0)
     m    JSON {model: [sp, sg, ap, ag, rq, in, wf, bp, bg]}
     t    JSON {tenant: {model: [p, g, rq]}}   (optional)
+    s    JSON {"run": n, "wait": n, "kv": x}  (optional) the model server's own gauges at
+                                  ts, read from its Prometheus metrics: requests running
+                                  and waiting in the server, KV-cache usage as a fraction
+                                  0..1; a key is left out when the server does not say it
 
 Per model, counters for the interval (may be negative: they carry corrections):
     sp, sg  prompt / generated tokens served (generated tokens count as chunks pass,
@@ -39,7 +43,8 @@ and gauges at ``ts`` (never negative):
 
 Per tenant and model: tokens served (prompt, generated) and requests ended, for cost
 and budget accounting. Unknown extra fields and extra trailing array items are
-ignored, so version 1 may grow additively.
+ignored, so version 1 may grow additively (``s`` was added so: a reader that does not
+know it still reads the counts of the entries that carry it).
 
 Trimming: by time, to ``retention`` (default 1200 s = twice the longest window
 a ScaledObject may ask for: the panic hold looks back one window at rates that each
@@ -139,6 +144,25 @@ class TenantCounts:
     requests: int = 0
 
 
+@dataclass(frozen=True)
+class ServerGauges:
+    """The model server's own view at ``ts`` (None: it does not report that gauge)."""
+
+    running: int | None = None
+    waiting: int | None = None
+    kv_usage: float | None = None  # 0..1
+
+    def encode(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {}
+        if self.running is not None:
+            out["run"] = self.running
+        if self.waiting is not None:
+            out["wait"] = self.waiting
+        if self.kv_usage is not None:
+            out["kv"] = round(self.kv_usage, 4)
+        return out
+
+
 @dataclass
 class Record:
     sidecar: str
@@ -147,6 +171,7 @@ class Record:
     interval_ms: int
     models: dict[str, ModelCounts] = field(default_factory=dict)
     tenants: dict[str, dict[str, TenantCounts]] = field(default_factory=dict)
+    server: ServerGauges | None = None
 
     def encode(self) -> dict[str, str]:
         """The stream entry's field/value pairs."""
@@ -169,6 +194,8 @@ class Record:
                 },
                 separators=(",", ":"),
             )
+        if self.server is not None and self.server.encode():
+            fields["s"] = json.dumps(self.server.encode(), separators=(",", ":"))
         return fields
 
 
@@ -268,7 +295,22 @@ def decode(fields: Mapping[Any, Any]) -> Record:
                     raise RecordError(where, values, "expected a list of 3 integers")
                 p, g, rq = (_count(where, v, gauge=False) for v in values[:3])
                 tenants[tenant][model] = TenantCounts(p, g, rq)
-    return Record(sidecar, seq, ts_ms, interval_ms, models, tenants)
+    server = _server(fields) if "s" in fields or b"s" in fields else None
+    return Record(sidecar, seq, ts_ms, interval_ms, models, tenants, server)
+
+
+def _server(fields: Mapping[Any, Any]) -> ServerGauges:
+    raw = _json(fields, "s")
+    if not isinstance(raw, dict):
+        raise RecordError("s", raw, 'expected a JSON object {"run": n, "wait": n, "kv": x}')
+    running = _count("s.run", raw["run"], gauge=True) if "run" in raw else None
+    waiting = _count("s.wait", raw["wait"], gauge=True) if "wait" in raw else None
+    kv = raw.get("kv")
+    if kv is not None and (
+        isinstance(kv, bool) or not isinstance(kv, (int, float)) or not 0 <= kv <= 1 or kv != kv
+    ):
+        raise RecordError("s.kv", kv, "expected a fraction from 0 to 1")
+    return ServerGauges(running, waiting, None if kv is None else float(kv))
 
 
 def entry_time_ms(record: Record, entry_id: bytes | str) -> int:

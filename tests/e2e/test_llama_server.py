@@ -178,3 +178,35 @@ def test_metrics_endpoint_counts_tokens(llama_server: LlamaServer, client: opena
     prompt = after["llamacpp:prompt_tokens_total"] - before["llamacpp:prompt_tokens_total"]
     assert generated == response.usage.completion_tokens
     assert prompt == response.usage.prompt_tokens
+
+
+async def test_the_sidecar_reads_llama_servers_own_gauges(llama_server: LlamaServer) -> None:
+    """llama-server's real /metrics (--metrics): requests processing and deferred, as the
+    sidecar's poller reads them into its records. While a stream is under way one request is
+    processing; this build exports no KV-cache gauge, and the parse says so (None)."""
+    import asyncio
+
+    import aiohttp
+
+    from sidecar.server_gauges import ServerGaugePoller
+
+    poller = ServerGaugePoller(f"{llama_server.base_url}/metrics")
+    async with (
+        openai.AsyncOpenAI(base_url=llama_server.openai_base_url, api_key="unused", max_retries=0) as aclient,
+        aiohttp.ClientSession() as session,
+    ):
+        assert await poller.poll_once(session)
+        idle = poller.latest()
+        assert idle is not None and idle.running == 0 and idle.waiting == 0
+        stream = await aclient.chat.completions.create(
+            model=llama_server.model, messages=MESSAGES, max_tokens=64, temperature=0, stream=True
+        )
+        seen = []
+        async for _chunk in stream:
+            if not seen:
+                assert await poller.poll_once(session)
+                seen.append(poller.latest())
+            await asyncio.sleep(0)
+        busy = seen[0]
+        assert busy is not None and busy.running == 1 and busy.waiting == 0
+        assert busy.kv_usage is None or 0 <= busy.kv_usage <= 1

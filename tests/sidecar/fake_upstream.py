@@ -58,6 +58,8 @@ class FakeUpstream:
         self.app.router.add_post("/v1/responses", self.responses)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_route("*", "/echo/{tail:.*}", self.echo)
+        # what GET /metrics answers: a test may set a model server's gauges here
+        self.metrics_text = "# fake model server metrics\nvllm_requests_total 1\n"
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -281,7 +283,7 @@ class FakeUpstream:
         return response
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text="# fake model server metrics\nvllm_requests_total 1\n")
+        return web.Response(text=self.metrics_text)
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()
