@@ -189,6 +189,7 @@ async def test_the_sidecar_reads_llama_servers_own_gauges(llama_server: LlamaSer
     import aiohttp
 
     from sidecar.server_gauges import ServerGaugePoller
+    from token_scaler.record import ServerGauges
 
     poller = ServerGaugePoller(f"{llama_server.base_url}/metrics")
     async with (
@@ -201,7 +202,7 @@ async def test_the_sidecar_reads_llama_servers_own_gauges(llama_server: LlamaSer
         stream = await aclient.chat.completions.create(
             model=llama_server.model, messages=MESSAGES, max_tokens=64, temperature=0, stream=True
         )
-        seen = []
+        seen: list[ServerGauges | None] = []
         async for _chunk in stream:
             if not seen:
                 assert await poller.poll_once(session)
