@@ -36,6 +36,12 @@ class FakeServer:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        # as vLLM exports its cache configuration (no /props: not llama.cpp)
+        return web.Response(
+            text='vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="512"} 1.0\n'
+        )
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests += 1
@@ -73,6 +79,7 @@ class FakeServer:
         loop = asyncio.new_event_loop()
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/chat/completions", self.chat)
         runner = web.AppRunner(app, shutdown_timeout=1)
         started = threading.Event()
@@ -141,7 +148,9 @@ def test_profile_finds_the_slots_and_writes_a_profile_simulate_reads(fake, tmp_p
     assert rec["tokensPerSecondPerReplica"] == pytest.approx(best["weighted_tps"], rel=1e-3)
     assert 'tokensPerSecondPerReplica: "' in text and "generationWeight" in text
 
+    assert doc["replica"]["kv_cache_tokens"] == 512 * 16  # vLLM's blocks x block size
     profile = load_profile(out)
+    assert profile.kv_cache_tokens == 8192
     assert (
         profile.max_concurrency == 2
         and profile.tokens_per_second_per_replica == rec["tokensPerSecondPerReplica"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -347,3 +348,32 @@ def mean_in_flight(shots: Sequence[Shot], seconds: float) -> float:
     """Requests in flight on average over the step (Little's law on what was measured)."""
     busy = sum((s.end if s.end is not None else s.sent) - s.sent for s in shots)
     return busy / seconds if seconds > 0 else 0.0
+
+
+async def discover_kv_cache_tokens(session: aiohttp.ClientSession, root_url: str) -> tuple[int, str] | None:
+    """The server's KV-cache capacity in tokens and where it was read, when it says:
+    llama.cpp's ``/props`` (context per slot x slots) or vLLM's ``vllm:cache_config_info``
+    metric (GPU blocks x block size). None when neither answers."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    try:
+        async with session.get(f"{root_url}/props", timeout=timeout) as response:
+            if response.status == 200:
+                props = await response.json(content_type=None)
+                per_slot = _int(props.get("default_generation_settings", {}).get("n_ctx"))
+                slots = _int(props.get("total_slots"))
+                if per_slot and slots:
+                    return per_slot * slots, f"/props: n_ctx {per_slot} x {slots} slots"
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+        pass
+    try:
+        async with session.get(f"{root_url}/metrics", timeout=timeout) as response:
+            if response.status == 200:
+                for line in (await response.text()).splitlines():
+                    if line.startswith("vllm:cache_config_info{"):
+                        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                        blocks, size = labels.get("num_gpu_blocks"), labels.get("block_size")
+                        if blocks and size and blocks.isdigit() and size.isdigit():
+                            return int(blocks) * int(size), f"/metrics: {blocks} blocks x {size} tokens"
+    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+        pass
+    return None

@@ -43,6 +43,7 @@ from tuning.loadgen import (
     Shape,
     Shot,
     Target,
+    discover_kv_cache_tokens,
     discover_model,
     mean_in_flight,
     run_open_step,
@@ -301,7 +302,9 @@ def _shape(ns: argparse.Namespace) -> tuple[Shape, str]:
     return Shape(pairs), where
 
 
-async def _measure(ns: argparse.Namespace, shape: Shape) -> tuple[str, str, list[Step], list[Shot]]:
+async def _measure(
+    ns: argparse.Namespace, shape: Shape
+) -> tuple[str, str, list[Step], list[Shot], tuple[int, str] | None]:
     base = ns.url if ns.url.endswith("/v1") else ns.url + "/v1"
     rng = random.Random(ns.seed)
     # One connection per request: a server that closes a kept-alive connection after a stream
@@ -313,6 +316,7 @@ async def _measure(ns: argparse.Namespace, shape: Shape) -> tuple[str, str, list
     connector = aiohttp.TCPConnector(limit=limit, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         model = ns.model or await discover_model(session, base, ns.api_key)
+        kv = await discover_kv_cache_tokens(session, base.removesuffix("/v1"))
         target = Target(base, model, ns.api, ns.api_key, ns.ignore_eos, ns.timeout)
         progress = _Progress(len(levels), ns.step_seconds, not ns.quiet)
         steps: list[Step] = []
@@ -338,7 +342,7 @@ async def _measure(ns: argparse.Namespace, shape: Shape) -> tuple[str, str, list
                 progress.finish()
                 raise EndpointError(f"no request succeeded at {label}: {step.first_error or 'no answer'}")
         progress.finish()
-    return base, model, steps, lowest
+    return base, model, steps, lowest, kv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,11 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape, shape_note = _shape(ns)
     started = time.time()
     try:
-        base, model, steps, lowest = asyncio.run(_measure(ns, shape))
+        base, model, steps, lowest, kv = asyncio.run(_measure(ns, shape))
     except EndpointError as exc:
         print(f"token-scaler profile: {exc}", file=sys.stderr)
         return 1
     profile, notes = fit_replica(steps, lowest)
+    if kv is not None:
+        profile = replace(profile, kv_cache_tokens=kv[0])
+        notes = "; ".join(n for n in (notes, f"KV cache {kv[0]} tokens ({kv[1]})") if n)
     pw, gw = profile.suggested_weights()
     if ns.prompt_weight is not None:
         pw = ns.prompt_weight
@@ -433,7 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             k: v
             for k, v in profile.to_json().items()
             if k
-            in ("step_base_s", "step_per_seq_s", "prefill_tokens_per_s", "chunk_tokens", "max_concurrency")
+            in (
+                "step_base_s",
+                "step_per_seq_s",
+                "prefill_tokens_per_s",
+                "chunk_tokens",
+                "max_concurrency",
+                "kv_cache_tokens",
+            )
         },
         "fit_notes": notes,
         "steps": [asdict(s) for s in steps],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import LlamaServer
+from tests.e2e.conftest import CONTEXT, LlamaServer
 from tuning import profile
 
 pytestmark = pytest.mark.e2e
@@ -37,3 +37,6 @@ def test_profile_measures_the_real_server(llama_server: LlamaServer, tmp_path: P
         assert step["mean_output"] == pytest.approx(16)  # ignore_eos is honoured
     assert doc["recommendation"]["tokensPerSecondPerReplica"] > 0
     assert doc["replica"]["prefill_tokens_per_s"] > 0 and doc["replica"]["step_base_s"] > 0
+    # the KV cache as llama-server's /props says it: --ctx-size split over --parallel slots
+    assert doc["replica"]["kv_cache_tokens"] == CONTEXT
+    assert "KV cache 2048 tokens (/props: n_ctx 1024 x 2 slots)" in doc["fit_notes"]
