@@ -24,7 +24,10 @@ seconds than asked for: rates divide by the seconds actually covered
 under-report the load that just arrived.
 
 Panic (after Knative's KPA). For each whole second ``g`` of the last
-``panicHoldSeconds`` the panic-window demand is computed; ``g`` triggers when the
+``panicHoldSeconds`` the panic-window demand is computed without the window's busiest
+second (a request's arrival estimate is corrected to its usage in the second it ends,
+so one long generation is a one-second spike; a burst raises every second and survives
+the trim; the debug view's panic rates are the untrimmed ones); ``g`` triggers when the
 replicas it asks for are >= ``panicThreshold`` x the replicas running at ``g``: the
 most of the replicas reporting, those the stable window asks for, and 1. Against the
 replicas reporting, as Knative compares the panic window's pods with the pods ready
@@ -289,6 +292,27 @@ def _reporting(series: WorkloadSeries, grid: npt.NDArray[np.int64]) -> Floats:
     return out
 
 
+def _trimmed_demand(
+    counts: Floats, ends: npt.NDArray[np.int64], wp: int, cover: Floats, pw: float, gw: float
+) -> Floats:
+    """The panic window's demand without its busiest second, for each window ending (exclusive)
+    at index ``ends`` of ``counts``. A request's arrival estimate is corrected to its usage in
+    the second it ends, so one long generation puts a spike in a single second; a burst of
+    requests raises every second of the window, and survives the trim."""
+    served = pw * counts[0] + gw * counts[1]
+    arrived = pw * counts[2] + gw * counts[3]
+    out = np.zeros(len(ends))
+    for series in (served, arrived):
+        cum = np.concatenate([[0.0], np.cumsum(series)])
+        sums = cum[ends] - cum[ends - wp]
+        busiest = np.lib.stride_tricks.sliding_window_view(series, wp).max(axis=1)[ends - wp]
+        kept = np.maximum(cover - 1, 1.0)
+        whole = sums / np.maximum(cover, 1.0)
+        trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
+        out = np.maximum(out, np.where(cover >= 1, trimmed, 0.0))
+    return out
+
+
 def replicas_for(value: float, target: float) -> int:
     """What KEDA's HPA derives with metricType AverageValue: ceil(value / target)."""
     return math.ceil(value / target - 1e-9) if value > 0 else 0
@@ -341,7 +365,7 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         return out
 
     stable_demand = demand(stable_sums, cover_stable)
-    panic_demand = demand(panic_sums, cover_panic)
+    panic_demand = _trimmed_demand(counts, k, wp, cover_panic, pw, gw)
     stable_replicas = np.ceil(stable_demand / target - 1e-9)
     panic_replicas = np.ceil(panic_demand / target - 1e-9)
     running = np.maximum(np.maximum(1.0, stable_replicas), _reporting(series, grid))

@@ -134,14 +134,15 @@ def test_panic_entry_hold_and_exit() -> None:
     before = evaluate(series, s, (T0 + 120) * 1000)
     assert not before.panic_active and before.value == 100
 
-    # Second 1 of the burst: panic window (5*100 + 1000)/6 = 250 -> 3 replicas; running
-    # = max(1 reporting, stable (59*100 + 1000)/60 = 115 -> 2) = 2; 3 < 2 x 2: no panic yet.
-    one = evaluate(series, s, (T0 + 121) * 1000)
-    assert not one.panic_active and one.value == pytest.approx(115)
-    # Second 2: panic (4*100 + 2000)/6 = 400 -> 4 replicas >= 2 x 2: panic.
+    # The panic window's demand leaves out its busiest second. Second 2 of the burst:
+    # (4*100 + 2*1000 - 1000)/5 = 280 -> 3 replicas; running = max(1 reporting, stable
+    # (58*100 + 2000)/60 = 130 -> 2) = 2; 3 < 2 x 2: no panic yet.
     two = evaluate(series, s, (T0 + 122) * 1000)
-    assert two.panic_active and two.panic_since == T0 + 122
-    assert two.value == pytest.approx(400) and two.replicas == 4
+    assert not two.panic_active and two.value == pytest.approx(130)
+    # Second 3: (3*100 + 3*1000 - 1000)/5 = 460 -> 5 replicas >= 2 x 2: panic.
+    three = evaluate(series, s, (T0 + 123) * 1000)
+    assert three.panic_active and three.panic_since == T0 + 123
+    assert three.value == pytest.approx(460) and three.replicas == 5
     # End of the burst: the panic window is all burst.
     peak = evaluate(series, s, (T0 + 126) * 1000)
     assert peak.value == pytest.approx(1000) and peak.replicas == 10
@@ -155,7 +156,7 @@ def test_panic_entry_hold_and_exit() -> None:
     assert last + 14 > T0 + 126 + 14
     held = evaluate(series, s, (last + 14) * 1000)
     assert held.panic_active
-    last_demand = evaluate(series, s, last * 1000).panic.demand
+    last_demand = evaluate(series, replace(s, panic_hold_s=1), last * 1000).value
     assert last_demand < 1000 and held.value == pytest.approx(last_demand)
     # ...and then panic ends: the burst costs 15 s past its last trigger, not a window.
     after = evaluate(series, s, (last + 15) * 1000)
@@ -184,10 +185,24 @@ def test_panic_compares_with_the_replicas_reporting() -> None:
 
 
 def _triggers(series: WorkloadSeries, s: ScalerSettings, t: int) -> bool:
-    ev = evaluate(series, s, t * 1000)
-    # the trigger condition at t, in replicas as the scaler compares them (one sidecar)
-    stable_r = max(1, replicas_for(ev.stable.demand, ev.target))
-    return replicas_for(ev.panic.demand, ev.target) >= s.panic_threshold * stable_r
+    # a hold of one second: panic at t exactly when second t triggers
+    return evaluate(series, replace(s, panic_hold_s=1), t * 1000).panic_active
+
+
+def test_one_long_generation_ending_does_not_panic() -> None:
+    # 300 tokens/s for two minutes; then one request's generation of 3,000 tokens beyond its
+    # estimate is corrected in the second it ends: one second of 3,300 arrived tokens
+    series = WorkloadSeries()
+    feed(series, T0, 120, sg=300)
+    ts = (T0 + 120) * 1000 + 999
+    series.add(Record("a", 120, ts, 1000, {"m": ModelCounts(0, 300, 0, 3300, 1, 0, 0, 0, 0)}), f"{ts}-0")
+    feed(series, T0 + 121, 5, sg=300, seq0=121)
+    s = settings_()
+    # untrimmed, the 6 s window would ask for (5*300 + 3300)/6 = 800 -> 8 >= 2 x 4 replicas
+    assert not any(evaluate(series, s, (T0 + t) * 1000).panic_active for t in range(121, 130))
+    # a burst that lasts raises every second and panics
+    feed(series, T0 + 126, 6, sg=1500, seq0=126)
+    assert evaluate(series, s, (T0 + 132) * 1000).panic_active
 
 
 def test_small_noise_does_not_panic() -> None:
