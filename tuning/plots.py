@@ -111,7 +111,8 @@ def pareto(
                 front.append((x, y))
                 best = y
         dots = ax.scatter([p[0] for p in points], [p[1] for p in points], s=8, alpha=0.35)
-        ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=1.2, color=dots.get_facecolor()[0],
+        color = tuple(dots.get_facecolor()[0][:3])  # the dots' colour, without their transparency
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=1.4, color=color,
                 label=f"{name} ({len(points)} runs)")  # fmt: skip
     ax.set_xlabel("GPU-hours")
     ax.set_ylabel("share of requests within every SLO")
