@@ -75,7 +75,8 @@ async def through_sidecar(start_sidecar: StartSidecar, upstream: DroppingServer,
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}")
+        # the upstream counts every request it gets: no polling of its /metrics
+        sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}", model_metrics_url="off")
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         async with aiohttp.ClientSession() as client:
             for _ in range(requests):
