@@ -166,12 +166,15 @@ class Gateway:
         )
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
+        log.debug("port closed, requests drained")
         reject.cancel()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        log.debug("tasks stopped")
         await self.writer.close(FINAL_FLUSH_TIMEOUT_S)
+        log.debug("held demand written")
         await self.proxy.close()
         await self.redis.aclose()
         if self._admin_runner is not None:

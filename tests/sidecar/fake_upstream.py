@@ -305,3 +305,24 @@ class FakeUpstream:
             status=int(request.query.get("status", "200")),
             headers={"X-Echo": "1"},
         )
+
+
+def main() -> None:
+    """``python -m tests.sidecar.fake_upstream --port N``: the fake as a process of its own (a
+    model server that tests start and kill)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+
+    async def serve() -> None:
+        fake = FakeUpstream()
+        await fake.start(port)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
