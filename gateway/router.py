@@ -6,8 +6,10 @@ takes one token off what is outstanding. A replica's load is the larger of what 
 gateway has outstanding at it (exact, instant) and what its sidecar last announced
 (every gateway's requests and direct clients', a heartbeat old). A replica with a
 ``capacity`` takes a request only while its load plus the request stays within it, or
-when it is idle (a request larger than any capacity still runs, alone). When no replica
-can take a request, the caller holds it.
+when it is idle (a request larger than any capacity still runs, alone); one with
+``slots`` (the server's concurrency) only while it has fewer requests in flight: past its
+slots a request would wait in the server's own queue, where no one sees it as demand and
+a faster replica cannot take it. When no replica can take a request, the caller holds it.
 
 ``pick`` is a scan of the replicas that serve the model: a few microseconds per
 hundred replicas (``python -m bench.gateway_bench route`` measures it).
@@ -30,9 +32,11 @@ class Replica:
     url: str
     models: frozenset[str]
     capacity: int
+    slots: int = 0  # requests it takes at once; 0: no cap
     announced: int = 0  # the sidecar's announced backlog: prompt + generation tokens
     local: int = 0  # weighted tokens this gateway has outstanding at it
     requests: int = 0  # this gateway's requests at it
+    announced_requests: int = 0  # the sidecar's in-flight requests, kept like ``announced``
     down_until: float = 0.0
     heartbeat_ms: int = -1  # Redis time of the announcement ``announced`` comes from
 
@@ -64,10 +68,11 @@ class Router:
                     fresh.local, fresh.requests = replica.local, replica.requests
                 self.replicas[rid] = replica = fresh
                 changed = True
-            replica.capacity = a.capacity
+            replica.capacity, replica.slots = a.capacity, a.slots
             if heartbeat_ms != replica.heartbeat_ms:  # a new heartbeat; else keep what changed since
                 replica.heartbeat_ms = heartbeat_ms
                 replica.announced = a.backlog_prompt + a.backlog_generation
+                replica.announced_requests = a.inflight
         if changed:
             self._index()
         return added, removed
@@ -101,6 +106,8 @@ class Router:
             load = r.local if r.local > r.announced else r.announced
             if r.capacity and load and load + tokens > r.capacity:
                 continue
+            if r.slots and max(r.requests, r.announced_requests) >= r.slots:
+                continue
             if best is None or load < best_load:
                 best, best_load = r, load
         return best
@@ -108,6 +115,7 @@ class Router:
     def start(self, replica: Replica, tokens: int) -> None:
         replica.local += tokens
         replica.requests += 1
+        replica.announced_requests += 1
         # Until the next heartbeat the announcement does not hold this request: add it, and take
         # off what ends or streams (a heartbeat then replaces the sum with the sidecar's count).
         replica.announced += tokens
@@ -119,6 +127,7 @@ class Router:
     def finish(self, replica: Replica, outstanding: int) -> None:
         replica.local -= outstanding
         replica.requests -= 1
+        replica.announced_requests = max(0, replica.announced_requests - 1)
         replica.announced = max(0, replica.announced - outstanding)
 
     def mark_down(self, replica: Replica, now: float | None = None) -> None:

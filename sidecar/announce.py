@@ -63,6 +63,7 @@ class Announcer:
         url: str,
         models: tuple[str, ...] | None,
         capacity: int,
+        slots: int = 0,
         interval_s: float = HEARTBEAT_S,
     ) -> None:
         self._client = client
@@ -74,6 +75,7 @@ class Announcer:
         self.url = url
         self.models = models  # None: not known yet (asked of the upstream at each tick)
         self.capacity = capacity
+        self.slots = slots
         self.interval_s = interval_s
         self._failing = False
         self._lock = asyncio.Lock()  # a heartbeat never lands after the leave
@@ -81,7 +83,9 @@ class Announcer:
 
     def announcement(self) -> Announcement:
         inflight, prompt, generation = self._meter.open_totals()
-        return Announcement(self.url, self.models or (), self.capacity, inflight, prompt, generation)
+        return Announcement(
+            self.url, self.models or (), self.capacity, inflight, prompt, generation, self.slots
+        )
 
     async def beat(self) -> bool:
         """One heartbeat; False when Redis did not take it (or the sidecar left)."""

@@ -219,6 +219,13 @@ OPTIONS: dict[str, c.Option[Any]] = {
         0,
         "in-flight tokens (prompt + max_tokens) gateways send this replica at once; 0: no cap",
     ),
+    "capacity_requests": c.Option(
+        "--capacity-requests",
+        "TOKEN_SCALER_CAPACITY_REQUESTS",
+        c.non_negative_int,
+        0,
+        "requests gateways send this replica at once (the server's concurrency); 0: no cap",
+    ),
 }
 
 
@@ -252,6 +259,7 @@ class SidecarConfig:
     advertise: str | None = None
     models: tuple[str, ...] | None = None
     capacity_tokens: int = 0
+    capacity_requests: int = 0
 
     @property
     def server_metrics(self) -> str | None:

@@ -175,6 +175,7 @@ class Sidecar:
                 url=url,
                 models=self.config.models,
                 capacity=self.config.capacity_tokens,
+                slots=self.config.capacity_requests,
             )
             self._announce_task = asyncio.create_task(
                 self.announcer.run(self.proxy.session, self.config.upstream)

@@ -20,6 +20,7 @@ Announcement (JSON object; unknown keys are ignored, so version 1 may grow)::
     url       base URL the sidecar's proxy is reached at (http://10.0.3.7:8080)
     models    models it serves ([] when unknown: any model)
     capacity  in-flight tokens (prompt + max generation) it takes at once; 0: no cap
+    slots     requests it takes at once (the server's concurrency, vLLM's --max-num-seqs); 0: no cap
     in        requests in flight at the sidecar          (all gateways' requests, and
     bp        prompt tokens not processed yet             direct clients', as its meter
     bg        generation tokens still expected            counts them)
@@ -109,6 +110,7 @@ class Announcement:
     inflight: int = 0
     backlog_prompt: int = 0
     backlog_generation: int = 0
+    slots: int = 0
 
     def encode(self) -> str:
         return json.dumps(
@@ -120,6 +122,7 @@ class Announcement:
                 "in": self.inflight,
                 "bp": self.backlog_prompt,
                 "bg": self.backlog_generation,
+                "slots": self.slots,
             },
             separators=(",", ":"),
         )
@@ -163,4 +166,5 @@ def decode(raw: bytes | str) -> Announcement:
         _count(doc, "in"),
         _count(doc, "bp"),
         _count(doc, "bg"),
+        _count(doc, "slots"),
     )

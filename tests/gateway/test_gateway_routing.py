@@ -49,6 +49,24 @@ def test_capacity_caps_in_flight_tokens_and_an_idle_replica_takes_anything() -> 
     assert router.pick(None, 5000) is r1  # idle: a request above the cap still runs, alone
 
 
+def test_slots_cap_requests_in_flight() -> None:
+    router = Router()
+    router.update({"a": (1, Announcement("http://a", slots=2)), "b": (1, Announcement("http://b", slots=1))})
+    a, b = router.replicas["a"], router.replicas["b"]
+    router.start(a, 10)
+    router.start(b, 1)
+    assert router.pick(None, 10) is a  # b has no free slot, though fewer tokens
+    router.start(a, 10)
+    assert router.pick(None, 10) is None
+    # Another gateway's request, from the sidecar's heartbeat, fills a slot too.
+    router.finish(b, 1)
+    assert router.pick(None, 10) is b
+    router.update(
+        {"a": (2, Announcement("http://a", slots=2)), "b": (2, Announcement("http://b", slots=1, inflight=1))}
+    )
+    assert router.pick(None, 10) is None
+
+
 def test_announced_load_counts_other_gateways_until_the_next_heartbeat() -> None:
     router = Router()
     router.update(
