@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 
 from bench._common import percentiles, redis_for_bench, save
-from bench.sidecar_bench import CHAT, Load, open_loop, wait_http
+from bench.sidecar_bench import CHAT, Load, cpu_of, open_loop, wait_http
 from gateway.router import Replica, Router
 from token_scaler.presence import Announcement
 from token_scaler.redis_conn import free_port
@@ -81,7 +81,7 @@ def bench_route(replicas: int, calls: int, seed: int = 7) -> dict[str, Any]:
 
 
 class Processes:
-    def __init__(self) -> None:
+    def __init__(self, profile: str | None = None) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis_url, self.redis = redis_for_bench()
         self.tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -103,12 +103,15 @@ class Processes:
         gport, gadmin = free_port(), free_port()
         self.start(
             [
-                sys.executable, "-m", "token_scaler.cli", "gateway", "--workload", workload,
+                sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
+                "-m", "token_scaler.cli", "gateway", "--workload", workload,
                 "--redis-url", self.redis_url, "--host", "127.0.0.1", "--port", str(gport),
                 "--admin-port", str(gadmin), "--shutdown-delay", "0", "--log-level", "WARNING",
             ]
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{gadmin}/readyz", self.procs[-1], "the gateway")
+        # the proxies' pids: their CPU per request is part of what they add
+        self.pids = {"sidecar": self.procs[1].pid, "gateway": self.procs[2].pid}
         self.targets = {
             "direct": f"http://127.0.0.1:{up}",
             "sidecar": f"http://127.0.0.1:{port}",
@@ -140,9 +143,13 @@ async def bench_latency(procs: Processes, rate: float, seconds: float, rounds: i
         # warm-up: connections, the gateway's discovery, the sidecar's first flush
         for url in procs.targets.values():
             await open_loop(session, url, rate, 1.0)
+        cpu = {name: {"sidecar": 0.0, "gateway": 0.0} for name in procs.targets}
         for _ in range(rounds):
             for name, url in procs.targets.items():
+                before = {k: cpu_of(pid) for k, pid in procs.pids.items()}
                 load = await open_loop(session, url, rate, seconds / rounds)
+                for k, pid in procs.pids.items():
+                    cpu[name][k] += cpu_of(pid) - before[k]
                 loads[name].latencies += load.latencies
                 loads[name].errors += load.errors
     out: dict[str, Any] = {"rate_per_s": rate, "seconds_per_target": seconds, "rounds": rounds}
@@ -154,6 +161,10 @@ async def bench_latency(procs: Processes, rate: float, seconds: float, rounds: i
             "answered": len(load.latencies),
             "errors": dict(load.errors),
         }
+        if load.latencies:
+            row["cpu_s_per_1000_requests"] = {
+                k: round(v / len(load.latencies) * 1000, 3) for k, v in cpu[name].items() if v
+            }
         if name != "direct":
             row["added_ms"] = {p: round((stats[p] - direct[p]) * 1000, 3) for p in ("p50", "p90", "p99")}
         out[name] = row
@@ -401,6 +412,7 @@ def main() -> int:
     latency.add_argument("--rate", type=float, default=200.0)
     latency.add_argument("--seconds", type=float, default=30.0, help="per target, over all rounds")
     latency.add_argument("--rounds", type=int, default=3)
+    latency.add_argument("--profile", help="write the gateway's cProfile stats here")
     mixed = sub.add_parser("mixed")
     mixed.add_argument("--replicas", type=int, default=8)
     mixed.add_argument("--rate", type=float, default=20.0)
@@ -417,7 +429,7 @@ def main() -> int:
     if args.mode == "route":
         result = {"runs": [bench_route(n, args.calls) for n in (8, 200, 1000)]}
     elif args.mode == "latency":
-        procs = Processes()
+        procs = Processes(args.profile)
         try:
             result = asyncio.run(bench_latency(procs, args.rate, args.seconds, args.rounds))
         finally:

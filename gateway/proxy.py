@@ -42,6 +42,8 @@ _RESPONSE_DROP = frozenset({"content-length"})
 CLIENT_GONE = "499"
 # A request is sent to at most this many replicas before the client gets the last error.
 MAX_ATTEMPTS = 3
+# Answers with a Content-Length up to this are read whole and sent in one write.
+WHOLE_BODY_BYTES = 1 << 20
 
 
 class Refused(Exception):
@@ -305,6 +307,21 @@ class GatewayProxy:
         code = str(upstream.status)
         try:
             async with upstream:
+                length = upstream.content_length
+                if length is not None and length <= WHOLE_BODY_BYTES and not weighed.stream:
+                    # A whole answer goes out in one write (headers and body), not three.
+                    try:
+                        body = await upstream.read()
+                    except (TimeoutError, aiohttp.ClientError) as exc:
+                        code = "502"
+                        self.metrics.refused.labels("replica_error").inc()
+                        return Refused(502, "replica_error", f"bad answer from the replica: {exc}").response()
+                    return web.Response(
+                        status=upstream.status,
+                        reason=upstream.reason,
+                        headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+                        body=body,
+                    )
                 response = web.StreamResponse(
                     status=upstream.status,
                     reason=upstream.reason,
