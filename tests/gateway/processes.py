@@ -115,13 +115,16 @@ class GatewayProcess:
 
 @dataclass
 class ReplicaProcess:
-    """A simulated model replica: the fake model server and a sidecar, each a process."""
+    """A simulated model replica: the fake model server and a sidecar, each a process; or, with
+    ``upstream``, a sidecar in front of a model server that runs already (llama-server)."""
 
     name: str
     redis_url: str
     workload: str
     log: Path
     capacity_tokens: int = 0
+    upstream: str | None = None
+    models: str = "fake"
     model_port: int = field(default_factory=free_port)
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
@@ -132,13 +135,16 @@ class ReplicaProcess:
 
     async def start(self) -> None:
         self.started = time.monotonic()
-        self.model = _spawn("-m", "tests.sidecar.fake_upstream", "--port", str(self.model_port), log=self.log)
+        if self.upstream is None:
+            self.model = _spawn(
+                "-m", "tests.sidecar.fake_upstream", "--port", str(self.model_port), log=self.log
+            )  # fmt: skip
         self.sidecar = _spawn(
             "-m", "token_scaler.cli", "sidecar",
             "--workload", self.workload, "--redis-url", self.redis_url, "--host", "127.0.0.1",
-            "--upstream", f"http://127.0.0.1:{self.model_port}",
+            "--upstream", self.upstream or f"http://127.0.0.1:{self.model_port}",
             "--port", str(self.port), "--admin-port", str(self.admin_port),
-            "--advertise", f"http://127.0.0.1:{self.port}", "--models", "fake",
+            "--advertise", f"http://127.0.0.1:{self.port}", "--models", self.models,
             "--capacity-tokens", str(self.capacity_tokens), "--sidecar-id", self.name,
             "--shutdown-delay", "0", "--drain-timeout", "5", "--log-level", "WARNING",
             log=self.log,
@@ -147,7 +153,8 @@ class ReplicaProcess:
         self.ready = time.monotonic()
 
     def alive(self) -> bool:
-        return all(p is not None and p.poll() is None for p in (self.model, self.sidecar))
+        procs = (self.sidecar,) if self.upstream else (self.model, self.sidecar)
+        return all(p is not None and p.poll() is None for p in procs)
 
     def kill(self) -> None:
         """The pod dies at once: no SIGTERM, no withdrawal, no drain."""
@@ -187,6 +194,8 @@ class Autoscaler:
     cooldown_s: float = 3.0
     stabilization_s: float = 3.0
     capacity_tokens: int = 0
+    upstream: str | None = None  # every replica's model server, when one runs already
+    models: str = "fake"
     replicas: list[ReplicaProcess] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     activations: list[float] = field(default_factory=list)  # monotonic times StreamIsActive said true
@@ -274,6 +283,8 @@ class Autoscaler:
                     self.workload,
                     self.log,
                     capacity_tokens=self.capacity_tokens,
+                    upstream=self.upstream,
+                    models=self.models,
                 )
                 self.replicas.append(replica)
                 self.started_replicas.append(replica)
