@@ -287,85 +287,108 @@ def mixed_trace(rate: float, seconds: float, seed: int) -> list[Req]:
     return out
 
 
-def simulate(policy: Policy, trace: list[Req], n: int, sample_s: float = 0.1) -> dict[str, Any]:
-    replicas = [SimReplica(i) for i in range(n)]
-    held: deque[Req] = deque()
-    events: list[tuple[float, int, str, Any]] = []
-    seq = itertools.count()
-    for req in trace:
-        heapq.heappush(events, (req.arrival, next(seq), "arrive", req))
-    heapq.heappush(events, (0.0, next(seq), "sample", None))
-    end = trace[-1].arrival
-    spreads: list[float] = []
-    done: list[Req] = []
+def engine_step(replica: SimReplica, now: float, policy: Policy) -> tuple[float, list[Req]]:
+    """One continuous-batching step of a replica: (its duration, the requests it ended)."""
+    while replica.queue and len(replica.active) < SLOTS:
+        replica.active.append(replica.queue.popleft())
+    decoding = [r for r in replica.active if r.left_prompt == 0]
+    budget = CHUNK - len(decoding)
+    prefilled = 0
+    for r in replica.active:
+        if r.left_prompt and budget > 0:
+            take = min(budget, r.left_prompt)
+            r.left_prompt -= take
+            budget -= take
+            prefilled += take
+    step = STEP_BASE_S + STEP_PER_SEQ_S * len(decoding) + prefilled / PREFILL_PER_S
+    finished = []
+    for r in decoding:
+        if r.first is None:
+            r.first = now + step
+        r.left_gen -= 1
+        policy.progress(r)
+        if r.left_gen == 0:
+            finished.append(r)
+    for r in finished:
+        replica.active.remove(r)
+        policy.ended(r)
+    return step, finished
 
-    def send(req: Req, i: int, now: float) -> None:
+
+def spread(replicas: list[SimReplica]) -> float | None:
+    """(max - min) / mean of the replicas' in-flight tokens (prompt + remaining generation)."""
+    loads = [
+        sum(r.left_prompt + r.left_gen for r in rep.active) + sum(r.weight for r in rep.queue)
+        for rep in replicas
+    ]
+    mean = statistics.fmean(loads)
+    return (max(loads) - min(loads)) / mean if mean > 0 else None
+
+
+class Simulation:
+    """The trace through a policy onto ``n`` replicas, event by event."""
+
+    def __init__(self, policy: Policy, n: int) -> None:
+        self.policy = policy
+        self.replicas = [SimReplica(i) for i in range(n)]
+        self.held: deque[Req] = deque()
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = itertools.count()
+
+    def push(self, at: float, kind: str, item: Any) -> None:
+        heapq.heappush(self.events, (at, next(self.seq), kind, item))
+
+    def send(self, req: Req, i: int, now: float) -> None:
         req.replica = i
         req.left_prompt, req.left_gen = req.prompt, req.generation
-        policy.started(req)
-        replica = replicas[i]
+        self.policy.started(req)
+        replica = self.replicas[i]
         replica.queue.append(req)
         if not replica.stepping:
             replica.stepping = True
-            heapq.heappush(events, (now, next(seq), "step", replica))
+            self.push(now, "step", replica)
 
-    def dispatch(now: float) -> None:
-        while held:
-            i = policy.pick(held[0])
+    def dispatch(self, now: float) -> None:
+        while self.held:
+            i = self.policy.pick(self.held[0])
             if i is None:
                 return
-            send(held.popleft(), i, now)
+            self.send(self.held.popleft(), i, now)
 
-    while events:
-        now, _, kind, item = heapq.heappop(events)
-        if kind == "arrive":
-            i = None if held else policy.pick(item)
-            if i is None:
-                held.append(item)
+    def run(self, trace: list[Req], sample_s: float) -> tuple[list[Req], list[float]]:
+        for req in trace:
+            self.push(req.arrival, "arrive", req)
+        self.push(0.0, "sample", None)
+        end = trace[-1].arrival
+        spreads: list[float] = []
+        done: list[Req] = []
+        while self.events:
+            now, _, kind, item = heapq.heappop(self.events)
+            if kind == "arrive":
+                i = None if self.held else self.policy.pick(item)
+                if i is None:
+                    self.held.append(item)
+                else:
+                    self.send(item, i, now)
+            elif kind == "sample":
+                if now <= end:
+                    value = spread(self.replicas)
+                    if value is not None:
+                        spreads.append(value)
+                    self.push(now + sample_s, "sample", None)
+            elif not (item.queue or item.active):
+                item.stepping = False
             else:
-                send(item, i, now)
-        elif kind == "sample":
-            if now <= end:
-                loads = [
-                    sum(r.left_prompt + r.left_gen for r in rep.active) + sum(r.weight for r in rep.queue)
-                    for rep in replicas
-                ]
-                mean = statistics.fmean(loads)
-                if mean > 0:
-                    spreads.append((max(loads) - min(loads)) / mean)
-                heapq.heappush(events, (now + sample_s, next(seq), "sample", None))
-        else:
-            replica = item
-            while replica.queue and len(replica.active) < SLOTS:
-                replica.active.append(replica.queue.popleft())
-            if not replica.active:
-                replica.stepping = False
-                continue
-            decoding = [r for r in replica.active if r.left_prompt == 0]
-            budget = CHUNK - len(decoding)
-            prefilled = 0
-            for r in replica.active:
-                if r.left_prompt and budget > 0:
-                    take = min(budget, r.left_prompt)
-                    r.left_prompt -= take
-                    budget -= take
-                    prefilled += take
-            step = STEP_BASE_S + STEP_PER_SEQ_S * len(decoding) + prefilled / PREFILL_PER_S
-            finished = []
-            for r in decoding:
-                if r.first is None:
-                    r.first = now + step
-                r.left_gen -= 1
-                policy.progress(r)
-                if r.left_gen == 0:
-                    finished.append(r)
-            for r in finished:
-                replica.active.remove(r)
-                policy.ended(r)
-                done.append(r)
-            if finished:
-                dispatch(now + step)
-            heapq.heappush(events, (now + step, next(seq), "step", replica))
+                step, finished = engine_step(item, now, self.policy)
+                done += finished
+                if finished:
+                    self.dispatch(now + step)
+                self.push(now + step, "step", item)
+        return done, spreads
+
+
+def simulate(policy: Policy, trace: list[Req], n: int, sample_s: float = 0.1) -> dict[str, Any]:
+    done, spreads = Simulation(policy, n).run(trace, sample_s)
     ttft = [r.first - r.arrival for r in done if r.first is not None]
     short = [r.first - r.arrival for r in done if r.first is not None and r.generation < 500]
     return {

@@ -79,6 +79,16 @@ class Weighed:
         return self.prompt + self.generation
 
 
+@dataclass(slots=True)
+class Flight:
+    """A request at a replica: what it still holds there, and its status for the metrics."""
+
+    replica: Replica
+    outstanding: int  # weighted tokens booked on the replica
+    remaining: int  # generation tokens a stream may still send
+    code: str
+
+
 class GatewayProxy:
     def __init__(
         self,
@@ -302,58 +312,68 @@ class GatewayProxy:
         weighed: Weighed,
         held: bool,
     ) -> web.StreamResponse:
-        outstanding = weighed.tokens
-        remaining = weighed.generation if weighed.stream else 0
-        code = str(upstream.status)
+        flight = Flight(
+            replica, weighed.tokens, weighed.generation if weighed.stream else 0, str(upstream.status)
+        )
         try:
             async with upstream:
                 length = upstream.content_length
                 if length is not None and length <= WHOLE_BODY_BYTES and not weighed.stream:
-                    # A whole answer goes out in one write (headers and body), not three.
-                    try:
-                        body = await upstream.read()
-                    except (TimeoutError, aiohttp.ClientError) as exc:
-                        code = "502"
-                        self.metrics.refused.labels("replica_error").inc()
-                        return Refused(502, "replica_error", f"bad answer from the replica: {exc}").response()
-                    return web.Response(
-                        status=upstream.status,
-                        reason=upstream.reason,
-                        headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
-                        body=body,
-                    )
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
-                )
-                if upstream.content_length is not None:
-                    response.content_length = upstream.content_length
-                await response.prepare(request)
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                        if remaining:
-                            # about one generated token per event of a stream
-                            done = min(remaining, chunk.count(b"data:"))
-                            remaining -= done
-                            outstanding -= done
-                            self.router.progress(replica, done)
-                            self.outstanding -= done
-                except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
-                    self.metrics.broken.inc()
-                    code = "502"
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
-                except ConnectionResetError:
-                    code = CLIENT_GONE
-                    return response
-                await response.write_eof()
-                return response
+                    return await self._whole(upstream, flight)
+                return await self._passthrough(request, upstream, flight)
         except asyncio.CancelledError:
-            code = CLIENT_GONE
+            flight.code = CLIENT_GONE
             raise
         finally:
-            self.metrics.requests.labels(code, str(held).lower()).inc()
-            self._unbook(replica, outstanding)
+            self.metrics.requests.labels(flight.code, str(held).lower()).inc()
+            self._unbook(replica, flight.outstanding)
+
+    async def _whole(self, upstream: aiohttp.ClientResponse, flight: Flight) -> web.Response:
+        """A whole answer goes out in one write (headers and body), not three."""
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            flight.code = "502"
+            self.metrics.refused.labels("replica_error").inc()
+            return Refused(502, "replica_error", f"bad answer from the replica: {exc}").response()
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+            body=body,
+        )
+
+    async def _passthrough(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, flight: Flight
+    ) -> web.StreamResponse:
+        """Bytes as they come; a stream's events take its remaining tokens off the replica."""
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+        )
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                if flight.remaining:
+                    # about one generated token per event of a stream
+                    done = min(flight.remaining, chunk.count(b"data:"))
+                    flight.remaining -= done
+                    flight.outstanding -= done
+                    self.router.progress(flight.replica, done)
+                    self.outstanding -= done
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            # The replica broke off mid-answer: so does the client's.
+            self.metrics.broken.inc()
+            flight.code = "502"
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionResetError:
+            flight.code = CLIENT_GONE
+            return response
+        await response.write_eof()
+        return response

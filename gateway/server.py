@@ -35,6 +35,7 @@ from token_scaler.redis_conn import connect
 log = logging.getLogger(__name__)
 
 FINAL_FLUSH_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0
 
 
 class Gateway:
@@ -175,8 +176,10 @@ class Gateway:
         log.debug("tasks stopped")
         await self.writer.close(FINAL_FLUSH_TIMEOUT_S)
         log.debug("held demand written")
-        await self.proxy.close()
-        await self.redis.aclose()
+        # Closing connections is bounded too: a stop must never outlast the grace period.
+        for closing in (self.proxy.close(), self.redis.aclose()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing, CLOSE_TIMEOUT_S)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 
