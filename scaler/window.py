@@ -181,7 +181,8 @@ class WorkloadSeries:
         if all_models is None:
             all_models = self.rings[None] = SecondRing()
         accepted = all_models.add(sec, total) and accepted
-        self.presence.add(sec, [max(1, round(record.interval_ms / 1000))])
+        if record.role != GATEWAY:  # a gateway's held requests are no replica running
+            self.presence.add(sec, [max(1, round(record.interval_ms / 1000))])
         if not accepted:
             self.too_old += 1
         if state is None:

@@ -187,3 +187,5 @@ def test_gateway_and_sidecar_entries_never_count_a_request_twice(
     assert round(later.stable.served * covered) == real_weighted
     assert demand.take() == {}  # nothing more to say
     assert set(series.live_sidecars(t + 2000, 5000)) == {"pod-a"}
+    # The gateway's entries are no replica running: only the sidecar's count as present.
+    assert series.presence.window(base // 1000 - 1, t // 1000 + 1)[0].sum() == len(real)
