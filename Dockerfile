@@ -1,13 +1,14 @@
-# token-scaler: one image for both components.
+# token-scaler: one image for every component.
 #
 #   docker run IMAGE serve     the KEDA external scaler (gRPC 9090, HTTP 9091)
 #   docker run IMAGE sidecar   the token-metering proxy (proxy 8080, admin 9100)
+#   docker run IMAGE gateway   the entry point that holds requests at zero (8080, admin 9100)
 #
 # The runtime stage holds the base image, tini and a venv with the project and its
 # dependencies: no compiler, no pip, no source tree. It runs as uid/gid 65532 and
 # writes nothing outside /tmp, so it works with readOnlyRootFilesystem (mount an
 # emptyDir on /tmp). tini is PID 1: it forwards SIGTERM to token-scaler, which then
-# drains (scaler: health NOT_SERVING, then stop; sidecar: readiness 503, drain).
+# drains (scaler: health NOT_SERVING, then stop; sidecar and gateway: readiness 503, drain).
 #
 # BASE_IMAGE: any Debian-like image with Python >= 3.11 and `python3 -m venv`
 # (python:3.11-slim-bookworm and newer; scripts/build-image makes one with debootstrap

@@ -64,6 +64,11 @@ class StreamReader:
         self._last_sync = -1e9
         self._last_ok = -1e9
         self.last_error: str | None = None
+        self._applied = asyncio.Event()  # set (and replaced) each time a poll applies entries
+
+    def applied(self) -> asyncio.Event:
+        """An event set when the next poll applies entries (a gateway's held demand among them)."""
+        return self._applied
 
     # -- time and health -------------------------------------------------------
 
@@ -211,6 +216,9 @@ class StreamReader:
             if entries:
                 self._last_ids[key] = entries[-1][0].decode()
         self._mark_ok()
+        if applied:
+            event, self._applied = self._applied, asyncio.Event()
+            event.set()
         return applied
 
     async def run(self, stop: asyncio.Event) -> None:

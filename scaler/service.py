@@ -8,7 +8,6 @@ UNAVAILABLE, so KEDA's ``fallback`` applies instead of a made-up value.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -123,8 +122,15 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
                     self.registry.answered(state, evaluation, active=True)
                     yield pb.IsActiveResponse(result=True)
                 was_active = evaluation.active
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.shutdown.wait(), ACTIVE_CHECK_S)
+            # Look again each second (the window moves), and as soon as new entries are read:
+            # a gateway's first held request must turn the workload active at once.
+            applied = asyncio.ensure_future(self.registry.reader.applied().wait())
+            stopping = asyncio.ensure_future(self.shutdown.wait())
+            try:
+                await asyncio.wait({applied, stopping}, timeout=ACTIVE_CHECK_S, return_when="FIRST_COMPLETED")
+            finally:
+                applied.cancel()
+                stopping.cancel()
 
     async def StreamMetricSpec(
         self, request: pb.ScaledObjectRef, context: grpc.aio.ServicerContext[object, object]

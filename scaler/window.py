@@ -55,7 +55,7 @@ import numpy.typing as npt
 
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
-from token_scaler.record import Record, ServerGauges, entry_time_ms
+from token_scaler.record import GATEWAY, Record, ServerGauges, entry_time_ms
 
 # sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
 N_SERIES = 5
@@ -115,6 +115,7 @@ class SidecarState:
     # model -> (inflight, waiting for first token, backlog prompt, backlog generation)
     gauges: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     server: ServerGauges | None = None  # the model server's own gauges, as last reported
+    gateway: bool = False  # a gateway's entries: requests it holds, not a replica
 
 
 @dataclass
@@ -183,11 +184,14 @@ class WorkloadSeries:
         if all_models is None:
             all_models = self.rings[None] = SecondRing()
         accepted = all_models.add(sec, total) and accepted
-        self.presence.add(sec, [max(1, round(record.interval_ms / 1000))])
+        if record.role != GATEWAY:  # a gateway's held requests are no replica running
+            self.presence.add(sec, [max(1, round(record.interval_ms / 1000))])
         if not accepted:
             self.too_old += 1
         if state is None:
-            state = self.sidecars[record.sidecar] = SidecarState(record.ts_ms, t_ms)
+            state = self.sidecars[record.sidecar] = SidecarState(
+                record.ts_ms, t_ms, gateway=record.role == GATEWAY
+            )
         state.last_seq = record.seq
         state.entries += 1
         if record.ts_ms >= state.last_ts_ms:
@@ -236,7 +240,11 @@ class WorkloadSeries:
         return covered, totals
 
     def live_sidecars(self, now_ms: int, liveness_ms: int) -> dict[str, SidecarState]:
-        return {s: st for s, st in self.sidecars.items() if now_ms - st.last_seen_ms <= liveness_ms}
+        return {
+            s: st
+            for s, st in self.sidecars.items()
+            if now_ms - st.last_seen_ms <= liveness_ms and not st.gateway
+        }
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,13 @@ def model_metrics_url(raw: str) -> str:
     return c.http_url(choice)
 
 
+def model_list(raw: str) -> tuple[str, ...]:
+    models = tuple(m.strip() for m in raw.split(",") if m.strip())
+    if not models:
+        raise ValueError("expected one or more model names, separated by commas")
+    return models
+
+
 OPTIONS: dict[str, c.Option[Any]] = {
     "workload": c.Option(
         "--workload",
@@ -190,6 +197,35 @@ OPTIONS: dict[str, c.Option[Any]] = {
         None,
         "policy file (YAML): max_tokens caps, budgets, rate limits, downgrades; reloaded when it changes",
     ),
+    "advertise": c.Option(
+        "--advertise",
+        "TOKEN_SCALER_ADVERTISE",
+        c.http_url,
+        None,
+        "URL gateways reach this sidecar's proxy at, announced in Redis "
+        "(default http://$POD_IP:<port> when POD_IP is set; else no announcement)",
+    ),
+    "models": c.Option(
+        "--models",
+        "TOKEN_SCALER_MODELS",
+        model_list,
+        None,
+        "comma-separated models announced to gateways (default: the upstream's /v1/models)",
+    ),
+    "capacity_tokens": c.Option(
+        "--capacity-tokens",
+        "TOKEN_SCALER_CAPACITY_TOKENS",
+        c.non_negative_int,
+        0,
+        "in-flight tokens (prompt + max_tokens) gateways send this replica at once; 0: no cap",
+    ),
+    "capacity_requests": c.Option(
+        "--capacity-requests",
+        "TOKEN_SCALER_CAPACITY_REQUESTS",
+        c.non_negative_int,
+        0,
+        "requests gateways send this replica at once (the server's concurrency); 0: no cap",
+    ),
 }
 
 
@@ -220,6 +256,10 @@ class SidecarConfig:
     event_loop: str = "auto"
     log_level: str = "INFO"
     policy: Path | None = None
+    advertise: str | None = None
+    models: tuple[str, ...] | None = None
+    capacity_tokens: int = 0
+    capacity_requests: int = 0
 
     @property
     def server_metrics(self) -> str | None:

@@ -204,6 +204,16 @@ class Meter:
         self._tenants = {}
         return Snapshot(models, {t: per_model for t, per_model in tenants.items() if per_model})
 
+    def open_totals(self) -> tuple[int, int, int]:
+        """Requests in flight, and their prompt and generation tokens not served yet, over
+        all models (what the sidecar announces to gateways)."""
+        counts = [m.counts for m in self._models.values()]
+        return (
+            sum(c.inflight for c in counts),
+            sum(c.backlog_prompt for c in counts),
+            sum(c.backlog_generation for c in counts),
+        )
+
 
 class LabelBound:
     """Keeps a label's values to the first ``limit`` seen; the rest become ``other``.

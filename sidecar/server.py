@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 
@@ -24,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.exceptions import RedisError
 
+from sidecar.announce import Announcer, advertised_url
 from sidecar.config import SidecarConfig, make_sidecar_id
 from sidecar.flush import Flusher, recent_generation_means
 from sidecar.loop_lag import LoopLag
@@ -105,6 +107,8 @@ class Sidecar:
         self.loop_lag = LoopLag(self.registry)
         self._lag_task: asyncio.Task[None] | None = None
         self._gauges_task: asyncio.Task[None] | None = None
+        self.announcer: Announcer | None = None
+        self._announce_task: asyncio.Task[None] | None = None
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -161,6 +165,21 @@ class Sidecar:
         if self.policy is not None:
             self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
+        url = advertised_url(self.config.advertise, self.port, os.environ)
+        if url is not None:  # gateways route to this sidecar once it serves
+            self.announcer = Announcer(
+                self.redis,
+                self.meter,
+                workload=self.config.workload,
+                sidecar_id=self.flusher.sidecar_id,
+                url=url,
+                models=self.config.models,
+                capacity=self.config.capacity_tokens,
+                slots=self.config.capacity_requests,
+            )
+            self._announce_task = asyncio.create_task(
+                self.announcer.run(self.proxy.session, self.config.upstream)
+            )
         log.info(
             "sidecar %s: proxy :%d -> %s, admin :%d, workload %s",
             self.flusher.sidecar_id,
@@ -185,10 +204,19 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.announcer is not None:  # gateways stop sending new requests at once
+            await self.announcer.leave()
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
-        for task in (self._flush_task, self._policy_task, self._seed_task, self._lag_task, self._gauges_task):
+        for task in (
+            self._flush_task,
+            self._policy_task,
+            self._seed_task,
+            self._lag_task,
+            self._gauges_task,
+            self._announce_task,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -4,6 +4,7 @@ Ctrl-C, and leaves nothing running."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,28 @@ def test_demo_runs_counts_exactly_and_stops_by_itself() -> None:
     assert "embedded redis-server" in out
     assert "HPA replicas" in out and out.count(" | ") > 100  # a row a second
     assert "-> equal" in out, out[-800:]
+    assert "everything stopped." in out
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_from_zero_goes_to_n_and_back_to_zero(redis_url: str) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "token_scaler.cli", "demo", "--from-zero", "--duration", "120", "--rps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "held at gateway" in out and out.count(" | ") > 50  # a row a second
+    sent, answered = (
+        int(x) for x in re.search(r"requests: (\d+) sent through the gateway, (\d+) answered", out).groups()
+    )
+    assert sent == answered > 0, out[-600:]
+    peak = int(re.search(r"replicas: 0 -> (\d+) -> 0\n", out).group(1))
+    assert peak >= 1
     assert "everything stopped." in out
     assert "Traceback" not in result.stderr
 

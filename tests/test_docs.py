@@ -12,7 +12,7 @@ from scaler.metadata import KEYS
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
-@pytest.mark.parametrize("module", ["scaler.config", "sidecar.config"])
+@pytest.mark.parametrize("module", ["scaler.config", "sidecar.config", "gateway.config"])
 def test_every_option_is_documented(module: str) -> None:
     try:
         options = importlib.import_module(module).OPTIONS

@@ -130,7 +130,15 @@ def env_of(container: Obj) -> dict[str, Obj]:
 
 
 def test_the_expected_folders_exist() -> None:
-    assert {"scaler", "redis", "monitoring", "alerts", "examples/vllm", "examples/mtls"} <= set(FOLDERS)
+    assert {
+        "scaler",
+        "redis",
+        "monitoring",
+        "alerts",
+        "examples/vllm",
+        "examples/mtls",
+        "examples/from-zero",
+    } <= set(FOLDERS)
     assert {"scaler/mtls", "examples/vllm/mtls"} <= set(COMPONENTS)
 
 
@@ -269,7 +277,11 @@ def scaled_objects() -> Iterator[tuple[str, Obj]]:
 
 
 def test_there_are_scaled_objects() -> None:
-    assert {folder for folder, _ in scaled_objects()} == {"examples/vllm", "examples/mtls"}
+    assert {folder for folder, _ in scaled_objects()} == {
+        "examples/vllm",
+        "examples/mtls",
+        "examples/from-zero",
+    }
 
 
 def test_scaled_object_metadata_parses_with_the_scalers_parser() -> None:
@@ -317,7 +329,9 @@ def test_scaled_object_metadata_parses_with_the_scalers_parser() -> None:
 def test_scaled_object_scaling_policy() -> None:
     for folder, so in scaled_objects():
         spec = so["spec"]
-        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], folder
+        # Zero replicas only behind a gateway: without one, nothing holds a request or wakes the workload.
+        floor = 0 if gateways(render(folder)) else 1
+        assert floor <= spec["minReplicaCount"] <= spec["maxReplicaCount"], folder
         fallback = spec["fallback"]
         assert fallback["failureThreshold"] >= 1
         assert spec["minReplicaCount"] <= fallback["replicas"] <= spec["maxReplicaCount"]
@@ -418,10 +432,61 @@ def test_our_containers_are_hardened(folder: str) -> None:
             if c["image"].startswith(OUR_IMAGE + ":"):
                 assert c["image"] == f"{OUR_IMAGE}:{VERSION}", f"{where}: tag is not the project version"
                 assert sc.get("runAsUser", pod_sc.get("runAsUser")) == 65532, where
-                assert c["args"][0] in ("serve", "sidecar"), where
+                assert c["args"][0] in ("serve", "sidecar", "gateway"), where
                 tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
                 volumes = {v["name"]: v for v in spec.get("volumes", [])}
                 assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: /tmp must be an emptyDir"
+
+
+def gateways(objs: tuple[Obj, ...]) -> list[Obj]:
+    """Deployments running ``token-scaler gateway``."""
+    return [
+        d
+        for d in of_kind(objs, "Deployment")
+        if any(
+            c["image"].startswith(OUR_IMAGE + ":") and c["args"][:1] == ["gateway"]
+            for c in pod_spec(d)["containers"]
+        )
+    ]
+
+
+def test_from_zero_wiring() -> None:
+    objs = render("examples/from-zero")
+    so = one(objs, "ScaledObject", "vllm")
+    assert so["spec"]["minReplicaCount"] == 0
+    metadata = so["spec"]["triggers"][0]["metadata"]
+    settings = parse(metadata, so["metadata"]["namespace"], so["metadata"]["name"])
+    # A held request's tokens are all the demand there is at zero: any of it activates.
+    assert settings.activation_tokens_per_second == 0
+    [gateway] = gateways(objs)
+    container = next(c for c in pod_spec(gateway)["containers"] if c["args"] == ["gateway"])
+    env = env_of(container)
+    assert env["TOKEN_SCALER_WORKLOAD"]["value"] == settings.workload
+    # Held requests outlast the model's cold start; the drain fits in the grace period.
+    model = one(objs, "Deployment", "vllm")
+    probe = next(c for c in pod_spec(model)["containers"] if c["name"] == "vllm")["startupProbe"]
+    assert float(env["TOKEN_SCALER_QUEUE_TIMEOUT"]["value"]) >= 300
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
+    delay, drain = (float(env[f"TOKEN_SCALER_{k}"]["value"]) for k in ("SHUTDOWN_DELAY", "DRAIN_TIMEOUT"))
+    assert delay + drain < pod_spec(gateway)["terminationGracePeriodSeconds"]
+    # The sidecars announce themselves at their pod IP, with the server's concurrency.
+    sidecar = next(c for c in pod_spec(model)["containers"] if c["name"] == "token-scaler")
+    sidecar_env = env_of(sidecar)
+    assert sidecar_env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["REDIS_URL"] == sidecar_env["REDIS_URL"], "the gateway and the sidecars share one Redis"
+    vllm_args = next(c for c in pod_spec(model)["containers"] if c["name"] == "vllm")["args"]
+    assert f"--max-num-seqs={sidecar_env['TOKEN_SCALER_CAPACITY_REQUESTS']['value']}" in vllm_args
+    # Clients call the gateway's Service; the gateway is scaled on its CPU (requests set).
+    service = one(objs, "Service", "vllm-gateway")
+    assert pods_selected(objs, service["metadata"]["namespace"], service["spec"]["selector"]) == [gateway]
+    hpa = one(objs, "HorizontalPodAutoscaler", "vllm-gateway")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "vllm-gateway" and hpa["spec"]["minReplicas"] >= 2
+    assert container["resources"]["requests"]["cpu"]
+    # Its pods may reach Redis.
+    (redis_policy,) = of_kind(render("redis"), "NetworkPolicy")
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    peers = [peer for rule in redis_policy["spec"]["ingress"] for peer in rule["from"]]
+    assert any(selects(p.get("podSelector", {}).get("matchLabels", {}), labels) for p in peers)
 
 
 def test_sidecar_pod_shutdown_order() -> None:

@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("scaler.server", "run the KEDA external scaler (gRPC + debug HTTP)"),
     "sidecar": ("sidecar.server", "run the token-metering proxy beside a model server"),
+    "gateway": (
+        "gateway.server",
+        "run the OpenAI-compatible entry point: holds requests at zero replicas, routes by tokens",
+    ),
     "simulate": ("tuning.simulate", "replay a request trace through simulated autoscaling policies"),
     "profile": ("tuning.profile", "measure a model server's token capacity under rising load"),
     "synthesize": ("tuning.synthesize", "write a trace of days of traffic (daily + weekly envelope, bursts)"),

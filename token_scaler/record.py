@@ -46,6 +46,26 @@ and budget accounting. Unknown extra fields and extra trailing array items are
 ignored, so version 1 may grow additively (``s`` was added so: a reader that does not
 know it still reads the counts of the entries that carry it).
 
+    r    "gateway"                (optional; absent: a sidecar) who wrote the entry
+
+Gateways (``token-scaler gateway``) write to the same stream, under ids of their own,
+and count only what they hold: a request waiting at a gateway (no live replica, or
+every replica at its in-flight token cap) is counted when it starts waiting, as the
+sidecar counts an arrival (ap, ag: prompt estimate and n x max_tokens or the default;
+gauges in, wf, bp, bg), and when it stops waiting -- handed to a replica, refused,
+timed out, or its client gone -- its ap and ag are taken back (negative counters) and
+its gauges drop. A gateway never writes sp, sg or rq: the sidecar of the replica that
+serves the request counts its arrival, what it serves and its end, as for a request
+that came straight to it. So over a request's life the gateway's counts sum to zero
+and the sidecar's to its real tokens: a reader sums every entry as it is, and nothing
+is counted twice. While it waits, the held request is demand no sidecar can see; that
+is how a workload at zero replicas becomes active. The entry a gateway writes when it
+starts holding requests after holding none is stamped at the end of the last complete
+second (``ts`` = that second's last millisecond, ``dt`` = 1): readers evaluate complete
+seconds only, and this entry must count at once, not a second later; its take-back
+lands later, so the shift of under a second never lets a request count twice.
+Gateway entries are not replicas: readers leave them out of the live sidecars.
+
 Trimming: by time, to ``retention`` (default 1200 s = twice the longest window
 a ScaledObject may ask for: the panic hold looks back one window at rates that each
 span a window). The append script trims with ``XADD MINID ~``.
@@ -91,6 +111,8 @@ _SIDECAR = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 MODEL_FIELDS = ("sp", "sg", "ap", "ag", "rq", "in", "wf", "bp", "bg")
 _GAUGES = frozenset({"in", "wf", "bp", "bg"})
+SIDECAR, GATEWAY = "sidecar", "gateway"
+ROLES = frozenset({SIDECAR, GATEWAY})
 
 
 def validate_workload(workload: str) -> str:
@@ -172,6 +194,7 @@ class Record:
     models: dict[str, ModelCounts] = field(default_factory=dict)
     tenants: dict[str, dict[str, TenantCounts]] = field(default_factory=dict)
     server: ServerGauges | None = None
+    role: str = SIDECAR
 
     def encode(self) -> dict[str, str]:
         """The stream entry's field/value pairs."""
@@ -186,6 +209,8 @@ class Record:
                 separators=(",", ":"),
             ),
         }
+        if self.role != SIDECAR:
+            fields["r"] = self.role
         if self.tenants:
             fields["t"] = json.dumps(
                 {
@@ -296,7 +321,12 @@ def decode(fields: Mapping[Any, Any]) -> Record:
                 p, g, rq = (_count(where, v, gauge=False) for v in values[:3])
                 tenants[tenant][model] = TenantCounts(p, g, rq)
     server = _server(fields) if "s" in fields or b"s" in fields else None
-    return Record(sidecar, seq, ts_ms, interval_ms, models, tenants, server)
+    role = SIDECAR
+    if "r" in fields or b"r" in fields:
+        role = _text(fields, "r")
+        if role not in ROLES:
+            raise RecordError("r", role, f"expected one of {', '.join(sorted(ROLES))}")
+    return Record(sidecar, seq, ts_ms, interval_ms, models, tenants, server, role)
 
 
 def _server(fields: Mapping[Any, Any]) -> ServerGauges:

@@ -51,12 +51,14 @@ class FakeUpstream:
         self.reported = Totals()
         self.disconnects = 0
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.models = ["fake"]  # what /v1/models lists
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_post("/v1/responses", self.responses)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/v1/models", self.list_models)
         self.app.router.add_route("*", "/echo/{tail:.*}", self.echo)
         # what GET /metrics answers: a test may set a model server's gauges here
         self.metrics_text = "# fake model server metrics\nvllm_requests_total 1\n"
@@ -282,6 +284,11 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
+        )
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text)
 
@@ -298,3 +305,24 @@ class FakeUpstream:
             status=int(request.query.get("status", "200")),
             headers={"X-Echo": "1"},
         )
+
+
+def main() -> None:
+    """``python -m tests.sidecar.fake_upstream --port N``: the fake as a process of its own (a
+    model server that tests start and kill)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+
+    async def serve() -> None:
+        fake = FakeUpstream()
+        await fake.start(port)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

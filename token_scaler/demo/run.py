@@ -329,12 +329,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rps", type=float, default=4.0, help="base requests/s of the load (default 4)")
     parser.add_argument("--replicas", type=int, default=2, help="simulated model-server replicas (default 2)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--from-zero",
+        action="store_true",
+        help="a workload at zero replicas behind a gateway: 0 -> N -> 0 (--replicas is then the maximum)",
+    )
+    parser.add_argument(
+        "--cold-start", type=float, default=3.0, help="--from-zero: seconds a new replica takes to start"
+    )
     args = parser.parse_args(argv)
     if args.duration < 15:
         parser.error("--duration must be at least 15 seconds")
     if args.rps <= 0 or args.replicas < 1:
         parser.error("--rps must be above 0 and --replicas at least 1")
+    if args.from_zero:
+        return asyncio.run(from_zero(args))
     return asyncio.run(run(args))
+
+
+async def from_zero(args: argparse.Namespace) -> int:
+    from token_scaler.demo.from_zero import run_from_zero
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    redis_ = start_redis(args.redis_url)
+    print(f"Redis: {redis_.description}")
+    try:
+        return await run_from_zero(args, redis_.url)
+    finally:
+        if redis_.stop is not None:
+            redis_.stop()
 
 
 if __name__ == "__main__":

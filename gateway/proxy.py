@@ -1,0 +1,379 @@
+"""The gateway's request path: admit, hold or route, forward, stream back unchanged.
+
+The OpenAI endpoints the sidecar counts (``sidecar/openai.py``) are weighed (prompt
+estimate + n x max_tokens, or the default) and routed by tokens; a request no replica
+can take now waits in the hold queue, and its arrival counts as the workload's demand
+while it waits. Any other path goes to the least-loaded replica as it is, or gets 503
+at once when there is none (it carries no demand worth waking a workload for);
+``GET /v1/models`` is answered from the announcements.
+
+Responses pass through byte for byte (streams as they come). A replica that refuses
+the connection, or closes it before answering, is left out for a while and the request
+goes to another (or waits again); one that breaks a response off after its first byte
+breaks the client's off too, as a sidecar does: the client sees what it would have
+seen talking to that replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.demand import DemandWriter, HeldDemand
+from gateway.metrics import GatewayMetrics
+from gateway.queue import HoldQueue, QueueFull, Waiter
+from gateway.router import Replica, Router
+from sidecar import openai
+from sidecar.openai import Kind
+from sidecar.proxy import forward_headers
+from sidecar.tokens import LengthEstimate, prompt_tokens
+
+log = logging.getLogger(__name__)
+
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_REQUEST_DROP = frozenset({"host", "content-length"})
+_RESPONSE_DROP = frozenset({"content-length"})
+CLIENT_GONE = "499"
+# A request is sent to at most this many replicas before the client gets the last error.
+MAX_ATTEMPTS = 3
+# Answers with a Content-Length up to this are read whole and sent in one write.
+WHOLE_BODY_BYTES = 1 << 20
+
+
+class Refused(Exception):
+    """The gateway answers the request itself, with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, reason: str, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        type_ = "invalid_request_error" if self.status < 500 else "server_error"
+        response = web.Response(
+            status=self.status,
+            body=openai.error_body(str(self), type_, self.reason),
+            content_type="application/json",
+        )
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = str(self.retry_after)
+        return response
+
+
+@dataclass(slots=True)
+class Weighed:
+    model: str | None
+    prompt: int
+    generation: int
+    stream: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt + self.generation
+
+
+@dataclass(slots=True)
+class Flight:
+    """A request at a replica: what it still holds there, and its status for the metrics."""
+
+    replica: Replica
+    outstanding: int  # weighted tokens booked on the replica
+    remaining: int  # generation tokens a stream may still send
+    code: str
+
+
+class GatewayProxy:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        queue: HoldQueue,
+        demand: HeldDemand,
+        writer: DemandWriter,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.queue = queue
+        self.demand = demand
+        self.writer = writer
+        self.metrics = metrics
+        self.counter = LengthEstimate()
+        self._session: aiohttp.ClientSession | None = None
+        self.outstanding = 0
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.config.connect_timeout_s, sock_read=self.config.read_timeout_s
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "GatewayProxy.start() was not awaited"
+        return self._session
+
+    # -- admission -----------------------------------------------------------------------
+
+    def _refuse(self, refusal: Refused) -> web.Response:
+        self.metrics.refused.labels(refusal.reason).inc()
+        self.metrics.requests.labels(str(refusal.status), "false").inc()
+        return refusal.response()
+
+    def weigh(self, kind: Kind, body: bytes) -> Weighed:
+        parsed = openai.parse_request(kind, body)
+        if parsed is None:
+            raise Refused(400, "bad_request", "the request body is not a JSON object")
+        generation = 0
+        if kind is not Kind.EMBEDDINGS:
+            generation = parsed.n * (parsed.max_tokens or self.config.default_generation_tokens)
+        return Weighed(parsed.model, prompt_tokens(self.counter, parsed), generation, parsed.stream)
+
+    def place(self, waiter: Waiter) -> Replica | None:
+        """The queue's placement: pick and book (synchronously, so the next pick sees it)."""
+        replica = self.router.pick(waiter.model, waiter.tokens)
+        if replica is not None:
+            self._book(replica, waiter.tokens)
+        return replica
+
+    def _book(self, replica: Replica, tokens: int) -> None:
+        self.router.start(replica, tokens)
+        self.outstanding += tokens
+
+    def _unbook(self, replica: Replica, outstanding: int) -> None:
+        self.router.finish(replica, outstanding)
+        self.outstanding -= outstanding
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand replicas to held requests, if any can take them now."""
+        if len(self.queue):
+            self.queue.dispatch(self.place)
+            self._gauge_queue()
+        self.metrics.outstanding.set(self.outstanding)
+
+    def _gauge_queue(self) -> None:
+        self.metrics.queue_requests.set(len(self.queue))
+        self.metrics.queue_tokens.set(self.queue.tokens)
+        self.metrics.queue_oldest.set(self.queue.oldest_wait())
+
+    async def admit(self, weighed: Weighed) -> tuple[Replica, bool]:
+        """A replica booked for the request, at once or after waiting; (replica, waited)."""
+        started = time.perf_counter()
+        replica = None if len(self.queue) else self.router.pick(weighed.model, weighed.tokens)
+        self.metrics.route.observe(time.perf_counter() - started)
+        if replica is not None:
+            self._book(replica, weighed.tokens)
+            return replica, False
+        try:
+            waiter = self.queue.add(weighed.model, weighed.tokens)
+        except QueueFull as exc:
+            raise Refused(503, "queue_full", str(exc), retry_after=self.config.retry_after_s) from None
+        held = self.demand.hold(weighed.model or "unknown", weighed.prompt, weighed.generation)
+        if self.demand.held == 1:
+            self.writer.wake()
+        self.dispatch()  # another model's replica may have room: keep order, not capacity idle
+        try:
+            await asyncio.wait({waiter.future}, timeout=self.config.queue_timeout_s)
+        except asyncio.CancelledError:
+            self._leave_queue(waiter)
+            raise
+        finally:
+            self.demand.release(held)
+            self.metrics.wait.observe(time.monotonic() - waiter.arrived)
+        if not waiter.future.done():
+            self._leave_queue(waiter)
+            raise Refused(
+                503,
+                "queue_timeout",
+                f"no replica of {self.config.workload} could take the request within "
+                f"{self.config.queue_timeout_s:g}s (the workload may be starting from zero)",
+                retry_after=self.config.retry_after_s,
+            )
+        failure = waiter.future.exception()
+        if isinstance(failure, Refused):
+            raise failure
+        return waiter.future.result(), True
+
+    def _leave_queue(self, waiter: Waiter) -> None:
+        if self.queue.remove(waiter):
+            waiter.future.cancel()
+        elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            # Handed a replica just as it left: give the booking back.
+            self._unbook(waiter.future.result(), waiter.tokens)
+        self._gauge_queue()
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
+            return self._refuse(self._too_large())
+        if request.method == "GET" and request.path == "/v1/models":
+            return self._models()
+        kind = openai.ENDPOINTS.get(request.path) if request.method == "POST" else None
+        body = await self._read_body(request)
+        if body is None:
+            return self._refuse(self._too_large())
+        try:
+            if kind is None:
+                weighed = Weighed(None, 0, 0, False)
+                if not self.router.pick(None, 0):
+                    raise Refused(
+                        503,
+                        "no_replica",
+                        f"no replica of {self.config.workload} is live; only the OpenAI endpoints "
+                        "wait for one",
+                        retry_after=self.config.retry_after_s,
+                    )
+            else:
+                weighed = self.weigh(kind, body)
+            return await self._forward(request, body, weighed)
+        except Refused as refusal:
+            return self._refuse(refusal)
+
+    def _too_large(self) -> Refused:
+        return Refused(
+            413,
+            "too_large",
+            f"request body larger than the gateway's limit of {self.config.max_body_bytes} bytes",
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _models(self) -> web.Response:
+        models = sorted({m for r in self.router.replicas.values() for m in r.models})
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "token-scaler"} for m in models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _forward(self, request: web.Request, body: bytes, weighed: Weighed) -> web.StreamResponse:
+        headers = forward_headers(request.headers, drop=_REQUEST_DROP)
+        held = False
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            replica, waited = await self.admit(weighed)
+            held = held or waited
+            try:
+                upstream = await self.session.request(
+                    request.method,
+                    replica.url + request.raw_path,
+                    headers=headers,
+                    data=body,
+                    skip_auto_headers=_SKIP_AUTO,
+                    allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                # Refused, or closed before answering: that replica is going away.
+                self.router.mark_down(replica)
+                self._unbook(replica, weighed.tokens)
+                if attempt == MAX_ATTEMPTS:
+                    raise Refused(
+                        503, "replica_unavailable", f"the replicas did not answer: {exc}", retry_after=1
+                    ) from None
+                self.metrics.retries.inc()
+                continue
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                self._unbook(replica, weighed.tokens)
+                status = 504 if isinstance(exc, TimeoutError) else 502
+                raise Refused(status, "replica_error", f"bad answer from the replica: {exc}") from None
+            except asyncio.CancelledError:
+                self._unbook(replica, weighed.tokens)
+                self.metrics.requests.labels(CLIENT_GONE, str(held).lower()).inc()
+                raise
+            return await self._relay(request, upstream, replica, weighed, held)
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        replica: Replica,
+        weighed: Weighed,
+        held: bool,
+    ) -> web.StreamResponse:
+        flight = Flight(
+            replica, weighed.tokens, weighed.generation if weighed.stream else 0, str(upstream.status)
+        )
+        try:
+            async with upstream:
+                length = upstream.content_length
+                if length is not None and length <= WHOLE_BODY_BYTES and not weighed.stream:
+                    return await self._whole(upstream, flight)
+                return await self._passthrough(request, upstream, flight)
+        except asyncio.CancelledError:
+            flight.code = CLIENT_GONE
+            raise
+        finally:
+            self.metrics.requests.labels(flight.code, str(held).lower()).inc()
+            self._unbook(replica, flight.outstanding)
+
+    async def _whole(self, upstream: aiohttp.ClientResponse, flight: Flight) -> web.Response:
+        """A whole answer goes out in one write (headers and body), not three."""
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            flight.code = "502"
+            self.metrics.refused.labels("replica_error").inc()
+            return Refused(502, "replica_error", f"bad answer from the replica: {exc}").response()
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+            body=body,
+        )
+
+    async def _passthrough(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, flight: Flight
+    ) -> web.StreamResponse:
+        """Bytes as they come; a stream's events take its remaining tokens off the replica."""
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
+        )
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                if flight.remaining:
+                    # about one generated token per event of a stream
+                    done = min(flight.remaining, chunk.count(b"data:"))
+                    flight.remaining -= done
+                    flight.outstanding -= done
+                    self.router.progress(flight.replica, done)
+                    self.outstanding -= done
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            # The replica broke off mid-answer: so does the client's.
+            self.metrics.broken.inc()
+            flight.code = "502"
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionResetError:
+            flight.code = CLIENT_GONE
+            return response
+        await response.write_eof()
+        return response
