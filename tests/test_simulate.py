@@ -452,3 +452,23 @@ def test_predictive_token_policy_wakes_before_a_ramp_it_saw_yesterday():
     # the forecast asked for pods about leadSeconds before the ramp: ready when it comes
     assert ready[1800] > ready[1100]
     assert early["slo_both"] > late["slo_both"] + 0.1
+
+
+def test_the_token_policy_wakes_from_zero_on_the_gateways_records():
+    """At zero pods no sidecar reports; the gateway holding the requests does (its record says
+    their arrival, and takes it back when they leave), so KEDA's IsActive turns true."""
+    trace = synthetic(n=200, seconds=200)
+    hpa = HpaSettings(min_replicas=0, max_replicas=4, polling_s=5.0)
+    config = SimConfig(FAST, hpa, initial_replicas=0, timeout_s=120.0)
+    policy = Recorder(token_policy(4000.0))
+    result = simulate(trace, policy, config)
+    r = result.requests
+    assert (r.status == DONE).all()  # every request waited for the first pod and was served
+    gateway = [rec for s in policy.seconds for rec in s.records if rec.sidecar == "gateway"]
+    assert gateway and all(rec.role == "gateway" for rec in gateway)
+    # over their lives the gateway's counts sum to zero: the sidecars count every token once
+    assert sum(rec.models["model"].arrived_prompt for rec in gateway) == 0
+    assert sum(rec.models["model"].arrived_generation for rec in gateway) == 0
+    sidecars = [rec.models["model"] for s in policy.seconds for rec in s.records
+                if rec.sidecar != "gateway" and rec.models]  # fmt: skip
+    assert sum(m.arrived_prompt for m in sidecars) == int(r.prompt.sum())

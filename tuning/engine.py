@@ -13,6 +13,10 @@ fewest outstanding weighted tokens (prompts not yet prefilled plus the generatio
 estimated for every request not yet finished), as ``token-scaler gateway`` does. A
 request that arrives while no pod is ready waits at the gateway (as with KEDA's HTTP
 add-on interceptor) up to the same queue limit, and is routed when a pod becomes ready.
+The gateway writes stream records as ``token-scaler gateway`` does (``token_scaler/record.py``):
+a held request's arrival (its prompt and the default generation estimate) when it starts
+waiting, taken back when it leaves the queue; that is how a workload at zero pods shows
+demand and wakes.
 
 Scaling down deletes starting pods first (newest first), then ready ones (newest first,
 as a ReplicaSet does); a deleted ready pod stops receiving requests and finishes what it
@@ -32,12 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from token_scaler.record import Record
+from token_scaler.record import GATEWAY, ModelCounts, Record
 from tuning.hpa import Hpa, HpaSettings
 from tuning.policies import Policy, Second
 from tuning.replica import (
     DRAINING,
     DROPPED,
+    GENERATION_ESTIMATE,
     GONE,
     PENDING,
     READY,
@@ -86,6 +91,36 @@ class RunResult:
     config: SimConfig
 
 
+@dataclass
+class _GatewayCounts:
+    """What the gateway's record says for the second: held arrivals, taken back on leaving."""
+
+    prompt: int = 0
+    generation: int = 0
+    held_prompt: int = 0
+    seq: int = 0
+
+    def hold(self, prompt: int) -> None:
+        self.prompt += prompt
+        self.generation += GENERATION_ESTIMATE
+        self.held_prompt += prompt
+
+    def release(self, prompt: int) -> None:
+        self.prompt -= prompt
+        self.generation -= GENERATION_ESTIMATE
+        self.held_prompt -= prompt
+
+    def take(self, s: int, held: int) -> Record | None:
+        if not (self.prompt or self.generation or held):
+            return None
+        counts = ModelCounts(
+            0, 0, self.prompt, self.generation, 0, held, held, self.held_prompt, held * GENERATION_ESTIMATE
+        )
+        self.seq += 1
+        self.prompt = self.generation = 0
+        return Record("gateway", self.seq, s * 1000, 1000, {MODEL: counts}, role=GATEWAY)
+
+
 class _Sim:
     def __init__(self, trace: Trace, policy: Policy, config: SimConfig) -> None:
         self.trace = trace
@@ -102,6 +137,7 @@ class _Sim:
         self.ready: list[Pod] = []
         self.just_gone: list[Pod] = []
         self.holding: deque[int] = deque()
+        self.gateway = _GatewayCounts()
         self.arrivals = 0
         self.arrived_tokens = 0
         self.arrived_weighted = 0.0
@@ -189,6 +225,7 @@ class _Sim:
                 self._reject(i, t)
             else:
                 self.holding.append(i)
+                self.gateway.hold(int(self.r.prompt[i]))
             return
         self._route(i, t)
 
@@ -229,6 +266,7 @@ class _Sim:
                 self._gone(pod, t)
         while self.holding and t - r.arrival[self.holding[0]] >= self.cfg.timeout_s:
             j = self.holding.popleft()
+            self.gateway.release(int(r.prompt[j]))
             r.status[j] = DROPPED
             r.finish[j] = t
         records: list[Record] = []
@@ -243,6 +281,10 @@ class _Sim:
                 pod.seq += 1
                 models = {MODEL: counts} if counts is not None else {}
                 records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
+        if self.policy.needs_records:
+            gateway = self.gateway.take(s, len(self.holding))
+            if gateway is not None:
+                records.append(gateway)
         self.just_gone = []
         self.policy.observe(Second(s, self.arrivals, served_p, served_g, records))
         tl = self.timeline
@@ -318,7 +360,9 @@ class _Sim:
         pod.t = t
         self.ready.append(pod)
         while self.holding:
-            self._route(self.holding.popleft(), t)
+            i = self.holding.popleft()
+            self.gateway.release(int(self.r.prompt[i]))
+            self._route(i, t)
 
     def _gone(self, pod: Pod, t: float) -> None:
         pod.state = GONE
