@@ -84,6 +84,21 @@ OPTIONS: dict[str, c.Option[Any]] = {
         5.0,
         "seconds in-flight RPCs get to finish on SIGTERM",
     ),
+    "sidecar_ceiling_multiple": c.Option(
+        "--sidecar-ceiling-multiple",
+        "TOKEN_SCALER_SIDECAR_CEILING_MULTIPLE",
+        c.positive_float,
+        20.0,
+        "what one sidecar may report per second, in replicas' worth (x tokensPerSecondPerReplica); "
+        "more is clamped",
+    ),
+    "max_sidecar_tokens_per_second": c.Option(
+        "--max-sidecar-tokens-per-second",
+        "TOKEN_SCALER_MAX_SIDECAR_TOKENS_PER_SECOND",
+        c.positive_float,
+        None,
+        "what one sidecar may report per second, in weighted tokens (replaces the multiple)",
+    ),
     "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", c.text, "INFO", "logging level"),
     "prices": c.Option(
         "--prices",
@@ -109,6 +124,8 @@ class ScalerConfig:
     liveness_s: float = 5.0
     forget_after_s: float = 600.0
     shutdown_grace_s: float = 5.0
+    sidecar_ceiling_multiple: float = 20.0
+    max_sidecar_tokens_per_second: float | None = None
     log_level: str = "INFO"
     prices: pricing.PriceTable | None = None
 

@@ -39,6 +39,11 @@ class ScalerMetrics:
             "Redis lost its seq keys: a restart without persistence, a failover)",
             registry=r,
         )
+        self.implausible = Counter(
+            "tokenscaler_scaler_implausible_entries_total",
+            "Entries whose tokens were above their sidecar's per-second ceiling, clamped to it",
+            registry=r,
+        )
         self.too_old = Counter(
             "tokenscaler_scaler_too_old_entries_total",
             "Entries older than the history the scaler keeps",

@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from scaler.ceiling import IngestCeiling
 from scaler.metrics import ScalerMetrics
 from scaler.window import WorkloadSeries
 from token_scaler.errors import RecordError
@@ -46,6 +47,7 @@ class StreamReader:
         block_ms: int = 250,
         batch: int = 5000,
         clock_sync_s: float = 5.0,
+        ceiling: IngestCeiling | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -54,6 +56,7 @@ class StreamReader:
         self.block_ms = block_ms
         self.batch = batch
         self.clock_sync_s = clock_sync_s
+        self.ceiling = ceiling or IngestCeiling()
         self.series: dict[str, WorkloadSeries] = {}
         self.bad_entries: dict[str, int] = {}
         self._last_ids: dict[str, str] = {}
@@ -121,6 +124,7 @@ class StreamReader:
         self._key_workload.pop(key, None)
         self.series.pop(workload, None)
         self.bad_entries.pop(workload, None)
+        self.ceiling.drop(workload)
         self._logged_bad.discard(workload)
         self.metrics.workloads.set(len(self._key_workload))
 
@@ -180,6 +184,10 @@ class StreamReader:
                     exc,
                 )
             return False
+        implausible = self.ceiling.implausible.get(workload, 0)
+        record = self.ceiling.clamp(workload, series, record, entry_id)
+        if self.ceiling.implausible.get(workload, 0) != implausible:
+            self.metrics.implausible.inc()
         too_old = series.too_old
         if not series.add(record, entry_id):
             self.metrics.duplicates.inc()
@@ -243,6 +251,7 @@ class StreamReader:
             self.metrics.data_age.set(min(self.data_age_s(), 1e9))
             if time.monotonic() >= next_prune:
                 now = self.now_ms()
-                for series in self.series.values():
+                for workload, series in self.series.items():
                     series.prune(now)
+                    self.ceiling.forget_sidecars(workload, set(series.sidecars))
                 next_prune = time.monotonic() + 10

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaler.ceiling import bound_answer
 from scaler.cost import describe_cost, series_cost
 from scaler.forecast import Forecast
 from scaler.metadata import ScalerSettings, parse
@@ -60,7 +61,10 @@ class Registry:
         self.predictor = predictor
         self.objects: dict[tuple[str, str], ScaledObjectState] = {}
         self._parsed: dict[tuple[str, str, frozenset[tuple[str, str]]], ScalerSettings] = {}
-        self._cache: dict[tuple[str, ScalerSettings], tuple[int, int, Evaluation, Forecast | None]] = {}
+        # (second, series version, the demand's evaluation, the answer: bound_answer of it, forecast)
+        self._cache: dict[
+            tuple[str, ScalerSettings], tuple[int, int, Evaluation, Evaluation, Forecast | None]
+        ] = {}
 
     def resolve(
         self, namespace: str, name: str, metadata: Mapping[str, str], method: str
@@ -78,11 +82,16 @@ class Registry:
         if state is None or state.settings != settings:
             state = ScaledObjectState(namespace, name, dict(metadata), settings)
             self.objects[(namespace, name)] = state
+            self.reader.ceiling.watch(namespace, name, settings)
         state.last_asked[method] = time.time()
         return state
 
     async def evaluate(self, state: ScaledObjectState) -> Evaluation:
         """The current answer; raises ``RedisUnavailable`` when the data cannot be trusted."""
+        return (await self._evaluations(state))[1]
+
+    async def _evaluations(self, state: ScaledObjectState) -> tuple[Evaluation, Evaluation]:
+        """The demand's evaluation and the answer (capped at maxReplicas x target)."""
         settings = state.settings
         series = await self.reader.ensure(settings.workload)
         self.reader.check_fresh()
@@ -91,19 +100,20 @@ class Registry:
         cache_key = (settings.workload, settings)
         cached = self._cache.get(cache_key)
         if cached is not None and cached[0] == second and cached[1] == series.past_version:
-            evaluation, fc = cached[2], cached[3]
+            demand, evaluation, fc = cached[2], cached[3], cached[4]
         else:
-            evaluation, fc = evaluate(series, settings, now), None
+            demand, fc = evaluate(series, settings, now), None
             if settings.predictive and self.predictor is not None:
                 fc = await self.predictor.forecast(settings, now)
-                evaluation = combine(evaluation, fc, settings)
+                demand = combine(demand, fc, settings)
             if settings.kv_cache_target is not None:
                 live = series.live_sidecars(now, self.reader.liveness_ms)
-                evaluation = apply_floor(evaluation, pressure(live), settings)
-            self._cache[cache_key] = (second, series.past_version, evaluation, fc)
+                demand = apply_floor(demand, pressure(live), settings)
+            evaluation = bound_answer(demand, settings, self.reader.ceiling)
+            self._cache[cache_key] = (second, series.past_version, demand, evaluation, fc)
         state.last_evaluation = evaluation
         state.last_forecast = fc
-        return evaluation
+        return demand, evaluation
 
     def predictive_workloads(self) -> set[str]:
         """Workloads some ScaledObject asks a forecast of: their history is kept."""
@@ -123,8 +133,9 @@ class Registry:
         for i, state in enumerate(watched):
             if i % 20 == 19:
                 await asyncio.sleep(0)  # let RPCs in between: a thousand evaluations take ~0.1 s
-            evaluation = await self.evaluate(state)
-            signal = saturation_of(state.settings, evaluation)
+            # the demand's replicas, not the answer's: the signal says how far past maxReplicas
+            demand, _ = await self._evaluations(state)
+            signal = saturation_of(state.settings, demand)
             current = out.get(state.settings.workload)
             if current is None or (signal.saturated and not current.saturated):
                 out[state.settings.workload] = signal
@@ -140,6 +151,7 @@ class Registry:
         ]
         for key in gone:
             state = self.objects.pop(key)
+            self.reader.ceiling.forget(*key)
             metrics = self.metrics
             for gauge in (
                 metrics.value,
@@ -202,6 +214,8 @@ class Registry:
                 "leadSeconds": s.lead_s,
                 "maxForecastError": s.max_forecast_error,
                 "kvCacheTarget": s.kv_cache_target,
+                "maxReplicas": s.max_replicas,
+                "sidecarCeilingTokensPerSecond": self.reader.ceiling.per_second(s),
             },
             "metricName": METRIC_NAME,
             "target": s.target,
@@ -219,7 +233,7 @@ class Registry:
             evaluation = evaluate(series, s, now)
             if s.predictive and state.last_forecast is not None:
                 evaluation = combine(evaluation, state.last_forecast, s)
-            evaluation = apply_floor(evaluation, server, s)
+            evaluation = bound_answer(apply_floor(evaluation, server, s), s, self.reader.ceiling)
             gauges = [0, 0, 0, 0]
             for st in live.values():
                 for model, g in st.gauges.items():
@@ -245,6 +259,7 @@ class Registry:
                 "badEntries": self.reader.bad_entries.get(s.workload, 0),
                 "tooOldEntries": series.too_old,
                 "duplicateEntries": series.duplicates,
+                "implausibleEntries": self.reader.ceiling.implausible.get(s.workload, 0),
                 "clockClampedEntries": series.clamped,
             }
             covered, totals = series.tenant_window(now)

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
+from scaler.ceiling import IngestCeiling
 from scaler.config import ScalerConfig
 from scaler.cost import CostCollector
 from scaler.debug import make_app
@@ -57,7 +58,11 @@ class ScalerServer:
         cfg = self.config
         self.redis = connect(cfg.redis_url)
         self.reader = StreamReader(
-            self.redis, self.metrics, stale_after_s=cfg.stale_after_s, liveness_s=cfg.liveness_s
+            self.redis,
+            self.metrics,
+            stale_after_s=cfg.stale_after_s,
+            liveness_s=cfg.liveness_s,
+            ceiling=IngestCeiling(cfg.sidecar_ceiling_multiple, cfg.max_sidecar_tokens_per_second),
         )
         self.history = HistoryStore(self.redis)
         self.registry = Registry(self.reader, self.metrics, cfg.prices, Predictor(self.history))

@@ -106,6 +106,13 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.usage_implausible = Counter(
+            "tokenscaler_usage_implausible",
+            "Responses whose usage field was outside what the request and the response allow "
+            "(sidecar/usage_bounds.py), counted by the sidecar's own count instead.",
+            ["field"],
+            registry=registry,
+        )
         self.rejected = Counter(
             "tokenscaler_rejected_requests",
             "Requests the sidecar answered itself (413, upstream unreachable...).",

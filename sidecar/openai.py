@@ -40,6 +40,7 @@ _MAX_N = 128
 class Usage:
     prompt: int
     generation: int
+    reasoning: int = 0  # hidden reasoning tokens among ``generation``, when the server says
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,9 @@ def usage_of(kind: Kind, usage: object) -> Usage | None:
             generation = total - prompt
     if prompt is None or generation is None:
         return None
-    return Usage(prompt, generation)
+    details = usage.get("output_tokens_details" if kind is Kind.RESPONSES else "completion_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    return Usage(prompt, generation, reasoning or 0)
 
 
 def _delta_texts(delta: object) -> list[str]:

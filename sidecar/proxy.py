@@ -30,6 +30,7 @@ from sidecar.openai import Kind, ParsedRequest, Usage
 from sidecar.policy.engine import Admission, PolicyEngine
 from sidecar.sse import Event, SSEParser
 from sidecar.tokens import TokenCounter, count_texts, prompt_tokens
+from sidecar.usage_bounds import RequestFacts, UsageGuard, request_facts, text_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class _Exchange:
     headers: dict[str, str] | None = None  # the policies' response headers
     stream_limit: int | None = None  # generated pieces after which the stream is ended
     cut: bool = False
+    facts: RequestFacts | None = None  # what bounds the usage (sidecar/usage_bounds.py)
+    seen_bytes: int = 0  # bytes of generated text that passed (see usage_bounds)
 
 
 def _abort_client(request: web.Request) -> None:
@@ -134,6 +137,7 @@ class Proxy:
         self.meter = meter
         self.metrics = metrics
         self.counter = counter
+        self.guard = UsageGuard(metrics.usage_implausible)
         self.tenant_header = tenant_header
         self.tenants = LabelBound(max_tenants)
         self.models = LabelBound(max_models)
@@ -303,6 +307,7 @@ class Proxy:
             generation = meter.generation_estimate(model, max_tokens, parsed.n)
         metered = meter.arrive(model, tenant, prompt, generation, parsed.n)
         exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant))
+        exchange.facts = request_facts(parsed, body, max_tokens)
         if admission is not None:
             exchange.upstream = admission.upstream
             exchange.headers = admission.headers
@@ -358,6 +363,7 @@ class Proxy:
             return response
         if not exchange.failed:
             parsed = openai.parse_response(exchange.kind, body)
+            exchange.seen_bytes = len(body)
             if parsed is None:
                 exchange.malformed = True
             else:
@@ -436,7 +442,9 @@ class Proxy:
         chunk = openai.parse_chunk(exchange.kind, event.data)
         if chunk is None:
             exchange.malformed = True
+            exchange.seen_bytes += len(event.raw)
             return event.raw
+        exchange.seen_bytes += text_bytes(chunk.texts) if chunk.pieces else len(event.raw)
         if chunk.pieces:
             limit = exchange.stream_limit
             if limit is not None and exchange.pieces + chunk.pieces > limit:
@@ -459,6 +467,13 @@ class Proxy:
                 return openai.strip_null_usage(event.raw)
         return event.raw
 
+    def _own_generation(self, exchange: _Exchange) -> int:
+        """Generated tokens as the sidecar counted them: a whole answer's text (or a stream's,
+        with a tokenizer) through the token counter, else one token per streamed piece."""
+        if self._keep_texts or not exchange.streamed:
+            return count_texts(self.counter, exchange.texts)
+        return exchange.pieces
+
     def _settle(self, meter: Meter, metered: Request, exchange: _Exchange) -> tuple[int, int]:
         """Final counts: usage, else the fallback count; after a failure, what was served."""
         model, tenant = metered.model, metered.tenant
@@ -474,6 +489,15 @@ class Proxy:
         if exchange.malformed:
             self.metrics.malformed.labels(model).inc()
         usage = exchange.usage
+        if usage is not None and exchange.facts is not None:
+            usage = self.guard.check(
+                model,
+                exchange.facts,
+                usage,
+                exchange.seen_bytes,
+                metered.prompt_estimate,
+                lambda: self._own_generation(exchange),
+            )
         if usage is not None:
             meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
@@ -485,7 +509,7 @@ class Proxy:
             # A whole answer is text at hand; a stream's text is kept only for a tokenizer,
             # else each piece streamed counts as one token.
             by_text = self._keep_texts or not exchange.streamed
-            generation = count_texts(self.counter, exchange.texts) if by_text else exchange.pieces
+            generation = self._own_generation(exchange)
             meter.finish(metered, prompt, generation)
             method = self.counter.name if by_text else "pieces"
             self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
