@@ -495,6 +495,7 @@ class Proxy:
                 exchange.facts,
                 usage,
                 exchange.seen_bytes,
+                time.monotonic() - exchange.started,
                 metered.prompt_estimate,
                 lambda: self._own_generation(exchange),
             )

@@ -16,8 +16,10 @@ generation (``completion_tokens`` / ``output_tokens``), the smaller of
     the Responses API's other events, shapes it does not know), and for a whole answer
     the size of the response body. Hidden reasoning
     (``completion_tokens_details.reasoning_tokens``, ``output_tokens_details.reasoning_tokens``)
-    passes as no text: it is bounded only by the maximum. Left out when ``best_of``
-    exceeds ``n`` (completions generated and not returned).
+    passes as no text: it is bounded by the maximum, or without one by how long the
+    request took, at ``HIDDEN_TOKENS_PER_SECOND`` per choice (several times the fastest
+    single-stream decoding served today) plus ``HIDDEN_TOKENS_SLACK`` per choice. Left out
+    when ``best_of`` exceeds ``n`` (completions generated and not returned).
   ``slack`` is, per choice, ``SPECIAL_TOKENS_PER_CHOICE`` (end of turn, tool-call and
   thinking markers: tokens that decode to no text) plus the bytes of the request's
   ``stop`` strings (generated, then cut from the text).
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS_PER_CHOICE = 64
 PROMPT_TEMPLATE_TOKENS = 1024
 MEDIA_PART_TOKENS = 65536
+HIDDEN_TOKENS_PER_SECOND = 20_000
+HIDDEN_TOKENS_SLACK = 4096
 
 _BEST_OF = re.compile(rb'"best_of"\s*:\s*(\d{1,9})')
 _STRING = rb'"(?:[^"\\]|\\.)*"'
@@ -103,14 +107,19 @@ class Bounds:
     why_generation: str
 
 
-def bounds(facts: RequestFacts, usage: Usage, seen_bytes: int) -> Bounds:
-    """The highest prompt and generation counts the exchange allows."""
+def bounds(facts: RequestFacts, usage: Usage, seen_bytes: int, elapsed_s: float) -> Bounds:
+    """The highest prompt and generation counts the exchange allows (``elapsed_s``: from the
+    request's arrival to the usage)."""
     prompt = None
     if not facts.server_state:
         prompt = facts.body_bytes + PROMPT_TEMPLATE_TOKENS + facts.media_parts * MEDIA_PART_TOKENS
     slack = facts.choices * (SPECIAL_TOKENS_PER_CHOICE + facts.stop_bytes)
     cap = None if facts.max_tokens is None else facts.choices * facts.max_tokens + slack
-    reasoning = usage.reasoning if cap is None else min(usage.reasoning, cap)
+    if cap is None:
+        most = facts.choices * (int(HIDDEN_TOKENS_PER_SECOND * elapsed_s) + HIDDEN_TOKENS_SLACK)
+        reasoning = min(usage.reasoning, most)
+    else:
+        reasoning = min(usage.reasoning, cap)
     text = None if facts.hidden_choices else seen_bytes + slack + reasoning
     if cap is not None and (text is None or cap <= text):
         why = f"{facts.choices} x max_tokens {facts.max_tokens} + slack {slack}"
@@ -134,11 +143,12 @@ class UsageGuard:
         facts: RequestFacts,
         usage: Usage,
         seen_bytes: int,
+        elapsed_s: float,
         own_prompt: int,
         own_generation: Callable[[], int],
     ) -> Usage:
         """``usage`` if it is within its bounds, else with each field outside them replaced."""
-        found = bounds(facts, usage, seen_bytes)
+        found = bounds(facts, usage, seen_bytes, elapsed_s)
         prompt, generation = usage.prompt, usage.generation
         replaced: list[str] = []
         if found.prompt is not None and prompt > found.prompt:

@@ -29,6 +29,8 @@ from sidecar.config import SidecarConfig
 from sidecar.openai import Kind, Usage, parse_request, usage_of
 from sidecar.server import Sidecar
 from sidecar.usage_bounds import (
+    HIDDEN_TOKENS_PER_SECOND,
+    HIDDEN_TOKENS_SLACK,
     PROMPT_TEMPLATE_TOKENS,
     SPECIAL_TOKENS_PER_CHOICE,
     bounds,
@@ -84,17 +86,24 @@ def test_request_facts() -> None:
 
 def test_bounds_hold_each_field_to_what_the_exchange_allows() -> None:
     facts = facts_of(Kind.CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2})
-    found = bounds(facts, Usage(10, 10, 0), seen_bytes=30)
+    found = bounds(facts, Usage(10, 10, 0), seen_bytes=30, elapsed_s=0)
     assert found.prompt == facts.body_bytes + PROMPT_TEMPLATE_TOKENS
     assert found.generation == 30 + 2 * SPECIAL_TOKENS_PER_CHOICE
     # max_tokens is tighter than the text here; hidden reasoning widens only the text's bound
     facts = facts_of(Kind.CHAT, {"model": "m", "messages": [], "max_completion_tokens": 5})
-    assert bounds(facts, Usage(1, 1, 0), 1000).generation == 5 + SPECIAL_TOKENS_PER_CHOICE
-    found = bounds(facts, Usage(1, 1, 10**15), 0)
+    assert bounds(facts, Usage(1, 1, 0), 1000, 0).generation == 5 + SPECIAL_TOKENS_PER_CHOICE
+    found = bounds(facts, Usage(1, 1, 10**15), 0, 0)
     assert found.generation == 5 + SPECIAL_TOKENS_PER_CHOICE  # reasoning is bounded by the maximum
     # best_of > n: the text does not bound the completions never returned
     facts = facts_of(Kind.COMPLETIONS, {"model": "m", "prompt": "x", "best_of": 3})
-    assert bounds(facts, Usage(1, 1, 0), 10).generation is None
+    assert bounds(facts, Usage(1, 1, 0), 10, 0).generation is None
+    # without a maximum, hidden reasoning is bounded by the time the request took
+    facts = facts_of(Kind.CHAT, {"model": "m", "messages": []})
+    found = bounds(facts, Usage(1, 1, 10**15), 100, elapsed_s=2.0)
+    assert (
+        found.generation
+        == 100 + SPECIAL_TOKENS_PER_CHOICE + 2 * HIDDEN_TOKENS_PER_SECOND + HIDDEN_TOKENS_SLACK
+    )
     assert text_bytes(["é中😀", "ab"]) == 2 + 3 + 4 + 2
 
 
