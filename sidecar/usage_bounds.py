@@ -56,7 +56,7 @@ HIDDEN_TOKENS_SLACK = 4096
 _BEST_OF = re.compile(rb'"best_of"\s*:\s*(\d{1,9})')
 _STRING = rb'"(?:[^"\\]|\\.)*"'
 _STOP = re.compile(rb'"stop"\s*:\s*(' + _STRING + rb"|\[(?:[^\]\"]|" + _STRING + rb")*\])", re.DOTALL)
-_MEDIA = (b'"image_url"', b'"input_image"', b'"input_audio"', b'"video_url"', b'"input_file"', b'"file"')
+_MEDIA = re.compile(rb'"(?:image_url|input_image|input_audio|video_url|input_file|file)"')
 _SERVER_STATE = (b'"previous_response_id"', b'"conversation"', b'"prompt"')
 
 
@@ -90,7 +90,7 @@ def request_facts(parsed: ParsedRequest, body: bytes, max_tokens: int | None) ->
         stop_bytes = len(stop.group(1)) if stop else 0  # no such key: the word was a value
     media = 0
     if parsed.kind in (Kind.CHAT, Kind.RESPONSES):
-        media = sum(body.count(marker) for marker in _MEDIA)
+        media = len(_MEDIA.findall(body))
     state = parsed.kind is Kind.RESPONSES and any(marker in body for marker in _SERVER_STATE)
     return RequestFacts(len(body), choices, hidden, max_tokens, stop_bytes, media, state)
 

@@ -1,0 +1,103 @@
+"""llama-server's honest usage passes the sidecar's plausibility bounds unchanged.
+
+The ``openai`` SDK -> sidecar -> llama-server (Gemma 3 270M): across chat and completions,
+streamed or not, JSON output, multi-byte text and long answers, the tokens the sidecar
+counts are exactly the usage llama-server reported to the client, and nothing is counted
+in ``tokenscaler_usage_implausible_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.server import Sidecar
+from tests.e2e.conftest import LlamaServer, sidecar_config
+
+pytestmark = pytest.mark.e2e
+
+MULTI_BYTE = "用中文写一句关于猫的诗 加上表情符号 🐱✨。Écris aussi une phrase en français."
+CASES: dict[str, dict[str, Any]] = {
+    "chat": {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 12},
+    "chat, no max_tokens": {"messages": [{"role": "user", "content": "Reply with one word: hello."}]},
+    "chat, multi-byte": {"messages": [{"role": "user", "content": MULTI_BYTE}], "max_tokens": 40},
+    "chat, JSON output": {
+        "messages": [{"role": "user", "content": "Give a JSON object with a name and an age."}],
+        "response_format": {"type": "json_object"},
+        "max_completion_tokens": 40,
+    },
+    "completion": {"prompt": "The three primary colours are", "max_tokens": 12},
+    "completion, multi-byte": {"prompt": MULTI_BYTE, "max_tokens": 30},
+    "completion, stop": {"prompt": "1, 2, 3, 4,", "max_tokens": 30, "stop": [" 9"]},
+}
+
+
+@pytest.fixture
+async def sidecar(llama_server: LlamaServer, redis_url: str, workload: str) -> AsyncIterator[Sidecar]:
+    running = Sidecar(
+        sidecar_config(llama_server, redis_url, workload, sidecar_id=f"e2e-{uuid.uuid4().hex[:8]}"),
+        CollectorRegistry(),
+    )
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+def sample(sidecar: Sidecar, name: str, **labels: str) -> float:
+    return sidecar.registry.get_sample_value(name, labels) or 0.0
+
+
+async def send(client: openai.AsyncOpenAI, model: str, request: dict[str, Any], stream: bool) -> Any:
+    """The usage llama-server reported to the client."""
+    extra: dict[str, Any] = {"model": model, "temperature": 0, **request}
+    if stream:
+        extra.update(stream=True, stream_options={"include_usage": True})
+    if "messages" in request:
+        response: Any = await client.chat.completions.create(**extra)
+    else:
+        response = await client.completions.create(**extra)
+    if not stream:
+        return response.usage
+    usages = [chunk.usage async for chunk in response if chunk.usage is not None]
+    assert len(usages) == 1
+    return usages[0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_honest_usage_passes_unchanged(
+    llama_server: LlamaServer, sidecar: Sidecar, stream: bool
+) -> None:
+    model = llama_server.model
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{sidecar.port}/v1", api_key="unused", max_retries=0, timeout=120
+    ) as client:
+        for label, request in CASES.items():
+            before = {
+                t: sample(sidecar, "tokenscaler_tokens_total", type=t, model=model, tenant="none")
+                for t in ("prompt", "generation")
+            }
+            usage = await send(client, model, request, stream)
+            assert usage.completion_tokens > 0, label
+            # the sidecar settles right after the last byte
+            for _ in range(200):
+                generation = sample(
+                    sidecar, "tokenscaler_tokens_total", type="generation", model=model, tenant="none"
+                )
+                if generation != before["generation"]:
+                    break
+                await asyncio.sleep(0.01)
+            prompt = sample(sidecar, "tokenscaler_tokens_total", type="prompt", model=model, tenant="none")
+            assert (prompt - before["prompt"], generation - before["generation"]) == (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            ), label
+    for field in ("prompt", "generation"):
+        assert sample(sidecar, "tokenscaler_usage_implausible_total", field=field) == 0
