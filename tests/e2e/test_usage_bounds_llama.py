@@ -1,7 +1,8 @@
 """llama-server's honest usage passes the sidecar's plausibility bounds unchanged.
 
-The ``openai`` SDK -> sidecar -> llama-server (Gemma 3 270M): across chat and completions,
-streamed or not, JSON output, multi-byte text and long answers, the tokens the sidecar
+The ``openai`` SDK -> sidecar -> llama-server (Gemma 3 270M): across chat, completions and
+the Responses API, streamed or not, n = 2, a tool call, JSON output, multi-byte text, a stop
+string and no max_tokens, the tokens the sidecar
 counts are exactly the usage llama-server reported to the client, and nothing is counted
 in ``tokenscaler_usage_implausible_total``.
 """
@@ -32,6 +33,28 @@ CASES: dict[str, dict[str, Any]] = {
         "response_format": {"type": "json_object"},
         "max_completion_tokens": 40,
     },
+    "chat, n=2": {"messages": [{"role": "user", "content": "Name a fruit."}], "n": 2, "max_tokens": 8},
+    "chat, tools": {
+        "messages": [{"role": "user", "content": "What is the weather in Paris? Use the tool."}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                },
+            }
+        ],
+        "tool_choice": "required",
+        "max_tokens": 60,
+    },
+    "responses": {"input": "Name three colours.", "max_output_tokens": 16},
+    "responses, multi-byte": {"input": MULTI_BYTE, "max_output_tokens": 30},
     "completion": {"prompt": "The three primary colours are", "max_tokens": 12},
     "completion, multi-byte": {"prompt": MULTI_BYTE, "max_tokens": 30},
     "completion, stop": {"prompt": "1, 2, 3, 4,", "max_tokens": 30, "stop": [" 9"]},
@@ -55,20 +78,31 @@ def sample(sidecar: Sidecar, name: str, **labels: str) -> float:
     return sidecar.registry.get_sample_value(name, labels) or 0.0
 
 
-async def send(client: openai.AsyncOpenAI, model: str, request: dict[str, Any], stream: bool) -> Any:
-    """The usage llama-server reported to the client."""
+async def send(
+    client: openai.AsyncOpenAI, model: str, request: dict[str, Any], stream: bool
+) -> tuple[int, int]:
+    """The prompt and generated tokens llama-server reported to the client."""
     extra: dict[str, Any] = {"model": model, "temperature": 0, **request}
+    if "input" in request:
+        response: Any = await client.responses.create(**extra, stream=stream)
+        if not stream:
+            usage = response.usage
+        else:
+            done = [event async for event in response if event.type == "response.completed"]
+            assert len(done) == 1
+            usage = done[0].response.usage
+        return usage.input_tokens, usage.output_tokens
     if stream:
         extra.update(stream=True, stream_options={"include_usage": True})
     if "messages" in request:
-        response: Any = await client.chat.completions.create(**extra)
+        response = await client.chat.completions.create(**extra)
     else:
         response = await client.completions.create(**extra)
     if not stream:
-        return response.usage
+        return response.usage.prompt_tokens, response.usage.completion_tokens
     usages = [chunk.usage async for chunk in response if chunk.usage is not None]
     assert len(usages) == 1
-    return usages[0]
+    return usages[0].prompt_tokens, usages[0].completion_tokens
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -85,7 +119,7 @@ async def test_honest_usage_passes_unchanged(
                 for t in ("prompt", "generation")
             }
             usage = await send(client, model, request, stream)
-            assert usage.completion_tokens > 0, label
+            assert usage[1] > 0, label
             # the sidecar settles right after the last byte
             for _ in range(200):
                 generation = sample(
@@ -95,9 +129,6 @@ async def test_honest_usage_passes_unchanged(
                     break
                 await asyncio.sleep(0.01)
             prompt = sample(sidecar, "tokenscaler_tokens_total", type="prompt", model=model, tenant="none")
-            assert (prompt - before["prompt"], generation - before["generation"]) == (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            ), label
+            assert (prompt - before["prompt"], generation - before["generation"]) == usage, label
     for field in ("prompt", "generation"):
         assert sample(sidecar, "tokenscaler_usage_implausible_total", field=field) == 0
