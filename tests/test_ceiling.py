@@ -158,6 +158,7 @@ async def test_a_huge_count_written_straight_into_redis(
     # window of 6 s holds it at 100 + 2000 / 6
     assert answer.value <= 100 + 2000 / 6 + 1
     body = await debug(scaler, workload)
+    print(f"CEILING maxReplicas={max_replicas}: KEDA value {answer.value:.1f}, replicas {answer.replicas}")
     if max_replicas is not None:
         assert answer.value == 300 and answer.replicas == 3
         assert "capped at maxReplicas 3" in body["evaluation"]["reason"]  # type: ignore[index]

@@ -93,6 +93,8 @@ async def test_a_usage_of_1e15_does_not_reach_keda_metrics_or_budgets(
             if value > 0:
                 break
             await asyncio.sleep(0.1)
+        counted = sample("tokenscaler_tokens_total", type="generation", model="m", tenant="acme")
+        print(f"1E15 lie in {lie_in}: KEDA value {value:.1f}, sidecar generation {counted:.0f}")
         assert 0 < value <= 18 + 81
         async with (
             aiohttp.ClientSession() as http,
