@@ -444,7 +444,11 @@ class Proxy:
             exchange.malformed = True
             exchange.seen_bytes += len(event.raw)
             return event.raw
-        exchange.seen_bytes += text_bytes(chunk.texts) if chunk.pieces else len(event.raw)
+        if chunk.pieces:
+            exchange.seen_bytes += text_bytes(chunk.texts)
+        elif chunk.usage is None or not exchange.pieces:
+            # the usage event repeats what passed in pieces before it (or holds nothing)
+            exchange.seen_bytes += len(event.raw)
         if chunk.pieces:
             limit = exchange.stream_limit
             if limit is not None and exchange.pieces + chunk.pieces > limit:

@@ -13,8 +13,8 @@ generation (``completion_tokens`` / ``output_tokens``), the smaller of
     text in a byte-level tokenizer, so the text that passed bounds them. Visible bytes
     are, in a stream, the UTF-8 bytes of the generated text in each event the sidecar
     understands plus all the bytes of each event it does not (role and finish chunks,
-    the Responses API's other events, shapes it does not know), and for a whole answer
-    the size of the response body. Hidden reasoning
+    the Responses API's other events, shapes it does not know) but the one with the usage
+    once text has passed, and for a whole answer the size of the response body. Hidden reasoning
     (``completion_tokens_details.reasoning_tokens``, ``output_tokens_details.reasoning_tokens``)
     passes as no text: it is bounded by the maximum, or without one by how long the
     request took, at ``HIDDEN_TOKENS_PER_SECOND`` per choice (several times the fastest

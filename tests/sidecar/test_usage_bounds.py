@@ -415,3 +415,15 @@ async def test_budgets_settle_the_bounded_value(
     assert (
         sidecar.registry.get_sample_value("tokenscaler_usage_implausible_total", {"field": "generation"}) == 1
     )
+
+
+def test_a_stream_whose_only_text_is_in_its_last_event_is_honest(stack: Stack) -> None:
+    # a Responses API server that streams no deltas: the text arrives with the usage
+    case = simple(Kind.RESPONSES, True, model="no-deltas")
+    case.generation.choices[0].content = ["a"] * 1000  # more tokens than any other event's bytes
+    tokens = 1000 + 1
+    script = script_of(case)
+    script.events = [event for event in script.events if not event["type"].endswith(".delta")]
+    script.events = [event for event in script.events if event["type"] != "response.output_text.done"]
+    stack.send(case, script)
+    assert counted(stack, "no-deltas") == (12, tokens)
