@@ -43,13 +43,16 @@ class Limit:
 
     def load(self, record: Record, seconds: float) -> float:
         """The entry's weighted tokens as a share of what this limit allows over ``seconds``."""
-        served = arrived = 0.0
-        pw, gw = self.prompt_weight, self.generation_weight
+        sp = sg = ap = ag = 0
+        only = self.model
         for model, c in record.models.items():
-            if self.model is None or model == self.model:
-                served += pw * max(c.served_prompt, 0) + gw * max(c.served_generation, 0)
-                arrived += pw * max(c.arrived_prompt, 0) + gw * max(c.arrived_generation, 0)
-        return max(served, arrived) / (self.per_second * seconds)
+            if only is None or model == only:
+                sp += c.served_prompt if c.served_prompt > 0 else 0
+                sg += c.served_generation if c.served_generation > 0 else 0
+                ap += c.arrived_prompt if c.arrived_prompt > 0 else 0
+                ag += c.arrived_generation if c.arrived_generation > 0 else 0
+        pw, gw = self.prompt_weight, self.generation_weight
+        return max(pw * sp + gw * sg, pw * ap + gw * ag) / (self.per_second * seconds)
 
 
 @dataclass
@@ -94,12 +97,20 @@ class IngestCeiling:
         state = series.sidecars.get(record.sidecar)
         if not limits or (state is not None and record.seq <= state.last_seq):
             return record  # no ScaledObject to judge by, or a duplicate the series will skip
-        seconds = max(1.0, record.interval_ms / 1000)
-        load = min(limit.load(record, seconds) for limit in limits.values())
+        seconds = record.interval_ms / 1000 if record.interval_ms > 1000 else 1.0
+        if len(limits) == 1:
+            load = next(iter(limits.values())).load(record, seconds)
+        else:
+            load = min(limit.load(record, seconds) for limit in limits.values())
         if load <= 0:
             return record
         sec = entry_time_ms(record, entry_id) // 1000
-        second = self._seconds.setdefault(workload, {}).setdefault(record.sidecar, _Second())
+        sidecars = self._seconds.get(workload)
+        if sidecars is None:
+            sidecars = self._seconds[workload] = {}
+        second = sidecars.get(record.sidecar)
+        if second is None:
+            second = sidecars[record.sidecar] = _Second()
         if second.sec != sec:
             second.sec, second.used = sec, 0.0
         if second.used + load <= 1.0:
