@@ -13,7 +13,8 @@ to Redis). Two bounds, in weighted tokens (the units of ``tokensPerSecondPerRepl
   ``tokenscaler_scaler_implausible_entries_total``) and named in the reason of the
   answers whose window holds it. An entry's weighted tokens are the larger of served and
   arrived (``pw x p + gw x g``, positive counters only), per model the ScaledObject counts;
-  an entry whose interval is longer than a second may carry that many seconds' worth.
+  an entry whose interval (``dt``, written by the writer) is longer than a second may carry
+  that many seconds' worth, up to ``MAX_CREDITED_S``.
   Several ScaledObjects reading one workload: an entry is clamped only as far as the most
   permissive of them allows.
 - **Per answer** (``bound_answer``): with ``maxReplicas`` set, the value KEDA gets is never
@@ -31,6 +32,7 @@ from scaler.window import Evaluation, WorkloadSeries, replicas_for
 from token_scaler.record import ModelCounts, Record, TenantCounts, entry_time_ms
 
 DEFAULT_MULTIPLE = 20.0
+MAX_CREDITED_S = 60.0  # the most seconds' worth one entry may carry, whatever its dt says
 _KEEP_CLAMPS_S = 1300  # longer than any window the answers look back over
 
 
@@ -97,7 +99,7 @@ class IngestCeiling:
         state = series.sidecars.get(record.sidecar)
         if not limits or (state is not None and record.seq <= state.last_seq):
             return record  # no ScaledObject to judge by, or a duplicate the series will skip
-        seconds = record.interval_ms / 1000 if record.interval_ms > 1000 else 1.0
+        seconds = min(record.interval_ms / 1000, MAX_CREDITED_S) if record.interval_ms > 1000 else 1.0
         if len(limits) == 1:
             load = next(iter(limits.values())).load(record, seconds)
         else:

@@ -66,10 +66,12 @@ def test_weights_intervals_duplicates_and_the_most_permissive_scaled_object() ->
     entry = record(1, 5_000_500, 0, sp=15_000)
     assert ceiling.clamp(WORKLOAD, series, entry, "5000500-0") is entry
     series.add(entry, "5000500-0")
-    # an entry whose interval spans 5 s may carry 5 s worth
+    # an entry whose interval spans 5 s may carry 5 s worth; one that says it spans a day, a minute's
     long = record(2, 5_010_000, 9_000, dt=5000)
     assert ceiling.clamp(WORKLOAD, series, long, "5010000-0") is long
     series.add(long, "5010000-0")
+    day = ceiling.clamp(WORKLOAD, WorkloadSeries(), record(1, 6_000_000, HUGE, dt=86_400_000), "6000000-0")
+    assert day.models["m"].served_generation == 60 * 2000
     # an entry the series will skip as a duplicate is not judged
     assert (
         ceiling.clamp(WORKLOAD, series, record(2, 5_010_000, HUGE), "5010001-0").models["m"].served_generation

@@ -87,7 +87,7 @@ Bounds: what an entry may claim, whoever wrote it (a sidecar of any version, or
 anything else with access to the stream). A count whose magnitude reaches 2**53 makes the
 entry bad (below). The tokens one sidecar (``sc``) reports for one second of the stream
 (entries placed in that second; an entry whose ``dt`` spans k > 1 seconds may carry k
-seconds' worth) are plausible up to a ceiling in weighted tokens/s, the larger of served
+seconds' worth, up to 60) are plausible up to a ceiling in weighted tokens/s, the larger of served
 and arrived: ``20 x tokensPerSecondPerReplica`` of the ScaledObject that reads the stream
 (the scaler's ``--sidecar-ceiling-multiple``), or ``--max-sidecar-tokens-per-second``. A
 reader scales an entry past it down to what is left of the ceiling in that second (its
