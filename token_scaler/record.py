@@ -85,17 +85,17 @@ sidecars is assumed.
 
 Bounds: what an entry may claim, whoever wrote it (a sidecar of any version, or
 anything else with access to the stream). A count whose magnitude reaches 2**53 makes the
-entry bad (below). The tokens one sidecar (``sc``) reports for one second of the stream
-(entries placed in that second; an entry whose ``dt`` spans k > 1 seconds may carry k
-seconds' worth, up to 60) are plausible up to a ceiling in weighted tokens/s, the larger of served
-and arrived: ``20 x tokensPerSecondPerReplica`` of the ScaledObject that reads the stream
-(the scaler's ``--sidecar-ceiling-multiple``), or ``--max-sidecar-tokens-per-second``. A
-reader scales an entry past it down to what is left of the ceiling in that second (its
-token counters, per model and per tenant, by one factor; requests and gauges as they
-are), applies it, and counts it (``implausibleEntries``); it is not skipped. Sidecars
-bound each response's ``usage`` before counting it (sidecar/usage_bounds.py), so an
-honest sidecar's entries stay below the ceiling unless one replica serves 20 replicas'
-worth of tokens in a second.
+entry bad (below), and so does a ``kv`` outside 0..1. The tokens one sidecar (``sc``)
+reports for one second of the stream (entries placed in that second; an entry whose ``dt``
+spans k > 1 seconds may carry k seconds' worth, up to 60) are plausible up to a ceiling in
+weighted tokens/s, the larger of served and arrived: ``20 x tokensPerSecondPerReplica`` of
+the ScaledObject that reads the stream (the scaler's ``--sidecar-ceiling-multiple``), or
+``--max-sidecar-tokens-per-second``. A reader scales an entry past it down to what is
+left of the ceiling in that second (its token counters, per model and per tenant, by one
+factor; requests and gauges as they are), applies it, and counts it
+(``implausibleEntries``); it is not skipped. Sidecars bound each response's ``usage``
+before counting it (sidecar/usage_bounds.py), so an honest sidecar's entries stay below
+the ceiling unless one replica serves 20 replicas' worth of tokens in a second.
 
 Bad entries: a reader skips an entry it cannot decode, counts it in a metric, logs the
 first one per stream with the reason (``RecordError`` names field and value), and goes
