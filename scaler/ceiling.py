@@ -16,7 +16,9 @@ to Redis). Two bounds, in weighted tokens (the units of ``tokensPerSecondPerRepl
   an entry whose interval (``dt``, written by the writer) is longer than a second may carry
   that many seconds' worth, up to ``MAX_CREDITED_S``.
   Several ScaledObjects reading one workload: an entry is clamped only as far as the most
-  permissive of them allows.
+  permissive of them allows. A gateway's entries are left as they are: what it holds at
+  zero replicas is a whole burst's arrivals, and each is taken back later by a negative
+  entry that must meet the same count (the answer's cap still bounds them).
 - **Per answer** (``bound_answer``): with ``maxReplicas`` set, the value KEDA gets is never
   above ``maxReplicas x target``, which is all the HPA can use.
 """
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 from scaler.metadata import ScalerSettings
 from scaler.window import Evaluation, WorkloadSeries, replicas_for
-from token_scaler.record import ModelCounts, Record, TenantCounts, entry_time_ms
+from token_scaler.record import GATEWAY, ModelCounts, Record, TenantCounts, entry_time_ms
 
 DEFAULT_MULTIPLE = 20.0
 MAX_CREDITED_S = 60.0  # the most seconds' worth one entry may carry, whatever its dt says
@@ -96,6 +98,8 @@ class IngestCeiling:
     def clamp(self, workload: str, series: WorkloadSeries, record: Record, entry_id: bytes | str) -> Record:
         """``record``, or a copy scaled down to what is left of its sidecar's ceiling this second."""
         limits = self._limits.get(workload)
+        if record.role == GATEWAY:
+            return record
         state = series.sidecars.get(record.sidecar)
         if not limits or (state is not None and record.seq <= state.last_seq):
             return record  # no ScaledObject to judge by, or a duplicate the series will skip

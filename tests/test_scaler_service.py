@@ -162,7 +162,8 @@ async def test_an_entry_stored_again_counts_once(
     """Redis restarted without persistence forgets the seq keys, and an append whose reply the
     crash lost is stored again: the scaler skips the seq it applied already."""
     ns, name = workload.split("/")
-    meta = {"tokensPerSecondPerReplica": "100"}
+    # 400: the 6,000 tokens of one second stay under the per-sidecar ceiling (20 x 400)
+    meta = {"tokensPerSecondPerReplica": "400"}
     sidecar = FakeSidecar(sync_redis, workload, "pod-a")
     await scaler.keda.poll(ns, name, meta)  # the scaler follows the stream from here on
 

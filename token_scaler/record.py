@@ -90,7 +90,8 @@ reports for one second of the stream (entries placed in that second; an entry wh
 spans k > 1 seconds may carry k seconds' worth, up to 60) are plausible up to a ceiling in
 weighted tokens/s, the larger of served and arrived: ``20 x tokensPerSecondPerReplica`` of
 the ScaledObject that reads the stream (the scaler's ``--sidecar-ceiling-multiple``), or
-``--max-sidecar-tokens-per-second``. A reader scales an entry past it down to what is
+``--max-sidecar-tokens-per-second`` (gateway entries excepted: their arrivals are taken
+back later, count for count). A reader scales an entry past it down to what is
 left of the ceiling in that second (its token counters, per model and per tenant, by one
 factor; requests and gauges as they are), applies it, and counts it
 (``implausibleEntries``); it is not skipped. Sidecars bound each response's ``usage``
