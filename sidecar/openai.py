@@ -22,13 +22,6 @@ class Kind(enum.Enum):
     RESPONSES = "responses"
 
 
-ENDPOINTS: dict[str, Kind] = {
-    "/v1/chat/completions": Kind.CHAT,
-    "/v1/completions": Kind.COMPLETIONS,
-    "/v1/embeddings": Kind.EMBEDDINGS,
-    "/v1/responses": Kind.RESPONSES,
-}
-
 # Streaming kinds whose usage must be asked for with ``stream_options.include_usage``;
 # the Responses API always reports usage in its ``response.completed`` event.
 USAGE_OPT_IN = frozenset({Kind.CHAT, Kind.COMPLETIONS})
@@ -129,6 +122,11 @@ def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
     doc = _loads(body)
     if not isinstance(doc, dict):
         return None
+    return parse_document(kind, doc)
+
+
+def parse_document(kind: Kind, doc: dict[str, Any]) -> ParsedRequest:
+    """What the meter needs from a decoded request (``request_rules`` checked its types)."""
     model = doc.get("model")
     stream = doc.get("stream") is True and kind is not Kind.EMBEDDINGS
     options = doc.get("stream_options")
@@ -335,34 +333,37 @@ def parse_response(kind: Kind, body: bytes) -> Complete | None:
     return Complete(usage_of(kind, doc.get("usage")), tuple(texts), model if isinstance(model, str) else None)
 
 
-def error_body(message: str, type_: str, code: str) -> bytes:
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     """An error in OpenAI's shape, so SDKs raise their usual exception with our message."""
     return json.dumps(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
         separators=(",", ":"),
     ).encode()
 
 
-def _max_tokens_key(kind: Kind, doc: dict[str, Any]) -> str:
-    if kind is Kind.RESPONSES:
-        return "max_output_tokens"
-    if kind is Kind.CHAT and "max_completion_tokens" in doc:
-        return "max_completion_tokens"
-    return "max_tokens"
+# Every field some model server reads as the generation limit (``n_predict``: llama.cpp's);
+# request_rules.py refuses a request whose fields disagree.
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
+
+
+def limit_field(kind: Kind) -> str:
+    """The field that carries the generation limit when the client set none."""
+    return "max_output_tokens" if kind is Kind.RESPONSES else "max_tokens"
 
 
 def rewritten(kind: Kind, body: bytes, *, max_tokens: int | None = None, model: str | None = None) -> bytes:
-    """The body with ``max_tokens`` (in the field the client used) and ``model`` replaced.
+    """The body with ``max_tokens`` and ``model`` replaced.
 
-    Chat requests that set both ``max_tokens`` and ``max_completion_tokens`` get both.
+    The limit goes into every limit field the client used (``LIMIT_FIELDS``), or into the
+    endpoint's own when it used none, so no server finds another value in a field it prefers.
     """
     doc = _loads(body)
     if not isinstance(doc, dict):
         return body
     if max_tokens is not None:
-        doc[_max_tokens_key(kind, doc)] = max_tokens
-        if kind is Kind.CHAT and "max_tokens" in doc and "max_completion_tokens" in doc:
-            doc["max_tokens"] = max_tokens
+        used = [key for key in LIMIT_FIELDS if key in doc]
+        for key in used or [limit_field(kind)]:
+            doc[key] = max_tokens
     if model is not None:
         doc["model"] = model
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()

@@ -8,8 +8,9 @@ Three paths:
   final ``usage`` settles the request. When the client did not ask for usage the sidecar
   asks the upstream for it and removes it again, so the client's bytes are unchanged.
 
-A request body that is not what the endpoint expects is forwarded unchanged and not
-counted: the model server gives its own answer.
+The path is normalised before it is routed on and forwarded in that form (paths.py); a
+counted request whose body two parsers could read differently is refused with 400
+(request_rules.py), so the model server generates by the values the sidecar metered.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar import openai
+from sidecar import openai, paths, request_rules
 from sidecar.meter import LabelBound, Meter, Request
 from sidecar.metrics import Metrics, Series
 from sidecar.openai import Kind, ParsedRequest, Usage
 from sidecar.policy.engine import Admission, PolicyEngine
+from sidecar.request_rules import Refusal
 from sidecar.sse import Event, SSEParser
 from sidecar.tokens import TokenCounter, count_texts, prompt_tokens
 
@@ -50,7 +52,10 @@ HOP_BY_HOP = frozenset(
 )
 # aiohttp's client adds these unless told not to; a transparent proxy adds nothing.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-CLIENT_GONE = "499"  # nginx's code for a client that closed the connection first
+CLIENT_GONE = "499"
+_TARGET = web.RequestKey(
+    "tokenscaler.target", str
+)  # the normalised path and query (paths.route)  # nginx's code for a client that closed the connection first
 
 
 def forward_headers(
@@ -166,16 +171,23 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             return self._too_large()
-        kind = openai.ENDPOINTS.get(request.path) if request.method == "POST" else None
-        if kind is None:
+        target = paths.route(request.method, request.raw_path)
+        if target.refusal is not None:
+            return self._bad_request(Refusal(None, target.refusal, "invalid_path"))
+        request[_TARGET] = target.forward
+        if target.kind is None:
             return await self._passthrough(request)
         body = await self._read_body(request)
         if body is None:
             return self._too_large()
-        parsed = openai.parse_request(kind, body)
-        if parsed is None:
-            return await self._passthrough(request, body)
+        parsed = request_rules.check(target.kind, body)
+        if isinstance(parsed, Refusal):
+            return self._bad_request(parsed)
         return await self._counted(request, parsed, body)
+
+    def _bad_request(self, refusal: Refusal) -> web.Response:
+        self.metrics.rejected.labels("400").inc()
+        return web.Response(status=400, body=refusal.body(), content_type="application/json")
 
     def _too_large(self) -> web.Response:
         self.metrics.rejected.labels("413").inc()
@@ -196,8 +208,10 @@ class Proxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _url(self, request: web.Request) -> str:
-        return self.upstream + request.raw_path
+    def _url(self, request: web.Request, upstream: str | None = None) -> str:
+        """The upstream URL: the path as routed on (paths.py), not as the client spelled it."""
+        target: str = request.get(_TARGET, request.raw_path)
+        return (upstream or self.upstream) + target
 
     async def _send(
         self, method: str, url: str, headers: CIMultiDict[str], data: object
@@ -331,7 +345,7 @@ class Proxy:
         exchange: _Exchange,
         admission: Admission | None,
     ) -> web.StreamResponse:
-        url = self._url(request) if exchange.upstream is None else exchange.upstream + request.raw_path
+        url = self._url(request, exchange.upstream)
         try:
             # Counting needs the body readable: no compression on counted endpoints.
             headers = forward_headers(request.headers, drop=_REQUEST_DROP | {"accept-encoding"})
