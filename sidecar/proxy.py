@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import openai, paths, request_rules
+from sidecar.abandon import Abandoned
 from sidecar.meter import LabelBound, Meter, Request
 from sidecar.metrics import Metrics, Series
 from sidecar.openai import Kind, ParsedRequest, Usage
@@ -103,6 +104,7 @@ class _Exchange:
     headers: dict[str, str] | None = None  # the policies' response headers
     stream_limit: int | None = None  # generated pieces after which the stream is ended
     cut: bool = False
+    reserved: int | None = None  # generated tokens charged if a non-streamed client leaves (abandon.py)
 
 
 def _abort_client(request: web.Request) -> None:
@@ -143,6 +145,7 @@ class Proxy:
         self.tenants = LabelBound(max_tenants)
         self.models = LabelBound(max_models)
         self.max_body_bytes = max_body_bytes
+        self.abandoned = Abandoned()
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         # Keep generated text only when a tokenizer can make something of it.
@@ -317,6 +320,8 @@ class Proxy:
             generation = meter.generation_estimate(model, max_tokens, parsed.n)
         metered = meter.arrive(model, tenant, prompt, generation, parsed.n)
         exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant))
+        if not parsed.stream:
+            exchange.reserved = max_tokens * parsed.n if max_tokens is not None else generation
         if admission is not None:
             exchange.upstream = admission.upstream
             exchange.headers = admission.headers
@@ -491,6 +496,14 @@ class Proxy:
         if usage is not None:
             meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
+            if not exchange.failed:
+                self.abandoned.observe(model, generation, now - exchange.started)
+        elif exchange.code == CLIENT_GONE and exchange.reserved is not None:
+            prompt = metered.prompt_estimate
+            generation, method = self.abandoned.generation(model, now - exchange.started, exchange.reserved)
+            meter.finish(metered, prompt, generation, complete=False)
+            self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
+            self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)
         elif exchange.failed:
             meter.abort(metered)
             prompt, generation = metered.sp, metered.sg

@@ -92,11 +92,9 @@ class VllmLike:
             "total_tokens": prompt + generation,
         }
         if not body.stream:
-            try:
-                await asyncio.sleep(self.delay_s * limit)
-            except asyncio.CancelledError:
+            if not await self._generated(request, self.delay_s * limit):
                 self.cancelled += 1
-                raise
+                return JSONResponse({"error": "client gone"}, status_code=499)
             key = "message" if chat else "text"
             text = "t " * limit
             choices = [
@@ -118,6 +116,24 @@ class VllmLike:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @staticmethod
+    async def _generated(request: Request, seconds: float) -> bool:
+        """Generate for ``seconds``; False when the client went away first (vLLM's
+        ``with_cancellation``: the request is aborted on the disconnect)."""
+        if seconds <= 0:
+            return True
+
+        async def disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work = asyncio.create_task(asyncio.sleep(seconds))
+        gone = asyncio.create_task(disconnect())
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (work, gone):
+            task.cancel()
+        return not gone.done() or gone.cancelled()
 
     @property
     def usage_total(self) -> int:
