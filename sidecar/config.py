@@ -137,8 +137,8 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "--max-body-bytes",
         "TOKEN_SCALER_MAX_BODY_BYTES",
         c.positive_int,
-        64 << 20,
-        "request bodies above this get 413",
+        16 << 20,
+        "request bodies above this get 413 (README: memory against body size)",
     ),
     "connect_timeout_s": c.Option(
         "--connect-timeout",
@@ -246,7 +246,7 @@ class SidecarConfig:
     flush_interval_s: float = 1.0
     buffer_records: int = 900
     retention_s: int = DEFAULT_RETENTION_S
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 16 << 20
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     shutdown_delay_s: float = 5.0

@@ -14,6 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar import jsonbody
+from sidecar.jsonbody import Layout
+
 
 class Kind(enum.Enum):
     CHAT = "chat"
@@ -46,6 +49,7 @@ class ParsedRequest:
     prompt_texts: tuple[str, ...]  # text the prompt is made of, for estimates
     prompt_ids: int  # token ids given directly (completions / embeddings)
     messages: int  # chat messages or Responses input items
+    layout: Layout | None = None  # where the body's top-level values lie (request_rules.check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,26 +167,31 @@ def parse_document(kind: Kind, doc: dict[str, Any]) -> ParsedRequest:
     )
 
 
-_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
+def _laid_out(body: bytes, layout: Layout | None) -> Layout | None:
+    if layout is not None:
+        return layout
+    try:
+        return jsonbody.decode(body.decode("utf-8"))[1]
+    except (ValueError, RecursionError):
+        return None
 
 
-def with_usage_requested(body: bytes) -> bytes | None:
+def with_usage_requested(body: bytes, layout: Layout | None = None) -> bytes | None:
     """The body with ``stream_options.include_usage`` set, or None when it cannot be done.
 
-    When the body has no ``stream_options`` the option goes in as text right after the
-    opening brace, so the rest of the body reaches the upstream byte for byte.
+    Only ``stream_options`` changes (inserted first when absent): the rest of the body
+    reaches the upstream byte for byte. ``layout``: the body's, when known (no parse then).
     """
-    doc = _loads(body)
-    if not isinstance(doc, dict):
+    layout = _laid_out(body, layout)
+    if layout is None:
         return None
-    options = doc.get("stream_options")
-    if "stream_options" not in doc:
-        brace = body.find(b"{")
-        return body[: brace + 1] + _USAGE_OPTION + body[brace + 1 :]
+    span = layout.spans.get("stream_options")
+    options: object = None
+    if span is not None:
+        options = json.loads(body.decode("utf-8")[span[0] : span[1]])
     if options is not None and not isinstance(options, dict):
         return None  # the server will reject it; do not make it worse
-    doc["stream_options"] = {**(options or {}), "include_usage": True}
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    return jsonbody.edited(body, layout, {"stream_options": {**(options or {}), "include_usage": True}})
 
 
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null(?:\s*,\s*)?')
@@ -351,22 +360,30 @@ def limit_field(kind: Kind) -> str:
     return "max_output_tokens" if kind is Kind.RESPONSES else "max_tokens"
 
 
-def rewritten(kind: Kind, body: bytes, *, max_tokens: int | None = None, model: str | None = None) -> bytes:
-    """The body with ``max_tokens`` and ``model`` replaced.
+def rewritten(
+    kind: Kind,
+    body: bytes,
+    *,
+    max_tokens: int | None = None,
+    model: str | None = None,
+    layout: Layout | None = None,
+) -> bytes:
+    """The body with ``max_tokens`` and ``model`` replaced, every other byte as it was.
 
     The limit goes into every limit field the client used (``LIMIT_FIELDS``), or into the
     endpoint's own when it used none, so no server finds another value in a field it prefers.
+    ``layout``: the body's, when known (no parse then).
     """
-    doc = _loads(body)
-    if not isinstance(doc, dict):
+    layout = _laid_out(body, layout)
+    if layout is None:
         return body
+    values: dict[str, Any] = {}
     if max_tokens is not None:
-        used = [key for key in LIMIT_FIELDS if key in doc]
-        for key in used or [limit_field(kind)]:
-            doc[key] = max_tokens
+        used = [key for key in LIMIT_FIELDS if key in layout.spans]
+        values.update(dict.fromkeys(used or [limit_field(kind)], max_tokens))
     if model is not None:
-        doc["model"] = model
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        values["model"] = model
+    return jsonbody.edited(body, layout, values)
 
 
 def stop_event(kind: Kind, mode: str, message: str) -> bytes:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -53,6 +55,9 @@ HOP_BY_HOP = frozenset(
 )
 # aiohttp's client adds these unless told not to; a transparent proxy adds nothing.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_T = TypeVar("_T")
+# Bodies this large are parsed in a worker thread (the loop serves meanwhile), one at a time.
+LARGE_BODY_BYTES = 256 << 10
 CLIENT_GONE = "499"
 _TARGET = web.RequestKey(
     "tokenscaler.target", str
@@ -128,7 +133,7 @@ class Proxy:
         tenant_header: str = "X-Tenant-ID",
         max_tenants: int = 100,
         max_models: int = 32,
-        max_body_bytes: int = 64 << 20,
+        max_body_bytes: int = 16 << 20,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 600.0,
         policy: PolicyEngine | None = None,
@@ -146,6 +151,7 @@ class Proxy:
         self.models = LabelBound(max_models)
         self.max_body_bytes = max_body_bytes
         self.abandoned = Abandoned()
+        self._large = asyncio.Semaphore(1)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         # Keep generated text only when a tokenizer can make something of it.
@@ -183,7 +189,7 @@ class Proxy:
         body = await self._read_body(request)
         if body is None:
             return self._too_large()
-        parsed = request_rules.check(target.kind, body)
+        parsed = await self._off_loop(len(body), request_rules.check, target.kind, body)
         if isinstance(parsed, Refusal):
             return self._bad_request(parsed)
         return await self._counted(request, parsed, body)
@@ -293,8 +299,17 @@ class Proxy:
         response.headers.update(rejection.headers)
         return response
 
+    async def _off_loop(self, size: int, work: Callable[..., _T], *args: Any) -> _T:
+        """Work on a body: at once when it is small; a large one in a worker thread, one at a
+        time, so the loop keeps serving meanwhile and parsing holds one large body's objects."""
+        if size < LARGE_BODY_BYTES:
+            return work(*args)
+        async with self._large:
+            return await asyncio.to_thread(work, *args)
+
     async def _counted(self, request: web.Request, parsed: ParsedRequest, body: bytes) -> web.StreamResponse:
-        prompt = prompt_tokens(self.counter, parsed)
+        prompt = await self._off_loop(len(body), prompt_tokens, self.counter, parsed)
+        sent = body
         admission = None
         max_tokens = parsed.max_tokens
         meter = self.meter
@@ -312,7 +327,9 @@ class Proxy:
                 meter = self.elsewhere
         inject = False
         if parsed.stream and parsed.kind in openai.USAGE_OPT_IN and not parsed.wants_usage:
-            asked = openai.with_usage_requested(body)
+            layout = parsed.layout if body is sent else None  # a policy's rewrite moved things
+            size = 0 if layout is not None else len(body)
+            asked = await self._off_loop(size, openai.with_usage_requested, body, layout)
             if asked is not None:
                 body, inject = asked, True
         generation = 0

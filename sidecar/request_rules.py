@@ -6,8 +6,8 @@ so a request whose body two parsers could read differently is refused with an Op
 400 that names the field, before anything is reserved or forwarded:
 
 - the body is one JSON object in UTF-8, without duplicate keys anywhere (parsers disagree
-  on which one wins), without ``NaN``/``Infinity`` (not JSON), nested at most
-  ``MAX_DEPTH`` deep;
+  on which one wins), without ``NaN``/``Infinity`` (not JSON), not nested so deep that
+  parsing it would exhaust the interpreter's recursion limit (jsonbody.py);
 - ``n`` (and ``best_of``) an integer from 1 to 128, ``best_of`` equal to ``n`` (the sidecar
   meters the choices returned); the generation limits (``max_tokens``,
   ``max_completion_tokens``, ``max_output_tokens``, llama.cpp's ``n_predict``) integers from
@@ -27,12 +27,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import openai
+from sidecar import jsonbody, openai
+from sidecar.jsonbody import Layout
 from sidecar.openai import Kind, ParsedRequest
 
 MAX_N = 128  # OpenAI's documented range of n
 MAX_LIMIT = 2**31 - 1  # a C int: what llama.cpp's server reads into
-MAX_DEPTH = 64  # nesting levels of objects and arrays
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,66 +45,21 @@ class Refusal:
         return openai.error_body(self.message, "invalid_request_error", self.code, self.param)
 
 
-class _Duplicate(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen: set[str] = set()
-        for key, _value in pairs:
-            if key in seen:
-                raise _Duplicate(key)
-            seen.add(key)
-    return doc
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _depth(doc: object) -> int:
-    """Nesting depth, iteratively (a deep body must not exhaust the stack here)."""
-    deepest = 0
-    stack: list[tuple[object, int]] = [(doc, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
-
-
-def decode(body: bytes) -> dict[str, Any] | Refusal:
+def decode(body: bytes) -> tuple[dict[str, Any], Layout] | Refusal:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Refusal(None, f"the request body is not UTF-8 (byte {exc.start})", "invalid_json")
     try:
-        doc = json.loads(text, object_pairs_hook=_object, parse_constant=_not_json)
-    except _Duplicate as exc:
-        return Refusal(
-            exc.key, f"the key {exc.key!r} appears more than once in the request body", "invalid_json"
-        )
+        return jsonbody.decode(text)
+    except jsonbody.Duplicate as exc:
+        return Refusal(exc.key, f"the key {exc.key!r} appears more than once in an object", "invalid_json")
     except RecursionError:
-        return Refusal(None, f"the request body is nested deeper than {MAX_DEPTH} levels", "invalid_json")
+        return Refusal(None, "the request body is nested too deep", "invalid_json")
+    except jsonbody.NotAnObject as exc:
+        return Refusal(None, str(exc), "invalid_json")
     except ValueError as exc:
         return Refusal(None, f"the request body is not valid JSON: {exc}", "invalid_json")
-    if not isinstance(doc, dict):
-        return Refusal(None, "the request body must be a JSON object", "invalid_json")
-    if _depth(doc) > MAX_DEPTH:
-        return Refusal(None, f"the request body is nested deeper than {MAX_DEPTH} levels", "invalid_json")
-    return doc
 
 
 def _int(doc: dict[str, Any], key: str, low: int, high: int, where: str = "") -> int | Refusal | None:
@@ -174,13 +129,14 @@ def _fields(kind: Kind, doc: dict[str, Any]) -> tuple[int | None, Refusal | None
 
 def check(kind: Kind, body: bytes) -> ParsedRequest | Refusal:
     """The request as metered, or why it is refused."""
-    doc = decode(body)
-    if isinstance(doc, Refusal):
-        return doc
+    decoded = decode(body)
+    if isinstance(decoded, Refusal):
+        return decoded
+    doc, layout = decoded
     limit, refusal = _fields(kind, doc)
     if refusal is not None:
         return refusal
     parsed = openai.parse_document(kind, doc)
-    if parsed.max_tokens != limit and kind is not Kind.EMBEDDINGS:
-        parsed = dataclasses.replace(parsed, max_tokens=limit)
-    return parsed
+    if kind is Kind.EMBEDDINGS:
+        limit = parsed.max_tokens
+    return dataclasses.replace(parsed, max_tokens=limit, layout=layout)

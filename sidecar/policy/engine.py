@@ -392,6 +392,7 @@ class PolicyEngine:
                 body,
                 max_tokens=cap.max_tokens if changed_cap and cap is not None else None,
                 model=route.model if route is not None else None,
+                layout=parsed.layout,
             )
         self.metrics.check.observe(time.perf_counter() - started)
         return admission
