@@ -29,6 +29,7 @@ from scaler.cost import CostCollector
 from scaler.debug import make_app
 from scaler.history import HistoryStore
 from scaler.metrics import ScalerMetrics
+from scaler.namespaces import OWN_NAMESPACE
 from scaler.predictive import Predictor
 from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
@@ -60,7 +61,13 @@ class ScalerServer:
             self.redis, self.metrics, stale_after_s=cfg.stale_after_s, liveness_s=cfg.liveness_s
         )
         self.history = HistoryStore(self.redis)
-        self.registry = Registry(self.reader, self.metrics, cfg.prices, Predictor(self.history))
+        self.registry = Registry(
+            self.reader,
+            self.metrics,
+            cfg.prices,
+            Predictor(self.history),
+            cfg.cross_namespace or OWN_NAMESPACE,
+        )
         if cfg.prices is not None:
             self.metrics.registry.register(CostCollector(self.reader, cfg.prices))
         self.health = health.aio.HealthServicer()
