@@ -141,6 +141,15 @@ class Registry:
                 out[state.settings.workload] = signal
         return out
 
+    def counted_models(self) -> dict[str, set[str]]:
+        """Per workload, the ``model`` keys of the ScaledObjects of its own namespace."""
+        out: dict[str, set[str]] = {}
+        for state in self.objects.values():
+            settings = state.settings
+            if settings.model is not None and settings.workload.split("/", 1)[0] == state.namespace:
+                out.setdefault(settings.workload, set()).add(settings.model)
+        return out
+
     def forget_idle(self, idle_s: float) -> list[tuple[str, str]]:
         """Forget ScaledObjects KEDA has not asked about for ``idle_s`` (deleted, or moved to
         another scaler), and stop reading workloads no remaining one refers to, so memory

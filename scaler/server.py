@@ -34,6 +34,7 @@ from scaler.predictive import Predictor
 from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
+from token_scaler import model_keys
 from token_scaler.redis_conn import connect
 from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
 from token_scaler.saturation import saturation_key
@@ -144,8 +145,9 @@ class ScalerServer:
 
     async def _publish_saturation(self) -> None:
         """Once a second, the saturation signal of each workload for its sidecars
-        (token_scaler/saturation.py). Every scaler replica writes the same value; while the
-        data is stale nothing is written, and the key's TTL turns the signal off."""
+        (token_scaler/saturation.py), and the models its ScaledObjects count
+        (token_scaler/model_keys.py). Every scaler replica writes the same values; while the
+        data is stale nothing is written, and the keys' TTL turns the signal off."""
         while not self.shutdown.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.shutdown.wait(), 1.0)
@@ -156,6 +158,8 @@ class ScalerServer:
                 pipe = self.redis.pipeline(transaction=False)
                 for workload, signal in signals.items():
                     pipe.set(saturation_key(workload), signal.encode(), px=SATURATION_TTL_MS)
+                for workload, models in self.registry.counted_models().items():
+                    pipe.set(model_keys.models_key(workload), model_keys.encode(models), px=model_keys.TTL_MS)
                 await pipe.execute()
             except (RedisError, RedisUnavailable, OSError) as exc:
                 self.metrics.redis_errors.labels("saturation").inc()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.labels import MAX_PINNED
 from token_scaler import config as c
 from token_scaler.errors import ConfigError
 from token_scaler.record import DEFAULT_RETENTION_S, MAX_MODELS_PER_ENTRY, MAX_TENANTS_PER_ENTRY
@@ -29,6 +30,16 @@ def log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level
+
+
+def model_list(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    if not names:
+        raise ValueError("expected model names separated by commas")
+    for name in names:
+        if len(name) > 128 or not name.isprintable() or name == "other":
+            raise ValueError(f"{name!r}: expected a printable name of at most 128 characters, not 'other'")
+    return names
 
 
 def event_loop(raw: str) -> str:
@@ -97,6 +108,13 @@ OPTIONS: dict[str, c.Option[Any]] = {
         c.positive_int,
         32,
         "distinct models kept as labels; later ones count as 'other'",
+    ),
+    "models": c.Option(
+        "--models",
+        "TOKEN_SCALER_MODELS",
+        model_list,
+        None,
+        "the model names kept as labels, separated by commas (unset: the first answered, up to --max-models)",
     ),
     "tokenizer": c.Option(
         "--tokenizer",
@@ -241,6 +259,7 @@ class SidecarConfig:
     tenant_header: str = "X-Tenant-ID"
     max_tenants: int = 100
     max_models: int = 32
+    models: tuple[str, ...] | None = None
     tokenizer: Path | None = None
     default_generation_tokens: int = 256
     flush_interval_s: float = 1.0
@@ -276,6 +295,8 @@ class SidecarConfig:
             raise ConfigError(f"TOKEN_SCALER_MAX_MODELS must be below {MAX_MODELS_PER_ENTRY}")
         if self.max_tenants >= MAX_TENANTS_PER_ENTRY:
             raise ConfigError(f"TOKEN_SCALER_MAX_TENANTS must be below {MAX_TENANTS_PER_ENTRY}")
+        if self.models is not None and len(self.models) >= MAX_MODELS_PER_ENTRY - MAX_PINNED:
+            raise ConfigError(f"TOKEN_SCALER_MODELS: at most {MAX_MODELS_PER_ENTRY - MAX_PINNED - 1} names")
 
     @classmethod
     def load(

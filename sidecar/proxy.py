@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import openai, paths, request_rules
 from sidecar.abandon import Abandoned
+from sidecar.labels import OTHER, ModelLabels
 from sidecar.meter import LabelBound, Meter, Request
 from sidecar.metrics import Metrics, Series
 from sidecar.openai import Kind, ParsedRequest, Usage
@@ -97,6 +98,7 @@ class _Exchange:
     inject: bool  # the sidecar asked for usage: remove it from what the client sees
     started: float
     series: Series
+    name: str  # the model asked for (``series`` has its label)
     code: str = "502"
     failed: bool = False
     usage: Usage | None = None
@@ -137,6 +139,7 @@ class Proxy:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 600.0,
         policy: PolicyEngine | None = None,
+        models: Sequence[str] | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.policy = policy
@@ -148,7 +151,7 @@ class Proxy:
         self.counter = counter
         self.tenant_header = tenant_header
         self.tenants = LabelBound(max_tenants)
-        self.models = LabelBound(max_models)
+        self.models = ModelLabels(max_models, models)
         self.max_body_bytes = max_body_bytes
         self.abandoned = Abandoned()
         self._large = asyncio.Semaphore(1)
@@ -314,17 +317,18 @@ class Proxy:
         max_tokens = parsed.max_tokens
         meter = self.meter
         if self.policy is None:
-            model = self.models(parsed.model or "unknown")
+            name = parsed.model or "unknown"
             tenant = self.tenants(request.headers.get(self.tenant_header) or "none")
         else:
             admission = await self.policy.admit(request.headers, parsed, body, prompt)
             if admission.rejection is not None:
                 return self._refused(admission)
             body, max_tokens = admission.body, admission.max_tokens
-            model = self.models(admission.model or "unknown")
+            name = admission.model or "unknown"
             tenant = self.tenants(admission.tenant)
             if admission.upstream is not None:
                 meter = self.elsewhere
+        model = self.models(name)
         inject = False
         if parsed.stream and parsed.kind in openai.USAGE_OPT_IN and not parsed.wants_usage:
             layout = parsed.layout if body is sent else None  # a policy's rewrite moved things
@@ -336,7 +340,7 @@ class Proxy:
         if parsed.kind is not Kind.EMBEDDINGS:
             generation = meter.generation_estimate(model, max_tokens, parsed.n)
         metered = meter.arrive(model, tenant, prompt, generation, parsed.n)
-        exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant))
+        exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant), name)
         if not parsed.stream:
             exchange.reserved = max_tokens * parsed.n if max_tokens is not None else generation
         if admission is not None:
@@ -380,9 +384,24 @@ class Proxy:
         async with upstream:
             exchange.code = str(upstream.status)
             exchange.failed = upstream.status >= 400
+            if not exchange.failed and metered.model == OTHER:
+                self._labelled(metered, exchange)
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._stream(request, upstream, metered, exchange, admission)
             return await self._complete(upstream, exchange)
+
+    def _labelled(self, metered: Request, exchange: _Exchange) -> None:
+        """The server answers a model not yet a label: it becomes one, with this request (labels.py)."""
+        label = self.models.confirm(exchange.name)
+        if label == metered.model:
+            return
+        (self.meter if exchange.upstream is None else self.elsewhere).relabel(metered, label)
+        old = exchange.series
+        old.inflight.dec()
+        old.waiting.dec()
+        exchange.series = self.metrics.series(label, metered.tenant)
+        exchange.series.inflight.inc()
+        exchange.series.waiting.inc()
 
     async def _complete(self, upstream: aiohttp.ClientResponse, exchange: _Exchange) -> web.StreamResponse:
         try:
@@ -514,10 +533,11 @@ class Proxy:
             meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
             if not exchange.failed:
-                self.abandoned.observe(model, generation, now - exchange.started)
+                self.abandoned.observe(exchange.name, generation, now - exchange.started)
         elif exchange.code == CLIENT_GONE and exchange.reserved is not None:
             prompt = metered.prompt_estimate
-            generation, method = self.abandoned.generation(model, now - exchange.started, exchange.reserved)
+            seconds = now - exchange.started
+            generation, method = self.abandoned.generation(exchange.name, seconds, exchange.reserved)
             meter.finish(metered, prompt, generation, complete=False)
             self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
             self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)

@@ -35,6 +35,7 @@ from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
 from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
+from token_scaler import model_keys
 from token_scaler.errors import ConfigError
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import connect
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 FINAL_FLUSH_TIMEOUT_S = 5.0
 # How long start-up waits in the background for the stream's generation means.
 SEED_TIMEOUT_S = 2.0
+# How often the models ScaledObjects count are read (a new ScaledObject's within this).
+PIN_INTERVAL_S = 5.0
 
 
 class Sidecar:
@@ -69,6 +72,7 @@ class Sidecar:
             max_body_bytes=config.max_body_bytes,
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
+            models=config.models,
         )
         self._policy_redis: Channel | None = None
         if config.policy is not None:
@@ -109,6 +113,7 @@ class Sidecar:
         self._gauges_task: asyncio.Task[None] | None = None
         self.announcer: Announcer | None = None
         self._announce_task: asyncio.Task[None] | None = None
+        self._pin_task: asyncio.Task[None] | None = None
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -162,6 +167,7 @@ class Sidecar:
         self._lag_task = asyncio.create_task(self.loop_lag.run())
         if self.server_gauges is not None:
             self._gauges_task = asyncio.create_task(self.server_gauges.run())
+        self._pin_task = asyncio.create_task(self._pin_models())
         if self.policy is not None:
             self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
@@ -202,6 +208,18 @@ class Sidecar:
         if means:
             log.info("generation estimates from the stream: %s", {m: round(v, 1) for m, v in means.items()})
 
+    async def _pin_models(self) -> None:
+        """The models the workload's ScaledObjects count stay labels (token_scaler/model_keys.py)."""
+        key = model_keys.models_key(self.config.workload)
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.redis.get(key), SEED_TIMEOUT_S)
+            except (TimeoutError, RedisError, OSError):
+                pass
+            else:
+                self.proxy.models.pin(model_keys.decode(raw))
+            await asyncio.sleep(PIN_INTERVAL_S)
+
     async def stop(self) -> None:
         self.ready = False
         if self.announcer is not None:  # gateways stop sending new requests at once
@@ -216,6 +234,7 @@ class Sidecar:
             self._lag_task,
             self._gauges_task,
             self._announce_task,
+            self._pin_task,
         ):
             if task is not None:
                 task.cancel()

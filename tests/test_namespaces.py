@@ -3,6 +3,7 @@ ScaledObjects of a workload's own namespace decide its saturation signal."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,6 +19,7 @@ from scaler.registry import Registry
 from scaler.window import WorkloadSeries
 from tests.keda import FakeSidecar
 from tests.test_scaler_service import Running, history, start
+from token_scaler import model_keys
 from token_scaler.errors import ConfigError, MetadataError
 
 CAPACITY = {"tokensPerSecondPerReplica": "100"}
@@ -75,3 +77,19 @@ async def scaler_open(redis_url: str) -> AsyncIterator[Running]:
     yield running
     await running.channel.close()
     await running.server.stop()
+
+
+async def test_the_scaler_publishes_the_models_its_scaledobjects_count(
+    scaler_open: Running, redis_url: str, workload: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    history(FakeSidecar(client, workload, "pod-a"), 10, sg=500)
+    ns, name = workload.split("/")
+    await scaler_open.keda.poll(ns, name, {**CAPACITY, "model": "llama-8b"})
+    key = model_keys.models_key(workload)
+    for _ in range(60):
+        if client.get(key) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert model_keys.decode(client.get(key)) == ["llama-8b"]
+    client.close()

@@ -246,9 +246,10 @@ async def test_upstream_errors_become_openai_errors(
             await client.chat.completions.create(model="m", messages=MESSAGES)
         assert caught.value.status_code == 503
         assert caught.value.body["type"] == "server_error"  # type: ignore[index]
-    assert sample(sidecar, "tokenscaler_requests_total", model="m", tenant="none", code="500") == 1
-    assert sample(sidecar, "tokenscaler_requests_total", model="m", tenant="none", code="504") == 1
-    assert sample(down, "tokenscaler_requests_total", model="m", tenant="none", code="503") == 1
+    # "m" was never answered successfully: not a label (sidecar/labels.py).
+    assert sample(sidecar, "tokenscaler_requests_total", model="other", tenant="none", code="500") == 1
+    assert sample(sidecar, "tokenscaler_requests_total", model="other", tenant="none", code="504") == 1
+    assert sample(down, "tokenscaler_requests_total", model="other", tenant="none", code="503") == 1
 
 
 async def test_upstream_breaking_mid_stream_breaks_the_client_stream(
