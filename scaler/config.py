@@ -55,7 +55,14 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_DEBUG_TOKEN",
         c.text,
         None,
-        "bearer token required for /debug/* (unset: open)",
+        "bearer token required for /debug/* (unset: /debug/* answers 403 unless --debug-open)",
+    ),
+    "debug_open": c.Option(
+        "--debug-open",
+        "TOKEN_SCALER_DEBUG_OPEN",
+        c.boolean,
+        False,
+        "true: serve /debug/* (workload and tenant names, their rates) without a token",
     ),
     "cross_namespace": c.Option(
         "--allow-cross-namespace",
@@ -114,6 +121,7 @@ class ScalerConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     debug_token: str | None = None
+    debug_open: bool = False
     cross_namespace: NamespaceAccess | None = None
     stale_after_s: float = 10.0
     liveness_s: float = 5.0

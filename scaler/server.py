@@ -100,7 +100,9 @@ class ScalerServer:
             raise OSError(f"cannot bind gRPC to {address}")
         await self.server.start()
 
-        app = make_app(self.registry, debug_token=cfg.debug_token, ready=self.ready)
+        app = make_app(
+            self.registry, debug_token=cfg.debug_token, ready=self.ready, debug_open=cfg.debug_open
+        )
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.host, cfg.http_port)

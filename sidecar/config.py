@@ -158,6 +158,21 @@ OPTIONS: dict[str, c.Option[Any]] = {
         16 << 20,
         "request bodies above this get 413 (README: memory against body size)",
     ),
+    "header_timeout_s": c.Option(
+        "--header-timeout",
+        "TOKEN_SCALER_HEADER_TIMEOUT",
+        c.positive_float,
+        30.0,
+        "seconds a client connection gets to send a complete request head (after it opens, or after "
+        "the previous response); idle connections close after it too",
+    ),
+    "body_timeout_s": c.Option(
+        "--body-timeout",
+        "TOKEN_SCALER_BODY_TIMEOUT",
+        c.positive_float,
+        60.0,
+        "seconds a counted request's body may take to arrive before 408",
+    ),
     "connect_timeout_s": c.Option(
         "--connect-timeout",
         "TOKEN_SCALER_CONNECT_TIMEOUT",
@@ -266,6 +281,8 @@ class SidecarConfig:
     buffer_records: int = 900
     retention_s: int = DEFAULT_RETENTION_S
     max_body_bytes: int = 16 << 20
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     shutdown_delay_s: float = 5.0

@@ -140,6 +140,7 @@ class Proxy:
         read_timeout_s: float = 600.0,
         policy: PolicyEngine | None = None,
         models: Sequence[str] | None = None,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.policy = policy
@@ -154,6 +155,7 @@ class Proxy:
         self.models = ModelLabels(max_models, models)
         self.max_body_bytes = max_body_bytes
         self.abandoned = Abandoned()
+        self.body_timeout_s = body_timeout_s
         self._large = asyncio.Semaphore(1)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -189,7 +191,13 @@ class Proxy:
         request[_TARGET] = target.forward
         if target.kind is None:
             return await self._passthrough(request)
-        body = await self._read_body(request)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await self._read_body(request)
+        except TimeoutError:
+            self.metrics.rejected.labels("408").inc()
+            message = f"the request body did not arrive within {self.body_timeout_s:g} s"
+            return error_response(408, message, "invalid_request_error", "request_timeout")
         if body is None:
             return self._too_large()
         parsed = await self._off_loop(len(body), request_rules.check, target.kind, body)

@@ -73,6 +73,7 @@ class Sidecar:
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
             models=config.models,
+            body_timeout_s=config.body_timeout_s,
         )
         self._policy_redis: Channel | None = None
         if config.policy is not None:
@@ -156,6 +157,9 @@ class Sidecar:
             self._proxy_app(),
             access_log=None,
             handler_cancellation=True,  # a client that leaves cancels its upstream request
+            # aiohttp closes a connection whose request head is not complete this long after it
+            # opened (or after the previous response): the header timeout, and the idle one.
+            keepalive_timeout=self.config.header_timeout_s,
             shutdown_timeout=self.config.drain_timeout_s,
         )
         await self._proxy_runner.setup()

@@ -385,3 +385,21 @@ async def test_thousands_of_mixed_requests_count_exactly(
     first = sidecar.flusher.first_seq
     assert [r.seq for r in records] == list(range(first, first + len(records)))
     assert all(c.as_list()[5:] == [0, 0, 0, 0] for c in records[-1].models.values())
+
+
+async def test_slow_heads_and_bodies_are_cut_off(start_sidecar: StartSidecar, upstream: FakeUpstream) -> None:
+    sidecar = await start_sidecar(header_timeout_s=0.5, body_timeout_s=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
+    await writer.drain()
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed by the sidecar
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    async with asyncio.timeout(5):
+        answer = await reader.read(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+    writer.close()
+    assert upstream.requests == []
