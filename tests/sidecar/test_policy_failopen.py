@@ -97,3 +97,35 @@ async def test_fail_open_refuses_a_request_larger_than_the_budget_and_bounds_the
         assert used(restarted.url, "default/x", "acme") == served  # reconciled
     finally:
         restarted.stop()
+
+
+async def test_a_stall_during_an_admission_is_not_taken_for_redis_failing(
+    start_sidecar: StartSidecar, policy_file: Path, workload: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_policy(
+        policy_file,
+        {
+            "scope": workload.split("/")[0],
+            "redisTimeoutMs": 100,
+            "reservationChunks": {"seconds": 0},
+            "defaults": {"budget": {"daily": 100_000}, "failMode": "open"},
+        },
+    )
+    sidecar = await start_sidecar(policy=policy_file)
+    engine = sidecar.policy
+    assert engine is not None
+    ask = engine._ask
+
+    async def held_while_asking(*args: object, **kwargs: object) -> object:
+        # The loop is held 400 ms (a large body parsed on it, say) once the admission's 100 ms
+        # deadline is running: the deadline passes while nothing else could run.
+        time.sleep(0.4)  # noqa: ASYNC251 - the stall is the point
+        return await ask(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_ask", held_while_asking)
+    async with sdk(sidecar, "acme") as client:
+        await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10)
+    assert sample(sidecar, "tokenscaler_policy_admissions_total", path="redis") == 1
+    assert sample(sidecar, "tokenscaler_policy_admissions_total", path="without_redis") == 0
+    assert sample(sidecar, "tokenscaler_policy_redis_errors_total", op="admit") == 0
+    assert not engine._down
