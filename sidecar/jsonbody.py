@@ -47,6 +47,8 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
 )
 _STRING: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _WS = re.compile(r"[ \t\n\r]*")
+_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+_NEXT = re.compile(r"[ \t\n\r]*([,}])[ \t\n\r]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,37 +76,33 @@ def decode(text: str) -> tuple[dict[str, Any], Layout]:
     if not text.startswith("{", at):
         json.loads(text, parse_constant=_not_json)  # says why when it is not JSON at all
         raise NotAnObject("the request body must be a JSON object")
-    at = opening = at + 1
+    opening = at + 1
     doc: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
-    at = _skip(text, at)
-    if text.startswith("}", at):
-        at += 1
-    else:
-        while True:
-            if not text.startswith('"', at):
-                raise ValueError(f"expected a key in double quotes at character {at}")
-            key, at = _STRING(text, at + 1)
-            at = _skip(text, at)
-            if not text.startswith(":", at):
-                raise ValueError(f"expected ':' at character {at}")
-            at = _skip(text, at + 1)
-            try:
-                value, end = _SCAN(text, at)
-            except StopIteration:
-                raise ValueError(f"expected a value at character {at}") from None
-            if key in doc:
-                raise Duplicate(key)
-            doc[key], spans[key] = value, (at, end)
-            at = _skip(text, end)
-            if text.startswith(",", at):
-                at = _skip(text, at + 1)
-                continue
-            if text.startswith("}", at):
-                at += 1
-                break
-            raise ValueError(f"expected ',' or '}}' at character {at}")
-    if _skip(text, at) != len(text):
+    at = _skip(text, opening)
+    closed = text.startswith("}", at)
+    if closed:
+        at = _skip(text, at + 1)
+    while not closed:
+        if not text.startswith('"', at):
+            raise ValueError(f"expected a key in double quotes at character {at}")
+        key, at = _STRING(text, at + 1)
+        colon = _COLON.match(text, at)
+        if colon is None:
+            raise ValueError(f"expected ':' at character {at}")
+        at = colon.end()
+        try:
+            value, end = _SCAN(text, at)
+        except StopIteration:
+            raise ValueError(f"expected a value at character {at}") from None
+        if key in doc:
+            raise Duplicate(key)
+        doc[key], spans[key] = value, (at, end)
+        after = _NEXT.match(text, end)
+        if after is None:
+            raise ValueError(f"expected ',' or '}}' at character {end}")
+        at, closed = after.end(), after.group(1) == "}"
+    if at != len(text):
         raise ValueError(f"extra data after the object at character {at}")
     return doc, Layout(opening, spans)
 

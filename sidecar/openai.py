@@ -129,8 +129,11 @@ def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
     return parse_document(kind, doc)
 
 
-def parse_document(kind: Kind, doc: dict[str, Any]) -> ParsedRequest:
-    """What the meter needs from a decoded request (``request_rules`` checked its types)."""
+def parse_document(
+    kind: Kind, doc: dict[str, Any], layout: Layout | None = None, limit: int | bool | None = False
+) -> ParsedRequest:
+    """What the meter needs from a decoded request (``request_rules`` checked its types);
+    ``limit``: the generation limit it found, unless False."""
     model = doc.get("model")
     stream = doc.get("stream") is True and kind is not Kind.EMBEDDINGS
     options = doc.get("stream_options")
@@ -154,6 +157,8 @@ def parse_document(kind: Kind, doc: dict[str, Any]) -> ParsedRequest:
         if isinstance(instructions, str):
             texts.append(instructions)
         max_tokens = _positive_int(doc.get("max_output_tokens"))
+    if limit is not False and kind is not Kind.EMBEDDINGS:
+        max_tokens = int(limit) if limit is not None else None
     return ParsedRequest(
         kind=kind,
         model=model if isinstance(model, str) and model else None,
@@ -164,6 +169,7 @@ def parse_document(kind: Kind, doc: dict[str, Any]) -> ParsedRequest:
         prompt_texts=tuple(texts),
         prompt_ids=ids,
         messages=messages,
+        layout=layout,
     )
 
 

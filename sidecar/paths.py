@@ -19,6 +19,7 @@ The endpoints are counted under ``/v1`` and without it (llama.cpp's server serve
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
@@ -50,6 +51,8 @@ UNCOUNTED = frozenset(
 )
 
 _PCHAR = b"!$&'()*+,;=:@-._~"  # unreserved and sub-delims: kept as they are in a segment
+# What normalisation could change: an escape, an empty or dot segment, a backslash, a trailing /.
+_UNUSUAL = re.compile(r"%|//|/\.|\\|./$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,10 @@ def _key(segments: list[bytes]) -> str:
 
 def route(method: str, raw_target: str) -> Target:
     raw_path, mark, query = raw_target.partition("?")
+    if raw_path.startswith("/") and not _UNUSUAL.search(raw_path):  # already normal: most requests
+        kind = ENDPOINTS.get(raw_path) if method == "POST" else None
+        if not (method == "POST" and raw_path in UNCOUNTED):
+            return Target(raw_path, raw_target, kind)
     if not raw_path.startswith("/"):
         return Target(raw_path, raw_target, None, "the request target must be a path starting with '/'")
     raw = raw_path.encode("utf-8", "surrogateescape")

@@ -22,7 +22,6 @@ the client sent it unless a policy rewrites it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +135,4 @@ def check(kind: Kind, body: bytes) -> ParsedRequest | Refusal:
     limit, refusal = _fields(kind, doc)
     if refusal is not None:
         return refusal
-    parsed = openai.parse_document(kind, doc)
-    if kind is Kind.EMBEDDINGS:
-        limit = parsed.max_tokens
-    return dataclasses.replace(parsed, max_tokens=limit, layout=layout)
+    return openai.parse_document(kind, doc, layout, limit)

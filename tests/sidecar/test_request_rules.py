@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from sidecar import openai, paths, request_rules
+from sidecar import jsonbody, openai, paths, request_rules
 from sidecar.openai import Kind, ParsedRequest
 from sidecar.request_rules import Refusal
 from tests.sidecar.test_sidecar_openai import JSON
@@ -74,3 +75,17 @@ def test_paths_are_routed_and_forwarded_normalised() -> None:
     assert paths.route("POST", "http://x/v1/completions").refusal is not None
     kept = paths.route("PUT", "/echo/a%2Fb/?x=1")
     assert (kept.kind, kept.forward, kept.refusal) == (None, "/echo/a%2Fb/?x=1", None)
+
+
+@given(st.dictionaries(st.text(max_size=5), JSON, max_size=5), st.sampled_from([None, 1, 2]))
+def test_the_top_level_layout_matches_the_standard_parse(doc: dict[str, object], indent: int | None) -> None:
+    try:
+        text = json.dumps(doc, indent=indent, allow_nan=False)
+    except ValueError:
+        assume(False)  # Infinity is not JSON: refused by design
+    decoded, layout = jsonbody.decode(text)
+    assert decoded == json.loads(text)
+    for key, (start, end) in layout.spans.items():
+        assert json.loads(text[start:end]) == doc[key]
+    edited = jsonbody.edited(text.encode(), layout, {"max_tokens": 3, "model": "x"})
+    assert json.loads(edited) == {**doc, "max_tokens": 3, "model": "x"}
