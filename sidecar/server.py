@@ -115,6 +115,7 @@ class Sidecar:
         self.announcer: Announcer | None = None
         self._announce_task: asyncio.Task[None] | None = None
         self._pin_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -215,14 +216,17 @@ class Sidecar:
     async def _pin_models(self) -> None:
         """The models the workload's ScaledObjects count stay labels (token_scaler/model_keys.py)."""
         key = model_keys.models_key(self.config.workload)
-        while True:
+        while not self._stopping.is_set():
             try:
                 raw = await asyncio.wait_for(self.redis.get(key), SEED_TIMEOUT_S)
             except (TimeoutError, RedisError, OSError):
                 pass
             else:
                 self.proxy.models.pin(model_keys.decode(raw))
-            await asyncio.sleep(PIN_INTERVAL_S)
+            # Stopped by the event, not cancelled: a command cancelled mid-reply could leave the
+            # connection pool the flusher still uses in a state its close waits on.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PIN_INTERVAL_S)
 
     async def stop(self) -> None:
         self.ready = False
@@ -231,6 +235,9 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
+        self._stopping.set()
+        if self._pin_task is not None:
+            await asyncio.wait({self._pin_task}, timeout=SEED_TIMEOUT_S + 1)
         for task in (
             self._flush_task,
             self._policy_task,
