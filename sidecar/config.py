@@ -57,13 +57,6 @@ def model_metrics_url(raw: str) -> str:
     return c.http_url(choice)
 
 
-def model_list(raw: str) -> tuple[str, ...]:
-    models = tuple(m.strip() for m in raw.split(",") if m.strip())
-    if not models:
-        raise ValueError("expected one or more model names, separated by commas")
-    return models
-
-
 OPTIONS: dict[str, c.Option[Any]] = {
     "workload": c.Option(
         "--workload",
@@ -108,13 +101,6 @@ OPTIONS: dict[str, c.Option[Any]] = {
         c.positive_int,
         32,
         "distinct models kept as labels; later ones count as 'other'",
-    ),
-    "models": c.Option(
-        "--models",
-        "TOKEN_SCALER_MODELS",
-        model_list,
-        None,
-        "the model names kept as labels, separated by commas (unset: the first answered, up to --max-models)",
     ),
     "tokenizer": c.Option(
         "--tokenizer",
@@ -243,7 +229,8 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_MODELS",
         model_list,
         None,
-        "comma-separated models announced to gateways (default: the upstream's /v1/models)",
+        "comma-separated models this workload serves: announced to gateways, and the only model names "
+        "kept as labels (default: the upstream's /v1/models announced; labels: the first answered)",
     ),
     "capacity_tokens": c.Option(
         "--capacity-tokens",
@@ -274,7 +261,6 @@ class SidecarConfig:
     tenant_header: str = "X-Tenant-ID"
     max_tenants: int = 100
     max_models: int = 32
-    models: tuple[str, ...] | None = None
     tokenizer: Path | None = None
     default_generation_tokens: int = 256
     flush_interval_s: float = 1.0

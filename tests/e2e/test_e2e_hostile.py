@@ -103,7 +103,8 @@ async def guarded(
 
 def dechunked(answer: bytes) -> bytes:
     """A chunked transfer-encoded body, joined (raw_post reads the bytes as they came)."""
-    out, at = [], 0
+    out: list[bytes] = []
+    at = 0
     while True:
         line_end = answer.index(b"\r\n", at)
         size = int(answer[at:line_end].split(b";")[0], 16)
