@@ -72,6 +72,8 @@ class Scaler:
                 str(self.http_port),
                 "--redis-url",
                 redis_url,
+                "--debug-open",
+                "true",
                 *(() if capture else ("--log-level", "WARNING")),
                 *extra,
             ],

@@ -29,7 +29,7 @@ from gateway.demand import DemandWriter, HeldDemand
 from gateway.metrics import GatewayMetrics
 from gateway.queue import HoldQueue, QueueFull, Waiter
 from gateway.router import Replica, Router
-from sidecar import openai
+from sidecar import openai, paths
 from sidecar.openai import Kind
 from sidecar.proxy import forward_headers
 from sidecar.tokens import LengthEstimate, prompt_tokens
@@ -225,7 +225,8 @@ class GatewayProxy:
             return self._refuse(self._too_large())
         if request.method == "GET" and request.path == "/v1/models":
             return self._models()
-        kind = openai.ENDPOINTS.get(request.path) if request.method == "POST" else None
+        # Classified as the sidecar will (its normalised path), which refuses what it cannot count.
+        kind = paths.route(request.method, request.raw_path).kind
         body = await self._read_body(request)
         if body is None:
             return self._refuse(self._too_large())

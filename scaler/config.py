@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scaler.namespaces import NamespaceAccess, parse_access
 from token_scaler import config as c
 from token_scaler import pricing
 from token_scaler.errors import ConfigError
@@ -54,7 +55,22 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_DEBUG_TOKEN",
         c.text,
         None,
-        "bearer token required for /debug/* (unset: open)",
+        "bearer token required for /debug/* (unset: /debug/* answers 403 unless --debug-open)",
+    ),
+    "debug_open": c.Option(
+        "--debug-open",
+        "TOKEN_SCALER_DEBUG_OPEN",
+        c.boolean,
+        False,
+        "true: serve /debug/* (workload and tenant names, their rates) without a token",
+    ),
+    "cross_namespace": c.Option(
+        "--allow-cross-namespace",
+        "TOKEN_SCALER_ALLOW_CROSS_NAMESPACE",
+        parse_access,
+        None,
+        "ScaledObjects that may read workloads of other namespaces: '*', or rules "
+        "'<ScaledObject namespace>:<workload namespace>' separated by commas (unset: own namespace only)",
     ),
     "stale_after_s": c.Option(
         "--stale-after",
@@ -120,6 +136,8 @@ class ScalerConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     debug_token: str | None = None
+    debug_open: bool = False
+    cross_namespace: NamespaceAccess | None = None
     stale_after_s: float = 10.0
     liveness_s: float = 5.0
     forget_after_s: float = 600.0

@@ -12,12 +12,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from scaler.registry import Registry
 
 
-def make_app(registry: Registry, *, debug_token: str | None, ready: dict[str, bool]) -> web.Application:
-    def authorized(request: web.Request) -> bool:
+def make_app(
+    registry: Registry, *, debug_token: str | None, ready: dict[str, bool], debug_open: bool = False
+) -> web.Application:
+    def refused(request: web.Request) -> web.Response | None:
+        """Why /debug/* is not shown: it names workloads and tenants, so a token or an explicit
+        --debug-open is required."""
         if not debug_token:
-            return True
+            if debug_open:
+                return None
+            return dump({"error": "the debug page needs the scaler's --debug-token (or --debug-open)"}, 403)
         given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {debug_token}".encode())
+        if hmac.compare_digest(given.encode(), f"Bearer {debug_token}".encode()):
+            return None
+        return dump({"error": "missing or wrong bearer token"}, 401)
 
     def dump(body: Any, status: int = 200) -> web.Response:
         return web.Response(
@@ -25,14 +33,14 @@ def make_app(registry: Registry, *, debug_token: str | None, ready: dict[str, bo
         )
 
     async def scalers(request: web.Request) -> web.Response:
-        if not authorized(request):
-            return dump({"error": "missing or wrong bearer token"}, 401)
+        if (refusal := refused(request)) is not None:
+            return refusal
         objects = [registry.describe(s) for _, s in sorted(registry.objects.items())]
         return dump({"redisTimeMs": registry.reader.now_ms(), "scaledObjects": objects})
 
     async def one(request: web.Request) -> web.Response:
-        if not authorized(request):
-            return dump({"error": "missing or wrong bearer token"}, 401)
+        if (refusal := refused(request)) is not None:
+            return refusal
         key = (request.match_info["namespace"], request.match_info["name"])
         state = registry.objects.get(key)
         if state is None:

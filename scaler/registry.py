@@ -21,10 +21,12 @@ from scaler.cost import describe_cost, series_cost
 from scaler.forecast import Forecast
 from scaler.metadata import ScalerSettings, parse
 from scaler.metrics import ScalerMetrics
+from scaler.namespaces import OWN_NAMESPACE, NamespaceAccess
 from scaler.predictive import Predictor, combine
 from scaler.pressure import apply_floor, pressure
 from scaler.reader import StreamReader
 from scaler.window import Evaluation, evaluate
+from token_scaler.errors import MetadataError
 from token_scaler.pricing import PriceTable
 from token_scaler.saturation import DEMAND, MAX_REPLICAS, Saturation
 
@@ -54,8 +56,10 @@ class Registry:
         metrics: ScalerMetrics,
         prices: PriceTable | None = None,
         predictor: Predictor | None = None,
+        access: NamespaceAccess = OWN_NAMESPACE,
     ) -> None:
         self.reader = reader
+        self.access = access
         self.metrics = metrics
         self.prices = prices
         self.predictor = predictor
@@ -75,6 +79,8 @@ class Registry:
         settings = self._parsed.get(key)
         if settings is None:
             settings = parse(metadata, namespace, name)
+            if not self.access.allows(namespace, settings.workload):
+                raise MetadataError("workload", settings.workload, self.access.refusal(namespace))
             if len(self._parsed) > 10_000:
                 self._parsed.clear()
             self._parsed[key] = settings
@@ -126,10 +132,15 @@ class Registry:
         one each second would cost the RPCs their latency). A workload is saturated when the
         replicas its demand asks for reach ``maxReplicas``, or when tokens arrive faster than they are served
         (> 1.1x over the stable window: the replicas serve all they can and a queue grows).
-        Several ScaledObjects of one workload (one per model, say): saturated if any is.
+        Several ScaledObjects of one workload (one per model, say): saturated if any is. Only
+        ScaledObjects of the workload's own namespace decide it (namespaces.py).
         """
         out: dict[str, Saturation] = {}
-        watched = [state for state in self.objects.values() if state.settings.max_replicas > 0]
+        watched = [
+            state
+            for state in self.objects.values()
+            if state.settings.max_replicas > 0 and state.settings.workload.split("/", 1)[0] == state.namespace
+        ]
         for i, state in enumerate(watched):
             if i % 20 == 19:
                 await asyncio.sleep(0)  # let RPCs in between: a thousand evaluations take ~0.1 s
@@ -139,6 +150,15 @@ class Registry:
             current = out.get(state.settings.workload)
             if current is None or (signal.saturated and not current.saturated):
                 out[state.settings.workload] = signal
+        return out
+
+    def counted_models(self) -> dict[str, set[str]]:
+        """Per workload, the ``model`` keys of the ScaledObjects of its own namespace."""
+        out: dict[str, set[str]] = {}
+        for state in self.objects.values():
+            settings = state.settings
+            if settings.model is not None and settings.workload.split("/", 1)[0] == state.namespace:
+                out.setdefault(settings.workload, set()).add(settings.model)
         return out
 
     def forget_idle(self, idle_s: float) -> list[tuple[str, str]]:

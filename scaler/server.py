@@ -30,10 +30,12 @@ from scaler.cost import CostCollector
 from scaler.debug import make_app
 from scaler.history import HistoryStore
 from scaler.metrics import ScalerMetrics
+from scaler.namespaces import OWN_NAMESPACE
 from scaler.predictive import Predictor
 from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
+from token_scaler import model_keys
 from token_scaler.redis_conn import connect
 from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
 from token_scaler.saturation import saturation_key
@@ -65,7 +67,13 @@ class ScalerServer:
             ceiling=IngestCeiling(cfg.sidecar_ceiling_multiple, cfg.max_sidecar_tokens_per_second),
         )
         self.history = HistoryStore(self.redis)
-        self.registry = Registry(self.reader, self.metrics, cfg.prices, Predictor(self.history))
+        self.registry = Registry(
+            self.reader,
+            self.metrics,
+            cfg.prices,
+            Predictor(self.history),
+            cfg.cross_namespace or OWN_NAMESPACE,
+        )
         if cfg.prices is not None:
             self.metrics.registry.register(CostCollector(self.reader, cfg.prices))
         self.health = health.aio.HealthServicer()
@@ -97,7 +105,9 @@ class ScalerServer:
             raise OSError(f"cannot bind gRPC to {address}")
         await self.server.start()
 
-        app = make_app(self.registry, debug_token=cfg.debug_token, ready=self.ready)
+        app = make_app(
+            self.registry, debug_token=cfg.debug_token, ready=self.ready, debug_open=cfg.debug_open
+        )
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.host, cfg.http_port)
@@ -142,8 +152,9 @@ class ScalerServer:
 
     async def _publish_saturation(self) -> None:
         """Once a second, the saturation signal of each workload for its sidecars
-        (token_scaler/saturation.py). Every scaler replica writes the same value; while the
-        data is stale nothing is written, and the key's TTL turns the signal off."""
+        (token_scaler/saturation.py), and the models its ScaledObjects count
+        (token_scaler/model_keys.py). Every scaler replica writes the same values; while the
+        data is stale nothing is written, and the keys' TTL turns the signal off."""
         while not self.shutdown.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.shutdown.wait(), 1.0)
@@ -154,6 +165,8 @@ class ScalerServer:
                 pipe = self.redis.pipeline(transaction=False)
                 for workload, signal in signals.items():
                     pipe.set(saturation_key(workload), signal.encode(), px=SATURATION_TTL_MS)
+                for workload, models in self.registry.counted_models().items():
+                    pipe.set(model_keys.models_key(workload), model_keys.encode(models), px=model_keys.TTL_MS)
                 await pipe.execute()
             except (RedisError, RedisUnavailable, OSError) as exc:
                 self.metrics.redis_errors.labels("saturation").inc()

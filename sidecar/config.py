@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.labels import MAX_PINNED
 from token_scaler import config as c
 from token_scaler.errors import ConfigError
 from token_scaler.record import DEFAULT_RETENTION_S, MAX_MODELS_PER_ENTRY, MAX_TENANTS_PER_ENTRY
@@ -31,6 +32,16 @@ def log_level(raw: str) -> str:
     return level
 
 
+def model_list(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    if not names:
+        raise ValueError("expected model names separated by commas")
+    for name in names:
+        if len(name) > 128 or not name.isprintable() or name == "other":
+            raise ValueError(f"{name!r}: expected a printable name of at most 128 characters, not 'other'")
+    return names
+
+
 def event_loop(raw: str) -> str:
     choice = raw.strip().lower()
     if choice not in ("auto", "uvloop", "asyncio"):
@@ -44,13 +55,6 @@ def model_metrics_url(raw: str) -> str:
     if choice.lower() in ("auto", "off"):
         return choice.lower()
     return c.http_url(choice)
-
-
-def model_list(raw: str) -> tuple[str, ...]:
-    models = tuple(m.strip() for m in raw.split(",") if m.strip())
-    if not models:
-        raise ValueError("expected one or more model names, separated by commas")
-    return models
 
 
 OPTIONS: dict[str, c.Option[Any]] = {
@@ -137,8 +141,23 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "--max-body-bytes",
         "TOKEN_SCALER_MAX_BODY_BYTES",
         c.positive_int,
-        64 << 20,
-        "request bodies above this get 413",
+        16 << 20,
+        "request bodies above this get 413 (README: memory against body size)",
+    ),
+    "header_timeout_s": c.Option(
+        "--header-timeout",
+        "TOKEN_SCALER_HEADER_TIMEOUT",
+        c.positive_float,
+        30.0,
+        "seconds a client connection gets to send a complete request head (after it opens, or after "
+        "the previous response); idle connections close after it too",
+    ),
+    "body_timeout_s": c.Option(
+        "--body-timeout",
+        "TOKEN_SCALER_BODY_TIMEOUT",
+        c.positive_float,
+        60.0,
+        "seconds a counted request's body may take to arrive before 408",
     ),
     "connect_timeout_s": c.Option(
         "--connect-timeout",
@@ -210,7 +229,8 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_MODELS",
         model_list,
         None,
-        "comma-separated models announced to gateways (default: the upstream's /v1/models)",
+        "comma-separated models this workload serves: announced to gateways, and the only model names "
+        "kept as labels (default: the upstream's /v1/models announced; labels: the first answered)",
     ),
     "capacity_tokens": c.Option(
         "--capacity-tokens",
@@ -246,7 +266,9 @@ class SidecarConfig:
     flush_interval_s: float = 1.0
     buffer_records: int = 900
     retention_s: int = DEFAULT_RETENTION_S
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 16 << 20
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     shutdown_delay_s: float = 5.0
@@ -276,6 +298,8 @@ class SidecarConfig:
             raise ConfigError(f"TOKEN_SCALER_MAX_MODELS must be below {MAX_MODELS_PER_ENTRY}")
         if self.max_tenants >= MAX_TENANTS_PER_ENTRY:
             raise ConfigError(f"TOKEN_SCALER_MAX_TENANTS must be below {MAX_TENANTS_PER_ENTRY}")
+        if self.models is not None and len(self.models) >= MAX_MODELS_PER_ENTRY - MAX_PINNED:
+            raise ConfigError(f"TOKEN_SCALER_MODELS: at most {MAX_MODELS_PER_ENTRY - MAX_PINNED - 1} names")
 
     @classmethod
     def load(

@@ -178,6 +178,27 @@ class Meter:
             mean = model.mean_generation
             model.mean_generation = per_choice if mean is None else mean + self._alpha * (per_choice - mean)
 
+    def relabel(self, request: Request, model: str) -> None:
+        """Move an open request, and what it counted so far, to another model label."""
+        if request.done or model == request.model:
+            return
+        served = self._tenant(request)
+        served.prompt -= request.sp
+        served.generation -= request.sg
+        for counts, sign in ((self._models[request.model].counts, -1), (self._model(model).counts, 1)):
+            counts.arrived_prompt += sign * request.ap
+            counts.arrived_generation += sign * request.ag
+            counts.served_prompt += sign * request.sp
+            counts.served_generation += sign * request.sg
+            counts.backlog_prompt += sign * request.bp
+            counts.backlog_generation += sign * request.bg
+            counts.inflight += sign
+            counts.waiting += sign * request.waiting
+        request.model = model
+        served = self._tenant(request)
+        served.prompt += request.sp
+        served.generation += request.sg
+
     def abort(self, request: Request) -> None:
         """A failure or a disconnect: what was served by then is what counts."""
         self.finish(request, request.sp, request.sg, complete=False)

@@ -14,6 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar import jsonbody
+from sidecar.jsonbody import Layout
+
 
 class Kind(enum.Enum):
     CHAT = "chat"
@@ -21,13 +24,6 @@ class Kind(enum.Enum):
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"
 
-
-ENDPOINTS: dict[str, Kind] = {
-    "/v1/chat/completions": Kind.CHAT,
-    "/v1/completions": Kind.COMPLETIONS,
-    "/v1/embeddings": Kind.EMBEDDINGS,
-    "/v1/responses": Kind.RESPONSES,
-}
 
 # Streaming kinds whose usage must be asked for with ``stream_options.include_usage``;
 # the Responses API always reports usage in its ``response.completed`` event.
@@ -54,6 +50,7 @@ class ParsedRequest:
     prompt_texts: tuple[str, ...]  # text the prompt is made of, for estimates
     prompt_ids: int  # token ids given directly (completions / embeddings)
     messages: int  # chat messages or Responses input items
+    layout: Layout | None = None  # where the body's top-level values lie (request_rules.check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +127,14 @@ def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
     doc = _loads(body)
     if not isinstance(doc, dict):
         return None
+    return parse_document(kind, doc)
+
+
+def parse_document(
+    kind: Kind, doc: dict[str, Any], layout: Layout | None = None, limit: int | bool | None = False
+) -> ParsedRequest:
+    """What the meter needs from a decoded request (``request_rules`` checked its types);
+    ``limit``: the generation limit it found, unless False."""
     model = doc.get("model")
     stream = doc.get("stream") is True and kind is not Kind.EMBEDDINGS
     options = doc.get("stream_options")
@@ -153,6 +158,8 @@ def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
         if isinstance(instructions, str):
             texts.append(instructions)
         max_tokens = _positive_int(doc.get("max_output_tokens"))
+    if limit is not False and kind is not Kind.EMBEDDINGS:
+        max_tokens = int(limit) if limit is not None else None
     return ParsedRequest(
         kind=kind,
         model=model if isinstance(model, str) and model else None,
@@ -163,29 +170,35 @@ def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
         prompt_texts=tuple(texts),
         prompt_ids=ids,
         messages=messages,
+        layout=layout,
     )
 
 
-_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
+def _laid_out(body: bytes, layout: Layout | None) -> Layout | None:
+    if layout is not None:
+        return layout
+    try:
+        return jsonbody.decode(body.decode("utf-8"))[1]
+    except (ValueError, RecursionError):
+        return None
 
 
-def with_usage_requested(body: bytes) -> bytes | None:
+def with_usage_requested(body: bytes, layout: Layout | None = None) -> bytes | None:
     """The body with ``stream_options.include_usage`` set, or None when it cannot be done.
 
-    When the body has no ``stream_options`` the option goes in as text right after the
-    opening brace, so the rest of the body reaches the upstream byte for byte.
+    Only ``stream_options`` changes (inserted first when absent): the rest of the body
+    reaches the upstream byte for byte. ``layout``: the body's, when known (no parse then).
     """
-    doc = _loads(body)
-    if not isinstance(doc, dict):
+    layout = _laid_out(body, layout)
+    if layout is None:
         return None
-    options = doc.get("stream_options")
-    if "stream_options" not in doc:
-        brace = body.find(b"{")
-        return body[: brace + 1] + _USAGE_OPTION + body[brace + 1 :]
+    span = layout.spans.get("stream_options")
+    options: object = None
+    if span is not None:
+        options = json.loads(body.decode("utf-8")[span[0] : span[1]])
     if options is not None and not isinstance(options, dict):
         return None  # the server will reject it; do not make it worse
-    doc["stream_options"] = {**(options or {}), "include_usage": True}
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    return jsonbody.edited(body, layout, {"stream_options": {**(options or {}), "include_usage": True}})
 
 
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null(?:\s*,\s*)?')
@@ -338,37 +351,48 @@ def parse_response(kind: Kind, body: bytes) -> Complete | None:
     return Complete(usage_of(kind, doc.get("usage")), tuple(texts), model if isinstance(model, str) else None)
 
 
-def error_body(message: str, type_: str, code: str) -> bytes:
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     """An error in OpenAI's shape, so SDKs raise their usual exception with our message."""
     return json.dumps(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
         separators=(",", ":"),
     ).encode()
 
 
-def _max_tokens_key(kind: Kind, doc: dict[str, Any]) -> str:
-    if kind is Kind.RESPONSES:
-        return "max_output_tokens"
-    if kind is Kind.CHAT and "max_completion_tokens" in doc:
-        return "max_completion_tokens"
-    return "max_tokens"
+# Every field some model server reads as the generation limit (``n_predict``: llama.cpp's);
+# request_rules.py refuses a request whose fields disagree.
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 
 
-def rewritten(kind: Kind, body: bytes, *, max_tokens: int | None = None, model: str | None = None) -> bytes:
-    """The body with ``max_tokens`` (in the field the client used) and ``model`` replaced.
+def limit_field(kind: Kind) -> str:
+    """The field that carries the generation limit when the client set none."""
+    return "max_output_tokens" if kind is Kind.RESPONSES else "max_tokens"
 
-    Chat requests that set both ``max_tokens`` and ``max_completion_tokens`` get both.
+
+def rewritten(
+    kind: Kind,
+    body: bytes,
+    *,
+    max_tokens: int | None = None,
+    model: str | None = None,
+    layout: Layout | None = None,
+) -> bytes:
+    """The body with ``max_tokens`` and ``model`` replaced, every other byte as it was.
+
+    The limit goes into every limit field the client used (``LIMIT_FIELDS``), or into the
+    endpoint's own when it used none, so no server finds another value in a field it prefers.
+    ``layout``: the body's, when known (no parse then).
     """
-    doc = _loads(body)
-    if not isinstance(doc, dict):
+    layout = _laid_out(body, layout)
+    if layout is None:
         return body
+    values: dict[str, Any] = {}
     if max_tokens is not None:
-        doc[_max_tokens_key(kind, doc)] = max_tokens
-        if kind is Kind.CHAT and "max_tokens" in doc and "max_completion_tokens" in doc:
-            doc["max_tokens"] = max_tokens
+        used = [key for key in LIMIT_FIELDS if key in layout.spans]
+        values.update(dict.fromkeys(used or [limit_field(kind)], max_tokens))
     if model is not None:
-        doc["model"] = model
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        values["model"] = model
+    return jsonbody.edited(body, layout, values)
 
 
 def stop_event(kind: Kind, mode: str, message: str) -> bytes:

@@ -8,8 +8,9 @@ Three paths:
   final ``usage`` settles the request. When the client did not ask for usage the sidecar
   asks the upstream for it and removes it again, so the client's bytes are unchanged.
 
-A request body that is not what the endpoint expects is forwarded unchanged and not
-counted: the model server gives its own answer.
+The path is normalised before it is routed on and forwarded in that form (paths.py); a
+counted request whose body two parsers could read differently is refused with 400
+(request_rules.py), so the model server generates by the values the sidecar metered.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar import openai
+from sidecar import openai, paths, request_rules
+from sidecar.abandon import Abandoned
+from sidecar.labels import OTHER, ModelLabels
 from sidecar.meter import LabelBound, Meter, Request
 from sidecar.metrics import Metrics, Series
 from sidecar.openai import Kind, ParsedRequest, Usage
 from sidecar.policy.engine import Admission, PolicyEngine
+from sidecar.request_rules import Refusal
 from sidecar.sse import Event, SSEParser
 from sidecar.tokens import TokenCounter, count_texts, prompt_tokens
 from sidecar.usage_bounds import RequestFacts, UsageGuard, request_facts, text_bytes
@@ -51,7 +57,13 @@ HOP_BY_HOP = frozenset(
 )
 # aiohttp's client adds these unless told not to; a transparent proxy adds nothing.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-CLIENT_GONE = "499"  # nginx's code for a client that closed the connection first
+_T = TypeVar("_T")
+# Bodies this large are parsed in a worker thread (the loop serves meanwhile), one at a time.
+LARGE_BODY_BYTES = 256 << 10
+CLIENT_GONE = "499"
+_TARGET = web.RequestKey(
+    "tokenscaler.target", str
+)  # the normalised path and query (paths.route)  # nginx's code for a client that closed the connection first
 
 
 def forward_headers(
@@ -87,6 +99,7 @@ class _Exchange:
     inject: bool  # the sidecar asked for usage: remove it from what the client sees
     started: float
     series: Series
+    name: str  # the model asked for (``series`` has its label)
     code: str = "502"
     failed: bool = False
     usage: Usage | None = None
@@ -101,6 +114,7 @@ class _Exchange:
     cut: bool = False
     facts: RequestFacts | None = None  # what bounds the usage (sidecar/usage_bounds.py)
     seen_bytes: int = 0  # bytes of generated text that passed (see usage_bounds)
+    reserved: int | None = None  # generated tokens charged if a non-streamed client leaves (abandon.py)
 
 
 def _abort_client(request: web.Request) -> None:
@@ -124,10 +138,12 @@ class Proxy:
         tenant_header: str = "X-Tenant-ID",
         max_tenants: int = 100,
         max_models: int = 32,
-        max_body_bytes: int = 64 << 20,
+        max_body_bytes: int = 16 << 20,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 600.0,
         policy: PolicyEngine | None = None,
+        models: Sequence[str] | None = None,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.policy = policy
@@ -140,8 +156,11 @@ class Proxy:
         self.guard = UsageGuard(metrics.usage_implausible)
         self.tenant_header = tenant_header
         self.tenants = LabelBound(max_tenants)
-        self.models = LabelBound(max_models)
+        self.models = ModelLabels(max_models, models)
         self.max_body_bytes = max_body_bytes
+        self.abandoned = Abandoned()
+        self.body_timeout_s = body_timeout_s
+        self._large = asyncio.Semaphore(1)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         # Keep generated text only when a tokenizer can make something of it.
@@ -170,16 +189,29 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             return self._too_large()
-        kind = openai.ENDPOINTS.get(request.path) if request.method == "POST" else None
-        if kind is None:
+        target = paths.route(request.method, request.raw_path)
+        if target.refusal is not None:
+            return self._bad_request(Refusal(None, target.refusal, "invalid_path"))
+        request[_TARGET] = target.forward
+        if target.kind is None:
             return await self._passthrough(request)
-        body = await self._read_body(request)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await self._read_body(request)
+        except TimeoutError:
+            self.metrics.rejected.labels("408").inc()
+            message = f"the request body did not arrive within {self.body_timeout_s:g} s"
+            return error_response(408, message, "invalid_request_error", "request_timeout")
         if body is None:
             return self._too_large()
-        parsed = openai.parse_request(kind, body)
-        if parsed is None:
-            return await self._passthrough(request, body)
+        parsed = await self._off_loop(len(body), request_rules.check, target.kind, body)
+        if isinstance(parsed, Refusal):
+            return self._bad_request(parsed)
         return await self._counted(request, parsed, body)
+
+    def _bad_request(self, refusal: Refusal) -> web.Response:
+        self.metrics.rejected.labels("400").inc()
+        return web.Response(status=400, body=refusal.body(), content_type="application/json")
 
     def _too_large(self) -> web.Response:
         self.metrics.rejected.labels("413").inc()
@@ -200,8 +232,10 @@ class Proxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _url(self, request: web.Request) -> str:
-        return self.upstream + request.raw_path
+    def _url(self, request: web.Request, upstream: str | None = None) -> str:
+        """The upstream URL: the path as routed on (paths.py), not as the client spelled it."""
+        target: str = request.get(_TARGET, request.raw_path)
+        return (upstream or self.upstream) + target
 
     async def _send(
         self, method: str, url: str, headers: CIMultiDict[str], data: object
@@ -280,34 +314,48 @@ class Proxy:
         response.headers.update(rejection.headers)
         return response
 
+    async def _off_loop(self, size: int, work: Callable[..., _T], *args: Any) -> _T:
+        """Work on a body: at once when it is small; a large one in a worker thread, one at a
+        time, so the loop keeps serving meanwhile and parsing holds one large body's objects."""
+        if size < LARGE_BODY_BYTES:
+            return work(*args)
+        async with self._large:
+            return await asyncio.to_thread(work, *args)
+
     async def _counted(self, request: web.Request, parsed: ParsedRequest, body: bytes) -> web.StreamResponse:
-        prompt = prompt_tokens(self.counter, parsed)
+        prompt = await self._off_loop(len(body), prompt_tokens, self.counter, parsed)
+        sent = body
         admission = None
         max_tokens = parsed.max_tokens
         meter = self.meter
         if self.policy is None:
-            model = self.models(parsed.model or "unknown")
+            name = parsed.model or "unknown"
             tenant = self.tenants(request.headers.get(self.tenant_header) or "none")
         else:
             admission = await self.policy.admit(request.headers, parsed, body, prompt)
             if admission.rejection is not None:
                 return self._refused(admission)
             body, max_tokens = admission.body, admission.max_tokens
-            model = self.models(admission.model or "unknown")
+            name = admission.model or "unknown"
             tenant = self.tenants(admission.tenant)
             if admission.upstream is not None:
                 meter = self.elsewhere
+        model = self.models(name)
         inject = False
         if parsed.stream and parsed.kind in openai.USAGE_OPT_IN and not parsed.wants_usage:
-            asked = openai.with_usage_requested(body)
+            layout = parsed.layout if body is sent else None  # a policy's rewrite moved things
+            size = 0 if layout is not None else len(body)
+            asked = await self._off_loop(size, openai.with_usage_requested, body, layout)
             if asked is not None:
                 body, inject = asked, True
         generation = 0
         if parsed.kind is not Kind.EMBEDDINGS:
             generation = meter.generation_estimate(model, max_tokens, parsed.n)
         metered = meter.arrive(model, tenant, prompt, generation, parsed.n)
-        exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant))
+        exchange = _Exchange(parsed.kind, inject, time.monotonic(), self.metrics.series(model, tenant), name)
         exchange.facts = request_facts(parsed, body, max_tokens)
+        if not parsed.stream:
+            exchange.reserved = max_tokens * parsed.n if max_tokens is not None else generation
         if admission is not None:
             exchange.upstream = admission.upstream
             exchange.headers = admission.headers
@@ -336,7 +384,7 @@ class Proxy:
         exchange: _Exchange,
         admission: Admission | None,
     ) -> web.StreamResponse:
-        url = self._url(request) if exchange.upstream is None else exchange.upstream + request.raw_path
+        url = self._url(request, exchange.upstream)
         try:
             # Counting needs the body readable: no compression on counted endpoints.
             headers = forward_headers(request.headers, drop=_REQUEST_DROP | {"accept-encoding"})
@@ -349,9 +397,24 @@ class Proxy:
         async with upstream:
             exchange.code = str(upstream.status)
             exchange.failed = upstream.status >= 400
+            if not exchange.failed and metered.model == OTHER:
+                self._labelled(metered, exchange)
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._stream(request, upstream, metered, exchange, admission)
             return await self._complete(upstream, exchange)
+
+    def _labelled(self, metered: Request, exchange: _Exchange) -> None:
+        """The server answers a model not yet a label: it becomes one, with this request (labels.py)."""
+        label = self.models.confirm(exchange.name)
+        if label == metered.model:
+            return
+        (self.meter if exchange.upstream is None else self.elsewhere).relabel(metered, label)
+        old = exchange.series
+        old.inflight.dec()
+        old.waiting.dec()
+        exchange.series = self.metrics.series(label, metered.tenant)
+        exchange.series.inflight.inc()
+        exchange.series.waiting.inc()
 
     async def _complete(self, upstream: aiohttp.ClientResponse, exchange: _Exchange) -> web.StreamResponse:
         try:
@@ -506,6 +569,15 @@ class Proxy:
         if usage is not None:
             meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
+            if not exchange.failed:
+                self.abandoned.observe(exchange.name, generation, now - exchange.started)
+        elif exchange.code == CLIENT_GONE and exchange.reserved is not None:
+            prompt = metered.prompt_estimate
+            seconds = now - exchange.started
+            generation, method = self.abandoned.generation(exchange.name, seconds, exchange.reserved)
+            meter.finish(metered, prompt, generation, complete=False)
+            self.metrics.estimated_tokens.labels("prompt", model, tenant, self.counter.name).inc(prompt)
+            self.metrics.estimated_tokens.labels("generation", model, tenant, method).inc(generation)
         elif exchange.failed:
             meter.abort(metered)
             prompt, generation = metered.sp, metered.sg

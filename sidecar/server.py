@@ -35,6 +35,7 @@ from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
 from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
+from token_scaler import model_keys
 from token_scaler.errors import ConfigError
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import connect
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 FINAL_FLUSH_TIMEOUT_S = 5.0
 # How long start-up waits in the background for the stream's generation means.
 SEED_TIMEOUT_S = 2.0
+# How often the models ScaledObjects count are read (a new ScaledObject's within this).
+PIN_INTERVAL_S = 5.0
 
 
 class Sidecar:
@@ -69,6 +72,8 @@ class Sidecar:
             max_body_bytes=config.max_body_bytes,
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
+            models=config.models,
+            body_timeout_s=config.body_timeout_s,
         )
         self._policy_redis: Channel | None = None
         if config.policy is not None:
@@ -109,6 +114,8 @@ class Sidecar:
         self._gauges_task: asyncio.Task[None] | None = None
         self.announcer: Announcer | None = None
         self._announce_task: asyncio.Task[None] | None = None
+        self._pin_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.
@@ -151,6 +158,9 @@ class Sidecar:
             self._proxy_app(),
             access_log=None,
             handler_cancellation=True,  # a client that leaves cancels its upstream request
+            # aiohttp closes a connection whose request head is not complete this long after it
+            # opened (or after the previous response): the header timeout, and the idle one.
+            keepalive_timeout=self.config.header_timeout_s,
             shutdown_timeout=self.config.drain_timeout_s,
         )
         await self._proxy_runner.setup()
@@ -162,6 +172,7 @@ class Sidecar:
         self._lag_task = asyncio.create_task(self.loop_lag.run())
         if self.server_gauges is not None:
             self._gauges_task = asyncio.create_task(self.server_gauges.run())
+        self._pin_task = asyncio.create_task(self._pin_models())
         if self.policy is not None:
             self._policy_task = asyncio.create_task(self.policy.run())
         self.ready = True
@@ -202,6 +213,21 @@ class Sidecar:
         if means:
             log.info("generation estimates from the stream: %s", {m: round(v, 1) for m, v in means.items()})
 
+    async def _pin_models(self) -> None:
+        """The models the workload's ScaledObjects count stay labels (token_scaler/model_keys.py)."""
+        key = model_keys.models_key(self.config.workload)
+        while not self._stopping.is_set():
+            try:
+                raw = await asyncio.wait_for(self.redis.get(key), SEED_TIMEOUT_S)
+            except (TimeoutError, RedisError, OSError):
+                pass
+            else:
+                self.proxy.models.pin(model_keys.decode(raw))
+            # Stopped by the event, not cancelled: a command cancelled mid-reply could leave the
+            # connection pool the flusher still uses in a state its close waits on.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PIN_INTERVAL_S)
+
     async def stop(self) -> None:
         self.ready = False
         if self.announcer is not None:  # gateways stop sending new requests at once
@@ -209,6 +235,9 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown_delay_s)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
+        self._stopping.set()
+        if self._pin_task is not None:
+            await asyncio.wait({self._pin_task}, timeout=SEED_TIMEOUT_S + 1)
         for task in (
             self._flush_task,
             self._policy_task,
@@ -216,6 +245,7 @@ class Sidecar:
             self._lag_task,
             self._gauges_task,
             self._announce_task,
+            self._pin_task,
         ):
             if task is not None:
                 task.cancel()

@@ -537,6 +537,14 @@ def test_vllm_service_targets_the_sidecar() -> None:
     (policy,) = of_kind(objs, "NetworkPolicy")
     admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert admitted == {"proxy", "admin"}
+    # Each port from a named peer only: the gateway's pods, Prometheus' namespace.
+    peers = {port["port"]: rule["from"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert peers["proxy"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"token-scaler.io/gateway": "true"}}}
+    ]
+    assert peers["admin"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
 
 
 # --- Prometheus Operator kinds and the dashboard -------------------------------------------

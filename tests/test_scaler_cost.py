@@ -34,7 +34,7 @@ def sync_redis(redis_url: str) -> redis.Redis:
 @pytest.fixture
 async def priced(redis_url: str, workload: str, tmp_path: Path) -> AsyncIterator[Running]:
     # a long liveness, so that both sidecars count as live however slow the machine
-    running = await start(redis_url, prices=_table(tmp_path, workload), liveness_s=120.0)
+    running = await start(redis_url, prices=_table(tmp_path, workload), liveness_s=120.0, debug_open=True)
     yield running
     await running.channel.close()
     await running.server.stop()
@@ -130,7 +130,7 @@ async def test_unpriced_workload_says_why(priced: Running, sync_redis: redis.Red
 async def test_without_a_price_table_the_debug_view_says_so(
     redis_url: str, sync_redis: redis.Redis, workload: str
 ) -> None:
-    running = await start(redis_url)
+    running = await start(redis_url, debug_open=True)
     try:
         history(FakeSidecar(sync_redis, workload, "pod-a"), 5, sp=10, sg=10)
         cost = (await _debug(running, workload))["cost"]

@@ -330,3 +330,18 @@ async def test_saturation_signal_for_the_sidecars(
     signal = decode_saturation(raw, FakeSidecar(sync_redis, workload, "x").now_ms())
     assert signal.saturated and signal.reason == "max-replicas" and signal.desired == 6 and signal.max == 4
     assert 0 < sync_redis.pttl(saturation_key(workload)) <= 30_000
+
+
+@pytest.mark.parametrize("debug_open", [False, True])
+async def test_the_debug_page_needs_a_token_unless_started_open(redis_url: str, debug_open: bool) -> None:
+    running = await start(redis_url, debug_open=debug_open)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{running.http}/debug/scalers") as resp:
+            body = await resp.json()
+        if debug_open:
+            assert resp.status == 200 and "scaledObjects" in body
+        else:
+            assert resp.status == 403 and "--debug-token" in body["error"]
+    finally:
+        await running.channel.close()
+        await running.server.stop()

@@ -9,8 +9,8 @@ a settlement Redis does not take waits in a queue and is retried every tick, so 
 or charge is lost while Redis is away.
 
 Redis unreachable (an error or ``redisTimeoutMs``): for the next tick every request is
-decided without it. ``failMode: closed`` answers 503; ``failMode: open`` admits, checks
-the budget against the last usage seen plus what this sidecar admitted since, and keeps
+decided without it (failopen.py: a stalled event loop does not count). ``failMode: closed``
+answers 503; ``failMode: open`` admits within this sidecar's share of the budget left, and keeps
 the real usage of those requests in the queue: when Redis is back they are charged to the
 shared budgets (reconciled). Rate limits are enforced locally meanwhile, each sidecar its
 share: the limit divided by the sidecars of the scope seen in the last minute (each
@@ -59,7 +59,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from sidecar import openai
 from sidecar.openai import Kind, ParsedRequest
-from sidecar.policy import budgets, caps, chunks, downgrade, identity, ratelimit, schema
+from sidecar.policy import budgets, caps, chunks, downgrade, failopen, identity, ratelimit, schema
 from sidecar.policy.metrics import PolicyMetrics
 from sidecar.policy.schema import CLOSED, MID_OFF, SHORTEN, Budget, Policy, Price, TenantPolicy
 from sidecar.policy.store import (
@@ -265,6 +265,7 @@ class PolicyEngine:
         self._offset_s = 0.0  # Redis' clock minus ours, from the last reply
         self._synced = False
         self._local_rates = ratelimit.LocalLimiter()  # while Redis is away (fail-open)
+        self.guard = failopen.Guard()  # a stalled loop is not a slow Redis
         self._id = uuid.uuid4().hex[:16]  # this sidecar among the scope's (presence, reservation ids)
         self._ids = itertools.count()
         self._peers = 1  # sidecars of the scope seen in the last minute, this one included
@@ -391,6 +392,7 @@ class PolicyEngine:
                 body,
                 max_tokens=cap.max_tokens if changed_cap and cap is not None else None,
                 model=route.model if route is not None else None,
+                layout=parsed.layout,
             )
         self.metrics.check.observe(time.perf_counter() - started)
         return admission
@@ -460,7 +462,7 @@ class PolicyEngine:
             if self._outbox:  # the settlements waiting ride along in the same write
                 self._send_outbox()
             try:
-                async with asyncio.timeout(policy.redis_timeout_s):
+                async with self.guard.round_trip(policy.redis_timeout_s):
                     reply, wide_reply = await self._ask(
                         ticket, least, (tenant_limit, model_limit, wide_limit)
                     )
@@ -969,7 +971,9 @@ class PolicyEngine:
             )
             return cap
         budget = rules.budget
-        if budget.enabled and self._ratio(tenant, budget, ticket.day, ticket.month) >= 1.0:
+        used = self._last_used(tenant, ticket.day, ticket.month)
+        local = self._local.get(tenant, 0)
+        if budget.enabled and not failopen.fits_share(budget, used, local, ticket.cost, self._peers):
             if sent:
                 self._release(ticket)
             seen = self._used.get(tenant)
@@ -1194,6 +1198,9 @@ class PolicyEngine:
         return max(self.policy.redis_timeout_s, 1.0)
 
     def _failed(self, op: str, exc: BaseException) -> None:
+        if op != "admit" and self.guard.excuses(exc, self._background_timeout_s):
+            self.metrics.loop_stalls.labels(op).inc()  # the loop was held, not Redis
+            return
         self.metrics.redis_errors.labels(op).inc()
         if isinstance(exc, TimeoutError):
             # No reply in time: the peer may be gone without a reset. A new connection
@@ -1295,6 +1302,7 @@ class PolicyEngine:
         self._renewed = time.monotonic()
 
     async def run(self) -> None:
+        self.guard.start()
         while True:  # the first tick at once: it reads Redis' clock
             try:
                 await self.tick()
@@ -1305,6 +1313,7 @@ class PolicyEngine:
     async def close(self, timeout_s: float) -> bool:
         """Wait for settlements in flight, then send what is queued; False if some remain."""
         self._closing = True
+        self.guard.stop()
         for task in self._takes:  # a chunk asked for now would only be released again
             task.cancel()
         if self._takes:

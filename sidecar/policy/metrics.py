@@ -34,6 +34,13 @@ class PolicyMetrics:
             ["tenant", "model", "reason"],
             registry=registry,
         )
+        self.loop_stalls = Counter(
+            "tokenscaler_policy_loop_stalls",
+            "Policy calls to Redis that timed out while the sidecar's own event loop was held: "
+            "not counted as Redis unreachable.",
+            ["op"],
+            registry=registry,
+        )
         self.stream_cuts = Counter(
             "tokenscaler_policy_stream_cuts",
             "Streams ended by the sidecar when they passed their budget reservation.",

@@ -218,7 +218,12 @@ async def running(
         closers.append(sidecar.stop)
         scaler = ScalerServer(
             ScalerConfig(
-                grpc_port=0, http_port=0, host="127.0.0.1", redis_url=redis_url, stale_after_s=stale_after_s
+                grpc_port=0,
+                http_port=0,
+                host="127.0.0.1",
+                redis_url=redis_url,
+                stale_after_s=stale_after_s,
+                debug_open=True,
             ),
             CollectorRegistry(),
         )

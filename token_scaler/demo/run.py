@@ -165,7 +165,12 @@ async def run(args: argparse.Namespace) -> int:
             sidecars.append(sidecar)
         scaler = ScalerServer(
             ScalerConfig(
-                grpc_port=0, http_port=0, host="127.0.0.1", redis_url=redis_.url, log_level="WARNING"
+                grpc_port=0,
+                http_port=0,
+                host="127.0.0.1",
+                redis_url=redis_.url,
+                log_level="WARNING",
+                debug_open=True,  # loopback only: the demo reads its debug view
             )
         )
         await scaler.start()
