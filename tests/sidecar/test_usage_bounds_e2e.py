@@ -42,7 +42,7 @@ async def test_a_usage_of_1e15_does_not_reach_keda_metrics_or_budgets(
         policy_file, {"scope": scope(workload), "defaults": {"budget": {"daily": 10**9, "monthly": 10**10}}}
     )
     sidecar = await start_sidecar(policy=policy_file, upstream=url, flush_interval_s=0.2)
-    scaler = await start_scaler(redis_url)
+    scaler = await start_scaler(redis_url, debug_open=True)  # the debug page is read without a token
     ns, name = workload.split("/")
     metadata = {"tokensPerSecondPerReplica": "100", "headroom": "1", "windowSeconds": "10"}
     generation = Generation([Choice(content=WORDS, silent=1)], 0, [], 9)
