@@ -29,7 +29,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy import GatewayProxy, Refused
 from gateway.queue import HoldQueue
 from gateway.router import Router
-from sidecar.server import loop_factory
+from sidecar.server import TASK_STOP_TIMEOUT_S, end_task, loop_factory
 from token_scaler.redis_conn import connect
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,7 @@ class Gateway:
         log.debug("port closed, requests drained")
         reject.cancel()
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await end_task(task, TASK_STOP_TIMEOUT_S)
         log.debug("tasks stopped")
         await self.writer.close(FINAL_FLUSH_TIMEOUT_S)
         log.debug("held demand written")

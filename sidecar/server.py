@@ -46,6 +46,19 @@ log = logging.getLogger(__name__)
 FINAL_FLUSH_TIMEOUT_S = 5.0
 # How long start-up waits in the background for the stream's generation means.
 SEED_TIMEOUT_S = 2.0
+# How long a stop waits for a cancelled background task before going on without it.
+TASK_STOP_TIMEOUT_S = 5.0
+
+
+async def end_task(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Cancel ``task`` and wait for it at most ``timeout_s``: a stop never hangs on a task
+    that does not end (logged)."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("background task %s did not stop within %gs", task.get_name(), timeout_s)
+
+
 # How often the models ScaledObjects count are read (a new ScaledObject's within this).
 PIN_INTERVAL_S = 5.0
 
@@ -236,8 +249,11 @@ class Sidecar:
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
         self._stopping.set()
-        if self._pin_task is not None:
-            await asyncio.wait({self._pin_task}, timeout=SEED_TIMEOUT_S + 1)
+        # The start-up reads end by themselves within their timeout: cancelling a Redis
+        # command in flight can leave its connection waiting forever.
+        for reader in (self._pin_task, self._seed_task):
+            if reader is not None:
+                await asyncio.wait({reader}, timeout=SEED_TIMEOUT_S + 1)
         for task in (
             self._flush_task,
             self._policy_task,
@@ -248,9 +264,7 @@ class Sidecar:
             self._pin_task,
         ):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await end_task(task, TASK_STOP_TIMEOUT_S)
         if self.policy is not None:
             await self.policy.close(FINAL_FLUSH_TIMEOUT_S)
         delivered = await self.flusher.close(FINAL_FLUSH_TIMEOUT_S)
