@@ -15,6 +15,11 @@ from token_scaler.errors import MetadataError
 from token_scaler.record import validate_workload
 
 MAX_WINDOW_S = 600
+# The burst envelope looks back at most as far as the sidecars' streams keep entries by
+# default (token_scaler.record.DEFAULT_RETENTION_S), so a scaler that starts or restarts
+# backfills every second it reads and replicas agree.
+BURST_LOOKBACK_MAX_S = 2 * MAX_WINDOW_S
+BURST_WINDOW_MAX_S = 60
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class ScalerSettings:
     lead_s: int = 300
     max_forecast_error: float = 0.3
     kv_cache_target: float | None = None
+    burst_window_s: int = 0  # 0: no burst envelope
+    burst_quantile: float = 0.9
+    burst_lookback_s: int = BURST_LOOKBACK_MAX_S
 
     @property
     def target(self) -> float:
@@ -61,6 +69,18 @@ KEYS: dict[str, tuple[str, str]] = {
     "panicHoldSeconds": (
         "panic ends this long after its last trigger, a whole number from 1 to 600",
         "15",
+    ),
+    "burstWindowSeconds": (
+        "size capacity for bursts too: answer at least the burstQuantile of the demand of every "
+        "window of this many seconds in the last burstLookbackSeconds; 0 (off) or a whole number "
+        f"from 1 to {BURST_WINDOW_MAX_S}",
+        "0",
+    ),
+    "burstQuantile": ("which quantile of the burst windows' demand, a number in (0, 1]", "0.9"),
+    "burstLookbackSeconds": (
+        f"how far back the burst windows reach, a whole number from 60 to {BURST_LOOKBACK_MAX_S} "
+        "(at most the sidecars' stream retention)",
+        str(BURST_LOOKBACK_MAX_S),
     ),
     "activationTokensPerSecond": ("IsActive is true above this weighted rate, a number >= 0", "0"),
     "model": ("count only this model's tokens (the request's `model`)", "all models"),
@@ -166,6 +186,25 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         panic_hold = _whole(
             "panicHoldSeconds", metadata["panicHoldSeconds"], 1, MAX_WINDOW_S, allowed("panicHoldSeconds")
         )
+    burst_window = 0
+    if "burstWindowSeconds" in metadata:
+        burst_window = _whole(
+            "burstWindowSeconds",
+            metadata["burstWindowSeconds"],
+            0,
+            BURST_WINDOW_MAX_S,
+            allowed("burstWindowSeconds"),
+        )
+    burst_quantile = number("burstQuantile", 0.9, lambda v: 0 < v <= 1)
+    burst_lookback = BURST_LOOKBACK_MAX_S
+    if "burstLookbackSeconds" in metadata:
+        burst_lookback = _whole(
+            "burstLookbackSeconds",
+            metadata["burstLookbackSeconds"],
+            60,
+            BURST_LOOKBACK_MAX_S,
+            allowed("burstLookbackSeconds"),
+        )
     activation = number("activationTokensPerSecond", 0.0, lambda v: v >= 0)
     max_replicas = 0
     if "maxReplicas" in metadata:
@@ -203,4 +242,7 @@ def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSetti
         lead_s=lead,
         max_forecast_error=max_error,
         kv_cache_target=kv_target,
+        burst_window_s=burst_window,
+        burst_quantile=burst_quantile,
+        burst_lookback_s=burst_lookback,
     )

@@ -321,6 +321,7 @@ class Registry:
                 "panic": _rates(evaluation.panic),
                 "panicActive": evaluation.panic_active,
                 "panicSinceSecond": evaluation.panic_since,
+                "burstEnvelope": round(evaluation.envelope, 3) if s.burst_window_s else None,
                 "value": evaluation.value,
                 "hpaDesiredReplicas": evaluation.replicas,
                 "active": evaluation.active,

@@ -42,6 +42,16 @@ ends ``panicHoldSeconds`` after the last trigger, so a burst costs only while it
 longer would only hold them again). The default hold, 15 s, is one HPA sync: a trigger
 between two syncs is seen by the next. The decision is a function of the buckets
 only, so scaler replicas agree.
+
+Burst envelope (``burstWindowSeconds`` > 0). The stable window sizes for the mean; a
+replica that starts in two minutes cannot serve a burst of ten seconds, so on bursty
+traffic the capacity that meets a time-to-first-token target is set by how high the
+bursts run, not by the mean. The envelope is the ``burstQuantile`` of the demand of
+every ``burstWindowSeconds`` window (sliding by one second, served and arrived as for
+the stable window) that ends in the last ``burstLookbackSeconds`` and lies wholly
+within the data, and the value is at least that. It follows the bursts of the last
+minutes up and down, where a panic hold keeps only the highest. It reads the same
+buckets as the rest, at most as far back as the streams keep entries, so replicas agree.
 """
 
 from __future__ import annotations
@@ -279,6 +289,7 @@ class Evaluation:
     active: bool
     rule: str
     reason: str
+    envelope: float = 0.0  # the burst envelope, weighted tokens/s (0 when off or not yet known)
 
 
 def _rates(sums: Floats, seconds: float, pw: float, gw: float) -> Rates:
@@ -319,6 +330,23 @@ def _trimmed_demand(
         trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
         out = np.maximum(out, np.where(cover >= 1, trimmed, 0.0))
     return out
+
+
+def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSettings) -> tuple[float, int]:
+    """The ``burstQuantile`` of the demand of the ``burstWindowSeconds`` windows ending by
+    second ``s`` (exclusive) within the lookback and the data, and how many windows that is
+    (0: none yet, the envelope is 0)."""
+    b = settings.burst_window_s
+    start = max(first_sec, s - settings.burst_lookback_s)
+    if b <= 0 or s - start < b:
+        return 0.0, 0
+    counts = ring.window(start, s)
+    pw, gw = settings.prompt_weight, settings.generation_weight
+    demand = np.zeros(s - start - b + 1)
+    for per_second in (pw * counts[0] + gw * counts[1], pw * counts[2] + gw * counts[3]):
+        cum = np.concatenate([[0.0], np.cumsum(per_second)])
+        demand = np.maximum(demand, (cum[b:] - cum[:-b]) / b)
+    return float(np.quantile(demand, settings.burst_quantile)), len(demand)
 
 
 def replicas_for(value: float, target: float) -> int:
@@ -402,6 +430,18 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         since = None
         rule = f"stable-{which}"
         reason = f"{w}s window demand = {which} rate {value:.1f} weighted tokens/s"
+    envelope = 0.0
+    if settings.burst_window_s:
+        envelope, windows = burst_envelope(ring, series.first_sec, s, settings)
+        if envelope > value:
+            value = envelope
+            rule = "burst-envelope"
+            reason = (
+                f"burst envelope: the {settings.burst_quantile:g} quantile of the demand of the "
+                f"{windows} {settings.burst_window_s}s windows of the last "
+                f"{settings.burst_lookback_s}s is {envelope:.1f} weighted tokens/s, above the "
+                f"{w}s window's {stable.demand:.1f}"
+            )
     if coverage < w:
         reason += f"; window covers only {coverage:.0f}s of {w}s (rates divide by the covered seconds)"
     value = value if math.isfinite(value) and value > 0 else 0.0
@@ -419,4 +459,5 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         active,
         rule,
         reason,
+        envelope,
     )

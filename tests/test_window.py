@@ -307,3 +307,81 @@ def test_a_seq_applied_already_is_skipped() -> None:
     assert series.add(replace(first, seq=8), f"{T0 * 1000 + 1800}-0")
     assert (series.entries, series.duplicates, series.sidecars["a"].entries) == (3, 2, 2)
     assert evaluate(series, settings_(), (T0 + 2) * 1000).value == pytest.approx(1500 / 2)
+
+
+def test_burst_envelope_is_the_quantile_of_the_burst_windows() -> None:
+    """600 s of 100 tokens/s with a 10 s burst of 1,000 tokens/s every minute: the 60 s window
+    sees the mean, the envelope the bursts."""
+    series = WorkloadSeries()
+    seq = 0
+    for minute in range(10):
+        start = T0 + 60 * minute
+        feed(series, start, 50, sp=100, seq0=seq)
+        feed(series, start + 50, 10, sp=1000, seq0=seq + 50)
+        seq += 60
+    now = (T0 + 600) * 1000
+    off = evaluate(series, settings_(panic_threshold=1e9), now)
+    assert off.rule.startswith("stable") and off.envelope == 0.0
+    # windows of 10 s ending in the last 600 s: 591; ten hold a whole burst and read 1,000,
+    # 90 hold part of one and read between 100 and 1,000: the top 1 % are whole bursts
+    q = settings_(panic_threshold=1e9, burst_window_s=10, burst_quantile=0.99, burst_lookback_s=600)
+    ev = evaluate(series, q, now)
+    assert ev.rule == "burst-envelope" and ev.value == ev.envelope
+    assert ev.envelope == pytest.approx(1000.0)
+    assert ev.stable.demand == pytest.approx(250.0)  # (50 * 100 + 10 * 1000) / 60
+    # the median 10 s window holds no burst second: the envelope is the base rate, below the
+    # 60 s mean, which then answers
+    median = evaluate(series, replace(q, burst_quantile=0.5), now)
+    assert median.envelope == pytest.approx(100.0)
+    assert median.rule.startswith("stable") and median.value == pytest.approx(250.0)
+    assert "burst envelope" in ev.reason and "591 10s windows" in ev.reason
+
+
+def test_burst_envelope_follows_bursts_down_after_the_lookback() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 10, sp=5000)
+    feed(series, T0 + 10, 300, sp=100, seq0=10)
+    q = settings_(panic_threshold=1e9, burst_window_s=10, burst_quantile=1.0, burst_lookback_s=120)
+    # the burst's windows have left the 120 s lookback: the envelope is the base rate again
+    assert evaluate(series, q, (T0 + 310) * 1000).envelope == pytest.approx(100.0)
+    # within it, the highest window is the burst
+    assert evaluate(series, replace(q, burst_lookback_s=600), (T0 + 310) * 1000).envelope == pytest.approx(
+        5000.0
+    )
+
+
+def test_burst_envelope_reads_only_the_data_and_whole_windows() -> None:
+    series = WorkloadSeries()
+    q = settings_(burst_window_s=10, burst_quantile=1.0)
+    feed(series, T0, 5, sp=100)
+    # 5 s of data: no whole 10 s window yet
+    assert evaluate(series, q, (T0 + 5) * 1000).envelope == 0.0
+    feed(series, T0 + 5, 5, sp=100, seq0=5)
+    ev = evaluate(series, q, (T0 + 10) * 1000)
+    assert ev.envelope == pytest.approx(100.0)  # one window, not diluted by seconds before the data
+    assert ev.rule.startswith("stable")  # an envelope only equal to the window's demand
+
+
+def test_burst_metadata_is_parsed_and_checked() -> None:
+    from scaler.metadata import parse
+    from token_scaler.errors import MetadataError
+
+    base = {"tokensPerSecondPerReplica": "100"}
+    s = parse(
+        {**base, "burstWindowSeconds": "10", "burstQuantile": "0.95", "burstLookbackSeconds": "900"},
+        "ns",
+        "x",
+    )
+    assert (s.burst_window_s, s.burst_quantile, s.burst_lookback_s) == (10, 0.95, 900)
+    assert parse(base, "ns", "x").burst_window_s == 0
+    for key, bad in [
+        ("burstWindowSeconds", "61"),
+        ("burstWindowSeconds", "ten"),
+        ("burstQuantile", "0"),
+        ("burstQuantile", "1.5"),
+        ("burstLookbackSeconds", "1201"),
+        ("burstLookbackSeconds", "30"),
+    ]:
+        with pytest.raises(MetadataError) as err:
+            parse({**base, key: bad}, "ns", "x")
+        assert key in str(err.value) and bad in str(err.value)

@@ -26,7 +26,7 @@ from tuning.policies import (
     RequestRatePolicy,
     TokenPolicy,
 )
-from tuning.sweep import PANIC_OFF
+from tuning.sweep import PANIC_OFF, burst_metadata
 from tuning.trace import Trace
 
 WORKLOAD = ("default", "llm")
@@ -73,7 +73,9 @@ def token_metadata(cal: Calibration, headroom: float | None, variant: Variant) -
     metadata = {**cal.metadata}
     panic = variant.get("panic")
     for key, value in variant.items():
-        if key != "panic":
+        if key == "burst":
+            metadata.update(burst_metadata(value))
+        elif key != "panic":
             metadata[key] = value
     if panic is not None:
         if panic == "off":

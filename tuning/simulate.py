@@ -30,7 +30,7 @@ from tuning.policies import FixedPolicy, Policy
 from tuning.registry import BOUNDS, POLICIES, RUNNABLE, Calibration, make, token_metadata, token_settings
 from tuning.replica import ReplicaProfile, load_profile, saturated_throughput
 from tuning.report import fmt, percent, table
-from tuning.sweep import PANIC_OFF, panic_variant, parse_panic
+from tuning.sweep import PANIC_OFF, burst_variant, panic_variant, parse_burst, parse_panic
 from tuning.trace import Trace, load_csv, load_sample, sample_path
 
 
@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="token: panic WINDOW:THRESHOLD[:HOLD] or off (default 6:2,off)",
     )
     g.add_argument(
+        "--sweep-burst",
+        type=a.listed(a.arg(parse_burst)),
+        default=[None, (10, 0.9, 1200)],
+        help="token: burst envelope WINDOW:QUANTILE[:LOOKBACK] or off (default off,10:0.9:1200)",
+    )
+    g.add_argument(
         "--sweep-rps-windows",
         type=a.listed(a.positive_int),
         default=[30, 60],
@@ -359,10 +365,11 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
         if not sweep:
             return [{}]
         return [
-            {"windowSeconds": str(w), "panic": panic_variant(pw, pt, hold)}
+            {"windowSeconds": str(w), "panic": panic_variant(pw, pt, hold), "burst": burst_variant(burst)}
             for w in ns.sweep_windows
             for pw, pt, hold in ns.sweep_panic
             if pw <= w // 2
+            for burst in ns.sweep_burst
         ]
     if name == "rps":
         return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]
