@@ -3,7 +3,9 @@
 For each policy, each of its variants (the token policy's window and panic settings, the
 request-rate and Prometheus rate windows) and each scale-down stabilization window, the
 search looks for the smallest headroom whose run reaches each attainment level, by
-bisection on log(headroom) over one range for every policy (``--sweep-headroom-range``):
+bisection on log(headroom) to 2 % over one range for every policy (``--sweep-headroom-range``,
+its top doubled up to 16x for a policy that does not reach a level there while its fleet
+still grows):
 GPU-hours grow with headroom, so the smallest headroom reaching a level is the cheapest
 setting of that family that does. A fixed deployment is searched the same way over its
 replica count (every count from 1 to maxReplicas is a candidate, not a sampled few).
@@ -26,7 +28,10 @@ from tuning.engine import SimConfig
 from tuning.registry import Calibration, Variant, make
 from tuning.report import fmt, table
 
-BISECTIONS = 6  # log-space steps: a 8x headroom range is resolved to about 3 %
+RESOLUTION = math.log(1.02)  # the bisection stops when headroom is known within 2 %
+# A policy that does not reach a level at the range's top is searched up to this many
+# times the top (doubling it), while its fleet still grows: no policy is held by the range.
+MAX_WIDENING = 16
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,16 @@ class Search:
 
         lo, hi = self.headroom_range
         for level in self.levels:
-            if run(hi).attainment < level or run(lo).attainment >= level:
+            top = hi
+            while run(top).attainment < level and top < hi * MAX_WIDENING:
+                wider = run(top * 2)
+                if wider.gpu_hours <= run(top).gpu_hours * 1.01:
+                    break  # the fleet no longer grows with headroom (maxReplicas): wider is no use
+                top *= 2
+            if run(top).attainment < level or run(lo).attainment >= level:
                 continue  # not even at the top of the range, or already at its bottom
-            a, b = math.log(lo), math.log(hi)  # attainment(a) < level <= attainment(b)
-            for _ in range(BISECTIONS):
+            a, b = math.log(lo), math.log(top)  # attainment(a) < level <= attainment(b)
+            while b - a > RESOLUTION:
                 mid = (a + b) / 2
                 if run(math.exp(mid)).attainment >= level:
                     b = mid

@@ -71,6 +71,8 @@ class SimConfig:
     # what a generated token weighs against a prompt token: ``least-tokens`` routing
     # and the weighted arrivals of the timeline
     generation_weight: float = 1.0
+    # GPU-hours and SLOs count from here (a trace played with a warm-up: Trace.with_warm_up)
+    measure_from_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -397,7 +399,10 @@ class _Sim:
 
     def _result(self) -> RunResult:
         horizon = float(self.horizon)
-        pod_seconds = sum(max(0.0, min(p.gone_at, horizon) - min(p.created, horizon)) for p in self.pods)
+        start = self.cfg.measure_from_s
+        pod_seconds = sum(
+            max(0.0, min(p.gone_at, horizon) - max(min(p.created, horizon), start)) for p in self.pods
+        )
         return RunResult(
             self.policy.name,
             self.policy.describe(),

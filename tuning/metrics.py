@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -39,8 +39,13 @@ def _pct(values: np.ndarray[Any, np.dtype[np.float64]], q: float) -> float | Non
 
 def summarize(result: RunResult, slo: Slo) -> dict[str, Any]:
     """A JSON-ready summary. Attainment (``slo_both``: every SLO of ``slo`` met) counts
-    every request that arrived: rejected and dropped ones miss it."""
+    every request that arrived: rejected and dropped ones miss it. With a warm-up
+    (``SimConfig.measure_from_s``) only requests arriving from then on count."""
     r = result.requests
+    start = result.config.measure_from_s
+    if start > 0:
+        keep = r.arrival >= start
+        r = Requests(*(getattr(r, f.name)[keep] for f in fields(Requests)))
     n = len(r.arrival)
     done = r.status == DONE
     rejected = r.status == REJECTED
@@ -59,7 +64,7 @@ def summarize(result: RunResult, slo: Slo) -> dict[str, Any]:
     profile = result.config.replica
     replica_hours = result.pod_seconds / 3600
     tl = result.timeline
-    within = tl["t"] <= result.horizon_s
+    within = (tl["t"] <= result.horizon_s) & (tl["t"] >= start)
     pods = tl["pods"][within]
     queue = tl["queue"][within]
     return {

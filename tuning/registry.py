@@ -30,6 +30,7 @@ from tuning.sweep import PANIC_OFF, burst_metadata
 from tuning.trace import Trace
 
 WORKLOAD = ("default", "llm")
+MAX_HEADROOM = 10.0  # the scaler's highest headroom
 Variant = Mapping[str, str]
 
 
@@ -68,7 +69,7 @@ def token_settings(metadata: Mapping[str, str]) -> ScalerSettings:
 
 def token_metadata(cal: Calibration, headroom: float | None, variant: Variant) -> dict[str, str]:
     """The ScaledObject metadata of the token policy at ``headroom`` (None: as configured).
-    The scaler takes headroom >= 1; below 1 the same target is written as a higher
+    The scaler takes headroom from 1 to 10; outside that the same target is written as
     ``tokensPerSecondPerReplica`` at headroom 1."""
     metadata = {**cal.metadata}
     panic = variant.get("panic")
@@ -87,11 +88,11 @@ def token_metadata(cal: Calibration, headroom: float | None, variant: Variant) -
             if hold:
                 metadata["panicHoldSeconds"] = hold
     if headroom is not None:
-        if headroom >= 1:
+        if 1 <= headroom <= MAX_HEADROOM:
             metadata["headroom"] = f"{headroom:.4g}"
         else:
             metadata["headroom"] = "1"
-            metadata["tokensPerSecondPerReplica"] = f"{cal.capacity / headroom:.0f}"
+            metadata["tokensPerSecondPerReplica"] = f"{cal.capacity / headroom:.6g}"
     return metadata
 
 

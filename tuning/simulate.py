@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--seed", type=a.arg(a.non_negative_int), default=0, help="seed of --scale's copies (default 0)"
     )
+    g.add_argument(
+        "--warm-up",
+        type=a.non_negative_float,
+        default=0.0,
+        help="play the trace's last SECONDS first and count GPU-hours and SLOs from then on, so "
+        "every policy starts where running all along left it (default 0: no warm-up)",
+    )
     g = p.add_argument_group("replicas")
     g.add_argument("--replica-profile", type=Path, help="JSON written by `token-scaler profile`")
     g.add_argument(
@@ -93,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--initial-replicas",
         type=a.arg(a.non_negative_int),
-        help="ready at the start (default: min, at least 1)",
+        help="ready at the start (default: the replicas that serve the first cold start + 60 s "
+        "of the trace at capacity, at least min)",
     )
     g.add_argument(
         "--polling-interval", type=a.positive_float, default=30.0, help="KEDA pollingInterval (default 30)"
@@ -314,6 +322,7 @@ def warm_start(trace: Trace, capacity: float, pw: float, gw: float, seconds: flo
 def prepare(ns: argparse.Namespace) -> Setup:
     trace = load_csv(ns.trace) if ns.trace else load_sample()
     trace = trace.transformed(speedup=ns.speedup, scale=ns.scale, seed=ns.seed)
+    warm_up = min(ns.warm_up, trace.duration_s)
     profile = _replica_profile(ns)
     hpa = _hpa(ns)
     pw, gw = profile.suggested_weights()
@@ -336,6 +345,7 @@ def prepare(ns: argparse.Namespace) -> Setup:
         )
     metadata["tokensPerSecondPerReplica"] = f"{capacity:.0f}"
     metadata.update(user)
+    trace = trace.with_warm_up(warm_up)
     token_settings(metadata)  # a bad --metadata fails here, naming the key
     lookahead = math.ceil(profile.cold_start_s + ns.lookahead_margin)
     cal = Calibration(
@@ -353,6 +363,7 @@ def prepare(ns: argparse.Namespace) -> Setup:
             ns.grace,
             routing=ns.routing,
             generation_weight=gw / pw,
+            measure_from_s=warm_up,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -426,10 +437,17 @@ def policy_table(summaries: Sequence[dict[str, Any]]) -> str:
 def _header(setup: Setup, ns: argparse.Namespace) -> list[str]:
     tr, cfg = setup.trace, setup.config
     p, h = cfg.replica, cfg.hpa
+    start = cfg.measure_from_s
+    measured = int((tr.arrival_s >= start).sum())
     lines = [
-        f"trace: {tr.source} - {len(tr)} requests over {tr.duration_s / 60:.1f} min "
+        f"trace: {tr.source} - {measured} requests over {(tr.duration_s - start) / 60:.1f} min "
         f"(speedup x{ns.speedup:g}, load x{ns.scale:g}, seed {ns.seed})",
     ]
+    if start > 0:
+        lines.append(
+            f"       warm-up {start:g}s: its last {start:g}s played first, not counted "
+            f"({len(tr) - measured} requests)"
+        )
     if tr.attribution:
         lines.append(f"       data: {tr.attribution}")
     lines += [
@@ -507,21 +525,30 @@ def _sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
 
 def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
     m = rec["metadata"]
-    keys = (
+    keys: tuple[str, ...] = (
         "tokensPerSecondPerReplica",
         "headroom",
         "windowSeconds",
         "panicWindowSeconds",
         "panicThreshold",
+        "panicHoldSeconds",
+        "burstWindowSeconds",
+        "burstQuantile",
+        "burstLookbackSeconds",
         "promptWeight",
         "generationWeight",
     )
+    if m.get("burstWindowSeconds", "0") == "0":  # the envelope off: its keys are left out
+        keys = tuple(k for k in keys if not k.startswith("burst"))
     lines = [
         f"token policy, cheapest reaching {100 * goal:g}%: {rec['gpu_hours']:.2f} GPU-h at "
         f"{100 * rec['slo_both']:.1f}% of requests within every SLO",
         "  triggers[0].metadata:",
     ]
-    lines += [f'    {k}: "{m[k]}"' for k in keys if k in m]
+    for k in keys:
+        if k in m:
+            off = k == "panicThreshold" and float(m[k]) >= PANIC_OFF
+            lines.append(f'    {k}: "{m[k]}"' + ("  # no burst reaches it: panic off" if off else ""))
     lines += [
         "  advanced.horizontalPodAutoscalerConfig.behavior.scaleDown:",
         f"    stabilizationWindowSeconds: {rec['scale_down_window_s']:g}",

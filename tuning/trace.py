@@ -84,6 +84,28 @@ class Trace:
         start = arrival[0] if len(arrival) else 0.0
         return Trace(arrival - start, prompt[order], generated[order], self.source, self.attribution)
 
+    def with_warm_up(self, seconds: float) -> Trace:
+        """The trace's last ``seconds`` played first, then the whole trace from ``seconds`` on:
+        a replay measured from ``seconds`` finds every policy where running through the
+        trace's end (a day's evening before its midnight, an hour's last minutes before
+        its first) left it, as a fleet that runs all along stands, not freshly started."""
+        if seconds <= 0:
+            return self
+        seconds = min(seconds, self.duration_s)
+        # the arrivals of [end - seconds, end), played in [0, seconds): all before the first
+        # measured arrival, which comes at ``seconds``
+        tail = (self.arrival_s >= self.duration_s - seconds) & (self.arrival_s < self.duration_s)
+        arrival = np.concatenate(
+            [self.arrival_s[tail] - (self.duration_s - seconds), self.arrival_s + seconds]
+        )
+        return Trace(
+            arrival,
+            np.concatenate([self.prompt[tail], self.prompt]),
+            np.concatenate([self.generated[tail], self.generated]),
+            self.source,
+            self.attribution,
+        )
+
     def head(self, seconds: float) -> Trace:
         keep = self.arrival_s <= seconds
         return Trace(
