@@ -377,8 +377,14 @@ def test_search_finds_the_smallest_headroom_and_the_fewest_replicas():
     assert len(calls) < 25
     # a policy that reaches a level only beyond the range's top: the top doubles until it does
     calls.clear()
-    late = Search(cal, SimConfig(FAST), lambda p, c: fake(p, c) | {"slo_both": min(1.0, 0.04 * 4000.0 / p.target)},
-                  [0.8], (0.5, 4.0), [60.0])  # fmt: skip
+    late = Search(
+        cal,
+        SimConfig(FAST),
+        lambda p, c: fake(p, c) | {"slo_both": min(1.0, 0.04 * 4000.0 / p.target)},
+        [0.8],
+        (0.5, 4.0),
+        [60.0],
+    )
     assert 20 <= late.policy("prometheus", [{}]).cheapest(0.8).gpu_hours <= 20 * 1.02
     assert max(calls) == 32.0
     # ... but not while its fleet no longer grows (maxReplicas reached): wider is no use
