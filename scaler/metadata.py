@@ -1,5 +1,9 @@
 """ScaledObject trigger metadata -> typed settings.
 
+Each key is declared once (``SPEC``): the settings field it fills, how its value is read
+and checked, the line that documents it; its default is the field's default in
+``ScalerSettings``. The README's table, the errors and ``KEYS`` derive from it.
+
 KEDA forwards the whole trigger metadata map (its own keys such as ``scalerAddress``
 included), so unknown keys are ignored. A key that is present with a bad value is an
 error naming the key, the value and what is allowed.
@@ -9,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from token_scaler.errors import MetadataError
 from token_scaler.record import validate_workload
@@ -50,64 +55,19 @@ class ScalerSettings:
         return self.tokens_per_second_per_replica / self.headroom
 
 
-# key -> (one line for docs and errors, default shown in docs)
-KEYS: dict[str, tuple[str, str]] = {
-    "workload": (
-        "whose sidecar streams to read, <namespace>/<name>",
-        "<namespace>/<name> of the ScaledObject",
-    ),
-    "tokensPerSecondPerReplica": ("weighted tokens/s one replica serves, a number > 0", "required"),
-    "headroom": ("buffer factor, target = tokensPerSecondPerReplica / headroom, from 1 to 10", "1.3"),
-    "windowSeconds": ("stable rolling window in seconds, a whole number from 10 to 600", "60"),
-    "promptWeight": ("weight of prompt tokens, a number >= 0", "1.0"),
-    "generationWeight": ("weight of generated tokens, a number >= 0", "1.0"),
-    "panicWindowSeconds": ("short burst window in seconds, a whole number from 1 to half the window", "6"),
-    "panicThreshold": (
-        "panic when the short window asks for >= this x the replicas reporting now, a number > 1",
-        "2.0",
-    ),
-    "panicHoldSeconds": (
-        "panic ends this long after its last trigger, a whole number from 1 to 600",
-        "15",
-    ),
-    "burstWindowSeconds": (
-        "size capacity for bursts too: answer at least the burstQuantile of the demand of every "
-        "window of this many seconds in the last burstLookbackSeconds; 0 (off) or a whole number "
-        f"from 1 to {BURST_WINDOW_MAX_S}",
-        "0",
-    ),
-    "burstQuantile": ("which quantile of the burst windows' demand, a number in (0, 1]", "0.9"),
-    "burstLookbackSeconds": (
-        f"how far back the burst windows reach, a whole number from 60 to {BURST_LOOKBACK_MAX_S} "
-        "(at most the sidecars' stream retention)",
-        str(BURST_LOOKBACK_MAX_S),
-    ),
-    "activationTokensPerSecond": ("IsActive is true above this weighted rate, a number >= 0", "0"),
-    "model": ("count only this model's tokens (the request's `model`)", "all models"),
-    "predictive": (
-        "true: answer max(demand now, the seasonal forecast of the next leadSeconds) while the "
-        "forecast proves right; true or false",
-        "false",
-    ),
-    "leadSeconds": (
-        "how far ahead the forecast looks (a cold start and the time to act), 60 to 3600",
-        "300",
-    ),
-    "maxForecastError": (
-        "the forecast is used only while its recent error (mean absolute / mean demand) is at "
-        "most this, a number > 0",
-        "0.3",
-    ),
-    "kvCacheTarget": (
-        "ask for at least the replicas that bring the model servers' mean KV-cache use down to "
-        "this fraction, a number in (0, 1]",
-        "none",
-    ),
-    "maxReplicas": (
-        "the ScaledObject's maxReplicaCount (KEDA does not forward it), a whole number >= 0; 0 = unknown",
-        "0",
-    ),
-}
+Read = Callable[[str, str], Any]  # (key, raw value) -> value; raises MetadataError
+
+
+@dataclass(frozen=True)
+class Key:
+    """One trigger metadata key: the settings field it fills, how its value is read and
+    checked, and the line that documents it (errors say "expected <help>"). Its default is
+    the field's default in ``ScalerSettings``."""
+
+    field: str
+    help: str
+    read: Read
+    default_text: str | None = None  # what the docs show when the field's default is not it
 
 
 def _number(key: str, raw: str, ok: Callable[[float], bool], allowed: str) -> float:
@@ -130,119 +90,184 @@ def _whole(key: str, raw: str, low: int, high: int, allowed: str) -> int:
     return value
 
 
+def number(ok: Callable[[float], bool]) -> Read:
+    return lambda key, raw: _number(key, raw, ok, _expected(key))
+
+
+def whole(low: int, high: int) -> Read:
+    return lambda key, raw: _whole(key, raw, low, high, _expected(key))
+
+
+def _boolean(key: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise MetadataError(key, raw, _expected(key))
+    return value == "true"
+
+
+def _text(key: str, raw: str) -> str:
+    return raw
+
+
+def _model(key: str, raw: str) -> str:
+    if not raw.strip():
+        raise MetadataError(key, raw, "expected a model name (leave the key out to count all models)")
+    return raw
+
+
+SPEC: dict[str, Key] = {
+    "workload": Key(
+        "workload",
+        "whose sidecar streams to read, <namespace>/<name>",
+        _text,
+        "<namespace>/<name>",
+    ),
+    "tokensPerSecondPerReplica": Key(
+        "tokens_per_second_per_replica",
+        "weighted tokens/s one replica serves, a number > 0",
+        number(lambda v: v > 0),
+        "required",
+    ),
+    "headroom": Key(
+        "headroom",
+        "buffer factor, target = tokensPerSecondPerReplica / headroom, from 1 to 10",
+        number(lambda v: 1 <= v <= 10),
+    ),
+    "windowSeconds": Key(
+        "window_s",
+        f"stable rolling window in seconds, a whole number from 10 to {MAX_WINDOW_S}",
+        whole(10, MAX_WINDOW_S),
+    ),
+    "promptWeight": Key("prompt_weight", "weight of prompt tokens, a number >= 0", number(lambda v: v >= 0)),
+    "generationWeight": Key(
+        "generation_weight", "weight of generated tokens, a number >= 0", number(lambda v: v >= 0)
+    ),
+    "panicWindowSeconds": Key(
+        "panic_window_s",
+        "short burst window in seconds, a whole number from 1 to half the window",
+        lambda key, raw: raw,  # checked against windowSeconds in ``parse``
+    ),
+    "panicThreshold": Key(
+        "panic_threshold",
+        "panic when the short window asks for >= this x the replicas reporting now, a number > 1",
+        number(lambda v: v > 1),
+    ),
+    "panicHoldSeconds": Key(
+        "panic_hold_s",
+        f"panic ends this long after its last trigger, a whole number from 1 to {MAX_WINDOW_S}",
+        whole(1, MAX_WINDOW_S),
+    ),
+    "burstWindowSeconds": Key(
+        "burst_window_s",
+        "size capacity for bursts too: answer at least the burstQuantile of the demand of every "
+        "window of this many seconds in the last burstLookbackSeconds; 0 (off) or a whole number "
+        f"from 1 to {BURST_WINDOW_MAX_S}",
+        whole(0, BURST_WINDOW_MAX_S),
+    ),
+    "burstQuantile": Key(
+        "burst_quantile",
+        "which quantile of the burst windows' demand, a number in (0, 1]",
+        number(lambda v: 0 < v <= 1),
+    ),
+    "burstLookbackSeconds": Key(
+        "burst_lookback_s",
+        f"how far back the burst windows reach, a whole number from 60 to {BURST_LOOKBACK_MAX_S} "
+        "(at most the sidecars' stream retention)",
+        whole(60, BURST_LOOKBACK_MAX_S),
+    ),
+    "activationTokensPerSecond": Key(
+        "activation_tokens_per_second",
+        "IsActive is true above this weighted rate, a number >= 0",
+        number(lambda v: v >= 0),
+    ),
+    "model": Key("model", "count only this model's tokens (the request's `model`)", _model, "all models"),
+    "predictive": Key(
+        "predictive",
+        "true: answer max(demand now, the seasonal forecast of the next leadSeconds) while the "
+        "forecast proves right; true or false",
+        _boolean,
+    ),
+    "leadSeconds": Key(
+        "lead_s",
+        "how far ahead the forecast looks (a cold start and the time to act), 60 to 3600",
+        whole(60, 3600),
+    ),
+    "maxForecastError": Key(
+        "max_forecast_error",
+        "the forecast is used only while its recent error (mean absolute / mean demand) is at "
+        "most this, a number > 0",
+        number(lambda v: v > 0),
+    ),
+    "kvCacheTarget": Key(
+        "kv_cache_target",
+        "ask for at least the replicas that bring the model servers' mean KV-cache use down to "
+        "this fraction, a number in (0, 1]",
+        number(lambda v: 0 < v <= 1),
+        "none",
+    ),
+    "maxReplicas": Key(
+        "max_replicas",
+        "the ScaledObject's maxReplicaCount (KEDA does not forward it), a whole number >= 0; 0 = unknown",
+        whole(0, 100_000),
+    ),
+}
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ScalerSettings)}
+
+
+def _default_text(key: Key) -> str:
+    if key.default_text is not None:
+        return key.default_text
+    value = _DEFAULTS[key.field]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# key -> (one line for docs and errors, default shown in docs): derived from SPEC
+KEYS: dict[str, tuple[str, str]] = {name: (key.help, _default_text(key)) for name, key in SPEC.items()}
+
+
+def _expected(name: str) -> str:
+    return "expected " + SPEC[name].help
+
+
 def parse(metadata: Mapping[str, str], namespace: str, name: str) -> ScalerSettings:
     """Parse a trigger's metadata; raises ``MetadataError`` on the first bad key."""
-
-    def allowed(key: str) -> str:
-        return "expected " + KEYS[key][0]
-
-    workload = metadata.get("workload") or f"{namespace}/{name}"
+    values: dict[str, Any] = {}
+    for key, spec in SPEC.items():
+        if key in metadata:
+            values[spec.field] = spec.read(key, metadata[key])
+    workload = values.get("workload") or f"{namespace}/{name}"
     try:
         validate_workload(workload)
     except ValueError as exc:
         raise MetadataError("workload", workload, str(exc)) from None
-
-    raw_capacity = metadata.get("tokensPerSecondPerReplica")
-    if raw_capacity is None:
+    values["workload"] = workload
+    if "tokens_per_second_per_replica" not in values:
         raise MetadataError(
             "tokensPerSecondPerReplica", "", "required: " + KEYS["tokensPerSecondPerReplica"][0]
         )
-    capacity = _number(
-        "tokensPerSecondPerReplica", raw_capacity, lambda v: v > 0, allowed("tokensPerSecondPerReplica")
-    )
-
-    def number(key: str, default: float, ok: Callable[[float], bool]) -> float:
-        raw = metadata.get(key)
-        return default if raw is None else _number(key, raw, ok, allowed(key))
-
-    headroom = number("headroom", 1.3, lambda v: 1 <= v <= 10)
-    window = 60
-    if "windowSeconds" in metadata:
-        window = _whole(
-            "windowSeconds", metadata["windowSeconds"], 10, MAX_WINDOW_S, allowed("windowSeconds")
-        )
-    prompt_weight = number("promptWeight", 1.0, lambda v: v >= 0)
-    generation_weight = number("generationWeight", 1.0, lambda v: v >= 0)
-    if prompt_weight == 0 and generation_weight == 0:
+    if values.get("prompt_weight", 1.0) == 0 and values.get("generation_weight", 1.0) == 0:
         raise MetadataError(
             "generationWeight",
             metadata.get("generationWeight", "1.0"),
             "promptWeight and generationWeight cannot both be 0",
         )
-    panic_window = 6
-    if "panicWindowSeconds" in metadata:
-        panic_window = _whole(
+    window = values.get("window_s", _DEFAULTS["window_s"])
+    if "panic_window_s" in values:
+        values["panic_window_s"] = _whole(
             "panicWindowSeconds",
             metadata["panicWindowSeconds"],
             1,
             window // 2,
             f"expected a whole number from 1 to {window // 2} (half of windowSeconds={window})",
         )
-    elif panic_window > window // 2:
-        panic_window = window // 2
-    panic_threshold = number("panicThreshold", 2.0, lambda v: v > 1)
-    panic_hold = 15
-    if "panicHoldSeconds" in metadata:
-        panic_hold = _whole(
-            "panicHoldSeconds", metadata["panicHoldSeconds"], 1, MAX_WINDOW_S, allowed("panicHoldSeconds")
-        )
-    burst_window = 0
-    if "burstWindowSeconds" in metadata:
-        burst_window = _whole(
-            "burstWindowSeconds",
-            metadata["burstWindowSeconds"],
-            0,
-            BURST_WINDOW_MAX_S,
-            allowed("burstWindowSeconds"),
-        )
-    burst_quantile = number("burstQuantile", 0.9, lambda v: 0 < v <= 1)
-    burst_lookback = BURST_LOOKBACK_MAX_S
-    if "burstLookbackSeconds" in metadata:
-        burst_lookback = _whole(
-            "burstLookbackSeconds",
-            metadata["burstLookbackSeconds"],
-            60,
-            BURST_LOOKBACK_MAX_S,
-            allowed("burstLookbackSeconds"),
-        )
-    activation = number("activationTokensPerSecond", 0.0, lambda v: v >= 0)
-    max_replicas = 0
-    if "maxReplicas" in metadata:
-        max_replicas = _whole("maxReplicas", metadata["maxReplicas"], 0, 100_000, allowed("maxReplicas"))
-    predictive = False
-    if "predictive" in metadata:
-        raw = metadata["predictive"].strip().lower()
-        if raw not in ("true", "false"):
-            raise MetadataError("predictive", metadata["predictive"], allowed("predictive"))
-        predictive = raw == "true"
-    lead = 300
-    if "leadSeconds" in metadata:
-        lead = _whole("leadSeconds", metadata["leadSeconds"], 60, 3600, allowed("leadSeconds"))
-    max_error = number("maxForecastError", 0.3, lambda v: v > 0)
-    kv_target = None
-    if "kvCacheTarget" in metadata:
-        kv_target = number("kvCacheTarget", 0.8, lambda v: 0 < v <= 1)
-    model = metadata.get("model")
-    if model is not None and not model.strip():
-        raise MetadataError("model", model, "expected a model name (leave the key out to count all models)")
-    return ScalerSettings(
-        workload=workload,
-        tokens_per_second_per_replica=capacity,
-        headroom=headroom,
-        window_s=window,
-        prompt_weight=prompt_weight,
-        generation_weight=generation_weight,
-        panic_window_s=panic_window,
-        panic_threshold=panic_threshold,
-        panic_hold_s=panic_hold,
-        activation_tokens_per_second=activation,
-        model=model,
-        max_replicas=max_replicas,
-        predictive=predictive,
-        lead_s=lead,
-        max_forecast_error=max_error,
-        kv_cache_target=kv_target,
-        burst_window_s=burst_window,
-        burst_quantile=burst_quantile,
-        burst_lookback_s=burst_lookback,
-    )
+    else:
+        values["panic_window_s"] = min(_DEFAULTS["panic_window_s"], window // 2)
+    return ScalerSettings(**values)
+
+
+def settings_view(settings: ScalerSettings) -> dict[str, Any]:
+    """The settings in force, by metadata key: what ``/debug/scalers`` shows."""
+    return {key: getattr(settings, spec.field) for key, spec in SPEC.items()}

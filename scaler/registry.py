@@ -19,7 +19,7 @@ from typing import Any
 from scaler.ceiling import bound_answer
 from scaler.cost import describe_cost, series_cost
 from scaler.forecast import Forecast
-from scaler.metadata import ScalerSettings, parse
+from scaler.metadata import ScalerSettings, parse, settings_view
 from scaler.metrics import ScalerMetrics
 from scaler.namespaces import OWN_NAMESPACE, NamespaceAccess
 from scaler.predictive import Predictor, combine
@@ -220,21 +220,7 @@ class Registry:
             "name": state.name,
             "metadata": state.metadata,
             "settings": {
-                "workload": s.workload,
-                "tokensPerSecondPerReplica": s.tokens_per_second_per_replica,
-                "headroom": s.headroom,
-                "windowSeconds": s.window_s,
-                "promptWeight": s.prompt_weight,
-                "generationWeight": s.generation_weight,
-                "panicWindowSeconds": s.panic_window_s,
-                "panicThreshold": s.panic_threshold,
-                "activationTokensPerSecond": s.activation_tokens_per_second,
-                "model": s.model,
-                "predictive": s.predictive,
-                "leadSeconds": s.lead_s,
-                "maxForecastError": s.max_forecast_error,
-                "kvCacheTarget": s.kv_cache_target,
-                "maxReplicas": s.max_replicas,
+                **settings_view(s),
                 "sidecarCeilingTokensPerSecond": self.reader.ceiling.per_second(s),
             },
             "metricName": METRIC_NAME,

@@ -36,3 +36,14 @@ def test_every_policy_key_is_in_the_readme_example() -> None:
     )
     section = README[README.index("## Policies") :]
     assert sorted(key for key in keys if f"{key}:" not in section) == []
+
+
+def test_the_metadata_table_shows_each_keys_default() -> None:
+    """Each key's row in the README's metadata table shows the default the code uses."""
+    rows = [line for line in README.splitlines() if line.startswith("| `")]
+    wrong = []
+    for key, (_help, default) in KEYS.items():
+        row = next((r for r in rows if r.startswith(f"| `{key}`") or f", `{key}` |" in r), None)
+        if row is None or (f"`{default}`" not in row and f"| {default} |" not in row):
+            wrong.append(f"{key}: {default}")
+    assert wrong == []
