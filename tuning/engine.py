@@ -44,12 +44,12 @@ from tuning.replica import (
     DROPPED,
     GENERATION_ESTIMATE,
     GONE,
-    PENDING,
     READY,
     REJECTED,
     STARTING,
     Pod,
     ReplicaProfile,
+    RequestLists,
     Requests,
 )
 from tuning.trace import Trace
@@ -121,43 +121,70 @@ class _GatewayCounts:
         return Record("gateway", self.seq, s * 1000, 1000, {MODEL: counts}, role=GATEWAY)
 
 
+TIMELINE = (
+    "t",
+    "pods",
+    "ready",
+    "queue",
+    "in_flight",
+    "arrived_tokens",
+    "arrived_weighted",
+    "served_tokens",
+)
+
+
+@dataclass(frozen=True)
+class _Arrivals:
+    """What arrives in each second, from the trace alone: ``requests[s]``, ``tokens[s]`` and
+    ``weighted[s]`` for the tick at ``s`` (arrivals in ``(s - 1, s]``; the first tick also
+    takes those at 0). ``bincount`` adds each second's weights in arrival order, as a
+    running sum would."""
+
+    requests: list[int]
+    tokens: list[int]
+    weighted: list[float]
+
+    @classmethod
+    def of(cls, trace: Trace, generation_weight: float) -> _Arrivals:
+        tick = np.maximum(np.ceil(trace.arrival_s), 1).astype(np.int64)
+        size = int(tick[-1]) + 1 if len(tick) else 1
+        tokens = trace.prompt + trace.generated
+        weighted = trace.prompt + generation_weight * trace.generated
+        return cls(
+            np.bincount(tick, minlength=size).tolist(),
+            np.bincount(tick, weights=tokens, minlength=size).astype(np.int64).tolist(),
+            np.bincount(tick, weights=weighted, minlength=size).tolist(),
+        )
+
+    def at(self, s: int) -> tuple[int, int, float]:
+        if s < len(self.requests):
+            return self.requests[s], self.tokens[s], self.weighted[s]
+        return 0, 0, 0.0
+
+
 class _Sim:
     def __init__(self, trace: Trace, policy: Policy, config: SimConfig) -> None:
         self.trace = trace
         self.policy = policy
         self.cfg = config
         self.p = config.replica
-        self.r = Requests.of(trace.arrival_s, trace.prompt, trace.generated)
+        self.r = RequestLists(trace.arrival_s, trace.prompt, trace.generated)
+        self.arrivals = _Arrivals.of(trace, config.generation_weight)
         self.hpa = Hpa(config.hpa)
         self.horizon = math.ceil(trace.duration_s + config.margin_s)
         self.heap: list[tuple[float, int, int, Pod | None, int]] = []
         self.seq = 0
         self.pods: list[Pod] = []
         self.live: list[Pod] = []  # starting, ready, draining
-        self.ready: list[Pod] = []
+        self.ready: list[Pod] = []  # in creation order (every pod takes the same cold start)
         self.just_gone: list[Pod] = []
         self.holding: deque[int] = deque()
         self.gateway = _GatewayCounts()
-        self.arrivals = 0
-        self.arrived_tokens = 0
-        self.arrived_weighted = 0.0
         self.scale_ups = self.scale_downs = 0
         self.last_active = 0.0
         self.cached_value = 0.0
         self.next_pod = 0  # round-robin position
-        self.timeline: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "t",
-                "pods",
-                "ready",
-                "queue",
-                "in_flight",
-                "arrived_tokens",
-                "arrived_weighted",
-                "served_tokens",
-            )
-        }
+        self.timeline: list[tuple[float, ...]] = []  # one row of TIMELINE a second
         self.syncs: dict[str, list[float]] = {k: [] for k in ("t", "value", "desired", "current")}
 
     # -- events ------------------------------------------------------------------------
@@ -182,22 +209,25 @@ class _Sim:
         self._push(1.0, _TICK)
         self._push(self.cfg.hpa.sync_s, _SYNC)
         self._push(self.cfg.hpa.polling_s, _POLL)
+        heap = self.heap
         arrival = self.r.arrival
         n = len(arrival)
         i = 0
-        while self.heap:
-            t, kind, _, pod, version = self.heap[0]
-            if i < n and (arrival[i], _ARRIVAL) < (t, kind):
-                self._arrive(i, float(arrival[i]))
+        upcoming = arrival[0] if n else math.inf  # the next arrival's time
+        while heap:
+            t, kind, _, pod, version = heap[0]
+            if upcoming < t or (upcoming == t and kind > _ARRIVAL):
+                self._arrive(i, upcoming)
                 i += 1
+                upcoming = arrival[i] if i < n else math.inf
                 continue
-            heapq.heappop(self.heap)
+            heapq.heappop(heap)
             if kind == _POD:
                 assert pod is not None
                 if version == pod.version:
                     pod.advance(t)
                     pod.settle(t)
-                    if pod.state == DRAINING and pod.idle:
+                    if pod.state == DRAINING and not pod.outstanding:
                         self._gone(pod, t)
                     self._reschedule(pod)
             elif kind == _READY:
@@ -217,91 +247,104 @@ class _Sim:
         return self._result()
 
     def _arrive(self, i: int, t: float) -> None:
-        self.arrivals += 1
-        self.arrived_tokens += int(self.r.prompt[i] + self.r.generated[i])
-        self.arrived_weighted += float(self.r.prompt[i] + self.cfg.generation_weight * self.r.generated[i])
         if not self.ready:
             if len(self.holding) >= self.p.max_queue:
-                self._reject(i, t)
+                self.r.end(i, REJECTED, t)
             else:
                 self.holding.append(i)
-                self.gateway.hold(int(self.r.prompt[i]))
+                self.gateway.hold(self.r.prompt[i])
             return
         self._route(i, t)
 
     def _pick(self) -> Pod:
+        """The ready pod the routing sends the next request to (ties: the oldest pod)."""
+        ready = self.ready
         routing = self.cfg.routing
         if routing == "round-robin":
             self.next_pod += 1
-            return self.ready[self.next_pod % len(self.ready)]
+            return ready[self.next_pod % len(ready)]
         if routing == "least-tokens":
             gw = self.cfg.generation_weight
-            return min(self.ready, key=lambda p: (p.load_prompt + gw * p.load_generation, p.order))
-        return min(self.ready, key=lambda p: (p.outstanding, p.order))
+            return min(ready, key=lambda p: (p.load_prompt + gw * p.load_generation, p.order))
+        best = ready[0]
+        fewest = best.outstanding
+        for pod in ready:
+            if pod.outstanding < fewest or (pod.outstanding == fewest and pod.order < best.order):
+                best, fewest = pod, pod.outstanding
+        return best
 
     def _route(self, i: int, t: float) -> None:
         pod = self._pick()
         if len(pod.queue) >= self.p.max_queue:
-            self._reject(i, t)
+            self.r.end(i, REJECTED, t)
             return
         pod.advance(t)
         pod.arrive(i, t)
         self._reschedule(pod)
 
-    def _reject(self, i: int, t: float) -> None:
-        self.r.status[i] = REJECTED
-        self.r.finish[i] = t
-
     def _tick(self, s: int, all_arrived: bool) -> bool:
+        """The once-a-second work: clients give up, draining pods past their grace period
+        die, sidecars flush, the policy observes, the timeline is sampled. True: stop."""
         t = float(s)
-        r = self.r
         for pod in self.live:
             pod.advance(t)
+        self._expire(t)
+        served_p, served_g, records = self._flush(s)
+        arrivals, tokens, weighted = self.arrivals.at(s)
+        self.policy.observe(Second(s, arrivals, served_p, served_g, records))
+        pods = queue = outstanding = 0
+        for pod in self.live:
+            if pod.state != DRAINING:
+                pods += 1
+            queue += len(pod.queue)
+            outstanding += pod.outstanding
+        held, served = len(self.holding), served_p + served_g
+        self.timeline.append(
+            (t, pods, len(self.ready), queue + held, outstanding + held, tokens, weighted, served)
+        )
+        if all_arrived and t >= self.horizon:
+            return self.r.ended == len(self.r.arrival) or t >= self.horizon + 3600
+        return False
+
+    def _expire(self, t: float) -> None:
+        """Queued clients past the timeout give up; draining pods past the grace period die."""
+        timeout = self.cfg.timeout_s
         for pod in list(self.live):
             if pod.state == STARTING:
                 continue
-            pod.expire(t, self.cfg.timeout_s)
+            if pod.queue:
+                pod.expire(t, timeout)
             if pod.state == DRAINING and t >= pod.drain_deadline:
                 pod.kill(t)
                 self._gone(pod, t)
-        while self.holding and t - r.arrival[self.holding[0]] >= self.cfg.timeout_s:
+        r = self.r
+        while self.holding and t - r.arrival[self.holding[0]] >= timeout:
             j = self.holding.popleft()
-            self.gateway.release(int(r.prompt[j]))
-            r.status[j] = DROPPED
-            r.finish[j] = t
+            self.gateway.release(r.prompt[j])
+            r.end(j, DROPPED, t)
+
+    def _flush(self, s: int) -> tuple[float, float, list[Record]]:
+        """Every running sidecar's flush: served prompt and generated tokens of the second,
+        and the stream records when the policy reads them."""
         records: list[Record] = []
         served_p = served_g = 0.0
+        needs_records = self.policy.needs_records
         for pod in self.live + self.just_gone:
             if pod.state == STARTING:
                 continue
-            counts, sp, sg = pod.take()
+            counts, sp, sg = pod.take(needs_records)
             served_p += sp
             served_g += sg
-            if self.policy.needs_records:
+            if needs_records:
                 pod.seq += 1
                 models = {MODEL: counts} if counts is not None else {}
                 records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
-        if self.policy.needs_records:
+        if needs_records:
             gateway = self.gateway.take(s, len(self.holding))
             if gateway is not None:
                 records.append(gateway)
         self.just_gone = []
-        self.policy.observe(Second(s, self.arrivals, served_p, served_g, records))
-        tl = self.timeline
-        tl["t"].append(t)
-        tl["pods"].append(sum(1 for p in self.live if p.state != DRAINING))
-        tl["ready"].append(len(self.ready))
-        tl["queue"].append(sum(len(p.queue) for p in self.live) + len(self.holding))
-        tl["in_flight"].append(self._in_flight())
-        tl["arrived_tokens"].append(self.arrived_tokens)
-        tl["arrived_weighted"].append(self.arrived_weighted)
-        tl["served_tokens"].append(served_p + served_g)
-        self.arrivals = 0
-        self.arrived_tokens = 0
-        self.arrived_weighted = 0.0
-        if all_arrived and t >= self.horizon:
-            return not bool((r.status == PENDING).any()) or t >= self.horizon + 3600
-        return False
+        return served_p, served_g, records
 
     def _in_flight(self) -> int:
         return sum(p.outstanding for p in self.live) + len(self.holding)
@@ -398,15 +441,16 @@ class _Sim:
     def _result(self) -> RunResult:
         horizon = float(self.horizon)
         pod_seconds = sum(max(0.0, min(p.gone_at, horizon) - min(p.created, horizon)) for p in self.pods)
+        rows = np.array(self.timeline, dtype=np.float64).reshape(-1, len(TIMELINE))
         return RunResult(
             self.policy.name,
             self.policy.describe(),
-            self.r,
+            self.r.to_requests(),
             horizon,
             pod_seconds,
             self.scale_ups,
             self.scale_downs,
-            {k: np.asarray(v, dtype=np.float64) for k, v in self.timeline.items()},
+            {k: rows[:, j].copy() for j, k in enumerate(TIMELINE)},
             {k: np.asarray(v, dtype=np.float64) for k, v in self.syncs.items()},
             self.cfg,
         )
