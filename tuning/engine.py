@@ -227,7 +227,7 @@ class _Sim:
                 if version == pod.version:
                     pod.advance(t)
                     pod.settle(t)
-                    if pod.state == DRAINING and not pod.outstanding:
+                    if pod.state == DRAINING and not pod.inflight:
                         self._gone(pod, t)
                     self._reschedule(pod)
             elif kind == _READY:
@@ -265,12 +265,12 @@ class _Sim:
             return ready[self.next_pod % len(ready)]
         if routing == "least-tokens":
             gw = self.cfg.generation_weight
-            return min(ready, key=lambda p: (p.load_prompt + gw * p.load_generation, p.order))
+            return min(ready, key=lambda p: (p.bp + gw * p.bg, p.order))
         best = ready[0]
-        fewest = best.outstanding
+        fewest = best.inflight
         for pod in ready:
-            if pod.outstanding < fewest or (pod.outstanding == fewest and pod.order < best.order):
-                best, fewest = pod, pod.outstanding
+            if pod.inflight < fewest or (pod.inflight == fewest and pod.order < best.order):
+                best, fewest = pod, pod.inflight
         return best
 
     def _route(self, i: int, t: float) -> None:
@@ -278,16 +278,13 @@ class _Sim:
         if len(pod.queue) >= self.p.max_queue:
             self.r.end(i, REJECTED, t)
             return
-        pod.advance(t)
-        pod.arrive(i, t)
-        self._reschedule(pod)
+        if pod.arrive(i, t):
+            self._reschedule(pod)
 
     def _tick(self, s: int, all_arrived: bool) -> bool:
         """The once-a-second work: clients give up, draining pods past their grace period
         die, sidecars flush, the policy observes, the timeline is sampled. True: stop."""
         t = float(s)
-        for pod in self.live:
-            pod.advance(t)
         self._expire(t)
         served_p, served_g, records = self._flush(s)
         arrivals, tokens, weighted = self.arrivals.at(s)
@@ -297,7 +294,7 @@ class _Sim:
             if pod.state != DRAINING:
                 pods += 1
             queue += len(pod.queue)
-            outstanding += pod.outstanding
+            outstanding += pod.inflight
         held, served = len(self.holding), served_p + served_g
         self.timeline.append(
             (t, pods, len(self.ready), queue + held, outstanding + held, tokens, weighted, served)
@@ -315,6 +312,7 @@ class _Sim:
             if pod.queue:
                 pod.expire(t, timeout)
             if pod.state == DRAINING and t >= pod.drain_deadline:
+                pod.advance(t)
                 pod.kill(t)
                 self._gone(pod, t)
         r = self.r
@@ -329,10 +327,11 @@ class _Sim:
         records: list[Record] = []
         served_p = served_g = 0.0
         needs_records = self.policy.needs_records
+        t = float(s)
         for pod in self.live + self.just_gone:
             if pod.state == STARTING:
                 continue
-            counts, sp, sg = pod.take(needs_records)
+            counts, sp, sg = pod.take(t, needs_records)
             served_p += sp
             served_g += sg
             if needs_records:
@@ -347,7 +346,7 @@ class _Sim:
         return served_p, served_g, records
 
     def _in_flight(self) -> int:
-        return sum(p.outstanding for p in self.live) + len(self.holding)
+        return sum(p.inflight for p in self.live) + len(self.holding)
 
     def _current(self) -> list[Pod]:
         return [p for p in self.live if p.state in (STARTING, READY)]

@@ -24,6 +24,7 @@ first four of a real server and writes a file that ``simulate --replica-profile`
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import math
@@ -221,8 +222,12 @@ class Pod:
     """One replica: engine state plus what its sidecar has counted since the last flush.
 
     The engine's rates depend only on how many sequences decode and whether a prompt is
-    waiting; they are kept (``step``, ``prefill_rate``) and recomputed when the batch
-    changes, so moving the pod between events is a few multiplications."""
+    waiting; they are kept (``step``, ``prefill_rate``) and looked up again when the batch
+    changes, so moving the pod between events is a few multiplications.
+
+    ``bp`` and ``bg`` are the backlog the sidecar reports, and what a token-aware router
+    weighs: prompt tokens not yet prefilled, and the estimated generation of every request
+    not yet finished."""
 
     __slots__ = (
         "ag",
@@ -237,17 +242,15 @@ class Pod:
         "head_left",
         "inflight",
         "kv_used",
-        "load_generation",
-        "load_prompt",
         "mean_generation",
         "name",
         "order",
-        "outstanding",
         "p",
         "prefill",
         "prefill_rate",
         "queue",
         "r",
+        "rates",
         "ready_at",
         "rq",
         "seq",
@@ -268,6 +271,7 @@ class Pod:
         self.order = order
         self.p = profile
         self.r = requests
+        self.rates = rate_table(profile)
         self.state = STARTING
         self.created = now
         self.ready_at = math.inf
@@ -277,12 +281,11 @@ class Pod:
         self.version = 0
         self.queue: deque[int] = deque()
         self.prefill: deque[int] = deque()
-        self.head_left = 0.0
-        self.decoding: list[tuple[float, int]] = []
+        self.head_left = 0.0  # prompt tokens of the head prefill still to go
+        self.decoding: list[tuple[float, int]] = []  # (clock at which it ends, request)
         self.clock = 0.0
         self.step = 0.0  # seconds per engine step with the current batch
         self.prefill_rate = 0.0  # prompt tokens/s of the head prefill with the current batch
-        self.outstanding = 0  # requests queued, prefilling or decoding
         # sidecar counters (since the last flush) and gauges
         self.seq = 0
         self.sp = 0
@@ -291,27 +294,21 @@ class Pod:
         self.rq = 0
         self.sg_total = 0.0  # generated tokens served since the pod started (fluid)
         self.sg_sent = 0
-        self.inflight = 0
+        self.inflight = 0  # requests queued, prefilling or decoding
         self.waiting = 0
         self.bp = 0
         self.bg = 0
         self.mean_generation: float | None = None
-        # outstanding work as a token-aware router sees it: prompts not yet prefilled and
-        # the estimated generation of requests not yet finished
-        self.load_prompt = 0
-        self.load_generation = 0
         self.kv_used = 0  # context tokens reserved by admitted requests (with kv_cache_tokens)
         self._rates()
 
     @property
     def idle(self) -> bool:
-        return not self.outstanding
+        return not self.inflight
 
     def _rates(self) -> None:
         """The step time and prefill rate of the batch as it is now."""
-        n = len(self.decoding)
-        self.step = step = self.p.step_s(n, bool(self.prefill))
-        self.prefill_rate = (self.p.chunk_tokens - n) / step
+        self.step, self.prefill_rate = self.rates[len(self.decoding)][bool(self.prefill)]
 
     def advance(self, t: float) -> None:
         """Let the engine run until ``t`` at the current rates (no event lies in between)."""
@@ -338,37 +335,43 @@ class Pod:
                 soonest = end
         return soonest
 
-    # -- what happens to requests (the caller advanced the pod to ``t`` first) --------
+    # -- what happens to requests (at ``t``: the caller moved the pod there first, but for
+    # ``arrive``, which moves it when it has to) --------------------------------------
 
-    def arrive(self, i: int, t: float) -> None:
-        prompt = self.r.prompt[i]
+    def arrive(self, i: int, t: float) -> bool:
+        """Request ``i`` arrives at ``t``. True when the batch may have changed (so the next
+        event may have moved); False when it joins behind a prompt being prefilled, which
+        changes no rate, so the pod is not even moved to ``t``."""
+        r = self.r
+        prompt = r.prompt[i]
         mean = self.mean_generation
         estimate = GENERATION_ESTIMATE if mean is None else round(mean)
-        self.r.estimate[i] = estimate
+        r.estimate[i] = estimate
         self.ap += prompt
         self.ag += estimate
-        self.inflight += 1
-        self.waiting += 1
         self.bp += prompt
         self.bg += estimate
-        self.load_prompt += prompt
-        self.load_generation += estimate
-        self.outstanding += 1
+        self.inflight += 1
+        self.waiting += 1
         self.queue.append(i)
-        self.admit(t)
-
-    def admit(self, t: float) -> None:
-        if self._fill() and self.head_left <= _EPS:
-            self.settle(t)
+        if self.prefill:
+            self._fill()
+            return False
+        self.advance(t)
+        if self._fill():
+            self._rates()
+            if self.head_left <= _EPS:
+                self.settle(t)
+        return True
 
     def _fill(self) -> bool:
-        """Move queued requests into free slots; True when a prefill is waiting."""
+        """Move queued requests into free slots (the caller looks the rates up again);
+        True when a prefill is waiting."""
         queue, prefill = self.queue, self.prefill
         slots = self.p.max_concurrency - len(prefill) - len(self.decoding)
         if slots <= 0 or not queue:
             return bool(prefill)
         limit = self.p.kv_cache_tokens
-        was_prefilling = bool(prefill)
         while slots > 0 and queue:
             i = queue[0]
             if limit is not None:
@@ -382,17 +385,15 @@ class Pod:
                 self.head_left = float(self.r.prompt[i])
             prefill.append(i)
             slots -= 1
-        if prefill and not was_prefilling:
-            self._rates()
         return bool(prefill)
 
     def settle(self, t: float) -> None:
         """Finish every prefill and sequence that is done at ``t``, then fill free slots."""
         r = self.r
         prefill, decoding = self.prefill, self.decoding
-        changed = True
-        while changed:
-            changed = False
+        changed = False
+        while True:
+            moved = False
             while prefill and self.head_left <= _EPS:
                 i = prefill.popleft()
                 self._first_token(i, t)
@@ -403,14 +404,16 @@ class Pod:
                     heapq.heappush(decoding, (self.clock + float(r.generated[i] - 1), i))
                 if prefill:
                     self.head_left = float(r.prompt[prefill[0]])
-                changed = True
+                moved = True
             while decoding and decoding[0][0] - self.clock <= _EPS:
-                _, i = heapq.heappop(decoding)
-                self._finish(i, t)
-                changed = True
-            if changed:
-                self._rates()
-                self._fill()
+                self._finish(heapq.heappop(decoding)[1], t)
+                moved = True
+            if not moved:
+                break
+            changed = True
+            self._fill()
+        if changed:
+            self._rates()
 
     def _first_token(self, i: int, t: float) -> None:
         r = self.r
@@ -423,7 +426,6 @@ class Pod:
             self.sg_total += 1.0
         self.waiting -= 1
         self.bp -= prompt
-        self.load_prompt -= prompt
 
     def _finish(self, i: int, t: float) -> None:
         r = self.r
@@ -435,11 +437,10 @@ class Pod:
         estimate = r.estimate[i]
         self.ag += generated - estimate
         self.bg -= estimate
-        self.load_generation -= estimate
-        self._release(i)
+        if self.p.kv_cache_tokens is not None:
+            self.kv_used -= r.context[i]
         self.rq += 1
         self.inflight -= 1
-        self.outstanding -= 1
         mean = self.mean_generation
         self.mean_generation = generated if mean is None else mean + ESTIMATE_ALPHA * (generated - mean)
 
@@ -465,11 +466,8 @@ class Pod:
         self.ag -= estimate
         self.bp -= prompt
         self.bg -= estimate
-        self.load_prompt -= prompt
-        self.load_generation -= estimate
         self.waiting -= 1
         self.inflight -= 1
-        self.outstanding -= 1
         self.rq += 1
 
     def kill(self, t: float) -> list[int]:
@@ -488,10 +486,8 @@ class Pod:
             estimate = r.estimate[i]
             self.ag += served - estimate
             self.bg -= estimate
-            self.load_generation -= estimate
             self.sg_total += served - 1 - (self.clock - r.started[i])
             self.inflight -= 1
-            self.outstanding -= 1
             self.rq += 1
         self.queue.clear()
         self.prefill.clear()
@@ -499,10 +495,15 @@ class Pod:
         self._rates()
         return lost
 
-    def take(self, counts: bool = True) -> tuple[ModelCounts | None, float, float]:
-        """The sidecar's flush: counts since the last one (None when there is nothing to say,
-        or not asked for), and the prompt and generated tokens served in the interval."""
-        sg = round(self.sg_total) - self.sg_sent
+    def take(self, t: float, counts: bool = True) -> tuple[ModelCounts | None, float, float]:
+        """The sidecar's flush at ``t``: counts since the last one (None when there is nothing
+        to say, or not asked for), and the prompt and generated tokens served in the interval.
+        The pod is not moved: its fluid generated tokens at ``t`` are found in closed form."""
+        total = self.sg_total
+        n = len(self.decoding)
+        if n and t > self.t:
+            total += n * ((t - self.t) / self.step)
+        sg = round(total) - self.sg_sent
         self.sg_sent += sg
         model = None
         if counts and (self.sp or sg or self.ap or self.ag or self.rq or self.inflight):
@@ -520,6 +521,19 @@ class Pod:
         served_prompt = float(self.sp)
         self.sp = self.ap = self.ag = self.rq = 0
         return model, served_prompt, float(sg)
+
+
+@functools.cache
+def rate_table(profile: ReplicaProfile) -> tuple[tuple[tuple[float, float], ...], ...]:
+    """``[n][prefilling]``: the step time and the head prompt's prefill rate (tokens/s) with
+    ``n`` sequences decoding, with and without a prompt waiting."""
+    return tuple(
+        tuple(
+            (profile.step_s(n, prefilling), (profile.chunk_tokens - n) / profile.step_s(n, prefilling))
+            for prefilling in (False, True)
+        )
+        for n in range(profile.max_concurrency + 1)
+    )
 
 
 def saturated_throughput(
