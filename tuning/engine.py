@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ from tuning.replica import (
 from tuning.trace import Trace
 
 _POD, _READY, _ARRIVAL, _TICK, _SYNC, _POLL = range(6)
+_INFLIGHT = operator.attrgetter("inflight")
 MODEL = "model"
 ROUTINGS = ("least-requests", "round-robin", "least-tokens")
 
@@ -225,11 +227,13 @@ class _Sim:
             if kind == _POD:
                 assert pod is not None
                 if version == pod.version:
-                    pod.advance(t)
-                    pod.settle(t)
+                    upcoming_pod = pod.wake(t)
                     if pod.state == DRAINING and not pod.inflight:
                         self._gone(pod, t)
-                    self._reschedule(pod)
+                    pod.version += 1
+                    if upcoming_pod < math.inf:
+                        self.seq += 1
+                        heapq.heappush(heap, (upcoming_pod, _POD, self.seq, pod, pod.version))
             elif kind == _READY:
                 assert pod is not None
                 if pod.state == STARTING:
@@ -266,12 +270,7 @@ class _Sim:
         if routing == "least-tokens":
             gw = self.cfg.generation_weight
             return min(ready, key=lambda p: (p.bp + gw * p.bg, p.order))
-        best = ready[0]
-        fewest = best.inflight
-        for pod in ready:
-            if pod.inflight < fewest or (pod.inflight == fewest and pod.order < best.order):
-                best, fewest = pod, pod.inflight
-        return best
+        return min(ready, key=_INFLIGHT)  # the first of the fewest: ``ready`` is in creation order
 
     def _route(self, i: int, t: float) -> None:
         pod = self._pick()
@@ -370,6 +369,8 @@ class _Sim:
         if self.cfg.hpa.use_cached_metrics:
             self.cached_value = self.policy.value(t, in_flight)
         current = len(self._current())
+        if current > 0 and self.cfg.hpa.min_replicas > 0:
+            return  # KEDA's activation moves a workload only from or to zero replicas
         active = self.policy.active(t, in_flight)
         if active:
             self.last_active = t

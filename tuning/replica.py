@@ -335,6 +335,12 @@ class Pod:
                 soonest = end
         return soonest
 
+    def wake(self, t: float) -> float:
+        """At its event: move to ``t``, finish what is done, and say when the next event is."""
+        self.advance(t)
+        self.settle(t)
+        return self.next_event()
+
     # -- what happens to requests (at ``t``: the caller moved the pod there first, but for
     # ``arrive``, which moves it when it has to) --------------------------------------
 
