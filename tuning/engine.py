@@ -281,68 +281,70 @@ class _Sim:
             self._reschedule(pod)
 
     def _tick(self, s: int, all_arrived: bool) -> bool:
-        """The once-a-second work: clients give up, draining pods past their grace period
-        die, sidecars flush, the policy observes, the timeline is sampled. True: stop."""
+        """The once-a-second work, in one pass over the pods: queued clients past the timeout
+        give up, a draining pod past its grace period dies, every running sidecar flushes
+        (the pods gone since the last second last), the timeline counts; then the gateway
+        and the policy. True: the run is over."""
         t = float(s)
-        self._expire(t)
-        served_p, served_g, records = self._flush(s)
-        arrivals, tokens, weighted = self.arrivals.at(s)
-        self.policy.observe(Second(s, arrivals, served_p, served_g, records))
-        pods = queue = outstanding = 0
-        for pod in self.live:
-            if pod.state != DRAINING:
+        timeout = self.cfg.timeout_s
+        records: list[Record] | None = [] if self.policy.needs_records else None
+        served_p = served_g = 0.0
+        pods = queue = inflight = 0
+        for pod in list(self.live):  # a pod past its grace period leaves ``live``
+            if pod.state == STARTING:
+                pods += 1
+                continue
+            if pod.queue:
+                pod.expire(t, timeout)
+            if pod.state == DRAINING:
+                if t >= pod.drain_deadline:
+                    pod.advance(t)
+                    pod.kill(t)
+                    self._gone(pod, t)
+                    continue
+            else:
                 pods += 1
             queue += len(pod.queue)
-            outstanding += pod.inflight
-        held, served = len(self.holding), served_p + served_g
-        self.timeline.append(
-            (t, pods, len(self.ready), queue + held, outstanding + held, tokens, weighted, served)
-        )
+            inflight += pod.inflight
+            sp, sg = self._take(pod, s, records)
+            served_p += sp
+            served_g += sg
+        for pod in self.just_gone:
+            sp, sg = self._take(pod, s, records)
+            served_p += sp
+            served_g += sg
+        self.just_gone = []
+        self._give_up_held(t)
+        if records is not None:
+            gateway = self.gateway.take(s, len(self.holding))
+            if gateway is not None:
+                records.append(gateway)
+        arrivals, tokens, weighted = self.arrivals.at(s)
+        self.policy.observe(Second(s, arrivals, served_p, served_g, records or []))
+        held = len(self.holding)
+        row = (t, pods, len(self.ready), queue + held, inflight + held, tokens, weighted, served_p + served_g)
+        self.timeline.append(row)
         if all_arrived and t >= self.horizon:
             return self.r.ended == len(self.r.arrival) or t >= self.horizon + 3600
         return False
 
-    def _expire(self, t: float) -> None:
-        """Queued clients past the timeout give up; draining pods past the grace period die."""
-        timeout = self.cfg.timeout_s
-        for pod in list(self.live):
-            if pod.state == STARTING:
-                continue
-            if pod.queue:
-                pod.expire(t, timeout)
-            if pod.state == DRAINING and t >= pod.drain_deadline:
-                pod.advance(t)
-                pod.kill(t)
-                self._gone(pod, t)
-        r = self.r
+    def _take(self, pod: Pod, s: int, records: list[Record] | None) -> tuple[float, float]:
+        """One sidecar's flush at second ``s``: its record (when ``records`` are kept) and the
+        prompt and generated tokens it served in the second."""
+        counts, served_prompt, served_generation = pod.take(float(s), records is not None)
+        if records is not None:
+            pod.seq += 1
+            models = {MODEL: counts} if counts is not None else {}
+            records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
+        return served_prompt, served_generation
+
+    def _give_up_held(self, t: float) -> None:
+        """Requests held at the gateway past the timeout are dropped."""
+        r, timeout = self.r, self.cfg.timeout_s
         while self.holding and t - r.arrival[self.holding[0]] >= timeout:
             j = self.holding.popleft()
             self.gateway.release(r.prompt[j])
             r.end(j, DROPPED, t)
-
-    def _flush(self, s: int) -> tuple[float, float, list[Record]]:
-        """Every running sidecar's flush: served prompt and generated tokens of the second,
-        and the stream records when the policy reads them."""
-        records: list[Record] = []
-        served_p = served_g = 0.0
-        needs_records = self.policy.needs_records
-        t = float(s)
-        for pod in self.live + self.just_gone:
-            if pod.state == STARTING:
-                continue
-            counts, sp, sg = pod.take(t, needs_records)
-            served_p += sp
-            served_g += sg
-            if needs_records:
-                pod.seq += 1
-                models = {MODEL: counts} if counts is not None else {}
-                records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
-        if needs_records:
-            gateway = self.gateway.take(s, len(self.holding))
-            if gateway is not None:
-                records.append(gateway)
-        self.just_gone = []
-        return served_p, served_g, records
 
     def _in_flight(self) -> int:
         return sum(p.inflight for p in self.live) + len(self.holding)

@@ -328,9 +328,11 @@ class Pod:
         """When the head prefill or the first sequence ends at the current rates (inf: idle)."""
         soonest = math.inf
         if self.prefill:
-            soonest = self.t + max(self.head_left, 0.0) / self.prefill_rate
+            left = self.head_left
+            soonest = self.t + (left if left > 0.0 else 0.0) / self.prefill_rate
         if self.decoding:
-            end = self.t + max(self.decoding[0][0] - self.clock, 0.0) * self.step
+            steps = self.decoding[0][0] - self.clock
+            end = self.t + (steps if steps > 0.0 else 0.0) * self.step
             if end < soonest:
                 soonest = end
         return soonest
@@ -365,7 +367,7 @@ class Pod:
             return False
         self.advance(t)
         if self._fill():
-            self._rates()
+            self.step, self.prefill_rate = self.rates[len(self.decoding)][True]
             if self.head_left <= _EPS:
                 self.settle(t)
         return True
@@ -374,8 +376,10 @@ class Pod:
         """Move queued requests into free slots (the caller looks the rates up again);
         True when a prefill is waiting."""
         queue, prefill = self.queue, self.prefill
+        if not queue:
+            return bool(prefill)
         slots = self.p.max_concurrency - len(prefill) - len(self.decoding)
-        if slots <= 0 or not queue:
+        if slots <= 0:
             return bool(prefill)
         limit = self.p.kv_cache_tokens
         while slots > 0 and queue:
@@ -394,12 +398,12 @@ class Pod:
         return bool(prefill)
 
     def settle(self, t: float) -> None:
-        """Finish every prefill and sequence that is done at ``t``, then fill free slots."""
+        """Finish every prefill and sequence that is done at ``t``, then fill free slots
+        (again while a prompt of no tokens comes to the head: it is done at once)."""
         r = self.r
         prefill, decoding = self.prefill, self.decoding
         changed = False
         while True:
-            moved = False
             while prefill and self.head_left <= _EPS:
                 i = prefill.popleft()
                 self._first_token(i, t)
@@ -410,16 +414,18 @@ class Pod:
                     heapq.heappush(decoding, (self.clock + float(r.generated[i] - 1), i))
                 if prefill:
                     self.head_left = float(r.prompt[prefill[0]])
-                moved = True
+                changed = True
+            # a sequence that starts decoding now ends a whole token later at the soonest
             while decoding and decoding[0][0] - self.clock <= _EPS:
                 self._finish(heapq.heappop(decoding)[1], t)
-                moved = True
-            if not moved:
+                changed = True
+            if not changed:
+                return
+            if self.queue:
+                self._fill()
+            if not (prefill and self.head_left <= _EPS):
                 break
-            changed = True
-            self._fill()
-        if changed:
-            self._rates()
+        self.step, self.prefill_rate = self.rates[len(decoding)][bool(prefill)]
 
     def _first_token(self, i: int, t: float) -> None:
         r = self.r
