@@ -1,10 +1,10 @@
 """How much CPU ``token-scaler simulate`` spends per request, per policy run.
 
-    python -m bench.sim_speed [--days 1 --mean-rps 4 --seed 5] [--rounds 1] [--against OLD.json]
+    python -m bench.sim_speed [--days 1 --mean-rps 4 --seed 5 --mix steady] [--rounds 1] [--against OLD.json]
     python -m bench.sim_speed --traces code --profile token     # where one run's time goes
 
 Traces: ``code``, the shipped Azure code hour (token_scaler/data), and ``day``, a synthesized
-trace (``tuning.synth.generate`` with ``--days``/``--mean-rps``/``--seed``, written to a CSV
+trace (``tuning.synth.generate`` with ``--days``/``--mean-rps``/``--seed``/``--mix``, written to a CSV
 and read back, as ``token-scaler synthesize`` and ``simulate --trace`` do). Each trace is set
 up as ``simulate`` sets it up (calibration, warm start), then each policy is run once per
 round (token, rps, concurrency, prometheus at their calibrated targets; fixed at twice the
@@ -179,20 +179,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--days", type=float, default=1.0, help="days of the synthesized trace (default 1)")
     p.add_argument("--mean-rps", type=float, default=4.0, help="its mean requests/s (default 4)")
     p.add_argument("--seed", type=int, default=5, help="its seed (default 5)")
+    p.add_argument("--mix", default="steady", help="its mix: steady or shifting (default steady)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each policy (default 1)")
     p.add_argument("--against", type=Path, help="an earlier sim-speed.json: print differing figures")
     p.add_argument("--profile", metavar="POLICY", help="cProfile one run of POLICY instead")
     p.add_argument("--out", type=Path, default=RESULTS / "sim-speed.json", help="where to write")
     ns = p.parse_args(argv)
     policies = ns.policies.split(",")
-    config = SynthConfig(days=ns.days, mean_rps=ns.mean_rps, seed=ns.seed)
+    config = SynthConfig(days=ns.days, mean_rps=ns.mean_rps, seed=ns.seed, mix=ns.mix)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = setups(ns.traces.split(","), config, Path(tmp))
     if ns.profile:
         for setup in prepared.values():
             profile(setup, ns.profile)
         return 0
-    result: dict[str, Any] = {"synthesized": {"days": ns.days, "mean_rps": ns.mean_rps, "seed": ns.seed}}
+    synthesized = {"days": ns.days, "mean_rps": ns.mean_rps, "seed": ns.seed, "mix": ns.mix}
+    result: dict[str, Any] = {"synthesized": synthesized}
     result["traces"] = {}
     print(f"{'trace':<6} {'requests':>9} {'run':<20} {'cpu us/req p50':>15} {'GPU-h':>8} {'all SLOs':>9}")
     for trace, setup in prepared.items():

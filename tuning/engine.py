@@ -195,12 +195,12 @@ class _Sim:
         self.seq += 1
         heapq.heappush(self.heap, (t, kind, self.seq, pod, version))
 
-    def _reschedule(self, pod: Pod) -> None:
+    def _schedule(self, pod: Pod, when: float) -> None:
+        """The pod's next event is at ``when`` (inf: none); any earlier one is void."""
         pod.version += 1
-        t = pod.next_event()
-        if t < math.inf:
+        if when < math.inf:
             self.seq += 1
-            heapq.heappush(self.heap, (t, _POD, self.seq, pod, pod.version))
+            heapq.heappush(self.heap, (when, _POD, self.seq, pod, pod.version))
 
     def run(self) -> RunResult:
         initial = self.cfg.initial_replicas
@@ -227,13 +227,10 @@ class _Sim:
             if kind == _POD:
                 assert pod is not None
                 if version == pod.version:
-                    upcoming_pod = pod.wake(t)
+                    when = pod.wake(t)
                     if pod.state == DRAINING and not pod.inflight:
                         self._gone(pod, t)
-                    pod.version += 1
-                    if upcoming_pod < math.inf:
-                        self.seq += 1
-                        heapq.heappush(heap, (upcoming_pod, _POD, self.seq, pod, pod.version))
+                    self._schedule(pod, when)
             elif kind == _READY:
                 assert pod is not None
                 if pod.state == STARTING:
@@ -278,7 +275,7 @@ class _Sim:
             self.r.end(i, REJECTED, t)
             return
         if pod.arrive(i, t):
-            self._reschedule(pod)
+            self._schedule(pod, pod.next_event())
 
     def _tick(self, s: int, all_arrived: bool) -> bool:
         """The once-a-second work, in one pass over the pods: queued clients past the timeout
