@@ -303,7 +303,10 @@ class _Sim:
                 pods += 1
             queue += len(pod.queue)
             inflight += pod.inflight
-            sp, sg = self._take(pod, s, records)
+            if records is None:
+                _, sp, sg = pod.take(t, False)
+            else:
+                sp, sg = self._take(pod, s, records)
             served_p += sp
             served_g += sg
         for pod in self.just_gone:
@@ -311,7 +314,8 @@ class _Sim:
             served_p += sp
             served_g += sg
         self.just_gone = []
-        self._give_up_held(t)
+        if self.holding:
+            self._give_up_held(t)
         if records is not None:
             gateway = self.gateway.take(s, len(self.holding))
             if gateway is not None:
