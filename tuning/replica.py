@@ -12,7 +12,11 @@ finds every queue full is rejected (HTTP 429/503).
 Between events the rates are constant, so the model moves in closed form from event to
 event (a prefill ends, a sequence ends) instead of in fixed time steps: ``clock`` is the
 number of tokens every decoding sequence has received, and a sequence ends when the
-clock reaches the value it was given when it started decoding.
+clock reaches the value it was given when it started decoding. A pod is moved only when
+something changes its rates or is read from it: a request joining behind a prompt being
+prefilled changes neither, and the sidecar's once-a-second flush finds the generated
+tokens at the second in closed form. ``tests/test_replica_model.py`` checks the pod
+against a plain reference that moves every request at every event and arrival.
 
 Defaults (``ReplicaProfile()``) are ASSUMPTIONS for an 8B-class model on one mid-range
 GPU, not measurements: 25 ms per step + 0.5 ms per decoding sequence (about 40 tokens/s
