@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -44,17 +45,18 @@ from tuning.replica import (
     DROPPED,
     GENERATION_ESTIMATE,
     GONE,
-    PENDING,
     READY,
     REJECTED,
     STARTING,
     Pod,
     ReplicaProfile,
+    RequestLists,
     Requests,
 )
 from tuning.trace import Trace
 
 _POD, _READY, _ARRIVAL, _TICK, _SYNC, _POLL = range(6)
+_INFLIGHT = operator.attrgetter("inflight")
 MODEL = "model"
 ROUTINGS = ("least-requests", "round-robin", "least-tokens")
 
@@ -123,43 +125,70 @@ class _GatewayCounts:
         return Record("gateway", self.seq, s * 1000, 1000, {MODEL: counts}, role=GATEWAY)
 
 
+TIMELINE = (
+    "t",
+    "pods",
+    "ready",
+    "queue",
+    "in_flight",
+    "arrived_tokens",
+    "arrived_weighted",
+    "served_tokens",
+)
+
+
+@dataclass(frozen=True)
+class _Arrivals:
+    """What arrives in each second, from the trace alone: ``requests[s]``, ``tokens[s]`` and
+    ``weighted[s]`` for the tick at ``s`` (arrivals in ``(s - 1, s]``; the first tick also
+    takes those at 0). ``bincount`` adds each second's weights in arrival order, as a
+    running sum would."""
+
+    requests: list[int]
+    tokens: list[int]
+    weighted: list[float]
+
+    @classmethod
+    def of(cls, trace: Trace, generation_weight: float) -> _Arrivals:
+        tick = np.maximum(np.ceil(trace.arrival_s), 1).astype(np.int64)
+        size = int(tick[-1]) + 1 if len(tick) else 1
+        tokens = trace.prompt + trace.generated
+        weighted = trace.prompt + generation_weight * trace.generated
+        return cls(
+            np.bincount(tick, minlength=size).tolist(),
+            np.bincount(tick, weights=tokens, minlength=size).astype(np.int64).tolist(),
+            np.bincount(tick, weights=weighted, minlength=size).tolist(),
+        )
+
+    def at(self, s: int) -> tuple[int, int, float]:
+        if s < len(self.requests):
+            return self.requests[s], self.tokens[s], self.weighted[s]
+        return 0, 0, 0.0
+
+
 class _Sim:
     def __init__(self, trace: Trace, policy: Policy, config: SimConfig) -> None:
         self.trace = trace
         self.policy = policy
         self.cfg = config
         self.p = config.replica
-        self.r = Requests.of(trace.arrival_s, trace.prompt, trace.generated)
+        self.r = RequestLists(trace.arrival_s, trace.prompt, trace.generated)
+        self.arrivals = _Arrivals.of(trace, config.generation_weight)
         self.hpa = Hpa(config.hpa)
         self.horizon = math.ceil(trace.duration_s + config.margin_s)
         self.heap: list[tuple[float, int, int, Pod | None, int]] = []
         self.seq = 0
         self.pods: list[Pod] = []
         self.live: list[Pod] = []  # starting, ready, draining
-        self.ready: list[Pod] = []
+        self.ready: list[Pod] = []  # in creation order (every pod takes the same cold start)
         self.just_gone: list[Pod] = []
         self.holding: deque[int] = deque()
         self.gateway = _GatewayCounts()
-        self.arrivals = 0
-        self.arrived_tokens = 0
-        self.arrived_weighted = 0.0
         self.scale_ups = self.scale_downs = 0
         self.last_active = 0.0
         self.cached_value = 0.0
         self.next_pod = 0  # round-robin position
-        self.timeline: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "t",
-                "pods",
-                "ready",
-                "queue",
-                "in_flight",
-                "arrived_tokens",
-                "arrived_weighted",
-                "served_tokens",
-            )
-        }
+        self.timeline: list[tuple[float, ...]] = []  # one row of TIMELINE a second
         self.syncs: dict[str, list[float]] = {k: [] for k in ("t", "value", "desired", "current")}
 
     # -- events ------------------------------------------------------------------------
@@ -168,12 +197,12 @@ class _Sim:
         self.seq += 1
         heapq.heappush(self.heap, (t, kind, self.seq, pod, version))
 
-    def _reschedule(self, pod: Pod) -> None:
+    def _schedule(self, pod: Pod, when: float) -> None:
+        """The pod's next event is at ``when`` (inf: none); any earlier one is void."""
         pod.version += 1
-        t = pod.next_event()
-        if t < math.inf:
+        if when < math.inf:
             self.seq += 1
-            heapq.heappush(self.heap, (t, _POD, self.seq, pod, pod.version))
+            heapq.heappush(self.heap, (when, _POD, self.seq, pod, pod.version))
 
     def run(self) -> RunResult:
         initial = self.cfg.initial_replicas
@@ -184,24 +213,26 @@ class _Sim:
         self._push(1.0, _TICK)
         self._push(self.cfg.hpa.sync_s, _SYNC)
         self._push(self.cfg.hpa.polling_s, _POLL)
+        heap = self.heap
         arrival = self.r.arrival
         n = len(arrival)
         i = 0
-        while self.heap:
-            t, kind, _, pod, version = self.heap[0]
-            if i < n and (arrival[i], _ARRIVAL) < (t, kind):
-                self._arrive(i, float(arrival[i]))
+        upcoming = arrival[0] if n else math.inf  # the next arrival's time
+        while heap:
+            t, kind, _, pod, version = heap[0]
+            if upcoming < t or (upcoming == t and kind > _ARRIVAL):
+                self._arrive(i, upcoming)
                 i += 1
+                upcoming = arrival[i] if i < n else math.inf
                 continue
-            heapq.heappop(self.heap)
+            heapq.heappop(heap)
             if kind == _POD:
                 assert pod is not None
                 if version == pod.version:
-                    pod.advance(t)
-                    pod.settle(t)
-                    if pod.state == DRAINING and pod.idle:
+                    when = pod.wake(t)
+                    if pod.state == DRAINING and not pod.inflight:
                         self._gone(pod, t)
-                    self._reschedule(pod)
+                    self._schedule(pod, when)
             elif kind == _READY:
                 assert pod is not None
                 if pod.state == STARTING:
@@ -219,94 +250,107 @@ class _Sim:
         return self._result()
 
     def _arrive(self, i: int, t: float) -> None:
-        self.arrivals += 1
-        self.arrived_tokens += int(self.r.prompt[i] + self.r.generated[i])
-        self.arrived_weighted += float(self.r.prompt[i] + self.cfg.generation_weight * self.r.generated[i])
         if not self.ready:
             if len(self.holding) >= self.p.max_queue:
-                self._reject(i, t)
+                self.r.end(i, REJECTED, t)
             else:
                 self.holding.append(i)
-                self.gateway.hold(int(self.r.prompt[i]))
+                self.gateway.hold(self.r.prompt[i])
             return
         self._route(i, t)
 
     def _pick(self) -> Pod:
+        """The ready pod the routing sends the next request to (ties: the oldest pod)."""
+        ready = self.ready
         routing = self.cfg.routing
         if routing == "round-robin":
             self.next_pod += 1
-            return self.ready[self.next_pod % len(self.ready)]
+            return ready[self.next_pod % len(ready)]
         if routing == "least-tokens":
             gw = self.cfg.generation_weight
-            return min(self.ready, key=lambda p: (p.load_prompt + gw * p.load_generation, p.order))
-        return min(self.ready, key=lambda p: (p.outstanding, p.order))
+            return min(ready, key=lambda p: (p.bp + gw * p.bg, p.order))
+        return min(ready, key=_INFLIGHT)  # the first of the fewest: ``ready`` is in creation order
 
     def _route(self, i: int, t: float) -> None:
         pod = self._pick()
         if len(pod.queue) >= self.p.max_queue:
-            self._reject(i, t)
+            self.r.end(i, REJECTED, t)
             return
-        pod.advance(t)
-        pod.arrive(i, t)
-        self._reschedule(pod)
-
-    def _reject(self, i: int, t: float) -> None:
-        self.r.status[i] = REJECTED
-        self.r.finish[i] = t
+        if pod.arrive(i, t):
+            self._schedule(pod, pod.next_event())
 
     def _tick(self, s: int, all_arrived: bool) -> bool:
+        """The once-a-second work, in one pass over the pods: queued clients past the timeout
+        give up, a draining pod past its grace period dies, every running sidecar flushes
+        (the pods gone since the last second last), the timeline counts; then the gateway
+        and the policy. True: the run is over."""
         t = float(s)
-        r = self.r
-        for pod in self.live:
-            pod.advance(t)
-        for pod in list(self.live):
-            if pod.state == STARTING:
-                continue
-            pod.expire(t, self.cfg.timeout_s)
-            if pod.state == DRAINING and t >= pod.drain_deadline:
-                pod.kill(t)
-                self._gone(pod, t)
-        while self.holding and t - r.arrival[self.holding[0]] >= self.cfg.timeout_s:
-            j = self.holding.popleft()
-            self.gateway.release(int(r.prompt[j]))
-            r.status[j] = DROPPED
-            r.finish[j] = t
-        records: list[Record] = []
+        timeout = self.cfg.timeout_s
+        records: list[Record] | None = [] if self.policy.needs_records else None
         served_p = served_g = 0.0
-        for pod in self.live + self.just_gone:
+        pods = queue = inflight = 0
+        for pod in list(self.live):  # a pod past its grace period leaves ``live``
             if pod.state == STARTING:
+                pods += 1
                 continue
-            counts, sp, sg = pod.take()
+            if pod.queue:
+                pod.expire(t, timeout)
+            if pod.state == DRAINING:
+                if t >= pod.drain_deadline:
+                    pod.advance(t)
+                    pod.kill(t)
+                    self._gone(pod, t)
+                    continue
+            else:
+                pods += 1
+            queue += len(pod.queue)
+            inflight += pod.inflight
+            if records is None:
+                _, sp, sg = pod.take(t, False)
+            else:
+                sp, sg = self._take(pod, s, records)
             served_p += sp
             served_g += sg
-            if self.policy.needs_records:
-                pod.seq += 1
-                models = {MODEL: counts} if counts is not None else {}
-                records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
-        if self.policy.needs_records:
+        for pod in self.just_gone:
+            sp, sg = self._take(pod, s, records)
+            served_p += sp
+            served_g += sg
+        self.just_gone = []
+        if self.holding:
+            self._give_up_held(t)
+        if records is not None:
             gateway = self.gateway.take(s, len(self.holding))
             if gateway is not None:
                 records.append(gateway)
-        self.just_gone = []
-        self.policy.observe(Second(s, self.arrivals, served_p, served_g, records))
-        tl = self.timeline
-        tl["t"].append(t)
-        tl["pods"].append(sum(1 for p in self.live if p.state != DRAINING))
-        tl["ready"].append(len(self.ready))
-        tl["queue"].append(sum(len(p.queue) for p in self.live) + len(self.holding))
-        tl["in_flight"].append(self._in_flight())
-        tl["arrived_tokens"].append(self.arrived_tokens)
-        tl["arrived_weighted"].append(self.arrived_weighted)
-        tl["served_tokens"].append(served_p + served_g)
-        self.arrivals = 0
-        self.arrived_tokens = 0
-        self.arrived_weighted = 0.0
+        arrivals, tokens, weighted = self.arrivals.at(s)
+        self.policy.observe(Second(s, arrivals, served_p, served_g, records or []))
+        held = len(self.holding)
+        row = (t, pods, len(self.ready), queue + held, inflight + held, tokens, weighted, served_p + served_g)
+        self.timeline.append(row)
         if all_arrived and t >= self.horizon:
-            return not bool((r.status == PENDING).any()) or t >= self.horizon + 3600
+            return self.r.ended == len(self.r.arrival) or t >= self.horizon + 3600
         return False
 
+    def _take(self, pod: Pod, s: int, records: list[Record] | None) -> tuple[float, float]:
+        """One sidecar's flush at second ``s``: its record (when ``records`` are kept) and the
+        prompt and generated tokens it served in the second."""
+        counts, served_prompt, served_generation = pod.take(float(s), records is not None)
+        if records is not None:
+            pod.seq += 1
+            models = {MODEL: counts} if counts is not None else {}
+            records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
+        return served_prompt, served_generation
+
+    def _give_up_held(self, t: float) -> None:
+        """Requests held at the gateway past the timeout are dropped."""
+        r, timeout = self.r, self.cfg.timeout_s
+        while self.holding and t - r.arrival[self.holding[0]] >= timeout:
+            j = self.holding.popleft()
+            self.gateway.release(r.prompt[j])
+            r.end(j, DROPPED, t)
+
     def _in_flight(self) -> int:
-        return sum(p.outstanding for p in self.live) + len(self.holding)
+        return sum(p.inflight for p in self.live) + len(self.holding)
 
     def _current(self) -> list[Pod]:
         return [p for p in self.live if p.state in (STARTING, READY)]
@@ -330,6 +374,8 @@ class _Sim:
         if self.cfg.hpa.use_cached_metrics:
             self.cached_value = self.policy.value(t, in_flight)
         current = len(self._current())
+        if current > 0 and self.cfg.hpa.min_replicas > 0:
+            return  # KEDA's activation moves a workload only from or to zero replicas
         active = self.policy.active(t, in_flight)
         if active:
             self.last_active = t
@@ -403,15 +449,16 @@ class _Sim:
         pod_seconds = sum(
             max(0.0, min(p.gone_at, horizon) - max(min(p.created, horizon), start)) for p in self.pods
         )
+        rows = np.array(self.timeline, dtype=np.float64).reshape(-1, len(TIMELINE))
         return RunResult(
             self.policy.name,
             self.policy.describe(),
-            self.r,
+            self.r.to_requests(),
             horizon,
             pod_seconds,
             self.scale_ups,
             self.scale_downs,
-            {k: np.asarray(v, dtype=np.float64) for k, v in self.timeline.items()},
+            {k: rows[:, j].copy() for j, k in enumerate(TIMELINE)},
             {k: np.asarray(v, dtype=np.float64) for k, v in self.syncs.items()},
             self.cfg,
         )

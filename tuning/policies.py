@@ -86,8 +86,11 @@ class TokenPolicy(Policy):
         self.last_rule = ""
         self.history: dict[int, MinuteCounts] = {}
         self.forecast: tuple[int, Forecast] | None = None
+        self.observed = 0  # seconds observed: what an evaluation depends on besides the time
+        self.last: tuple[int, int, Evaluation] | None = None  # (now ms, observed, answer)
 
     def observe(self, second: Second) -> None:
+        self.observed += 1
         entry_id = f"{second.t * 1000}-0"
         for record in second.records:
             self.series.add(record, entry_id)
@@ -97,13 +100,18 @@ class TokenPolicy(Policy):
                 self.history[second.t // MINUTE_S - 1] = counts
 
     def _evaluate(self, now_s: float) -> Evaluation:
+        """The scaler's answer at ``now_s``; asked again at the same instant with nothing
+        observed in between (the HPA's value and KEDA's activation), the same answer."""
         now_ms = int(now_s * 1000)
+        if self.last is not None and self.last[:2] == (now_ms, self.observed):
+            return self.last[2]
         result = evaluate(self.series, self.settings, now_ms)
         if self.settings.predictive:
             minute = now_ms // 1000 // MINUTE_S
             if self.forecast is None or self.forecast[0] != minute:
                 self.forecast = (minute, forecast_for(self.history, self.settings, now_ms))
             result = combine(result, self.forecast[1], self.settings)
+        self.last = (now_ms, self.observed, result)
         return result
 
     def value(self, now_s: float, in_flight: int) -> float:

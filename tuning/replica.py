@@ -12,7 +12,11 @@ finds every queue full is rejected (HTTP 429/503).
 Between events the rates are constant, so the model moves in closed form from event to
 event (a prefill ends, a sequence ends) instead of in fixed time steps: ``clock`` is the
 number of tokens every decoding sequence has received, and a sequence ends when the
-clock reaches the value it was given when it started decoding.
+clock reaches the value it was given when it started decoding. A pod is moved only when
+something changes its rates or is read from it: a request joining behind a prompt being
+prefilled changes neither, and the sidecar's once-a-second flush finds the generated
+tokens at the second in closed form. ``tests/test_replica_model.py`` checks the pod
+against a plain reference that moves every request at every event and arrival.
 
 Defaults (``ReplicaProfile()``) are ASSUMPTIONS for an 8B-class model on one mid-range
 GPU, not measurements: 25 ms per step + 0.5 ms per decoding sequence (about 40 tokens/s
@@ -24,6 +28,7 @@ first four of a real server and writes a file that ``simulate --replica-profile`
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import math
@@ -139,7 +144,7 @@ def load_profile(path: str | Path) -> ReplicaProfile:
 
 @dataclass
 class Requests:
-    """Per-request inputs and outcomes, shared by every pod of one run."""
+    """Per-request inputs and outcomes of one run, as arrays (what ``summarize`` reads)."""
 
     arrival: npt.NDArray[np.float64]
     prompt: npt.NDArray[np.int64]
@@ -165,16 +170,112 @@ class Requests:
         )
 
 
+class RequestLists:
+    """The same per-request fields as Python lists, read and written while a run goes on:
+    an element of a list costs a fraction of a numpy element to read or set, and its
+    numbers are Python ints and floats (the same values, faster arithmetic).
+    ``to_requests`` makes the arrays when the run ends."""
+
+    __slots__ = (
+        "arrival",
+        "context",
+        "ended",
+        "estimate",
+        "finish",
+        "first_token",
+        "generated",
+        "prompt",
+        "started",
+        "status",
+    )
+
+    def __init__(self, arrival: Any, prompt: Any, generated: Any) -> None:
+        self.arrival: list[float] = np.asarray(arrival, dtype=np.float64).tolist()
+        self.prompt: list[int] = np.asarray(prompt, dtype=np.int64).tolist()
+        self.generated: list[int] = np.asarray(generated, dtype=np.int64).tolist()
+        # prompt + generated: what a request reserves of a KV cache
+        self.context: list[int] = [p + g for p, g in zip(self.prompt, self.generated, strict=True)]
+        n = len(self.arrival)
+        self.first_token: list[float] = [math.nan] * n
+        self.finish: list[float] = [math.nan] * n
+        self.status: list[int] = [PENDING] * n
+        self.estimate: list[int] = [0] * n
+        self.started: list[float] = [0.0] * n
+        self.ended = 0  # requests no longer PENDING
+
+    def end(self, i: int, status: int, t: float) -> None:
+        """Request ``i`` leaves the system at ``t``: rejected or dropped (DONE: ``Pod._finish``)."""
+        self.status[i] = status
+        self.finish[i] = t
+        self.ended += 1
+
+    def to_requests(self) -> Requests:
+        return Requests(
+            np.array(self.arrival, dtype=np.float64),
+            np.array(self.prompt, dtype=np.int64),
+            np.array(self.generated, dtype=np.int64),
+            np.array(self.first_token, dtype=np.float64),
+            np.array(self.finish, dtype=np.float64),
+            np.array(self.status, dtype=np.int8),
+            np.array(self.estimate, dtype=np.int64),
+            np.array(self.started, dtype=np.float64),
+        )
+
+
 class Pod:
-    """One replica: engine state plus what its sidecar has counted since the last flush."""
+    """One replica: engine state plus what its sidecar has counted since the last flush.
+
+    The engine's rates depend only on how many sequences decode and whether a prompt is
+    waiting; they are kept (``step``, ``prefill_rate``) and looked up again when the batch
+    changes, so moving the pod between events is a few multiplications.
+
+    ``bp`` and ``bg`` are the backlog the sidecar reports, and what a token-aware router
+    weighs: prompt tokens not yet prefilled, and the estimated generation of every request
+    not yet finished."""
+
+    __slots__ = (
+        "ag",
+        "ap",
+        "bg",
+        "bp",
+        "clock",
+        "created",
+        "decoding",
+        "drain_deadline",
+        "gone_at",
+        "head_left",
+        "inflight",
+        "kv_used",
+        "mean_generation",
+        "name",
+        "order",
+        "p",
+        "prefill",
+        "prefill_rate",
+        "queue",
+        "r",
+        "rates",
+        "ready_at",
+        "rq",
+        "seq",
+        "sg_sent",
+        "sg_total",
+        "sp",
+        "state",
+        "step",
+        "t",
+        "version",
+        "waiting",
+    )
 
     def __init__(
-        self, name: str, order: int, profile: ReplicaProfile, requests: Requests, now: float
+        self, name: str, order: int, profile: ReplicaProfile, requests: RequestLists, now: float
     ) -> None:
         self.name = name
         self.order = order
         self.p = profile
         self.r = requests
+        self.rates = rate_table(profile)
         self.state = STARTING
         self.created = now
         self.ready_at = math.inf
@@ -184,9 +285,11 @@ class Pod:
         self.version = 0
         self.queue: deque[int] = deque()
         self.prefill: deque[int] = deque()
-        self.head_left = 0.0
-        self.decoding: list[tuple[float, int]] = []
+        self.head_left = 0.0  # prompt tokens of the head prefill still to go
+        self.decoding: list[tuple[float, int]] = []  # (clock at which it ends, request)
         self.clock = 0.0
+        self.step = 0.0  # seconds per engine step with the current batch
+        self.prefill_rate = 0.0  # prompt tokens/s of the head prefill with the current batch
         # sidecar counters (since the last flush) and gauges
         self.seq = 0
         self.sp = 0
@@ -195,27 +298,21 @@ class Pod:
         self.rq = 0
         self.sg_total = 0.0  # generated tokens served since the pod started (fluid)
         self.sg_sent = 0
-        self.inflight = 0
+        self.inflight = 0  # requests queued, prefilling or decoding
         self.waiting = 0
         self.bp = 0
         self.bg = 0
         self.mean_generation: float | None = None
-        # outstanding work as a token-aware router sees it: prompts not yet prefilled and
-        # the estimated generation of requests not yet finished
-        self.load_prompt = 0
-        self.load_generation = 0
         self.kv_used = 0  # context tokens reserved by admitted requests (with kv_cache_tokens)
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.queue) + len(self.prefill) + len(self.decoding)
+        self._rates()
 
     @property
     def idle(self) -> bool:
-        return not (self.queue or self.prefill or self.decoding)
+        return not self.inflight
 
-    def _step(self) -> float:
-        return self.p.step_s(len(self.decoding), bool(self.prefill))
+    def _rates(self) -> None:
+        """The step time and prefill rate of the batch as it is now."""
+        self.step, self.prefill_rate = self.rates[len(self.decoding)][bool(self.prefill)]
 
     def advance(self, t: float) -> None:
         """Let the engine run until ``t`` at the current rates (no event lies in between)."""
@@ -223,118 +320,141 @@ class Pod:
         if dt <= 0:
             return
         self.t = t
-        if not (self.prefill or self.decoding):
-            return
-        step = self._step()
         n = len(self.decoding)
         if n:
-            gained = dt / step
+            gained = dt / self.step
             self.clock += gained
             self.sg_total += n * gained
         if self.prefill:
-            self.head_left -= (self.p.chunk_tokens - n) / step * dt
+            self.head_left -= self.prefill_rate * dt
 
     def next_event(self) -> float:
-        if not (self.prefill or self.decoding):
-            return math.inf
-        step = self._step()
+        """When the head prefill or the first sequence ends at the current rates (inf: idle)."""
         soonest = math.inf
         if self.prefill:
-            rate = (self.p.chunk_tokens - len(self.decoding)) / step
-            soonest = self.t + max(self.head_left, 0.0) / rate
+            left = self.head_left
+            soonest = self.t + (left if left > 0.0 else 0.0) / self.prefill_rate
         if self.decoding:
-            soonest = min(soonest, self.t + max(self.decoding[0][0] - self.clock, 0.0) * step)
+            steps = self.decoding[0][0] - self.clock
+            end = self.t + (steps if steps > 0.0 else 0.0) * self.step
+            if end < soonest:
+                soonest = end
         return soonest
 
-    # -- what happens to requests (the caller advanced the pod to ``t`` first) --------
+    def wake(self, t: float) -> float:
+        """At its event: move to ``t``, finish what is done, and say when the next event is."""
+        self.advance(t)
+        self.settle(t)
+        return self.next_event()
 
-    def arrive(self, i: int, t: float) -> None:
+    # -- what happens to requests (at ``t``: the caller moved the pod there first, but for
+    # ``arrive``, which moves it when it has to) --------------------------------------
+
+    def arrive(self, i: int, t: float) -> bool:
+        """Request ``i`` arrives at ``t``. True when the batch may have changed (so the next
+        event may have moved); False when it joins behind a prompt being prefilled, which
+        changes no rate, so the pod is not even moved to ``t``."""
         r = self.r
-        prompt = int(r.prompt[i])
+        prompt = r.prompt[i]
         mean = self.mean_generation
         estimate = GENERATION_ESTIMATE if mean is None else round(mean)
         r.estimate[i] = estimate
         self.ap += prompt
         self.ag += estimate
-        self.inflight += 1
-        self.waiting += 1
         self.bp += prompt
         self.bg += estimate
-        self.load_prompt += prompt
-        self.load_generation += estimate
+        self.inflight += 1
+        self.waiting += 1
         self.queue.append(i)
-        self.admit(t)
+        if self.prefill:
+            self._fill()
+            return False
+        self.advance(t)
+        if self._fill():
+            self.step, self.prefill_rate = self.rates[len(self.decoding)][True]
+            if self.head_left <= _EPS:
+                self.settle(t)
+        return True
 
-    def admit(self, t: float) -> None:
-        self._fill()
-        if self.prefill and self.head_left <= _EPS:
-            self.settle(t)
-
-    def _context(self, i: int) -> int:
-        return int(self.r.prompt[i] + self.r.generated[i])
-
-    def _fill(self) -> None:
-        slots = self.p.max_concurrency - len(self.prefill) - len(self.decoding)
+    def _fill(self) -> bool:
+        """Move queued requests into free slots (the caller looks the rates up again);
+        True when a prefill is waiting."""
+        queue, prefill = self.queue, self.prefill
+        if not queue:
+            return bool(prefill)
+        slots = self.p.max_concurrency - len(prefill) - len(self.decoding)
+        if slots <= 0:
+            return bool(prefill)
         limit = self.p.kv_cache_tokens
-        while slots > 0 and self.queue:
-            i = self.queue[0]
+        while slots > 0 and queue:
+            i = queue[0]
             if limit is not None:
-                need = self._context(i)
+                need = self.r.context[i]
                 # a request larger than the whole cache runs alone rather than never
-                if self.kv_used + need > limit and (self.prefill or self.decoding):
+                if self.kv_used + need > limit and (prefill or self.decoding):
                     break
                 self.kv_used += need
-            self.queue.popleft()
-            if not self.prefill:
+            queue.popleft()
+            if not prefill:
                 self.head_left = float(self.r.prompt[i])
-            self.prefill.append(i)
+            prefill.append(i)
             slots -= 1
+        return bool(prefill)
 
     def settle(self, t: float) -> None:
-        """Finish every prefill and sequence that is done at ``t``, then fill free slots."""
+        """Finish every prefill and sequence that is done at ``t``, then fill free slots
+        (again while a prompt of no tokens comes to the head: it is done at once)."""
         r = self.r
-        changed = True
-        while changed:
-            changed = False
-            while self.prefill and self.head_left <= _EPS:
-                i = self.prefill.popleft()
+        prefill, decoding = self.prefill, self.decoding
+        changed = False
+        while True:
+            while prefill and self.head_left <= _EPS:
+                i = prefill.popleft()
                 self._first_token(i, t)
                 if r.generated[i] <= 1:
                     self._finish(i, t)
                 else:
                     r.started[i] = self.clock
-                    heapq.heappush(self.decoding, (self.clock + float(r.generated[i] - 1), i))
-                if self.prefill:
-                    self.head_left = float(r.prompt[self.prefill[0]])
+                    heapq.heappush(decoding, (self.clock + float(r.generated[i] - 1), i))
+                if prefill:
+                    self.head_left = float(r.prompt[prefill[0]])
                 changed = True
-            while self.decoding and self.decoding[0][0] - self.clock <= _EPS:
-                _, i = heapq.heappop(self.decoding)
-                self._finish(i, t)
+            # a sequence that starts decoding now ends a whole token later at the soonest
+            while decoding and decoding[0][0] - self.clock <= _EPS:
+                self._finish(heapq.heappop(decoding)[1], t)
                 changed = True
-            if changed:
+            if not changed:
+                return
+            if self.queue:
                 self._fill()
+            if not (prefill and self.head_left <= _EPS):
+                break
+        self.step, self.prefill_rate = self.rates[len(decoding)][bool(prefill)]
 
     def _first_token(self, i: int, t: float) -> None:
         r = self.r
-        prompt = int(r.prompt[i])
+        prompt = r.prompt[i]
         # a fluid prefill of a tiny prompt would take less than the one step it needs
-        r.first_token[i] = max(t, r.arrival[i] + self.p.step_base_s)
+        floor = r.arrival[i] + self.p.step_base_s
+        r.first_token[i] = t if t >= floor else floor
         self.sp += prompt
         if r.generated[i] > 0:
             self.sg_total += 1.0
         self.waiting -= 1
         self.bp -= prompt
-        self.load_prompt -= prompt
 
     def _finish(self, i: int, t: float) -> None:
         r = self.r
-        generated = int(r.generated[i])
-        r.finish[i] = max(t, r.first_token[i])
+        generated = r.generated[i]
+        first = r.first_token[i]
+        r.finish[i] = t if t >= first else first
         r.status[i] = DONE
-        self.ag += generated - int(r.estimate[i])
-        self.bg -= int(r.estimate[i])
-        self.load_generation -= int(r.estimate[i])
-        self._release(i)
+        r.ended += 1
+        estimate = r.estimate[i]
+        self.ag += generated - estimate
+        self.bg -= estimate
+        if self.p.kv_cache_tokens is not None:
+            self.kv_used -= r.context[i]
         self.rq += 1
         self.inflight -= 1
         mean = self.mean_generation
@@ -342,12 +462,13 @@ class Pod:
 
     def _release(self, i: int) -> None:
         if self.p.kv_cache_tokens is not None:
-            self.kv_used -= self._context(i)
+            self.kv_used -= self.r.context[i]
 
     def expire(self, t: float, timeout_s: float) -> list[int]:
         """Clients stop waiting: queued requests older than ``timeout_s`` are dropped."""
         dropped = []
-        while self.queue and t - self.r.arrival[self.queue[0]] >= timeout_s:
+        arrival = self.r.arrival
+        while self.queue and t - arrival[self.queue[0]] >= timeout_s:
             dropped.append(self.queue.popleft())
         for i in dropped:
             self._abort_waiting(i, t)
@@ -355,15 +476,12 @@ class Pod:
 
     def _abort_waiting(self, i: int, t: float) -> None:
         r = self.r
-        prompt, estimate = int(r.prompt[i]), int(r.estimate[i])
-        r.status[i] = DROPPED
-        r.finish[i] = t
+        prompt, estimate = r.prompt[i], r.estimate[i]
+        r.end(i, DROPPED, t)
         self.ap -= prompt
         self.ag -= estimate
         self.bp -= prompt
         self.bg -= estimate
-        self.load_prompt -= prompt
-        self.load_generation -= estimate
         self.waiting -= 1
         self.inflight -= 1
         self.rq += 1
@@ -380,27 +498,32 @@ class Pod:
         for _, i in self.decoding:
             self._release(i)
             served = 1 + int(self.clock - r.started[i])
-            r.status[i] = DROPPED
-            r.finish[i] = t
-            self.ag += served - int(r.estimate[i])
-            self.bg -= int(r.estimate[i])
-            self.load_generation -= int(r.estimate[i])
+            r.end(i, DROPPED, t)
+            estimate = r.estimate[i]
+            self.ag += served - estimate
+            self.bg -= estimate
             self.sg_total += served - 1 - (self.clock - r.started[i])
             self.inflight -= 1
             self.rq += 1
         self.queue.clear()
         self.prefill.clear()
         self.decoding.clear()
+        self._rates()
         return lost
 
-    def take(self) -> tuple[ModelCounts | None, float, float]:
-        """The sidecar's flush: counts since the last one (None when there is nothing to say),
-        and the prompt and generated tokens served in the interval."""
-        sg = round(self.sg_total) - self.sg_sent
+    def take(self, t: float, counts: bool = True) -> tuple[ModelCounts | None, float, float]:
+        """The sidecar's flush at ``t``: counts since the last one (None when there is nothing
+        to say, or not asked for), and the prompt and generated tokens served in the interval.
+        The pod is not moved: its fluid generated tokens at ``t`` are found in closed form."""
+        total = self.sg_total
+        n = len(self.decoding)
+        if n and t > self.t:
+            total += n * ((t - self.t) / self.step)
+        sg = round(total) - self.sg_sent
         self.sg_sent += sg
-        counts = None
-        if self.sp or sg or self.ap or self.ag or self.rq or self.inflight:
-            counts = ModelCounts(
+        model = None
+        if counts and (self.sp or sg or self.ap or self.ag or self.rq or self.inflight):
+            model = ModelCounts(
                 self.sp,
                 sg,
                 self.ap,
@@ -413,7 +536,20 @@ class Pod:
             )
         served_prompt = float(self.sp)
         self.sp = self.ap = self.ag = self.rq = 0
-        return counts, served_prompt, float(sg)
+        return model, served_prompt, float(sg)
+
+
+@functools.cache
+def rate_table(profile: ReplicaProfile) -> tuple[tuple[tuple[float, float], ...], ...]:
+    """``[n][prefilling]``: the step time and the head prompt's prefill rate (tokens/s) with
+    ``n`` sequences decoding, with and without a prompt waiting."""
+    return tuple(
+        tuple(
+            (profile.step_s(n, prefilling), (profile.chunk_tokens - n) / profile.step_s(n, prefilling))
+            for prefilling in (False, True)
+        )
+        for n in range(profile.max_concurrency + 1)
+    )
 
 
 def saturated_throughput(
@@ -424,7 +560,7 @@ def saturated_throughput(
     prompt = np.asarray(prompt, dtype=np.int64)
     generated = np.asarray(generated, dtype=np.int64)
     index = np.arange(requests) % len(prompt)
-    reqs = Requests.of(np.zeros(requests), prompt[index], generated[index])
+    reqs = RequestLists(np.zeros(requests), prompt[index], generated[index])
     pod = Pod("probe", 0, replace(profile, max_queue=requests), reqs, 0.0)
     pod.state = READY
     for i in range(requests):

@@ -1,0 +1,223 @@
+"""How much CPU ``token-scaler simulate`` spends per request, per policy run.
+
+    python -m bench.sim_speed [--days 1 --mean-rps 4 --seed 5 --mix steady] [--rounds 1] [--against OLD.json]
+    python -m bench.sim_speed --traces code --profile token     # where one run's time goes
+
+Traces: ``code``, the shipped Azure code hour (token_scaler/data), and ``day``, a synthesized
+trace (``tuning.synth.generate`` with ``--days``/``--mean-rps``/``--seed``/``--mix``, written to a CSV
+and read back, as ``token-scaler synthesize`` and ``simulate --trace`` do). Each trace is set
+up as ``simulate`` sets it up (calibration, warm start), then each policy is run once per
+round (token, rps, concurrency, prometheus at their calibrated targets; fixed at twice the
+replicas the trace's mean demand needs): CPU (process) time of ``simulate`` + ``summarize``,
+per request. Baselines in the same run, per request: pushing and popping every arrival
+through a ``heapq``, and ``numpy.sort`` of the arrival times. Of the token policy's cost, the
+part spent in the scaler's own code (``WorkloadSeries.add`` of each sidecar record,
+``evaluate`` at each sync) is timed in a run of its own.
+
+Results: printed and written to bench/results/sim-speed.json, with every run's summary
+(GPU-hours, SLO attainment, latency percentiles, drops); ``--against`` an earlier such file
+prints every summary figure that differs from it (the identical-results check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import heapq
+import json
+import math
+import pstats
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._common import RESULTS, percentiles
+from scaler.window import WorkloadSeries, evaluate
+from tuning import policies as policy_module
+from tuning import simulate as cli
+from tuning.policies import FixedPolicy
+from tuning.registry import make
+from tuning.synth import SynthConfig, generate
+from tuning.synthesize import write_csv
+from tuning.trace import sample_path
+
+POLICIES = ("token", "rps", "concurrency", "prometheus", "fixed")
+CODE_HOUR = sample_path().with_name("azure-llm-inference-2023-code.csv")
+Run = Callable[[], dict[str, Any]]
+
+
+def fixed_replicas(setup: cli.Setup) -> int:
+    """Twice the replicas the trace's mean weighted demand needs (within min/max)."""
+    cal, trace = setup.cal, setup.trace
+    demand = float(cal.weighted_tokens().sum()) / max(trace.duration_s, 1.0)
+    hpa = setup.config.hpa
+    return min(max(1, hpa.min_replicas, math.ceil(2 * demand / cal.capacity)), hpa.max_replicas)
+
+
+def policy_run(setup: cli.Setup, name: str) -> Run:
+    """One ``simulate`` run of ``name`` as the CLI makes it, returning its summary."""
+    if name == "fixed":
+        n = fixed_replicas(setup)
+        return lambda: cli.run_one(setup, FixedPolicy(n), cli.fixed_config(setup.config, n))[1]
+    return lambda: cli.run_one(setup, make(name, setup.cal))[1]
+
+
+def heap_baseline(arrival: np.ndarray[Any, Any]) -> None:
+    heap: list[tuple[float, int]] = []
+    for i, t in enumerate(arrival.tolist()):
+        heapq.heappush(heap, (t, i))
+    while heap:
+        heapq.heappop(heap)
+
+
+def cpu_timed(action: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.process_time()
+    result = action()
+    return time.process_time() - started, result
+
+
+def scaler_share(setup: cli.Setup) -> float:
+    """CPU seconds a token run spends in the scaler's own code, which the policy runs as the
+    scaler does: ``WorkloadSeries.add`` of every sidecar record and ``evaluate`` at every
+    sync. Timed around each call, in a run of its own (the timing adds to that run)."""
+    spent = [0.0]
+
+    def timed(function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return function(*args)
+            finally:
+                spent[0] += time.thread_time() - started
+
+        return call
+
+    add = WorkloadSeries.add
+    # tuning.policies calls the name it imported: that is the one to wrap
+    patched = ((WorkloadSeries, "add", add), (policy_module, "evaluate", evaluate))
+    for owner, name, function in patched:
+        setattr(owner, name, timed(function))
+    try:
+        policy_run(setup, "token")()
+    finally:
+        for owner, name, function in patched:
+            setattr(owner, name, function)
+    return spent[0]
+
+
+def measure(setup: cli.Setup, policies: Sequence[str], rounds: int) -> dict[str, Any]:
+    n = len(setup.trace)
+    arrival = setup.trace.arrival_s
+    shuffled = np.random.default_rng(0).permutation(arrival)
+    baselines: dict[str, list[float]] = {"heapq push+pop": [], "numpy.sort": []}
+    runs: dict[str, list[float]] = {name: [] for name in policies}
+    summaries: dict[str, dict[str, Any]] = {}
+    for _ in range(rounds):
+        baselines["heapq push+pop"].append(cpu_timed(lambda: heap_baseline(arrival))[0])
+        baselines["numpy.sort"].append(cpu_timed(lambda: np.sort(shuffled))[0])
+        for name in policies:
+            seconds, summary = cpu_timed(policy_run(setup, name))
+            runs[name].append(seconds)
+            summaries[name] = {k: v for k, v in summary.items() if k != "cpu_s"}
+
+    shares = {"token: scaler code": [scaler_share(setup)]} if "token" in policies else {}
+
+    def per_request(samples: list[float]) -> dict[str, float]:
+        return {k: v if k == "n" else round(v / n * 1e6, 2) for k, v in percentiles(samples, (50,)).items()}
+
+    return {
+        "requests": n,
+        "duration_s": setup.trace.duration_s,
+        "cpu_us_per_request": {name: per_request(s) for name, s in runs.items()},
+        "baseline_us_per_request": {name: per_request(s) for name, s in baselines.items()},
+        "of_which_us_per_request": {name: per_request(s) for name, s in shares.items()},
+        "summaries": summaries,
+    }
+
+
+def setups(names: Sequence[str], config: SynthConfig, tmp: Path) -> dict[str, cli.Setup]:
+    out = {}
+    for name in names:
+        if name == "code":
+            path = CODE_HOUR
+        else:
+            path = tmp / "day.csv"
+            write_csv(generate(config), path)
+        out[name] = cli.prepare(cli.build_parser().parse_args(["--trace", str(path), "--quiet"]))
+    return out
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Every summary figure of ``new`` that differs from the same run in ``old``."""
+    lines = []
+    for trace, result in new["traces"].items():
+        before = old.get("traces", {}).get(trace, {}).get("summaries", {})
+        for policy, summary in result["summaries"].items():
+            if policy not in before:
+                lines.append(f"{trace} {policy}: not in the earlier file")
+                continue
+            for key, value in summary.items():
+                if before[policy].get(key) != value:
+                    lines.append(f"{trace} {policy} {key}: {before[policy].get(key)} -> {value}")
+    return lines
+
+
+def profile(setup: cli.Setup, name: str) -> None:
+    profiler = cProfile.Profile()
+    profiler.runcall(policy_run(setup, name))
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sim_speed", description=__doc__.splitlines()[0])
+    p.add_argument("--traces", default="code,day", help="comma-separated: code, day (default both)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default all five)")
+    p.add_argument("--days", type=float, default=1.0, help="days of the synthesized trace (default 1)")
+    p.add_argument("--mean-rps", type=float, default=4.0, help="its mean requests/s (default 4)")
+    p.add_argument("--seed", type=int, default=5, help="its seed (default 5)")
+    p.add_argument("--mix", default="steady", help="its mix: steady or shifting (default steady)")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each policy (default 1)")
+    p.add_argument("--against", type=Path, help="an earlier sim-speed.json: print differing figures")
+    p.add_argument("--profile", metavar="POLICY", help="cProfile one run of POLICY instead")
+    p.add_argument("--out", type=Path, default=RESULTS / "sim-speed.json", help="where to write")
+    ns = p.parse_args(argv)
+    policies = ns.policies.split(",")
+    config = SynthConfig(days=ns.days, mean_rps=ns.mean_rps, seed=ns.seed, mix=ns.mix)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = setups(ns.traces.split(","), config, Path(tmp))
+    if ns.profile:
+        for setup in prepared.values():
+            profile(setup, ns.profile)
+        return 0
+    synthesized = {"days": ns.days, "mean_rps": ns.mean_rps, "seed": ns.seed, "mix": ns.mix}
+    result: dict[str, Any] = {"synthesized": synthesized}
+    result["traces"] = {}
+    print(f"{'trace':<6} {'requests':>9} {'run':<20} {'cpu us/req p50':>15} {'GPU-h':>8} {'all SLOs':>9}")
+    for trace, setup in prepared.items():
+        measured = measure(setup, policies, ns.rounds)
+        result["traces"][trace] = measured
+        n = measured["requests"]
+        for name, cost in measured["cpu_us_per_request"].items():
+            s = measured["summaries"][name]
+            figures = f"{s['gpu_hours']:>8.3f} {s['slo_both']:>9.4f}"
+            print(f"{trace:<6} {n:>9,} {name:<20} {cost['p50']:>15.2f} {figures}")
+        others = {**measured["of_which_us_per_request"], **measured["baseline_us_per_request"]}
+        for name, cost in others.items():
+            print(f"{trace:<6} {n:>9,} {name:<20} {cost['p50']:>15.2f}")
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"json: {ns.out}")
+    if ns.against:
+        changed = differences(json.loads(ns.against.read_text()), result)
+        print(f"against {ns.against}: " + ("every summary figure identical" if not changed else ""))
+        for line in changed:
+            print("  " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
