@@ -18,9 +18,12 @@ replicas for a peak that comes and goes inside it.
 
 Trust. Every minute the forecast that would have been made ``lead`` earlier for that
 minute is compared with what came: the error is the mean absolute error over the last
-``ERROR_MINUTES`` minutes, relative to their mean demand. While it is above
-``maxForecastError`` (or the history lacks a season), the forecast is not trusted and
-the scaler answers reactively: a forecast that keeps missing turns itself off.
+``ERROR_MINUTES`` minutes, relative to their mean demand, or to one replica's target
+when the demand was below that (``floor``): a miss of a few tokens/s at night is no
+miss that costs a replica, and a workload idle at zero, as it was a day ago, is
+forecast right, so the forecast can wake it before its morning ramp. While the error is
+above ``maxForecastError`` (or the history lacks a season), the forecast is not trusted
+and the scaler answers reactively: a forecast that keeps missing turns itself off.
 """
 
 from __future__ import annotations
@@ -120,10 +123,12 @@ def predict(
 
 
 def recent_error(
-    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, pw: float, gw: float
+    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, pw: float, gw: float, floor: float = 0.0
 ) -> float | None:
-    """Relative mean absolute error, over the last ``ERROR_MINUTES``, of what ``predict``
-    would have said ``lead`` minutes before each minute (for that minute alone)."""
+    """Mean absolute error, over the last ``ERROR_MINUTES``, of what ``predict`` would have
+    said ``lead`` minutes before each minute (for that minute alone), relative to the mean
+    demand or ``floor`` (weighted tokens/s), whichever is higher; 0 when both are 0 and
+    nothing was missed."""
     errors, actuals = [], []
     for m in range(now_min - ERROR_MINUTES, now_min):
         if m not in history:
@@ -135,9 +140,12 @@ def recent_error(
         expected = history[m - season].demand(pw, gw) * _level(history, m - lead_min, season, pw, gw)
         errors.append(abs(expected - actual))
         actuals.append(actual)
-    if len(actuals) < ERROR_MINUTES // 2 or sum(actuals) <= 0:
+    if len(actuals) < ERROR_MINUTES // 2:
         return None
-    return sum(errors) / sum(actuals)
+    scale = max(sum(actuals), floor * len(actuals))
+    if scale <= 0:
+        return 0.0 if sum(errors) == 0 else None
+    return sum(errors) / scale
 
 
 def forecast(
@@ -147,12 +155,14 @@ def forecast(
     pw: float,
     gw: float,
     max_error: float,
+    floor: float = 0.0,
 ) -> Forecast:
-    """The forecast at ``now_s`` (Redis time) for the next ``lead_s`` seconds."""
+    """The forecast at ``now_s`` (Redis time) for the next ``lead_s`` seconds; errors are
+    relative to the demand or ``floor``, whichever is higher (``recent_error``)."""
     now_min = int(now_s // MINUTE_S)
     lead_min = max(1, math.ceil(lead_s / MINUTE_S))
     value, season, level = predict(history, now_min, lead_min, pw, gw)
-    error = recent_error(history, now_min, lead_min, pw, gw)
+    error = recent_error(history, now_min, lead_min, pw, gw, floor)
     if season == "none":
         return Forecast(
             0.0, season, 1.0, error, False, "no forecast: the history holds no day or week before"

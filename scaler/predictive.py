@@ -41,6 +41,7 @@ def forecast_for(history: dict[int, MinuteCounts], settings: ScalerSettings, now
         settings.prompt_weight,
         settings.generation_weight,
         settings.max_forecast_error,
+        settings.target,
     )
 
 

@@ -176,3 +176,29 @@ async def test_keda_gets_the_forecast_when_predictive(redis_url: str, workload: 
         await running.channel.close()
         await running.server.stop()
         sync.close()
+
+
+def test_a_workload_idle_at_night_is_forecast_to_wake_before_its_ramp() -> None:
+    """Nights at zero (or a few stray tokens) are forecast right, so the forecast is trusted
+    when it matters most: minutes before the morning ramp of a workload scaled to zero."""
+    day0 = T0_MIN - T0_MIN % DAY_MIN
+    now_min = day0 + 8 * 60 - 4
+
+    def zero_nights(minute: int, stray: float) -> MinuteCounts:
+        if 8 * 60 <= minute % DAY_MIN < 20 * 60:
+            return daily(minute)
+        # a few stray tokens on odd minutes at night, none on even ones
+        tokens = stray * MINUTE_S * (minute % 2)
+        return MinuteCounts(0.0, tokens, 0.0, tokens)
+
+    idle = {m: zero_nights(m, 0.0) for m in range(now_min - 2 * DAY_MIN, now_min)}
+    fc = forecast(idle, now_min * MINUTE_S, 300, 1.0, 1.0, 0.3)
+    assert fc.error == 0.0 and fc.trusted and fc.value == pytest.approx(1000.0)
+    # stray tokens, today on the minutes a day ago had none: against their own tiny mean the
+    # forecast misses by 200 %; against one replica's target (500 tokens/s) by 1 %
+    stray = {m: zero_nights(m - 1 if m >= now_min - DAY_MIN else m, 5.0) for m in idle}
+    blind = forecast(stray, now_min * MINUTE_S, 300, 1.0, 1.0, 0.3)
+    assert blind.error is not None and blind.error > 0.3 and not blind.trusted
+    floored = forecast(stray, now_min * MINUTE_S, 300, 1.0, 1.0, 0.3, floor=500.0)
+    assert floored.error == pytest.approx(5.0 / 500.0) and floored.trusted
+    assert floored.value == pytest.approx(1000.0)
