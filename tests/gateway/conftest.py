@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import GatewayConfig
+from gateway.pool import Pool
 from gateway.server import Gateway
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
@@ -24,6 +25,12 @@ class Replica:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.sidecar.port}"
+
+
+def only(gateway: Gateway) -> Pool:
+    """The gateway's one workload."""
+    [pool] = gateway.pools.pools
+    return pool
 
 
 StartReplica = Callable[..., Awaitable[Replica]]
