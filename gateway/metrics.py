@@ -10,6 +10,7 @@ ROUTE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._ended: dict[tuple[str, bool], Counter] = {}
         self.requests = Counter(
             "tokenscaler_gateway_requests",
             "Requests ended, by HTTP status (499: the client went away) and whether they waited.",
@@ -80,3 +81,10 @@ class GatewayMetrics:
             "Replica announcements skipped because they break the presence contract.",
             registry=registry,
         )
+
+    def ended(self, code: str, held: bool) -> None:
+        """A request ended with this status (the label's child is looked up once)."""
+        child = self._ended.get((code, held))
+        if child is None:
+            child = self._ended[code, held] = self.requests.labels(code, "true" if held else "false")
+        child.inc()

@@ -44,6 +44,8 @@ _RESPONSE_DROP = frozenset({"content-length"})
 CLIENT_GONE = "499"
 # A request is sent to at most this many replicas before the client gets the last error.
 MAX_ATTEMPTS = 3
+# Seconds an idle connection to a replica stays open (below the sidecar's idle timeout).
+KEEPALIVE_S = 15.0
 # Answers with a Content-Length up to this are read whole and sent in one write.
 WHOLE_BODY_BYTES = 1 << 20
 
@@ -103,7 +105,12 @@ class GatewayProxy:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            # Connections to each replica stay open between requests (as many as were in flight
+            # at once), and idle ones close after KEEPALIVE_S: before the sidecar's own idle
+            # timeout (--header-timeout, 30 s by default), so this side closes an idle connection
+            # first and never sends a request on one the sidecar is closing (that request would
+            # fail as if the replica were going away).
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=self.config.connect_timeout_s, sock_read=self.config.read_timeout_s
             ),
@@ -124,7 +131,7 @@ class GatewayProxy:
 
     def _refuse(self, refusal: Refused) -> web.Response:
         self.metrics.refused.labels(refusal.reason).inc()
-        self.metrics.requests.labels(str(refusal.status), "false").inc()
+        self.metrics.ended(str(refusal.status), False)
         return refusal.response()
 
     def weigh(self, kind: Kind, body: bytes) -> Weighed:
@@ -218,7 +225,7 @@ class GatewayProxy:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
             return self._refuse(self._too_large())
         if request.method == "GET" and request.path == "/v1/models":
@@ -265,7 +272,10 @@ class GatewayProxy:
             f"request body larger than the gateway's limit of {self.config.max_body_bytes} bytes",
         )
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
+        """The whole body; None past the limit (a declared length was checked against it)."""
+        if request.content_length is not None:
+            return await request.content.readexactly(request.content_length)
         parts: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():
@@ -281,7 +291,7 @@ class GatewayProxy:
         return web.json_response({"object": "list", "data": data})
 
     async def _forward(
-        self, request: web.Request, body: bytes, weighed: Weighed, pool: Pool
+        self, request: web.BaseRequest, body: bytes, weighed: Weighed, pool: Pool
     ) -> web.StreamResponse:
         headers = forward_headers(request.headers, drop=_REQUEST_DROP)
         held = False
@@ -313,7 +323,7 @@ class GatewayProxy:
                 raise Refused(status, "replica_error", f"bad answer from the replica: {exc}") from None
             except asyncio.CancelledError:
                 self._unbook(pool, replica, weighed.tokens)
-                self.metrics.requests.labels(CLIENT_GONE, str(held).lower()).inc()
+                self.metrics.ended(CLIENT_GONE, held)
                 raise
             flight = Flight(
                 pool,
@@ -327,7 +337,7 @@ class GatewayProxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         flight: Flight,
         stream: bool,
@@ -347,7 +357,7 @@ class GatewayProxy:
             flight.code = CLIENT_GONE
             raise
         finally:
-            self.metrics.requests.labels(flight.code, str(held).lower()).inc()
+            self.metrics.ended(flight.code, held)
             self._unbook(flight.pool, flight.replica, flight.outstanding)
 
     async def _whole(self, upstream: aiohttp.ClientResponse, flight: Flight) -> web.Response:
@@ -366,7 +376,7 @@ class GatewayProxy:
         )
 
     async def _passthrough(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, flight: Flight, held: bool
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, flight: Flight, held: bool
     ) -> web.StreamResponse:
         """Bytes as they come; a stream's events take its remaining tokens off the replica."""
         response = web.StreamResponse(

@@ -104,8 +104,8 @@ class Sidecar:
         self.ready = False
         self.port = config.port
         self.admin_port = config.admin_port
-        self._proxy_runner: web.AppRunner | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._proxy_runner: web.BaseRunner | None = None
+        self._admin_runner: web.BaseRunner | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._seed_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
