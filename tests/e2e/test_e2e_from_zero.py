@@ -5,8 +5,9 @@ session's llama-server (``llama_server``), which a replica's sidecar fronts when
 stand-in for KEDA + HPA (``tests/gateway/processes.py``) starts it. Held requests wake the
 workload, every one is answered (the official ``openai`` SDK, greedy decoding: the same
 answer as straight from llama-server), the first answer begins at most 1.5 s after the
-replica announced itself (``first_answer_bound``: here it includes llama-server's first
-token), the stream counts each once, and the workload returns to zero after the cooldown.
+replica announced itself (``first_answer_bound``: its response starts to go out, which
+llama-server may begin before its first token), the stream counts each once, and the
+workload returns to zero after the cooldown.
 Timings go to stdout as ``E2E from zero`` lines.
 """
 
