@@ -6,22 +6,71 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.config import event_loop, log_level, sidecar_id
+from sidecar.config import model_list, sidecar_id
 from token_scaler import config as c
 from token_scaler.errors import ConfigError
+from token_scaler.httpserve import service_options
 from token_scaler.record import DEFAULT_RETENTION_S
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A workload this gateway serves, and the models it names for it (empty: see ``parse_routes``)."""
+
+    workload: str
+    models: tuple[str, ...] = ()
+
+
+def parse_routes(raw: str) -> tuple[Route, ...]:
+    """``<namespace>/<name>[=<model>,<model>...]``, several separated by ``;`` or spaces.
+
+    A model belongs to one workload at most. At most one workload names no models: it takes
+    the requests for models no other workload names or announces (with one workload, all)."""
+    out: list[Route] = []
+    owner: dict[str, str] = {}
+    for entry in raw.replace(";", " ").split():
+        name, eq, names = entry.partition("=")
+        try:
+            workload = c.workload_name(name)
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: {exc}") from None
+        if any(r.workload == workload for r in out):
+            raise ValueError(f"{workload} is given twice")
+        models = model_list(names) if eq else ()
+        for model in models:
+            if model in owner:
+                raise ValueError(f"model {model!r} is named for both {owner[model]} and {workload}")
+            owner[model] = workload
+        out.append(Route(workload, models))
+    if not out:
+        raise ValueError("expected <namespace>/<name>[=<model>,...], several separated by ';'")
+    if sum(1 for r in out if not r.models) > 1:
+        raise ValueError(
+            "at most one workload may name no models (it takes the models no other one names); "
+            "name the models of the others: <namespace>/<name>=<model>,..."
+        )
+    return tuple(out)
+
+
+def workload_spec(raw: str) -> str:
+    """The flag's text, checked (``parse_routes`` says the form)."""
+    parse_routes(raw)
+    return raw
+
 
 OPTIONS: dict[str, c.Option[Any]] = {
     "workload": c.Option(
         "--workload",
         "TOKEN_SCALER_WORKLOAD",
-        c.workload_name,
+        workload_spec,
         None,
-        "<namespace>/<name> of the workload whose replicas this gateway routes to",
+        "<namespace>/<name>[=<model>,...] of a workload whose replicas this gateway routes to; "
+        "repeat the flag (or separate by ';') for several, each naming the models it serves",
         required=True,
+        repeatable=True,
     ),
     "redis_url": c.Option(
         "--redis-url",
@@ -30,28 +79,24 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "redis://127.0.0.1:6379/0",
         "Redis of the sidecars and scaler",
     ),
-    "host": c.Option("--host", "TOKEN_SCALER_HOST", c.text, "0.0.0.0", "address both ports listen on"),
-    "port": c.Option("--port", "TOKEN_SCALER_PORT", c.port, 8080, "OpenAI-compatible port"),
-    "admin_port": c.Option(
-        "--admin-port",
-        "TOKEN_SCALER_ADMIN_PORT",
-        c.port,
-        9100,
-        "/metrics, /healthz, /readyz, /debug/replicas port",
+    **service_options(
+        port_help="OpenAI-compatible port",
+        admin_help="/metrics, /healthz, /readyz, /debug/replicas port",
+        drain_help="seconds in-flight and held requests get on SIGTERM (held ones then get 503)",
     ),
     "queue_max_requests": c.Option(
         "--queue-max-requests",
         "TOKEN_SCALER_QUEUE_MAX_REQUESTS",
         c.positive_int,
         1000,
-        "requests held at once (no live replica, or all full); more get 503",
+        "requests held at once per workload (no live replica, or all full); more get 503",
     ),
     "queue_max_tokens": c.Option(
         "--queue-max-tokens",
         "TOKEN_SCALER_QUEUE_MAX_TOKENS",
         c.positive_int,
         4_000_000,
-        "weighted tokens (prompt + max_tokens) held at once; more get 503",
+        "weighted tokens (prompt + max_tokens) held at once per workload; more get 503",
     ),
     "queue_timeout_s": c.Option(
         "--queue-timeout",
@@ -123,20 +168,6 @@ OPTIONS: dict[str, c.Option[Any]] = {
         600.0,
         "seconds a replica may stay silent before 504",
     ),
-    "shutdown_delay_s": c.Option(
-        "--shutdown-delay",
-        "TOKEN_SCALER_SHUTDOWN_DELAY",
-        c.non_negative_float,
-        5.0,
-        "seconds between readiness 503 and closing the port on SIGTERM",
-    ),
-    "drain_timeout_s": c.Option(
-        "--drain-timeout",
-        "TOKEN_SCALER_DRAIN_TIMEOUT",
-        c.non_negative_float,
-        60.0,
-        "seconds in-flight and held requests get on SIGTERM (held ones then get 503)",
-    ),
     "gateway_id": c.Option(
         "--gateway-id",
         "TOKEN_SCALER_GATEWAY_ID",
@@ -144,15 +175,12 @@ OPTIONS: dict[str, c.Option[Any]] = {
         None,
         "this gateway's id in the stream (default gw-<POD_NAME or hostname>-<random hex>)",
     ),
-    "event_loop": c.Option(
-        "--event-loop", "TOKEN_SCALER_EVENT_LOOP", event_loop, "auto", "auto, uvloop or asyncio"
-    ),
-    "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", log_level, "INFO", "logging level"),
 }
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
+    # The workloads, in the flag's form (``parse_routes``); ``routes`` holds them parsed.
     workload: str
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "0.0.0.0"
@@ -175,8 +203,13 @@ class GatewayConfig:
     gateway_id: str | None = None
     event_loop: str = "auto"
     log_level: str = "INFO"
+    routes: tuple[Route, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "routes", parse_routes(self.workload))
+        except ValueError as exc:
+            raise ConfigError(f"TOKEN_SCALER_WORKLOAD={self.workload!r} is invalid: {exc}") from None
         if self.discovery_interval_s >= self.replica_liveness_s:
             raise ConfigError(
                 "TOKEN_SCALER_DISCOVERY_INTERVAL must be below TOKEN_SCALER_REPLICA_LIVENESS "

@@ -5,7 +5,8 @@ when it starts waiting, taken back when it stops (handed to a replica, refused, 
 out, its client gone). Over a request's life its counters sum to zero; the sidecar that
 serves it counts it as usual. ``DemandWriter`` sends those counts as stream records
 through the append script: one per interval while there is something to say, and one at
-once, stamped in the last complete second, when holding starts after holding none.
+once, stamped in the last complete second, when holding starts after holding none
+(``token_scaler/outbox.py`` buffers and delivers them, as it does a sidecar's).
 """
 
 from __future__ import annotations
@@ -14,26 +15,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from token_scaler.record import (
-    APPEND_SCRIPT,
-    GATEWAY,
-    ModelCounts,
-    Record,
-    append_args,
-    seq_key,
-    stream_key,
-)
+from token_scaler.outbox import Outbox
+from token_scaler.record import GATEWAY, ModelCounts, Record
 
 log = logging.getLogger(__name__)
-
-BATCH = 100
 
 
 @dataclass(slots=True, eq=False)
@@ -110,21 +101,20 @@ class DemandWriter:
         buffer_records: int = 900,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._client = client
         self._demand = demand
-        self._keys = [stream_key(workload), seq_key(workload, gateway_id)]
-        self._script = client.register_script(APPEND_SCRIPT)
+        self.outbox = Outbox(
+            client,
+            workload=workload,
+            writer_id=gateway_id,
+            retention_s=retention_s,
+            limit=buffer_records,
+            what="held-demand records",
+            clock=clock,
+        )
         self.gateway_id = gateway_id
         self._interval_s = interval_s
-        self._retention_s = retention_s
-        self._limit = buffer_records
-        self._clock = clock
         self._seq = round(clock() * 1000)  # above any seq a predecessor with this id stored
-        self._offset_ms = 0
         self._last_cut = time.monotonic()
-        self._buffer: deque[Record] = deque()
-        self._lock = asyncio.Lock()
-        self._failing = False
         self._wake: asyncio.Task[bool] | None = None
         self._last_wake = -1e9
         self.records = 0
@@ -132,10 +122,10 @@ class DemandWriter:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self.outbox.buffer)
 
     def redis_ms(self) -> int:
-        return round(self._clock() * 1000) + self._offset_ms
+        return self.outbox.local_ms() + (self.outbox.offset_ms or 0)
 
     def cut(self, *, previous_second: bool = False) -> Record | None:
         """A record of what changed since the last cut; None when there is nothing to say."""
@@ -150,10 +140,8 @@ class DemandWriter:
             ts, interval_ms = ts // 1000 * 1000 - 1, 1
         self._seq += 1
         record = Record(self.gateway_id, self._seq, ts, interval_ms, models, role=GATEWAY)
-        if len(self._buffer) >= self._limit:
-            self._buffer.popleft()
+        if self.outbox.add(record, ts, stamped=True):
             self.dropped += 1
-        self._buffer.append(record)
         return record
 
     def wake(self) -> None:
@@ -166,44 +154,20 @@ class DemandWriter:
         self.cut(previous_second=True)
         self._wake = asyncio.create_task(self.deliver())
 
-    async def learn_offset(self) -> None:
-        before = self._clock()
-        seconds, micros = await self._client.time()
-        after = self._clock()
-        self._offset_ms = seconds * 1000 + micros // 1000 - round((before + after) * 500)
-
     async def deliver(self) -> bool:
         """Send everything buffered, oldest first; False when Redis failed (kept for later)."""
-        async with self._lock:
-            try:
-                while self._buffer:
-                    batch = list(self._buffer)[:BATCH]
-                    before = self._clock()
-                    reply = await self._script(keys=self._keys, args=append_args(batch, self._retention_s))
-                    after = self._clock()
-                    self._offset_ms = int(reply[2]) - round((before + after) * 500)
-                    # Only the delivered ones leave: a cut meanwhile may have dropped the oldest.
-                    sent = {id(r) for r in batch}
-                    while self._buffer and id(self._buffer[0]) in sent:
-                        self._buffer.popleft()
-                    self.records += len(batch)
-            except (TimeoutError, RedisError, OSError) as exc:
-                if not self._failing:
-                    log.warning("Redis unreachable, held demand buffered: %s", exc)
-                self._failing = True
-                return False
-            if self._failing:
-                log.info("Redis reachable again; held demand delivered")
-                self._failing = False
-            return True
+        return await self.outbox.deliver(sent=self._sent)
+
+    def _sent(self, added: int, batch: int) -> None:
+        self.records += batch
 
     async def run(self) -> None:
         with contextlib.suppress(TimeoutError, RedisError, OSError):
-            await self.learn_offset()
+            await self.outbox.learn_offset()
         while True:
             await asyncio.sleep(self._interval_s)
             self.cut()
-            if self._buffer:
+            if self.buffered:
                 await self.deliver()
 
     async def close(self, timeout_s: float) -> bool:
@@ -211,5 +175,5 @@ class DemandWriter:
         try:
             return await asyncio.wait_for(self.deliver(), timeout_s)
         except TimeoutError:
-            log.warning("Redis did not take the last %d held-demand records", len(self._buffer))
+            log.warning("Redis did not take the last %d held-demand records", self.buffered)
             return False

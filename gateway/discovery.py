@@ -5,12 +5,18 @@ within the liveness bound, on Redis' clock. A sidecar that withdrew at SIGTERM i
 at the next read; one that died, once its last heartbeat is older than the bound.
 While Redis cannot be read the last set is kept (the replicas are probably still there;
 those that are not refuse connections and are left out for a while).
+
+A replica a read lists for the first time announced itself after the read before (on
+Redis' clock); that bound, and whether held requests went to it in the same read, are kept
+on the replica (``Router.Replica``): from them ``/debug/replicas`` shows how long held
+requests waited once a replica was there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,12 +51,16 @@ class Discovery:
         self.liveness_ms = round(liveness_s * 1000)
         self.interval_s = interval_s
         self.on_change = on_change
+        self.workload = workload
         self._bad: set[str] = set()
         self._failing = False
+        self._last_ms: int | None = None  # Redis time of the last read
         self.reads = 0
 
     async def poll_once(self) -> None:
         reply: Any = await self._script(keys=self._keys, args=[self.liveness_ms])
+        now = time.monotonic()
+        read_ms = int(reply[0])
         live: dict[str, tuple[int, Announcement]] = {}
         for i in range(1, len(reply), 3):
             rid = reply[i].decode()
@@ -64,11 +74,19 @@ class Discovery:
         added, removed = self.router.update(live)
         self.reads += 1
         for rid in added:
-            log.info("replica %s at %s is live", rid, self.router.replicas[rid].url)
+            replica = self.router.replicas[rid]
+            replica.seen_at = now
+            if self._last_ms is not None:
+                replica.announced_within_ms = read_ms - self._last_ms
+            log.info("replica %s of %s at %s is live", rid, self.workload, replica.url)
         for rid in removed:
-            log.info("replica %s is gone", rid)
-        self.metrics.replicas.set(len(self.router.replicas))
+            log.info("replica %s of %s is gone", rid, self.workload)
+        self._last_ms = read_ms
+        self.metrics.replicas.labels(self.workload).set(len(self.router.replicas))
         self.on_change()
+        for rid in added:
+            replica = self.router.replicas[rid]
+            replica.held_in_first_read = replica.first_held_at is not None
 
     async def run(self) -> None:
         while True:

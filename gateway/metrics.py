@@ -10,6 +10,7 @@ ROUTE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._ended: dict[tuple[str, bool], Counter] = {}
         self.requests = Counter(
             "tokenscaler_gateway_requests",
             "Requests ended, by HTTP status (499: the client went away) and whether they waited.",
@@ -19,31 +20,40 @@ class GatewayMetrics:
         self.refused = Counter(
             "tokenscaler_gateway_refused_requests",
             "Requests the gateway answered itself, by reason "
-            "(queue_full, queue_timeout, no_replica, shutdown, bad_request, too_large).",
+            "(queue_full, queue_timeout, no_replica, model_not_found, shutdown, bad_request, too_large).",
             ["reason"],
             registry=registry,
         )
         self.queue_requests = Gauge(
-            "tokenscaler_gateway_queue_requests", "Requests held, waiting for a replica.", registry=registry
+            "tokenscaler_gateway_queue_requests",
+            "Requests held, waiting for a replica, by workload.",
+            ["workload"],
+            registry=registry,
         )
         self.queue_tokens = Gauge(
             "tokenscaler_gateway_queue_tokens",
-            "Weighted tokens (prompt + max_tokens) of the requests held.",
+            "Weighted tokens (prompt + max_tokens) of the requests held, by workload.",
+            ["workload"],
             registry=registry,
         )
         self.queue_oldest = Gauge(
             "tokenscaler_gateway_queue_oldest_seconds",
-            "How long the oldest held request has waited.",
+            "How long the oldest held request has waited, by workload.",
+            ["workload"],
             registry=registry,
         )
         self.wait = Histogram(
             "tokenscaler_gateway_queue_wait_seconds",
-            "Time held requests waited for a replica.",
+            "Time held requests waited for a replica, by workload.",
+            ["workload"],
             buckets=WAIT_BUCKETS,
             registry=registry,
         )
         self.replicas = Gauge(
-            "tokenscaler_gateway_replicas", "Live replicas (announced, heartbeat fresh).", registry=registry
+            "tokenscaler_gateway_replicas",
+            "Live replicas (announced, heartbeat fresh), by workload.",
+            ["workload"],
+            registry=registry,
         )
         self.outstanding = Gauge(
             "tokenscaler_gateway_outstanding_tokens",
@@ -71,3 +81,10 @@ class GatewayMetrics:
             "Replica announcements skipped because they break the presence contract.",
             registry=registry,
         )
+
+    def ended(self, code: str, held: bool) -> None:
+        """A request ended with this status (the label's child is looked up once)."""
+        child = self._ended.get((code, held))
+        if child is None:
+            child = self._ended[code, held] = self.requests.labels(code, "true" if held else "false")
+        child.inc()

@@ -39,6 +39,13 @@ class Replica:
     announced_requests: int = 0  # the sidecar's in-flight requests, kept like ``announced``
     down_until: float = 0.0
     heartbeat_ms: int = -1  # Redis time of the announcement ``announced`` comes from
+    # When the gateway first listed it, and its first held request (``Discovery`` and the proxy
+    # fill these in; ``/debug/replicas`` shows them).
+    seen_at: float = 0.0  # monotonic time of the read that first listed it
+    announced_within_ms: int | None = None  # Redis time since the read before (None: the first read)
+    held_in_first_read: bool = False  # held requests went to it in that very read
+    first_held_at: float | None = None  # monotonic: a held request was handed to it
+    first_held_answer_at: float | None = None  # monotonic: the answer to one began to reach its client
 
     @property
     def load(self) -> int:
@@ -92,8 +99,16 @@ class Router:
             return self._any
         return named + self._any if self._any else named
 
-    def serves(self, model: str | None) -> bool:
-        return bool(self.candidates(model))
+    def announces(self, model: str) -> bool:
+        """A live replica names the model in its announcement."""
+        return model in self._by_model
+
+    def announced_models(self) -> set[str]:
+        return set(self._by_model)
+
+    def open_to_any(self) -> bool:
+        """It may serve a model no replica names: none is live, or one announces no models."""
+        return not self.replicas or bool(self._any)
 
     def pick(self, model: str | None, tokens: int, now: float | None = None) -> Replica | None:
         """The least-loaded replica of ``model`` with room for ``tokens``; None: hold the request."""

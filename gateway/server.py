@@ -6,36 +6,45 @@ Shutdown on SIGTERM (or SIGINT), in this order:
 3. the port closes; in-flight and held requests get ``--drain-timeout`` (held ones are
    still handed to replicas that appear); requests still held shortly before its end
    get 503 with ``Retry-After`` (the client's retry reaches another gateway replica);
-4. the last held-demand record is written (their take-backs included), connections
-   close, the admin port last.
+4. the last held-demand record of each workload is written (their take-backs included),
+   connections close, the admin port last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
-import signal
 from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
-from gateway.config import GatewayConfig, make_gateway_id
+from gateway.config import GatewayConfig, Route, make_gateway_id
 from gateway.demand import DemandWriter, HeldDemand
 from gateway.discovery import Discovery
 from gateway.metrics import GatewayMetrics
+from gateway.pool import Pool, Pools
 from gateway.proxy import GatewayProxy, Refused
 from gateway.queue import HoldQueue
-from gateway.router import Router
-from sidecar.server import TASK_STOP_TIMEOUT_S, end_task, loop_factory
+from gateway.router import Replica, Router
+from token_scaler import httpserve
+from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
 from token_scaler.redis_conn import connect
 
 log = logging.getLogger(__name__)
 
 FINAL_FLUSH_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
+# The cyclic collector's thresholds. Each forwarded request allocates a few hundred container
+# objects (aiohttp's request, response, payload, futures), so at Python's default (700) a
+# young-generation pass ran every request or two, and older passes walked the live
+# connections again and again: a tenth of the gateway's CPU at 200 req/s. Fewer, larger
+# passes collect the same garbage; what waits for them stays in the low megabytes.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class Gateway:
@@ -44,53 +53,54 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
         self.redis = connect(config.redis_url)
-        self.router = Router()
-        self.queue = HoldQueue(config.queue_max_requests, config.queue_max_tokens)
-        self.demand = HeldDemand()
         self.gateway_id = config.gateway_id or make_gateway_id()
-        self.writer = DemandWriter(
-            self.redis,
-            self.demand,
-            workload=config.workload,
-            gateway_id=self.gateway_id,
-            interval_s=config.flush_interval_s,
-            retention_s=config.retention_s,
-        )
-        self.proxy = GatewayProxy(config, self.router, self.queue, self.demand, self.writer, self.metrics)
-        self.discovery = Discovery(
-            self.redis,
-            self.router,
-            self.metrics,
-            workload=config.workload,
-            liveness_s=config.replica_liveness_s,
-            interval_s=config.discovery_interval_s,
-            on_change=self.proxy.dispatch,
-        )
+        self.pools = Pools([self._pool(route) for route in config.routes])
+        self.proxy = GatewayProxy(config, self.pools, self.metrics)
+        self.discoveries = [
+            Discovery(
+                self.redis,
+                pool.router,
+                self.metrics,
+                workload=pool.workload,
+                liveness_s=config.replica_liveness_s,
+                interval_s=config.discovery_interval_s,
+                on_change=functools.partial(self.proxy.dispatch, pool),
+            )
+            for pool in self.pools
+        ]
         self.ready = False
         self.port = config.port
         self.admin_port = config.admin_port
-        self._proxy_runner: web.AppRunner | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._proxy_runner: web.BaseRunner | None = None
+        self._admin_runner: web.BaseRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _admin_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/debug/replicas", self._debug)
-        return app
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    def _pool(self, route: Route) -> Pool:
+        demand = HeldDemand()
+        writer = DemandWriter(
+            self.redis,
+            demand,
+            workload=route.workload,
+            gateway_id=self.gateway_id,
+            interval_s=self.config.flush_interval_s,
+            retention_s=self.config.retention_s,
+        )
+        return Pool(
+            route.workload,
+            frozenset(route.models),
+            Router(),
+            HoldQueue(self.config.queue_max_requests, self.config.queue_max_tokens),
+            demand,
+            writer,
         )
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    @property
+    def queue(self) -> HoldQueue:
+        """The first workload's hold queue (a gateway of one workload has only that one)."""
+        return self.pools.pools[0].queue
 
-    async def _readyz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": self.ready}
 
     async def _debug(self, request: web.Request) -> web.Response:
         return web.json_response(self.view())
@@ -98,57 +108,50 @@ class Gateway:
     def view(self) -> dict[str, Any]:
         return {
             "gateway": self.gateway_id,
-            "workload": self.config.workload,
-            "queue": {
-                "requests": len(self.queue),
-                "tokens": self.queue.tokens,
-                "oldestWaitSeconds": round(self.queue.oldest_wait(), 3),
-            },
-            "replicas": [
+            "workloads": [
                 {
-                    "id": r.id,
-                    "url": r.url,
-                    "models": sorted(r.models),
-                    "capacity": r.capacity,
-                    "load": r.load,
-                    "localTokens": r.local,
-                    "announcedTokens": r.announced,
-                    "requests": r.requests,
+                    "workload": pool.workload,
+                    "models": sorted(pool.models()),
+                    "namedModels": sorted(pool.named),
+                    "queue": {
+                        "requests": len(pool.queue),
+                        "tokens": pool.queue.tokens,
+                        "oldestWaitSeconds": round(pool.queue.oldest_wait(), 3),
+                    },
+                    "replicas": [_replica_view(r) for r in pool.router.replicas.values()],
                 }
-                for r in self.router.replicas.values()
+                for pool in self.pools
             ],
         }
 
     async def start(self) -> None:
         await self.proxy.start()
-        self._admin_runner = web.AppRunner(self._admin_app(), access_log=None)
-        await self._admin_runner.setup()
-        await web.TCPSite(self._admin_runner, self.config.host, self.config.admin_port).start()
-        self.admin_port = _bound_port(self._admin_runner)
-        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
-        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
-        self._proxy_runner = web.AppRunner(
-            app,
-            access_log=None,
-            handler_cancellation=True,  # a client that leaves takes its request out of the queue
-            shutdown_timeout=self.config.drain_timeout_s,
+        self._admin_runner, self.admin_port = await httpserve.listen(
+            httpserve.admin_app(self.registry, self.readiness, {"/debug/replicas": self._debug}),
+            self.config.host,
+            self.config.admin_port,
         )
-        await self._proxy_runner.setup()
-        await web.TCPSite(self._proxy_runner, self.config.host, self.config.port, backlog=1024).start()
-        self.port = _bound_port(self._proxy_runner)
+        # One handler for every path: aiohttp's low-level server, without an application's
+        # routing and middleware on each request (the proxy reads bodies itself, with its limit).
+        server = web.Server(
+            self.proxy.handle,
+            handler_cancellation=True,  # a client that leaves takes its request out of the queue
+            access_log=None,
+        )
+        self._proxy_runner, self.port = await httpserve.listen(
+            server, self.config.host, self.config.port, shutdown_timeout=self.config.drain_timeout_s
+        )
         # The first read of the announcements before the port counts as ready.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.discovery.poll_once(), 2.0)
-        self._tasks = [
-            asyncio.create_task(self.discovery.run()),
-            asyncio.create_task(self.writer.run()),
-        ]
+            await asyncio.wait_for(asyncio.gather(*(d.poll_once() for d in self.discoveries)), 2.0)
+        self._tasks = [asyncio.create_task(d.run()) for d in self.discoveries]
+        self._tasks += [asyncio.create_task(pool.writer.run()) for pool in self.pools]
         self.ready = True
         log.info(
             "gateway %s: :%d -> replicas of %s, admin :%d",
             self.gateway_id,
             self.port,
-            self.config.workload,
+            ", ".join(pool.workload for pool in self.pools),
             self.admin_port,
         )
 
@@ -163,7 +166,7 @@ class Gateway:
         )
         # Held requests get an answer before the drain's end cancels their handlers.
         reject = asyncio.get_running_loop().call_later(
-            max(0.0, self.config.drain_timeout_s - 1.0), self.queue.reject_all, refusal
+            max(0.0, self.config.drain_timeout_s - 1.0), self._reject_held, refusal
         )
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
@@ -172,7 +175,8 @@ class Gateway:
         for task in self._tasks:
             await end_task(task, TASK_STOP_TIMEOUT_S)
         log.debug("tasks stopped")
-        await self.writer.close(FINAL_FLUSH_TIMEOUT_S)
+        for pool in self.pools:
+            await pool.writer.close(FINAL_FLUSH_TIMEOUT_S)
         log.debug("held demand written")
         # Closing connections is bounded too: a stop must never outlast the grace period.
         for closing in (self.proxy.close(), self.redis.aclose()):
@@ -181,33 +185,39 @@ class Gateway:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 
+    def _reject_held(self, refusal: Refused) -> None:
+        for pool in self.pools:
+            pool.queue.reject_all(refusal)
 
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("the server is bound to no TCP address")
+
+def _replica_view(r: Replica) -> dict[str, Any]:
+    held_answer = None if r.first_held_answer_at is None else round(r.first_held_answer_at - r.seen_at, 4)
+    return {
+        "id": r.id,
+        "url": r.url,
+        "models": sorted(r.models),
+        "capacity": r.capacity,
+        "slots": r.slots,
+        "load": r.load,
+        "localTokens": r.local,
+        "announcedTokens": r.announced,
+        "requests": r.requests,
+        # Held requests once it was there: it announced itself at most ``announcedWithinSeconds``
+        # before the read that listed it (None: listed by the gateway's first read); the first
+        # held request's answer began ``heldAnswerAfterDiscoverySeconds`` after that read.
+        "discovery": {
+            "announcedWithinSeconds": None if r.announced_within_ms is None else r.announced_within_ms / 1000,
+            "heldSentInThatRead": r.held_in_first_read,
+            "heldAnswerAfterDiscoverySeconds": held_answer,
+        },
+    }
 
 
 async def serve(config: GatewayConfig) -> None:
-    gateway = Gateway(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
-    try:
-        await stop.wait()
-        log.info("shutting down: readiness off, draining")
-    finally:
-        await gateway.stop()
+    gc.set_threshold(*GC_THRESHOLDS)
+    await httpserve.serve(Gateway(config))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = GatewayConfig.load(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-        runner.run(serve(config))
-    return 0
+    return httpserve.main(config.log_level, config.event_loop, lambda: serve(config))

@@ -14,6 +14,7 @@ from typing import Any
 from sidecar.labels import MAX_PINNED
 from token_scaler import config as c
 from token_scaler.errors import ConfigError
+from token_scaler.httpserve import service_options
 from token_scaler.record import DEFAULT_RETENTION_S, MAX_MODELS_PER_ENTRY, MAX_TENANTS_PER_ENTRY
 
 _ID_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
@@ -25,13 +26,6 @@ def sidecar_id(raw: str) -> str:
     return raw
 
 
-def log_level(raw: str) -> str:
-    level = raw.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    return level
-
-
 def model_list(raw: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
     if not names:
@@ -40,13 +34,6 @@ def model_list(raw: str) -> tuple[str, ...]:
         if len(name) > 128 or not name.isprintable() or name == "other":
             raise ValueError(f"{name!r}: expected a printable name of at most 128 characters, not 'other'")
     return names
-
-
-def event_loop(raw: str) -> str:
-    choice = raw.strip().lower()
-    if choice not in ("auto", "uvloop", "asyncio"):
-        raise ValueError("expected auto, uvloop or asyncio")
-    return choice
 
 
 def model_metrics_url(raw: str) -> str:
@@ -80,10 +67,10 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "the model server's Prometheus metrics, read every second into the records (running, "
         "waiting, KV cache): auto = <upstream>/metrics, off, or a URL",
     ),
-    "host": c.Option("--host", "TOKEN_SCALER_HOST", c.text, "0.0.0.0", "address both ports listen on"),
-    "port": c.Option("--port", "TOKEN_SCALER_PORT", c.port, 8080, "proxy port"),
-    "admin_port": c.Option(
-        "--admin-port", "TOKEN_SCALER_ADMIN_PORT", c.port, 9100, "/metrics, /healthz, /readyz port"
+    **service_options(
+        port_help="proxy port",
+        admin_help="/metrics, /healthz, /readyz port",
+        drain_help="seconds in-flight requests get to finish on SIGTERM",
     ),
     "tenant_header": c.Option(
         "--tenant-header", "TOKEN_SCALER_TENANT_HEADER", c.text, "X-Tenant-ID", "header naming the tenant"
@@ -173,20 +160,6 @@ OPTIONS: dict[str, c.Option[Any]] = {
         600.0,
         "seconds the upstream may stay silent (queueing included) before 504",
     ),
-    "shutdown_delay_s": c.Option(
-        "--shutdown-delay",
-        "TOKEN_SCALER_SHUTDOWN_DELAY",
-        c.non_negative_float,
-        5.0,
-        "seconds between readiness 503 and closing the port on SIGTERM",
-    ),
-    "drain_timeout_s": c.Option(
-        "--drain-timeout",
-        "TOKEN_SCALER_DRAIN_TIMEOUT",
-        c.non_negative_float,
-        60.0,
-        "seconds in-flight requests get to finish on SIGTERM",
-    ),
     "rate_window_s": c.Option(
         "--rate-window",
         "TOKEN_SCALER_RATE_WINDOW",
@@ -201,14 +174,6 @@ OPTIONS: dict[str, c.Option[Any]] = {
         None,
         "this sidecar's id in the stream (default <POD_NAME or hostname>-<random hex>)",
     ),
-    "event_loop": c.Option(
-        "--event-loop",
-        "TOKEN_SCALER_EVENT_LOOP",
-        event_loop,
-        "auto",
-        "auto (uvloop when installed), uvloop or asyncio",
-    ),
-    "log_level": c.Option("--log-level", "TOKEN_SCALER_LOG_LEVEL", log_level, "INFO", "logging level"),
     "policy": c.Option(
         "--policy",
         "TOKEN_SCALER_POLICY",

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
-import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from sidecar.announce import Announcer, advertised_url
@@ -35,8 +34,8 @@ from sidecar.policy import PolicyEngine
 from sidecar.proxy import Proxy
 from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
-from token_scaler import model_keys
-from token_scaler.errors import ConfigError
+from token_scaler import httpserve, model_keys
+from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import connect
 
@@ -46,18 +45,6 @@ log = logging.getLogger(__name__)
 FINAL_FLUSH_TIMEOUT_S = 5.0
 # How long start-up waits in the background for the stream's generation means.
 SEED_TIMEOUT_S = 2.0
-# How long a stop waits for a cancelled background task before going on without it.
-TASK_STOP_TIMEOUT_S = 5.0
-
-
-async def end_task(task: asyncio.Task[None], timeout_s: float) -> None:
-    """Cancel ``task`` and wait for it at most ``timeout_s``: a stop never hangs on a task
-    that does not end (logged)."""
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done:
-        log.warning("background task %s did not stop within %gs", task.get_name(), timeout_s)
-
 
 # How often the models ScaledObjects count are read (a new ScaledObject's within this).
 PIN_INTERVAL_S = 5.0
@@ -117,8 +104,8 @@ class Sidecar:
         self.ready = False
         self.port = config.port
         self.admin_port = config.admin_port
-        self._proxy_runner: web.AppRunner | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._proxy_runner: web.BaseRunner | None = None
+        self._admin_runner: web.BaseRunner | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._seed_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
@@ -136,50 +123,29 @@ class Sidecar:
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
         return app
 
-    def _admin_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        return app
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        body = {
+    def readiness(self) -> dict[str, Any]:
+        return {
             "ready": self.ready,
             "sidecar": self.flusher.sidecar_id,
             "buffered_records": self.flusher.buffered,
             "redis_offset_ms": self.flusher.offset_ms,
         }
-        return web.json_response(body, status=200 if self.ready else 503)
 
     async def start(self) -> None:
         await self.proxy.start()
-        self._admin_runner = web.AppRunner(self._admin_app(), access_log=None)
-        await self._admin_runner.setup()
-        admin = web.TCPSite(self._admin_runner, self.config.host, self.config.admin_port)
-        await admin.start()
-        self.admin_port = _bound_port(self._admin_runner)
-        self._proxy_runner = web.AppRunner(
+        self._admin_runner, self.admin_port = await httpserve.listen(
+            httpserve.admin_app(self.registry, self.readiness), self.config.host, self.config.admin_port
+        )
+        self._proxy_runner, self.port = await httpserve.listen(
             self._proxy_app(),
-            access_log=None,
+            self.config.host,
+            self.config.port,
             handler_cancellation=True,  # a client that leaves cancels its upstream request
             # aiohttp closes a connection whose request head is not complete this long after it
             # opened (or after the previous response): the header timeout, and the idle one.
             keepalive_timeout=self.config.header_timeout_s,
             shutdown_timeout=self.config.drain_timeout_s,
         )
-        await self._proxy_runner.setup()
-        site = web.TCPSite(self._proxy_runner, self.config.host, self.config.port, backlog=1024)
-        await site.start()
-        self.port = _bound_port(self._proxy_runner)
         self._flush_task = asyncio.create_task(self.flusher.run())
         self._seed_task = asyncio.create_task(self._seed_estimates())
         self._lag_task = asyncio.create_task(self.loop_lag.run())
@@ -278,48 +244,10 @@ class Sidecar:
             await self._admin_runner.cleanup()
 
 
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("the server is bound to no TCP address")
-
-
 async def serve(config: SidecarConfig) -> None:
-    sidecar = Sidecar(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await sidecar.start()
-    # What start-up allocated lives as long as the process: keep it out of GC passes,
-    # which would otherwise walk it on every full collection (latency spikes).
-    gc.freeze()
-    try:
-        await stop.wait()
-        log.info("shutting down: readiness off, draining")
-    finally:
-        await sidecar.stop()
-
-
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop halves the event loop's share of each proxied request; asyncio's loop is the fallback."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError as exc:
-        if choice == "uvloop":
-            raise ConfigError("TOKEN_SCALER_EVENT_LOOP=uvloop but uvloop is not installed") from exc
-        return None
-    return uvloop.new_event_loop
+    await httpserve.serve(Sidecar(config))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = SidecarConfig.load(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-        runner.run(serve(config))
-    return 0
+    return httpserve.main(config.log_level, config.event_loop, lambda: serve(config))

@@ -28,6 +28,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from gateway.config import parse_routes
 from scaler.metadata import KEYS, parse
 from token_scaler.errors import MetadataError
 
@@ -461,10 +462,16 @@ def test_from_zero_wiring() -> None:
     [gateway] = gateways(objs)
     container = next(c for c in pod_spec(gateway)["containers"] if c["args"] == ["gateway"])
     env = env_of(container)
-    assert env["TOKEN_SCALER_WORKLOAD"]["value"] == settings.workload
-    # Held requests outlast the model's cold start; the drain fits in the grace period.
+    # The gateway names the workload and the model its vLLM serves.
+    [route] = parse_routes(env["TOKEN_SCALER_WORKLOAD"]["value"])
+    assert route.workload == settings.workload
     model = one(objs, "Deployment", "vllm")
-    probe = next(c for c in pod_spec(model)["containers"] if c["name"] == "vllm")["startupProbe"]
+    vllm = next(c for c in pod_spec(model)["containers"] if c["name"] == "vllm")
+    assert route.models == tuple(
+        a.split("=", 1)[1] for a in vllm["args"] if a.startswith("--served-model-name=")
+    )
+    # Held requests outlast the model's cold start; the drain fits in the grace period.
+    probe = vllm["startupProbe"]
     assert float(env["TOKEN_SCALER_QUEUE_TIMEOUT"]["value"]) >= 300
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
     delay, drain = (float(env[f"TOKEN_SCALER_{k}"]["value"]) for k in ("SHUTDOWN_DELAY", "DRAIN_TIMEOUT"))

@@ -30,6 +30,8 @@ class Option(Generic[T]):
     default: T | None
     help: str
     required: bool = False
+    # The flag may be given more than once; its values reach ``parse`` joined by ``;``.
+    repeatable: bool = False
 
 
 def load(
@@ -44,11 +46,19 @@ def load(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, opt in options.items():
         shown = "required" if opt.required else f"default: {opt.default}"
-        parser.add_argument(opt.flag, dest=name, default=None, help=f"{opt.help} (env {opt.env}; {shown})")
+        parser.add_argument(
+            opt.flag,
+            dest=name,
+            default=None,
+            action="append" if opt.repeatable else "store",
+            help=f"{opt.help} (env {opt.env}; {shown})",
+        )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for name, opt in options.items():
         raw = getattr(args, name)
+        if isinstance(raw, list):
+            raw = ";".join(raw)
         source = opt.flag
         if raw is None and opt.env in environ:
             raw, source = environ[opt.env], opt.env

@@ -4,8 +4,11 @@ The scaler, a gateway and the replica's sidecar run as processes; the model serv
 session's llama-server (``llama_server``), which a replica's sidecar fronts when the
 stand-in for KEDA + HPA (``tests/gateway/processes.py``) starts it. Held requests wake the
 workload, every one is answered (the official ``openai`` SDK, greedy decoding: the same
-answer as straight from llama-server), the stream counts each once, and the workload
-returns to zero after the cooldown. Timings go to stdout as ``E2E from zero`` lines.
+answer as straight from llama-server), the first answer begins at most 1.5 s after the
+replica announced itself (``first_answer_bound``: its response starts to go out, which
+llama-server may begin before its first token), the stream counts each once, and the
+workload returns to zero after the cooldown.
+Timings go to stdout as ``E2E from zero`` lines.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from bench._common import Scaler
 from tests.e2e.conftest import LlamaServer
 from tests.e2e.test_e2e_scaling import report
 from tests.gateway.processes import Autoscaler, GatewayProcess
-from tests.gateway.test_gateway_from_zero import METADATA, stream_sums, until
+from tests.gateway.test_gateway_from_zero import METADATA, first_answer_bound, stream_sums, until
 
 pytestmark = pytest.mark.e2e
 
@@ -91,6 +94,7 @@ async def test_from_zero_to_llama_server_and_back(
                 results = await asyncio.gather(*(ask(p) for p in PROMPTS))
                 assert [text for _, text, _ in results] == expected
                 replica = autoscaler.started_replicas[0]
+                bound = first_answer_bound(gateway, replica.name)
                 report(
                     "from zero",
                     activated_after_first_request_s=round(autoscaler.activations[0] - sent, 3),
@@ -98,6 +102,7 @@ async def test_from_zero_to_llama_server_and_back(
                     first_answer_after_replica_ready_s=round(
                         min(t for t, _, _ in results) - replica.ready, 3
                     ),
+                    gateway_discovery=bound,
                 )
                 await until(lambda: not autoscaler.replicas, 90, "the scale-down to zero")
             finally:

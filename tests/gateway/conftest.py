@@ -10,9 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import GatewayConfig
+from gateway.pool import Pool
 from gateway.server import Gateway
-from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
+from tests.sidecar.conftest import started_sidecar
 from tests.sidecar.fake_upstream import FakeUpstream
 
 
@@ -24,6 +25,12 @@ class Replica:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.sidecar.port}"
+
+
+def only(gateway: Gateway) -> Pool:
+    """The gateway's one workload."""
+    [pool] = gateway.pools.pools
+    return pool
 
 
 StartReplica = Callable[..., Awaitable[Replica]]
@@ -41,21 +48,8 @@ async def start_replica(
     async def start(**overrides: Any) -> Replica:
         upstream = FakeUpstream()
         await upstream.start()
-        settings: dict[str, Any] = {
-            "workload": workload,
-            "redis_url": redis_url,
-            "upstream": f"http://127.0.0.1:{upstream.port}",
-            "host": "127.0.0.1",
-            "port": 0,
-            "admin_port": 0,
-            "shutdown_delay_s": 0.0,
-            "drain_timeout_s": 5.0,
-            "flush_interval_s": 0.2,
-            "sidecar_id": f"replica-{len(started)}",
-        }
-        settings.update(overrides)
-        sidecar = Sidecar(SidecarConfig(**settings), CollectorRegistry())
-        await sidecar.start()
+        settings = {"flush_interval_s": 0.2, **overrides}
+        sidecar = await started_sidecar(redis_url, workload, upstream, f"replica-{len(started)}", **settings)
         replica = Replica(upstream, sidecar)
         started.append(replica)
         return replica

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -106,8 +107,15 @@ class GatewayProcess:
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
+                name = name.split("{", 1)[0]  # summed over the labels (workloads)
                 out[name] = out.get(name, 0.0) + float(value)
         return out
+
+    def debug(self) -> dict[str, Any]:
+        """The gateway's ``/debug/replicas`` view."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/debug/replicas", timeout=3) as r:
+            view: dict[str, Any] = json.load(r)
+        return view
 
     def stop(self) -> int | None:
         return None if self.proc is None else stop(self.proc)

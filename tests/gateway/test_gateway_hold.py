@@ -13,7 +13,7 @@ import pytest
 
 from scaler.metadata import parse
 from scaler.window import WorkloadSeries, evaluate
-from tests.gateway.conftest import StartGateway, StartReplica
+from tests.gateway.conftest import StartGateway, StartReplica, only
 from tests.sidecar.conftest import totals
 from token_scaler.record import GATEWAY, Record, decode, stream_key
 
@@ -53,8 +53,8 @@ async def test_held_requests_wake_the_scaler_and_go_out_in_arrival_order(
                 sdk.completions.create(model="fake", prompt=f"request {i} " + "x" * 40, max_tokens=10 + i)
             )
         )
-        await wait_for(lambda i=i: len(gateway.queue) == i + 1, what=f"request {i} held")
-    assert gateway.demand.held == 5
+        await wait_for(lambda i=i: len(only(gateway).queue) == i + 1, what=f"request {i} held")
+    assert only(gateway).demand.held == 5
 
     # The held demand is in the stream at once, in the last complete second: the scaler's
     # evaluation at this very moment (Redis time) is active.
@@ -64,7 +64,7 @@ async def test_held_requests_wake_the_scaler_and_go_out_in_arrival_order(
     series = WorkloadSeries()
     for entry_id, record in held_entries:
         series.add(record, entry_id)
-    now_ms = gateway.writer.redis_ms()
+    now_ms = only(gateway).writer.redis_ms()
     settings = parse({"tokensPerSecondPerReplica": "100"}, *workload.split("/"))
     assert evaluate(series, settings, now_ms).active
     assert series.live_sidecars(now_ms, 5000) == {}, "a gateway is not a replica"
@@ -75,12 +75,12 @@ async def test_held_requests_wake_the_scaler_and_go_out_in_arrival_order(
     # Forwarded once each, in arrival order.
     prompts = [json.loads(body)["prompt"].split(" x")[0] for _m, _p, _h, body in replica.upstream.requests]
     assert prompts == [f"request {i}" for i in range(5)]
-    assert len(gateway.queue) == 0 and gateway.demand.held == 0
+    assert len(only(gateway).queue) == 0 and only(gateway).demand.held == 0
     await sdk.close()
 
     # Counting: the gateway's entries sum to zero, the sidecar's to the usage; nothing twice.
     await asyncio.sleep(0.5)  # the sidecar's flush (0.2 s) and the gateway's tick
-    await gateway.writer.close(2)
+    await only(gateway).writer.close(2)
     await replica.sidecar.flusher.deliver()
     every = entries(redis_url, workload)
     mine = [r for _, r in every if r.role == GATEWAY]
@@ -105,7 +105,7 @@ async def test_queue_bounds_and_timeout_answer_503_with_retry_after(
     waiting = [
         asyncio.create_task(sdk.completions.create(model="fake", prompt="p", max_tokens=5)) for _ in range(2)
     ]
-    await wait_for(lambda: len(gateway.queue) == 2, what="two held")
+    await wait_for(lambda: len(only(gateway).queue) == 2, what="two held")
     async with aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{gateway.port}/v1/completions"
         async with http.post(url, json={"model": "fake", "prompt": "p"}) as response:
@@ -120,8 +120,10 @@ async def test_queue_bounds_and_timeout_answer_503_with_retry_after(
         assert info.value.status_code == 503
         assert info.value.response.headers["Retry-After"] == "7"
         assert "could take the request within 0.5s" in info.value.message
-    assert gateway.demand.held == 0 and len(gateway.queue) == 0 and gateway.queue.tokens == 0
-    await gateway.writer.close(2)
+    assert (
+        only(gateway).demand.held == 0 and len(only(gateway).queue) == 0 and only(gateway).queue.tokens == 0
+    )
+    await only(gateway).writer.close(2)
     mine = [r for _, r in entries(redis_url, workload)]
     assert mine and totals(mine)["ap"] == 0 and totals(mine)["ag"] == 0
     await sdk.close()
@@ -157,10 +159,10 @@ async def test_client_that_leaves_is_taken_out_of_the_queue(
     sdk = client(gateway.port, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
         await sdk.completions.create(model="fake", prompt="gone", max_tokens=5)
-    await wait_for(lambda: len(gateway.queue) == 0, what="the queue to empty")
-    assert gateway.demand.held == 0
+    await wait_for(lambda: len(only(gateway).queue) == 0, what="the queue to empty")
+    assert only(gateway).demand.held == 0
     replica = await start_replica()
-    await wait_for(lambda: gateway.router.replicas, what="the replica")
+    await wait_for(lambda: only(gateway).router.replicas, what="the replica")
     await asyncio.sleep(0.2)
     assert replica.upstream.requests == [], "a request whose client left was forwarded"
     await sdk.close()

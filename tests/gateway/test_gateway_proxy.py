@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.gateway.conftest import StartGateway, StartReplica
+from tests.gateway.conftest import StartGateway, StartReplica, only
 from tests.gateway.test_gateway_hold import client, wait_for
 
 BODIES: list[dict[str, Any]] = [
@@ -29,7 +29,7 @@ async def test_responses_pass_through_byte_for_byte(
 ) -> None:
     replica = await start_replica()
     gateway = await start_gateway()
-    await wait_for(lambda: gateway.router.replicas, what="the replica")
+    await wait_for(lambda: only(gateway).router.replicas, what="the replica")
     async with aiohttp.ClientSession() as http:
         for body in BODIES:
             path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -54,7 +54,7 @@ async def test_long_requests_spread_by_tokens_and_the_cap_holds_the_rest(
 ) -> None:
     replicas = [await start_replica(capacity_tokens=300) for _ in range(2)]
     gateway = await start_gateway()
-    await wait_for(lambda: len(gateway.router.replicas) == 2, what="two replicas")
+    await wait_for(lambda: len(only(gateway).router.replicas) == 2, what="two replicas")
     sdk = client(gateway.port)
     slow = {"X-Fake-Delay": "0.02"}
 
@@ -67,21 +67,21 @@ async def test_long_requests_spread_by_tokens_and_the_cap_holds_the_rest(
     # Two long requests (250 tokens each with the prompt): one per replica, each near its cap.
     long = [asyncio.create_task(ask(240)) for _ in range(2)]
     await wait_for(lambda: all(r.upstream.requests for r in replicas), what="one long request each")
-    assert sorted(r.local for r in gateway.router.replicas.values())[0] > 200
+    assert sorted(r.local for r in only(gateway).router.replicas.values())[0] > 200
     # A third does not fit anywhere: it waits at the gateway, reported as held demand.
     third = asyncio.create_task(ask(100))
-    await wait_for(lambda: len(gateway.queue) == 1, what="the third to be held")
-    assert gateway.demand.held == 1
+    await wait_for(lambda: len(only(gateway).queue) == 1, what="the third to be held")
+    assert only(gateway).demand.held == 1
     async with (
         aiohttp.ClientSession() as http,
         http.get(f"http://127.0.0.1:{gateway.admin_port}/metrics") as response,
     ):
         text = await response.text()
-    assert "tokenscaler_gateway_queue_requests 1.0" in text
+    assert f'tokenscaler_gateway_queue_requests{{workload="{only(gateway).workload}"}} 1.0' in text
     await asyncio.gather(*long, third)
     assert sum(len(r.upstream.requests) for r in replicas) == 3
-    assert gateway.demand.held == 0 and len(gateway.queue) == 0
-    assert all(r.local == 0 and r.requests == 0 for r in gateway.router.replicas.values())
+    assert only(gateway).demand.held == 0 and len(only(gateway).queue) == 0
+    assert all(r.local == 0 and r.requests == 0 for r in only(gateway).router.replicas.values())
     await sdk.close()
 
 
@@ -90,9 +90,9 @@ async def test_a_replica_leaving_at_sigterm_gets_no_new_request(
 ) -> None:
     first = await start_replica()
     gateway = await start_gateway()
-    await wait_for(lambda: len(gateway.router.replicas) == 1, what="the replica")
+    await wait_for(lambda: len(only(gateway).router.replicas) == 1, what="the replica")
     await first.sidecar.stop()
-    await wait_for(lambda: not gateway.router.replicas, within_s=1.0, what="the replica to be dropped")
+    await wait_for(lambda: not only(gateway).router.replicas, within_s=1.0, what="the replica to be dropped")
     second = await start_replica()
     sdk = client(gateway.port)
     answer = await sdk.completions.create(model="fake", prompt="p", max_tokens=3)
@@ -106,7 +106,7 @@ async def test_a_refused_connection_goes_to_another_replica(
 ) -> None:
     replicas = [await start_replica() for _ in range(2)]
     gateway = await start_gateway()
-    await wait_for(lambda: len(gateway.router.replicas) == 2, what="two replicas")
+    await wait_for(lambda: len(only(gateway).router.replicas) == 2, what="two replicas")
     # One replica's proxy port closes without withdrawing (as a killed pod whose heartbeat is
     # still fresh): requests routed to it are sent to the other.
     dead = replicas[0]

@@ -30,27 +30,36 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 StartSidecar = Callable[..., Awaitable[Sidecar]]
 
 
+async def started_sidecar(
+    redis_url: str, workload: str, upstream: FakeUpstream, sidecar_id: str, /, **overrides: Any
+) -> Sidecar:
+    """A sidecar in this process on free loopback ports in front of ``upstream``, started; no
+    shutdown delay, a short drain."""
+    settings: dict[str, Any] = {
+        "workload": workload,
+        "redis_url": redis_url,
+        "upstream": f"http://127.0.0.1:{upstream.port}",
+        "host": "127.0.0.1",
+        "port": 0,
+        "admin_port": 0,
+        "shutdown_delay_s": 0.0,
+        "drain_timeout_s": 5.0,
+        "sidecar_id": sidecar_id,
+        **overrides,
+    }
+    sidecar = Sidecar(SidecarConfig(**settings), CollectorRegistry())
+    await sidecar.start()
+    return sidecar
+
+
 @pytest.fixture
 async def start_sidecar(redis_url: str, workload: str, upstream: FakeUpstream) -> AsyncIterator[StartSidecar]:
     """Starts sidecars (stopped at the end); the flush loop ticks only when a test says so."""
     started: list[Sidecar] = []
 
     async def start(**overrides: Any) -> Sidecar:
-        settings: dict[str, Any] = {
-            "workload": workload,
-            "redis_url": redis_url,
-            "upstream": f"http://127.0.0.1:{upstream.port}",
-            "host": "127.0.0.1",
-            "port": 0,
-            "admin_port": 0,
-            "shutdown_delay_s": 0.0,
-            "drain_timeout_s": 5.0,
-            "flush_interval_s": 3600.0,
-            "sidecar_id": f"test-{len(started)}",
-        }
-        settings.update(overrides)
-        sidecar = Sidecar(SidecarConfig(**settings), CollectorRegistry())
-        await sidecar.start()
+        settings = {"flush_interval_s": 3600.0, **overrides}
+        sidecar = await started_sidecar(redis_url, workload, upstream, f"test-{len(started)}", **settings)
         started.append(sidecar)
         return sidecar
 

@@ -45,7 +45,7 @@ async def test_outage_and_recovery_lose_nothing(
             sidecar.flusher.cut()
             assert not await sidecar.flusher.deliver()
         assert sidecar.flusher.buffered == 6
-        stamps = [p.record.ts_ms for p in sidecar.flusher._buffer]
+        stamps = [p.record.ts_ms for p in sidecar.flusher.outbox.buffer]
         back = LocalRedis.start(port=own_redis.port)
         try:
             await traffic(session, True)
@@ -68,16 +68,16 @@ async def test_a_retried_batch_is_not_counted_twice(redis_url: str, workload: st
     meter.finish(meter.arrive("m", "t", 10, 5), 10, 5)
     for _ in range(3):
         flusher.cut()
-    sent = list(flusher._buffer)
+    sent = list(flusher.outbox.buffer)
     assert await flusher.deliver()
-    flusher._buffer.extend(sent)  # as if the reply to that append had been lost
+    flusher.outbox.buffer.extend(sent)  # as if the reply to that append had been lost
     flusher.cut()
     assert await flusher.deliver()
     records = read_records(redis_url, workload)
     assert [r.seq - flusher.first_seq for r in records] == [0, 1, 2, 3]
     assert totals(records)["sp"] == 10
     assert metrics.registry.get_sample_value("tokenscaler_flush_records_total", {"result": "duplicate"}) == 3
-    await flusher._client.aclose()
+    await flusher.outbox.client.aclose()
 
 
 async def test_a_restarted_process_with_the_same_id_is_not_skipped(redis_url: str, workload: str) -> None:
@@ -90,7 +90,7 @@ async def test_a_restarted_process_with_the_same_id_is_not_skipped(redis_url: st
         old_meter.finish(old_meter.arrive("m", "t", 10, 5), 10, 5)
         old.cut()
     assert await old.deliver()
-    await old._client.aclose()
+    await old.outbox.client.aclose()
     # The next process of that pod, a second later (records at 1 ms intervals would not reach it)
     new, new_meter, metrics = make_flusher(redis_url, workload, clock=lambda: start + 1)
     new_meter.finish(new_meter.arrive("m", "t", 10, 5), 10, 5)
@@ -100,7 +100,7 @@ async def test_a_restarted_process_with_the_same_id_is_not_skipped(redis_url: st
     assert len(records) == 6 and totals(records)["sp"] == 60
     assert records[-1].seq > records[-2].seq
     assert metrics.registry.get_sample_value("tokenscaler_flush_records_total", {"result": "added"}) == 1
-    await new._client.aclose()
+    await new.outbox.client.aclose()
 
 
 async def test_buffer_is_bounded_and_drops_are_counted(workload: str) -> None:
@@ -108,10 +108,10 @@ async def test_buffer_is_bounded_and_drops_are_counted(workload: str) -> None:
     for _ in range(8):
         flusher.cut()
         assert not await flusher.deliver()
-    assert [p.record.seq - flusher.first_seq for p in flusher._buffer] == [3, 4, 5, 6, 7]
+    assert [p.record.seq - flusher.first_seq for p in flusher.outbox.buffer] == [3, 4, 5, 6, 7]
     assert metrics.registry.get_sample_value("tokenscaler_flush_dropped_records_total") == 3
     assert metrics.registry.get_sample_value("tokenscaler_flush_buffered_records") == 5
-    await flusher._client.aclose()
+    await flusher.outbox.client.aclose()
 
 
 @pytest.mark.parametrize("skew_s", [-30.0, 45.0])
@@ -129,7 +129,7 @@ async def test_records_are_stamped_on_the_redis_clock(redis_url: str, workload: 
     for record in (unstamped, stamped):
         assert abs(record.ts_ms - time.time() * 1000) < 5000
     assert [r.ts_ms for r in records] == [unstamped.ts_ms, stamped.ts_ms]
-    await flusher._client.aclose()
+    await flusher.outbox.client.aclose()
 
 
 async def test_the_flush_loop_writes_one_record_per_interval(

@@ -148,7 +148,7 @@ async def test_sigterm_drains_the_stream_then_flushes(
 
 
 def test_event_loop_choice() -> None:
-    from sidecar.server import loop_factory
+    from token_scaler.httpserve import loop_factory
 
     assert loop_factory("asyncio") is None
     pytest.importorskip("uvloop")
