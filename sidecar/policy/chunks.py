@@ -4,11 +4,11 @@ Under load, the Redis round trip of every admission is most of what the policies
 request. A sidecar that sees a tenant (with a model, when a limit of that model applies) at
 ``reservationChunks.minRequestsPerSecond`` or more (over its last ``STEADY_GAPS`` gaps between
 requests) reserves a chunk ahead, off the request path: an ordinary leased reservation
-(``store.ADMIT``) of about ``reservationChunks.seconds`` of that traffic, in budget and in
+(``lua/admit.lua``) of about ``reservationChunks.seconds`` of that traffic, in budget and in
 rate-limit tokens alike. The next requests draw their own
 reservation (prompt estimate + max_tokens) from it with no round trip. When one ends, its
 real usage is charged to the chunk; the chunk's state in Redis (what it still holds, what
-was charged) is brought up to date by ``store.CHECKPOINT`` in the writes that carry the
+was charged) is brought up to date by ``lua/checkpoint.lua`` in the writes that carry the
 settlements, at most every ``CHECKPOINT_EVERY_S`` or ``CHECKPOINT_GAPS`` of its tenant's
 usual gaps between requests, whichever is longer (a retired chunk's at once).
 

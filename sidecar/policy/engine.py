@@ -1,9 +1,9 @@
 """The policies in the request path: one ``admit`` before forwarding, one ``settle`` after.
 
 ``admit`` decides with the pure modules (identity, caps, downgrade, budgets, ratelimit)
-and makes at most one Redis round trip (``store.ADMIT``: budget reservation and rate
+and makes at most one Redis round trip (``lua/admit.lua``: budget reservation and rate
 limits together). ``settle`` runs after the response, off the request path: it sends the
-real usage (``store.SETTLE``), riding in the write of the next admission (one pipelined
+real usage (``lua/settle.lua``), riding in the write of the next admission (one pipelined
 connection, token_scaler/redis_channel.py), so under load a request costs one round trip;
 a settlement Redis does not take waits in a queue and is retried every tick, so no refund
 or charge is lost while Redis is away.
@@ -62,22 +62,21 @@ from sidecar.openai import Kind, ParsedRequest
 from sidecar.policy import budgets, caps, chunks, downgrade, failopen, identity, ratelimit, schema
 from sidecar.policy.metrics import PolicyMetrics
 from sidecar.policy.schema import CLOSED, MID_OFF, SHORTEN, Budget, Policy, Price, TenantPolicy
+from sidecar.policy.scripts import Admit, Applied
 from sidecar.policy.store import (
-    BUDGET,
-    OK,
-    RATE_TENANT,
     Admitted,
+    Item,
     ModelAdmitted,
     Settled,
     Store,
+    TenantKeys,
     checkpoint_args,
-    lease_key,
     model_rate_key,
     settle_args,
     tenant_keys,
 )
 from token_scaler.errors import ConfigError
-from token_scaler.redis_channel import Arg, Channel
+from token_scaler.redis_channel import Channel
 from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturation_key
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ class Ticket:
     """What the settlement of one admitted request needs."""
 
     id: str
-    keys: list[str]
+    keys: TenantKeys
     tenant: str
     day: str
     month: str
@@ -153,7 +152,7 @@ class _Checkpoint:
 
     chunk: chunks.Chunk
     seq: int
-    item: tuple[list[str], list[Arg]]  # (keys, CHECKPOINT arguments)
+    item: Item  # (keys, checkpoint.lua's arguments)
     charged: tuple[int, int]
     final: bool  # the last: the chunk is forgotten once Redis took it
     closed_before: bool  # an earlier checkpoint held nothing: the entry may be gone already
@@ -476,7 +475,7 @@ class PolicyEngine:
             return self._without_redis(admission, rules, ticket, cap, now, sent)
         self._noted(reply, ticket)
         if self._refused(ticket, reply, wide_reply):
-            if reply.status == BUDGET:
+            if reply.status == Admit.BUDGET:
                 self._refuse_budget(admission, rules, reply.day_used, reply.month_used, now)
             else:
                 self._refused_one(admission, reply, wide_reply, tenant_limit, model_limit, wide_limit)
@@ -800,12 +799,12 @@ class PolicyEngine:
                 failure = reply
                 chunk.dirty = True
                 continue
-            if reply.applied == 0 and not state.closed_before:
+            if reply.applied == Applied.NONE and not state.closed_before:
                 self._lost(state)
                 if state.final:
                     self._chunks.forget(chunk)
                 continue
-            elif reply.applied == 3:
+            elif reply.applied == Applied.RELEASED:
                 log.warning(
                     "a chunk of tenant %s was released when its lease ended (this sidecar stalled "
                     "past reservationLeaseSeconds): its requests are charged in full",
@@ -856,9 +855,9 @@ class PolicyEngine:
         """Whether the tenant's check or the model's across tenants refused; if one did, what
         the other took is given back."""
         wide_refused = wide_reply is not None and wide_reply.refused
-        if reply.status == OK and not wide_refused:
+        if reply.status == Admit.OK and not wide_refused:
             return False
-        if reply.status == OK:  # the tenant's reservation went through: released with the next write
+        if reply.status == Admit.OK:  # the tenant's reservation went through: released with the next write
             self._post(_Settlement(ticket, 0, 0, moved=True))
         elif wide_reply is not None and not wide_refused:
             self._give_back(ticket)
@@ -874,8 +873,8 @@ class PolicyEngine:
         wide_limit: ratelimit.Limit | None,
     ) -> None:
         """A rate limit refused: answer 429 (what the other check took is given back already)."""
-        if reply.status != OK:
-            per_model = reply.status != RATE_TENANT
+        if reply.status != Admit.OK:
+            per_model = reply.status != Admit.RATE_TENANT
             limit = model_limit if per_model else tenant_limit
             assert limit is not None
             which = _which(admission, PER_MODEL if per_model else TENANT)
@@ -1083,7 +1082,7 @@ class PolicyEngine:
                 self._background(self.store.move(ticket.wide_key, delta * ticket.wide_interval))
 
     @staticmethod
-    def _items(batch: list[_Settlement]) -> list[tuple[list[str], list[Arg]]]:
+    def _items(batch: list[_Settlement]) -> list[Item]:
         items = []
         for s in batch:
             ticket = s.ticket
@@ -1135,7 +1134,7 @@ class PolicyEngine:
                 failure = settled
                 self._queue(settlement)
                 continue
-            if settled.applied == 3:
+            if settled.applied == Applied.RELEASED:
                 log.warning(
                     "request of tenant %s settled after its lease ended and its reservation was "
                     "released: charged in full (raise reservationLeaseSeconds if this sidecar stalls)",
@@ -1284,7 +1283,7 @@ class PolicyEngine:
         leases: dict[str, list[str]] = {}
         held = {chunk.ticket.id: chunk for chunk in self._chunks}
         for ticket in [*self._open.values(), *(chunk.ticket for chunk in held.values())]:
-            leases.setdefault(lease_key(ticket.keys), []).append(ticket.id)
+            leases.setdefault(ticket.keys.lease, []).append(ticket.id)
         keys = list(leases)
         for start in range(0, len(keys), BATCH):
             batch = {key: leases[key] for key in keys[start : start + BATCH]}

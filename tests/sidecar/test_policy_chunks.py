@@ -34,9 +34,9 @@ from sidecar.policy.budgets import periods
 from sidecar.policy.chunks import Chunk, Chunks, Demand, size
 from sidecar.policy.engine import Admission, Ticket
 from sidecar.policy.schema import Budget, Price
-from sidecar.policy.store import Admitted, Store, checkpoint_args, tenant_keys
+from sidecar.policy.store import Admitted, Item, Store, TenantKeys, checkpoint_args, tenant_keys
 from tests.sidecar.test_policy_proxy import MESSAGES, write_policy
-from token_scaler.redis_channel import Arg, Channel
+from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis
 
 # -- sizing and accounting (pure)
@@ -289,15 +289,13 @@ def admit_args(day: str, month: str, cost: int, lease_ms: int = 60_000) -> dict[
     )  # fmt: skip
 
 
-async def fresh_tenant(store: Store) -> tuple[str, str, list[str]]:
+async def fresh_tenant(store: Store) -> tuple[str, str, TenantKeys]:
     """Today, this month (Redis' clock) and the keys of a new tenant."""
     day, month = periods(await store.time())
     return day, month, tenant_keys("chunks-test", f"t-{uuid.uuid4().hex[:8]}", day, month, None)
 
 
-def state(
-    keys: list[str], seq: int, held: int, charged: int, *, interval: float
-) -> list[tuple[list[str], list[Arg]]]:
+def state(keys: TenantKeys, seq: int, held: int, charged: int, *, interval: float) -> list[Item]:
     """A checkpoint of chunk ``c`` (tokens and cost alike), a daily budget, a tenant limit."""
     args = checkpoint_args(
         id="c", seq=seq, held=(held, held), charged=(charged, charged), daily=True, monthly=False,
@@ -313,8 +311,8 @@ async def test_a_checkpoint_applies_once_in_sequence_order_and_closes_the_chunk(
     r = redis.Redis.from_url(redis_url)
     try:
         admitted: Admitted = await store.admit(keys, id="c", **admit_args(day, month, 1000))
-        assert admitted.granted == 1000 and int(r.get(keys[1]) or 0) == 1000
-        tat0 = float(r.get(keys[3]) or 0)
+        assert admitted.granted == 1000 and int(r.get(keys.day) or 0) == 1000
+        tat0 = float(r.get(keys.rate) or 0)
 
         async def checkpoint(seq: int, held: int, charged: int) -> int:
             [settled] = await store.checkpoint_many(state(keys, seq, held, charged, interval=1.0))
@@ -322,20 +320,20 @@ async def test_a_checkpoint_applies_once_in_sequence_order_and_closes_the_chunk(
             return settled.applied
 
         assert await checkpoint(1, 700, 120) == 1  # 300 drawn and ended, 120 of them used
-        assert int(r.get(keys[1]) or 0) == 820
+        assert int(r.get(keys.day) or 0) == 820
         assert await checkpoint(1, 700, 120) == 0  # sent twice: once
         assert await checkpoint(3, 400, 300) == 1
         assert await checkpoint(2, 650, 150) == 0  # overtaken by 3: ignored
-        assert int(r.get(keys[1]) or 0) == 700
+        assert int(r.get(keys.day) or 0) == 700
         # The rate limit's TAT moved by the same tokens (1 ms each): 1000 → 700.
-        assert abs(float(r.get(keys[3]) or 0) - (tat0 - 300)) < 1.0
+        assert abs(float(r.get(keys.rate) or 0) - (tat0 - 300)) < 1.0
         assert await checkpoint(4, 0, 450) == 1  # retired, nothing in flight: closed
-        assert int(r.get(keys[1]) or 0) == 450
-        assert r.hlen(keys[0]) == 0 and r.zcard(keys[5]) == 0
+        assert int(r.get(keys.day) or 0) == 450
+        assert r.hlen(keys.res) == 0 and r.zcard(keys.lease) == 0
         assert await checkpoint(4, 0, 450) == 0  # a lost reply, sent again
-        assert int(r.get(keys[1]) or 0) == 450
+        assert int(r.get(keys.day) or 0) == 450
     finally:
-        r.delete(*keys, f"{keys[0][:-4]}:swept:c")
+        r.delete(*keys, f"{keys.res[:-4]}:swept:c")
         r.close()
 
 
@@ -345,27 +343,27 @@ async def test_a_chunk_released_by_its_lease_keeps_what_was_charged_and_charges_
     day, month, keys = await fresh_tenant(store)
     r = redis.Redis.from_url(redis_url)
 
-    def checkpoint(seq: int, held: int, charged: int) -> list[tuple[list[str], list[Arg]]]:
+    def checkpoint(seq: int, held: int, charged: int) -> list[Item]:
         return state(keys, seq, held, charged, interval=0.0)
 
     try:
         await store.admit(keys, id="c", **admit_args(day, month, 1000, lease_ms=100))
         [done] = await store.checkpoint_many(checkpoint(1, 800, 150))
-        assert int(r.get(keys[1]) or 0) == 950
+        assert int(r.get(keys.day) or 0) == 950
         await asyncio.sleep(0.15)  # its sidecar stalls: the lease ends
         other = await store.admit(keys, id="x", **admit_args(day, month, 10))
         assert other.expired == 1
-        assert int(r.get(keys[1]) or 0) == 150 + 10  # what it held came back, the charge stayed
+        assert int(r.get(keys.day) or 0) == 150 + 10  # what it held came back, the charge stayed
         # Its sidecar wakes: what was charged since is charged in full, once.
         [late] = await store.checkpoint_many(checkpoint(2, 0, 400))
         assert not isinstance(late, BaseException) and late.applied == 3
-        assert int(r.get(keys[1]) or 0) == 400 + 10
+        assert int(r.get(keys.day) or 0) == 400 + 10
         [again] = await store.checkpoint_many(checkpoint(2, 0, 400))
         assert not isinstance(again, BaseException) and again.applied == 0
-        assert int(r.get(keys[1]) or 0) == 400 + 10
+        assert int(r.get(keys.day) or 0) == 400 + 10
         assert not isinstance(done, BaseException)
     finally:
-        r.delete(*keys, f"{keys[0][:-4]}:swept:c")
+        r.delete(*keys, f"{keys.res[:-4]}:swept:c")
         r.close()
 
 
@@ -662,7 +660,7 @@ async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_request
         first, second = await run.admit(), await run.admit()
         assert first.ticket is not None and first.ticket.chunk is not None
         chunk = first.ticket.chunk
-        day_key = first.ticket.keys[1]
+        day_key = first.ticket.keys.day
         run.redis.delete(day_key)
         run.redis.hset(day_key, "not", "a counter")  # the checkpoint's INCRBY fails
         run.engine.settle(second, 10, 5)

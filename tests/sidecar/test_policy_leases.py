@@ -27,11 +27,11 @@ from bench.sidecar_bench import wait_http
 from sidecar import openai
 from sidecar.policy import PolicyEngine
 from sidecar.policy.budgets import periods
-from sidecar.policy.store import Admitted, Store, settle_args, tenant_keys
+from sidecar.policy.store import Admitted, Item, Store, settle_args, tenant_keys
 from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
 from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
-from token_scaler.redis_channel import Arg, Channel
+from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis, connect, free_port
 
 
@@ -172,7 +172,7 @@ async def test_a_settlement_after_the_release_charges_in_full_and_every_settleme
                 tenant_rate=(0.0, 0.0), model_rate=(0.0, 0.0), lease_ms=lease_ms, day=day, month=month,
             )  # fmt: skip
 
-        def settle(id: str, cost: int, unreserved: bool = False) -> tuple[list[str], list[Arg]]:
+        def settle(id: str, cost: int, unreserved: bool = False) -> Item:
             args = settle_args(
                 id=id, cost=cost, tokens=cost, daily=True, monthly=False,
                 tenant_interval=0.0, model_interval=0.0, unreserved=unreserved,
@@ -205,7 +205,7 @@ async def test_a_settlement_after_the_release_charges_in_full_and_every_settleme
         assert (charged.applied, charged.day_used) == (1, 165)
         assert (twice.applied, twice.day_used) == (0, 165)
     finally:
-        tenant = tenant_keys(scope(workload), "late", day, month, None)[0][: -len(":res")]
+        tenant = tenant_keys(scope(workload), "late", day, month, None).res[: -len(":res")]
         await client.delete(*keys, *[k async for k in client.scan_iter(f"{tenant}:*")])
         await client.aclose()
 
@@ -300,7 +300,7 @@ async def test_a_settlement_redis_refuses_is_said_and_spoils_nothing_else(
         good = await engine.admit({"X-Tenant-ID": "good"}, parsed, body, 10)
         bad = await engine.admit({"X-Tenant-ID": "bad"}, parsed, body, 10)
         assert good.ticket is not None and bad.ticket is not None
-        day_key, good_key = bad.ticket.keys[1], good.ticket.keys[1]
+        day_key, good_key = bad.ticket.keys.day, good.ticket.keys.day
         await client.delete(day_key)
         await client.hset(day_key, "not", "a counter")  # the settlement's INCRBY fails
         engine.settle(good, 10, 3)
@@ -330,7 +330,7 @@ async def test_a_settlement_redis_refuses_for_now_waits_for_it(own_redis: LocalR
     try:
         admission = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
         assert admission.ticket is not None
-        day_key = admission.ticket.keys[1]
+        day_key = admission.ticket.keys.day
         # A failover made this Redis a replica: writes, scripts' included, answer READONLY.
         await client.execute_command("REPLICAOF", "127.0.0.1", "1")
         engine.settle(admission, 10, 3)
