@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,12 +28,13 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import openai
 from sidecar.policy import PolicyEngine, chunks, ratelimit
-from sidecar.policy import engine as engine_module
 from sidecar.policy.budgets import periods
 from sidecar.policy.chunks import Chunk, Chunks, Demand, size
-from sidecar.policy.engine import Admission, Ticket
+from sidecar.policy.clock import Clock
+from sidecar.policy.engine import Admission
 from sidecar.policy.schema import Budget, Price
 from sidecar.policy.store import Admitted, Item, Store, TenantKeys, checkpoint_args, tenant_keys
+from sidecar.policy.tickets import Ticket
 from tests.sidecar.test_policy_proxy import MESSAGES, write_policy
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis
@@ -439,13 +439,15 @@ class Run:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, redis_url: str, doc: dict[str, Any]) -> AsyncIterator[Run]:
+async def running(
+    tmp_path: Path, redis_url: str, doc: dict[str, Any], clock: Clock | None = None
+) -> AsyncIterator[Run]:
     """An engine on a policy of its own scope, its clock read; its keys removed after."""
     scope = f"chunks-{uuid.uuid4().hex[:8]}"
     policy = tmp_path / f"{scope}.yaml"
     write_policy(policy, {"scope": scope, **doc})
     registry = CollectorRegistry()
-    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
+    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w", clock=clock)
     client = redis.Redis.from_url(redis_url)
     try:
         await engine.tick()
@@ -485,19 +487,14 @@ async def test_chunks_admit_most_requests_and_redis_ends_with_exactly_the_real_u
 
 
 async def test_a_thin_tenant_is_admitted_from_chunks_and_a_rare_one_is_not(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_url: str
 ) -> None:
     """Chunks by default from 0.5 requests/s over a tenant's last 4 gaps: a tenant at one a
     second is admitted from chunks after its fifth request; one a minute never takes one. The
     engine's monotonic clock is moved by hand (a second a request) for a fast test."""
     clock = [1000.0]
-    monkeypatch.setattr(
-        engine_module,
-        "time",
-        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, gmtime=time.gmtime),
-    )
     doc = {"defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 1_000_000}}}
-    async with running(tmp_path, redis_url, doc) as run:
+    async with running(tmp_path, redis_url, doc, Clock(monotonic=lambda: clock[0])) as run:
         rng, real = random.Random(4), 0
 
         async def one(tenant: str, gap_s: float) -> bool:
@@ -506,12 +503,12 @@ async def test_a_thin_tenant_is_admitted_from_chunks_and_a_rare_one_is_not(
             clock[0] += gap_s
             admission = await run.admit(tenant)
             assert admission.rejection is None and admission.ticket is not None
-            chunked = admission.ticket.chunk is not None
+            chunked = admission.chunk is not None
             prompt, generation = 10 + rng.randint(-3, 3), rng.randint(0, 20)
             real += prompt + generation
             run.engine.settle(admission, prompt, generation)
-            if run.engine._takes:  # a chunk asked for comes back
-                await asyncio.wait(set(run.engine._takes), timeout=10)
+            if run.engine.ahead.asking:  # a chunk asked for comes back
+                await asyncio.wait(set(run.engine.ahead.asking), timeout=10)
             return chunked
 
         for _ in range(6):
@@ -566,10 +563,10 @@ async def test_chunks_keep_admitting_while_redis_does_not_answer_and_reconcile_a
             assert run.admissions("chunk") == stopped_at + 50
             assert run.admissions("without_redis") == 0
             for _ in range(100):  # the next checkpoint times out: Redis is marked away
-                if run.engine._down:
+                if run.engine.outage.down:
                     break
                 await asyncio.sleep(0.05)
-            assert run.engine._down
+            assert run.engine.outage.down
             server.process.send_signal(signal.SIGCONT)
             await run.engine.tick()
             assert await run.engine.close(5.0)
@@ -599,7 +596,7 @@ async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp
             while time.monotonic() - stopped < 1.6:
                 admission = await run.admit()
                 if admission.rejection is None:
-                    assert admission.ticket is not None and admission.ticket.chunk is not None
+                    assert admission.ticket is not None and admission.chunk is not None
                     last_from_chunk = time.monotonic() - stopped
                     run.engine.settle(admission, 10, 20)
                 else:
@@ -618,7 +615,7 @@ async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp
 async def test_a_chunk_redis_lost_is_retired_and_charged_without_it(tmp_path: Path, redis_url: str) -> None:
     async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
         real, _ = await run.serve(200, random.Random(8))
-        lost = list(run.engine._chunks)
+        lost = list(run.engine.ahead.chunks)
         assert lost and await run.until(lambda: all(c.acked[0] == c.real_cost for c in lost))
         # A failover to a replica that missed the chunks' grants, and so all that followed
         # them: their entries, what they held and what was charged to them are gone.
@@ -645,7 +642,7 @@ async def test_sidecars_count_each_other_for_chunk_shares_with_a_budget_alone(
         try:
             for engine in others:
                 await engine.tick()
-            assert others[-1]._peers == 3
+            assert others[-1].presence.peers == 3
         finally:
             for engine in others:
                 await engine.close(2.0)
@@ -658,22 +655,22 @@ async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_request
     async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
         await run.serve(100, random.Random(2))
         first, second = await run.admit(), await run.admit()
-        assert first.ticket is not None and first.ticket.chunk is not None
-        chunk = first.ticket.chunk
+        assert first.ticket is not None and first.chunk is not None
+        chunk = first.chunk
         day_key = first.ticket.keys.day
         run.redis.delete(day_key)
         run.redis.hset(day_key, "not", "a counter")  # the checkpoint's INCRBY fails
         run.engine.settle(second, 10, 5)
         assert await run.until(lambda: run.errors("checkpoint_script") >= 1)
-        assert chunk.retired and chunk in list(run.engine._chunks)  # its lease still renewed
+        assert chunk.retired and chunk in list(run.engine.ahead.chunks)  # its lease still renewed
         run.engine.settle(first, 10, 5)
-        assert await run.until(lambda: chunk not in list(run.engine._chunks))
+        assert await run.until(lambda: chunk not in list(run.engine.ahead.chunks))
 
 
 async def test_a_model_limit_correction_redis_refuses_is_counted(tmp_path: Path, redis_url: str) -> None:
     async with running(tmp_path, redis_url, busy_policy()) as run:
         key = f"tokenscaler:v1:{{policy:{run.scope}/model/m}}:rate"
         run.redis.hset(key, "not", "a TAT")  # the script's GET fails: an error reply, not a raise
-        run.engine._background(run.engine.store.move(key, -5.0))
+        run.engine.corrections.move(key, -5.0)
         await asyncio.sleep(0.3)
         assert run.errors("move") == 1

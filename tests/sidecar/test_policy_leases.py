@@ -27,6 +27,7 @@ from bench.sidecar_bench import wait_http
 from sidecar import openai
 from sidecar.policy import PolicyEngine
 from sidecar.policy.budgets import periods
+from sidecar.policy.clock import Clock
 from sidecar.policy.store import Admitted, Item, Store, settle_args, tenant_keys
 from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
@@ -220,7 +221,7 @@ async def test_budget_periods_follow_redis_clock(redis_url: str, workload: str, 
         Channel.from_url(redis_url),
         CollectorRegistry(),
         workload=workload,
-        clock=lambda: time.time() - 86_400 * 3,
+        clock=Clock(wall=lambda: time.time() - 86_400 * 3),
     )
     body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
     parsed = openai.parse_request(openai.Kind.CHAT, body)
@@ -265,19 +266,19 @@ async def test_a_client_gone_during_admission_releases_and_outage_refusals_relea
         admitting.cancel()  # the client went away while Redis decided
         with pytest.raises(asyncio.CancelledError):
             await admitting
-        [release] = engine._pending
+        [release] = engine.settlements.pending
         assert (release.cost, release.tokens, release.moved) == (0, 0, True)
         # Redis does not answer: the admission times out (fail-closed: 503) and releases
         # what it may have reserved; the requests refused while it is marked away sent
         # nothing, and release nothing.
         refused = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
         assert refused.rejection is not None and refused.rejection.status == 503
-        assert len(engine._pending) == 2
+        assert len(engine.settlements.pending) == 2
         for _ in range(5):
             refused = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
             assert refused.rejection is not None and refused.rejection.status == 503
-        assert len(engine._pending) == 2
-        assert all(s.moved for s in engine._pending)  # the model limit is never given back blind
+        assert len(engine.settlements.pending) == 2
+        assert all(s.moved for s in engine.settlements.pending)  # the model limit is never given back blind
     finally:
         await channel.close()
         await fake.stop()
@@ -306,7 +307,7 @@ async def test_a_settlement_redis_refuses_is_said_and_spoils_nothing_else(
         engine.settle(good, 10, 3)
         engine.settle(bad, 10, 3)
         await engine.close(5)
-        assert not engine._down and not engine._pending
+        assert not engine.outage.down and not engine.settlements.pending
         assert await client.get(good_key) == b"13"
         errors = registry.get_sample_value("tokenscaler_policy_redis_errors_total", {"op": "settle_script"})
         assert errors == 1
@@ -335,10 +336,11 @@ async def test_a_settlement_redis_refuses_for_now_waits_for_it(own_redis: LocalR
         await client.execute_command("REPLICAOF", "127.0.0.1", "1")
         engine.settle(admission, 10, 3)
         await engine.close(5)
-        assert len(engine._pending) == 1 and engine._down  # kept, not dropped as a script fault
+        assert len(engine.settlements.pending) == 1  # kept, not dropped as a script fault
+        assert engine.outage.down
         await client.execute_command("REPLICAOF", "NO", "ONE")
         await engine.tick()
-        assert not engine._pending and await client.get(day_key) == b"13"
+        assert not engine.settlements.pending and await client.get(day_key) == b"13"
     finally:
         await channel.close()
         await client.aclose()
