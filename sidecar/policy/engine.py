@@ -80,8 +80,8 @@ class PolicyEngine:
         clock: Clock | None = None,
     ) -> None:
         self.clock = clock = clock or Clock()
+        self.file = file = PolicyFile(path)  # ConfigError at start-up, before any metric exists
         self.metrics = metrics = PolicyMetrics(registry)
-        self.file = file = PolicyFile(path, metrics)  # ConfigError at start-up
         self.store = store = Store(channel)
         self._tenant_header = tenant_header
         self._label = label
@@ -136,7 +136,7 @@ class PolicyEngine:
 
     def reload(self) -> bool:
         """Load the policy file again if it changed (``PolicyFile.reload``)."""
-        if not self.file.reload():
+        if not self.file.reload(self.metrics):
             return False
         self.ahead.chunks.retire_all()  # limits may have changed: what they hold comes back
         return True

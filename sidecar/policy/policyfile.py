@@ -14,9 +14,8 @@ log = logging.getLogger(__name__)
 
 
 class PolicyFile:
-    def __init__(self, path: Path, metrics: PolicyMetrics) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._metrics = metrics
         self._content = self._read()
         self.policy: Policy = schema.load(path)  # ConfigError at start-up
         self.generation = 0  # reloads that changed the policy
@@ -27,8 +26,9 @@ class PolicyFile:
         except OSError:
             return None
 
-    def reload(self) -> bool:
-        """Load the file again if it changed; a bad file keeps the policy in force.
+    def reload(self, metrics: PolicyMetrics) -> bool:
+        """Load the file again if it changed; a bad file keeps the policy in force (each
+        reload is counted in ``metrics.reloads``).
 
         The content is compared, not only the mtime: an edit within the filesystem's
         timestamp granularity, or a ConfigMap's symlink swap, is seen all the same.
@@ -40,12 +40,12 @@ class PolicyFile:
         try:
             policy = schema.load(self.path)
         except ConfigError as exc:
-            self._metrics.reloads.labels("error").inc()
+            metrics.reloads.labels("error").inc()
             log.error("policy reload failed, the previous policy stays in force: %s", exc)
             return False
         self.policy = policy
         self.generation += 1
-        self._metrics.reloads.labels("ok").inc()
+        metrics.reloads.labels("ok").inc()
         log.info("policy reloaded from %s", self.path)
         return True
 

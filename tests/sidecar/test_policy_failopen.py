@@ -78,7 +78,7 @@ def test_without_redis_each_sidecar_spends_its_share_and_keeps_it_local(tmp_path
     )
     registry = CollectorRegistry()
     metrics = PolicyMetrics(registry)
-    file = PolicyFile(path, metrics)
+    file = PolicyFile(path)
     outage = failopen.Outage(Context(Store(Channel.from_url("redis://127.0.0.1:1")), metrics, file, Clock()))
     usage = Usage(metrics, str, lambda tenant: 0)
     policy, now = file.policy, 1_767_225_600.0
