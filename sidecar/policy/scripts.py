@@ -1,23 +1,27 @@
 """The policies' Lua scripts (``lua/*.lua``, package data), their keys, arguments and replies by name.
 
-Each script runs behind a header built here and ``lua/prelude.lua``:
+Each script's keys, arguments and reply are declared once, in Python (store.py: a NamedTuple
+of its keys, one of its arguments, a dataclass of its reply), and the script runs behind a
+header generated from those declarations, then ``lua/prelude.lua``:
 
-- ``K``: the script's keys by name (``K.res``, ``K.lease``, ...), from the names it is
-  loaded with, in the order its caller passes ``KEYS``;
-- ``A``: its arguments by name, sent as name/value pairs in ``ARGV`` (``named``); reading a
-  name that was not sent raises an error naming it;
-- ``Admit`` and ``Applied``: the reply codes, from the enums below (one source for both
-  languages).
+- ``K``: its keys by name (``K.res``, ``K.lease``, ...);
+- ``A``: its arguments by name (``A.cost``, ``A.lease_ms``, ...); reading a name the
+  declaration lacks raises an error naming it;
+- ``reply{name = value, ...}``: its reply by name; a name of the declaration left out is an
+  error naming it;
+- ``Admit`` and ``Applied``: the reply codes, from the enums below.
 
-Replies that carry several values are name/value pairs too (``fields`` reads them).
+On the wire ``KEYS``, ``ARGV`` and the reply are in the declarations' order, so a request
+costs what it did with positional arguments, and neither side can read another's slot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from token_scaler.redis_channel import Arg, LuaScript
 
@@ -31,6 +35,9 @@ class Admit(enum.IntEnum):
     RATE_MODEL = 3  # the tenant's limit on the model
 
 
+ADMIT = {code.value: code for code in Admit}  # a reply's code to its member, quicker than Admit(code)
+
+
 class Applied(enum.IntEnum):
     """``settle.lua``'s and ``checkpoint.lua``'s ``applied``: what the call found."""
 
@@ -40,17 +47,44 @@ class Applied(enum.IntEnum):
     RELEASED = 3  # its reservation was released when its lease ended: charged in full
 
 
-def _header(keys: Sequence[str]) -> str:
-    named = ", ".join(f"{name} = KEYS[{i}]" for i, name in enumerate(keys, start=1))
+APPLIED = {code.value: code for code in Applied}
+
+
+class Named(Protocol):
+    """A script's arguments: a NamedTuple (a flag as 1 or 0, a float as its exact ``repr``)."""
+
+    @property
+    def _fields(self) -> tuple[str, ...]: ...
+
+    def __iter__(self) -> Iterator[Arg]: ...
+
+    def __len__(self) -> int: ...
+
+
+def _table(names: Sequence[str], source: str) -> str:
+    """A Lua table of ``names`` read from ``source`` (``KEYS``, ``ARGV``) in their order."""
+    return "{" + ", ".join(f"{name} = {source}[{i}]" for i, name in enumerate(names, start=1)) + "}"
+
+
+def header(keys: Sequence[str], args: Sequence[str], reply: Sequence[str]) -> str:
     codes = "".join(
         f"local {enum_.__name__} = {{{', '.join(f'{c.name} = {c.value}' for c in enum_)}}}\n"
         for enum_ in (Admit, Applied)
     )
+    fields = ", ".join(f"'{name}'" for name in reply)
     return (
-        f"local K = {{{named}}}\n"
-        "local A = {}\n"
-        "for i = 1, #ARGV - 1, 2 do A[ARGV[i]] = ARGV[i + 1] end\n"
-        "setmetatable(A, {__index = function(_, name) error('no argument ' .. name .. ' sent') end})\n"
+        f"local K = {_table(keys, 'KEYS')}\n"
+        f"local A = setmetatable({_table(args, 'ARGV')}, "
+        "{__index = function(_, name) error('no argument ' .. name) end})\n"
+        f"local REPLY = {{{fields}}}\n"
+        "local function reply(named)\n"
+        "  local out = {}\n"
+        "  for i, name in ipairs(REPLY) do\n"
+        "    out[i] = named[name]\n"
+        "    if out[i] == nil then error('no ' .. name .. ' in the reply') end\n"
+        "  end\n"
+        "  return out\n"
+        "end\n"
         f"{codes}"
     )
 
@@ -59,26 +93,22 @@ def _text(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
-def load(name: str, keys: Sequence[str]) -> LuaScript:
-    """``lua/<name>.lua`` behind the header (its ``keys`` by name) and the prelude."""
-    return LuaScript(_header(keys) + _text("prelude") + _text(name))
+def load(name: str, *, keys: Sequence[str], args: Sequence[str], reply: type | None = None) -> LuaScript:
+    """``lua/<name>.lua`` behind the header (its ``keys``, ``args`` and ``reply``, a
+    dataclass, by name) and the prelude."""
+    names = [f.name for f in dataclasses.fields(reply)] if reply is not None else []
+    return LuaScript(header(keys, args, names) + _text("prelude") + _text(name))
 
 
-def named(**args: Arg | bool) -> list[Arg]:
-    """``ARGV`` as name/value pairs (a bool as 1 or 0, a float in full)."""
-    argv: list[Arg] = []
-    for name, value in args.items():
-        if isinstance(value, bool):
-            value = int(value)
-        elif isinstance(value, float):
-            value = repr(value)
-        argv += (name, value)
-    return argv
+def argv(args: Named) -> list[Arg]:
+    """``ARGV``: the arguments in their declaration's order (the header names them)."""
+    return list(args)
 
 
-def fields(reply: Any) -> dict[str, int]:
-    """A reply of name/value pairs as a dict (the values integers, as Redis sends Lua numbers)."""
+def values(reply: Any, count: int) -> list[Any]:
+    """A reply's values, in its declaration's order (``reply{...}`` wrote them by name)."""
     if isinstance(reply, Exception):
         raise reply
-    names, values = reply[::2], reply[1::2]
-    return {(n.decode() if isinstance(n, bytes) else n): int(v) for n, v in zip(names, values, strict=True)}
+    if len(reply) != count:
+        raise ValueError(f"a script replied {reply!r} where {count} values were due")
+    return list(reply)

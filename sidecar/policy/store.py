@@ -52,11 +52,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from sidecar.policy import scripts
-from sidecar.policy.scripts import Admit, Applied, fields
+from sidecar.policy.scripts import ADMIT, APPLIED, Admit, Applied
 from token_scaler.record import KEY_PREFIX
 from token_scaler.redis_channel import Arg, Channel, LuaScript
 
@@ -102,14 +102,76 @@ def tenant_keys(scope: str, tenant: str, day: str, month: str, model: str | None
     )
 
 
-# The scripts (lua/, scripts.py), each with its keys by name: a tenant's (``TenantKeys``),
-# a model's limit across tenants, or a scope's sidecars.
-_ADMIT, _SETTLE, _CHECKPOINT = (
-    scripts.load(name, TenantKeys._fields) for name in ("admit", "settle", "checkpoint")
-)
-_RENEW = scripts.load("renew", ("lease",))
-_PRESENCE = scripts.load("presence", ("sidecars",))
-_MODEL_RATE, _MOVE = (scripts.load(name, ("rate",)) for name in ("model_rate", "move"))
+# Each script's arguments, by name (scripts.argv): a flag is 1 or 0, a float its exact repr.
+# The order is the wire's: the header of the script reads them in it (scripts.py).
+
+
+class AdmitArgs(NamedTuple):
+    id: str  # the reservation's
+    cost: int  # asked for
+    day_limit: int  # the daily budget (0: none)
+    month_limit: int
+    least: int  # the least grant taken when less than ``cost`` is left (0: all or nothing)
+    tokens: int  # for the rate limits
+    tenant_interval: str  # the tenant's limit: ms per token (0: none) and burst (ms)
+    tenant_tau: str
+    model_interval: str  # the tenant's limit on the model
+    model_tau: str
+    lease_ms: int
+    day: str  # the budget periods, for a release at the lease's end
+    month: str
+    day_ttl: int = DAY_TTL_S
+    month_ttl: int = MONTH_TTL_S
+    reservations_ttl: int = RESERVATIONS_TTL_S
+
+
+class SettleArgs(NamedTuple):
+    id: str
+    cost: int  # real
+    tokens: int
+    daily: int  # the budgets kept
+    monthly: int
+    tenant_interval: str
+    model_interval: str
+    unreserved: int  # admitted without Redis: charged, once
+    day_ttl: int = DAY_TTL_S
+    month_ttl: int = MONTH_TTL_S
+    charged_ttl: int = CHARGED_TTL_S
+
+
+class CheckpointArgs(NamedTuple):
+    id: str
+    seq: int
+    held_cost: int
+    held_tokens: int
+    charged_cost: int
+    charged_tokens: int
+    daily: int
+    monthly: int
+    tenant_interval: str
+    model_interval: str
+    day_ttl: int = DAY_TTL_S
+    month_ttl: int = MONTH_TTL_S
+
+
+class ModelRateArgs(NamedTuple):
+    tokens: int
+    interval_ms: str
+    tau_ms: str
+
+
+class MoveArgs(NamedTuple):
+    ms: str
+
+
+class PresenceArgs(NamedTuple):
+    sidecar: str
+    window_ms: int
+
+
+class RenewArgs(NamedTuple):
+    lease_ms: int
+    ids: str  # a JSON list
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,18 +188,9 @@ class Admitted:
 
     @staticmethod
     def of(reply: Any) -> Admitted:
-        named = fields(reply)
-        return Admitted(
-            status=Admit(named["status"]),
-            granted=named["granted"],
-            day_used=named["day_used"],
-            month_used=named["month_used"],
-            retry_after_ms=named["retry_after_ms"],
-            reset_ms=named["reset_ms"],
-            model_reset_ms=named["model_reset_ms"],
-            redis_time_ms=named["redis_time_ms"],
-            expired=named["expired"],
-        )
+        """``admit.lua``'s reply, by name."""
+        status, *rest = scripts.values(reply, _ADMITTED)
+        return Admitted(ADMIT[status], *rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +201,9 @@ class ModelAdmitted:
 
     @staticmethod
     def of(reply: Any) -> ModelAdmitted:
-        named = fields(reply)
-        return ModelAdmitted(
-            refused=bool(named["refused"]), retry_after_ms=named["retry_after_ms"], reset_ms=named["reset_ms"]
-        )
+        """``model_rate.lua``'s reply, by name."""
+        refused, retry_after_ms, reset_ms = scripts.values(reply, _MODEL_ADMITTED)
+        return ModelAdmitted(bool(refused), retry_after_ms, reset_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +214,22 @@ class Settled:
 
     @staticmethod
     def of(reply: Any) -> Settled:
-        named = fields(reply)
-        return Settled(
-            applied=Applied(named["applied"]), day_used=named["day_used"], month_used=named["month_used"]
-        )
+        """``settle.lua``'s or ``checkpoint.lua``'s reply, by name."""
+        applied, day_used, month_used = scripts.values(reply, _SETTLED)
+        return Settled(APPLIED[applied], day_used, month_used)
+
+
+# The scripts (lua/, scripts.py) with their keys, arguments and replies by name: a tenant's
+# keys (``TenantKeys``), a model's limit across tenants, or a scope's sidecars.
+_TENANT = TenantKeys._fields
+_ADMIT = scripts.load("admit", keys=_TENANT, args=AdmitArgs._fields, reply=Admitted)
+_SETTLE = scripts.load("settle", keys=_TENANT, args=SettleArgs._fields, reply=Settled)
+_CHECKPOINT = scripts.load("checkpoint", keys=_TENANT, args=CheckpointArgs._fields, reply=Settled)
+_RENEW = scripts.load("renew", keys=("lease",), args=RenewArgs._fields)
+_PRESENCE = scripts.load("presence", keys=("sidecars",), args=PresenceArgs._fields)
+_MODEL_RATE = scripts.load("model_rate", keys=("rate",), args=ModelRateArgs._fields, reply=ModelAdmitted)
+_MOVE = scripts.load("move", keys=("rate",), args=MoveArgs._fields)
+_ADMITTED, _MODEL_ADMITTED, _SETTLED = (len(fields(result)) for result in (Admitted, ModelAdmitted, Settled))
 
 
 def _raised(reply: Any) -> Any:
@@ -205,23 +269,22 @@ class Store:
         flush: bool = True,
     ) -> Awaitable[Admitted]:
         """Reserve ``cost`` (``tokens`` for the rate limits, each an (interval, tau) in ms)."""
-        args = scripts.named(
-            id=id,
-            cost=cost,
-            day_limit=day_limit,
-            month_limit=month_limit,
-            least=least,
-            tokens=tokens,
-            tenant_interval=float(tenant_rate[0]),
-            tenant_tau=float(tenant_rate[1]),
-            model_interval=float(model_rate[0]),
-            model_tau=float(model_rate[1]),
-            day_ttl=DAY_TTL_S,
-            month_ttl=MONTH_TTL_S,
-            reservations_ttl=RESERVATIONS_TTL_S,
-            lease_ms=lease_ms,
-            day=day,
-            month=month,
+        args = scripts.argv(
+            AdmitArgs(
+                id=id,
+                cost=cost,
+                day_limit=day_limit,
+                month_limit=month_limit,
+                least=least,
+                tokens=tokens,
+                tenant_interval=repr(tenant_rate[0]),
+                tenant_tau=repr(tenant_rate[1]),
+                model_interval=repr(model_rate[0]),
+                model_tau=repr(model_rate[1]),
+                lease_ms=lease_ms,
+                day=day,
+                month=month,
+            )
         )
         # ``flush``: written at once, for a request waiting on it (settlements and a model
         # check queued before it leave in the same write); a chunk asked for ahead rides in
@@ -233,12 +296,12 @@ class Store:
     ) -> Awaitable[ModelAdmitted]:
         """Check and take a model's limit across tenants (queued now: call it before
         ``admit``, which writes both)."""
-        args = scripts.named(tokens=tokens, interval_ms=float(interval_ms), tau_ms=float(tau_ms))
+        args = scripts.argv(ModelRateArgs(tokens, interval_ms=repr(interval_ms), tau_ms=repr(tau_ms)))
         return self.channel.evalsha(_MODEL_RATE, [key], args, convert=ModelAdmitted.of)
 
     def move(self, key: str, ms: float) -> Awaitable[Any]:
         """Move a rate limit's TAT by ``ms`` (queued now; the reply says nothing useful)."""
-        return self.channel.evalsha(_MOVE, [key], scripts.named(ms=float(ms)))
+        return self.channel.evalsha(_MOVE, [key], scripts.argv(MoveArgs(ms=repr(ms))))
 
     def settle_many(self, items: list[Item]) -> Awaitable[list[Settled | BaseException]]:
         """Settle several reservations (one ``settle.lua`` each, queued together).
@@ -264,7 +327,7 @@ class Store:
 
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""
-        args = scripts.named(sidecar=sidecar, window_ms=PRESENCE_WINDOW_MS)
+        args = scripts.argv(PresenceArgs(sidecar=sidecar, window_ms=PRESENCE_WINDOW_MS))
         return int(_raised(await self.channel.evalsha(_PRESENCE, [presence_key(scope)], args)))
 
     async def leave(self, scope: str, sidecar: str) -> None:
@@ -274,7 +337,9 @@ class Store:
         """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]};
         the ids whose lease was there to push."""
         replies = [
-            self.channel.evalsha(_RENEW, [key], scripts.named(lease_ms=lease_ms, ids=json.dumps(ids)))
+            self.channel.evalsha(
+                _RENEW, [key], scripts.argv(RenewArgs(lease_ms=lease_ms, ids=json.dumps(ids)))
+            )
             for key, ids in leases.items()
         ]
         renewed: set[str] = set()
@@ -308,18 +373,17 @@ def settle_args(
     model_interval: float,
     unreserved: bool,
 ) -> list[Arg]:
-    return scripts.named(
-        id=id,
-        cost=cost,
-        tokens=tokens,
-        daily=daily,
-        monthly=monthly,
-        tenant_interval=float(tenant_interval),
-        model_interval=float(model_interval),
-        unreserved=unreserved,
-        day_ttl=DAY_TTL_S,
-        month_ttl=MONTH_TTL_S,
-        charged_ttl=CHARGED_TTL_S,
+    return scripts.argv(
+        SettleArgs(
+            id=id,
+            cost=cost,
+            tokens=tokens,
+            daily=int(daily),
+            monthly=int(monthly),
+            tenant_interval=repr(tenant_interval),
+            model_interval=repr(model_interval),
+            unreserved=int(unreserved),
+        )
     )
 
 
@@ -335,17 +399,17 @@ def checkpoint_args(
     model_interval: float,
 ) -> list[Arg]:
     """A chunk's state: held (cost, tokens) and charged (cost, tokens) under ``seq``."""
-    return scripts.named(
-        id=id,
-        seq=seq,
-        held_cost=held[0],
-        held_tokens=held[1],
-        charged_cost=charged[0],
-        charged_tokens=charged[1],
-        daily=daily,
-        monthly=monthly,
-        tenant_interval=float(tenant_interval),
-        model_interval=float(model_interval),
-        day_ttl=DAY_TTL_S,
-        month_ttl=MONTH_TTL_S,
+    return scripts.argv(
+        CheckpointArgs(
+            id=id,
+            seq=seq,
+            held_cost=held[0],
+            held_tokens=held[1],
+            charged_cost=charged[0],
+            charged_tokens=charged[1],
+            daily=int(daily),
+            monthly=int(monthly),
+            tenant_interval=repr(tenant_interval),
+            model_interval=repr(model_interval),
+        )
     )

@@ -12,8 +12,8 @@ from redis.exceptions import ResponseError
 
 from sidecar.policy import scripts
 from sidecar.policy.scripts import Admit, Applied
-from sidecar.policy.store import ModelAdmitted
-from token_scaler.redis_channel import Channel
+from sidecar.policy.store import ModelAdmitted, ModelRateArgs, MoveArgs, Settled
+from token_scaler.redis_channel import Channel, LuaScript
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "sidecar" / "policy" / "lua"
@@ -35,31 +35,42 @@ def test_every_script_ships_in_the_wheel() -> None:
     assert not left_out, f"package-data leaves out {left_out}"
 
 
-def test_the_header_names_keys_and_codes_from_python() -> None:
-    source = scripts.load("move", ("rate",)).source
+def test_the_header_names_keys_arguments_and_codes_from_python() -> None:
+    source = scripts.load("move", keys=("rate",), args=MoveArgs._fields).source
     assert "local K = {rate = KEYS[1]}" in source
+    assert "setmetatable({ms = ARGV[1]}" in source
     assert "local Admit = {OK = 0, BUDGET = 1, RATE_TENANT = 2, RATE_MODEL = 3}" in source
     assert f"RELEASED = {Applied.RELEASED.value}" in source
 
 
-def test_arguments_go_as_name_value_pairs() -> None:
-    assert scripts.named(id="a", cost=3, daily=True, interval=0.5) == [
-        "id", "a", "cost", 3, "daily", 1, "interval", "0.5",
-    ]  # fmt: skip
+def test_arguments_go_in_their_declarations_order() -> None:
+    assert scripts.argv(ModelRateArgs(tokens=3, interval_ms="0.5", tau_ms="10.0")) == [3, "0.5", "10.0"]
 
 
-async def test_a_missing_argument_is_an_error_naming_it(channel: Channel) -> None:
-    script = scripts.load("move", ("rate",))
+def test_a_reply_of_another_shape_is_an_error() -> None:
+    assert Settled.of([1, 7, 9]) == Settled(Applied.RESERVED, 7, 9)
+    with pytest.raises(ValueError, match="where 3 values were due"):
+        Settled.of([1, 7])
+
+
+async def test_an_argument_not_declared_is_an_error_naming_it(channel: Channel) -> None:
+    script = scripts.load("move", keys=("rate",), args=("msx",))  # the script reads A.ms
     key = "tokenscaler:v1:{policy:scripts-test}:rate"
-    reply = await channel.evalsha(script, [key], scripts.named(msx=1.0))  # an error reply: a value
-    assert isinstance(reply, ResponseError) and "no argument ms sent" in str(reply)
+    reply = await channel.evalsha(script, [key], ["1.0"])  # an error reply: a value
+    assert isinstance(reply, ResponseError) and "no argument ms" in str(reply)
+
+
+async def test_a_reply_must_name_every_field(channel: Channel) -> None:
+    script = LuaScript(scripts.header((), (), ("applied", "day_used")) + "return reply{applied = 1}")
+    reply = await channel.evalsha(script, [], [])
+    assert isinstance(reply, ResponseError) and "no day_used in the reply" in str(reply)
 
 
 async def test_a_reply_by_name_becomes_its_result(channel: Channel) -> None:
-    script = scripts.load("model_rate", ("rate",))
+    script = scripts.load("model_rate", keys=("rate",), args=ModelRateArgs._fields, reply=ModelAdmitted)
     key = "tokenscaler:v1:{policy:scripts-test/model/m}:rate"
     try:
-        args = scripts.named(tokens=10, interval_ms=1.0, tau_ms=5.0)
+        args = scripts.argv(ModelRateArgs(10, interval_ms="1.0", tau_ms="5.0"))
         first = ModelAdmitted.of(await channel.evalsha(script, [key], args))
         second = ModelAdmitted.of(await channel.evalsha(script, [key], args))
         assert not first.refused and 0 < first.reset_ms <= 11

@@ -22,10 +22,10 @@ end
 local cost, dl, ml = tonumber(A.cost), tonumber(A.day_limit), tonumber(A.month_limit)
 local du, mu = 0, 0
 local function answer(status, granted, retry_after, reset, model_reset)
-  return {
-    'status', status, 'granted', granted, 'day_used', du, 'month_used', mu,
-    'retry_after_ms', retry_after, 'reset_ms', reset, 'model_reset_ms', model_reset,
-    'redis_time_ms', now, 'expired', #expired,
+  return reply{
+    status = status, granted = granted, day_used = du, month_used = mu,
+    retry_after_ms = retry_after, reset_ms = reset, model_reset_ms = model_reset,
+    redis_time_ms = now, expired = #expired,
   }
 end
 if dl > 0 then du = tonumber(redis.call('GET', K.day) or '0') end

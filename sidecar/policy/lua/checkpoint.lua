@@ -43,4 +43,4 @@ local du, mu = charge(
   cost, tokens, A.daily == '1', A.monthly == '1', A.tenant_interval, A.model_interval,
   A.day_ttl, A.month_ttl
 )
-return {'applied', applied, 'day_used', du, 'month_used', mu}
+return reply{applied = applied, day_used = du, month_used = mu}

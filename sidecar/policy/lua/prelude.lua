@@ -1,5 +1,6 @@
--- Ahead of every policy script (after the header scripts.py builds: the keys by name in
--- ``K``, the arguments by name in ``A``, the reply codes in ``Admit`` and ``Applied``).
+-- Ahead of every policy script, after the header scripts.py builds: the keys by name in
+-- ``K``, the arguments by name in ``A``, ``reply{...}`` to answer by name, the reply codes in
+-- ``Admit`` and ``Applied``.
 -- Redis' clock in ms (``now``), and the GCRA on one TAT key: ``gcra`` checks a take and
 -- writes nothing, ``set_tat`` writes, ``move`` shifts a TAT by ``ms`` (negative: gives
 -- tokens back; a TAT that falls into the past is gone); ``charge`` applies a settlement's

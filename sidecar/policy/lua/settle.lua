@@ -34,4 +34,4 @@ if unreserved and applied ~= Applied.NONE then redis.call('SET', charged, '1', '
 local du, mu = charge(
   cost, tokens, dl, ml, A.tenant_interval, A.model_interval, A.day_ttl, A.month_ttl
 )
-return {'applied', applied, 'day_used', du, 'month_used', mu}
+return reply{applied = applied, day_used = du, month_used = mu}
