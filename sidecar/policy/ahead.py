@@ -123,6 +123,10 @@ class Ahead:
         self.chunks.end(chunk, ticket.cost, ticket.tokens, cost, tokens)
         self._settlements.soon()
 
+    def retire_all(self) -> None:
+        """The policy changed: what the chunks hold comes back (with their next checkpoints)."""
+        self.chunks.retire_all()
+
     def expire(self) -> None:
         if self.chunks:
             self.chunks.expire(self._ctx.clock.monotonic(), self._ctx.file.policy.chunks.seconds)

@@ -138,7 +138,7 @@ class PolicyEngine:
         """Load the policy file again if it changed (``PolicyFile.reload``)."""
         if not self.file.reload(self.metrics):
             return False
-        self.ahead.chunks.retire_all()  # limits may have changed: what they hold comes back
+        self.ahead.retire_all()  # limits may have changed
         return True
 
     # -- the request path
@@ -212,7 +212,7 @@ class PolicyEngine:
         result.headers.update(admission.rate_headers(limits, reply, wide_reply))
         ticket.cost = reply.granted
         result.ticket = ticket
-        self.leases.open[ticket.id] = ticket
+        self.leases.hold(ticket)
         self.metrics.admissions.labels("redis").inc()
         return admission.shortened(
             cap, ticket.budget, ticket.price, reply.granted, plan.cost, prompt, parsed.n
@@ -249,7 +249,7 @@ class PolicyEngine:
         if chunk is not None:
             self.ahead.end(chunk, ticket, cost, prompt + generation)
             return
-        self.leases.open.pop(ticket.id, None)
+        self.leases.end(ticket.id)
         if not ticket.reserved:
             self.outage.settled(ticket, cost, prompt + generation, self.presence.peers)
         self.settlements.add(Settlement(ticket, cost, prompt + generation))
@@ -267,7 +267,7 @@ class PolicyEngine:
             await self.redis_clock.sync(self.store, self.outage, self.file.background_timeout_s)
         if self.file.announces and self.presence.due():
             await self.presence.announce()
-        if (self.leases.open or self.ahead.chunks) and not self.outage.down and self.leases.due():
+        if (self.leases or self.ahead.chunks) and not self.outage.down and self.leases.due():
             await self.leases.renew(list(self.ahead.chunks))
         if self.file.policy.watches_saturation:
             await self.watch.poll()

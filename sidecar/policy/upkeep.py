@@ -77,8 +77,20 @@ class Leases:
         self._ctx = ctx
         self._outage = outage
         self._tick_s = tick_s
-        self.open: dict[str, Ticket] = {}  # by id
+        self._open: dict[str, Ticket] = {}  # by id
         self._renewed = 0.0  # monotonic time of the last renewal
+
+    def __bool__(self) -> bool:
+        """Some reservation is in flight."""
+        return bool(self._open)
+
+    def hold(self, ticket: Ticket) -> None:
+        """A request reserved in Redis: its lease is renewed until it ends."""
+        self._open[ticket.id] = ticket
+
+    def end(self, id: str) -> None:
+        """The request ended (its settlement releases the reservation)."""
+        self._open.pop(id, None)
 
     def due(self) -> bool:
         return self._ctx.clock.monotonic() - self._renewed >= self._ctx.file.renew_every_s(self._tick_s)
@@ -90,7 +102,7 @@ class Leases:
         may admit on for its draw window from when the renewal was sent."""
         leases: dict[str, list[str]] = {}
         held = {chunk.ticket.id: chunk for chunk in chunks}
-        for ticket in [*self.open.values(), *(chunk.ticket for chunk in held.values())]:
+        for ticket in [*self._open.values(), *(chunk.ticket for chunk in held.values())]:
             leases.setdefault(ticket.keys.lease, []).append(ticket.id)
         keys = list(leases)
         timeout_s, lease_ms = self._ctx.file.background_timeout_s, int(self._ctx.file.policy.lease_s * 1000)
