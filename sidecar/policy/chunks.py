@@ -4,11 +4,11 @@ Under load, the Redis round trip of every admission is most of what the policies
 request. A sidecar that sees a tenant (with a model, when a limit of that model applies) at
 ``reservationChunks.minRequestsPerSecond`` or more (over its last ``STEADY_GAPS`` gaps between
 requests) reserves a chunk ahead, off the request path: an ordinary leased reservation
-(``store.ADMIT``) of about ``reservationChunks.seconds`` of that traffic, in budget and in
+(``lua/admit.lua``) of about ``reservationChunks.seconds`` of that traffic, in budget and in
 rate-limit tokens alike. The next requests draw their own
 reservation (prompt estimate + max_tokens) from it with no round trip. When one ends, its
 real usage is charged to the chunk; the chunk's state in Redis (what it still holds, what
-was charged) is brought up to date by ``store.CHECKPOINT`` in the writes that carry the
+was charged) is brought up to date by ``lua/checkpoint.lua`` in the writes that carry the
 settlements, at most every ``CHECKPOINT_EVERY_S`` or ``CHECKPOINT_GAPS`` of its tenant's
 usual gaps between requests, whichever is longer (a retired chunk's at once).
 
@@ -49,12 +49,9 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sidecar.policy import ratelimit
-
-if TYPE_CHECKING:
-    from sidecar.policy.engine import Ticket
+from sidecar.policy.tickets import Ticket
 
 WINDOW_S = 1.0  # the time constant of the demand estimate (a busy tenant's changes seen fast)
 # Whether a tenant is busy enough for chunks is told by the time its last STEADY_GAPS gaps
@@ -84,7 +81,7 @@ MAX_KEYS = 100_000
 # least this long is below the lowest minRequestsPerSecond, 0.1).
 FORGET_S = 60.0
 
-Key = Hashable  # what a chunk is for: the tenant's Redis keys and limits (engine._reserve)
+Key = Hashable  # what a chunk is for: the tenant's Redis keys and limits (ahead.key_of)
 
 
 @dataclass(slots=True)
@@ -449,6 +446,10 @@ class Chunks:
 
     def __bool__(self) -> bool:
         return bool(self.chunks) or bool(self.retired)
+
+    def unused(self, tenant: str) -> int:
+        """The cost the tenant's chunks hold undrawn (it comes back when they are retired)."""
+        return self.undrawn.get(tenant, 0)
 
     def _undrawn(self, tenant: str, delta: int) -> None:
         left = self.undrawn.get(tenant, 0) + delta

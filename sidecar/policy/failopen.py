@@ -1,5 +1,11 @@
 """When Redis counts as unreachable, and what fail-open may spend meanwhile.
 
+``Outage`` keeps whether Redis is away (an error or ``redisTimeoutMs`` on a call: until a
+ping answers, every request is decided without it) and what was admitted without it:
+``failMode: closed`` answers 503; ``failMode: open`` admits within this sidecar's share of
+the budget left, and enforces each rate limit locally, its share of it (the limit divided by
+the sidecars of the scope seen in the last minute).
+
 **A stalled loop is not a slow Redis.** A policy call's timeout (``redisTimeoutMs``) is a
 timer on the sidecar's own event loop: while the loop is held (a large body parsed, a long
 callback, CPU throttling), the timer fires late, and the reply that arrived meanwhile sits
@@ -25,13 +31,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
-from sidecar.policy.schema import Budget
+from redis.exceptions import RedisError
+
+from sidecar.policy import ratelimit, refusals
+from sidecar.policy.context import Context
+from sidecar.policy.refusals import Rejection
+from sidecar.policy.schema import CLOSED, Budget, TenantPolicy
+from sidecar.policy.tickets import Ticket
+from sidecar.policy.usage import Usage
+
+log = logging.getLogger(__name__)
 
 BEAT_S = 0.02  # 50 wake-ups a second
 STALL_S = 0.05  # a beat this late is the loop held, not timer jitter
 MAX_EXTENSIONS = 20
+REDIS_ERRORS = (TimeoutError, RedisError, OSError)  # a call to Redis that failed
 
 
 class Guard:
@@ -118,3 +135,87 @@ def fits_share(budget: Budget, used: tuple[int, int] | None, local: int, cost: i
         if limit and local + cost > max(0, limit - spent) / max(1, peers):
             return False
     return True
+
+
+class Outage:
+    """Whether Redis is away, and the cost and rate admitted without it, per tenant."""
+
+    def __init__(
+        self,
+        ctx: Context,
+    ) -> None:
+        self._ctx = ctx
+        self.down = False
+        self.guard = Guard()  # a stalled loop is not a slow Redis
+        self._local: dict[str, int] = {}  # cost admitted without Redis, not reconciled yet
+        self._rates = ratelimit.LocalLimiter()
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """A call ``op`` failed: Redis is away from now on (unless the loop's stall explains it)."""
+        if op != "admit" and self.guard.excuses(exc, self._ctx.file.background_timeout_s):
+            self._ctx.metrics.loop_stalls.labels(op).inc()  # the loop was held, not Redis
+            return
+        self._ctx.metrics.redis_errors.labels(op).inc()
+        if isinstance(exc, TimeoutError):
+            # No reply in time: the peer may be gone without a reset. A new connection
+            # finds out; the replies still owed on this one fail now.
+            self._ctx.store.channel.reset()
+        if not self.down:
+            log.warning("policy store (Redis) unreachable, deciding without it until it answers: %r", exc)
+        self.down = True
+
+    async def recover(self, pending: int) -> bool:
+        """While away: whether Redis answers a ping now (``pending``: settlements to send)."""
+        try:
+            await asyncio.wait_for(self._ctx.store.ping(), self._ctx.file.background_timeout_s)
+        except TimeoutError:
+            self._ctx.store.channel.reset()  # a connection that takes commands and never answers
+            return False
+        except REDIS_ERRORS:
+            return False
+        self.down = False
+        log.info("policy store (Redis) reachable again; reconciling %d settlements", pending)
+        return True
+
+    def local(self, tenant: str) -> int:
+        """The cost admitted for the tenant without Redis and not charged to it yet."""
+        return self._local.get(tenant, 0)
+
+    def add(self, tenant: str, cost: int) -> None:
+        """Cost charged here that Redis has not taken yet (negative: a correction)."""
+        self._local[tenant] = self._local.get(tenant, 0) + cost
+
+    def forget(self, tenant: str, cost: int) -> None:
+        """Redis took ``cost`` of what was charged here (or never will): not local any more."""
+        left = self._local.get(tenant, 0) - cost
+        if left > 0:
+            self._local[tenant] = left
+        else:
+            self._local.pop(tenant, None)
+
+    def admit(
+        self, rules: TenantPolicy, ticket: Ticket, model: str | None, usage: Usage, peers: int, now: float
+    ) -> Rejection | None:
+        """Decide a request without Redis: None admits it (``ticket`` unreserved, its cost local)."""
+        if rules.fail_mode == CLOSED:
+            return refusals.unavailable()
+        tenant, budget = ticket.tenant, rules.budget
+        local = self.local(tenant)
+        used = usage.last(tenant, ticket.day, ticket.month)
+        if budget.enabled and not fits_share(budget, used, local, ticket.cost, peers):
+            seen = usage.recorded(tenant)
+            return refusals.budget(tenant, budget, (seen[1] if seen else 0) + local, now)
+        if ticket.limits:
+            refused = self._rates.admit(ticket.limits, ticket.tokens, peers, now * 1000)
+            if refused is not None:
+                index, wait = refused
+                key, limit = ticket.limits[index]
+                return refusals.rate(limit, refusals.which(tenant, model, refusals.kind_of(key)), wait, wait)
+        ticket.reserved = False
+        self._local[tenant] = local + ticket.cost
+        return None
+
+    def settled(self, ticket: Ticket, cost: int, tokens: int, peers: int) -> None:
+        """A request admitted without Redis ended: its real cost and tokens, locally."""
+        self.add(ticket.tenant, cost - ticket.cost)
+        self._rates.correct(ticket.limits, tokens - ticket.tokens, peers)

@@ -1,5 +1,7 @@
 """The policies' shared state in Redis: one Lua script to admit, one to settle (thin I/O).
 
+The scripts are ``lua/*.lua`` (scripts.py loads them; keys, arguments and replies by name).
+
 Keys, one set per tenant in its own Redis Cluster slot (the ``{...}`` hash tag), so both
 scripts touch only keys of one slot::
 
@@ -16,19 +18,19 @@ scripts touch only keys of one slot::
     tokenscaler:v1:{policy:<scope>/model/<model>}:rate            GCRA TAT of a model, all tenants
 
 A model's limit across tenants lives in a slot of its own ('/' is not allowed in tenant
-names, so it cannot collide with a tenant's tag). ``MODEL_RATE`` checks and takes it, queued
-in the same write as ``ADMIT``; when one of the two refuses and the other admitted, the
-sidecar gives back what the other took (a release, or ``MOVE`` by minus the tokens).
-Settlements move it by the difference between real and reserved tokens, once (``MOVE`` has
+names, so it cannot collide with a tenant's tag). ``model_rate.lua`` checks and takes it, queued
+in the same write as ``admit.lua``; when one of the two refuses and the other admitted, the
+sidecar gives back what the other took (a release, or ``move.lua`` by minus the tokens).
+Settlements move it by the difference between real and reserved tokens, once (``move.lua`` has
 no id: it is sent at most once, a lost correction only tightens the limit for a burst).
 
-``ADMIT`` (one round trip per request) reads the budgets, grants the reservation (all of it,
+``admit.lua`` (one round trip per request) reads the budgets, grants the reservation (all of it,
 or under ``onShortfall: shorten`` what is left if that is at least the minimum), checks
 both rate limits for the granted tokens, and only if everything passes commits all of it
 and records the reservation. Scripts run atomically, so concurrent requests from any
 number of sidecars see each other's reservations: used + reserved never passes a limit.
 
-``SETTLE`` moves a reservation to the real usage: it removes the reservation and adds
+``settle.lua`` moves a reservation to the real usage: it removes the reservation and adds
 ``real - reserved`` (negative: a refund) to the budgets and the rate limits' TATs. It is
 idempotent (a reservation is settled once; a retried call finds it gone and does nothing),
 so a settle whose reply was lost can be sent again without a double refund. For requests
@@ -37,8 +39,8 @@ kept a day in ``:charged:<id>``, whichever branch charged it.
 
 Leases: a sidecar killed mid-request never settles, and its reservation would hold the
 tenant's budget to the period's end. Every reservation therefore has a lease (``:lease``,
-deadline on Redis' clock) that its sidecar renews while the request runs (``RENEW``, a
-pipeline every third of the lease). ``ADMIT`` first releases the tenant's reservations whose
+deadline on Redis' clock) that its sidecar renews while the request runs (``renew.lua``, a
+pipeline every third of the lease). ``admit.lua`` first releases the tenant's reservations whose
 lease has ended (refunds them; at most 32 per call) and keeps each in ``:swept:<id>``. A
 settlement that arrives after that (a sidecar stalled longer than the lease, not dead)
 finds it there and charges the real usage in full: the release never loses a charge, it
@@ -48,10 +50,13 @@ only frees the budget early.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
 
+from sidecar.policy import scripts
+from sidecar.policy.scripts import ADMIT, APPLIED, Admit, Applied
 from token_scaler.record import KEY_PREFIX
 from token_scaler.redis_channel import Arg, Channel, LuaScript
 
@@ -62,236 +67,8 @@ RESERVATIONS_TTL_S = 3 * 86_400
 CHARGED_TTL_S = 86_400
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
-
-# Lua every script below starts with: Redis' clock in ms (``now``), and the GCRA on one TAT
-# key: ``gcra`` checks a take and writes nothing, ``set_tat`` writes, ``move`` shifts a TAT
-# by ``ms`` (negative: gives tokens back; a TAT that falls into the past is gone); ``charge``
-# applies a settlement's difference to a tenant's budgets and rate limits.
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local function set_tat(key, tat)
-  redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
-end
-local function gcra(key, tokens, interval, tau)
-  -- the TAT after taking ``tokens``; or nil, the wait and what is owed (ms) when refused
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local new = tat + tokens * interval
-  local need = tau
-  if tokens * interval > need then need = tokens * interval end
-  if new - need > now then return nil, math.ceil(new - need - now), math.ceil(tat - now) end
-  return new
-end
-local function move(key, ms)
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat == 0 then return 0 end
-  tat = tat + ms
-  if tat > now then set_tat(key, tat) else redis.call('DEL', key) end
-  return 1
-end
--- A tenant's keys (tenant_keys): add ``cost`` to the budgets kept (daily, monthly) and move
--- both rate limits' TATs by ``tokens``; returns the budgets used after it.
-local function charge(cost, tokens, daily, monthly, tenant_interval, model_interval, day_ttl, month_ttl)
-  local used = {0, 0}
-  for i, kept in ipairs({daily, monthly}) do
-    if kept then
-      local key = KEYS[1 + i]
-      if cost ~= 0 then
-        used[i] = redis.call('INCRBY', key, string.format('%d', cost))
-        redis.call('EXPIRE', key, i == 1 and day_ttl or month_ttl)
-      else used[i] = tonumber(redis.call('GET', key) or '0') end
-    end
-  end
-  if tokens ~= 0 then
-    for i, interval in ipairs({tonumber(tenant_interval), tonumber(model_interval)}) do
-      if interval > 0 then move(KEYS[3 + i], tokens * interval) end
-    end
-  end
-  return used[1], used[2]
-end
-"""
-
-ADMIT = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 32)
-if #expired > 0 then
-  local base = string.sub(KEYS[1], 1, -5)
-  for _, id in ipairs(expired) do
-    local held = redis.call('HGET', KEYS[1], id)
-    if held then
-      local c, _, d, m = string.match(held, '^(%d+):(%d+):(%d*):(%d*)')
-      if c and c ~= '0' then
-        for _, k in ipairs({d ~= '' and base .. ':budget:d:' .. d, m ~= '' and base .. ':budget:m:' .. m}) do
-          if k and redis.call('EXISTS', k) == 1 then redis.call('DECRBY', k, c) end
-        end
-      end
-      redis.call('HDEL', KEYS[1], id)
-      redis.call('SET', base .. ':swept:' .. id, held, 'EX', ARGV[13])
-    end
-  end
-  redis.call('ZREM', KEYS[6], unpack(expired))
-end
-local cost, dl, ml = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local du, mu = 0, 0
-if dl > 0 then du = tonumber(redis.call('GET', KEYS[2]) or '0') end
-if ml > 0 then mu = tonumber(redis.call('GET', KEYS[3]) or '0') end
-local granted = cost
-if dl > 0 and dl - du < granted then granted = dl - du end
-if ml > 0 and ml - mu < granted then granted = ml - mu end
-if granted < cost then
-  local least = tonumber(ARGV[5])
-  if least <= 0 or granted < least then return {1, 0, du, mu, 0, 0, 0, now, #expired} end
-end
-local tokens = tonumber(ARGV[6])
-if granted < cost and cost > 0 then tokens = math.ceil(tokens * granted / cost) end
-local tats = {0, 0}
-for i = 1, 2 do
-  local interval, tau = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
-  if interval > 0 then
-    local new, wait, owed = gcra(KEYS[3 + i], tokens, interval, tau)
-    if not new then return {1 + i, 0, du, mu, wait, owed, 0, now, #expired} end
-    tats[i] = new
-  end
-end
-for i = 1, 2 do
-  if tats[i] > 0 then set_tat(KEYS[3 + i], tats[i]) end
-end
-local g = string.format('%d', granted)
-if dl > 0 then du = redis.call('INCRBY', KEYS[2], g); redis.call('EXPIRE', KEYS[2], ARGV[11]) end
-if ml > 0 then mu = redis.call('INCRBY', KEYS[3], g); redis.call('EXPIRE', KEYS[3], ARGV[12]) end
-local day, month = '', ''
-if dl > 0 then day = ARGV[15] end
-if ml > 0 then month = ARGV[16] end
-redis.call('HSET', KEYS[1], ARGV[1], g .. ':' .. string.format('%d', tokens) .. ':' .. day .. ':' .. month)
-redis.call('EXPIRE', KEYS[1], ARGV[13])
-redis.call('ZADD', KEYS[6], string.format('%.0f', now + tonumber(ARGV[14])), ARGV[1])
-redis.call('EXPIRE', KEYS[6], ARGV[13])
-local r1, r2 = 0, 0
-if tats[1] > 0 then r1 = math.ceil(tats[1] - now) end
-if tats[2] > 0 then r2 = math.ceil(tats[2] - now) end
-return {0, granted, du, mu, 0, r1, r2, now, #expired}
-"""
-
-SETTLE = """
-local base = string.sub(KEYS[1], 1, -5)
-local cost, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
-local dl, ml = ARGV[4] == '1', ARGV[5] == '1'
--- Admitted without Redis (fail-open): whichever branch charges it, it is charged once.
-local unreserved = ARGV[8] == '1'
-local charged = base .. ':charged:' .. ARGV[1]
-local done = unreserved and redis.call('EXISTS', charged) == 1
-local held = not done and redis.call('HGET', KEYS[1], ARGV[1])
-local swept = not done and not held and redis.call('GET', base .. ':swept:' .. ARGV[1])
-local applied = 0
-if done then
-  cost, tokens = 0, 0
-elseif held then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[6], ARGV[1])
-  local c, tk = string.match(held, '^(%d+):(%d+)')
-  cost = cost - tonumber(c)
-  tokens = tokens - tonumber(tk)
-  applied = 1
-elseif swept then
-  -- released when its lease ended (budget refunded, rate limits not): charge in full
-  redis.call('DEL', base .. ':swept:' .. ARGV[1])
-  local _, tk = string.match(swept, '^(%d+):(%d+)')
-  tokens = tokens - tonumber(tk)
-  applied = 3
-elseif unreserved then
-  tokens = 0
-  applied = 2
-else
-  cost, tokens = 0, 0
-end
-if unreserved and applied ~= 0 then redis.call('SET', charged, '1', 'EX', ARGV[11]) end
-local du, mu = charge(cost, tokens, dl, ml, ARGV[6], ARGV[7], ARGV[9], ARGV[10])
-return {applied, du, mu}
-"""
-
-# A chunk (chunks.py) is a reservation whose entry also says what has been charged to it:
-# "held:held tokens:day:month:seq:charged:charged tokens". The sidecar sends its state
-# (ARGV[3..6]: held, held tokens, charged, charged tokens) under a sequence number: a
-# checkpoint older than the one applied is ignored, so one sent twice, or overtaken by a
-# later one, applies once. The budgets and the rate limits move by the difference from the
-# state applied before; held 0 closes the chunk. Released at its lease's end (the sweep in
-# ADMIT refunds what is held, what was charged stays), a checkpoint after that charges what
-# was charged since, in full, and says so (applied = 3).
-CHECKPOINT = """
-local base = string.sub(KEYS[1], 1, -5)
-local id, seq = ARGV[1], tonumber(ARGV[2])
-local hc, ht, cc, ct = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local pattern = '^(%d+):(%d+):(%d*):(%d*):?(%d*):?(%d*):?(%d*)$'
-local entry = redis.call('HGET', KEYS[1], id)
-local swept = not entry and redis.call('GET', base .. ':swept:' .. id)
-local state = entry or swept
-local cost, tokens, applied = 0, 0, 0
-if state then
-  local h, htk, d, m, s, c, ctk = string.match(state, pattern)
-  if h and seq > (tonumber(s) or 0) then
-    c, ctk = tonumber(c) or 0, tonumber(ctk) or 0
-    local fmt = '%d:%d:' .. d .. ':' .. m .. ':%d:%d:%d'
-    if entry then
-      cost = hc + cc - tonumber(h) - c
-      tokens = ht + ct - tonumber(htk) - ctk
-      applied = 1
-      if hc == 0 and ht == 0 then
-        redis.call('HDEL', KEYS[1], id)
-        redis.call('ZREM', KEYS[6], id)
-      else
-        redis.call('HSET', KEYS[1], id, string.format(fmt, hc, ht, seq, cc, ct))
-      end
-    else
-      -- released: what it held was refunded (the rate limits keep it until they drain)
-      cost = cc - c
-      tokens = ct - tonumber(htk) - ctk
-      applied = 3
-      redis.call('SET', base .. ':swept:' .. id, string.format(fmt, 0, 0, seq, cc, ct), 'KEEPTTL')
-    end
-  end
-end
-local du, mu = charge(cost, tokens, ARGV[7] == '1', ARGV[8] == '1', ARGV[9], ARGV[10], ARGV[11], ARGV[12])
-return {applied, du, mu}
-"""
-
-# Each id: 1 if its lease was pushed on, 0 if it has none (settled, closed, or released).
-RENEW = """
-local deadline = string.format('%.0f', now + tonumber(ARGV[1]))
-local renewed = {}
-for i = 2, #ARGV do renewed[i - 1] = redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, ARGV[i]) end
-return renewed
-"""
-
-# A sidecar announces itself (id scored by Redis' time) and learns how many sidecars of the
-# scope did so within ARGV[2] ms: its share of each rate limit while Redis is away.
-PRESENCE = """
-local ms = math.floor(now)
-redis.call('ZADD', KEYS[1], ms, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return redis.call('ZCARD', KEYS[1])
-"""
+# Sidecars of a scope count as present this long after they announced themselves.
 PRESENCE_WINDOW_MS = 60_000
-
-
-# A model's tokens per minute across tenants (GCRA): {0, 0, reset} or {1, retry after, reset}.
-MODEL_RATE = """
-local new, wait, owed = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
-if not new then return {1, wait, owed} end
-set_tat(KEYS[1], new)
-return {0, 0, math.ceil(new - now)}
-"""
-
-# Move a GCRA TAT by ARGV[1] ms (negative: give tokens back).
-MOVE = """
-return move(KEYS[1], tonumber(ARGV[1]))
-"""
-
-_ADMIT, _SETTLE, _CHECKPOINT, _RENEW, _PRESENCE, _MODEL_RATE, _MOVE = (
-    LuaScript(_PRELUDE + source) for source in (ADMIT, SETTLE, CHECKPOINT, RENEW, PRESENCE, MODEL_RATE, MOVE)
-)
-
-OK, BUDGET, RATE_TENANT, RATE_MODEL = 0, 1, 2, 3
 
 
 def model_rate_key(scope: str, model: str) -> str:
@@ -302,25 +79,104 @@ def presence_key(scope: str) -> str:
     return f"{KEY_PREFIX}:{{policy:{scope}}}:sidecars"
 
 
-def tenant_keys(scope: str, tenant: str, day: str, month: str, model: str | None) -> list[str]:
+class TenantKeys(NamedTuple):
+    """A tenant's keys, in the order the scripts take them (``K.res``, ``K.day``, ...)."""
+
+    res: str  # open reservations
+    day: str  # budget used today
+    month: str  # budget used this month
+    rate: str  # the tenant's rate limit (GCRA TAT)
+    model_rate: str  # the tenant's limit on the model
+    lease: str  # the reservations' leases
+
+
+def tenant_keys(scope: str, tenant: str, day: str, month: str, model: str | None) -> TenantKeys:
     base = f"{KEY_PREFIX}:{{policy:{scope}:{tenant}}}"
-    return [
+    return TenantKeys(
         f"{base}:res",
         f"{base}:budget:d:{day}",
         f"{base}:budget:m:{month}",
         f"{base}:rate",
         f"{base}:rate:m:{model or ''}",
         f"{base}:lease",
-    ]
+    )
 
 
-def lease_key(keys: list[str]) -> str:
-    return keys[5]
+# Each script's arguments, by name (scripts.argv): a flag is 1 or 0, a float its exact repr.
+# The order is the wire's: the header of the script reads them in it (scripts.py).
+
+
+class AdmitArgs(NamedTuple):
+    id: str  # the reservation's
+    cost: int  # asked for
+    day_limit: int  # the daily budget (0: none)
+    month_limit: int
+    least: int  # the least grant taken when less than ``cost`` is left (0: all or nothing)
+    tokens: int  # for the rate limits
+    tenant_interval: str  # the tenant's limit: ms per token (0: none) and burst (ms)
+    tenant_tau: str
+    model_interval: str  # the tenant's limit on the model
+    model_tau: str
+    lease_ms: int
+    day: str  # the budget periods, for a release at the lease's end
+    month: str
+    day_ttl: int = DAY_TTL_S
+    month_ttl: int = MONTH_TTL_S
+    reservations_ttl: int = RESERVATIONS_TTL_S
+
+
+class SettleArgs(NamedTuple):
+    id: str
+    cost: int  # real
+    tokens: int
+    daily: int  # the budgets kept
+    monthly: int
+    tenant_interval: str
+    model_interval: str
+    unreserved: int  # admitted without Redis: charged, once
+    day_ttl: int = DAY_TTL_S
+    month_ttl: int = MONTH_TTL_S
+    charged_ttl: int = CHARGED_TTL_S
+
+
+class CheckpointArgs(NamedTuple):
+    id: str
+    seq: int
+    held_cost: int
+    held_tokens: int
+    charged_cost: int
+    charged_tokens: int
+    daily: int
+    monthly: int
+    tenant_interval: str
+    model_interval: str
+    day_ttl: int = DAY_TTL_S
+    month_ttl: int = MONTH_TTL_S
+
+
+class ModelRateArgs(NamedTuple):
+    tokens: int
+    interval_ms: str
+    tau_ms: str
+
+
+class MoveArgs(NamedTuple):
+    ms: str
+
+
+class PresenceArgs(NamedTuple):
+    sidecar: str
+    window_ms: int
+
+
+class RenewArgs(NamedTuple):
+    lease_ms: int
+    ids: str  # a JSON list
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    status: int  # OK, BUDGET, RATE_TENANT, RATE_MODEL
+    status: Admit
     granted: int
     day_used: int
     month_used: int
@@ -330,6 +186,12 @@ class Admitted:
     redis_time_ms: int  # Redis' clock when it decided
     expired: int  # reservations of this tenant released because their lease ended
 
+    @staticmethod
+    def of(reply: Any) -> Admitted:
+        """``admit.lua``'s reply, by name."""
+        status, *rest = scripts.values(reply, _ADMITTED)
+        return Admitted(ADMIT[status], *rest)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelAdmitted:
@@ -337,18 +199,46 @@ class ModelAdmitted:
     retry_after_ms: int
     reset_ms: int  # TAT - now
 
+    @staticmethod
+    def of(reply: Any) -> ModelAdmitted:
+        """``model_rate.lua``'s reply, by name."""
+        refused, retry_after_ms, reset_ms = scripts.values(reply, _MODEL_ADMITTED)
+        return ModelAdmitted(bool(refused), retry_after_ms, reset_ms)
+
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    applied: int  # 0: already settled, 1: settled, 2: charged without one, 3: charged after its release
+    applied: Applied
     day_used: int
     month_used: int
+
+    @staticmethod
+    def of(reply: Any) -> Settled:
+        """``settle.lua``'s or ``checkpoint.lua``'s reply, by name."""
+        applied, day_used, month_used = scripts.values(reply, _SETTLED)
+        return Settled(APPLIED[applied], day_used, month_used)
+
+
+# The scripts (lua/, scripts.py) with their keys, arguments and replies by name: a tenant's
+# keys (``TenantKeys``), a model's limit across tenants, or a scope's sidecars.
+_TENANT = TenantKeys._fields
+_ADMIT = scripts.load("admit", keys=_TENANT, args=AdmitArgs._fields, reply=Admitted)
+_SETTLE = scripts.load("settle", keys=_TENANT, args=SettleArgs._fields, reply=Settled)
+_CHECKPOINT = scripts.load("checkpoint", keys=_TENANT, args=CheckpointArgs._fields, reply=Settled)
+_RENEW = scripts.load("renew", keys=("lease",), args=RenewArgs._fields)
+_PRESENCE = scripts.load("presence", keys=("sidecars",), args=PresenceArgs._fields)
+_MODEL_RATE = scripts.load("model_rate", keys=("rate",), args=ModelRateArgs._fields, reply=ModelAdmitted)
+_MOVE = scripts.load("move", keys=("rate",), args=MoveArgs._fields)
+_ADMITTED, _MODEL_ADMITTED, _SETTLED = (len(fields(result)) for result in (Admitted, ModelAdmitted, Settled))
 
 
 def _raised(reply: Any) -> Any:
     if isinstance(reply, Exception):
         raise reply
     return reply
+
+
+Item = tuple[TenantKeys, list[Arg]]  # a settlement's or a checkpoint's keys and arguments
 
 
 class Store:
@@ -363,7 +253,7 @@ class Store:
 
     def admit(
         self,
-        keys: list[str],
+        keys: TenantKeys,
         *,
         id: str,
         cost: int,
@@ -378,83 +268,67 @@ class Store:
         month: str,
         flush: bool = True,
     ) -> Awaitable[Admitted]:
-        args: list[Arg] = [
-            id,
-            cost,
-            day_limit,
-            month_limit,
-            least,
-            tokens,
-            repr(tenant_rate[0]),
-            repr(tenant_rate[1]),
-            repr(model_rate[0]),
-            repr(model_rate[1]),
-            DAY_TTL_S,
-            MONTH_TTL_S,
-            RESERVATIONS_TTL_S,
-            lease_ms,
-            day,
-            month,
-        ]
+        """Reserve ``cost`` (``tokens`` for the rate limits, each an (interval, tau) in ms)."""
+        args = scripts.argv(
+            AdmitArgs(
+                id=id,
+                cost=cost,
+                day_limit=day_limit,
+                month_limit=month_limit,
+                least=least,
+                tokens=tokens,
+                tenant_interval=repr(tenant_rate[0]),
+                tenant_tau=repr(tenant_rate[1]),
+                model_interval=repr(model_rate[0]),
+                model_tau=repr(model_rate[1]),
+                lease_ms=lease_ms,
+                day=day,
+                month=month,
+            )
+        )
         # ``flush``: written at once, for a request waiting on it (settlements and a model
         # check queued before it leave in the same write); a chunk asked for ahead rides in
         # the loop iteration's write instead.
-        return self.channel.evalsha(
-            _ADMIT, keys, args, convert=lambda r: Admitted(*(int(x) for x in _raised(r))), flush=flush
-        )
+        return self.channel.evalsha(_ADMIT, keys, args, convert=Admitted.of, flush=flush)
 
     def model_rate(
         self, key: str, tokens: int, interval_ms: float, tau_ms: float
     ) -> Awaitable[ModelAdmitted]:
         """Check and take a model's limit across tenants (queued now: call it before
         ``admit``, which writes both)."""
-
-        def convert(reply: Any) -> ModelAdmitted:
-            refused, retry, reset = _raised(reply)
-            return ModelAdmitted(bool(refused), int(retry), int(reset))
-
-        args: list[Arg] = [tokens, repr(interval_ms), repr(tau_ms)]
-        return self.channel.evalsha(_MODEL_RATE, [key], args, convert=convert)
+        args = scripts.argv(ModelRateArgs(tokens, interval_ms=repr(interval_ms), tau_ms=repr(tau_ms)))
+        return self.channel.evalsha(_MODEL_RATE, [key], args, convert=ModelAdmitted.of)
 
     def move(self, key: str, ms: float) -> Awaitable[Any]:
         """Move a rate limit's TAT by ``ms`` (queued now; the reply says nothing useful)."""
-        return self.channel.evalsha(_MOVE, [key], [repr(ms)])
+        return self.channel.evalsha(_MOVE, [key], scripts.argv(MoveArgs(ms=repr(ms))))
 
-    def settle_many(
-        self, items: list[tuple[list[str], list[Arg]]]
-    ) -> Awaitable[list[Settled | BaseException]]:
-        """Settle several reservations (one ``SETTLE`` each, queued together).
+    def settle_many(self, items: list[Item]) -> Awaitable[list[Settled | BaseException]]:
+        """Settle several reservations (one ``settle.lua`` each, queued together).
 
         Each item is (keys, ``settle_args(...)``); each result is its ``Settled``, or the
         error of that one (a ``ResponseError`` from the script, a lost connection).
         """
         return self._many(_SETTLE, items)
 
-    def _many(
-        self, script: LuaScript, items: list[tuple[list[str], list[Arg]]]
-    ) -> Awaitable[list[Settled | BaseException]]:
+    def _many(self, script: LuaScript, items: list[Item]) -> Awaitable[list[Settled | BaseException]]:
         """One ``script`` per item, queued now; their replies as ``Settled`` or errors."""
         return self._settled([self.channel.evalsha(script, keys, args) for keys, args in items])
 
     @staticmethod
     async def _settled(replies: list[asyncio.Future[Any]]) -> list[Settled | BaseException]:
         done = await asyncio.gather(*replies, return_exceptions=True)  # futures: no task each
-        return [r if isinstance(r, BaseException) else Settled(*(int(x) for x in r)) for r in done]
+        return [r if isinstance(r, BaseException) else Settled.of(r) for r in done]
 
-    def checkpoint_many(
-        self, items: list[tuple[list[str], list[Arg]]]
-    ) -> Awaitable[list[Settled | BaseException]]:
-        """Move chunks to their state (one ``CHECKPOINT`` each, queued together): each item
+    def checkpoint_many(self, items: list[Item]) -> Awaitable[list[Settled | BaseException]]:
+        """Move chunks to their state (one ``checkpoint.lua`` each, queued together): each item
         is (keys, ``checkpoint_args(...)``), each result a ``Settled`` or the error of that one."""
         return self._many(_CHECKPOINT, items)
 
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""
-        return int(
-            _raised(
-                await self.channel.evalsha(_PRESENCE, [presence_key(scope)], [sidecar, PRESENCE_WINDOW_MS])
-            )
-        )
+        args = scripts.argv(PresenceArgs(sidecar=sidecar, window_ms=PRESENCE_WINDOW_MS))
+        return int(_raised(await self.channel.evalsha(_PRESENCE, [presence_key(scope)], args)))
 
     async def leave(self, scope: str, sidecar: str) -> None:
         _raised(await self.channel.send("ZREM", presence_key(scope), sidecar))
@@ -462,7 +336,12 @@ class Store:
     async def renew(self, leases: dict[str, list[str]], lease_ms: int) -> set[str]:
         """Push the leases of open reservations ``lease_ms`` past now: {lease key: [ids]};
         the ids whose lease was there to push."""
-        replies = [self.channel.evalsha(_RENEW, [key], [lease_ms, *ids]) for key, ids in leases.items()]
+        replies = [
+            self.channel.evalsha(
+                _RENEW, [key], scripts.argv(RenewArgs(lease_ms=lease_ms, ids=json.dumps(ids)))
+            )
+            for key, ids in leases.items()
+        ]
         renewed: set[str] = set()
         for ids, reply in zip(
             leases.values(), await asyncio.gather(*replies, return_exceptions=True), strict=True
@@ -494,19 +373,18 @@ def settle_args(
     model_interval: float,
     unreserved: bool,
 ) -> list[Arg]:
-    return [
-        id,
-        cost,
-        tokens,
-        int(daily),
-        int(monthly),
-        repr(tenant_interval),
-        repr(model_interval),
-        int(unreserved),
-        DAY_TTL_S,
-        MONTH_TTL_S,
-        CHARGED_TTL_S,
-    ]
+    return scripts.argv(
+        SettleArgs(
+            id=id,
+            cost=cost,
+            tokens=tokens,
+            daily=int(daily),
+            monthly=int(monthly),
+            tenant_interval=repr(tenant_interval),
+            model_interval=repr(model_interval),
+            unreserved=int(unreserved),
+        )
+    )
 
 
 def checkpoint_args(
@@ -521,17 +399,17 @@ def checkpoint_args(
     model_interval: float,
 ) -> list[Arg]:
     """A chunk's state: held (cost, tokens) and charged (cost, tokens) under ``seq``."""
-    return [
-        id,
-        seq,
-        held[0],
-        held[1],
-        charged[0],
-        charged[1],
-        int(daily),
-        int(monthly),
-        repr(tenant_interval),
-        repr(model_interval),
-        DAY_TTL_S,
-        MONTH_TTL_S,
-    ]
+    return scripts.argv(
+        CheckpointArgs(
+            id=id,
+            seq=seq,
+            held_cost=held[0],
+            held_tokens=held[1],
+            charged_cost=charged[0],
+            charged_tokens=charged[1],
+            daily=int(daily),
+            monthly=int(monthly),
+            tenant_interval=repr(tenant_interval),
+            model_interval=repr(model_interval),
+        )
+    )

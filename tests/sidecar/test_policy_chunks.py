@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,14 +28,15 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import openai
 from sidecar.policy import PolicyEngine, chunks, ratelimit
-from sidecar.policy import engine as engine_module
 from sidecar.policy.budgets import periods
 from sidecar.policy.chunks import Chunk, Chunks, Demand, size
-from sidecar.policy.engine import Admission, Ticket
+from sidecar.policy.clock import Clock
+from sidecar.policy.engine import Admission
 from sidecar.policy.schema import Budget, Price
-from sidecar.policy.store import Admitted, Store, checkpoint_args, tenant_keys
+from sidecar.policy.store import Admitted, Item, Store, TenantKeys, checkpoint_args, tenant_keys
+from sidecar.policy.tickets import Ticket
 from tests.sidecar.test_policy_proxy import MESSAGES, write_policy
-from token_scaler.redis_channel import Arg, Channel
+from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis
 
 # -- sizing and accounting (pure)
@@ -289,15 +289,13 @@ def admit_args(day: str, month: str, cost: int, lease_ms: int = 60_000) -> dict[
     )  # fmt: skip
 
 
-async def fresh_tenant(store: Store) -> tuple[str, str, list[str]]:
+async def fresh_tenant(store: Store) -> tuple[str, str, TenantKeys]:
     """Today, this month (Redis' clock) and the keys of a new tenant."""
     day, month = periods(await store.time())
     return day, month, tenant_keys("chunks-test", f"t-{uuid.uuid4().hex[:8]}", day, month, None)
 
 
-def state(
-    keys: list[str], seq: int, held: int, charged: int, *, interval: float
-) -> list[tuple[list[str], list[Arg]]]:
+def state(keys: TenantKeys, seq: int, held: int, charged: int, *, interval: float) -> list[Item]:
     """A checkpoint of chunk ``c`` (tokens and cost alike), a daily budget, a tenant limit."""
     args = checkpoint_args(
         id="c", seq=seq, held=(held, held), charged=(charged, charged), daily=True, monthly=False,
@@ -313,8 +311,8 @@ async def test_a_checkpoint_applies_once_in_sequence_order_and_closes_the_chunk(
     r = redis.Redis.from_url(redis_url)
     try:
         admitted: Admitted = await store.admit(keys, id="c", **admit_args(day, month, 1000))
-        assert admitted.granted == 1000 and int(r.get(keys[1]) or 0) == 1000
-        tat0 = float(r.get(keys[3]) or 0)
+        assert admitted.granted == 1000 and int(r.get(keys.day) or 0) == 1000
+        tat0 = float(r.get(keys.rate) or 0)
 
         async def checkpoint(seq: int, held: int, charged: int) -> int:
             [settled] = await store.checkpoint_many(state(keys, seq, held, charged, interval=1.0))
@@ -322,20 +320,20 @@ async def test_a_checkpoint_applies_once_in_sequence_order_and_closes_the_chunk(
             return settled.applied
 
         assert await checkpoint(1, 700, 120) == 1  # 300 drawn and ended, 120 of them used
-        assert int(r.get(keys[1]) or 0) == 820
+        assert int(r.get(keys.day) or 0) == 820
         assert await checkpoint(1, 700, 120) == 0  # sent twice: once
         assert await checkpoint(3, 400, 300) == 1
         assert await checkpoint(2, 650, 150) == 0  # overtaken by 3: ignored
-        assert int(r.get(keys[1]) or 0) == 700
+        assert int(r.get(keys.day) or 0) == 700
         # The rate limit's TAT moved by the same tokens (1 ms each): 1000 → 700.
-        assert abs(float(r.get(keys[3]) or 0) - (tat0 - 300)) < 1.0
+        assert abs(float(r.get(keys.rate) or 0) - (tat0 - 300)) < 1.0
         assert await checkpoint(4, 0, 450) == 1  # retired, nothing in flight: closed
-        assert int(r.get(keys[1]) or 0) == 450
-        assert r.hlen(keys[0]) == 0 and r.zcard(keys[5]) == 0
+        assert int(r.get(keys.day) or 0) == 450
+        assert r.hlen(keys.res) == 0 and r.zcard(keys.lease) == 0
         assert await checkpoint(4, 0, 450) == 0  # a lost reply, sent again
-        assert int(r.get(keys[1]) or 0) == 450
+        assert int(r.get(keys.day) or 0) == 450
     finally:
-        r.delete(*keys, f"{keys[0][:-4]}:swept:c")
+        r.delete(*keys, f"{keys.res[:-4]}:swept:c")
         r.close()
 
 
@@ -345,27 +343,27 @@ async def test_a_chunk_released_by_its_lease_keeps_what_was_charged_and_charges_
     day, month, keys = await fresh_tenant(store)
     r = redis.Redis.from_url(redis_url)
 
-    def checkpoint(seq: int, held: int, charged: int) -> list[tuple[list[str], list[Arg]]]:
+    def checkpoint(seq: int, held: int, charged: int) -> list[Item]:
         return state(keys, seq, held, charged, interval=0.0)
 
     try:
         await store.admit(keys, id="c", **admit_args(day, month, 1000, lease_ms=100))
         [done] = await store.checkpoint_many(checkpoint(1, 800, 150))
-        assert int(r.get(keys[1]) or 0) == 950
+        assert int(r.get(keys.day) or 0) == 950
         await asyncio.sleep(0.15)  # its sidecar stalls: the lease ends
         other = await store.admit(keys, id="x", **admit_args(day, month, 10))
         assert other.expired == 1
-        assert int(r.get(keys[1]) or 0) == 150 + 10  # what it held came back, the charge stayed
+        assert int(r.get(keys.day) or 0) == 150 + 10  # what it held came back, the charge stayed
         # Its sidecar wakes: what was charged since is charged in full, once.
         [late] = await store.checkpoint_many(checkpoint(2, 0, 400))
         assert not isinstance(late, BaseException) and late.applied == 3
-        assert int(r.get(keys[1]) or 0) == 400 + 10
+        assert int(r.get(keys.day) or 0) == 400 + 10
         [again] = await store.checkpoint_many(checkpoint(2, 0, 400))
         assert not isinstance(again, BaseException) and again.applied == 0
-        assert int(r.get(keys[1]) or 0) == 400 + 10
+        assert int(r.get(keys.day) or 0) == 400 + 10
         assert not isinstance(done, BaseException)
     finally:
-        r.delete(*keys, f"{keys[0][:-4]}:swept:c")
+        r.delete(*keys, f"{keys.res[:-4]}:swept:c")
         r.close()
 
 
@@ -441,13 +439,15 @@ class Run:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, redis_url: str, doc: dict[str, Any]) -> AsyncIterator[Run]:
+async def running(
+    tmp_path: Path, redis_url: str, doc: dict[str, Any], clock: Clock | None = None
+) -> AsyncIterator[Run]:
     """An engine on a policy of its own scope, its clock read; its keys removed after."""
     scope = f"chunks-{uuid.uuid4().hex[:8]}"
     policy = tmp_path / f"{scope}.yaml"
     write_policy(policy, {"scope": scope, **doc})
     registry = CollectorRegistry()
-    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w")
+    engine = PolicyEngine(policy, Channel.from_url(redis_url), registry, workload=f"{scope}/w", clock=clock)
     client = redis.Redis.from_url(redis_url)
     try:
         await engine.tick()
@@ -487,19 +487,14 @@ async def test_chunks_admit_most_requests_and_redis_ends_with_exactly_the_real_u
 
 
 async def test_a_thin_tenant_is_admitted_from_chunks_and_a_rare_one_is_not(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_url: str
 ) -> None:
     """Chunks by default from 0.5 requests/s over a tenant's last 4 gaps: a tenant at one a
     second is admitted from chunks after its fifth request; one a minute never takes one. The
     engine's monotonic clock is moved by hand (a second a request) for a fast test."""
     clock = [1000.0]
-    monkeypatch.setattr(
-        engine_module,
-        "time",
-        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, gmtime=time.gmtime),
-    )
     doc = {"defaults": {"maxTokens": {"default": 20}, "budget": {"daily": 1_000_000}}}
-    async with running(tmp_path, redis_url, doc) as run:
+    async with running(tmp_path, redis_url, doc, Clock(monotonic=lambda: clock[0])) as run:
         rng, real = random.Random(4), 0
 
         async def one(tenant: str, gap_s: float) -> bool:
@@ -508,12 +503,12 @@ async def test_a_thin_tenant_is_admitted_from_chunks_and_a_rare_one_is_not(
             clock[0] += gap_s
             admission = await run.admit(tenant)
             assert admission.rejection is None and admission.ticket is not None
-            chunked = admission.ticket.chunk is not None
+            chunked = admission.chunk is not None
             prompt, generation = 10 + rng.randint(-3, 3), rng.randint(0, 20)
             real += prompt + generation
             run.engine.settle(admission, prompt, generation)
-            if run.engine._takes:  # a chunk asked for comes back
-                await asyncio.wait(set(run.engine._takes), timeout=10)
+            if run.engine.ahead.asking:  # a chunk asked for comes back
+                await asyncio.wait(set(run.engine.ahead.asking), timeout=10)
             return chunked
 
         for _ in range(6):
@@ -568,10 +563,10 @@ async def test_chunks_keep_admitting_while_redis_does_not_answer_and_reconcile_a
             assert run.admissions("chunk") == stopped_at + 50
             assert run.admissions("without_redis") == 0
             for _ in range(100):  # the next checkpoint times out: Redis is marked away
-                if run.engine._down:
+                if run.engine.outage.down:
                     break
                 await asyncio.sleep(0.05)
-            assert run.engine._down
+            assert run.engine.outage.down
             server.process.send_signal(signal.SIGCONT)
             await run.engine.tick()
             assert await run.engine.close(5.0)
@@ -601,7 +596,7 @@ async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp
             while time.monotonic() - stopped < 1.6:
                 admission = await run.admit()
                 if admission.rejection is None:
-                    assert admission.ticket is not None and admission.ticket.chunk is not None
+                    assert admission.ticket is not None and admission.chunk is not None
                     last_from_chunk = time.monotonic() - stopped
                     run.engine.settle(admission, 10, 20)
                 else:
@@ -620,7 +615,7 @@ async def test_without_renewals_a_chunk_stops_admitting_after_half_its_lease(tmp
 async def test_a_chunk_redis_lost_is_retired_and_charged_without_it(tmp_path: Path, redis_url: str) -> None:
     async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
         real, _ = await run.serve(200, random.Random(8))
-        lost = list(run.engine._chunks)
+        lost = list(run.engine.ahead.chunks)
         assert lost and await run.until(lambda: all(c.acked[0] == c.real_cost for c in lost))
         # A failover to a replica that missed the chunks' grants, and so all that followed
         # them: their entries, what they held and what was charged to them are gone.
@@ -647,7 +642,7 @@ async def test_sidecars_count_each_other_for_chunk_shares_with_a_budget_alone(
         try:
             for engine in others:
                 await engine.tick()
-            assert others[-1]._peers == 3
+            assert others[-1].presence.peers == 3
         finally:
             for engine in others:
                 await engine.close(2.0)
@@ -660,22 +655,22 @@ async def test_a_checkpoint_the_script_refuses_keeps_the_chunk_until_its_request
     async with running(tmp_path, redis_url, busy_policy(seconds=5)) as run:
         await run.serve(100, random.Random(2))
         first, second = await run.admit(), await run.admit()
-        assert first.ticket is not None and first.ticket.chunk is not None
-        chunk = first.ticket.chunk
-        day_key = first.ticket.keys[1]
+        assert first.ticket is not None and first.chunk is not None
+        chunk = first.chunk
+        day_key = first.ticket.keys.day
         run.redis.delete(day_key)
         run.redis.hset(day_key, "not", "a counter")  # the checkpoint's INCRBY fails
         run.engine.settle(second, 10, 5)
         assert await run.until(lambda: run.errors("checkpoint_script") >= 1)
-        assert chunk.retired and chunk in list(run.engine._chunks)  # its lease still renewed
+        assert chunk.retired and chunk in list(run.engine.ahead.chunks)  # its lease still renewed
         run.engine.settle(first, 10, 5)
-        assert await run.until(lambda: chunk not in list(run.engine._chunks))
+        assert await run.until(lambda: chunk not in list(run.engine.ahead.chunks))
 
 
 async def test_a_model_limit_correction_redis_refuses_is_counted(tmp_path: Path, redis_url: str) -> None:
     async with running(tmp_path, redis_url, busy_policy()) as run:
         key = f"tokenscaler:v1:{{policy:{run.scope}/model/m}}:rate"
         run.redis.hset(key, "not", "a TAT")  # the script's GET fails: an error reply, not a raise
-        run.engine._background(run.engine.store.move(key, -5.0))
+        run.engine.corrections.move(key, -5.0)
         await asyncio.sleep(0.3)
         assert run.errors("move") == 1

@@ -27,11 +27,12 @@ from bench.sidecar_bench import wait_http
 from sidecar import openai
 from sidecar.policy import PolicyEngine
 from sidecar.policy.budgets import periods
-from sidecar.policy.store import Admitted, Store, settle_args, tenant_keys
+from sidecar.policy.clock import Clock
+from sidecar.policy.store import Admitted, Item, Store, settle_args, tenant_keys
 from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
 from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
-from token_scaler.redis_channel import Arg, Channel
+from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis, connect, free_port
 
 
@@ -172,7 +173,7 @@ async def test_a_settlement_after_the_release_charges_in_full_and_every_settleme
                 tenant_rate=(0.0, 0.0), model_rate=(0.0, 0.0), lease_ms=lease_ms, day=day, month=month,
             )  # fmt: skip
 
-        def settle(id: str, cost: int, unreserved: bool = False) -> tuple[list[str], list[Arg]]:
+        def settle(id: str, cost: int, unreserved: bool = False) -> Item:
             args = settle_args(
                 id=id, cost=cost, tokens=cost, daily=True, monthly=False,
                 tenant_interval=0.0, model_interval=0.0, unreserved=unreserved,
@@ -205,7 +206,7 @@ async def test_a_settlement_after_the_release_charges_in_full_and_every_settleme
         assert (charged.applied, charged.day_used) == (1, 165)
         assert (twice.applied, twice.day_used) == (0, 165)
     finally:
-        tenant = tenant_keys(scope(workload), "late", day, month, None)[0][: -len(":res")]
+        tenant = tenant_keys(scope(workload), "late", day, month, None).res[: -len(":res")]
         await client.delete(*keys, *[k async for k in client.scan_iter(f"{tenant}:*")])
         await client.aclose()
 
@@ -220,7 +221,7 @@ async def test_budget_periods_follow_redis_clock(redis_url: str, workload: str, 
         Channel.from_url(redis_url),
         CollectorRegistry(),
         workload=workload,
-        clock=lambda: time.time() - 86_400 * 3,
+        clock=Clock(wall=lambda: time.time() - 86_400 * 3),
     )
     body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 5}).encode()
     parsed = openai.parse_request(openai.Kind.CHAT, body)
@@ -265,19 +266,19 @@ async def test_a_client_gone_during_admission_releases_and_outage_refusals_relea
         admitting.cancel()  # the client went away while Redis decided
         with pytest.raises(asyncio.CancelledError):
             await admitting
-        [release] = engine._pending
+        [release] = engine.settlements.pending
         assert (release.cost, release.tokens, release.moved) == (0, 0, True)
         # Redis does not answer: the admission times out (fail-closed: 503) and releases
         # what it may have reserved; the requests refused while it is marked away sent
         # nothing, and release nothing.
         refused = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
         assert refused.rejection is not None and refused.rejection.status == 503
-        assert len(engine._pending) == 2
+        assert len(engine.settlements.pending) == 2
         for _ in range(5):
             refused = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
             assert refused.rejection is not None and refused.rejection.status == 503
-        assert len(engine._pending) == 2
-        assert all(s.moved for s in engine._pending)  # the model limit is never given back blind
+        assert len(engine.settlements.pending) == 2
+        assert all(s.moved for s in engine.settlements.pending)  # the model limit is never given back blind
     finally:
         await channel.close()
         await fake.stop()
@@ -300,13 +301,13 @@ async def test_a_settlement_redis_refuses_is_said_and_spoils_nothing_else(
         good = await engine.admit({"X-Tenant-ID": "good"}, parsed, body, 10)
         bad = await engine.admit({"X-Tenant-ID": "bad"}, parsed, body, 10)
         assert good.ticket is not None and bad.ticket is not None
-        day_key, good_key = bad.ticket.keys[1], good.ticket.keys[1]
+        day_key, good_key = bad.ticket.keys.day, good.ticket.keys.day
         await client.delete(day_key)
         await client.hset(day_key, "not", "a counter")  # the settlement's INCRBY fails
         engine.settle(good, 10, 3)
         engine.settle(bad, 10, 3)
         await engine.close(5)
-        assert not engine._down and not engine._pending
+        assert not engine.outage.down and not engine.settlements.pending
         assert await client.get(good_key) == b"13"
         errors = registry.get_sample_value("tokenscaler_policy_redis_errors_total", {"op": "settle_script"})
         assert errors == 1
@@ -330,15 +331,16 @@ async def test_a_settlement_redis_refuses_for_now_waits_for_it(own_redis: LocalR
     try:
         admission = await engine.admit({"X-Tenant-ID": "t"}, parsed, body, 10)
         assert admission.ticket is not None
-        day_key = admission.ticket.keys[1]
+        day_key = admission.ticket.keys.day
         # A failover made this Redis a replica: writes, scripts' included, answer READONLY.
         await client.execute_command("REPLICAOF", "127.0.0.1", "1")
         engine.settle(admission, 10, 3)
         await engine.close(5)
-        assert len(engine._pending) == 1 and engine._down  # kept, not dropped as a script fault
+        assert len(engine.settlements.pending) == 1  # kept, not dropped as a script fault
+        assert engine.outage.down
         await client.execute_command("REPLICAOF", "NO", "ONE")
         await engine.tick()
-        assert not engine._pending and await client.get(day_key) == b"13"
+        assert not engine.settlements.pending and await client.get(day_key) == b"13"
     finally:
         await channel.close()
         await client.aclose()

@@ -402,7 +402,7 @@ async def test_redis_outage_fail_open_reconciles_fail_closed_refuses(
         assert len(outcomes) == 3 and all(o > 20 for o in outcomes)
         assert after == sum(outcomes)  # the fresh Redis holds the usage admitted without it
         assert sample(sidecar, "tokenscaler_policy_unchecked_requests_total", tenant="acme") == 3
-    assert before > 0 and not sidecar.policy._pending
+    assert before > 0 and not sidecar.policy.settlements.pending
 
 
 async def test_rate_limits_hold_while_redis_is_away_each_sidecar_its_share(
@@ -422,8 +422,8 @@ async def test_rate_limits_hold_while_redis_is_away_each_sidecar_its_share(
     pair = [await start_sidecar(policy=policy("pair"), redis_url=own_redis.url) for _ in range(2)]
     for sidecar in (alone, *pair, pair[0]):  # pair[0] again: learns of pair[1]
         assert sidecar.policy is not None
-        sidecar.policy._announced = -1e9
-        await sidecar.policy.tick()  # announces itself, learns how many share the limits
+        await sidecar.policy.tick()
+        await sidecar.policy.presence.announce()  # learns how many share the limits
     own_redis.process.terminate()
     own_redis.process.wait()
 
@@ -441,10 +441,10 @@ async def test_rate_limits_hold_while_redis_is_away_each_sidecar_its_share(
                 await settled(sidecar)
         return outcomes
 
-    assert alone.policy._peers == 1
+    assert alone.policy.presence.peers == 1
     assert await burst(alone, "a") == [200, 200, 429]
     for sidecar in pair:
-        assert sidecar.policy is not None and sidecar.policy._peers == 2
+        assert sidecar.policy is not None and sidecar.policy.presence.peers == 2
         assert await burst(sidecar, "b") == [200, 429, 429]
     assert sample(pair[0], "tokenscaler_policy_rejections_total", tenant="b", reason="rate_limit") == 2
 

@@ -193,30 +193,32 @@ def test_saturation_signal() -> None:
         assert decode(raw, 0) == NOT_SATURATED
 
 
-def test_the_budget_shares_remembered_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_budget_shares_remembered_stay_bounded() -> None:
     from prometheus_client import CollectorRegistry
 
-    from sidecar.policy import engine as engine_module
+    from sidecar.policy.metrics import PolicyMetrics
     from sidecar.policy.schema import Budget, Price
-    from token_scaler.redis_channel import Channel
+    from sidecar.policy.store import tenant_keys
+    from sidecar.policy.tickets import Ticket
+    from sidecar.policy.usage import Usage
 
-    monkeypatch.setattr(engine_module, "MAX_TENANTS_SEEN", 3)
-    path = tmp_path / "policy.yaml"
-    path.write_text("defaults: {budget: {daily: 100}}\n")
-    engine = engine_module.PolicyEngine(
-        path, Channel.from_url("redis://127.0.0.1:1"), CollectorRegistry(), workload="w/x"
-    )
+    registry = CollectorRegistry()
+    usage = Usage(PolicyMetrics(registry), str, lambda tenant: 0, max_tenants=3)
     budget = Budget(daily=100)
 
-    def of(tenant: str, day: str) -> engine_module.Ticket:
-        return engine_module.Ticket(
-            id="x", keys=[], tenant=tenant, day=day, month="202611", budget=budget, price=Price(0, 0),
-            tenant_interval=0.0, model_interval=0.0, cost=0, reserved=True,
+    def of(tenant: str, day: str) -> Ticket:
+        return Ticket(
+            id="x", keys=tenant_keys("s", tenant, day, "202611", None), tenant=tenant, day=day,
+            month="202611", budget=budget, price=Price(0, 0), tenant_interval=0.0, model_interval=0.0,
+            cost=0, reserved=True,
         )  # fmt: skip
 
     for tenant in ("a", "b", "c"):
-        engine._saw(of(tenant, "20261126"), 10, 10)
-    engine._saw(of("c", "20261127"), 20, 20)  # known: nothing forgotten
-    assert sorted(engine._used) == ["a", "b", "c"]
-    engine._saw(of("d", "20261127"), 5, 5)  # a fourth: yesterday's go
-    assert sorted(engine._used) == ["c", "d"]
+        usage.saw(of(tenant, "20261126"), 10, 10)
+    usage.saw(of("c", "20261127"), 20, 20)  # known: nothing forgotten
+    assert sorted(usage.tenants()) == ["a", "b", "c"]
+    usage.saw(of("d", "20261127"), 5, 5)  # a fourth: yesterday's go
+    assert sorted(usage.tenants()) == ["c", "d"]
+    assert usage.last("d", "20261127", "202611") == (5, 5)
+    assert usage.last("d", "20261128", "202612") == (0, 0)  # another day and month: nothing yet
+    assert registry.get_sample_value("tokenscaler_budget_used_ratio", {"tenant": "d"}) == 0.05
