@@ -40,7 +40,8 @@ from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
 from token_scaler.demo.load import LoadStats, mean_weighted_tokens, plan, replay
 from token_scaler.demo.model_sim import SimulatedModel
-from token_scaler.redis_conn import LocalRedis, answers, free_port
+from token_scaler.record import workload_keys
+from token_scaler.redis_conn import LocalRedis, answers, connect, free_port
 from tuning.trace import load_sample
 
 WORKLOAD = "demo/sim-llm"
@@ -91,6 +92,18 @@ def start_redis(url: str | None) -> Embedded:
     )
 
 
+async def forget(url: str, workload: str) -> None:
+    """Removes every key of ``workload``: the demo starts from an empty stream and leaves
+    nothing behind, so a rerun on the same Redis prints the same table."""
+    client = connect(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=workload_keys(workload), count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 @dataclass
 class Row:
     t: float
@@ -128,6 +141,7 @@ async def run(args: argparse.Namespace) -> int:
 
     redis_ = start_redis(args.redis_url)
     print(f"Redis: {redis_.description}")
+    await forget(redis_.url, WORKLOAD)
     stack = contextlib.AsyncExitStack()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -218,6 +232,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         await stack.aclose()
+        await forget(redis_.url, WORKLOAD)
         if redis_.stop is not None:
             redis_.stop()
     print_summary(rows, stats, sidecars, models, capacity, rps_target)
@@ -353,14 +368,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def from_zero(args: argparse.Namespace) -> int:
+    from token_scaler.demo.from_zero import WORKLOAD as FROM_ZERO
     from token_scaler.demo.from_zero import run_from_zero
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redis_ = start_redis(args.redis_url)
     print(f"Redis: {redis_.description}")
     try:
+        await forget(redis_.url, FROM_ZERO)
         return await run_from_zero(args, redis_.url)
     finally:
+        await forget(redis_.url, FROM_ZERO)
         if redis_.stop is not None:
             redis_.stop()
 
