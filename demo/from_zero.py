@@ -26,6 +26,8 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from demo.load import LoadStats, Planned, mean_weighted_tokens, plan, replay
+from demo.model_sim import SimulatedModel
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from scaler._gen import externalscaler_pb2 as pb
@@ -34,8 +36,6 @@ from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
-from token_scaler.demo.load import LoadStats, Planned, mean_weighted_tokens, plan, replay
-from token_scaler.demo.model_sim import SimulatedModel
 from token_scaler.redis_conn import free_port
 from tuning.trace import load_sample
 

@@ -32,14 +32,14 @@ import aiohttp
 import grpc
 from aiohttp import web
 
+from demo.load import LoadStats, mean_weighted_tokens, plan, replay
+from demo.model_sim import SimulatedModel
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
 from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
-from token_scaler.demo.load import LoadStats, mean_weighted_tokens, plan, replay
-from token_scaler.demo.model_sim import SimulatedModel
 from token_scaler.record import workload_keys
 from token_scaler.redis_conn import LocalRedis, answers, connect, free_port
 from tuning.trace import load_sample
@@ -368,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def from_zero(args: argparse.Namespace) -> int:
-    from token_scaler.demo.from_zero import WORKLOAD as FROM_ZERO
-    from token_scaler.demo.from_zero import run_from_zero
+    from demo.from_zero import WORKLOAD as FROM_ZERO
+    from demo.from_zero import run_from_zero
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redis_ = start_redis(args.redis_url)
