@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
@@ -38,6 +37,7 @@ from token_scaler.record import (
     seq_key,
     stream_key,
 )
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Flusher:
                     await self._learn_offset()
                 while self._buffer:
                     await self._send(list(self._take_batch()))
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._metrics.flush_errors.inc()
                 if not self._failing:  # once per outage, not once a second
                     log.warning("Redis unreachable, buffering records: %s", exc)

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis.exceptions import RedisError
 
 from sidecar.announce import Announcer, advertised_url
 from sidecar.config import SidecarConfig, make_sidecar_id
@@ -38,7 +37,7 @@ from sidecar.tokens import load_counter
 from token_scaler import model_keys
 from token_scaler.errors import ConfigError
 from token_scaler.redis_channel import Channel
-from token_scaler.redis_conn import connect
+from token_scaler.redis_conn import REDIS_ERRORS, connect
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +218,7 @@ class Sidecar:
             means = await asyncio.wait_for(
                 recent_generation_means(self.redis, self.config.workload), SEED_TIMEOUT_S
             )
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.info("no generation estimates from the stream (%s); starting from the default", exc)
             return
         self.meter.seed_generation_means(means)
@@ -232,7 +231,7 @@ class Sidecar:
         while not self._stopping.is_set():
             try:
                 raw = await asyncio.wait_for(self.redis.get(key), SEED_TIMEOUT_S)
-            except (TimeoutError, RedisError, OSError):
+            except REDIS_ERRORS:
                 pass
             else:
                 self.proxy.models.pin(model_keys.decode(raw))
