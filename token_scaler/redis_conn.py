@@ -129,6 +129,9 @@ class LocalRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # its own session: a Ctrl-C at the terminal reaches its parent, which stops it
+            # in order, and not the server under the parent's last writes
+            start_new_session=True,
         )
         server = cls(process, port, workdir, password)
         deadline = time.monotonic() + 10
