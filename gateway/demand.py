@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from token_scaler.outbox import Outbox
 from token_scaler.record import GATEWAY, ModelCounts, Record
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class DemandWriter:
         self.records += batch
 
     async def run(self) -> None:
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.outbox.learn_offset()
         while True:
             await asyncio.sleep(self._interval_s)

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from token_scaler import presence
 from token_scaler.presence import LIVE, Announcement, PresenceError, presence_keys
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Discovery:
                 if self._failing:
                     log.info("reading the replicas' announcements again")
                 self._failing = False
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 if not self._failing:
                     log.warning("cannot read the replicas' announcements (keeping the last ones): %s", exc)
                 self._failing = True

@@ -19,13 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from scaler.ceiling import IngestCeiling
 from scaler.metrics import ScalerMetrics
 from scaler.window import WorkloadSeries
 from token_scaler.errors import RecordError
 from token_scaler.record import decode, stream_key
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger("token_scaler.scaler.reader")
 
@@ -113,7 +113,7 @@ class StreamReader:
             task = self._backfills[workload] = asyncio.create_task(self._backfill(workload))
         try:
             await asyncio.shield(task)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise RedisUnavailable(f"cannot read the stream of {workload}: {exc}") from exc
         return self.series[workload]
 
@@ -149,7 +149,7 @@ class StreamReader:
             self._key_workload[key] = workload
             self.metrics.workloads.set(len(self._key_workload))
             self._mark_ok()
-        except RedisError:
+        except REDIS_ERRORS:
             self.metrics.redis_errors.labels("xrange").inc()
             del self.series[workload]
             raise
@@ -236,7 +236,7 @@ class StreamReader:
             try:
                 await self.poll_once()
                 backoff = 0.1
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.metrics.redis_errors.labels("xread").inc()
                 if self.last_error is None:
                     log.warning(

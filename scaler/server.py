@@ -20,7 +20,6 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
 
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
@@ -36,11 +35,13 @@ from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
 from token_scaler import model_keys
-from token_scaler.redis_conn import connect
+from token_scaler.redis_conn import REDIS_ERRORS, connect
 from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
 from token_scaler.saturation import saturation_key
 
 log = logging.getLogger("token_scaler.scaler")
+# Redis failed now, or the streams have not been read for too long.
+_UNREADABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisUnavailable)
 
 LIVENESS_SERVICE = "liveness"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
@@ -168,7 +169,7 @@ class ScalerServer:
                 for workload, models in self.registry.counted_models().items():
                     pipe.set(model_keys.models_key(workload), model_keys.encode(models), px=model_keys.TTL_MS)
                 await pipe.execute()
-            except (RedisError, RedisUnavailable, OSError) as exc:
+            except _UNREADABLE as exc:
                 self.metrics.redis_errors.labels("saturation").inc()
                 log.debug("saturation signal not written: %s", exc)
 
@@ -188,7 +189,7 @@ class ScalerServer:
                 try:
                     await self.history.load(workload, now_s)
                     await self.history.update(workload, series, now_s)
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     self.metrics.redis_errors.labels("history").inc()
                     log.debug("history of %s not written: %s", workload, exc)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from sidecar.meter import Meter
 from token_scaler.presence import FORGET_MS, HEARTBEAT, HEARTBEAT_S, LEAVE, Announcement, presence_keys
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Announcer:
                     return False
                 args: list[str | int] = [self.sidecar_id, self.announcement().encode(), FORGET_MS]
                 await self._heartbeat(keys=self._keys, args=args)
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if not self._failing:
                 log.warning("cannot announce this sidecar to gateways (retrying each second): %s", exc)
             self._failing = True
@@ -119,5 +119,5 @@ class Announcer:
             async with self._lock:
                 self.left = True
                 await self._leave(keys=self._keys, args=[self.sidecar_id])
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not withdraw this sidecar's announcement (gateways drop it by age): %s", exc)

@@ -22,7 +22,6 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
 
 from sidecar.announce import Announcer, advertised_url
 from sidecar.config import SidecarConfig, make_sidecar_id
@@ -37,7 +36,7 @@ from sidecar.tokens import load_counter
 from token_scaler import httpserve, model_keys
 from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
 from token_scaler.redis_channel import Channel
-from token_scaler.redis_conn import connect
+from token_scaler.redis_conn import REDIS_ERRORS, connect
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +184,7 @@ class Sidecar:
             means = await asyncio.wait_for(
                 recent_generation_means(self.redis, self.config.workload), SEED_TIMEOUT_S
             )
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.info("no generation estimates from the stream (%s); starting from the default", exc)
             return
         self.meter.seed_generation_means(means)
@@ -198,7 +197,7 @@ class Sidecar:
         while not self._stopping.is_set():
             try:
                 raw = await asyncio.wait_for(self.redis.get(key), SEED_TIMEOUT_S)
-            except (TimeoutError, RedisError, OSError):
+            except REDIS_ERRORS:
                 pass
             else:
                 self.proxy.models.pin(model_keys.decode(raw))

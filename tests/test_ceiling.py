@@ -122,7 +122,8 @@ def test_the_answer_is_capped_at_max_replicas_times_the_target() -> None:
 
 
 @pytest.fixture
-async def scaler(redis_url: str) -> AsyncIterator[Running]:
+async def scaler(redis_url: str, workload: str) -> AsyncIterator[Running]:
+    """Stopped before ``workload``'s keys are removed: it publishes some while it runs."""
     running = await start(redis_url, debug_token="s3cret")
     yield running
     await running.channel.close()

@@ -2,7 +2,7 @@
 
 - Kubernetes kinds: the `kubernetes-validate` schemas, strict (an unknown field fails), for the
   oldest and the newest Kubernetes the manifests claim.
-- ScaledObject, TriggerAuthentication: KEDA's CRD openAPIV3Schema from ../shared/schemas/keda,
+- ScaledObject, TriggerAuthentication: KEDA's CRD openAPIV3Schema from tests/schemas/keda (KEDA v2.20.2),
   made strict the way `kubectl apply` (server-side field validation) treats unknown fields.
 - ServiceMonitor, PrometheusRule: no schema here, so checked for their structure and against
   the Services they must find.
@@ -34,7 +34,7 @@ from token_scaler.errors import MetadataError
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
-KEDA_SCHEMAS = ROOT.parent / "shared" / "schemas" / "keda"
+KEDA_SCHEMAS = ROOT / "tests" / "schemas" / "keda"
 KUBECTL = shutil.which("kubectl")
 # The oldest Kubernetes the manifests are written for, and the newest the package knows.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
@@ -237,9 +237,11 @@ def _keda_validators() -> dict[str, tuple[set[str], jsonschema.protocols.Validat
 
 
 def keda_validators() -> dict[str, tuple[set[str], jsonschema.protocols.Validator]]:
-    if not KEDA_SCHEMAS.is_dir():
-        pytest.skip(f"KEDA's CRD schemas are not here ({KEDA_SCHEMAS} is absent)")
-    return _keda_validators()
+    validators = _keda_validators()
+    assert {"ScaledObject", "TriggerAuthentication"} <= validators.keys(), (
+        f"KEDA's CRD schemas are missing from {KEDA_SCHEMAS}: found {sorted(validators)}"
+    )
+    return validators
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

@@ -72,7 +72,8 @@ async def test_another_namespace_is_invalid_argument_over_grpc(
 
 
 @pytest.fixture
-async def scaler_open(redis_url: str) -> AsyncIterator[Running]:
+async def scaler_open(redis_url: str, workload: str) -> AsyncIterator[Running]:
+    """Stopped before ``workload``'s keys are removed: it publishes some while it runs."""
     running = await start(redis_url)
     yield running
     await running.channel.close()

@@ -8,14 +8,17 @@ The fake runs at most ``SLOTS`` requests at once (the rest wait, as in llama.cpp
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from aiohttp import web
 
+from scaler.metadata import parse
 from tuning import profile as cli
 from tuning import simulate as sim_cli
 from tuning.replica import load_profile
@@ -146,7 +149,13 @@ def test_profile_finds_the_slots_and_writes_a_profile_simulate_reads(fake, tmp_p
     rec = doc["recommendation"]
     best = max((s for s in steps if s["meets"]), key=lambda s: s["weighted_tps"])
     assert rec["tokensPerSecondPerReplica"] == pytest.approx(best["weighted_tps"], rel=1e-3)
-    assert 'tokensPerSecondPerReplica: "' in text and "generationWeight" in text
+    # the printed trigger: the type the examples use, metadata the scaler accepts as it stands
+    after = text.split("ScaledObject trigger metadata:\n", 1)[1].splitlines()
+    snippet = "\n".join(itertools.takewhile(lambda line: line.startswith("  "), after))
+    trigger = yaml.safe_load(snippet)["triggers"][0]
+    assert trigger["type"] == "external-push"
+    settings = parse(trigger["metadata"], "llm", "vllm")
+    assert settings.tokens_per_second_per_replica == pytest.approx(round(best["weighted_tps"]))
 
     assert doc["replica"]["kv_cache_tokens"] == 512 * 16  # vLLM's blocks x block size
     profile = load_profile(out)

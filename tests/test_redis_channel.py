@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import hiredis
@@ -13,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from token_scaler.redis_channel import Channel, LuaScript
-from token_scaler.redis_conn import LocalRedis
+from token_scaler.redis_conn import LocalRedis, free_port
 
 
 @pytest.fixture
@@ -224,3 +225,35 @@ def test_the_same_under_uvloop_the_sidecars_event_loop(redis_url: str) -> None:
             await chan.close()
 
     uvloop.run(scenario())
+
+
+async def test_a_tls_url_with_its_options_reaches_a_tls_redis(certs: Path) -> None:
+    """``rediss://`` and its ``ssl_*`` query options, read by redis-py's ``parse_url``."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(certs / "server.crt"), "--tls-key-file", str(certs / "server.key"),
+        "--tls-ca-cert-file", str(certs / "ca.crt"), "--tls-auth-clients", "no",
+        "--save", "", "--appendonly", "no",
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    trusted = Channel.from_url(f"rediss://127.0.0.1:{port}/2?ssl_ca_certs={certs / 'ca.crt'}")
+    untrusted = Channel.from_url(f"rediss://127.0.0.1:{port}/0")  # verifies against the system's CAs
+    unchecked = Channel.from_url(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none")
+    try:
+        for _ in range(200):
+            try:
+                assert await trusted.send("PING") == b"PONG"
+                break
+            except RedisConnectionError:
+                assert proc.returncode is None, "redis-server with TLS did not start"
+                await asyncio.sleep(0.05)
+        assert b"db=2" in await trusted.send("CLIENT", "INFO")
+        assert await unchecked.send("PING") == b"PONG"
+        with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.send("PING")
+    finally:
+        for chan in (trusted, untrusted, unchecked):
+            await chan.close()
+        proc.terminate()
+        await proc.wait()

@@ -143,67 +143,6 @@ def test_redis_outage_turns_unavailable_then_recovers(own_redis: LocalRedis, wor
     asyncio.run(scenario())
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not on PATH")
-    d = tmp_path_factory.mktemp("certs")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-        cwd=d,
-    )
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for who in ("server", "client"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{who}.key",
-            "-out",
-            f"{who}.csr",
-            "-subj",
-            f"/CN={who}",
-            cwd=d,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{who}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{who}.crt",
-            "-days",
-            "1",
-            "-extfile",
-            "san.ext",
-            cwd=d,
-        )
-    return d
-
-
 @pytest.mark.parametrize("mutual", [False, True])
 def test_tls(certs: Path, redis_url: str, workload: str, mutual: bool) -> None:
     extra = ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key")]

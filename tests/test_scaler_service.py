@@ -39,7 +39,9 @@ async def start(redis_url: str, **kw: object) -> Running:
 
 
 @pytest.fixture
-async def scaler(redis_url: str) -> AsyncIterator[Running]:
+async def scaler(redis_url: str, workload: str) -> AsyncIterator[Running]:
+    """A scaler for this test's ``workload``: stopped before that workload's keys are removed
+    (it publishes some while it runs)."""
     running = await start(redis_url, debug_token="s3cret")
     yield running
     await running.channel.close()

@@ -11,7 +11,7 @@ from token_scaler.errors import ConfigError
 # command -> (module with a ``main(argv) -> int``, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
-        "token_scaler.demo.run",
+        "demo.run",
         "see it work: scaler, sidecars, a simulated model server and a load burst",
     ),
     "serve": ("scaler.server", "run the KEDA external scaler (gRPC + debug HTTP)"),
@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("tuning.profile", "measure a model server's token capacity under rising load"),
     "synthesize": ("tuning.synthesize", "write a trace of days of traffic (daily + weekly envelope, bursts)"),
     "cost": (
-        "token_scaler.cost_cli",
+        "billing.cli",
         "cost per 1k tokens from a billing export and token counts (reporting only, never for scaling)",
     ),
 }

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from token_scaler.record import APPEND_SCRIPT, Record, append_args, seq_key, stream_key
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Outbox:
                 while self.buffer:
                     added, size = await self._send(self._batch())
                     sent(added, size)
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 if not self._failing:  # once per outage, not once a second
                     log.warning("Redis unreachable, %s buffered: %s", self._what, exc)
                 self._failing = True

@@ -148,6 +148,11 @@ def seq_key(workload: str, sidecar: str) -> str:
     return f"{KEY_PREFIX}:{{{workload}}}:seq:{sidecar}"
 
 
+def workload_keys(workload: str) -> str:
+    """A ``SCAN MATCH`` pattern for every key of one workload (they share its hash tag)."""
+    return f"{KEY_PREFIX}:{{{workload}}}*"
+
+
 @dataclass
 class ModelCounts:
     served_prompt: int = 0

@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
-import redis.asyncio as aioredis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+import redis.connection
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+from token_scaler.redis_conn import parse_redis_url
 
 Arg = str | bytes | int | float
 
@@ -147,30 +149,25 @@ class Channel:
         self._closed = False
 
     @classmethod
-    def like(cls, client: aioredis.Redis) -> Channel:
-        """A channel to the server (address, database, credentials, TLS) ``client`` talks to."""
-        pool = client.connection_pool
-        kwargs = pool.connection_kwargs
+    def from_url(cls, url: str) -> Channel:
+        """A channel to a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, read by redis-py's
+        own ``parse_url`` (``parse_redis_url``; query options such as ``ssl_cert_reqs`` included)."""
+        kwargs = parse_redis_url(url)
+        kind = kwargs.pop("connection_class", None)
         ssl_context = None
-        if issubclass(pool.connection_class, SSLConnection):
-            ssl_context = pool.connection_class(**kwargs).ssl_context.get()
+        if kind is not None and issubclass(kind, redis.connection.SSLConnection):
+            # redis-py builds the context from the URL's ssl_* options; no connection is made
+            ssl_context = SSLConnection(**kwargs).ssl_context.get()
         return cls(
             host=kwargs.get("host", "127.0.0.1"),
             port=int(kwargs.get("port", 6379)),
-            path=kwargs.get("path")
-            if issubclass(pool.connection_class, UnixDomainSocketConnection)
-            else None,
+            path=kwargs.get("path"),
             db=int(kwargs.get("db", 0) or 0),
             username=kwargs.get("username"),
             password=kwargs.get("password"),
             ssl_context=ssl_context,
             connect_timeout_s=float(kwargs.get("socket_connect_timeout") or 2.0),
         )
-
-    @classmethod
-    def from_url(cls, url: str) -> Channel:
-        """A channel to ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, as redis-py reads it."""
-        return cls.like(aioredis.Redis.from_url(url))  # no connection is made by from_url
 
     # -- sending
 

@@ -10,11 +10,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis.connection import parse_url
+
+REDIS_ERRORS: tuple[type[Exception], ...] = (TimeoutError, redis.RedisError, OSError)
+"""What a call to Redis raises when Redis is down, slow or refuses: redis-py's errors (the
+channel's too), a timeout of the caller's own (``asyncio.wait_for``) and socket errors. Every
+process catches this one tuple where it survives a Redis failure."""
 
 
 class PackedConnection(aioredis.Connection):
@@ -31,10 +36,17 @@ class PackedConnection(aioredis.Connection):
         return [hiredis.pack_command(args)]
 
 
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """redis-py's own reading of a Redis URL (``redis.connection.parse_url``): host, port,
+    path, db, credentials, query options, and ``connection_class`` unless plain TCP."""
+    settings: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]  # untyped upstream
+    return settings
+
+
 def connection_class(url: str) -> dict[str, Any]:
     """``connection_class`` for ``from_url``: the packed one for plain ``redis://`` URLs; TLS and
     Unix sockets keep redis-py's own."""
-    return {"connection_class": PackedConnection} if urlparse(url).scheme == "redis" else {}
+    return {} if "connection_class" in parse_redis_url(url) else {"connection_class": PackedConnection}
 
 
 def connect(url: str, *, timeout_s: float = 2.0) -> aioredis.Redis:
@@ -64,7 +76,7 @@ def answers(url: str, timeout_s: float = 0.5) -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except (redis.RedisError, OSError):
+    except REDIS_ERRORS:
         return False
 
 
@@ -117,6 +129,9 @@ class LocalRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # its own session: a Ctrl-C at the terminal reaches its parent, which stops it
+            # in order, and not the server under the parent's last writes
+            start_new_session=True,
         )
         server = cls(process, port, workdir, password)
         deadline = time.monotonic() + 10

@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nhighest weighted tokens/s within the targets: {best.weighted_tps:.1f} at {where}")
         print("\nScaledObject trigger metadata:")
         print("  triggers:")
-        print("  - type: external")
+        print("  - type: external-push")
         print("    metadata:")
         print("      scalerAddress: token-scaler.token-scaler.svc:9090")
         print(f'      tokensPerSecondPerReplica: "{best.weighted_tps:.0f}"')

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from sidecar.policy import chunks
 from sidecar.policy.admission import Admission, Limits, resets
 from sidecar.policy.context import Context
-from sidecar.policy.failopen import REDIS_ERRORS, Outage
+from sidecar.policy.failopen import Outage
 from sidecar.policy.reserve import Reserver
 from sidecar.policy.scripts import Applied
 from sidecar.policy.settlement import (
@@ -35,6 +35,7 @@ from sidecar.policy.store import Item, Settled, checkpoint_args
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.upkeep import Presence
 from sidecar.policy.usage import Usage
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from sidecar.policy.caps import Cap
 from sidecar.policy.chunks import Chunks
 from sidecar.policy.clock import Clock
 from sidecar.policy.context import Context
-from sidecar.policy.failopen import REDIS_ERRORS, Outage
+from sidecar.policy.failopen import Outage
 from sidecar.policy.metrics import PolicyMetrics
 from sidecar.policy.policyfile import PolicyFile
 from sidecar.policy.refusals import Rejection
@@ -59,6 +59,7 @@ from sidecar.policy.tickets import Ticket
 from sidecar.policy.upkeep import Leases, Presence, RedisClock, SaturationWatch
 from sidecar.policy.usage import Usage
 from token_scaler.redis_channel import Channel
+from token_scaler.redis_conn import REDIS_ERRORS
 from token_scaler.saturation import Saturation
 
 __all__ = ["Admission", "PolicyEngine", "Rejection"]

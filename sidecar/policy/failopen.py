@@ -34,21 +34,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from redis.exceptions import RedisError
-
 from sidecar.policy import ratelimit, refusals
 from sidecar.policy.context import Context
 from sidecar.policy.refusals import Rejection
 from sidecar.policy.schema import CLOSED, Budget, TenantPolicy
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.usage import Usage
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
 BEAT_S = 0.02  # 50 wake-ups a second
 STALL_S = 0.05  # a beat this late is the loop held, not timer jitter
 MAX_EXTENSIONS = 20
-REDIS_ERRORS = (TimeoutError, RedisError, OSError)  # a call to Redis that failed
 
 
 class Guard:

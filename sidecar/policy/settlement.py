@@ -23,11 +23,12 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from sidecar.policy.context import Context
-from sidecar.policy.failopen import REDIS_ERRORS, Outage
+from sidecar.policy.failopen import Outage
 from sidecar.policy.scripts import Applied
 from sidecar.policy.store import Item, Settled, settle_args
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.usage import Usage
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 

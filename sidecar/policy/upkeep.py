@@ -25,10 +25,11 @@ import uuid
 from sidecar.policy.chunks import Chunk
 from sidecar.policy.clock import Clock
 from sidecar.policy.context import Context
-from sidecar.policy.failopen import REDIS_ERRORS, Outage
+from sidecar.policy.failopen import Outage
 from sidecar.policy.settlement import BATCH
 from sidecar.policy.store import Store
 from sidecar.policy.tickets import Ticket
+from token_scaler.redis_conn import REDIS_ERRORS
 from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturation_key
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,18 @@ Tests record what llama-server reports in each response's ``timings`` with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,31 +127,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
 
 
-def _ensure_built() -> tuple[Path, Path]:
-    """Runs ``scripts/llama-server build`` and returns (binary, model)."""
-    try:
-        proc = subprocess.run(
+def _ensure_built(config: pytest.Config) -> tuple[Path, Path]:
+    """Runs ``scripts/llama-server build`` and returns (binary, model).
+
+    The script's progress (stderr) reaches the terminal line by line even while pytest
+    captures output: a first build takes minutes and must not look like a hang."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    shown = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+    tail: deque[str] = deque(maxlen=60)
+    with (
+        shown,
+        subprocess.Popen(
             [str(SCRIPT), "build"],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=BUILD_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
+            start_new_session=True,  # a timeout stops the whole build: cmake and its compilers too
+        ) as proc,
+    ):
+        timed_out = threading.Event()
+
+        def stop_build() -> None:
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(BUILD_TIMEOUT_S, stop_build)
+        watchdog.start()
+        try:
+            assert proc.stderr is not None and proc.stdout is not None
+            for line in proc.stderr:  # the script prints its paths (stdout) only at the end
+                tail.append(line)
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            stdout = proc.stdout.read()
+            returncode = proc.wait()
+        finally:
+            watchdog.cancel()
+    if timed_out.is_set():
         pytest.fail(f"scripts/llama-server build took longer than {BUILD_TIMEOUT_S:.0f} s", pytrace=False)
-    if proc.stderr:
-        sys.stderr.write(proc.stderr)
-    if proc.returncode != 0:
+    if returncode != 0:
         pytest.fail(
             "could not build the real model server (scripts/llama-server build exited "
-            f"{proc.returncode}); set TOKEN_SCALER_E2E=0 to skip the end-to-end tests.\n"
-            f"{proc.stderr[-4000:]}",
+            f"{returncode}); set TOKEN_SCALER_E2E=0 to skip the end-to-end tests.\n"
+            f"{''.join(tail)}",
             pytrace=False,
         )
-    paths = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    paths = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
     binary, model = Path(paths.get("binary", "")), Path(paths.get("model", ""))
     if not binary.is_file() or not model.is_file():
-        pytest.fail(f"scripts/llama-server build printed no usable paths: {proc.stdout!r}", pytrace=False)
+        pytest.fail(f"scripts/llama-server build printed no usable paths: {stdout!r}", pytrace=False)
     return binary, model
 
 
@@ -219,10 +247,12 @@ def _start(binary: Path, model: Path, log_path: Path) -> LlamaServer:
 
 
 @pytest.fixture(scope="session")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+def llama_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LlamaServer]:
     if not _enabled():
         pytest.skip("TOKEN_SCALER_E2E=0: end-to-end tests against llama-server are off")
-    binary, model = _ensure_built()
+    binary, model = _ensure_built(request.config)
     log_dir = tmp_path_factory.mktemp("llama-server")
     server: LlamaServer | None = None
     errors: list[str] = []

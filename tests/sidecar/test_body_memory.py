@@ -44,9 +44,9 @@ def _limited() -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (LIMIT_BYTES, LIMIT_BYTES))
 
 
-def start_sidecar(upstream: int, redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_sidecar(upstream: int, redis_url: str, workload: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    argv = [sys.executable, "-m", "token_scaler.cli", "sidecar", "--workload", "test/body"]
+    argv = [sys.executable, "-m", "token_scaler.cli", "sidecar", "--workload", workload]
     argv += ["--upstream", f"http://127.0.0.1:{upstream}", "--redis-url", redis_url, "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--admin-port", str(free_port()), "--shutdown-delay", "0"]
     proc = subprocess.Popen(argv, preexec_fn=_limited)
@@ -54,8 +54,10 @@ def start_sidecar(upstream: int, redis_url: str) -> tuple[subprocess.Popen[bytes
     return proc, port
 
 
-async def test_large_bodies_in_a_memory_limited_process(any_body_upstream: int, redis_url: str) -> None:
-    proc, port = await asyncio.to_thread(start_sidecar, any_body_upstream, redis_url)
+async def test_large_bodies_in_a_memory_limited_process(
+    any_body_upstream: int, redis_url: str, workload: str
+) -> None:
+    proc, port = await asyncio.to_thread(start_sidecar, any_body_upstream, redis_url, workload)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
         async with aiohttp.ClientSession() as session:

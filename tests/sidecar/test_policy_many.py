@@ -32,6 +32,8 @@ import redis
 import yaml
 
 from bench.sidecar_bench import wait_http
+from tests.conftest import delete_keys
+from token_scaler.record import workload_keys
 from token_scaler.redis_conn import free_port
 
 SIDECARS = 4
@@ -68,6 +70,7 @@ class Fleet:
 def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
     scope = f"many-{uuid.uuid4().hex[:8]}"
+    workload = f"test-{uuid.uuid4().hex[:10]}/many"
     policy = tmp / "policy.yaml"
     policy.write_text(
         yaml.safe_dump(
@@ -92,7 +95,7 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         admins = []
         for i in range(SIDECARS):
             port, admin = free_port(), free_port()
-            env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "test/many"}
+            env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": workload}
             argv = [
                 sys.executable, "-m", "token_scaler.cli", "sidecar", "--policy", str(policy),
                 "--upstream", f"http://127.0.0.1:{up}", "--host", "127.0.0.1", "--port", str(port),
@@ -113,11 +116,8 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"tokenscaler:v1:{{policy:{scope}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}:*")
+        delete_keys(redis_url, workload_keys(workload))
 
 
 async def chat(

@@ -93,6 +93,8 @@ class SimulatedModel:
     # -- HTTP ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
+        """The HTTP app. Run it with ``handler_cancellation=True``: a request whose client
+        leaves is then dropped at once, as a real server aborts it."""
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)

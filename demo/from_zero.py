@@ -26,6 +26,8 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from demo.load import LoadStats, Planned, mean_weighted_tokens, plan, replay
+from demo.model_sim import SimulatedModel
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from scaler._gen import externalscaler_pb2 as pb
@@ -34,8 +36,6 @@ from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
-from token_scaler.demo.load import LoadStats, Planned, mean_weighted_tokens, plan, replay
-from token_scaler.demo.model_sim import SimulatedModel
 from token_scaler.redis_conn import free_port
 from tuning.trace import load_sample
 
@@ -82,7 +82,7 @@ class Keda:
     async def _start(self, replica: Replica) -> None:
         await asyncio.sleep(self.cold_start_s)  # scheduling, image pull, model load
         port = free_port()
-        replica.runner = web.AppRunner(replica.model.app(), access_log=None)
+        replica.runner = web.AppRunner(replica.model.app(), access_log=None, handler_cancellation=True)
         await replica.runner.setup()
         model_port = free_port()
         await web.TCPSite(replica.runner, "127.0.0.1", model_port).start()
@@ -100,6 +100,7 @@ class Keda:
                 advertise=f"http://127.0.0.1:{port}",
                 models=(MODEL,),
                 capacity_requests=replica.model.max_batch,
+                model_metrics_url="off",  # the simulated server has no /metrics
             ),
             CollectorRegistry(),
         )
@@ -154,7 +155,8 @@ async def watch_activation(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjec
 
 
 HEADER = (
-    "  time | load | held at gateway | replicas ready / running | value -> KEDA / target | active | answered"
+    "  time | load | held at gateway | replicas ready / running | KEDA metric / target, weighted tok/s | "
+    "active | answered / sent"
 )
 
 
@@ -187,7 +189,8 @@ class Run:
         ready = sum(r.ready for r in self.keda.replicas)
         return (
             f"{t:5.0f}s | {phase:4} | {held:15d} | {ready:7d} / {len(self.keda.replicas):<15d} | "
-            f"{value:8.0f} / {spec.targetSizeFloat:<13.0f} | {active!s:6} | {self.stats.ok}/{self.stats.sent}"
+            f"{value:11.0f} / {spec.targetSizeFloat:<24.0f} | {active!s:6} | "
+            f"{self.stats.ok} / {self.stats.sent}"
         )
 
     async def rows(self) -> None:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from token_scaler import billing
+from billing import costs
 from token_scaler.config import redis_url as check_redis_url
 from token_scaler.config import workload_name
 from token_scaler.errors import ConfigError, RecordError, RowError
@@ -135,7 +135,7 @@ def _tags(raw: list[str]) -> dict[str, str]:
 
 def _reconcile(args: argparse.Namespace) -> int:
     with args.billing.open(newline="", encoding="utf-8-sig") as f:
-        rows = billing.read_billing(
+        rows = costs.read_billing(
             f,
             str(args.billing),
             layout=args.layout,
@@ -145,20 +145,20 @@ def _reconcile(args: argparse.Namespace) -> int:
         )
     if args.tokens is not None:
         with args.tokens.open(newline="", encoding="utf-8") as f:
-            counts = billing.read_tokens(f, str(args.tokens))
+            counts = costs.read_tokens(f, str(args.tokens))
         if args.only_workload:
             counts = [c for c in counts if c.workload == args.only_workload]
     else:
         counts, _ = stream_counts(args.redis_url, args.workload, "-")
-    result = billing.reconcile(billing.hourly_cost(rows), counts)
+    result = costs.reconcile(costs.hourly_cost(rows), counts)
     sys.stdout.write(render(result, args.format, matched_rows=len(rows)))
     return 0
 
 
-def render(result: billing.Reconciliation, fmt: str, *, matched_rows: int = 0) -> str:
+def render(result: costs.Reconciliation, fmt: str, *, matched_rows: int = 0) -> str:
     models = [*sorted(result.models.values(), key=lambda m: m.model), result.total]
 
-    def per_1k(m: billing.ModelResult) -> float | None:
+    def per_1k(m: costs.ModelResult) -> float | None:
         return m.cost_per_1k_tokens
 
     if fmt == "json":
@@ -177,9 +177,9 @@ def render(result: billing.Reconciliation, fmt: str, *, matched_rows: int = 0) -
             "hoursReconciled": result.hours,
             "idleHours": result.idle_hours,
             "idleCost": result.idle_cost,
-            "hoursBilledNotCounted": [billing.format_hour(h) for h in result.billed_not_counted],
+            "hoursBilledNotCounted": [costs.format_hour(h) for h in result.billed_not_counted],
             "costBilledNotCounted": result.billed_not_counted_cost,
-            "hoursCountedNotBilled": [billing.format_hour(h) for h in result.counted_not_billed],
+            "hoursCountedNotBilled": [costs.format_hour(h) for h in result.counted_not_billed],
         }
         return json.dumps(body, indent=2) + "\n"
     if fmt == "csv":
@@ -212,7 +212,7 @@ def render(result: billing.Reconciliation, fmt: str, *, matched_rows: int = 0) -
             f"{result.idle_hours} idle hours (no tokens) cost {result.idle_cost:.4f}, shared out by tokens"
         )
     if result.billed_not_counted:
-        first = billing.format_hour(result.billed_not_counted[0])
+        first = costs.format_hour(result.billed_not_counted[0])
         lines.append(
             f"left out: {len(result.billed_not_counted)} billed hours without token counts "
             f"(cost {result.billed_not_counted_cost:.4f}), from {first}"
@@ -220,7 +220,7 @@ def render(result: billing.Reconciliation, fmt: str, *, matched_rows: int = 0) -
     if result.counted_not_billed:
         lines.append(
             f"left out: {len(result.counted_not_billed)} counted hours not billed yet, "
-            f"from {billing.format_hour(result.counted_not_billed[0])}"
+            f"from {costs.format_hour(result.counted_not_billed[0])}"
         )
     return "\n".join(lines) + "\n"
 
@@ -228,12 +228,12 @@ def render(result: billing.Reconciliation, fmt: str, *, matched_rows: int = 0) -
 # --- tokens ------------------------------------------------------------------------
 
 
-def stream_counts(url: str, workload: str, after: str) -> tuple[list[billing.HourlyTokens], str]:
+def stream_counts(url: str, workload: str, after: str) -> tuple[list[costs.HourlyTokens], str]:
     """Hourly counts of the stream's entries after ID ``after`` ("-": all); and the last ID read."""
     import redis
 
     client = redis.Redis.from_url(url)
-    counts: dict[tuple[datetime, str], billing.HourlyTokens] = {}
+    counts: dict[tuple[datetime, str], costs.HourlyTokens] = {}
     last = after
     key = stream_key(workload)
     try:
@@ -254,9 +254,9 @@ def stream_counts(url: str, workload: str, after: str) -> tuple[list[billing.Hou
                 except RecordError:
                     continue  # the scaler counts and logs bad entries; a report skips them
                 t = datetime.fromtimestamp(entry_time_ms(record, entry_id) / 1000, UTC)
-                hour = billing.hour_of(t)
+                hour = costs.hour_of(t)
                 for model, mc in record.models.items():
-                    c = counts.setdefault((hour, model), billing.HourlyTokens(hour, workload, model))
+                    c = counts.setdefault((hour, model), costs.HourlyTokens(hour, workload, model))
                     c.prompt += mc.served_prompt
                     c.generation += mc.served_generation
                     c.requests += mc.requests
@@ -287,22 +287,22 @@ def _tokens(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # a Pod's stop: write what is counted, then exit
     out: Path = args.out
     state = out.with_name(out.name + ".last-id")
-    existing: list[billing.HourlyTokens] = []
+    existing: list[costs.HourlyTokens] = []
     last = "-"
     if str(out) != "-" and out.exists():
         with out.open(newline="", encoding="utf-8") as f:
-            existing = billing.read_tokens(f, str(out))
+            existing = costs.read_tokens(f, str(out))
         if state.exists():
             last = state.read_text().strip() or "-"
     while True:
         fresh, last = stream_counts(args.redis_url, args.workload, last)
-        existing = billing.merge_tokens(existing, fresh)
+        existing = costs.merge_tokens(existing, fresh)
         if str(out) == "-":
-            billing.write_tokens(sys.stdout, existing)
+            costs.write_tokens(sys.stdout, existing)
             return 0
         tmp = out.with_name(out.name + ".tmp")
         with tmp.open("w", newline="", encoding="utf-8") as f:
-            billing.write_tokens(f, existing)
+            costs.write_tokens(f, existing)
         os.replace(tmp, out)
         state.write_text(last + "\n")
         if not args.follow:

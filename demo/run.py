@@ -1,14 +1,15 @@
 """``token-scaler demo``: the main job in one command, on an embedded default.
 
 Starts, in this process: Redis (``REDIS_URL`` if given, else a ``redis-server`` from
-PATH on a free port, else an in-process Redis-compatible server), two replicas of a
+PATH on a free port, else an in-process Redis-compatible server), four replicas of a
 simulated model server with a fixed token capacity, a sidecar in front of each, the
-scaler, and a load generator replaying a real request trace with a burst of long
-generations in the middle. Every second it polls the scaler as KEDA does and prints a
-row: token rates, demand, the value and target KEDA gets, the replicas KEDA's HPA would
-run, and what a requests-per-second scaler would have asked for at the same moment.
-It stops by itself after ``--duration`` seconds (Ctrl-C stops it early), prints a
-summary, and leaves nothing running.
+scaler, and a load generator: steady (Poisson) arrivals sized like a real trace's
+requests, with a phase in the middle (``--scenario``; by default the same request rate
+with much longer answers). Every second it polls the scaler as KEDA does and prints a
+row (``demo/table.py``): request and token rates, the demand and KEDA's metric, the
+replicas KEDA's HPA would run by tokens and by requests/s, and the model servers' queue.
+It stops by itself after ``--duration`` seconds (Ctrl-C stops it at once), prints a
+summary, removes its keys from Redis and leaves nothing running.
 """
 
 from __future__ import annotations
@@ -32,24 +33,47 @@ import aiohttp
 import grpc
 from aiohttp import web
 
+from demo.load import LoadStats, mean_weighted_tokens, plan, replay
+from demo.model_sim import SimulatedModel
+from demo.table import Row, format_row, header
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
 from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
-from token_scaler.demo.load import LoadStats, mean_weighted_tokens, plan, replay
-from token_scaler.demo.model_sim import SimulatedModel
-from token_scaler.redis_conn import LocalRedis, answers, free_port
+from token_scaler.record import workload_keys
+from token_scaler.redis_conn import REDIS_ERRORS, LocalRedis, answers, connect, free_port
 from tuning.trace import load_sample
 
 WORKLOAD = "demo/sim-llm"
 MODEL = "sim-llm"
 PROMPT_WEIGHT = 0.1  # prefill is cheap per token: the simulated replica charges 0.1 per prompt token
 HEADROOM = 1.3
-WINDOW_S = 30  # shorter than the default 60 s, so a one-minute demo shows panic mode end too
-BURST = (0.3, 0.55)  # fraction of the load phase
-BURST_GENERATION = 4
+WINDOW_S = 15  # shorter than the default 60 s: a one-minute demo shows the phase take full effect
+BUSY = 0.4  # how busy the base load keeps the simulated replicas
+PHASE = (1 / 3, 0.9)  # when the scenario's phase runs, as fractions of the load
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What changes during the phase: requests come ``requests`` times as often, and each
+    answer is ``generation`` times longer."""
+
+    label: str  # the phase column's text
+    requests: int
+    generation: float
+
+    def describe(self) -> str:
+        rate = "the same request rate" if self.requests == 1 else f"{self.requests}x the requests"
+        return f"{rate}, answers {self.generation:g}x longer"
+
+
+SCENARIOS = {
+    # The point of the project: requests/s stays flat while the work per request grows.
+    "longer": Scenario("long answers", requests=1, generation=16),
+    "surge": Scenario("surge", requests=2, generation=4),
+}
 
 
 @dataclass
@@ -91,20 +115,16 @@ def start_redis(url: str | None) -> Embedded:
     )
 
 
-@dataclass
-class Row:
-    t: float
-    arrivals_rps: float
-    served_prompt: float
-    served_generation: float
-    demand: float
-    value: float
-    target: float
-    replicas: int
-    requests_replicas: int
-    rule: str
-    active: bool
-    queued: int
+async def forget(url: str, workload: str) -> None:
+    """Removes every key of ``workload``: the demo starts from an empty stream and leaves
+    nothing behind, so a rerun on the same Redis prints the same table."""
+    client = connect(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=workload_keys(workload), count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -112,35 +132,43 @@ async def run(args: argparse.Namespace) -> int:
     trace = load_sample()
     base_rps = args.rps
     mean_weighted = mean_weighted_tokens(trace, PROMPT_WEIGHT, 1.0)
-    # Size a replica so that the base load keeps the replicas about half busy.
-    capacity = base_rps * mean_weighted / (args.replicas * 0.5)
+    # Size a replica so that the base load keeps the replicas BUSY busy: room for the phase.
+    capacity = base_rps * mean_weighted / (args.replicas * BUSY)
     rps_target = capacity / mean_weighted  # what a requests-based scaler is calibrated to per replica
     load_s = max(10.0, args.duration - 15.0)  # the last seconds let queues drain
+    scenario = SCENARIOS[args.scenario]
+    phase_s = (PHASE[0] * load_s, PHASE[1] * load_s)
     planned = plan(
         trace,
         duration_s=load_s,
         rps=base_rps,
-        burst=BURST,
-        burst_factor=2,
-        burst_generation_factor=BURST_GENERATION,
+        burst=PHASE,
+        burst_factor=scenario.requests,
+        burst_generation_factor=scenario.generation,
         seed=args.seed,
     )
 
+    stop, interrupted = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        interrupted.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before anything starts: all of it is stopped
+        loop.add_signal_handler(sig, on_signal)
     redis_ = start_redis(args.redis_url)
     print(f"Redis: {redis_.description}")
     stack = contextlib.AsyncExitStack()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     models: list[SimulatedModel] = []
     sidecars: list[Sidecar] = []
     stats = LoadStats()
     rows: list[Row] = []
     try:
+        await forget(redis_.url, WORKLOAD)
         for i in range(args.replicas):
             model = SimulatedModel(capacity=capacity, prompt_cost=PROMPT_WEIGHT, model=MODEL)
-            runner = web.AppRunner(model.app(), access_log=None)
+            runner = web.AppRunner(model.app(), access_log=None, handler_cancellation=True)
             await runner.setup()
             port = free_port()
             await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -157,6 +185,7 @@ async def run(args: argparse.Namespace) -> int:
                     shutdown_delay_s=0.0,
                     drain_timeout_s=2.0,
                     sidecar_id=f"demo-replica-{i}",
+                    model_metrics_url="off",  # the simulated server has no /metrics
                     log_level="WARNING",
                 )
             )
@@ -181,9 +210,14 @@ async def run(args: argparse.Namespace) -> int:
             f"sidecars: {', '.join(f'127.0.0.1:{s.port}' for s in sidecars)} "
             f"-> stream of workload {WORKLOAD}\n"
             f"scaler: gRPC 127.0.0.1:{scaler.grpc_port}, debug http://127.0.0.1:{scaler.http_port}/debug/scalers\n"
-            f"load: {len(planned)} requests from the packaged trace ({trace.attribution}), "
-            f"{base_rps:g} req/s, a burst of 2x requests with {BURST_GENERATION}x longer answers from "
-            f"{BURST[0] * load_s:.0f}s to {BURST[1] * load_s:.0f}s; load stops at {load_s:.0f}s\n"
+            f"load: {len(planned)} requests, Poisson arrivals at {base_rps:g} req/s, sizes from the "
+            f"packaged trace ({trace.attribution})\n"
+            f"from {phase_s[0]:.0f}s to {phase_s[1]:.0f}s ({scenario.label!r}): {scenario.describe()}; "
+            f"load stops at {load_s:.0f}s\n"
+            f"weighted tokens = {PROMPT_WEIGHT} x prompt + 1 x generated; KEDA's target per replica: "
+            f"{capacity / HEADROOM:.0f} weighted tokens/s (capacity / headroom {HEADROOM}); a requests/s "
+            f"scaler is calibrated to {rps_target / HEADROOM:.2f} req/s per replica on the trace's mean "
+            f"request\n"
         )
         metadata = {
             "scalerAddress": f"127.0.0.1:{scaler.grpc_port}",
@@ -198,7 +232,7 @@ async def run(args: argparse.Namespace) -> int:
             replay(planned, [f"http://127.0.0.1:{s.port}" for s in sidecars], MODEL, stats, stop)
         )
         started = time.monotonic()
-        print(HEADER)
+        print(header())
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{scaler.grpc_port}") as channel,
             aiohttp.ClientSession() as http,
@@ -209,8 +243,12 @@ async def run(args: argparse.Namespace) -> int:
             while not stop.is_set() and time.monotonic() - started < args.duration:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.0, next_tick - time.monotonic()))
+                if stop.is_set():
+                    break
                 next_tick += 1.0
-                row = await poll(stub, ref, http, scaler.http_port, stats, rps_target, started, models)
+                t = time.monotonic() - started
+                phase = scenario.label if phase_s[0] <= t < phase_s[1] else ""
+                row = await poll(stub, ref, http, scaler.http_port, stats, rps_target, t, phase, models)
                 rows.append(row)
                 print(format_row(row), flush=True)
         stop.set()
@@ -218,9 +256,11 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         await stack.aclose()
+        with contextlib.suppress(*REDIS_ERRORS):  # a Redis of the user's that went away
+            await forget(redis_.url, WORKLOAD)
         if redis_.stop is not None:
             redis_.stop()
-    print_summary(rows, stats, sidecars, models, capacity, rps_target)
+    print_summary(rows, stats, sidecars, models, scenario, interrupted.is_set())
     return 0
 
 
@@ -231,49 +271,35 @@ async def poll(
     http_port: int,
     stats: LoadStats,
     rps_target: float,
-    started: float,
+    t: float,
+    phase: str,
     models: list[SimulatedModel],
 ) -> Row:
-    """One KEDA poll (GetMetricSpec -> GetMetrics -> IsActive) plus the scaler's debug view."""
+    """One KEDA poll (GetMetricSpec -> GetMetrics) plus the scaler's debug view."""
     spec = (await stub.GetMetricSpec(ref, timeout=3)).metricSpecs[0]
     metric = await stub.GetMetrics(
         pb.GetMetricsRequest(scaledObjectRef=ref, metricName=spec.metricName), timeout=3
     )
-    active = (await stub.IsActive(ref, timeout=3)).result
     value = metric.metricValues[0].metricValueFloat
-    target = spec.targetSizeFloat
     async with http.get(f"http://127.0.0.1:{http_port}/debug/scalers/demo/sim-llm") as r:
         debug = await r.json()
-    stable = debug.get("evaluation", {}).get("stable", {})
-    rps = stats.arrivals_per_s(debug.get("evaluation", {}).get("windowCoverageSeconds") or 60.0)
+    evaluation = debug.get("evaluation", {})
+    stable = evaluation.get("stable", {})
+    # requests/s over the same window as the token scaler's, for a like-for-like comparison
+    rps = stats.arrivals_per_s(evaluation.get("windowCoverageSeconds") or WINDOW_S)
     return Row(
-        t=time.monotonic() - started,
+        t=t,
+        phase=phase,
         arrivals_rps=rps,
         served_prompt=stable.get("servedPromptTokensPerSecond", 0.0),
         served_generation=stable.get("servedGenerationTokensPerSecond", 0.0),
         demand=stable.get("demand", 0.0),
         value=value,
-        target=target,
-        replicas=math.ceil(value / target - 1e-9) if value > 0 else 0,
+        target=spec.targetSizeFloat,
         requests_replicas=math.ceil(rps * HEADROOM / rps_target - 1e-9) if rps > 0 else 0,
-        rule=debug.get("evaluation", {}).get("rule", "-"),
-        active=active,
-        queued=sum(m.backlog for m in models),
-    )
-
-
-HEADER = (
-    "  time | req/s | served prompt tok/s | served gen tok/s | demand | value -> KEDA / target | "
-    "HPA replicas: tokens | requests | in flight | rule"
-)
-
-
-def format_row(row: Row) -> str:
-    return (
-        f"{row.t:4.0f}s | {row.arrivals_rps:5.1f} | {row.served_prompt:19.0f} | "
-        f"{row.served_generation:16.0f} | "
-        f"{row.demand:6.0f} | {row.value:8.0f} / {row.target:<12.0f} | {row.replicas:20d} | "
-        f"{row.requests_replicas:8d} | {row.queued:9d} | {row.rule}"
+        queued=sum(len(m.queue) for m in models),
+        in_flight=sum(len(m.active) for m in models),
+        rule=evaluation.get("rule", "-"),
     )
 
 
@@ -292,24 +318,30 @@ def print_summary(
     stats: LoadStats,
     sidecars: list[Sidecar],
     models: list[SimulatedModel],
-    capacity: float,
-    rps_target: float,
+    scenario: Scenario,
+    interrupted: bool,
 ) -> None:
     print()
     if not rows:
         print("stopped before the first poll")
         return
-    peak = max(rows, key=lambda r: r.value)
     cut = stats.sent - stats.ok - stats.failed
-    print(
-        f"requests: {stats.sent} sent, {stats.ok} answered, {stats.failed} failed, {cut} cut short at the end"
-    )
-    print(
-        f"peak demand {peak.value:.0f} weighted tokens/s at {peak.t:.0f}s: the token scaler asked for "
-        f"{max(r.replicas for r in rows)} replicas, a requests/s scaler (calibrated to "
-        f"{rps_target:.2f} req/s per replica on the trace's mean request) for "
-        f"{max(r.requests_replicas for r in rows)}"
-    )
+    ended = "by Ctrl-C" if interrupted else "at the end"
+    print(f"requests: {stats.sent} sent, {stats.ok} answered, {stats.failed} failed, {cut} cut short {ended}")
+    before = [r for r in rows if not r.phase and r.t < next((p.t for p in rows if p.phase), math.inf)]
+    during = [r for r in rows if r.phase]
+    for name, part in (("before the phase", before), (f"at the end of {scenario.label!r}", during)):
+        if part:
+            r = part[-1]
+            print(
+                f"{name} ({r.t:.0f}s): {r.arrivals_rps:.1f} req/s, {r.demand:.0f} weighted tokens/s; "
+                f"HPA replicas by tokens {r.replicas}, by req/s {r.requests_replicas}"
+            )
+    if during and (peak := max(during, key=lambda r: r.queued + r.in_flight)):
+        print(
+            f"during {scenario.label!r} the model servers held up to {peak.queued} requests queued and "
+            f"{peak.in_flight} in flight (at {peak.t:.0f}s)"
+        )
     counted_p = sum(_sidecar_tokens(s, "prompt") for s in sidecars)
     counted_g = sum(_sidecar_tokens(s, "generation") for s in sidecars)
     served_p = sum(m.served_prompt for m in models)
@@ -318,7 +350,12 @@ def print_summary(
     print(
         f"token counts: sidecars {counted_p:.0f} prompt + {counted_g:.0f} generated; model servers' own "
         f"{served_p} + {served_g} -> "
-        + ("equal" if same else f"differ: {cut} requests cut short at the end (try a longer --duration)")
+        + (
+            "equal"
+            if same
+            else f"differ: {cut} requests cut short {ended}"
+            + ("" if interrupted else " (try a longer --duration)")
+        )
     )
     print("everything stopped.")
 
@@ -332,8 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (env REDIS_URL)"
     )
     parser.add_argument("--rps", type=float, default=4.0, help="base requests/s of the load (default 4)")
-    parser.add_argument("--replicas", type=int, default=2, help="simulated model-server replicas (default 2)")
+    parser.add_argument("--replicas", type=int, default=4, help="simulated model-server replicas (default 4)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        default="longer",
+        help="what happens in the middle of the load: "
+        + "; ".join(f"{name!r}: {scenario.describe()}" for name, scenario in SCENARIOS.items())
+        + " (default 'longer': tokens/s and requests/s disagree)",
+    )
     parser.add_argument(
         "--from-zero",
         action="store_true",
@@ -353,14 +398,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def from_zero(args: argparse.Namespace) -> int:
-    from token_scaler.demo.from_zero import run_from_zero
+    from demo.from_zero import WORKLOAD as FROM_ZERO
+    from demo.from_zero import run_from_zero
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redis_ = start_redis(args.redis_url)
     print(f"Redis: {redis_.description}")
     try:
+        await forget(redis_.url, FROM_ZERO)
         return await run_from_zero(args, redis_.url)
     finally:
+        with contextlib.suppress(*REDIS_ERRORS):  # a Redis of the user's that went away
+            await forget(redis_.url, FROM_ZERO)
         if redis_.stop is not None:
             redis_.stop()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from billing import costs
 from tests.keda import FakeSidecar
-from token_scaler import billing
 from token_scaler.cli import main as cli
 from token_scaler.errors import RowError
 
@@ -102,17 +102,17 @@ def _hour(h: int) -> datetime:
     ],
 )
 def test_both_layouts_give_the_same_hourly_cost(text: str, tag: dict[str, str]) -> None:
-    rows = billing.read_billing(io.StringIO(text), tags=tag)
-    costs = billing.hourly_cost(rows)
-    assert costs[_hour(13)] == pytest.approx(1.30)
-    assert costs[_hour(14)] == pytest.approx(2.10)
-    assert len(costs) == 24 and sum(costs.values()) == pytest.approx(1.20 + 2.00 + 2.40)
+    rows = costs.read_billing(io.StringIO(text), tags=tag)
+    hourly = costs.hourly_cost(rows)
+    assert hourly[_hour(13)] == pytest.approx(1.30)
+    assert hourly[_hour(14)] == pytest.approx(2.10)
+    assert len(hourly) == 24 and sum(hourly.values()) == pytest.approx(1.20 + 2.00 + 2.40)
 
 
 def test_reconcile_by_hand() -> None:
-    rows = billing.read_billing(io.StringIO(_csv(AWS_HEADER, AWS_ROWS)), tags={"user:app": "vllm"})
-    counts = [c for c in billing.read_tokens(io.StringIO(TOKENS)) if c.workload == "llm/vllm"]
-    result = billing.reconcile(billing.hourly_cost(rows), counts)
+    rows = costs.read_billing(io.StringIO(_csv(AWS_HEADER, AWS_ROWS)), tags={"user:app": "vllm"})
+    counts = [c for c in costs.read_tokens(io.StringIO(TOKENS)) if c.workload == "llm/vllm"]
+    result = costs.reconcile(costs.hourly_cost(rows), counts)
     big, small, total = result.models["big"], result.models["small"], result.total
     # big: 3/4 of 1.30 + all of 2.10 = 3.075 for 10M tokens; small: 1/4 of 1.30 = 0.325 for 1M
     assert big.cost == pytest.approx(3.075) and big.tokens == 10_000_000
@@ -125,13 +125,13 @@ def test_reconcile_by_hand() -> None:
 
 
 def test_idle_hours_are_shared_out_by_tokens() -> None:
-    costs = {_hour(12): 1.10, _hour(13): 1.30}
+    hourly = {_hour(12): 1.10, _hour(13): 1.30}
     counts = [
-        billing.HourlyTokens(_hour(12), "llm/vllm", "big"),  # replicas up, no tokens
-        billing.HourlyTokens(_hour(13), "llm/vllm", "big", 1_000_000, 2_000_000),
-        billing.HourlyTokens(_hour(13), "llm/vllm", "small", 500_000, 500_000),
+        costs.HourlyTokens(_hour(12), "llm/vllm", "big"),  # replicas up, no tokens
+        costs.HourlyTokens(_hour(13), "llm/vllm", "big", 1_000_000, 2_000_000),
+        costs.HourlyTokens(_hour(13), "llm/vllm", "small", 500_000, 500_000),
     ]
-    result = billing.reconcile(costs, counts)
+    result = costs.reconcile(hourly, counts)
     assert result.idle_hours == 1 and result.idle_cost == pytest.approx(1.10)
     # big: 0.975 + 3/4 of the idle 1.10 = 1.8; small: 0.325 + 0.275 = 0.6
     assert result.models["big"].cost == pytest.approx(1.8)
@@ -141,7 +141,7 @@ def test_idle_hours_are_shared_out_by_tokens() -> None:
 
 def _bad(header: list[str], rows: list[list[str]], **kw: object) -> RowError:
     with pytest.raises(RowError) as info:
-        billing.read_billing(io.StringIO(_csv(header, rows)), "cur.csv", **kw)
+        costs.read_billing(io.StringIO(_csv(header, rows)), "cur.csv", **kw)
     return info.value
 
 
@@ -201,14 +201,14 @@ def test_bad_headers() -> None:
 def test_malformed_token_rows(line: str, column: str, reason: str) -> None:
     text = TOKENS.splitlines()[0] + "\n" + TOKENS.splitlines()[1] + "\n" + line + "\n"
     with pytest.raises(RowError) as info:
-        billing.read_tokens(io.StringIO(text), "tokens.csv")
+        costs.read_tokens(io.StringIO(text), "tokens.csv")
     assert (info.value.row, info.value.column) == (3, column) and reason in str(info.value)
 
 
 def test_tokens_csv_round_trip() -> None:
-    counts = billing.read_tokens(io.StringIO(TOKENS))
+    counts = costs.read_tokens(io.StringIO(TOKENS))
     out = io.StringIO()
-    billing.write_tokens(out, counts)
+    costs.write_tokens(out, counts)
     assert sorted(out.getvalue().splitlines()) == sorted(TOKENS.splitlines())
 
 
@@ -269,7 +269,7 @@ def test_token_counts_from_the_stream(
     assert cli(base) == 0
     sidecar.flush(t13 + 4_000_000, model="big", sp=1000, sg=0, rq=1)  # 14:06, after the first run
     assert cli(base) == 0  # resumes after the last entry: nothing counted twice
-    counts = {(c.hour.hour, c.model): c for c in billing.read_tokens(out.open())}
+    counts = {(c.hour.hour, c.model): c for c in costs.read_tokens(out.open())}
     assert (counts[(13, "big")].prompt, counts[(13, "big")].generation, counts[(13, "big")].requests) == (
         110,
         220,

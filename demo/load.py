@@ -37,39 +37,38 @@ def plan(
     burst_generation_factor: float,
     seed: int = 0,
 ) -> list[Planned]:
-    """Arrivals of ``trace`` sped up to a mean of ``rps`` over ``duration_s``; inside the
-    ``burst`` fraction of the run each arrival comes ``burst_factor`` times with answers
-    ``burst_generation_factor`` x longer (a burst of long generations)."""
+    """Poisson arrivals at ``rps`` over ``duration_s``, each with the next request's sizes from
+    ``trace`` (in its order, from the start again when it runs out); inside the ``burst``
+    fraction of the run each arrival comes ``burst_factor`` times with answers
+    ``burst_generation_factor`` x longer.
+
+    Steady arrivals rather than the trace's own: its bursts and quiet spells would hide what
+    the burst changes. The same seed gives the same plan."""
     rng = random.Random(seed)
-    if len(trace) < 2:
-        raise ValueError("the trace needs at least two requests")
-    speedup = rps / (len(trace) / trace.duration_s) if trace.duration_s > 0 else 1.0
-    arrivals = trace.arrival_s / speedup
-    # Repeat the trace if it is shorter than the run.
-    period = float(arrivals[-1]) + 1.0 / rps
-    out: list[Planned] = []
+    if len(trace) == 0:
+        raise ValueError("the trace has no requests")
     tenants = ["acme", "globex", "initech", "umbrella"]
-    offset = 0.0
-    while offset < duration_s:
-        for at, prompt, generated in zip(arrivals, trace.prompt, trace.generated, strict=True):
-            t = offset + float(at)
-            if t >= duration_s:
-                break
-            in_burst = burst[0] * duration_s <= t < burst[1] * duration_s
-            copies = burst_factor if in_burst else 1
-            gen = int(generated) * (burst_generation_factor if in_burst else 1)
-            for copy in range(copies):
-                out.append(
-                    Planned(
-                        at_s=t + (rng.uniform(0, 1.0 / rps) if copy else 0.0),
-                        prompt=max(1, min(int(prompt), MAX_PROMPT_WORDS)),
-                        generate=max(1, int(gen)),
-                        stream=rng.random() < 0.5,
-                        tenant=rng.choice(tenants),
-                        burst=in_burst,
-                    )
+    out: list[Planned] = []
+    t = rng.expovariate(rps)
+    i = 0
+    while t < duration_s:
+        prompt, generated = int(trace.prompt[i % len(trace)]), int(trace.generated[i % len(trace)])
+        i += 1
+        in_burst = burst[0] * duration_s <= t < burst[1] * duration_s
+        copies = burst_factor if in_burst else 1
+        gen = generated * (burst_generation_factor if in_burst else 1)
+        for copy in range(copies):
+            out.append(
+                Planned(
+                    at_s=t + (rng.uniform(0, 1.0 / rps) if copy else 0.0),
+                    prompt=max(1, min(prompt, MAX_PROMPT_WORDS)),
+                    generate=max(1, int(gen)),
+                    stream=rng.random() < 0.5,
+                    tenant=rng.choice(tenants),
+                    burst=in_burst,
                 )
-        offset += period
+            )
+        t += rng.expovariate(rps)
     out.sort(key=lambda p: p.at_s)
     return out
 
