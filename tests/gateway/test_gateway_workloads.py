@@ -21,7 +21,8 @@ from token_scaler.record import GATEWAY, KEY_PREFIX
 
 @pytest.fixture
 def other(redis_url: str, workload: str) -> Iterator[str]:
-    """A second workload in the test's namespace; its keys are deleted afterwards."""
+    """A second workload in the test's namespace; its keys are deleted afterwards (a test
+    stops what writes them first: the fixtures' own teardown may come after this one's)."""
     name = workload.split("/")[0] + "/other"
     yield name
     delete_keys(redis_url, f"{KEY_PREFIX}:{{{name}}}*")
@@ -65,6 +66,7 @@ async def test_two_workloads_one_at_zero_while_the_other_serves(
 
     # Each stream: the gateway's entries sum to zero, and nothing of beta landed in alpha's.
     await gateway.stop()
+    await beta.sidecar.stop()
     for name in (workload, other):
         mine = [r for _, r in entries(redis_url, name) if r.role == GATEWAY]
         assert totals(mine) == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0}
