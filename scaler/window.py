@@ -82,16 +82,20 @@ Floats = npt.NDArray[np.float64]
 
 class SecondRing:
     """Per-second sums of ``series`` counters (the five above) over the last ``size`` seconds.
-    Plain lists, not arrays: an entry adds a handful of numbers, where numpy's per-call
-    cost would be most of the ingest; ``window`` builds the array evaluations read."""
+    An entry adds a handful of numbers to plain lists (numpy's per-call cost would be most of
+    the ingest) and notes the slot it wrote; ``window`` copies the slots written since the last
+    read into an array mirror, so a read costs the rows that changed plus one gather."""
 
     def __init__(self, size: int = HISTORY_S, series: int = N_SERIES) -> None:
         self.size = size
         self.series = series
         self.values: list[list[float]] = [[0.0] * series for _ in range(size)]
         self.secs: list[int] = [-1] * size
+        self.dirty: set[int] = set()  # slots written since ``window`` last synced the mirror
+        self._cols: Floats = np.zeros((series, size))  # the mirror, one row per series
+        self._secs: npt.NDArray[np.int64] = np.full(size, -1, dtype=np.int64)
 
-    def add(self, sec: int, counts: list[float]) -> bool:
+    def add(self, sec: int, counts: list[float] | tuple[float, ...]) -> bool:
         """Add counts to second ``sec``; False when that second has left the ring."""
         slot = sec % self.size
         held = self.secs[slot]
@@ -100,20 +104,57 @@ class SecondRing:
                 return False
             self.values[slot] = [float(c) for c in counts]
             self.secs[slot] = sec
+            self.dirty.add(slot)
             return True
         row = self.values[slot]
         for i, c in enumerate(counts):
             row[i] += c
+        self.dirty.add(slot)
         return True
+
+    def add_row(self, sec: int, sp: float, sg: float, ap: float, ag: float, rq: float) -> bool:
+        """``add`` of the five series, unrolled: the path every record of every model takes."""
+        slot = sec % self.size
+        held = self.secs[slot]
+        if held != sec:
+            if held > sec:
+                return False
+            self.values[slot] = [float(sp), float(sg), float(ap), float(ag), float(rq)]
+            self.secs[slot] = sec
+        else:
+            row = self.values[slot]
+            row[0] += sp
+            row[1] += sg
+            row[2] += ap
+            row[3] += ag
+            row[4] += rq
+        self.dirty.add(slot)
+        return True
+
+    def _sync(self) -> None:
+        if self.dirty:
+            slots = list(self.dirty)
+            self.dirty.clear()
+            values, secs = self.values, self.secs
+            self._cols[:, slots] = np.array([values[i] for i in slots], dtype=np.float64).T
+            self._secs[slots] = [secs[i] for i in slots]
 
     def window(self, start: int, stop: int) -> Floats:
         """Counts for seconds ``[start, stop)`` as an array (series, stop - start)."""
-        zero = [0.0] * self.series
-        size, secs, values = self.size, self.secs, self.values
-        rows = [values[sec % size] if secs[sec % size] == sec else zero for sec in range(start, stop)]
-        if not rows:
+        n = stop - start
+        if n <= 0:
             return np.zeros((self.series, 0))
-        return np.array(rows, dtype=np.float64).T.copy()
+        self._sync()
+        first = start % self.size
+        if first + n <= self.size:  # one run of slots: slices, no gather
+            out = self._cols[:, first : first + n].copy()
+            held = self._secs[first : first + n]
+        else:
+            slots = np.arange(first, first + n) % self.size
+            out = self._cols[:, slots]
+            held = self._secs[slots]
+        out[:, held != np.arange(start, stop)] = 0.0
+        return out
 
 
 @dataclass
@@ -168,34 +209,41 @@ class WorkloadSeries:
         # Counts land in the bucket of their interval's end, so the first bucket an entry
         # speaks for is that bucket minus the whole seconds its interval spans beyond it: a
         # 1 s interval speaks for its own bucket only, and coverage equals buckets with data.
-        start = sec - max(0, round(record.interval_ms / 1000) - 1)
+        interval_s = round(record.interval_ms / 1000)
+        start = sec - max(0, interval_s - 1)
         if self.first_sec is None or start < self.first_sec:
             self.first_sec = start
         self.entries += 1
         if sec < self.clock_sec:
             self.past_version += 1
-        total = [0.0] * N_SERIES
+        rings = self.rings
+        t0 = t1 = t2 = t3 = t4 = 0.0
         accepted = True
         for model, c in record.models.items():
-            counts: list[float] = [
+            sp, sg, ap, ag, rq = (
                 c.served_prompt,
                 c.served_generation,
                 c.arrived_prompt,
                 c.arrived_generation,
                 c.requests,
-            ]
-            ring = self.rings.get(model)
+            )
+            ring = rings.get(model)
             if ring is None:
-                ring = self.rings[model] = SecondRing()
-            accepted = ring.add(sec, counts) and accepted
-            for i in range(N_SERIES):
-                total[i] += counts[i]
-        all_models = self.rings.get(None)
+                ring = rings[model] = SecondRing()
+            if not ring.add_row(sec, sp, sg, ap, ag, rq):
+                accepted = False
+            t0 += sp
+            t1 += sg
+            t2 += ap
+            t3 += ag
+            t4 += rq
+        all_models = rings.get(None)
         if all_models is None:
-            all_models = self.rings[None] = SecondRing()
-        accepted = all_models.add(sec, total) and accepted
+            all_models = rings[None] = SecondRing()
+        if not all_models.add_row(sec, t0, t1, t2, t3, t4):
+            accepted = False
         if record.role != GATEWAY:  # a gateway's held requests are no replica running
-            self.presence.add(sec, [max(1, round(record.interval_ms / 1000))])
+            self.presence.add(sec, (max(1, interval_s),))
         if not accepted:
             self.too_old += 1
         if state is None:
@@ -304,11 +352,25 @@ def _reporting(series: WorkloadSeries, grid: npt.NDArray[np.int64]) -> Floats:
     the ``PRESENCE_S`` seconds before it (fewer at the start of the data)."""
     start = int(grid[0]) - PRESENCE_S
     counts = series.presence.window(start, int(grid[-1]))[0]
-    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    cum = np.zeros(len(counts) + 1)
+    np.cumsum(counts, out=cum[1:])
     ends = grid - start
-    known = np.clip(grid - (series.first_sec or 0), 1, PRESENCE_S).astype(np.float64)
-    out: Floats = (cum[ends] - cum[ends - known.astype(np.int64)]) / known
+    known = np.minimum(np.maximum(grid - (series.first_sec or 0), 1), PRESENCE_S)
+    out: Floats = (cum[ends] - cum[ends - known]) / known.astype(np.float64)
     return out
+
+
+def _served_arrived(counts: Floats, pw: float, gw: float) -> Floats:
+    """Weighted served (row 0) and arrived (row 1) tokens per second of ``counts``."""
+    out: Floats = pw * counts[0:4:2] + gw * counts[1:4:2]
+    return out
+
+
+def _cumulative(rows: Floats) -> Floats:
+    """Running sums along each row, with a leading 0: ``cum[:, j]`` sums the first ``j``."""
+    cum = np.zeros((rows.shape[0], rows.shape[1] + 1))
+    np.cumsum(rows, axis=1, out=cum[:, 1:])
+    return cum
 
 
 def _trimmed_demand(
@@ -318,17 +380,15 @@ def _trimmed_demand(
     at index ``ends`` of ``counts``. A request's arrival estimate is corrected to its usage in
     the second it ends, so one long generation puts a spike in a single second; a burst of
     requests raises every second of the window, and survives the trim."""
-    served = pw * counts[0] + gw * counts[1]
-    arrived = pw * counts[2] + gw * counts[3]
-    out = np.zeros(len(ends))
-    for series in (served, arrived):
-        cum = np.concatenate([[0.0], np.cumsum(series)])
-        sums = cum[ends] - cum[ends - wp]
-        busiest = np.lib.stride_tricks.sliding_window_view(series, wp).max(axis=1)[ends - wp]
-        kept = np.maximum(cover - 1, 1.0)
-        whole = sums / np.maximum(cover, 1.0)
-        trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
-        out = np.maximum(out, np.where(cover >= 1, trimmed, 0.0))
+    per_second = _served_arrived(counts, pw, gw)
+    cum = _cumulative(per_second)
+    sums = cum[:, ends] - cum[:, ends - wp]
+    busiest = per_second[:, ends[:, None] - wp + np.arange(wp)].max(axis=2)
+    kept = np.maximum(cover - 1, 1.0)
+    whole = sums / np.maximum(cover, 1.0)
+    trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
+    demand = np.where(cover >= 1, trimmed, 0.0)
+    out: Floats = np.maximum(np.maximum(np.zeros(len(ends)), demand[0]), demand[1])
     return out
 
 
@@ -340,12 +400,11 @@ def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSet
     start = max(first_sec, s - settings.burst_lookback_s)
     if b <= 0 or s - start < b:
         return 0.0, 0
-    counts = ring.window(start, s)
-    pw, gw = settings.prompt_weight, settings.generation_weight
-    demand = np.zeros(s - start - b + 1)
-    for per_second in (pw * counts[0] + gw * counts[1], pw * counts[2] + gw * counts[3]):
-        cum = np.concatenate([[0.0], np.cumsum(per_second)])
-        demand = np.maximum(demand, (cum[b:] - cum[:-b]) / b)
+    cum = _cumulative(
+        _served_arrived(ring.window(start, s), settings.prompt_weight, settings.generation_weight)
+    )
+    windows = (cum[:, b:] - cum[:, :-b]) / b
+    demand = np.maximum(np.maximum(np.zeros(s - start - b + 1), windows[0]), windows[1])
     return float(np.quantile(demand, settings.burst_quantile)), len(demand)
 
 
