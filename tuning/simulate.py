@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay a request trace through a simulated Deployment under KEDA + HPA and "
         "compare scaling policies: GPU-hours, cost, SLO attainment, latency, queues, replicas.",
     )
+    _trace_options(p)
+    _replica_options(p)
+    _hpa_options(p)
+    _policy_options(p)
+    _result_options(p)
+    _sweep_options(p)
+    return p
+
+
+def _trace_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trace")
     g.add_argument(
         "--trace",
@@ -60,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="play the trace's last SECONDS first and count GPU-hours and SLOs from then on, so "
         "every policy starts where running all along left it (default 0: no warm-up)",
     )
+
+
+def _replica_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("replicas")
     g.add_argument("--replica-profile", type=Path, help="JSON written by `token-scaler profile`")
     g.add_argument(
@@ -92,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="terminationGracePeriodSeconds (default 600)",
     )
+
+
+def _hpa_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KEDA and HPA")
     g.add_argument(
         "--min-replicas", type=a.arg(a.non_negative_int), default=1, help="minReplicaCount (default 1)"
@@ -134,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="least-requests",
         help="how a request picks a ready pod (default least-requests)",
     )
+
+
+def _policy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policies")
     g.add_argument(
         "--policies",
@@ -172,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="foresight: seconds it sees beyond the cold start, the time to act (default 30)",
     )
+
+
+def _result_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("results")
     g.add_argument(
         "--ttft-slo", type=a.positive_float, default=2.0, help="time to first token target, s (default 2)"
@@ -188,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", type=Path, help="write every figure (and the sweep) here")
     g.add_argument("--plot", type=Path, help="write a PNG here (and <name>-sweep.png with --sweep)")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _sweep_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sweep: every policy searched alike")
     g.add_argument(
         "--sweep",
@@ -244,7 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="attainment (every SLO) the recommendation must reach (default 0.9)",
     )
-    return p
 
 
 def _range(raw: str) -> tuple[float, float]:
