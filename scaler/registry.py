@@ -112,9 +112,9 @@ class Registry:
             if settings.predictive and self.predictor is not None:
                 fc = await self.predictor.forecast(settings, now)
                 demand = combine(demand, fc, settings)
-            if settings.kv_cache_target is not None:
-                live = series.live_sidecars(now, self.reader.liveness_ms)
-                demand = apply_floor(demand, pressure(live), settings)
+            if settings.kv_cache_target is not None or settings.in_flight_per_replica is not None:
+                writers = series.live_writers(now, self.reader.liveness_ms)
+                demand = apply_floor(demand, pressure(writers, settings.model), settings)
             evaluation = bound_answer(demand, settings, self.reader.ceiling)
             self._cache[cache_key] = (second, series.past_version, demand, evaluation, fc)
         state.last_evaluation = evaluation
@@ -235,7 +235,7 @@ class Registry:
         evaluation = state.last_evaluation
         if series is not None:
             live = series.live_sidecars(now, self.reader.liveness_ms)
-            server = pressure(live)
+            server = pressure(series.live_writers(now, self.reader.liveness_ms), s.model)
             evaluation = evaluate(series, s, now)
             if s.predictive and state.last_forecast is not None:
                 evaluation = combine(evaluation, state.last_forecast, s)
@@ -250,6 +250,7 @@ class Registry:
                 "known": len(series.sidecars),
                 "ids": sorted(live),
                 "inflightRequests": gauges[0],
+                "inflightIncludingHeldAtGateways": server.in_flight,
                 "waitingForFirstToken": gauges[1],
                 "backlogPromptTokens": gauges[2],
                 "backlogGenerationTokens": gauges[3],

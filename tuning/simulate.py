@@ -252,6 +252,13 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         help="token: burst envelope WINDOW:QUANTILE[:LOOKBACK] or off (default off,10:0.9:1200)",
     )
     g.add_argument(
+        "--sweep-inflight",
+        type=a.listed(_on_off),
+        default=["off", "on"],
+        help="token: the in-flight floor (inFlightPerReplica = the replica's sequence slots / "
+        "headroom, the concurrency policy's target) off, on or both (default off,on)",
+    )
+    g.add_argument(
         "--sweep-rps-windows",
         type=a.listed(a.positive_int),
         default=[30, 60],
@@ -279,6 +286,13 @@ def _range(raw: str) -> tuple[float, float]:
     if not 0 < lo < hi:
         raise ValueError("expected 0 < LOW < HIGH")
     return lo, hi
+
+
+def _on_off(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError("expected on or off")
+    return value
 
 
 def _policy_name(raw: str) -> str:
@@ -400,11 +414,17 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
         if not sweep:
             return [{}]
         return [
-            {"windowSeconds": str(w), "panic": panic_variant(pw, pt, hold), "burst": burst_variant(burst)}
+            {
+                "windowSeconds": str(w),
+                "panic": panic_variant(pw, pt, hold),
+                "burst": burst_variant(burst),
+                "inflight": inflight,
+            }
             for w in ns.sweep_windows
             for pw, pt, hold in ns.sweep_panic
             if pw <= w // 2
             for burst in ns.sweep_burst
+            for inflight in ns.sweep_inflight
         ]
     if name == "rps":
         return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]
@@ -559,6 +579,7 @@ def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
         "burstWindowSeconds",
         "burstQuantile",
         "burstLookbackSeconds",
+        "inFlightPerReplica",
         "promptWeight",
         "generationWeight",
     )
