@@ -680,7 +680,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nevery policy searched alike: headroom {lo:g}..{hi:g} (target = calibrated capacity / "
             f"headroom), scale-down windows {', '.join(f'{d:g}s' for d in ns.sweep_scale_down_windows)}, "
             "each policy's own windows; fixed = the fewest replicas, searched over 1..maxReplicas. "
-            "The fewest GPU-hours reaching each attainment of every SLO (* = held by the range's edge):"
+            "The fewest GPU-hours reaching each attainment of every SLO, read off a monotone fit of "
+            "each setting family's runs (fixed: the fewest replicas; * = held by the range's edge), "
+            "and the cheapest run at the goal:"
         )
         print(sweep["table"])
         print()
