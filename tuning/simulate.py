@@ -236,8 +236,8 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sweep-windows",
         type=a.listed(a.positive_int),
-        default=[30, 60],
-        help="token: windowSeconds (default 30,60)",
+        default=[30, 60, 120],
+        help="token: windowSeconds (default 30,60,120: the rate windows the other policies get)",
     )
     g.add_argument(
         "--sweep-panic",
@@ -254,9 +254,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sweep-inflight",
         type=a.listed(_on_off),
-        default=["off", "on"],
+        default=["off"],
         help="token: the in-flight floor (inFlightPerReplica = the replica's sequence slots / "
-        "headroom, the concurrency policy's target) off, on or both (default off,on)",
+        "headroom, the concurrency policy's target) off, on or off,on (default off)",
     )
     g.add_argument(
         "--sweep-rps-windows",
