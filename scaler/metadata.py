@@ -2,7 +2,7 @@
 
 Each key is declared once (``SPEC``): the settings field it fills, how its value is read
 and checked, the line that documents it; its default is the field's default in
-``ScalerSettings``. The README's table, the errors and ``KEYS`` derive from it.
+``ScalerSettings``. The table in docs/scaler.md, the errors and ``KEYS`` derive from it.
 
 KEDA forwards the whole trigger metadata map (its own keys such as ``scalerAddress``
 included), so unknown keys are ignored. A key that is present with a bad value is an
