@@ -370,7 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rps", type=float, default=4.0, help="base requests/s of the load (default 4)")
     parser.add_argument("--replicas", type=int, default=4, help="simulated model-server replicas (default 4)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the load's arrival times, tenants and streaming choices (default 1): "
+        "the same seed, the same load",
+    )
     parser.add_argument(
         "--scenario",
         choices=sorted(SCENARIOS),
