@@ -96,7 +96,7 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_QUEUE_MAX_TOKENS",
         c.positive_int,
         4_000_000,
-        "weighted tokens (prompt + max_tokens) held at once per workload; more get 503",
+        "tokens (prompt + max_tokens, each token counting 1) held at once per workload; more get 503",
     ),
     "queue_timeout_s": c.Option(
         "--queue-timeout",

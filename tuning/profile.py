@@ -106,11 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.15,
         help="inter-token latency target, p95 in s (default 0.15)",
     )
-    p.add_argument("--prompt-weight", type=a.non_negative_float, help="promptWeight (default 1)")
+    p.add_argument(
+        "--prompt-weight",
+        type=a.non_negative_float,
+        help="promptWeight (weighted tokens = promptWeight x prompt + "
+        "generationWeight x generated tokens; default 1)",
+    )
     p.add_argument(
         "--generation-weight",
         type=a.non_negative_float,
-        help="generationWeight (default: measured cost ratio)",
+        help="generationWeight: what a generated token costs in prompt tokens (default: measured, the "
+        "server's prefill tokens/s over its decode tokens/s at a full batch)",
     )
     p.add_argument("--headroom", type=a.arg(_headroom), default=1.3, help="headroom to suggest (default 1.3)")
     p.add_argument(

@@ -166,7 +166,10 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="token policy: ScaledObject trigger metadata (repeat)",
+        help="token policy: ScaledObject trigger metadata (repeat); promptWeight and generationWeight "
+        "default to 1 and what a generated token costs in prompt tokens, from the replica model "
+        "or --replica-profile (weighted tokens = promptWeight x prompt + generationWeight x generated "
+        "tokens)",
     )
     g.add_argument(
         "--fixed-replicas",
