@@ -10,6 +10,7 @@ against each other.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -112,9 +113,10 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
     try:
         stdout, stderr = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
+        # The page's last block stops its servers; what still drains or hangs goes with the group.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
     logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}\nlogs: {logs}"
 

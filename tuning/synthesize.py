@@ -211,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-weight",
         type=a.non_negative_float,
         default=1.0,
-        help="promptWeight (weighted tokens = promptWeight x prompt + "
-        "generationWeight x generated tokens)",
+        help="promptWeight (weighted tokens = promptWeight x prompt + generationWeight x generated tokens)",
     )
     g.add_argument(
         "--generation-weight",
