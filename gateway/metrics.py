@@ -32,7 +32,7 @@ class GatewayMetrics:
         )
         self.queue_tokens = Gauge(
             "tokenscaler_gateway_queue_tokens",
-            "Weighted tokens (prompt + max_tokens) of the requests held, by workload.",
+            "Tokens (prompt + max_tokens, each counting 1) of the requests held, by workload.",
             ["workload"],
             registry=registry,
         )
@@ -57,7 +57,7 @@ class GatewayMetrics:
         )
         self.outstanding = Gauge(
             "tokenscaler_gateway_outstanding_tokens",
-            "Weighted tokens this gateway has outstanding at replicas.",
+            "Tokens (prompt + what may still be generated) this gateway has outstanding at replicas.",
             registry=registry,
         )
         self.route = Histogram(
