@@ -33,7 +33,7 @@ from gateway.queue import QueueFull, Waiter
 from gateway.router import Replica
 from sidecar import openai, paths
 from sidecar.openai import Kind
-from sidecar.proxy import forward_headers
+from sidecar.responses import forward_headers
 from sidecar.tokens import LengthEstimate, prompt_tokens
 
 log = logging.getLogger(__name__)
