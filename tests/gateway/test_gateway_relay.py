@@ -7,6 +7,8 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
+import openai
+import pytest
 import redis
 
 from gateway.server import Gateway
@@ -253,3 +255,36 @@ async def test_a_kept_alive_connection_closed_as_a_request_goes_out_is_sent_once
     [replica] = only(gateway).router.replicas.values()
     assert replica.down_until == 0.0 and replica.requests == 0
     stand_in.stop()
+
+
+async def test_a_stopping_gateway_finishes_streams_refuses_held_requests_and_new_connections(
+    start_gateway: StartGateway, start_replica: StartReplica, workload: str, other: str
+) -> None:
+    await start_replica()
+    gateway = await start_gateway(workload=f"{workload};{other}=zero-model", drain_timeout_s=2.0)
+    await wait_for(lambda: gateway.pools.pools[0].router.replicas, what="the replica")
+    sdk = client(gateway.port)
+
+    async def stream() -> str:
+        events = await sdk.completions.create(
+            model="fake", prompt="p", max_tokens=30, stream=True, extra_headers={"X-Fake-Delay": "0.02"}
+        )
+        return "".join([c.choices[0].text async for c in events if c.choices])
+
+    streaming = asyncio.create_task(stream())
+    held = asyncio.create_task(sdk.completions.create(model="zero-model", prompt="p", max_tokens=3))
+    await wait_for(lambda: len(gateway.pools.pools[1].queue) == 1, what="the request held at zero")
+    await wait_for(lambda: gateway.proxy.outstanding > 0, what="the stream to start")
+    stopping = asyncio.create_task(gateway.stop())
+    await wait_for(lambda: gateway.listener is not None and gateway.listener.stopping, what="the drain")
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", gateway.port)
+    # The stream in flight is answered whole; the held request gets 503 before the drain ends.
+    assert await streaming == "".join(f"t{i} " for i in range(30))
+    with pytest.raises(openai.InternalServerError) as info:
+        await held
+    assert info.value.response.headers["Retry-After"] == "1"
+    assert "shutting down" in info.value.message
+    await stopping
+    assert len(gateway.pools.pools[1].queue) == 0 and gateway.proxy.upstreams.open == 0
+    await sdk.close()
