@@ -111,8 +111,9 @@ class Client(asyncio.Protocol):
     # -- what the handler uses -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def relay_from(self, upstream: Upstream | None) -> None:
         """The answer now comes from ``upstream``: it pauses while this client cannot take more."""
@@ -144,7 +145,7 @@ class Client(asyncio.Protocol):
         if request is None:
             return
         head, body = request
-        self.task = asyncio.get_running_loop().create_task(self._serve(head, body))
+        self.task = self.listener.loop.create_task(self._serve(head, body))
 
     def _read(self) -> tuple[RequestHead, bytes] | None:
         buffer = self.buffer
@@ -222,7 +223,8 @@ Handler = Callable[[Client, RequestHead, bytes], Awaitable[bool]]
 
 
 class Listener:
-    """The data port: ``handler`` answers each request and says whether the connection stays open."""
+    """The data port: ``handler`` answers each request and says whether the connection stays open.
+    Made in the event loop it serves on."""
 
     def __init__(
         self,
@@ -239,11 +241,11 @@ class Listener:
         self.clients: set[Client] = set()
         self.stopping = False
         self.server: asyncio.Server | None = None
+        self.loop = asyncio.get_running_loop()  # kept: asking for it on each request costs a syscall
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: a free port); the port it got."""
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Client(self), host, port, backlog=1024)
+        self.server = await self.loop.create_server(lambda: Client(self), host, port, backlog=1024)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def drain(self, timeout_s: float) -> None:

@@ -333,7 +333,7 @@ class GatewayProxy:
         upstream = self.upstreams.idle(url)
         reused = upstream is not None
         request = self._request(head, body, url)
-        loop = asyncio.get_running_loop()
+        loop = client.listener.loop
         while True:
             if upstream is None:
                 try:

@@ -276,6 +276,7 @@ class Exchange:
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
+            upstream.exchange = None
             upstream.abort()
         self._resolve(outcome, detail)
 

@@ -288,3 +288,35 @@ async def test_a_stopping_gateway_finishes_streams_refuses_held_requests_and_new
     await stopping
     assert len(gateway.pools.pools[1].queue) == 0 and gateway.proxy.upstreams.open == 0
     await sdk.close()
+
+
+async def test_a_silent_replica_gets_504_and_one_breaking_off_breaks_the_client_off(
+    start_gateway: StartGateway, start_replica: StartReplica
+) -> None:
+    await start_replica()
+    gateway = await start_gateway(read_timeout_s=0.3)
+    await wait_for(lambda: only(gateway).router.replicas, what="the replica")
+    reader, writer = await connect(gateway)
+    writer.write(
+        post("/v1/completions", {"model": "fake", "prompt": "p", "max_tokens": 2}, "X-Fake-First-Delay: 1")
+    )
+    answer = await read_answer(reader)
+    error = json.loads(answer.body)["error"]
+    assert answer.status == 504 and error["code"] == "replica_error" and "0.3s" in error["message"]
+    # The client's connection stays open for its next request; the replica is not left out.
+    writer.write(post("/v1/completions", {"model": "fake", "prompt": "p", "max_tokens": 2}))
+    assert (await read_answer(reader)).status == 200
+    [replica] = only(gateway).router.replicas.values()
+    assert replica.down_until == 0.0
+    # A stream the replica breaks off after its first events: the client's breaks off too,
+    # without the chunked coding's last chunk.
+    doc = {"model": "fake", "prompt": "p", "max_tokens": 8, "stream": True}
+    writer.write(post("/v1/completions", doc, "X-Fake-Fail: mid"))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+    rest = await reader.read()
+    assert b"data: {" in rest and not rest.endswith(b"0\r\n\r\n")
+    writer.close()
+    await wait_for(lambda: replica.requests == 0, what="the broken request to end")
+    assert gateway.registry.get_sample_value("tokenscaler_gateway_broken_streams_total") == 1
+    assert replica.local == 0 and gateway.proxy.outstanding == 0
