@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from dataclasses import dataclass, field
 
 import openai
@@ -320,3 +321,32 @@ async def test_a_silent_replica_gets_504_and_one_breaking_off_breaks_the_client_
     await wait_for(lambda: replica.requests == 0, what="the broken request to end")
     assert gateway.registry.get_sample_value("tokenscaler_gateway_broken_streams_total") == 1
     assert replica.local == 0 and gateway.proxy.outstanding == 0
+
+
+async def test_a_slow_client_pauses_the_replicas_connection_until_it_reads(
+    start_gateway: StartGateway, start_replica: StartReplica
+) -> None:
+    replica = await start_replica()
+    gateway = await start_gateway()
+    await wait_for(lambda: only(gateway).router.replicas, what="the replica")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    # The kernel's buffers on loopback can hold megabytes: keep the gateway's side small too.
+    await wait_for(lambda: gateway.listener is not None and gateway.listener.clients, what="the connection")
+    assert gateway.listener is not None
+    [accepted] = gateway.listener.clients
+    assert accepted.transport is not None
+    accepted.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    # A stream of 20,000 events (about 3 MB): far more than the buffers on its way hold.
+    doc = {"model": "fake", "prompt": "p", "max_tokens": 20_000, "stream": True}
+    writer.write(post("/v1/completions", doc))
+    # Not read yet: the gateway stops reading the replica's connection instead of buffering.
+    await wait_for(lambda: any(c.paused for c in gateway.proxy.upstreams._open), what="the pause")
+    answer = await read_answer(reader)
+    assert answer.status == 200 and answer.body.count(b"data: {") == 20_000 + 1
+    await wait_for(lambda: gateway.proxy.upstreams.idle(replica.url) is not None, what="the connection kept")
+    assert not any(c.paused for c in gateway.proxy.upstreams._open)
+    writer.close()
