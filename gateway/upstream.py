@@ -283,11 +283,14 @@ class Exchange:
     def _check_silence(self) -> None:
         if self._state == _DONE:
             return
-        silent = self._loop.time() - self._last_read
+        now = self._loop.time()
         upstream = self.upstream
-        if silent < self._timeout or (upstream is not None and upstream.paused):
-            # Still in time, or not reading because the client is slow to take what came.
-            self._timer = self._loop.call_later(max(self._timeout - silent, 0.001), self._check_silence)
+        if upstream is not None and upstream.paused:
+            # Not reading because the client is slow to take what came: that is no silence.
+            self._last_read = now
+        silent = now - self._last_read
+        if silent < self._timeout:
+            self._timer = self._loop.call_later(self._timeout - silent, self._check_silence)
             return
         if self._state == _HEAD and not self.received:
             outcome = Outcome.TIMEOUT

@@ -327,7 +327,7 @@ async def test_a_slow_client_pauses_the_replicas_connection_until_it_reads(
     start_gateway: StartGateway, start_replica: StartReplica
 ) -> None:
     replica = await start_replica()
-    gateway = await start_gateway()
+    gateway = await start_gateway(read_timeout_s=0.5)
     await wait_for(lambda: only(gateway).router.replicas, what="the replica")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -345,6 +345,8 @@ async def test_a_slow_client_pauses_the_replicas_connection_until_it_reads(
     writer.write(post("/v1/completions", doc))
     # Not read yet: the gateway stops reading the replica's connection instead of buffering.
     await wait_for(lambda: any(c.paused for c in gateway.proxy.upstreams._open), what="the pause")
+    # Paused past the read timeout: the replica was not silent, the gateway was not reading.
+    await asyncio.sleep(1.0)
     answer = await read_answer(reader)
     assert answer.status == 200 and answer.body.count(b"data: {") == 20_000 + 1
     await wait_for(lambda: gateway.proxy.upstreams.idle(replica.url) is not None, what="the connection kept")
