@@ -8,6 +8,7 @@ requests came. A malformed head gets its 4xx and the connection closes (what fol
 cannot be framed). A client that closes its connection cancels its request's task: a held
 request leaves the queue, a forwarded one's connection to the replica is closed.
 
+A connection with no request in progress for ``idle_timeout_s`` is closed.
 ``drain`` stops accepting, closes idle connections, lets requests in flight finish for up to
 its timeout (their connections close after the answer), then cancels what is left.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import cast
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # Bytes of pipelined requests kept while one is answered, before reading pauses.
 PIPELINE_BYTES = 1 << 20
+# A connection without a request in progress this long after it opened or after its last
+# answer is closed (by default; aiohttp's keep-alive): idle clients, heads that never complete.
+IDLE_TIMEOUT_S = 75.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 REASONS = {
     200: "OK",
@@ -73,6 +78,7 @@ class Client(asyncio.Protocol):
         self._reading = True
         self._head: RequestHead | None = None
         self._reader: ChunkedReader | None = None
+        self.idle_since = time.monotonic()  # when its last answer ended (or it opened)
 
     # -- the transport's callbacks -------------------------------------------------------------
 
@@ -140,7 +146,7 @@ class Client(asyncio.Protocol):
         except HttpError as exc:
             self.listener.rejected(exc)
             self.write(response(exc.status, self.listener.error_body(exc), close=True))
-            self._close()
+            self.close()
             return
         if request is None:
             return
@@ -204,8 +210,9 @@ class Client(asyncio.Protocol):
         finally:
             self.task = None
             self.upstream = None
+            self.idle_since = time.monotonic()
         if not keep or not head.keep_alive or self.listener.stopping:
-            self._close()
+            self.close()
             return
         if not self._reading:
             self._reading = True
@@ -214,7 +221,7 @@ class Client(asyncio.Protocol):
         if self.buffer:
             self._next()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.transport is not None:
             self.transport.close()  # after what is written
 
@@ -233,29 +240,44 @@ class Listener:
         max_body_bytes: int,
         rejected: Callable[[HttpError], None],
         error_body: Callable[[HttpError], bytes],
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.rejected = rejected  # told of each request refused for its framing
         self.error_body = error_body
         self.clients: set[Client] = set()
+        self.idle_timeout_s = idle_timeout_s
         self.stopping = False
+        self._sweeper: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None
         self.loop = asyncio.get_running_loop()  # kept: asking for it on each request costs a syscall
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: a free port); the port it got."""
         self.server = await self.loop.create_server(lambda: Client(self), host, port, backlog=1024)
+        self._sweep()
         return int(self.server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``idle_timeout_s``; again a third of it later."""
+        now = time.monotonic()
+        for client in [
+            c for c in self.clients if c.task is None and now - c.idle_since > self.idle_timeout_s
+        ]:
+            client.close()
+        self._sweeper = self.loop.call_later(self.idle_timeout_s / 3, self._sweep)
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting; give requests in flight ``timeout_s`` to end, then cancel them."""
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
         for client in list(self.clients):
             if client.task is None:
-                client._close()
+                client.close()
         busy = [c.task for c in self.clients if c.task is not None]
         if busy:
             await asyncio.wait(busy, timeout=timeout_s)

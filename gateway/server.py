@@ -137,6 +137,7 @@ class Gateway:
             max_body_bytes=self.config.max_body_bytes,
             rejected=self.proxy.rejected,
             error_body=self.proxy.error_body,
+            idle_timeout_s=self.config.idle_timeout_s,
         )
         self.port = await self.listener.start(self.config.host, self.config.port)
         # The first read of the announcements before the port counts as ready.

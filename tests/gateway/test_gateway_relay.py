@@ -352,3 +352,13 @@ async def test_a_slow_client_pauses_the_replicas_connection_until_it_reads(
     await wait_for(lambda: gateway.proxy.upstreams.idle(replica.url) is not None, what="the connection kept")
     assert not any(c.paused for c in gateway.proxy.upstreams._open)
     writer.close()
+
+
+async def test_a_connection_idle_past_the_idle_timeout_is_closed(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway(idle_timeout_s=0.3)
+    reader, writer = await connect(gateway)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert (await read_answer(reader)).status == 200
+    writer.write(b"GET /v1/models HTTP/1.1\r\n")  # a head that never completes
+    assert await reader.read() == b""  # closed by the gateway, not by this side
+    writer.close()
