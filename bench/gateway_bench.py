@@ -15,11 +15,12 @@ step, 6,000 prompt tokens/s, 32 sequences); it reports the p50/p99 time to first
 the spread of in-flight tokens across replicas (sampled every 100 ms). Results go to
 ``bench/results/gateway-<mode>.json``.
 
-``latency --seconds 30`` on the 2-core development VM (shared, load average 1.1 to 3.3), five
+``latency --seconds 30`` on the 2-core development VM (shared, load average 1.1 to 4.5), eight
 runs alternating the gateway on aiohttp's client and server (commit 1cd13d3) with its own HTTP/1.1
-data path: the added p50 through gateway + sidecar was 1.84x, 1.91x, 1.75x, 1.75x and 1.97x the
-sidecar alone's before, 1.34x, 1.38x, 1.34x, 1.31x and 1.37x after; the gateway's CPU per 1,000
-requests 0.43 to 0.49 s before, 0.23 to 0.32 s after (the README's gateway section has the runs).
+data path: the added p50 through gateway + sidecar was 1.71x to 1.97x the sidecar alone's before,
+1.31x to 1.54x after (1.31x to 1.38x at load average 1 to 3.3, up to 1.54x at 3.4 to 4.5); the gateway's
+CPU per 1,000 requests 0.43 to 0.49 s before, 0.23 to 0.32 s after (the README's gateway section
+has the runs).
 """
 
 from __future__ import annotations
