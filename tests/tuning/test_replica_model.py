@@ -14,6 +14,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -199,3 +200,14 @@ def test_a_flush_between_events_counts_as_moving_the_pod_would(case: Case) -> No
         runs.append(served)
     assert runs[0] == runs[1]
     assert sum(runs[0]) == sum(g for g in case.generated)
+
+
+def test_suggested_generation_weight_is_the_marginal_step_time_of_a_token():
+    # a generated token adds step_per_seq_s to its step; a prompt token 1 / prefill rate
+    assert ReplicaProfile().suggested_weights() == (1.0, 3.0)  # 0.5 ms x 6,000 tokens/s
+    p = ReplicaProfile(step_base_s=0.05, step_per_seq_s=0.002, prefill_tokens_per_s=2500.0)
+    assert p.suggested_weights() == (1.0, 5.0)  # the fixed part of a step is no token's cost
+    # one more decoding sequence in a prefilling step lengthens it by that many prompt tokens'
+    # prefill time (the sequence also takes one token of the chunk)
+    longer = p.step_s(9, True) - p.step_s(8, True)
+    assert longer * p.prefill_tokens_per_s == pytest.approx(5.0 - 1.0)
