@@ -230,9 +230,9 @@ def render(result: costs.Reconciliation, fmt: str, *, matched_rows: int = 0) -> 
 
 def stream_counts(url: str, workload: str, after: str) -> tuple[list[costs.HourlyTokens], str]:
     """Hourly counts of the stream's entries after ID ``after`` ("-": all); and the last ID read."""
-    import redis
+    from token_scaler.redis_conn import sync_client
 
-    client = redis.Redis.from_url(url)
+    client = sync_client(url)
     counts: dict[tuple[datetime, str], costs.HourlyTokens] = {}
     last = after
     key = stream_key(workload)

@@ -2,11 +2,21 @@
 
 One task per scaler process: for every workload some ScaledObject asked about, it
 backfills the stream once (XRANGE), then follows all of them with one blocking
-XREAD. Entries go into each workload's ``WorkloadSeries``; entries that break the
+XREAD. On a Redis Cluster, where one command reads keys of one slot only, it follows
+them with one non-blocking XREAD per slot, sent as one pipeline per master (redis-py's
+cluster pipeline groups them by the master of each slot, follows MOVED and ASK, and
+refreshes its map of the cluster when a node fails), every ``poll_ms`` when nothing came.
+Entries go into each workload's ``WorkloadSeries``; entries that break the
 record contract are skipped, counted and logged once per stream. It also keeps the
 offset between this host's clock and Redis' (``TIME``), because every window is on
 Redis' clock, and the time of the last successful read, which says whether the data
 can be trusted.
+
+After a failed read (a failover, among others) every stream is read again from
+``REWIND_MS`` before the last entry read: a master promoted after a failover may lack
+entries the old one had stored (replication is asynchronous), and the entries its writers
+append again can land at IDs below the last one read when the hosts' clocks differ. Entries
+read twice are skipped by their sidecar's ``seq`` (``WorkloadSeries.add``).
 """
 
 from __future__ import annotations
@@ -18,18 +28,20 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from scaler.ceiling import IngestCeiling
 from scaler.metrics import ScalerMetrics
 from scaler.window import WorkloadSeries
 from token_scaler.errors import RecordError
 from token_scaler.record import decode, stream_key
-from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_conn import REDIS_ERRORS, Client
 
 log = logging.getLogger("token_scaler.scaler.reader")
 
 BACKFILL_PAGE = 2000
+# How far back every stream is read again after a failed read (see the module's docstring).
+REWIND_MS = 5000
 
 
 class RedisUnavailable(Exception):
@@ -39,7 +51,7 @@ class RedisUnavailable(Exception):
 class StreamReader:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         metrics: ScalerMetrics,
         *,
         stale_after_s: float = 10.0,
@@ -48,12 +60,14 @@ class StreamReader:
         batch: int = 5000,
         clock_sync_s: float = 5.0,
         ceiling: IngestCeiling | None = None,
+        poll_ms: int = 100,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.stale_after_s = stale_after_s
         self.liveness_ms = int(liveness_s * 1000)
         self.block_ms = block_ms
+        self.poll_ms = poll_ms
         self.batch = batch
         self.clock_sync_s = clock_sync_s
         self.ceiling = ceiling or IngestCeiling()
@@ -161,8 +175,31 @@ class StreamReader:
 
     async def _xread(self) -> Any:
         # RESP2 replies: [[key, [(id, fields), ...]], ...] or None after the block times out
+        if isinstance(self.client, RedisCluster):
+            return await self._xread_cluster(self.client)
         streams: dict[Any, Any] = dict(self._last_ids)
         return await self.client.xread(streams, count=self.batch, block=self.block_ms)
+
+    async def _xread_cluster(self, client: RedisCluster) -> Any:
+        """One XREAD per slot, one pipeline per master; a pause of ``poll_ms`` when none had
+        anything new (a blocking read would wait on one slot only)."""
+        slots: dict[int, dict[Any, Any]] = {}
+        for key, last in self._last_ids.items():
+            slots.setdefault(client.keyslot(key), {})[key] = last
+        pipe = client.pipeline(transaction=False)
+        for streams in slots.values():
+            pipe.xread(streams, count=self.batch)
+        found = [pair for reply in await pipe.execute() for pair in reply or []]
+        if not any(entries for _key, entries in found):
+            await asyncio.sleep(self.poll_ms / 1000)
+        return found
+
+    def _rewind(self) -> None:
+        """Read every stream again from ``REWIND_MS`` before its last entry read."""
+        for key, last in self._last_ids.items():
+            ms = int(last.split("-", 1)[0])
+            if ms > 0:
+                self._last_ids[key] = f"{max(0, ms - REWIND_MS)}-0"
 
     # -- entries -----------------------------------------------------------------
 
@@ -244,6 +281,7 @@ class StreamReader:
                         exc,
                         self.stale_after_s,
                     )
+                    self._rewind()  # once per outage
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)

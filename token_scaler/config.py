@@ -146,11 +146,13 @@ def existing_file(raw: str) -> Path:
 
 
 def redis_url(raw: str) -> str:
-    parsed = urlparse(raw)
-    if parsed.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
-    if parsed.scheme != "unix" and not parsed.hostname:
-        raise ValueError("the URL names no host")
+    """One Redis, a Redis Cluster or a Sentinel set (``redis_conn.locate`` reads every form)."""
+    from token_scaler.redis_conn import RedisUrlError, locate
+
+    try:
+        locate(raw)
+    except RedisUrlError as exc:
+        raise ValueError(exc.reason) from None
     return raw
 
 
