@@ -58,8 +58,8 @@ from sidecar.policy.store import Store
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.upkeep import Leases, Presence, RedisClock, SaturationWatch
 from sidecar.policy.usage import Usage
-from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_routing import Commands
 from token_scaler.saturation import Saturation
 
 __all__ = ["Admission", "PolicyEngine", "Rejection"]
@@ -71,7 +71,7 @@ class PolicyEngine:
     def __init__(
         self,
         path: Path,
-        channel: Channel,
+        channel: Commands,
         registry: CollectorRegistry,
         *,
         workload: str,
