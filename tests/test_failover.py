@@ -1,0 +1,189 @@
+"""The whole loop on a Redis Cluster (3 masters, 3 replicas) and on Sentinel (1 master, 2
+replicas, 3 sentinels), real ``redis-server`` processes on loopback, through a master's death.
+
+Sidecars (in this process, their own flush loops) in front of a fake model server append to
+their workloads' streams; a scaler (gRPC, polled as KEDA does) follows them. Then the master
+holding the first workload's stream stops feeding its replicas (as a lagging replica would
+not have the last writes: replication is asynchronous), takes more appends, and is killed. A
+replica missing those appends is promoted. What is checked, after the traffic ends:
+
+- the scaler answered only values or ``UNAVAILABLE`` (its data stale) throughout, and values
+  again after the failover;
+- every workload's stream holds exactly the tokens the model servers generated, none lost and
+  none twice (counting each sidecar's ``seq`` once), and so does the scaler's own series: the
+  sidecar whose appends the failover lost sent them again (``Outbox.resent``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import aiohttp
+import grpc
+import pytest
+
+from scaler.config import ScalerConfig
+from scaler.server import ScalerServer
+from sidecar.server import Sidecar
+from tests.keda import KedaClient
+from tests.sidecar.conftest import started_sidecar
+from tests.sidecar.fake_upstream import FakeUpstream
+from token_scaler.record import decode, stream_key
+from token_scaler.redis_conn import sync_client
+from token_scaler.redis_topology import LocalCluster, LocalSentinel, Node
+
+pytestmark = pytest.mark.cluster
+
+WORKLOADS = 3
+STALE_AFTER_S = 1.0
+TRIGGER = {"tokensPerSecondPerReplica": "100", "headroom": "1"}
+
+
+Topology = LocalCluster | LocalSentinel
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    try:
+        started: Topology = LocalCluster.start() if request.param == "cluster" else LocalSentinel.start()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def master_of(topology: Topology, key: str) -> Node:
+    return topology.master_of(key) if isinstance(topology, LocalCluster) else topology.current_master()
+
+
+def stream_generation(url: str, workload: str) -> int:
+    """Generated tokens in the stream, each sidecar's ``seq`` counted once."""
+    client = sync_client(url)
+    try:
+        rows = client.xrange(stream_key(workload))
+    finally:
+        client.close()
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for _id, fields in rows:
+        record = decode(fields)
+        if (record.sidecar, record.seq) in seen:
+            continue
+        seen.add((record.sidecar, record.seq))
+        total += sum(c.served_generation for c in record.models.values())
+    return total
+
+
+def scaler_generation(scaler: ScalerServer, workload: str) -> int:
+    series = scaler.reader.series[workload]
+    ring = series.ring(None)
+    if ring is None or series.first_sec is None:
+        return 0
+    last = scaler.reader.now_ms() // 1000 + 2
+    return round(float(ring.window(series.first_sec, last)[1].sum()))
+
+
+async def traffic(session: aiohttp.ClientSession, sidecar: Sidecar, requests: int) -> None:
+    url = f"http://127.0.0.1:{sidecar.port}/v1/chat/completions"
+    for i in range(requests):
+        body = {
+            "model": "m",
+            "messages": [{"content": "hello"}],
+            "max_tokens": 5 + i % 7,
+            "stream": i % 2 == 0,
+        }
+        async with session.post(url, json=body) as response:
+            assert response.status == 200
+            await response.read()
+
+
+async def test_the_loop_survives_a_master_failover_and_counts_each_token_once(topology: Topology) -> None:
+    url = topology.url
+    workloads = [f"test-{uuid.uuid4().hex[:10]}/fo{i}" for i in range(WORKLOADS)]
+    upstreams = [FakeUpstream() for _ in workloads]
+    sidecars: list[Sidecar] = []
+    scaler = ScalerServer(
+        ScalerConfig(grpc_port=0, http_port=0, host="127.0.0.1", redis_url=url, stale_after_s=STALE_AFTER_S)
+    )
+    answers: dict[str, int] = {}
+    try:
+        for upstream in upstreams:
+            await upstream.start()
+        for i, (workload, upstream) in enumerate(zip(workloads, upstreams, strict=True)):
+            sidecars.append(await started_sidecar(url, workload, upstream, f"fo-{i}", flush_interval_s=0.2))
+        await scaler.start()
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{scaler.grpc_port}") as channel,
+            aiohttp.ClientSession() as session,
+        ):
+            keda = KedaClient(channel, "scaler:9090")
+
+            async def poll_all() -> list[str]:
+                codes = []
+                for workload in workloads:
+                    ns, name = workload.split("/")
+                    try:
+                        await keda.poll(ns, name, TRIGGER)
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code().name)
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                        assert "stale" in (exc.details() or "") or "Redis" in (exc.details() or "")
+                for code in codes:
+                    answers[code] = answers.get(code, 0) + 1
+                return codes
+
+            assert await poll_all() == ["OK"] * WORKLOADS
+            await asyncio.gather(*(traffic(session, s, 10) for s in sidecars))
+            for sidecar in sidecars:
+                sidecar.flusher.cut()
+                assert await sidecar.flusher.deliver()
+
+            doomed = master_of(topology, stream_key(workloads[0]))
+            doomed.cut_replicas()
+            await traffic(session, sidecars[0], 6)
+            sidecars[0].flusher.cut()
+            assert await sidecars[0].flusher.deliver()  # stored on the doomed master alone
+            doomed.kill()
+
+            # Traffic and KEDA's polls go on through the failover.
+            failover = asyncio.get_running_loop().run_in_executor(None, topology.wait_failover, doomed)
+            while not failover.done():
+                await asyncio.gather(*(traffic(session, s, 2) for s in sidecars))
+                await poll_all()
+                await asyncio.sleep(0.2)
+            await failover
+            await asyncio.gather(*(traffic(session, s, 10) for s in sidecars))
+            for sidecar in sidecars:
+                for _ in range(100):  # each flush loop delivers what it buffered (0.2 s each)
+                    if sidecar.flusher.buffered == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                sidecar.flusher.cut()
+                assert await sidecar.flusher.deliver()
+
+            expected = [upstream.reported.generation for upstream in upstreams]
+            for _ in range(100):
+                codes = await poll_all()
+                if (
+                    codes == ["OK"] * WORKLOADS
+                    and [scaler_generation(scaler, w) for w in workloads] == expected
+                ):
+                    break
+                await asyncio.sleep(0.1)
+            assert codes == ["OK"] * WORKLOADS
+            resent = sidecars[0].flusher.outbox.resent
+            print(f"\nscaler answers through the failover: {answers}; records sent again: {resent}")
+            assert resent >= 1  # appends the failover lost, sent again
+            assert [stream_generation(url, w) for w in workloads] == expected
+            assert [scaler_generation(scaler, w) for w in workloads] == expected
+    finally:
+        await scaler.stop()
+        for sidecar in sidecars:
+            await sidecar.stop()
+        for upstream in upstreams:
+            await upstream.stop()
