@@ -7,9 +7,11 @@ in the set's temporary directory, named in the errors.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,16 +92,39 @@ def _start(root: Path, name: str, args: list[str], *, port: int | None = None, c
     return Node(process, port, workdir)
 
 
-def _wait(what: str, check: object, logs: Path) -> None:
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def _log_tails(root: Path, lines: int = 5) -> str:
+    tails = []
+    for log in sorted(root.glob("*/redis.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"{log.parent.name}: " + " | ".join(tail))
+    return "\n".join(tails)
+
+
+def _wait(what: str, check: Callable[[], object], root: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
-            if callable(check) and check():
+            if check():
                 return
         except REDIS_ERRORS:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up within {START_TIMEOUT_S:g}s; logs in {logs}")
+            raise RuntimeError(
+                f"{what} did not come up within {START_TIMEOUT_S:g}s; logs:\n{_log_tails(root)}"
+            )
         time.sleep(0.05)
 
 
@@ -131,7 +156,7 @@ class LocalCluster:
         cluster = cls(nodes, root, node_timeout_ms)
         try:
             for i in range(masters * 2):
-                nodes.append(_start(root, f"node{i}", [], conf=conf))
+                nodes.append(_start(root, f"node{i}", [], port=_cluster_port(), conf=conf))
             for node in nodes:
                 _wait(f"cluster node {node.address}", node.client().ping, root)
             subprocess.run(
