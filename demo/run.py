@@ -120,9 +120,8 @@ async def forget(url: str, workload: str) -> None:
     nothing behind, so a rerun on the same Redis prints the same table."""
     client = connect(url)
     try:
-        keys = [key async for key in client.scan_iter(match=workload_keys(workload), count=1000)]
-        if keys:
-            await client.delete(*keys)
+        async for key in client.scan_iter(match=workload_keys(workload), count=1000):
+            await client.delete(key)  # one by one: a cluster deletes keys of one slot per command
     finally:
         await client.aclose()
 
