@@ -13,7 +13,11 @@ through four clients, rounds interleaved:
   ``Script`` objects, to the same server;
 - ``channel-cluster``: the hand-written client routing by slot (token_scaler/redis_routing.py)
   to a 3-master Redis Cluster (each master with a replica);
-- ``redis-py-cluster``: redis-py's ``RedisCluster`` to the same cluster.
+- ``redis-py-cluster``: redis-py's ``RedisCluster`` to the same cluster;
+- ``channel-replicated``: the hand-written client to a master with two replicas (a Sentinel
+  set's), and ``channel-replicated+WAIT``: the same, each admission followed by ``WAIT 1 100``
+  on its connection (the reply waits until a replica has the admission): what making the
+  budgets' writes survive a failover would add to every request.
 
 Each is measured alone (one request at a time: the round trip a request adds) and with
 ``--concurrency`` requests in flight (a busy sidecar: what queueing in the client adds).
@@ -36,9 +40,10 @@ from redis.asyncio.cluster import RedisCluster
 from bench._common import percentiles, save
 from sidecar.policy import scripts
 from sidecar.policy.store import _ADMIT, AdmitArgs, Store, TenantKeys, tenant_keys
+from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis, connect
 from token_scaler.redis_routing import open_channel
-from token_scaler.redis_topology import LocalCluster
+from token_scaler.redis_topology import LocalCluster, LocalSentinel
 
 TENANTS = 1000
 DAY, MONTH = "20261204", "202612"
@@ -88,6 +93,16 @@ def through_store(store: Store) -> Admit:
     return admit
 
 
+def waiting_for_a_replica(store: Store, channel: Channel) -> Admit:
+    admit = through_store(store)
+
+    def admit_and_wait(i: int) -> Awaitable[Any]:
+        admitted = admit(i)
+        return asyncio.gather(admitted, channel.send("WAIT", 1, 100, flush=True))
+
+    return admit_and_wait
+
+
 def through_redis_py(client: aioredis.Redis | RedisCluster) -> Admit:
     script = client.register_script(_ADMIT.source)
 
@@ -117,17 +132,26 @@ async def measure(admit: Admit, calls: int, concurrency: int, offset: int) -> tu
 
 
 async def bench(
-    single: LocalRedis, cluster: LocalCluster, calls: int, rounds: int, concurrency: int
+    single: LocalRedis,
+    cluster: LocalCluster,
+    replicated: LocalSentinel,
+    calls: int,
+    rounds: int,
+    concurrency: int,
 ) -> dict[str, Any]:
     channel = open_channel(single.url)
     channel_cluster = open_channel(cluster.url)
     plain = connect(single.url)
     py_cluster = connect(cluster.url)
+    to_master = Channel(port=replicated.current_master().port)
+    to_master_waiting = Channel(port=replicated.current_master().port)
     clients: dict[str, Admit] = {
         "channel": through_store(Store(channel)),
         "redis-py": through_redis_py(plain),
         "channel-cluster": through_store(Store(channel_cluster)),
         "redis-py-cluster": through_redis_py(py_cluster),
+        "channel-replicated": through_store(Store(to_master)),
+        "channel-replicated+WAIT": waiting_for_a_replica(Store(to_master_waiting), to_master_waiting),
     }
     samples: dict[str, dict[int, list[float]]] = {name: {1: [], concurrency: []} for name in clients}
     cpu: dict[str, dict[int, list[float]]] = {name: {1: [], concurrency: []} for name in clients}
@@ -148,7 +172,14 @@ async def bench(
         await channel_cluster.close()
         await plain.aclose()
         await py_cluster.aclose()
-    result: dict[str, Any] = {"calls_per_round": calls, "rounds": rounds, "concurrency": concurrency}
+        await to_master.close()
+        await to_master_waiting.close()
+    result: dict[str, Any] = {
+        "calls_per_round": calls,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "clients": list(clients),
+    }
     for name in clients:
         result[name] = {
             f"in_flight_{level}": {
@@ -174,7 +205,13 @@ def main() -> None:
     try:
         cluster = LocalCluster.start()
         try:
-            result = uvloop.run(bench(single, cluster, args.calls, args.rounds, args.concurrency))
+            replicated = LocalSentinel.start()
+            try:
+                result = uvloop.run(
+                    bench(single, cluster, replicated, args.calls, args.rounds, args.concurrency)
+                )
+            finally:
+                replicated.stop()
         finally:
             cluster.stop()
     finally:
@@ -183,11 +220,11 @@ def main() -> None:
     for level in (1, args.concurrency):
         print(f"  {level} in flight:")
         base = result["channel"][f"in_flight_{level}"]
-        for name in ("channel", "redis-py", "channel-cluster", "redis-py-cluster"):
+        for name in result["clients"]:
             row = result[name][f"in_flight_{level}"]
             cpu = row["cpu_us_per_call"]
             print(
-                f"    {name:<17} p50 {row['p50']:.3f}  p99 {row['p99']:.3f} ({row['p99'] / base['p99']:.2f}x)"
+                f"    {name:<24} p50 {row['p50']:.3f}  p99 {row['p99']:.3f} ({row['p99'] / base['p99']:.2f}x)"
                 f"  CPU {cpu:.0f} us/call ({cpu / base['cpu_us_per_call']:.2f}x)"
             )
     print(f"saved {save('redis_clients', result)}")
