@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from billing import costs
-from token_scaler.config import redis_url as check_redis_url
+from token_scaler.config import redis_url_argument as check_redis_url
 from token_scaler.config import workload_name
 from token_scaler.errors import ConfigError, RecordError, RowError
 from token_scaler.record import DEFAULT_RETENTION_S, decode, entry_time_ms, stream_key

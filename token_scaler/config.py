@@ -70,7 +70,8 @@ def load(
         try:
             values[name] = opt.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from exc
+            shown = _redacted(raw) if opt.parse is redis_url else raw
+            raise ConfigError(f"{source}={shown!r} is invalid: {exc}") from exc
     return values
 
 
@@ -154,6 +155,22 @@ def redis_url(raw: str) -> str:
     except RedisUrlError as exc:
         raise ValueError(exc.reason) from None
     return raw
+
+
+def _redacted(url: str) -> str:
+    from token_scaler.redis_conn import redact
+
+    return redact(url)
+
+
+def redis_url_argument(raw: str) -> str:
+    """``redis_url`` for argparse: its error names the URL (password hidden) and what is wrong."""
+    import argparse
+
+    try:
+        return redis_url(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{_redacted(raw)!r} is invalid: {exc}") from None
 
 
 def http_url(raw: str) -> str:
