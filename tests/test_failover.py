@@ -8,7 +8,8 @@ not have the last writes: replication is asynchronous), takes more appends, and 
 replica missing those appends is promoted. What is checked, after the traffic ends:
 
 - the scaler answered only values or ``UNAVAILABLE`` (its data stale) throughout, and values
-  again after the failover;
+  again after the failover; on the cluster, values all along for the workloads whose streams
+  are on the other masters;
 - every workload's stream holds exactly the tokens the model servers generated, none lost and
   none twice (counting each sidecar's ``seq`` once), and so does the scaler's own series: the
   sidecar whose appends the failover lost sent them again (``Outbox.resent``).
@@ -110,6 +111,7 @@ async def test_the_loop_survives_a_master_failover_and_counts_each_token_once(to
         ScalerConfig(grpc_port=0, http_port=0, host="127.0.0.1", redis_url=url, stale_after_s=STALE_AFTER_S)
     )
     answers: dict[str, int] = {}
+    unavailable: dict[str, int] = {}  # per workload
     try:
         for upstream in upstreams:
             await upstream.start()
@@ -131,6 +133,7 @@ async def test_the_loop_survives_a_master_failover_and_counts_each_token_once(to
                         codes.append("OK")
                     except grpc.aio.AioRpcError as exc:
                         codes.append(exc.code().name)
+                        unavailable[workload] = unavailable.get(workload, 0) + 1
                         assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
                         assert "stale" in (exc.details() or "") or "Redis" in (exc.details() or "")
                 for code in codes:
@@ -144,6 +147,7 @@ async def test_the_loop_survives_a_master_failover_and_counts_each_token_once(to
                 assert await sidecar.flusher.deliver()
 
             doomed = master_of(topology, stream_key(workloads[0]))
+            elsewhere = [w for w in workloads if master_of(topology, stream_key(w)) is not doomed]
             doomed.cut_replicas()
             await traffic(session, sidecars[0], 6)
             sidecars[0].flusher.cut()
@@ -179,6 +183,8 @@ async def test_the_loop_survives_a_master_failover_and_counts_each_token_once(to
             resent = sidecars[0].flusher.outbox.resent
             print(f"\nscaler answers through the failover: {answers}; records sent again: {resent}")
             assert resent >= 1  # appends the failover lost, sent again
+            # On a cluster, streams on the masters that lived were read all along.
+            assert [unavailable.get(w, 0) for w in elsewhere] == [0] * len(elsewhere)
             assert [stream_generation(url, w) for w in workloads] == expected
             assert [scaler_generation(scaler, w) for w in workloads] == expected
     finally:
