@@ -30,8 +30,8 @@ from tests.sidecar.test_policy_many import (  # collected here again, against ea
     test_one_budget_across_four_sidecars_is_never_overspent_and_refunds_are_never_lost,
     test_rate_limit_across_four_sidecars_is_within_one_percent,
 )
+from tests.topologies import Topology, master_of, running
 from token_scaler.redis_conn import sync_client
-from token_scaler.redis_topology import LocalCluster, LocalSentinel
 
 pytestmark = pytest.mark.cluster
 
@@ -43,28 +43,22 @@ __all__ = [
 
 
 @pytest.fixture(scope="module", params=["cluster", "sentinel"])
-def topology(request: pytest.FixtureRequest) -> Iterator[LocalCluster | LocalSentinel]:
-    try:
-        started = LocalCluster.start() if request.param == "cluster" else LocalSentinel.start()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    try:
+def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    with running(request.param) as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture(scope="module")
-def redis_url(topology: LocalCluster | LocalSentinel) -> str:
+def redis_url(topology: Topology) -> str:
     return topology.url
 
 
 async def test_a_budget_through_a_master_failover_is_passed_by_a_bounded_amount(
-    fleet: Fleet, topology: LocalCluster | LocalSentinel
+    fleet: Fleet, topology: Topology
 ) -> None:
     """Runs last in the module: the killed master stays dead."""
     res = fleet.key("failover", "res")
-    doomed = topology.master_of(res) if isinstance(topology, LocalCluster) else topology.current_master()
+    doomed = master_of(topology, res)
     told = biggest = left = 0
     statuses: dict[int, int] = {}
     recovered, a_third = asyncio.Event(), asyncio.Event()  # a master again; a third served

@@ -12,9 +12,11 @@ key: every script touches keys of one slot, the tenant's or the model's hash tag
 commands (PING, TIME) to the master of slot 0. Commands to one master still leave in one
 write. Replies redirect: ``MOVED`` updates the slot's master, sends the command there and asks
 for the whole map again; ``ASK`` (a slot being migrated) sends ``ASKING`` and the command to
-the node named, once. A connection error (a master gone) fails the commands waiting on it,
-as with one Redis (the policies decide without Redis meanwhile), and asks for the map again,
-at most every ``REFRESH_S``, until a replica has been promoted and the map says so.
+the node named, once; ``TRYAGAIN`` (a script whose keys a migration has split between two
+nodes) sends it again ``TRYAGAIN_S`` later, up to ``REDIRECTS`` times. A connection error (a
+master gone) fails the commands waiting on it, as with one Redis (the policies decide without
+Redis meanwhile), and asks for the map again, at most every ``REFRESH_S``, until a replica has
+been promoted and the map says so.
 
 Sentinel: the master's address comes from the first sentinel that answers
 (``SENTINEL GET-MASTER-ADDR-BY-NAME``). When a connection to it fails, or it answers
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 SLOTS = 16384
 REFRESH_S = 0.25  # the least time between two readings of the map (or asking the sentinels)
 ASK_TIMEOUT_S = 1.0  # for a node's answer to CLUSTER SLOTS, a sentinel's to its master's address
-REDIRECTS = 5  # MOVED replies followed for one command before its caller gets the last one
+REDIRECTS = 5  # redirects followed for one command before its caller gets the last reply
+TRYAGAIN_S = 0.02  # the wait before a command Redis answered TRYAGAIN is sent again
 KEYLESS = frozenset({"PING", "TIME", "SCRIPT", "INFO", "ECHO"})
 
 
@@ -256,8 +259,13 @@ class ClusterChannel(_Routed):
 
     def _redirect(self, key: Arg | None, error: str, run: Run, deliver: Deliver, redirects: int) -> bool:
         kind, _, rest = error.partition(" ")
+        if kind == "TRYAGAIN":  # a script's keys are split by a slot migration: again shortly
+            asyncio.get_running_loop().call_later(
+                TRYAGAIN_S, self._dispatch, key, run, deliver, True, redirects + 1
+            )
+            return True
         if kind not in ("MOVED", "ASK"):
-            if kind in ("CLUSTERDOWN", "TRYAGAIN"):
+            if kind == "CLUSTERDOWN":
                 self._stale()
             return False
         slot_text, _, address = rest.partition(" ")

@@ -23,6 +23,10 @@ from token_scaler.redis_conn import REDIS_ERRORS, free_port, stop_process
 START_TIMEOUT_S = 30.0
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _binary(name: str) -> str:
     exe = shutil.which(name)
     if exe is None:
@@ -232,6 +236,24 @@ class LocalCluster:
             return self.healthy()
 
         _wait(f"failover of {dead.address}", promoted, self.root)
+
+    def migrate(self, key: str, to: Node, pause_s: float = 0.0) -> int:
+        """Move ``key``'s slot, its keys one at a time (``pause_s`` apart, so clients meet the
+        slot half moved: ASK), to the master ``to``, as ``redis-cli --cluster reshard`` does;
+        the keys moved."""
+        source = self.master_of(key)
+        slot = int(source.call("CLUSTER", "KEYSLOT", key))
+        source_id, target_id = source.call("CLUSTER", "MYID"), to.call("CLUSTER", "MYID")
+        to.call("CLUSTER", "SETSLOT", slot, "IMPORTING", _text(source_id))
+        source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", _text(target_id))
+        moved = 0
+        while keys := source.call("CLUSTER", "GETKEYSINSLOT", slot, 1):
+            source.call("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause_s)
+        for node in self.masters():
+            node.call("CLUSTER", "SETSLOT", slot, "NODE", _text(target_id))
+        return moved
 
     def flush(self) -> None:
         for node in self.masters():
