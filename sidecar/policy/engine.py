@@ -260,8 +260,12 @@ class PolicyEngine:
     async def tick(self) -> None:
         self.reload()
         self.ahead.expire()
-        if self.outage.down and not await self.outage.recover(len(self.settlements.pending)):
-            return
+        if self.outage.down:
+            # The charges made without Redis reach it before admissions go to it again: an
+            # admission first would give away room those requests have used already.
+            if not await self.outage.reachable() or not await self.settlements.reconcile():
+                return
+            self.outage.back(len(self.settlements.pending))
         await self.settlements.resend()
         self.ahead.send_checkpoints()
         if not self.redis_clock.synced:

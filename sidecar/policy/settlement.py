@@ -201,6 +201,17 @@ class Settlements:
                 break
         self._ctx.metrics.pending.set(len(self.pending))
 
+    async def reconcile(self) -> bool:
+        """While Redis is still taken for away but answers: send the settlements queued by
+        then (those queued meanwhile follow with ``resend``); whether Redis took them all."""
+        for _ in range(-(-len(self.pending) // BATCH)):
+            batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
+            if batch and not await self._send(batch):
+                self._ctx.metrics.pending.set(len(self.pending))
+                return False
+        self._ctx.metrics.pending.set(len(self.pending))
+        return True
+
     def _send(self, batch: list[Settlement]) -> Coroutine[Any, Any, bool]:
         """Queue a batch's settlements (and model-limit corrections) on the channel now; the
         coroutine returned applies their replies."""
