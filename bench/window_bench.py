@@ -6,7 +6,7 @@ A workload of ``--sidecars`` pods, each flushing one record a second (``--models
 one tenant), for ``--seconds`` seconds; then ``evaluate`` at each of the last 300 seconds
 with the default settings (burst envelope off) and with a 30 s burst envelope over 1,200 s.
 The baseline, in the same run on the same records: the plain implementation the property
-test compares against (``tests/window_reference.py``: lists only, arrays rebuilt at every
+test compares against (``tests/scaler/window_reference.py``: lists only, arrays rebuilt at every
 read). CPU (process) time, best of ``--rounds``. Results: printed and written to
 bench/results/window.json.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from bench._common import save
 from scaler.metadata import ScalerSettings
 from scaler.window import WorkloadSeries, evaluate
-from tests.window_reference import RefSeries, ref_evaluate
+from tests.scaler.window_reference import RefSeries, ref_evaluate
 from token_scaler.record import ModelCounts, Record, TenantCounts
 
 T0 = 1_700_000_000

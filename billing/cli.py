@@ -83,9 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--only-workload", type=workload_name, help="with --tokens: count only this workload")
     rec.add_argument(
-        "--redis-url", type=check_redis_url, default=os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+        "--redis-url",
+        type=check_redis_url,
+        default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"),
+        help="with --workload: the Redis holding its stream (env REDIS_URL; default redis://localhost:6379/0)",
     )
-    rec.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    rec.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="how to print the cost per 1k tokens per model (default table)",
+    )
 
     tok = sub.add_parser(
         "tokens",
@@ -94,10 +102,18 @@ def _parser() -> argparse.ArgumentParser:
         "a CSV (resuming after the last entry counted, kept in <out>.last-id). The stream holds "
         f"only ~{DEFAULT_RETENTION_S // 60} minutes: run it with --follow, or at least every 15 minutes.",
     )
-    tok.add_argument("--workload", required=True, type=workload_name)
+    tok.add_argument(
+        "--workload",
+        required=True,
+        type=workload_name,
+        help="<namespace>/<name>: the workload whose stream to count (the sidecars' TOKEN_SCALER_WORKLOAD)",
+    )
     tok.add_argument("--out", required=True, type=Path, help="the CSV to merge into ('-': stdout, no state)")
     tok.add_argument(
-        "--redis-url", type=check_redis_url, default=os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+        "--redis-url",
+        type=check_redis_url,
+        default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"),
+        help="the Redis holding the workload's stream (env REDIS_URL; default redis://localhost:6379/0)",
     )
     tok.add_argument(
         "--follow", action="store_true", help="keep reading; write the CSV every --write-every s"

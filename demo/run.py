@@ -127,21 +127,32 @@ async def forget(url: str, workload: str) -> None:
         await client.aclose()
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """The simulated replicas and the load, sized from the trace and the options."""
+
+    capacity: float  # weighted tokens/s one simulated replica serves
+    rps_target: float  # requests/s per replica a requests-based scaler is calibrated to
+    load_s: float  # seconds of load (the last seconds of the run let queues drain)
+    phase_s: tuple[float, float]  # when the scenario's phase runs, seconds since the load started
+
+    @staticmethod
+    def of(args: argparse.Namespace, mean_weighted: float) -> Sizing:
+        # Size a replica so that the base load keeps the replicas BUSY busy: room for the phase.
+        capacity = args.rps * mean_weighted / (args.replicas * BUSY)
+        load_s = max(10.0, args.duration - 15.0)
+        return Sizing(capacity, capacity / mean_weighted, load_s, (PHASE[0] * load_s, PHASE[1] * load_s))
+
+
 async def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     trace = load_sample()
-    base_rps = args.rps
-    mean_weighted = mean_weighted_tokens(trace, PROMPT_WEIGHT, 1.0)
-    # Size a replica so that the base load keeps the replicas BUSY busy: room for the phase.
-    capacity = base_rps * mean_weighted / (args.replicas * BUSY)
-    rps_target = capacity / mean_weighted  # what a requests-based scaler is calibrated to per replica
-    load_s = max(10.0, args.duration - 15.0)  # the last seconds let queues drain
+    size = Sizing.of(args, mean_weighted_tokens(trace, PROMPT_WEIGHT, 1.0))
     scenario = SCENARIOS[args.scenario]
-    phase_s = (PHASE[0] * load_s, PHASE[1] * load_s)
     planned = plan(
         trace,
-        duration_s=load_s,
-        rps=base_rps,
+        duration_s=size.load_s,
+        rps=args.rps,
         burst=PHASE,
         burst_factor=scenario.requests,
         burst_generation_factor=scenario.generation,
@@ -160,97 +171,31 @@ async def run(args: argparse.Namespace) -> int:
     redis_ = start_redis(args.redis_url)
     print(f"Redis: {redis_.description}")
     stack = contextlib.AsyncExitStack()
-    models: list[SimulatedModel] = []
-    sidecars: list[Sidecar] = []
     stats = LoadStats()
     rows: list[Row] = []
     try:
         await forget(redis_.url, WORKLOAD)
-        for i in range(args.replicas):
-            model = SimulatedModel(capacity=capacity, prompt_cost=PROMPT_WEIGHT, model=MODEL)
-            runner = web.AppRunner(model.app(), access_log=None, handler_cancellation=True)
-            await runner.setup()
-            port = free_port()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            stack.push_async_callback(runner.cleanup)
-            models.append(model)
-            sidecar = Sidecar(
-                SidecarConfig(
-                    workload=WORKLOAD,
-                    redis_url=redis_.url,
-                    upstream=f"http://127.0.0.1:{port}",
-                    host="127.0.0.1",
-                    port=0,
-                    admin_port=0,
-                    shutdown_delay_s=0.0,
-                    drain_timeout_s=2.0,
-                    sidecar_id=f"demo-replica-{i}",
-                    model_metrics_url="off",  # the simulated server has no /metrics
-                    log_level="WARNING",
-                )
-            )
-            await sidecar.start()
-            stack.push_async_callback(sidecar.stop)
-            sidecars.append(sidecar)
-        scaler = ScalerServer(
-            ScalerConfig(
-                grpc_port=0,
-                http_port=0,
-                host="127.0.0.1",
-                redis_url=redis_.url,
-                log_level="WARNING",
-                debug_open=True,  # loopback only: the demo reads its debug view
-            )
-        )
-        await scaler.start()
-        stack.push_async_callback(scaler.stop)
+        models, sidecars = await start_replicas(stack, args.replicas, size.capacity, redis_.url)
+        scaler = await start_scaler(stack, redis_.url)
         print(
-            f"model server: {args.replicas} simulated replicas, {capacity:.0f} weighted tokens/s each "
+            f"model server: {args.replicas} simulated replicas, {size.capacity:.0f} weighted tokens/s each "
             f"(prompt token = {PROMPT_WEIGHT}, generated token = 1)\n"
             f"sidecars: {', '.join(f'127.0.0.1:{s.port}' for s in sidecars)} "
             f"-> stream of workload {WORKLOAD}\n"
             f"scaler: gRPC 127.0.0.1:{scaler.grpc_port}, debug http://127.0.0.1:{scaler.http_port}/debug/scalers\n"
-            f"load: {len(planned)} requests, Poisson arrivals at {base_rps:g} req/s, sizes from the "
+            f"load: {len(planned)} requests, Poisson arrivals at {args.rps:g} req/s, sizes from the "
             f"packaged trace ({trace.attribution})\n"
-            f"from {phase_s[0]:.0f}s to {phase_s[1]:.0f}s ({scenario.label!r}): {scenario.describe()}; "
-            f"load stops at {load_s:.0f}s\n"
+            f"from {size.phase_s[0]:.0f}s to {size.phase_s[1]:.0f}s ({scenario.label!r}): "
+            f"{scenario.describe()}; load stops at {size.load_s:.0f}s\n"
             f"weighted tokens = {PROMPT_WEIGHT} x prompt + 1 x generated; KEDA's target per replica: "
-            f"{capacity / HEADROOM:.0f} weighted tokens/s (capacity / headroom {HEADROOM}); a requests/s "
-            f"scaler is calibrated to {rps_target / HEADROOM:.2f} req/s per replica on the trace's mean "
-            f"request\n"
+            f"{size.capacity / HEADROOM:.0f} weighted tokens/s (capacity / headroom {HEADROOM}); a "
+            f"requests/s scaler is calibrated to {size.rps_target / HEADROOM:.2f} req/s per replica on "
+            f"the trace's mean request\n"
         )
-        metadata = {
-            "scalerAddress": f"127.0.0.1:{scaler.grpc_port}",
-            "tokensPerSecondPerReplica": f"{capacity:.0f}",
-            "headroom": str(HEADROOM),
-            "promptWeight": str(PROMPT_WEIGHT),
-            "generationWeight": "1.0",
-            "workload": WORKLOAD,
-            "windowSeconds": str(WINDOW_S),
-        }
         load = asyncio.create_task(
             replay(planned, [f"http://127.0.0.1:{s.port}" for s in sidecars], MODEL, stats, stop)
         )
-        started = time.monotonic()
-        print(header())
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{scaler.grpc_port}") as channel,
-            aiohttp.ClientSession() as http,
-        ):
-            stub = pb_grpc.ExternalScalerStub(channel)  # type: ignore[no-untyped-call]
-            ref = pb.ScaledObjectRef(name="sim-llm", namespace="demo", scalerMetadata=metadata)
-            next_tick = started + 1.0
-            while not stop.is_set() and time.monotonic() - started < args.duration:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(0.0, next_tick - time.monotonic()))
-                if stop.is_set():
-                    break
-                next_tick += 1.0
-                t = time.monotonic() - started
-                phase = scenario.label if phase_s[0] <= t < phase_s[1] else ""
-                row = await poll(stub, ref, http, scaler.http_port, stats, rps_target, t, phase, models)
-                rows.append(row)
-                print(format_row(row), flush=True)
+        await watch(scaler, size, scenario, stats, models, stop, args.duration, rows)
         stop.set()
         await load
     finally:
@@ -262,6 +207,100 @@ async def run(args: argparse.Namespace) -> int:
             redis_.stop()
     print_summary(rows, stats, sidecars, models, scenario, interrupted.is_set())
     return 0
+
+
+async def start_replicas(
+    stack: contextlib.AsyncExitStack, count: int, capacity: float, redis_url: str
+) -> tuple[list[SimulatedModel], list[Sidecar]]:
+    """``count`` simulated model servers, each behind a sidecar, stopped with ``stack``."""
+    models: list[SimulatedModel] = []
+    sidecars: list[Sidecar] = []
+    for i in range(count):
+        model = SimulatedModel(capacity=capacity, prompt_cost=PROMPT_WEIGHT, model=MODEL)
+        runner = web.AppRunner(model.app(), access_log=None, handler_cancellation=True)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stack.push_async_callback(runner.cleanup)
+        models.append(model)
+        sidecar = Sidecar(
+            SidecarConfig(
+                workload=WORKLOAD,
+                redis_url=redis_url,
+                upstream=f"http://127.0.0.1:{port}",
+                host="127.0.0.1",
+                port=0,
+                admin_port=0,
+                shutdown_delay_s=0.0,
+                drain_timeout_s=2.0,
+                sidecar_id=f"demo-replica-{i}",
+                model_metrics_url="off",  # the simulated server has no /metrics
+                log_level="WARNING",
+            )
+        )
+        await sidecar.start()
+        stack.push_async_callback(sidecar.stop)
+        sidecars.append(sidecar)
+    return models, sidecars
+
+
+async def start_scaler(stack: contextlib.AsyncExitStack, redis_url: str) -> ScalerServer:
+    scaler = ScalerServer(
+        ScalerConfig(
+            grpc_port=0,
+            http_port=0,
+            host="127.0.0.1",
+            redis_url=redis_url,
+            log_level="WARNING",
+            debug_open=True,  # loopback only: the demo reads its debug view
+        )
+    )
+    await scaler.start()
+    stack.push_async_callback(scaler.stop)
+    return scaler
+
+
+async def watch(
+    scaler: ScalerServer,
+    size: Sizing,
+    scenario: Scenario,
+    stats: LoadStats,
+    models: list[SimulatedModel],
+    stop: asyncio.Event,
+    duration: float,
+    rows: list[Row],
+) -> None:
+    """Poll the scaler as KEDA does once a second, printing a row each time and adding it to
+    ``rows``, until ``duration`` seconds have passed or ``stop`` is set."""
+    metadata = {
+        "scalerAddress": f"127.0.0.1:{scaler.grpc_port}",
+        "tokensPerSecondPerReplica": f"{size.capacity:.0f}",
+        "headroom": str(HEADROOM),
+        "promptWeight": str(PROMPT_WEIGHT),
+        "generationWeight": "1.0",
+        "workload": WORKLOAD,
+        "windowSeconds": str(WINDOW_S),
+    }
+    started = time.monotonic()
+    print(header())
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{scaler.grpc_port}") as channel,
+        aiohttp.ClientSession() as http,
+    ):
+        stub = pb_grpc.ExternalScalerStub(channel)  # type: ignore[no-untyped-call]
+        ref = pb.ScaledObjectRef(name="sim-llm", namespace="demo", scalerMetadata=metadata)
+        next_tick = started + 1.0
+        while not stop.is_set() and time.monotonic() - started < duration:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_tick - time.monotonic()))
+            if stop.is_set():
+                break
+            next_tick += 1.0
+            t = time.monotonic() - started
+            phase = scenario.label if size.phase_s[0] <= t < size.phase_s[1] else ""
+            row = await poll(stub, ref, http, scaler.http_port, stats, size.rps_target, t, phase, models)
+            rows.append(row)
+            print(format_row(row), flush=True)
 
 
 async def poll(
@@ -373,7 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rps", type=float, default=4.0, help="base requests/s of the load (default 4)")
     parser.add_argument("--replicas", type=int, default=4, help="simulated model-server replicas (default 4)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the load's arrival times, tenants and streaming choices (default 1): "
+        "the same seed, the same load",
+    )
     parser.add_argument(
         "--scenario",
         choices=sorted(SCENARIOS),

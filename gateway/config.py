@@ -96,7 +96,7 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_QUEUE_MAX_TOKENS",
         c.positive_int,
         4_000_000,
-        "weighted tokens (prompt + max_tokens) held at once per workload; more get 503",
+        "tokens (prompt + max_tokens, each token counting 1) held at once per workload; more get 503",
     ),
     "queue_timeout_s": c.Option(
         "--queue-timeout",
@@ -168,6 +168,14 @@ OPTIONS: dict[str, c.Option[Any]] = {
         600.0,
         "seconds a replica may stay silent before 504",
     ),
+    "idle_timeout_s": c.Option(
+        "--idle-timeout",
+        "TOKEN_SCALER_IDLE_TIMEOUT",
+        c.positive_float,
+        75.0,
+        "seconds a client connection stays open without a request in progress (kept alive, or a "
+        "request head still incomplete)",
+    ),
     "gateway_id": c.Option(
         "--gateway-id",
         "TOKEN_SCALER_GATEWAY_ID",
@@ -198,6 +206,7 @@ class GatewayConfig:
     max_body_bytes: int = 64 << 20
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
+    idle_timeout_s: float = 75.0
     shutdown_delay_s: float = 5.0
     drain_timeout_s: float = 60.0
     gateway_id: str | None = None

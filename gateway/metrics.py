@@ -20,7 +20,9 @@ class GatewayMetrics:
         self.refused = Counter(
             "tokenscaler_gateway_refused_requests",
             "Requests the gateway answered itself, by reason "
-            "(queue_full, queue_timeout, no_replica, model_not_found, shutdown, bad_request, too_large).",
+            "(queue_full, queue_timeout, no_replica, model_not_found, shutdown, bad_request, too_large, "
+            "head_too_large, not_implemented, expectation_failed, version_not_supported, replica_error, "
+            "replica_unavailable).",
             ["reason"],
             registry=registry,
         )
@@ -32,7 +34,7 @@ class GatewayMetrics:
         )
         self.queue_tokens = Gauge(
             "tokenscaler_gateway_queue_tokens",
-            "Weighted tokens (prompt + max_tokens) of the requests held, by workload.",
+            "Tokens (prompt + max_tokens, each counting 1) of the requests held, by workload.",
             ["workload"],
             registry=registry,
         )
@@ -57,7 +59,7 @@ class GatewayMetrics:
         )
         self.outstanding = Gauge(
             "tokenscaler_gateway_outstanding_tokens",
-            "Weighted tokens this gateway has outstanding at replicas.",
+            "Tokens (prompt + what may still be generated) this gateway has outstanding at replicas.",
             registry=registry,
         )
         self.route = Histogram(
@@ -69,6 +71,12 @@ class GatewayMetrics:
         self.retries = Counter(
             "tokenscaler_gateway_retries",
             "Requests sent to another replica after one refused the connection or closed it unanswered.",
+            registry=registry,
+        )
+        self.resent = Counter(
+            "tokenscaler_gateway_resent_requests",
+            "Requests sent again on a new connection to the same replica after it closed a kept-alive "
+            "one as they went out (no byte of an answer had come).",
             registry=registry,
         )
         self.broken = Counter(

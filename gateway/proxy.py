@@ -1,4 +1,4 @@
-"""The gateway's request path: admit, hold or route, forward, stream back unchanged.
+"""The gateway's request path: admit, hold or route, forward, relay the answer unchanged.
 
 The OpenAI endpoints the sidecar counts (``sidecar/openai.py``) are weighed (prompt
 estimate + n x max_tokens, or the default), sent to the workload of their model
@@ -8,46 +8,46 @@ counts as the workload's demand while it waits. Any other path goes to a live re
 as it is, or gets 503 at once when there is none (it carries no demand worth waking a
 workload for); ``GET /v1/models`` lists the models of every workload, named or announced.
 
-Responses pass through byte for byte (streams as they come). A replica that refuses
-the connection, or closes it before answering, is left out for a while and the request
-goes to another (or waits again); one that breaks a response off after its first byte
-breaks the client's off too, as a sidecar does: the client sees what it would have
-seen talking to that replica.
+Requests come whole from the data port (``listener.py``) and go to the replica on a kept-alive
+connection (``upstream.py``), its head rebuilt with the end-to-end headers as they came; the
+answer's bytes pass through as they come (a stream's events take its remaining tokens off the
+replica). A request sent on a kept-alive connection that the replica closes before any byte of
+an answer is sent once more, on a new connection (the sidecar closes idle connections; the
+request may have crossed that close). A replica that refuses the connection, or closes a new
+one before answering, is left out for a while and the request goes to another (or waits
+again); one that breaks an answer off after its first byte breaks the client's off too, as a
+sidecar does: the client sees what it would have seen talking to that replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
-from aiohttp import web
-
 from gateway.config import GatewayConfig
+from gateway.http1 import HttpError, RequestHead
+from gateway.listener import Client, response
 from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool, Pools, UnknownModel
 from gateway.queue import QueueFull, Waiter
 from gateway.router import Replica
+from gateway.upstream import Exchange, Outcome, UpstreamPool
 from sidecar import openai, paths
 from sidecar.openai import Kind
-from sidecar.proxy import forward_headers
 from sidecar.tokens import LengthEstimate, prompt_tokens
 
 log = logging.getLogger(__name__)
 
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-_REQUEST_DROP = frozenset({"host", "content-length"})
-_RESPONSE_DROP = frozenset({"content-length"})
 CLIENT_GONE = "499"
 # A request is sent to at most this many replicas before the client gets the last error.
 MAX_ATTEMPTS = 3
 # Seconds an idle connection to a replica stays open (below the sidecar's idle timeout).
 KEEPALIVE_S = 15.0
-# Answers with a Content-Length up to this are read whole and sent in one write.
-WHOLE_BODY_BYTES = 1 << 20
 
 
 class Refused(Exception):
@@ -59,16 +59,18 @@ class Refused(Exception):
         self.reason = reason
         self.retry_after = retry_after
 
-    def response(self) -> web.Response:
+    def body(self) -> bytes:
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
-        response = web.Response(
-            status=self.status,
-            body=openai.error_body(str(self), type_, self.reason),
-            content_type="application/json",
-        )
-        if self.retry_after is not None:
-            response.headers["Retry-After"] = str(self.retry_after)
-        return response
+        return openai.error_body(str(self), type_, self.reason)
+
+    def render(self, *, close: bool = False) -> bytes:
+        """The whole answer: head and body."""
+        headers = () if self.retry_after is None else (("Retry-After", str(self.retry_after)),)
+        return response(self.status, self.body(), close=close, headers=headers)
+
+
+class Unreachable(Exception):
+    """No connection to the replica could be made (refused, timed out, no route)."""
 
 
 @dataclass(slots=True)
@@ -85,13 +87,12 @@ class Weighed:
 
 @dataclass(slots=True)
 class Flight:
-    """A request at a replica: what it still holds there, and its status for the metrics."""
+    """A request at a replica: what it still holds there."""
 
     pool: Pool
     replica: Replica
     outstanding: int  # weighted tokens booked on the replica
     remaining: int  # generation tokens a stream may still send
-    code: str
 
 
 class GatewayProxy:
@@ -100,39 +101,35 @@ class GatewayProxy:
         self.pools = pools
         self.metrics = metrics
         self.counter = LengthEstimate()
-        self._session: aiohttp.ClientSession | None = None
+        # Connections to each replica stay open between requests (as many as were in flight at
+        # once); idle ones close after KEEPALIVE_S, before the sidecar's own idle timeout.
+        self.upstreams = UpstreamPool(config.connect_timeout_s, KEEPALIVE_S)
         self.outstanding = 0
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            # Connections to each replica stay open between requests (as many as were in flight
-            # at once), and idle ones close after KEEPALIVE_S: before the sidecar's own idle
-            # timeout (--header-timeout, 30 s by default), so this side closes an idle connection
-            # first and never sends a request on one the sidecar is closing (that request would
-            # fail as if the replica were going away).
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self.config.connect_timeout_s, sock_read=self.config.read_timeout_s
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        pass
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "GatewayProxy.start() was not awaited"
-        return self._session
+        self.upstreams.close()
 
     # -- admission -----------------------------------------------------------------------
 
-    def _refuse(self, refusal: Refused) -> web.Response:
+    def _refuse(self, client: Client, refusal: Refused) -> bool:
+        """Answer the request with the refusal; the connection stays open."""
         self.metrics.refused.labels(refusal.reason).inc()
         self.metrics.ended(str(refusal.status), False)
-        return refusal.response()
+        close = client.stopping
+        client.write(refusal.render(close=close))
+        return not close
+
+    def rejected(self, error: HttpError) -> None:
+        """A request refused for its framing (the data port answers it and closes)."""
+        self.metrics.refused.labels(error.reason).inc()
+        self.metrics.ended(str(error.status), False)
+
+    @staticmethod
+    def error_body(error: HttpError) -> bytes:
+        return Refused(error.status, error.reason, str(error)).body()
 
     def weigh(self, kind: Kind, body: bytes) -> Weighed:
         parsed = openai.parse_request(kind, body)
@@ -225,16 +222,14 @@ class GatewayProxy:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
-            return self._refuse(self._too_large())
-        if request.method == "GET" and request.path == "/v1/models":
-            return self._models()
+    async def handle(self, client: Client, head: RequestHead, body: bytes) -> bool:
+        """Answer one request; whether the client's connection stays open."""
+        if head.method == "GET" and head.target == "/v1/models":
+            client.write(self._models(close=client.stopping))
+            self.metrics.ended("200", False)
+            return True
         # Classified as the sidecar will (its normalised path), which refuses what it cannot count.
-        kind = paths.route(request.method, request.raw_path).kind
-        body = await self._read_body(request)
-        if body is None:
-            return self._refuse(self._too_large())
+        kind = paths.route(head.method, head.target).kind
         try:
             if kind is None:
                 weighed = Weighed(None, 0, 0, False)
@@ -249,9 +244,9 @@ class GatewayProxy:
                         "model_not_found",
                         f"{exc}; this gateway serves: {', '.join(self.pools.models()) or 'no model yet'}",
                     ) from None
-            return await self._forward(request, body, weighed, pool)
+            return await self._forward(client, head, body, weighed, pool)
         except Refused as refusal:
-            return self._refuse(refusal)
+            return self._refuse(client, refusal)
 
     def _any_live(self) -> Pool:
         """The first workload with a replica that can take a request now (paths it does not count)."""
@@ -265,149 +260,135 @@ class GatewayProxy:
             retry_after=self.config.retry_after_s,
         )
 
-    def _too_large(self) -> Refused:
-        return Refused(
-            413,
-            "too_large",
-            f"request body larger than the gateway's limit of {self.config.max_body_bytes} bytes",
-        )
-
-    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
-        """The whole body; None past the limit (a declared length was checked against it)."""
-        if request.content_length is not None:
-            return await request.content.readexactly(request.content_length)
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > self.config.max_body_bytes:
-                return None
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def _models(self) -> web.Response:
+    def _models(self, *, close: bool) -> bytes:
         models = self.pools.models()
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "token-scaler"} for m in models]
-        return web.json_response({"object": "list", "data": data})
+        return response(200, json.dumps({"object": "list", "data": data}).encode(), close=close)
 
     async def _forward(
-        self, request: web.BaseRequest, body: bytes, weighed: Weighed, pool: Pool
-    ) -> web.StreamResponse:
-        headers = forward_headers(request.headers, drop=_REQUEST_DROP)
+        self, client: Client, head: RequestHead, body: bytes, weighed: Weighed, pool: Pool
+    ) -> bool:
         held = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             replica, waited = await self.admit(pool, weighed)
             held = held or waited
+            flight = Flight(pool, replica, weighed.tokens, weighed.generation if weighed.stream else 0)
             try:
-                upstream = await self.session.request(
-                    request.method,
-                    replica.url + request.raw_path,
-                    headers=headers,
-                    data=body,
-                    skip_auto_headers=_SKIP_AUTO,
-                    allow_redirects=False,
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                # Refused, or closed before answering: that replica is going away.
+                exchange = await self._exchange(client, head, body, flight, weighed.stream)
+                unanswered = exchange.detail if exchange.future.result() is Outcome.UNANSWERED else None
+            except Unreachable as exc:
+                unanswered = str(exc)
+            except asyncio.CancelledError:
+                self.metrics.ended(CLIENT_GONE, held)
+                self._unbook(pool, replica, flight.outstanding)
+                raise
+            if unanswered is not None:
+                # Refused, or a new connection closed before answering: that replica is going away.
                 pool.router.mark_down(replica)
-                self._unbook(pool, replica, weighed.tokens)
+                self._unbook(pool, replica, flight.outstanding)
                 if attempt == MAX_ATTEMPTS:
                     raise Refused(
-                        503, "replica_unavailable", f"the replicas did not answer: {exc}", retry_after=1
-                    ) from None
+                        503,
+                        "replica_unavailable",
+                        f"the replicas did not answer: {unanswered}",
+                        retry_after=1,
+                    )
                 self.metrics.retries.inc()
                 continue
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                self._unbook(pool, replica, weighed.tokens)
-                status = 504 if isinstance(exc, TimeoutError) else 502
-                raise Refused(status, "replica_error", f"bad answer from the replica: {exc}") from None
-            except asyncio.CancelledError:
-                self._unbook(pool, replica, weighed.tokens)
-                self.metrics.ended(CLIENT_GONE, held)
-                raise
-            flight = Flight(
-                pool,
-                replica,
-                weighed.tokens,
-                weighed.generation if weighed.stream else 0,
-                str(upstream.status),
-            )
-            return await self._relay(request, upstream, flight, weighed.stream, held)
+            try:
+                return self._ended(client, exchange, flight, held)
+            finally:
+                self._unbook(pool, replica, flight.outstanding)
         raise AssertionError("unreachable")
 
-    async def _relay(
-        self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        flight: Flight,
-        stream: bool,
-        held: bool,
-    ) -> web.StreamResponse:
-        try:
-            async with upstream:
-                length = upstream.content_length
-                if length is not None and length <= WHOLE_BODY_BYTES and not stream:
-                    response: web.StreamResponse = await self._whole(upstream, flight)
-                else:
-                    response = await self._passthrough(request, upstream, flight, held)
-                if held and flight.replica.first_held_answer_at is None:
-                    flight.replica.first_held_answer_at = time.monotonic()
-                return response
-        except asyncio.CancelledError:
-            flight.code = CLIENT_GONE
-            raise
-        finally:
-            self.metrics.ended(flight.code, held)
-            self._unbook(flight.pool, flight.replica, flight.outstanding)
-
-    async def _whole(self, upstream: aiohttp.ClientResponse, flight: Flight) -> web.Response:
-        """A whole answer goes out in one write (headers and body), not three."""
-        try:
-            body = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            flight.code = "502"
-            self.metrics.refused.labels("replica_error").inc()
-            return Refused(502, "replica_error", f"bad answer from the replica: {exc}").response()
-        return web.Response(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
-            body=body,
-        )
-
-    async def _passthrough(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, flight: Flight, held: bool
-    ) -> web.StreamResponse:
-        """Bytes as they come; a stream's events take its remaining tokens off the replica."""
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=forward_headers(upstream.headers, drop=_RESPONSE_DROP),
-        )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
-        if held and flight.replica.first_held_answer_at is None:
-            flight.replica.first_held_answer_at = time.monotonic()  # its first bytes went out
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                if flight.remaining:
-                    # about one generated token per event of a stream
-                    done = min(flight.remaining, chunk.count(b"data:"))
-                    flight.remaining -= done
-                    flight.outstanding -= done
-                    flight.pool.router.progress(flight.replica, done)
-                    self.outstanding -= done
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+    def _ended(self, client: Client, exchange: Exchange, flight: Flight, held: bool) -> bool:
+        """Count how the exchange ended and answer what is left to answer; whether the
+        client's connection stays open."""
+        outcome = exchange.future.result()
+        if held and exchange.first_out is not None and flight.replica.first_held_answer_at is None:
+            flight.replica.first_held_answer_at = exchange.first_out
+        if outcome is Outcome.DONE:
+            self.metrics.ended(str(exchange.status), held)
+            return not exchange.close_client
+        if outcome is Outcome.BROKEN:
             # The replica broke off mid-answer: so does the client's.
             self.metrics.broken.inc()
-            flight.code = "502"
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        except ConnectionResetError:
-            flight.code = CLIENT_GONE
-            return response
-        await response.write_eof()
-        return response
+            self.metrics.ended("502", held)
+            client.abort()
+            return False
+        status = 504 if outcome is Outcome.TIMEOUT else 502
+        self.metrics.refused.labels("replica_error").inc()
+        self.metrics.ended(str(status), held)
+        refusal = Refused(status, "replica_error", f"bad answer from the replica: {exchange.detail}")
+        close = client.stopping or exchange.close_client
+        client.write(refusal.render(close=close))
+        return not close
+
+    async def _exchange(
+        self, client: Client, head: RequestHead, body: bytes, flight: Flight, stream: bool
+    ) -> Exchange:
+        """The request sent to the flight's replica and its answer relayed: the ended exchange;
+        ``Unreachable`` when no connection could be made."""
+        url = flight.replica.url
+        upstream = self.upstreams.idle(url)
+        reused = upstream is not None
+        request = self._request(head, body, url)
+        loop = client.listener.loop
+        while True:
+            if upstream is None:
+                try:
+                    upstream = await self.upstreams.connect(url)
+                except (OSError, TimeoutError) as exc:
+                    raise Unreachable(f"cannot connect to {url}: {exc or type(exc).__name__}") from None
+            exchange = Exchange(
+                loop,
+                client.write,
+                progress=functools.partial(self._streamed, flight) if flight.remaining else None,
+                head_only=head.method == "HEAD",
+                whole=not stream,
+                decode=head.minor == 0,
+                keep_client=head.keep_alive and not client.stopping,
+                read_timeout_s=self.config.read_timeout_s,
+            )
+            upstream.send(exchange, request, body)
+            client.relay_from(upstream)
+            try:
+                await exchange.future
+            except asyncio.CancelledError:
+                exchange.abandon()
+                raise
+            finally:
+                client.relay_from(None)
+            if exchange.future.result() is Outcome.UNANSWERED and reused:
+                # The replica closed a kept-alive connection as the request went out; no byte
+                # of an answer came: once more, on a new connection.
+                self.metrics.resent.inc()
+                upstream, reused = None, False
+                continue
+            return exchange
+
+    def _request(self, head: RequestHead, body: bytes, url: str) -> bytes:
+        """The request's head as the replica gets it."""
+        address = self.upstreams.address(url)
+        length = (
+            b"Content-Length: %d\r\n" % len(body)
+            if body or head.content_length is not None or head.chunked
+            else b""
+        )
+        return b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            head.method.encode(),
+            address.prefix,
+            head.target.encode("latin-1"),
+            address.host_header,
+            head.forward,
+            length,
+        )
+
+    def _streamed(self, flight: Flight, events: int) -> None:
+        """Events of a stream went by: about one generated token each comes off the replica."""
+        done = min(flight.remaining, events)
+        if done:
+            flight.remaining -= done
+            flight.outstanding -= done
+            flight.pool.router.progress(flight.replica, done)
+            self.outstanding -= done

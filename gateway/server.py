@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import GatewayConfig, Route, make_gateway_id
 from gateway.demand import DemandWriter, HeldDemand
 from gateway.discovery import Discovery
+from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.pool import Pool, Pools
 from gateway.proxy import GatewayProxy, Refused
@@ -39,11 +40,11 @@ log = logging.getLogger(__name__)
 
 FINAL_FLUSH_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
-# The cyclic collector's thresholds. Each forwarded request allocates a few hundred container
-# objects (aiohttp's request, response, payload, futures), so at Python's default (700) a
-# young-generation pass ran every request or two, and older passes walked the live
-# connections again and again: a tenth of the gateway's CPU at 200 req/s. Fewer, larger
-# passes collect the same garbage; what waits for them stays in the low megabytes.
+# The cyclic collector's thresholds. Each forwarded request allocates container objects
+# (its exchange, futures, the task that answers it); at Python's default (700) young-generation
+# passes would run every few requests and older ones walk the live connections again and
+# again. Fewer, larger passes collect the same garbage; what waits for them stays in the low
+# megabytes.
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
@@ -71,7 +72,7 @@ class Gateway:
         self.ready = False
         self.port = config.port
         self.admin_port = config.admin_port
-        self._proxy_runner: web.BaseRunner | None = None
+        self.listener: Listener | None = None
         self._admin_runner: web.BaseRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -131,16 +132,14 @@ class Gateway:
             self.config.host,
             self.config.admin_port,
         )
-        # One handler for every path: aiohttp's low-level server, without an application's
-        # routing and middleware on each request (the proxy reads bodies itself, with its limit).
-        server = web.Server(
+        self.listener = Listener(
             self.proxy.handle,
-            handler_cancellation=True,  # a client that leaves takes its request out of the queue
-            access_log=None,
+            max_body_bytes=self.config.max_body_bytes,
+            rejected=self.proxy.rejected,
+            error_body=self.proxy.error_body,
+            idle_timeout_s=self.config.idle_timeout_s,
         )
-        self._proxy_runner, self.port = await httpserve.listen(
-            server, self.config.host, self.config.port, shutdown_timeout=self.config.drain_timeout_s
-        )
+        self.port = await self.listener.start(self.config.host, self.config.port)
         # The first read of the announcements before the port counts as ready.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(d.poll_once() for d in self.discoveries)), 2.0)
@@ -168,8 +167,8 @@ class Gateway:
         reject = asyncio.get_running_loop().call_later(
             max(0.0, self.config.drain_timeout_s - 1.0), self._reject_held, refusal
         )
-        if self._proxy_runner is not None:
-            await self._proxy_runner.cleanup()
+        if self.listener is not None:
+            await self.listener.drain(self.config.drain_timeout_s)
         log.debug("port closed, requests drained")
         reject.cancel()
         for task in self._tasks:

@@ -2,7 +2,7 @@
 
 Each key is declared once (``SPEC``): the settings field it fills, how its value is read
 and checked, the line that documents it; its default is the field's default in
-``ScalerSettings``. The README's table, the errors and ``KEYS`` derive from it.
+``ScalerSettings``. The table in docs/scaler.md, the errors and ``KEYS`` derive from it.
 
 KEDA forwards the whole trigger metadata map (its own keys such as ``scalerAddress``
 included), so unknown keys are ignored. A key that is present with a bad value is an
@@ -45,6 +45,7 @@ class ScalerSettings:
     lead_s: int = 300
     max_forecast_error: float = 0.3
     kv_cache_target: float | None = None
+    in_flight_per_replica: float | None = None
     burst_window_s: int = 0  # 0: no burst envelope
     burst_quantile: float = 0.9
     burst_lookback_s: int = BURST_LOOKBACK_MAX_S
@@ -203,6 +204,13 @@ SPEC: dict[str, Key] = {
         "ask for at least the replicas that bring the model servers' mean KV-cache use down to "
         "this fraction, a number in (0, 1]",
         number(lambda v: 0 < v <= 1),
+        "none",
+    ),
+    "inFlightPerReplica": Key(
+        "in_flight_per_replica",
+        "ask for at least the replicas that bring the requests in flight (at the sidecars and "
+        "held at gateways) down to this many per replica, a number > 0",
+        number(lambda v: v > 0),
         "none",
     ),
     "maxReplicas": Key(

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaler import view
 from scaler.ceiling import bound_answer
 from scaler.cost import describe_cost, series_cost
 from scaler.forecast import Forecast
@@ -112,9 +112,9 @@ class Registry:
             if settings.predictive and self.predictor is not None:
                 fc = await self.predictor.forecast(settings, now)
                 demand = combine(demand, fc, settings)
-            if settings.kv_cache_target is not None:
-                live = series.live_sidecars(now, self.reader.liveness_ms)
-                demand = apply_floor(demand, pressure(live), settings)
+            if settings.kv_cache_target is not None or settings.in_flight_per_replica is not None:
+                writers = series.live_writers(now, self.reader.liveness_ms)
+                demand = apply_floor(demand, pressure(writers, settings.model), settings)
             evaluation = bound_answer(demand, settings, self.reader.ceiling)
             self._cache[cache_key] = (second, series.past_version, demand, evaluation, fc)
         state.last_evaluation = evaluation
@@ -225,7 +225,7 @@ class Registry:
             },
             "metricName": METRIC_NAME,
             "target": s.target,
-            "lastAsked": {m: _iso(t) for m, t in sorted(state.last_asked.items())},
+            "lastAsked": {m: view.iso(t) for m, t in sorted(state.last_asked.items())},
             "lastValueReturned": state.last_value,
             "lastActiveReturned": state.last_active,
             "dataFresh": self.reader.fresh(),
@@ -235,85 +235,27 @@ class Registry:
         evaluation = state.last_evaluation
         if series is not None:
             live = series.live_sidecars(now, self.reader.liveness_ms)
-            server = pressure(live)
+            server = pressure(series.live_writers(now, self.reader.liveness_ms), s.model)
             evaluation = evaluate(series, s, now)
             if s.predictive and state.last_forecast is not None:
                 evaluation = combine(evaluation, state.last_forecast, s)
             evaluation = bound_answer(apply_floor(evaluation, server, s), s, self.reader.ceiling)
-            gauges = [0, 0, 0, 0]
-            for st in live.values():
-                for model, g in st.gauges.items():
-                    if s.model is None or model == s.model:
-                        gauges = [a + b for a, b in zip(gauges, g, strict=True)]
-            out["sidecars"] = {
-                "live": len(live),
-                "known": len(series.sidecars),
-                "ids": sorted(live),
-                "inflightRequests": gauges[0],
-                "waitingForFirstToken": gauges[1],
-                "backlogPromptTokens": gauges[2],
-                "backlogGenerationTokens": gauges[3],
-                "modelServers": {
-                    "reportingKvCache": server.replicas,
-                    "kvCacheInUse": round(server.kv_sum, 4),
-                    "running": server.running,
-                    "waiting": server.waiting,
-                },
-            }
-            out["stream"] = {
-                "entriesRead": series.entries,
-                "badEntries": self.reader.bad_entries.get(s.workload, 0),
-                "tooOldEntries": series.too_old,
-                "duplicateEntries": series.duplicates,
-                "implausibleEntries": self.reader.ceiling.implausible.get(s.workload, 0),
-                "clockClampedEntries": series.clamped,
-            }
-            covered, totals = series.tenant_window(now)
-            tenants: dict[str, dict[str, float]] = {}
-            for (tenant, model), (prompt, gen) in totals.items():
-                if s.model is None or model == s.model:
-                    row = tenants.setdefault(
-                        tenant, {"promptTokensPerSecond": 0.0, "generationTokensPerSecond": 0.0}
-                    )
-                    row["promptTokensPerSecond"] += prompt / max(covered, 1)
-                    row["generationTokensPerSecond"] += gen / max(covered, 1)
-            out["tenantsLast60s"] = tenants
+            out["sidecars"] = view.sidecars(series, live, server, s.model)
+            out["stream"] = view.stream(
+                series,
+                self.reader.bad_entries.get(s.workload, 0),
+                self.reader.ceiling.implausible.get(s.workload, 0),
+            )
+            out["tenantsLast60s"] = view.tenants(series, now, s.model)
         if self.prices is None or series is None:
             out["cost"] = describe_cost(None if self.prices is None else "no data read yet", "")
         else:
             cost = series_cost(series, self.prices, s.workload, now, self.reader.liveness_ms)
             out["cost"] = describe_cost(cost, self.prices.currency)
-        fc = state.last_forecast
         if s.predictive:
-            out["forecast"] = (
-                None
-                if fc is None
-                else {
-                    "valueTokensPerSecond": round(fc.value, 3),
-                    "leadSeconds": s.lead_s,
-                    "season": fc.season,
-                    "level": round(fc.level, 3),
-                    "recentError": None if fc.error is None else round(fc.error, 4),
-                    "maxError": s.max_forecast_error,
-                    "trusted": fc.trusted,
-                    "reason": fc.reason,
-                }
-            )
+            out["forecast"] = view.forecast(state.last_forecast, s)
         if evaluation is not None:
-            out["evaluation"] = {
-                "second": evaluation.second,
-                "windowCoverageSeconds": evaluation.coverage_s,
-                "stable": _rates(evaluation.stable),
-                "panic": _rates(evaluation.panic),
-                "panicActive": evaluation.panic_active,
-                "panicSinceSecond": evaluation.panic_since,
-                "burstEnvelope": round(evaluation.envelope, 3) if s.burst_window_s else None,
-                "value": evaluation.value,
-                "hpaDesiredReplicas": evaluation.replicas,
-                "active": evaluation.active,
-                "rule": evaluation.rule,
-                "reason": evaluation.reason,
-            }
+            out["evaluation"] = view.evaluation(evaluation, s)
         return out
 
 
@@ -325,24 +267,3 @@ def saturation_of(settings: ScalerSettings, evaluation: Evaluation) -> Saturatio
     return Saturation(
         at_max or queueing, reason, evaluation.replicas, settings.max_replicas, evaluation.second * 1000
     )
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
-
-
-def _rates(r: Any) -> dict[str, float]:
-    def rounded(x: float) -> float:
-        return round(x, 3) if math.isfinite(x) else 0.0
-
-    return {
-        "windowSeconds": rounded(r.seconds),
-        "servedPromptTokensPerSecond": rounded(r.served_prompt),
-        "servedGenerationTokensPerSecond": rounded(r.served_generation),
-        "arrivedPromptTokensPerSecond": rounded(r.arrived_prompt),
-        "arrivedGenerationTokensPerSecond": rounded(r.arrived_generation),
-        "requestsPerSecond": rounded(r.requests),
-        "servedWeighted": rounded(r.served),
-        "arrivedWeighted": rounded(r.arrived),
-        "demand": rounded(r.demand),
-    }

@@ -298,11 +298,11 @@ class WorkloadSeries:
         return covered, totals
 
     def live_sidecars(self, now_ms: int, liveness_ms: int) -> dict[str, SidecarState]:
-        return {
-            s: st
-            for s, st in self.sidecars.items()
-            if now_ms - st.last_seen_ms <= liveness_ms and not st.gateway
-        }
+        return {s: st for s, st in self.live_writers(now_ms, liveness_ms).items() if not st.gateway}
+
+    def live_writers(self, now_ms: int, liveness_ms: int) -> dict[str, SidecarState]:
+        """Sidecars and gateways heard from within ``liveness_ms``."""
+        return {s: st for s, st in self.sidecars.items() if now_ms - st.last_seen_ms <= liveness_ms}
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ OPTIONS: dict[str, c.Option[Any]] = {
         "TOKEN_SCALER_MAX_BODY_BYTES",
         c.positive_int,
         16 << 20,
-        "request bodies above this get 413 (README: memory against body size)",
+        "request bodies above this get 413 (docs/sidecar.md: memory against body size)",
     ),
     "header_timeout_s": c.Option(
         "--header-timeout",

@@ -1,6 +1,6 @@
 """The policies across four sidecar processes (one budget, one rate limit) on a Redis Cluster
 (3 masters, 3 replicas) and behind Sentinel (1 master, 2 replicas, 3 sentinels): the tests of
-tests/sidecar/test_policy_many.py, the same checks, each topology's ``redis_url`` in place of
+tests/sidecar/policy/test_policy_many.py, the same checks, each topology's ``redis_url`` in place of
 the session's single Redis. On the cluster each tenant's keys live in their tenant's slot and
 the model's limit across tenants in its own, on whichever masters those slots are.
 
@@ -8,8 +8,8 @@ Then a budget through a failover: while four sidecars spend a tenant's budget, t
 its slot stops feeding its replicas (so the promoted one lacks what it took since, as a lagging
 replica would: replication is asynchronous) and is killed. The sidecars decide without Redis
 while no master answers (each its share of what was left), then on the promoted replica. What
-the clients were served passes the budget by no more than the bound README's "Redis Cluster
-and Sentinel" states, and nothing is charged twice."""
+the clients were served passes the budget by no more than the bound docs/redis.md states, and
+nothing is charged twice."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.sidecar.test_policy_many import (  # collected here again, against each topology
+from tests.sidecar.policy.test_policy_many import (  # collected here again, against each topology
     BUDGET,
     PROMPT_ESTIMATE,
     SIDECARS,
@@ -122,7 +122,7 @@ async def test_a_budget_through_a_master_failover_is_passed_by_a_bounded_amount(
     )
     assert statuses[200] > 100 and statuses.get(429, 0) >= 3 * workers
     assert told >= BUDGET - held - biggest, (told, used, held)  # spent down to what stays reserved
-    # The bound of the README: one reservation per request in flight when the replicas fell
+    # The bound of docs/redis.md: one reservation per request in flight when the replicas fell
     # behind (lost admissions and settlements), plus what the sidecars admitted without Redis
     # and had not charged yet when it answered again (at most what was left), plus one.
     assert told - BUDGET <= biggest * (1 + workers) + left

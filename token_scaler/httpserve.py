@@ -77,16 +77,9 @@ def bound_port(runner: web.BaseRunner) -> int:
     raise RuntimeError("the server is bound to no TCP address")
 
 
-async def listen(
-    app: web.Application | web.Server, host: str, port: int, **runner: Any
-) -> tuple[web.BaseRunner, int]:
-    """Serve ``app`` on host:port (0: a free port); (its runner, the port it got). A low-level
-    ``web.Server`` (one handler, no routing or middleware) takes its own settings."""
-    app_runner: web.BaseRunner
-    if isinstance(app, web.Server):
-        app_runner = web.ServerRunner(app, **runner)
-    else:
-        app_runner = web.AppRunner(app, access_log=None, **runner)
+async def listen(app: web.Application, host: str, port: int, **runner: Any) -> tuple[web.BaseRunner, int]:
+    """Serve ``app`` on host:port (0: a free port); (its runner, the port it got)."""
+    app_runner = web.AppRunner(app, access_log=None, **runner)
     await app_runner.setup()
     await web.TCPSite(app_runner, host, port, backlog=1024).start()
     return app_runner, bound_port(app_runner)

@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from scaler.config import ScalerConfig
 from scaler.forecast import MINUTE_S, Forecast, MinuteCounts
 from scaler.history import SETTLE_S
 from scaler.metadata import ScalerSettings
 from scaler.predictive import combine, forecast_for
+from scaler.pressure import apply_floor, pressure
 from scaler.window import Evaluation, WorkloadSeries, evaluate
 from token_scaler.record import Record
 
@@ -71,10 +73,15 @@ class Policy:
         return f"target {self.target:g}/replica"
 
 
+LIVENESS_MS = int(ScalerConfig.liveness_s * 1000)  # the scaler's default --sidecar-liveness
+
+
 class TokenPolicy(Policy):
-    """With ``predictive`` settings the minutes of the series go into a history kept in memory
-    and the answer is ``scaler.predictive.combine``d with ``forecast_for`` it, as the scaler
-    does with the history it keeps in Redis."""
+    """The scaler's answer from the records the simulated sidecars flush. With
+    ``inFlightPerReplica`` it has the scaler's in-flight floor (``scaler.pressure``) from the
+    gauges of those records. With ``predictive`` settings the minutes of the series go into a
+    history kept in memory and the answer is ``scaler.predictive.combine``d with
+    ``forecast_for`` it, as the scaler does with the history it keeps in Redis."""
 
     name = "token"
     needs_records = True
@@ -111,6 +118,9 @@ class TokenPolicy(Policy):
             if self.forecast is None or self.forecast[0] != minute:
                 self.forecast = (minute, forecast_for(self.history, self.settings, now_ms))
             result = combine(result, self.forecast[1], self.settings)
+        if self.settings.in_flight_per_replica is not None:
+            writers = self.series.live_writers(now_ms, LIVENESS_MS)
+            result = apply_floor(result, pressure(writers, self.settings.model), self.settings)
         self.last = (now_ms, self.observed, result)
         return result
 

@@ -106,11 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.15,
         help="inter-token latency target, p95 in s (default 0.15)",
     )
-    p.add_argument("--prompt-weight", type=a.non_negative_float, help="promptWeight (default 1)")
+    p.add_argument(
+        "--prompt-weight",
+        type=a.non_negative_float,
+        help="promptWeight (weighted tokens = promptWeight x prompt + "
+        "generationWeight x generated tokens; default 1)",
+    )
     p.add_argument(
         "--generation-weight",
         type=a.non_negative_float,
-        help="generationWeight (default: measured cost ratio)",
+        help="generationWeight: what a generated token costs in prompt tokens (default: measured, the "
+        "server's prefill tokens/s over its decode tokens/s at a full batch)",
     )
     p.add_argument("--headroom", type=a.arg(_headroom), default=1.3, help="headroom to suggest (default 1.3)")
     p.add_argument(
@@ -363,69 +369,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         pw = ns.prompt_weight
     if ns.generation_weight is not None:
         gw = ns.generation_weight
-    base_ttft = steps[0].ttft_p50 or 0.0
-    for s in steps:
-        s.weighted_tps = pw * s.prompt_tps + gw * s.generation_tps
-        s.wait_p50 = max(0.0, (s.ttft_p50 or 0.0) - base_ttft) if s.ttft_p50 is not None else None
-        s.meets = (
-            s.requests > 0
-            and s.errors == 0
-            and s.ttft_p95 is not None
-            and s.ttft_p95 <= ns.ttft_p95
-            and (s.itl_p95 is None or s.itl_p95 <= ns.itl_p95)
-        )
-    meeting = [s for s in steps if s.meets]
-    best = max(meeting, key=lambda s: s.weighted_tps) if meeting else None
+    best = _judge(steps, ns, pw, gw)
     recommendation: dict[str, Any] | None = None
     if best is not None:
-        recommendation = {
-            "tokensPerSecondPerReplica": round(best.weighted_tps, 1),
-            "promptWeight": round(pw, 3),
-            "generationWeight": round(gw, 3),
-            "headroom": ns.headroom,
-            "atConcurrency": best.concurrency,
-        }
-        if best.offered_rps is not None:
-            recommendation["atRequestsPerSecond"] = best.offered_rps
+        recommendation = _recommendation(best, pw, gw, ns.headroom)
         profile = replace(
             profile,
             tokens_per_second_per_replica=recommendation["tokensPerSecondPerReplica"],
             prompt_weight=pw,
             generation_weight=gw,
         )
-
     print(f"endpoint: {base} model {model} ({ns.api}); request sizes: {shape_note}")
-    print(
-        f"targets: TTFT p95 <= {ns.ttft_p95:g}s, inter-token latency p95 <= {ns.itl_p95:g}s; "
-        f"weights {pw:g}/{gw:g}"
-    )
-    print()
-    print(_table(steps))
-    print()
-    p = profile
-    print(
-        f"replica model: step {1000 * p.step_base_s:.2f} ms + {1000 * p.step_per_seq_s:.3f} ms/sequence, "
-        f"{p.prefill_tokens_per_s:.0f} prompt tokens/s, {p.max_concurrency} concurrent sequences"
-        + (f" ({notes})" if notes else "")
-    )
-    if best is None:
-        print("\nno step met the latency targets: lower the concurrency steps or relax --ttft-p95/--itl-p95")
-    else:
-        where = (
-            f"{best.offered_rps:g} requests/s ({best.concurrency} in flight)"
-            if best.offered_rps is not None
-            else f"concurrency {best.concurrency}"
-        )
-        print(f"\nhighest weighted tokens/s within the targets: {best.weighted_tps:.1f} at {where}")
-        print("\nScaledObject trigger metadata:")
-        print("  triggers:")
-        print("  - type: external-push")
-        print("    metadata:")
-        print("      scalerAddress: token-scaler.token-scaler.svc:9090")
-        print(f'      tokensPerSecondPerReplica: "{best.weighted_tps:.0f}"')
-        print(f'      promptWeight: "{pw:g}"')
-        print(f'      generationWeight: "{gw:g}"')
-        print(f'      headroom: "{ns.headroom:g}"')
+    _report(ns, steps, profile, notes, best, pw, gw)
     document = {
         "kind": PROFILE_KIND,
         "version": PROFILE_VERSION,
@@ -436,19 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "request_sizes": shape_note,
         "targets": {"ttft_p95_s": ns.ttft_p95, "itl_p95_s": ns.itl_p95},
         "recommendation": recommendation,
-        "replica": {
-            k: v
-            for k, v in profile.to_json().items()
-            if k
-            in (
-                "step_base_s",
-                "step_per_seq_s",
-                "prefill_tokens_per_s",
-                "chunk_tokens",
-                "max_concurrency",
-                "kv_cache_tokens",
-            )
-        },
+        "replica": {k: v for k, v in profile.to_json().items() if k in _PROFILE_KEYS},
         "fit_notes": notes,
         "steps": [asdict(s) for s in steps],
     }
@@ -461,3 +404,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         plots.profile(document, ns.plot)
         print(f"plot: {ns.plot}")
     return 0 if best is not None else 1
+
+
+# The replica model's fields the profile document holds (what ``simulate --replica-profile`` reads).
+_PROFILE_KEYS = (
+    "step_base_s",
+    "step_per_seq_s",
+    "prefill_tokens_per_s",
+    "chunk_tokens",
+    "max_concurrency",
+    "kv_cache_tokens",
+)
+
+
+def _judge(steps: Sequence[Step], ns: argparse.Namespace, pw: float, gw: float) -> Step | None:
+    """Weigh each step's tokens/s, its wait before prefill and whether it meets the latency
+    targets; the step of the highest weighted tokens/s among those that do."""
+    base_ttft = steps[0].ttft_p50 or 0.0
+    for s in steps:
+        s.weighted_tps = pw * s.prompt_tps + gw * s.generation_tps
+        s.wait_p50 = max(0.0, (s.ttft_p50 or 0.0) - base_ttft) if s.ttft_p50 is not None else None
+        s.meets = (
+            s.requests > 0
+            and s.errors == 0
+            and s.ttft_p95 is not None
+            and s.ttft_p95 <= ns.ttft_p95
+            and (s.itl_p95 is None or s.itl_p95 <= ns.itl_p95)
+        )
+    meeting = [s for s in steps if s.meets]
+    return max(meeting, key=lambda s: s.weighted_tps) if meeting else None
+
+
+def _recommendation(best: Step, pw: float, gw: float, headroom: float) -> dict[str, Any]:
+    """The ScaledObject's settings the best step gives."""
+    recommendation: dict[str, Any] = {
+        "tokensPerSecondPerReplica": round(best.weighted_tps, 1),
+        "promptWeight": round(pw, 3),
+        "generationWeight": round(gw, 3),
+        "headroom": headroom,
+        "atConcurrency": best.concurrency,
+    }
+    if best.offered_rps is not None:
+        recommendation["atRequestsPerSecond"] = best.offered_rps
+    return recommendation
+
+
+def _report(
+    ns: argparse.Namespace,
+    steps: Sequence[Step],
+    p: ReplicaProfile,
+    notes: str,
+    best: Step | None,
+    pw: float,
+    gw: float,
+) -> None:
+    """The steps' table, the replica model fitted to them, and the trigger metadata to paste."""
+    print(
+        f"targets: TTFT p95 <= {ns.ttft_p95:g}s, inter-token latency p95 <= {ns.itl_p95:g}s; "
+        f"weights {pw:g}/{gw:g}"
+    )
+    print()
+    print(_table(steps))
+    print()
+    print(
+        f"replica model: step {1000 * p.step_base_s:.2f} ms + {1000 * p.step_per_seq_s:.3f} ms/sequence, "
+        f"{p.prefill_tokens_per_s:.0f} prompt tokens/s, {p.max_concurrency} concurrent sequences"
+        + (f" ({notes})" if notes else "")
+    )
+    if best is None:
+        print("\nno step met the latency targets: lower the concurrency steps or relax --ttft-p95/--itl-p95")
+        return
+    where = (
+        f"{best.offered_rps:g} requests/s ({best.concurrency} in flight)"
+        if best.offered_rps is not None
+        else f"concurrency {best.concurrency}"
+    )
+    print(f"\nhighest weighted tokens/s within the targets: {best.weighted_tps:.1f} at {where}")
+    print("\nScaledObject trigger metadata:")
+    print("  triggers:")
+    print("  - type: external-push")
+    print("    metadata:")
+    print("      scalerAddress: token-scaler.token-scaler.svc:9090")
+    print(f'      tokensPerSecondPerReplica: "{best.weighted_tps:.0f}"')
+    print(f'      promptWeight: "{pw:g}"')
+    print(f'      generationWeight: "{gw:g}"')
+    print(f'      headroom: "{ns.headroom:g}"')

@@ -70,12 +70,18 @@ def token_settings(metadata: Mapping[str, str]) -> ScalerSettings:
 def token_metadata(cal: Calibration, headroom: float | None, variant: Variant) -> dict[str, str]:
     """The ScaledObject metadata of the token policy at ``headroom`` (None: as configured).
     The scaler takes headroom from 1 to 10; outside that the same target is written as
-    ``tokensPerSecondPerReplica`` at headroom 1."""
+    ``tokensPerSecondPerReplica`` at headroom 1. The variant ``inflight: on`` adds the
+    in-flight floor at the concurrency policy's target for the same headroom (the
+    replica's sequence slots / h), so one headroom sets both."""
     metadata = {**cal.metadata}
     panic = variant.get("panic")
     for key, value in variant.items():
         if key == "burst":
             metadata.update(burst_metadata(value))
+        elif key == "inflight":
+            if value == "on":
+                h = _default_headroom(cal, headroom)
+                metadata["inFlightPerReplica"] = f"{cal.max_concurrency / h:.6g}"
         elif key != "panic":
             metadata[key] = value
     if panic is not None:

@@ -15,7 +15,7 @@ number of tokens every decoding sequence has received, and a sequence ends when 
 clock reaches the value it was given when it started decoding. A pod is moved only when
 something changes its rates or is read from it: a request joining behind a prompt being
 prefilled changes neither, and the sidecar's once-a-second flush finds the generated
-tokens at the second in closed form. ``tests/test_replica_model.py`` checks the pod
+tokens at the second in closed form. ``tests/tuning/test_replica_model.py`` checks the pod
 against a plain reference that moves every request at every event and arrival.
 
 Defaults (``ReplicaProfile()``) are ASSUMPTIONS for an 8B-class model on one mid-range

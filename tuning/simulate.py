@@ -166,7 +166,10 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="token policy: ScaledObject trigger metadata (repeat)",
+        help="token policy: ScaledObject trigger metadata (repeat); promptWeight and generationWeight "
+        "default to 1 and what a generated token costs in prompt tokens, from the replica model "
+        "or --replica-profile (weighted tokens = promptWeight x prompt + generationWeight x generated "
+        "tokens)",
     )
     g.add_argument(
         "--fixed-replicas",
@@ -236,8 +239,8 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sweep-windows",
         type=a.listed(a.positive_int),
-        default=[30, 60],
-        help="token: windowSeconds (default 30,60)",
+        default=[30, 60, 120],
+        help="token: windowSeconds (default 30,60,120: the rate windows the other policies get)",
     )
     g.add_argument(
         "--sweep-panic",
@@ -250,6 +253,13 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         type=a.listed(a.arg(parse_burst)),
         default=[None, (10, 0.9, 1200)],
         help="token: burst envelope WINDOW:QUANTILE[:LOOKBACK] or off (default off,10:0.9:1200)",
+    )
+    g.add_argument(
+        "--sweep-inflight",
+        type=a.listed(_on_off),
+        default=["off"],
+        help="token: the in-flight floor (inFlightPerReplica = the replica's sequence slots / "
+        "headroom, the concurrency policy's target) off, on or off,on (default off)",
     )
     g.add_argument(
         "--sweep-rps-windows",
@@ -279,6 +289,13 @@ def _range(raw: str) -> tuple[float, float]:
     if not 0 < lo < hi:
         raise ValueError("expected 0 < LOW < HIGH")
     return lo, hi
+
+
+def _on_off(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError("expected on or off")
+    return value
 
 
 def _policy_name(raw: str) -> str:
@@ -400,11 +417,17 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
         if not sweep:
             return [{}]
         return [
-            {"windowSeconds": str(w), "panic": panic_variant(pw, pt, hold), "burst": burst_variant(burst)}
+            {
+                "windowSeconds": str(w),
+                "panic": panic_variant(pw, pt, hold),
+                "burst": burst_variant(burst),
+                "inflight": inflight,
+            }
             for w in ns.sweep_windows
             for pw, pt, hold in ns.sweep_panic
             if pw <= w // 2
             for burst in ns.sweep_burst
+            for inflight in ns.sweep_inflight
         ]
     if name == "rps":
         return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]
@@ -559,6 +582,7 @@ def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
         "burstWindowSeconds",
         "burstQuantile",
         "burstLookbackSeconds",
+        "inFlightPerReplica",
         "promptWeight",
         "generationWeight",
     )
@@ -659,7 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nevery policy searched alike: headroom {lo:g}..{hi:g} (target = calibrated capacity / "
             f"headroom), scale-down windows {', '.join(f'{d:g}s' for d in ns.sweep_scale_down_windows)}, "
             "each policy's own windows; fixed = the fewest replicas, searched over 1..maxReplicas. "
-            "The fewest GPU-hours reaching each attainment of every SLO (* = held by the range's edge):"
+            "The fewest GPU-hours reaching each attainment of every SLO, read off a monotone fit of "
+            "each setting family's runs (fixed: the fewest replicas; * = held by the range's edge), "
+            "and the cheapest run at the goal:"
         )
         print(sweep["table"])
         print()

@@ -207,12 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mix-swing", type=a.arg(a.fraction), default=d.mix_swing, help="shifting: share swing")
     g = p.add_argument_group("summary")
-    g.add_argument("--prompt-weight", type=a.non_negative_float, default=1.0, help="promptWeight")
+    g.add_argument(
+        "--prompt-weight",
+        type=a.non_negative_float,
+        default=1.0,
+        help="promptWeight (weighted tokens = promptWeight x prompt + generationWeight x generated tokens)",
+    )
     g.add_argument(
         "--generation-weight",
         type=a.non_negative_float,
         default=argparse.SUPPRESS,
-        help="generationWeight (default: the one the simulator's default replica model suggests)",
+        help="generationWeight: what a generated token costs in prompt tokens (default: that of the "
+        "simulator's default replica model)",
     )
     return p
 

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from sidecar.server import Sidecar
 from tests.conftest import delete_keys
 from tests.e2e.conftest import LlamaServer, sidecar_config
+from tests.sidecar.policy.test_policy_proxy import settled
 from tests.sidecar.test_differential import raw_post
-from tests.sidecar.test_policy_proxy import settled
 
 pytestmark = pytest.mark.e2e
 

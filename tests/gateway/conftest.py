@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +13,10 @@ from gateway.config import GatewayConfig
 from gateway.pool import Pool
 from gateway.server import Gateway
 from sidecar.server import Sidecar
+from tests.conftest import delete_keys
 from tests.sidecar.conftest import started_sidecar
 from tests.sidecar.fake_upstream import FakeUpstream
+from token_scaler.record import KEY_PREFIX
 
 
 @dataclass
@@ -31,6 +33,15 @@ def only(gateway: Gateway) -> Pool:
     """The gateway's one workload."""
     [pool] = gateway.pools.pools
     return pool
+
+
+@pytest.fixture
+def other(redis_url: str, workload: str) -> Iterator[str]:
+    """A second workload in the test's namespace; its keys are deleted afterwards (a test
+    stops what writes them first: the fixtures' own teardown may come after this one's)."""
+    name = workload.split("/")[0] + "/other"
+    yield name
+    delete_keys(redis_url, f"{KEY_PREFIX}:{{{name}}}*")
 
 
 StartReplica = Callable[..., Awaitable[Replica]]

@@ -4,28 +4,17 @@ holds and reports its own demand, an unknown model gets an OpenAI-shaped 404."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aiohttp
 import openai
 import pytest
 
 from gateway.config import GatewayConfig, Route, parse_routes
-from tests.conftest import delete_keys
 from tests.gateway.conftest import StartGateway, StartReplica
 from tests.gateway.test_gateway_hold import client, entries, wait_for
 from tests.sidecar.conftest import totals
 from token_scaler.errors import ConfigError
-from token_scaler.record import GATEWAY, KEY_PREFIX
-
-
-@pytest.fixture
-def other(redis_url: str, workload: str) -> Iterator[str]:
-    """A second workload in the test's namespace; its keys are deleted afterwards (a test
-    stops what writes them first: the fixtures' own teardown may come after this one's)."""
-    name = workload.split("/")[0] + "/other"
-    yield name
-    delete_keys(redis_url, f"{KEY_PREFIX}:{{{name}}}*")
+from token_scaler.record import GATEWAY
 
 
 async def test_two_workloads_one_at_zero_while_the_other_serves(

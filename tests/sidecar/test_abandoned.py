@@ -11,7 +11,7 @@ import pytest
 
 from sidecar.abandon import Abandoned
 from tests.sidecar.conftest import StartSidecar, read_records, scope, totals
-from tests.sidecar.test_policy_proxy import MESSAGES, sample, settled, used, write_policy
+from tests.sidecar.policy.test_policy_proxy import MESSAGES, sample, settled, used, write_policy
 from tests.sidecar.vllm_like import VllmLike
 
 

@@ -20,7 +20,7 @@ from sidecar.openai import ParsedRequest
 from sidecar.policy.engine import Admission
 from sidecar.server import Sidecar
 from tests.sidecar.conftest import StartSidecar, read_records, scope, totals
-from tests.sidecar.test_policy_proxy import settled, used, write_policy
+from tests.sidecar.policy.test_policy_proxy import settled, used, write_policy
 from tests.sidecar.vllm_like import VllmLike
 
 CHAT = "/v1/chat/completions"

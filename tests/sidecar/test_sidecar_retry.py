@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.proxy import Proxy
 from sidecar.server import Sidecar
+from sidecar.upstream import Upstream
 from tests.sidecar.conftest import StartSidecar
 
 BODY = json.dumps(
@@ -128,14 +128,14 @@ class _Session:
 )
 async def test_which_failures_are_sent_again(failure: BaseException, body: object, retried: bool) -> None:
     session = _Session([failure])
-    fake = SimpleNamespace(session=session, metrics=SimpleNamespace(upstream_retries=Counter()))
+    fake = SimpleNamespace(session=session, retries=Counter())
     if retried:
-        answer: object = await Proxy._send(fake, "POST", "http://up/v1/x", CIMultiDict(), body)
+        answer: object = await Upstream.send(fake, "POST", "http://up/v1/x", CIMultiDict(), body)
         assert answer == "answer"
-        assert session.calls == 2 and fake.metrics.upstream_retries.n == 1
+        assert session.calls == 2 and fake.retries.n == 1
     else:
         with pytest.raises(type(failure)):
-            await Proxy._send(fake, "POST", "http://up/v1/x", CIMultiDict(), body)
+            await Upstream.send(fake, "POST", "http://up/v1/x", CIMultiDict(), body)
         assert session.calls == 1
 
 
@@ -145,9 +145,9 @@ async def test_an_unreachable_server_and_a_second_drop_are_not_retried_again() -
     )
     for failures, calls in (([refused], 1), ([aiohttp.ServerDisconnectedError()] * 2, 2)):
         session = _Session(list(failures))
-        fake = SimpleNamespace(session=session, metrics=SimpleNamespace(upstream_retries=Counter()))
+        fake = SimpleNamespace(session=session, retries=Counter())
         with pytest.raises(aiohttp.ClientError):
-            await Proxy._send(fake, "POST", "http://up/v1/x", CIMultiDict(), b"{}")
+            await Upstream.send(fake, "POST", "http://up/v1/x", CIMultiDict(), b"{}")
         assert session.calls == calls
 
 

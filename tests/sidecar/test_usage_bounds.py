@@ -39,6 +39,7 @@ from sidecar.usage_bounds import (
 )
 from tests.conftest import delete_keys
 from tests.sidecar.conftest import StartSidecar, scope
+from tests.sidecar.policy.test_policy_proxy import settled, used, write_policy
 from tests.sidecar.scripted_upstream import (
     Choice,
     Generation,
@@ -50,7 +51,6 @@ from tests.sidecar.scripted_upstream import (
     render_completion,
     render_responses,
 )
-from tests.sidecar.test_policy_proxy import settled, used, write_policy
 from token_scaler.record import KEY_PREFIX
 
 MODEL = "honest-model"

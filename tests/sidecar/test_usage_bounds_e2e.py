@@ -16,10 +16,10 @@ import aiohttp
 import openai
 import pytest
 
+from tests.scaler.test_scaler_service import start as start_scaler
 from tests.sidecar.conftest import StartSidecar, read_records, scope, totals
+from tests.sidecar.policy.test_policy_proxy import settled, used, write_policy
 from tests.sidecar.scripted_upstream import Choice, Generation, ScriptedUpstream, render_chat
-from tests.sidecar.test_policy_proxy import settled, used, write_policy
-from tests.test_scaler_service import start as start_scaler
 
 HUGE = 10**15
 WORDS = [f"w{i} " for i in range(40)]  # 40 tokens, one a chunk

@@ -531,3 +531,36 @@ def test_warm_up_is_not_counted():
 def test_cli_warm_up_flag(capsys):
     assert cli.main(["--policies", "rps", "--warm-up", "120", "--quiet", "--cold-start", "20"]) == 0
     assert "warm-up 120s" in capsys.readouterr().out
+
+
+def test_fitted_reads_the_level_off_a_monotone_fit_not_a_lucky_run():
+    from tuning.compare import Best, Run, _monotone
+
+    assert _monotone([0.5, 0.7, 0.6, 0.9]) == pytest.approx([0.5, 0.65, 0.65, 0.9])
+    assert _monotone([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
+
+    def run(h, gpu, att, window="60"):
+        return Run("rps", {"window": window, "headroom": f"{h:g}"}, gpu, att, {})
+
+    best = Best(
+        [
+            run(2.0, 10.0, 0.80),
+            run(2.2, 11.0, 0.91),  # lucky: its neighbours above it in headroom attain less
+            run(2.4, 12.0, 0.87),
+            run(2.6, 13.0, 0.89),
+            run(2.8, 14.0, 0.93),
+        ]
+    )
+    assert best.cheapest(0.9).gpu_hours == 11.0
+    # fitted attainment: 0.80, 0.89, 0.89, 0.89, 0.93 (the three pooled); gpu already monotone;
+    # 0.9 is crossed between 13.0 (0.89) and 14.0 (0.93): 13.0 + 0.01 / 0.04 = 13.25
+    assert best.fitted(0.9) == pytest.approx(13.25)
+    # reached at the family's lowest run: that run's GPU-hours; never reached: None
+    assert best.fitted(0.8) == pytest.approx(10.0)
+    assert best.fitted(0.95) is None
+    # the policy's figure is its cheapest family's
+    best.runs += [run(2.0, 9.0, 0.85, "30"), run(2.4, 10.0, 0.95, "30")]
+    assert best.fitted(0.9) == pytest.approx(9.5)
+    # a fixed deployment's replica counts are not interpolated
+    fixed = Best([Run("fixed", {"replicas": str(n)}, float(n), a, {}) for n, a in [(3, 0.85), (4, 0.92)]])
+    assert fixed.fitted(0.9) == 4.0

@@ -80,6 +80,7 @@ def test_every_documented_key_is_parsed() -> None:
         "leadSeconds",
         "maxForecastError",
         "kvCacheTarget",
+        "inFlightPerReplica",
     }
 
 
@@ -115,6 +116,8 @@ def test_short_window_shrinks_the_default_panic_window() -> None:
         ("leadSeconds", "30", "60 to 3600"),
         ("maxForecastError", "0", "a number > 0"),
         ("kvCacheTarget", "1.5", "in (0, 1]"),
+        ("inFlightPerReplica", "0", "a number > 0"),
+        ("inFlightPerReplica", "many", "a number > 0"),
         ("maxReplicas", "ten", "whole number >= 0"),
         ("workload", "NS/Upper", "<namespace>/<name>"),
     ],

@@ -13,7 +13,7 @@ from scaler.ceiling import IngestCeiling, bound_answer
 from scaler.metadata import parse
 from scaler.window import WorkloadSeries, evaluate
 from tests.keda import FakeSidecar
-from tests.test_scaler_service import Running, history, start
+from tests.scaler.test_scaler_service import Running, history, start
 from token_scaler.record import GATEWAY, ModelCounts, Record, TenantCounts
 
 WORKLOAD = "ns/llm"

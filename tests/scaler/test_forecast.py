@@ -15,8 +15,8 @@ from scaler.metadata import ScalerSettings
 from scaler.predictive import combine
 from scaler.window import WorkloadSeries, evaluate
 from tests.keda import FakeSidecar
-from tests.test_scaler_service import history as feed_history
-from tests.test_scaler_service import start
+from tests.scaler.test_scaler_service import history as feed_history
+from tests.scaler.test_scaler_service import start
 from token_scaler.record import ModelCounts, Record
 
 T0_MIN = int(time.time()) // MINUTE_S - 200  # a minute index (Unix seconds // 60), recent

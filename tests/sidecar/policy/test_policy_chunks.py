@@ -35,7 +35,7 @@ from sidecar.policy.engine import Admission
 from sidecar.policy.schema import Budget, Price
 from sidecar.policy.store import Admitted, Item, Store, TenantKeys, checkpoint_args, tenant_keys
 from sidecar.policy.tickets import Ticket
-from tests.sidecar.test_policy_proxy import MESSAGES, write_policy
+from tests.sidecar.policy.test_policy_proxy import MESSAGES, write_policy
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis
 

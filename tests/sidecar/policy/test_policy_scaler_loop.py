@@ -19,7 +19,7 @@ from sidecar.server import Sidecar
 from tests.keda import FakeSidecar, KedaClient
 from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
-from tests.sidecar.test_policy_proxy import MESSAGES, sdk, write_policy
+from tests.sidecar.policy.test_policy_proxy import MESSAGES, sdk, write_policy
 
 
 async def ask(sidecar: Sidecar) -> str | None:

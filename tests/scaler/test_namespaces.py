@@ -18,7 +18,7 @@ from scaler.reader import StreamReader
 from scaler.registry import Registry
 from scaler.window import WorkloadSeries
 from tests.keda import FakeSidecar
-from tests.test_scaler_service import Running, history, start
+from tests.scaler.test_scaler_service import Running, history, start
 from token_scaler import model_keys
 from token_scaler.errors import ConfigError, MetadataError
 

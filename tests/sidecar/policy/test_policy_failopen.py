@@ -21,7 +21,7 @@ from sidecar.policy.store import Store
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.usage import Usage
 from tests.sidecar.conftest import StartSidecar
-from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
+from tests.sidecar.policy.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis
 

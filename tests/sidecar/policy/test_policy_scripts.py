@@ -15,7 +15,7 @@ from sidecar.policy.scripts import Admit, Applied
 from sidecar.policy.store import ModelAdmitted, ModelRateArgs, MoveArgs, Settled
 from token_scaler.redis_channel import Channel, LuaScript
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LUA = ROOT / "sidecar" / "policy" / "lua"
 
 

@@ -12,7 +12,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.keda import FakeSidecar
-from tests.test_scaler_service import Running, history, start
+from tests.scaler.test_scaler_service import Running, history, start
 from token_scaler.pricing import PriceTable, load
 
 # 3.00 $/h per replica; "llm" workloads are priced by the test below, others are not.

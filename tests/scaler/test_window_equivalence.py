@@ -1,5 +1,5 @@
 """The window's ingest and evaluate give the answers of the plain reference
-(``tests/window_reference.py``) for random record streams and settings."""
+(``tests/scaler/window_reference.py``) for random record streams and settings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from scaler.metadata import ScalerSettings
 from scaler.window import WorkloadSeries, evaluate
-from tests.window_reference import RefSeries, ref_evaluate
+from tests.scaler.window_reference import RefSeries, ref_evaluate
 from token_scaler.record import GATEWAY, SIDECAR, ModelCounts, Record, TenantCounts
 
 T0 = 1_700_000_000

@@ -31,7 +31,7 @@ from sidecar.policy.clock import Clock
 from sidecar.policy.store import Admitted, Item, Store, settle_args, tenant_keys
 from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream
-from tests.sidecar.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
+from tests.sidecar.policy.test_policy_proxy import MESSAGES, sample, sdk, settled, used, write_policy
 from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import LocalRedis, connect, free_port
 
@@ -244,7 +244,7 @@ async def test_budget_periods_follow_redis_clock(redis_url: str, workload: str, 
 async def test_a_client_gone_during_admission_releases_and_outage_refusals_release_nothing(
     tmp_path: Path,
 ) -> None:
-    from tests.test_redis_channel import FakeRedis
+    from tests.token_scaler.test_redis_channel import FakeRedis
 
     policy = write_policy(
         tmp_path / "policy.yaml",

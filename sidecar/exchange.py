@@ -1,0 +1,33 @@
+"""What one counted request has seen so far: filled in by the proxy, the relay and the accounting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sidecar.metrics import Series
+from sidecar.openai import Kind, Usage
+from sidecar.usage_bounds import RequestFacts
+
+
+@dataclass(slots=True)
+class Exchange:
+    kind: Kind
+    inject: bool  # the sidecar asked for usage: remove it from what the client sees
+    started: float
+    series: Series
+    name: str  # the model asked for (``series`` has its label)
+    code: str = "502"
+    failed: bool = False
+    usage: Usage | None = None
+    pieces: int = 0
+    texts: list[str] = field(default_factory=list)
+    malformed: bool = False
+    streamed: bool = False
+    first_at: float | None = None
+    upstream: str | None = None  # another model server than the proxy's (a downgrade)
+    headers: dict[str, str] | None = None  # the policies' response headers
+    stream_limit: int | None = None  # generated pieces after which the stream is ended
+    cut: bool = False
+    facts: RequestFacts | None = None  # what bounds the usage (sidecar/usage_bounds.py)
+    seen_bytes: int = 0  # bytes of generated text that passed (see usage_bounds)
+    reserved: int | None = None  # generated tokens charged if a non-streamed client leaves (abandon.py)
