@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--generation-weight",
         type=a.non_negative_float,
         help="generationWeight: what a generated token costs in prompt tokens (default: measured, the "
-        "server's prefill tokens/s over its decode tokens/s at a full batch)",
+        "step time one more decoding sequence adds over a prompt token's prefill time)",
     )
     p.add_argument("--headroom", type=a.arg(_headroom), default=1.3, help="headroom to suggest (default 1.3)")
     p.add_argument(
