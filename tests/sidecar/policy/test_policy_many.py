@@ -79,9 +79,7 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "reservationChunks": {"minRequestsPerSecond": 5},
                 "tenants": {
                     "budgeted": {"budget": {"daily": BUDGET}},
-                    "failover": {
-                        "budget": {"daily": BUDGET}
-                    },  # tests/sidecar/policy/test_cluster_policies.py
+                    "failover": {"budget": {"daily": BUDGET}},  # tests/test_cluster_policies.py
                     "limited": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": RATE_BURST_S}},
                     "chunked": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": CHUNKED_BURST_S}},
                 },
