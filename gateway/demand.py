@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
 from token_scaler.outbox import Outbox
 from token_scaler.record import GATEWAY, ModelCounts, Record
-from token_scaler.redis_conn import REDIS_ERRORS, Client
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class HeldDemand:
 class DemandWriter:
     def __init__(
         self,
-        client: Client,
+        client: aioredis.Redis,
         demand: HeldDemand,
         *,
         workload: str,

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from sidecar.meter import Meter
 from token_scaler.presence import FORGET_MS, HEARTBEAT, HEARTBEAT_S, LEAVE, Announcement, presence_keys
-from token_scaler.redis_conn import REDIS_ERRORS, Client
+from token_scaler.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ async def upstream_models(session: aiohttp.ClientSession, upstream: str) -> tupl
 class Announcer:
     def __init__(
         self,
-        client: Client,
+        client: aioredis.Redis,
         meter: Meter,
         *,
         workload: str,
