@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from demo.load import LoadStats, Planned, mean_weighted_tokens, plan, replay
-from demo.model_sim import SimulatedModel
+from demo.model_sim import GENERATION_WEIGHT, PROMPT_WEIGHT, SimulatedModel
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from scaler._gen import externalscaler_pb2 as pb
@@ -41,7 +41,6 @@ from tuning.trace import load_sample
 
 WORKLOAD = "demo/from-zero"
 MODEL = "sim-llm"
-PROMPT_WEIGHT = 0.1
 HEADROOM = 1.3
 IDLE_S = 3.0  # at zero before the load starts
 COOLDOWN_S = 5.0  # KEDA's cooldownPeriod: inactive this long -> 0 replicas
@@ -247,7 +246,9 @@ class Run:
 
 async def run_from_zero(args: argparse.Namespace, redis_url: str) -> int:
     trace = load_sample()
-    capacity = args.rps * mean_weighted_tokens(trace, PROMPT_WEIGHT, 1.0)  # two replicas half busy
+    capacity = args.rps * mean_weighted_tokens(
+        trace, PROMPT_WEIGHT, GENERATION_WEIGHT
+    )  # two replicas half busy
     load_s = max(10.0, min(30.0, args.duration / 3))
     planned = plan(
         trace, duration_s=load_s, rps=args.rps, burst=(0.4, 0.7), burst_factor=2,
@@ -266,7 +267,8 @@ async def run_from_zero(args: argparse.Namespace, redis_url: str) -> int:
     metadata = {
         "tokensPerSecondPerReplica": f"{capacity:.0f}",
         "headroom": str(HEADROOM),
-        "promptWeight": str(PROMPT_WEIGHT),
+        "promptWeight": f"{PROMPT_WEIGHT:g}",
+        "generationWeight": f"{GENERATION_WEIGHT:g}",
         "workload": WORKLOAD,
         "windowSeconds": "10",
         "panicWindowSeconds": "2",

@@ -2,10 +2,11 @@
 
 One replica does ``capacity`` units of work per second, shared equally by the requests
 it has admitted (at most ``max_batch``; the rest wait in a FIFO queue, as in a
-continuous-batching server). A prompt token costs ``prompt_cost`` units (prefill is
-cheap per token), a generated token 1 unit, so the replica serves ``capacity``
-weighted tokens/s with weights (prompt_cost, 1). Prompt tokens are whitespace-separated
-words; each generated token is one word. ``usage`` is exact for its own counting.
+continuous-batching server). A prompt token costs ``prompt_cost`` units, a generated
+token ``generation_cost`` (1 and 10 by default: prefill is cheap per token), so the
+replica serves ``capacity`` weighted tokens/s with weights (prompt_cost, generation_cost).
+Prompt tokens are whitespace-separated words; each generated token is one word. ``usage``
+is exact for its own counting.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+# What a prompt and a generated token cost the simulated replica: the demo's weights, in the
+# convention of every command (a prompt token 1, a generated token what it costs in prompt
+# tokens).
+PROMPT_WEIGHT = 1.0
+GENERATION_WEIGHT = 10.0
 
 
 @dataclass
@@ -37,13 +44,15 @@ class SimulatedModel:
         self,
         *,
         capacity: float,
-        prompt_cost: float = 0.1,
+        prompt_cost: float = PROMPT_WEIGHT,
+        generation_cost: float = GENERATION_WEIGHT,
         max_batch: int = 32,
         tick_s: float = 0.02,
         model: str = "sim-llm",
     ) -> None:
         self.capacity = capacity
         self.prompt_cost = prompt_cost
+        self.generation_cost = generation_cost
         self.max_batch = max_batch
         self.tick_s = tick_s
         self.model = model
@@ -77,8 +86,8 @@ class SimulatedModel:
                         self.served_prompt += job.prompt
                 if job.prefill_left == 0:
                     job.credit += work
-                    while job.credit >= 1 and job.emitted < job.generate:
-                        job.credit -= 1
+                    while job.credit >= self.generation_cost and job.emitted < job.generate:
+                        job.credit -= self.generation_cost
                         job.emitted += 1
                         self.served_generation += 1
                         job.tokens.put_nowait(job.emitted)

@@ -34,7 +34,7 @@ import grpc
 from aiohttp import web
 
 from demo.load import LoadStats, mean_weighted_tokens, plan, replay
-from demo.model_sim import SimulatedModel
+from demo.model_sim import GENERATION_WEIGHT, PROMPT_WEIGHT, SimulatedModel
 from demo.table import Row, format_row, header
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
@@ -48,7 +48,6 @@ from tuning.trace import load_sample
 
 WORKLOAD = "demo/sim-llm"
 MODEL = "sim-llm"
-PROMPT_WEIGHT = 0.1  # prefill is cheap per token: the simulated replica charges 0.1 per prompt token
 HEADROOM = 1.3
 WINDOW_S = 15  # shorter than the default 60 s: a one-minute demo shows the phase take full effect
 BUSY = 0.4  # how busy the base load keeps the simulated replicas
@@ -147,7 +146,7 @@ class Sizing:
 async def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     trace = load_sample()
-    size = Sizing.of(args, mean_weighted_tokens(trace, PROMPT_WEIGHT, 1.0))
+    size = Sizing.of(args, mean_weighted_tokens(trace, PROMPT_WEIGHT, GENERATION_WEIGHT))
     scenario = SCENARIOS[args.scenario]
     planned = plan(
         trace,
@@ -179,7 +178,7 @@ async def run(args: argparse.Namespace) -> int:
         scaler = await start_scaler(stack, redis_.url)
         print(
             f"model server: {args.replicas} simulated replicas, {size.capacity:.0f} weighted tokens/s each "
-            f"(prompt token = {PROMPT_WEIGHT}, generated token = 1)\n"
+            f"(prompt token = {PROMPT_WEIGHT:g}, generated token = {GENERATION_WEIGHT:g})\n"
             f"sidecars: {', '.join(f'127.0.0.1:{s.port}' for s in sidecars)} "
             f"-> stream of workload {WORKLOAD}\n"
             f"scaler: gRPC 127.0.0.1:{scaler.grpc_port}, debug http://127.0.0.1:{scaler.http_port}/debug/scalers\n"
@@ -187,7 +186,8 @@ async def run(args: argparse.Namespace) -> int:
             f"packaged trace ({trace.attribution})\n"
             f"from {size.phase_s[0]:.0f}s to {size.phase_s[1]:.0f}s ({scenario.label!r}): "
             f"{scenario.describe()}; load stops at {size.load_s:.0f}s\n"
-            f"weighted tokens = {PROMPT_WEIGHT} x prompt + 1 x generated; KEDA's target per replica: "
+            f"weighted tokens = {PROMPT_WEIGHT:g} x prompt + {GENERATION_WEIGHT:g} x generated; "
+            "KEDA's target per replica: "
             f"{size.capacity / HEADROOM:.0f} weighted tokens/s (capacity / headroom {HEADROOM}); a "
             f"requests/s scaler is calibrated to {size.rps_target / HEADROOM:.2f} req/s per replica on "
             f"the trace's mean request\n"
@@ -216,7 +216,9 @@ async def start_replicas(
     models: list[SimulatedModel] = []
     sidecars: list[Sidecar] = []
     for i in range(count):
-        model = SimulatedModel(capacity=capacity, prompt_cost=PROMPT_WEIGHT, model=MODEL)
+        model = SimulatedModel(
+            capacity=capacity, prompt_cost=PROMPT_WEIGHT, generation_cost=GENERATION_WEIGHT, model=MODEL
+        )
         runner = web.AppRunner(model.app(), access_log=None, handler_cancellation=True)
         await runner.setup()
         port = free_port()
@@ -276,8 +278,8 @@ async def watch(
         "scalerAddress": f"127.0.0.1:{scaler.grpc_port}",
         "tokensPerSecondPerReplica": f"{size.capacity:.0f}",
         "headroom": str(HEADROOM),
-        "promptWeight": str(PROMPT_WEIGHT),
-        "generationWeight": "1.0",
+        "promptWeight": f"{PROMPT_WEIGHT:g}",
+        "generationWeight": f"{GENERATION_WEIGHT:g}",
         "workload": WORKLOAD,
         "windowSeconds": str(WINDOW_S),
     }
