@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import redis
 
 from bench._common import Scaler, bucket_quantile, cpu_seconds, percentiles, redis_for_bench, rss_mib, save
 from scaler._gen import externalscaler_pb2 as pb
 from scaler._gen import externalscaler_pb2_grpc as pb_grpc
 from token_scaler.record import APPEND_SCRIPT, ModelCounts, Record, append_args, seq_key, stream_key
-from token_scaler.redis_conn import free_port
+from token_scaler.redis_conn import free_port, sync_client
+from token_scaler.redis_topology import LocalCluster
 
 
 def workload_name(i: int) -> str:
@@ -61,7 +61,7 @@ class Appender:
     """Appends records through the contract's script in pipelines, as many sidecars would."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
+        self.client = sync_client(url)
         self.sha = self.client.script_load(APPEND_SCRIPT)
         self.seqs: dict[tuple[str, str], int] = {}
 
@@ -248,66 +248,90 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
+    """``--topology single`` (REDIS_URL or a private redis-server), ``cluster`` (a private
+    3-master cluster, a replica each) or ``both``, one after the other in the same run."""
+    if args.topology != "both":
+        return _ingest_on(args.topology, args)
+    result = {topology: _ingest_on(topology, args) for topology in ("single", "cluster")}
+    single, cluster = result["single"], result["cluster"]
+    result["cluster_over_single"] = {
+        "scaler_cpu": cluster["scaler_cpu_share_of_one_core"] / single["scaler_cpu_share_of_one_core"],
+        "applied_entries_per_s": cluster["applied_entries_per_s"] / single["applied_entries_per_s"],
+    }
+    return result
+
+
+def _ingest_on(topology: str, args: argparse.Namespace) -> dict[str, Any]:
+    if topology == "cluster":
+        cluster = LocalCluster.start()
+        try:
+            return _ingest(cluster.url, args)
+        finally:
+            cluster.stop()
     url, own = redis_for_bench()
     try:
-        scaler = Scaler(url)
-        try:
-            # KEDA asks about every workload once, so the scaler follows all of them.
-            run_client(scaler.grpc_port, args.workloads, 4, 0.01, True)
-            per_workload = args.sidecars // args.workloads
-            sidecars = [
-                (workload_name(w), f"pod-{s}") for w in range(args.workloads) for s in range(per_workload)
-            ]
-            appender = Appender(url)
-            offered = 0
-            samples: list[dict[str, float]] = []
-            start_cpu = cpu_seconds(scaler.proc.pid)
-            start_entries = scaler.metric("tokenscaler_scaler_stream_entries_total")
-            started = time.monotonic()
-            slices = 10  # spread each second's appends over 100 ms slices, as sidecars flush at any phase
-            behind = 0.0
-            for second in range(args.seconds):
-                for part in range(slices):
-                    now = appender.now_ms()
-                    chunk = sidecars[part::slices]
-                    appender.batch([(w, s, now, ModelCounts(100, 300, 100, 300, 1)) for w, s in chunk])
-                    offered += len(chunk)
-                    wait = started + second + (part + 1) / slices - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    else:
-                        behind = max(behind, -wait)
-                if second % 10 == 9:
-                    samples.append(
-                        {
-                            "t_s": round(time.monotonic() - started, 1),
-                            "cpu_share_of_one_core": (cpu_seconds(scaler.proc.pid) - start_cpu)
-                            / (time.monotonic() - started),
-                            "rss_mib": rss_mib(scaler.proc.pid),
-                            "lag_entries": offered
-                            - (scaler.metric("tokenscaler_scaler_stream_entries_total") - start_entries),
-                        }
-                    )
-                    print(samples[-1], flush=True)
-            elapsed = time.monotonic() - started
-            time.sleep(1.0)
-            applied = scaler.metric("tokenscaler_scaler_stream_entries_total") - start_entries
-            result = {
-                "sidecars": len(sidecars),
-                "workloads": args.workloads,
-                "seconds": args.seconds,
-                "offered_entries_per_s": offered / elapsed,
-                "applied_entries_per_s": applied / elapsed,
-                "lag_after_1s": offered - applied,
-                "generator_max_behind_s": behind,
-                "scaler_cpu_share_of_one_core": (cpu_seconds(scaler.proc.pid) - start_cpu) / elapsed,
-                "samples": samples,
-            }
-        finally:
-            scaler.stop()
+        return _ingest(url, args)
     finally:
         if own:
             own.stop()
+
+
+def _ingest(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    scaler = Scaler(url)
+    try:
+        # KEDA asks about every workload once, so the scaler follows all of them.
+        run_client(scaler.grpc_port, args.workloads, 4, 0.01, True)
+        per_workload = args.sidecars // args.workloads
+        sidecars = [
+            (workload_name(w), f"pod-{s}") for w in range(args.workloads) for s in range(per_workload)
+        ]
+        appender = Appender(url)
+        offered = 0
+        samples: list[dict[str, float]] = []
+        start_cpu = cpu_seconds(scaler.proc.pid)
+        start_entries = scaler.metric("tokenscaler_scaler_stream_entries_total")
+        started = time.monotonic()
+        slices = 10  # spread each second's appends over 100 ms slices, as sidecars flush at any phase
+        behind = 0.0
+        for second in range(args.seconds):
+            for part in range(slices):
+                now = appender.now_ms()
+                chunk = sidecars[part::slices]
+                appender.batch([(w, s, now, ModelCounts(100, 300, 100, 300, 1)) for w, s in chunk])
+                offered += len(chunk)
+                wait = started + second + (part + 1) / slices - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                else:
+                    behind = max(behind, -wait)
+            if second % 10 == 9:
+                samples.append(
+                    {
+                        "t_s": round(time.monotonic() - started, 1),
+                        "cpu_share_of_one_core": (cpu_seconds(scaler.proc.pid) - start_cpu)
+                        / (time.monotonic() - started),
+                        "rss_mib": rss_mib(scaler.proc.pid),
+                        "lag_entries": offered
+                        - (scaler.metric("tokenscaler_scaler_stream_entries_total") - start_entries),
+                    }
+                )
+                print(samples[-1], flush=True)
+        elapsed = time.monotonic() - started
+        time.sleep(1.0)
+        applied = scaler.metric("tokenscaler_scaler_stream_entries_total") - start_entries
+        result = {
+            "sidecars": len(sidecars),
+            "workloads": args.workloads,
+            "seconds": args.seconds,
+            "offered_entries_per_s": offered / elapsed,
+            "applied_entries_per_s": applied / elapsed,
+            "lag_after_1s": offered - applied,
+            "generator_max_behind_s": behind,
+            "scaler_cpu_share_of_one_core": (cpu_seconds(scaler.proc.pid) - start_cpu) / elapsed,
+            "samples": samples,
+        }
+    finally:
+        scaler.stop()
     return result
 
 
@@ -500,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecars", type=int, default=5000)
     parser.add_argument("--workloads", type=int, default=1000)
     parser.add_argument("--ingest-seconds", type=int, default=60)
+    parser.add_argument(
+        "--topology", choices=["single", "cluster", "both"], default="single", help="ingest: which Redis"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
         "--warmup", type=float, default=65.0, help="steady seconds before each step (> the 60 s window)"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from billing import costs
-from token_scaler.config import redis_url as check_redis_url
+from token_scaler.config import redis_url_argument as check_redis_url
 from token_scaler.config import workload_name
 from token_scaler.errors import ConfigError, RecordError, RowError
 from token_scaler.record import DEFAULT_RETENTION_S, decode, entry_time_ms, stream_key
@@ -246,9 +246,9 @@ def render(result: costs.Reconciliation, fmt: str, *, matched_rows: int = 0) -> 
 
 def stream_counts(url: str, workload: str, after: str) -> tuple[list[costs.HourlyTokens], str]:
     """Hourly counts of the stream's entries after ID ``after`` ("-": all); and the last ID read."""
-    import redis
+    from token_scaler.redis_conn import sync_client
 
-    client = redis.Redis.from_url(url)
+    client = sync_client(url)
     counts: dict[tuple[datetime, str], costs.HourlyTokens] = {}
     last = after
     key = stream_key(workload)

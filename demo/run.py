@@ -42,6 +42,7 @@ from scaler.config import ScalerConfig
 from scaler.server import ScalerServer
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
+from token_scaler.config import redis_url_argument
 from token_scaler.record import workload_keys
 from token_scaler.redis_conn import REDIS_ERRORS, LocalRedis, answers, connect, free_port
 from tuning.trace import load_sample
@@ -119,9 +120,8 @@ async def forget(url: str, workload: str) -> None:
     nothing behind, so a rerun on the same Redis prints the same table."""
     client = connect(url)
     try:
-        keys = [key async for key in client.scan_iter(match=workload_keys(workload), count=1000)]
-        if keys:
-            await client.delete(*keys)
+        async for key in client.scan_iter(match=workload_keys(workload), count=1000):
+            await client.delete(key)  # one by one: a cluster deletes keys of one slot per command
     finally:
         await client.aclose()
 
@@ -407,7 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (env REDIS_URL)"
+        "--redis-url",
+        type=redis_url_argument,
+        default=os.environ.get("REDIS_URL"),
+        help="use this Redis, a cluster or Sentinel's (env REDIS_URL)",
     )
     parser.add_argument("--rps", type=float, default=4.0, help="base requests/s of the load (default 4)")
     parser.add_argument("--replicas", type=int, default=4, help="simulated model-server replicas (default 4)")

@@ -18,11 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from token_scaler.outbox import Outbox
 from token_scaler.record import GATEWAY, ModelCounts, Record
-from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_conn import REDIS_ERRORS, Client
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ class HeldDemand:
 class DemandWriter:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         demand: HeldDemand,
         *,
         workload: str,

@@ -20,13 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from token_scaler import presence
 from token_scaler.presence import LIVE, Announcement, PresenceError, presence_keys
-from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_conn import REDIS_ERRORS, Client
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,7 @@ log = logging.getLogger(__name__)
 class Discovery:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         router: Router,
         metrics: GatewayMetrics,
         *,

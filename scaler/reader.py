@@ -2,11 +2,23 @@
 
 One task per scaler process: for every workload some ScaledObject asked about, it
 backfills the stream once (XRANGE), then follows all of them with one blocking
-XREAD. Entries go into each workload's ``WorkloadSeries``; entries that break the
+XREAD. On a Redis Cluster, where one command reads keys of one slot only, it follows
+them with one non-blocking XREAD per slot, sent as one pipeline per master (redis-py's
+cluster pipeline groups them by the master of each slot, follows MOVED and ASK, and
+refreshes its map of the cluster when a node fails), every ``poll_ms`` when nothing came;
+the streams of a master that fails are read apart until its slots are served again, so only
+they turn stale.
+Entries go into each workload's ``WorkloadSeries``; entries that break the
 record contract are skipped, counted and logged once per stream. It also keeps the
 offset between this host's clock and Redis' (``TIME``), because every window is on
 Redis' clock, and the time of the last successful read, which says whether the data
 can be trusted.
+
+After a failed read (a failover, among others) every stream is read again from
+``REWIND_MS`` before the last entry read: a master promoted after a failover may lack
+entries the old one had stored (replication is asynchronous), and the entries its writers
+append again can land at IDs below the last one read when the hosts' clocks differ. Entries
+read twice are skipped by their sidecar's ``seq`` (``WorkloadSeries.add``).
 """
 
 from __future__ import annotations
@@ -18,18 +30,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scaler.ceiling import IngestCeiling
 from scaler.metrics import ScalerMetrics
 from scaler.window import WorkloadSeries
 from token_scaler.errors import RecordError
 from token_scaler.record import decode, stream_key
-from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_conn import REDIS_ERRORS, Client
 
 log = logging.getLogger("token_scaler.scaler.reader")
 
 BACKFILL_PAGE = 2000
+# How far back every stream is read again after a failed read (see the module's docstring).
+REWIND_MS = 5000
 
 
 class RedisUnavailable(Exception):
@@ -39,7 +54,7 @@ class RedisUnavailable(Exception):
 class StreamReader:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         metrics: ScalerMetrics,
         *,
         stale_after_s: float = 10.0,
@@ -48,12 +63,14 @@ class StreamReader:
         batch: int = 5000,
         clock_sync_s: float = 5.0,
         ceiling: IngestCeiling | None = None,
+        poll_ms: int = 100,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.stale_after_s = stale_after_s
         self.liveness_ms = int(liveness_s * 1000)
         self.block_ms = block_ms
+        self.poll_ms = poll_ms
         self.batch = batch
         self.clock_sync_s = clock_sync_s
         self.ceiling = ceiling or IngestCeiling()
@@ -66,6 +83,10 @@ class StreamReader:
         self._offset_ms = 0.0
         self._last_sync = -1e9
         self._last_ok = -1e9
+        # On a cluster, streams whose master failed the last read: key -> (when last read, error)
+        self._failing: dict[str, tuple[float, str]] = {}
+        self._key_read: dict[str, float] = {}  # on a cluster: key -> when its master last answered
+        self._retry: asyncio.Task[None] | None = None  # reading the failing streams
         self.last_error: str | None = None
         self._applied = asyncio.Event()  # set (and replaced) each time a poll applies entries
 
@@ -85,12 +106,21 @@ class StreamReader:
     def fresh(self) -> bool:
         return self.data_age_s() <= self.stale_after_s
 
-    def check_fresh(self) -> None:
+    def check_fresh(self, workload: str | None = None) -> None:
+        """Raise ``RedisUnavailable`` when the data is stale: all of it, or ``workload``'s
+        stream on a cluster master that has not answered for the bound."""
         if not self.fresh():
             age = self.data_age_s()
             since = "never read" if age > 1e8 else f"not read for {age:.1f}s (bound {self.stale_after_s:g}s)"
             raise RedisUnavailable(
                 f"Redis stream data is stale: {since}; last error: {self.last_error or 'none'}"
+            )
+        failing = self._failing.get(stream_key(workload)) if workload is not None else None
+        if failing is not None and time.monotonic() - failing[0] > self.stale_after_s:
+            age = time.monotonic() - failing[0]
+            raise RedisUnavailable(
+                f"the stream of {workload} is stale: its Redis Cluster master not read for {age:.1f}s "
+                f"(bound {self.stale_after_s:g}s); last error: {failing[1]}"
             )
 
     async def sync_clock(self) -> None:
@@ -122,6 +152,8 @@ class StreamReader:
         key = stream_key(workload)
         self._last_ids.pop(key, None)
         self._key_workload.pop(key, None)
+        self._failing.pop(key, None)
+        self._key_read.pop(key, None)
         self.series.pop(workload, None)
         self.bad_entries.pop(workload, None)
         self.ceiling.drop(workload)
@@ -161,8 +193,86 @@ class StreamReader:
 
     async def _xread(self) -> Any:
         # RESP2 replies: [[key, [(id, fields), ...]], ...] or None after the block times out
+        if isinstance(self.client, RedisCluster):
+            return await self._xread_cluster(self.client)
         streams: dict[Any, Any] = dict(self._last_ids)
         return await self.client.xread(streams, count=self.batch, block=self.block_ms)
+
+    async def _xread_cluster(self, client: RedisCluster) -> Any:
+        """One XREAD per slot, one pipeline per master; a pause of ``poll_ms`` when none had
+        anything new (a blocking read would wait on one slot only).
+
+        A master that fails does not hold up the others: its streams are read apart, in a task
+        of their own that waits out the failover (redis-py retries until the map says who
+        serves them), and only those streams turn stale meanwhile (``check_fresh``)."""
+        healthy = {key: last for key, last in self._last_ids.items() if key not in self._failing}
+        if self._failing and (self._retry is None or self._retry.done()):
+            self._retry = asyncio.create_task(self._read_failing(client))
+        if not healthy:
+            await asyncio.sleep(self.poll_ms / 1000)
+            first = next(iter(self._failing.values()))
+            raise RedisConnectionError(f"no master of the followed streams answers: {first[1]}")
+        found, errors = await self._read_slots(client, healthy)
+        if errors and all(key in self._failing for key in healthy):
+            raise errors[0]
+        if errors:
+            self.metrics.redis_errors.labels("xread").inc()
+        if not any(entries for _key, entries in found):
+            await asyncio.sleep(self.poll_ms / 1000)
+        return found
+
+    async def _read_slots(
+        self, client: RedisCluster, streams: Mapping[str, str]
+    ) -> tuple[list[Any], list[BaseException]]:
+        """One XREAD per slot of ``streams``, pipelined per master: the replies of the masters
+        that answered, and the errors of those that did not (their streams marked failing)."""
+        slots: dict[int, dict[Any, Any]] = {}
+        for key, last in streams.items():
+            slots.setdefault(client.keyslot(key), {})[key] = last
+        pipe = client.pipeline(transaction=False)
+        for group in slots.values():
+            pipe.xread(group, count=self.batch)
+        replies = await pipe.execute(raise_on_error=False)
+        now = time.monotonic()
+        found: list[Any] = []
+        errors: list[BaseException] = []
+        for group, reply in zip(slots.values(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors.append(reply)
+                for key in group:
+                    if key not in self._failing:
+                        self._failing[key] = (
+                            self._key_read.get(key, now),
+                            f"{type(reply).__name__}: {reply}",
+                        )
+                        self._rewind(key)
+                continue
+            for key in group:
+                self._key_read[key] = now
+                self._failing.pop(key, None)
+            found.extend(reply or [])
+        return found, errors
+
+    async def _read_failing(self, client: RedisCluster) -> None:
+        """Read the failing streams until their masters answer, applying what comes."""
+        try:
+            streams = {key: self._last_ids[key] for key in self._failing if key in self._last_ids}
+            for key in [key for key in self._failing if key not in self._last_ids]:
+                del self._failing[key]  # no longer followed
+            if streams:
+                found, _errors = await self._read_slots(client, streams)
+                self._take(found)
+        except REDIS_ERRORS as exc:
+            log.debug("reading the streams of a failed master: %s", exc)
+
+    def _rewind(self, key: str | None = None) -> None:
+        """Read ``key``'s stream (every stream: None) again from ``REWIND_MS`` before its last
+        entry read."""
+        for each in [key] if key is not None else list(self._last_ids):
+            last = self._last_ids.get(each)
+            ms = int(last.split("-", 1)[0]) if last else 0
+            if ms > 0:
+                self._last_ids[each] = f"{max(0, ms - REWIND_MS)}-0"
 
     # -- entries -----------------------------------------------------------------
 
@@ -210,20 +320,25 @@ class StreamReader:
             self._mark_ok()
             await asyncio.sleep(self.block_ms / 1000)
             return 0
-        response: list[tuple[bytes, list[tuple[bytes, Mapping[bytes, bytes]]]]] | None
-        response = await self._xread()
+        applied = self._take(await self._xread())
+        self._mark_ok()
+        return applied
+
+    def _take(self, response: list[tuple[Any, list[tuple[bytes, Mapping[bytes, bytes]]]]] | None) -> int:
+        """Apply an XREAD's reply (streams no longer followed are skipped); the entries applied."""
         applied = 0
         now_sec = self.now_ms() // 1000
         for raw_key, entries in response or []:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            workload = self._key_workload[key]
+            workload = self._key_workload.get(key)
+            if workload is None:
+                continue
             series = self.series[workload]
             series.clock_sec = now_sec
             for entry_id, fields in entries:
                 applied += self._apply(workload, series, entry_id, fields)
             if entries:
                 self._last_ids[key] = entries[-1][0].decode()
-        self._mark_ok()
         if applied:
             event, self._applied = self._applied, asyncio.Event()
             event.set()
@@ -244,6 +359,7 @@ class StreamReader:
                         exc,
                         self.stale_after_s,
                     )
+                    self._rewind()  # once per outage
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
@@ -255,3 +371,7 @@ class StreamReader:
                     series.prune(now)
                     self.ceiling.forget_sidecars(workload, set(series.sidecars))
                 next_prune = time.monotonic() + 10
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry

@@ -100,7 +100,7 @@ class Registry:
         """The demand's evaluation and the answer (capped at maxReplicas x target)."""
         settings = state.settings
         series = await self.reader.ensure(settings.workload)
-        self.reader.check_fresh()
+        self.reader.check_fresh(settings.workload)
         now = self.reader.now_ms()
         second = now // 1000
         cache_key = (settings.workload, settings)

@@ -35,7 +35,7 @@ from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
 from token_scaler import model_keys
-from token_scaler.redis_conn import REDIS_ERRORS, connect
+from token_scaler.redis_conn import REDIS_ERRORS, connect, redact
 from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
 from token_scaler.saturation import saturation_key
 
@@ -131,7 +131,7 @@ class ScalerServer:
             "mTLS" if cfg.client_ca else "TLS" if cfg.tls_cert else "plaintext",
             cfg.host,
             self.http_port,
-            _redact(cfg.redis_url),
+            redact(cfg.redis_url),
         )
 
     async def _watch_health(self) -> None:
@@ -223,13 +223,6 @@ def _bound_port(site: web.TCPSite, asked: int) -> int:
     server: Any = site._server
     sockets = getattr(server, "sockets", None) or []
     return int(sockets[0].getsockname()[1]) if sockets else asked
-
-
-def _redact(url: str) -> str:
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 async def serve(config: ScalerConfig) -> None:

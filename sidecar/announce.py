@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from sidecar.meter import Meter
 from token_scaler.presence import FORGET_MS, HEARTBEAT, HEARTBEAT_S, LEAVE, Announcement, presence_keys
-from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_conn import REDIS_ERRORS, Client
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ async def upstream_models(session: aiohttp.ClientSession, upstream: str) -> tupl
 class Announcer:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         meter: Meter,
         *,
         workload: str,

@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
 from token_scaler.errors import RecordError
 from token_scaler.outbox import Outbox
 from token_scaler.record import Record, ServerGauges, decode, stream_key
+from token_scaler.redis_conn import Client
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 class Flusher:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         meter: Meter,
         metrics: Metrics,
         *,
@@ -148,7 +147,7 @@ class Flusher:
 
 
 async def recent_generation_means(
-    client: aioredis.Redis, workload: str, entries: int = 300, min_requests: int = 5
+    client: Client, workload: str, entries: int = 300, min_requests: int = 5
 ) -> dict[str, float]:
     """Generated tokens per ended request, per model, over the workload's newest stream
     entries (all its sidecars): the seed of a new sidecar's estimates. Entries that do not

@@ -35,8 +35,8 @@ from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
 from token_scaler import httpserve, model_keys
 from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
-from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import REDIS_ERRORS, connect
+from token_scaler.redis_routing import Commands, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ class Sidecar:
             models=config.models,
             body_timeout_s=config.body_timeout_s,
         )
-        self._policy_redis: Channel | None = None
+        self._policy_redis: Commands | None = None
         if config.policy is not None:
             # One pipelined connection of its own: every request's admission and settlement
             # (redis_channel.py says why not redis-py's pool on this path).
-            self._policy_redis = Channel.from_url(config.redis_url)
+            self._policy_redis = open_channel(config.redis_url)
             self.policy = self.proxy.policy = PolicyEngine(
                 config.policy,
                 self._policy_redis,

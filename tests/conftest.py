@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from token_scaler.record import workload_keys
-from token_scaler.redis_conn import LocalRedis
+from token_scaler.redis_conn import LocalRedis, sync_client
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,11 @@ def workload(redis_url: str) -> Iterator[str]:
 
 
 def delete_keys(redis_url: str, pattern: str) -> None:
-    """Remove what a test left in Redis under ``pattern``."""
-    client = redis.Redis.from_url(redis_url)
+    """Remove what a test left in Redis under ``pattern`` (one Redis, a cluster or Sentinel's)."""
+    client = sync_client(redis_url)
     try:
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        if keys:
-            client.delete(*keys)
+        for key in list(client.scan_iter(match=pattern, count=1000)):
+            client.delete(key)  # one by one: a cluster deletes keys of one slot per command
     finally:
         client.close()
 

@@ -70,7 +70,8 @@ def load(
         try:
             values[name] = opt.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from exc
+            shown = _redacted(raw) if opt.parse is redis_url else raw
+            raise ConfigError(f"{source}={shown!r} is invalid: {exc}") from exc
     return values
 
 
@@ -146,12 +147,30 @@ def existing_file(raw: str) -> Path:
 
 
 def redis_url(raw: str) -> str:
-    parsed = urlparse(raw)
-    if parsed.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
-    if parsed.scheme != "unix" and not parsed.hostname:
-        raise ValueError("the URL names no host")
+    """One Redis, a Redis Cluster or a Sentinel set (``redis_conn.locate`` reads every form)."""
+    from token_scaler.redis_conn import RedisUrlError, locate
+
+    try:
+        locate(raw)
+    except RedisUrlError as exc:
+        raise ValueError(exc.reason) from None
     return raw
+
+
+def _redacted(url: str) -> str:
+    from token_scaler.redis_conn import redact
+
+    return redact(url)
+
+
+def redis_url_argument(raw: str) -> str:
+    """``redis_url`` for argparse: its error names the URL (password hidden) and what is wrong."""
+    import argparse
+
+    try:
+        return redis_url(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{_redacted(raw)!r} is invalid: {exc}") from None
 
 
 def http_url(raw: str) -> str:

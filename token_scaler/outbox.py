@@ -4,7 +4,13 @@ stream: buffered, oldest first, up to a bound, and delivered in batches through
 
 While Redis is away the buffer fills, dropping the oldest past its bound; when Redis is back
 the records go out in order with their original ``seq`` and ``ts``. A batch whose reply was
-lost is sent again as it was: the script skips every ``seq`` it already stored. Each reply
+lost is sent again as it was: the script skips every ``seq`` it already stored.
+
+Delivered records are kept ``RESEND_S`` longer: a failover to a replica that had not yet
+received the last appends (replication is asynchronous) loses them. Each call tells the
+script the highest ``seq`` delivered; when Redis holds less it appends nothing and says what
+it holds, and the records above that go back to the front of the buffer, to be sent again
+with their original ``seq`` and ``ts`` (readers skip any they had read before the failover). Each reply
 carries Redis' time, from which the offset of the local clock to Redis' is learnt; a record
 added before any offset was known (``stamped=False``) gets its ``ts`` from the first offset
 learnt, before it is first sent.
@@ -19,15 +25,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from token_scaler.record import APPEND_SCRIPT, Record, append_args, seq_key, stream_key
-from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_conn import REDIS_ERRORS, Client
 
 log = logging.getLogger(__name__)
 
 # Records per script call: bounds one call's size after an outage.
 BATCH = 100
+# How long a delivered record is kept to be sent again should a failover lose it: well past
+# a replica's lag and a failover's detection time.
+RESEND_S = 60
 
 
 @dataclass(slots=True)
@@ -40,7 +47,7 @@ class Pending:
 class Outbox:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         *,
         workload: str,
         writer_id: str,
@@ -57,6 +64,8 @@ class Outbox:
         self._what = what  # as the log lines name the records
         self._clock = clock
         self.buffer: deque[Pending] = deque()
+        self.sent: deque[Pending] = deque()  # delivered in the last RESEND_S, oldest first
+        self.resent = 0  # records sent again after a failover lost them
         self.offset_ms: int | None = None
         self._lock = asyncio.Lock()
         self._failing = False
@@ -115,14 +124,33 @@ class Outbox:
 
     async def _send(self, batch: list[Pending]) -> tuple[int, int]:
         before = self._clock()
+        expect = self.sent[-1].record.seq if self.sent else -1
         reply = await self._script(
-            keys=self._keys, args=append_args([p.record for p in batch], self._retention_s)
+            keys=self._keys,
+            args=append_args([p.record for p in batch], self._retention_s, expect=expect),
         )
         after = self._clock()
         self.offset_ms = int(reply[2]) - round((before + after) * 500)
+        if int(reply[0]) < 0:
+            self._lost(int(reply[3]))
+            return 0, 0
         # Only the delivered ones leave: meanwhile a new record may have been added, or the
         # oldest of this very batch dropped when the buffer was full.
         delivered = {id(p) for p in batch}
         while self.buffer and id(self.buffer[0]) in delivered:
-            self.buffer.popleft()
+            self.sent.append(self.buffer.popleft())
+        horizon = self.local_ms() - RESEND_S * 1000
+        while self.sent and (self.sent[0].local_ms < horizon or len(self.sent) > self._limit):
+            self.sent.popleft()
         return int(reply[0]), len(batch)
+
+    def _lost(self, stored: int) -> None:
+        """Redis holds ``stored`` as the last seq, below what was delivered: the records above
+        it go back to the front of the buffer."""
+        lost = [p for p in self.sent if p.record.seq > stored]
+        self.sent.clear()
+        self.buffer.extendleft(reversed(lost))
+        self.resent += len(lost)
+        log.warning(
+            "Redis lost %d %s delivered before (a failover); sending them again", len(lost), self._what
+        )

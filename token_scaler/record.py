@@ -77,11 +77,14 @@ they describe.
 
 Duplicates: the append script stores an entry only if its ``seq`` is above the last
 ``seq`` stored for that sidecar, so a retried append whose reply was lost adds
-nothing. A reader likewise applies a sidecar's entry only if its ``seq`` is above the
-last it applied for that sidecar: Redis forgets the seq keys when it restarts without
-persistence (or fails over to a replica that lagged), and an append whose reply the
-crash lost is then stored again. Sidecars write one stream concurrently; no order across
-sidecars is assumed.
+nothing. Losses: a writer keeps what it delivered for ``outbox.RESEND_S`` and tells the
+script the highest ``seq`` it stored; when Redis holds a lower one (a failover lost the
+last appends, replication being asynchronous) the script appends nothing and the writer
+sends the lost records again first. A reader likewise applies a sidecar's entry only if
+its ``seq`` is above the last it applied for that sidecar: Redis forgets the seq keys
+when it restarts without persistence (or fails over to a replica that lagged), and an
+append whose reply the crash lost, or a record sent again, is then stored again.
+Sidecars write one stream concurrently; no order across sidecars is assumed.
 
 Bounds: what an entry may claim, whoever wrote it (a sidecar of any version, or
 anything else with access to the stream). A count whose magnitude reaches 2**53 makes the
@@ -378,7 +381,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = tostring(now - tonumber(ARGV[1]))
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
-local i = 4
+if last < tonumber(ARGV[4]) then
+  return {-1, '', now, last}
+end
+local i = 5
 local added = 0
 local lastid = ''
 for _ = 1, tonumber(ARGV[3]) do
@@ -402,9 +408,14 @@ return {added, lastid, now}
 """
 
 
-def append_args(records: list[Record], retention_s: int) -> list[str | int]:
-    """ARGV for ``APPEND_SCRIPT``; records must share one sidecar and ascend by seq."""
-    argv: list[str | int] = [retention_s * 1000, retention_s + 60, len(records)]
+def append_args(records: list[Record], retention_s: int, *, expect: int = -1) -> list[str | int]:
+    """ARGV for ``APPEND_SCRIPT``; records must share one sidecar and ascend by seq.
+
+    ``expect``: the highest seq the writer had stored before. When Redis holds less (a
+    failover promoted a replica that had not received the last appends), nothing is appended
+    and the reply is ``{-1, '', now, seq stored}``, so the writer sends the lost records first.
+    """
+    argv: list[str | int] = [retention_s * 1000, retention_s + 60, len(records), expect]
     for record in records:
         encoded = record.encode()
         argv.append(record.seq)

@@ -79,6 +79,24 @@ def _ignore(reply: Any, error: BaseException | None) -> None:
     return None
 
 
+def converting(future: asyncio.Future[Any], convert: Callable[[Any], Any] | None) -> Deliver:
+    """Into ``future``, the reply passed through ``convert`` as it arrives (its exception, if
+    it raises): the waiting task wakes once, with no callback hop in between."""
+
+    def deliver(reply: Any, error: BaseException | None) -> None:
+        if future.done():  # its caller stopped waiting
+            return
+        if error is not None:
+            future.set_exception(error)
+            return
+        try:
+            future.set_result(reply if convert is None else convert(reply))
+        except Exception as exc:
+            future.set_exception(exc)
+
+    return deliver
+
+
 class _Protocol(asyncio.Protocol):
     """One connection and the replies it owes: an abandoned connection's late replies and
     its close touch nothing of the connection that replaced it."""
@@ -198,26 +216,44 @@ class Channel:
         (raising makes it the future's exception): the waiting task wakes once, with no
         callback hop in between.
         """
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def deliver(reply: Any, error: BaseException | None, *, retry: bool = True) -> None:
-            if outer.done():  # the caller stopped waiting
-                return
-            if error is not None:
-                outer.set_exception(error)
-                return
-            if retry and isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                self._enqueue(("SCRIPT", "LOAD", script.source), _ignore, False)
-                self._enqueue(command, lambda r, e: deliver(r, e, retry=False), True)
-                return
-            try:
-                outer.set_result(reply if convert is None else convert(reply))
-            except Exception as exc:
-                outer.set_exception(exc)
-
-        self._enqueue(command, deliver, flush)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        self.run_script(script, command, converting(outer, convert), flush, wanted=lambda: not outer.done())
         return outer
+
+    def run_script(
+        self,
+        script: LuaScript,
+        command: tuple[Arg, ...],
+        deliver: Deliver,
+        flush: bool,
+        *,
+        wanted: Callable[[], bool] = lambda: True,
+        retry: bool = True,
+    ) -> None:
+        """Queue ``command`` (an EVALSHA of ``script``); ``deliver`` gets its reply. A ``NOSCRIPT``
+        reply loads the script and runs the command again, once, if its caller still waits
+        (``wanted``)."""
+
+        def reloaded(reply: Any, error: BaseException | None) -> None:
+            if (
+                retry
+                and error is None
+                and isinstance(reply, ResponseError)
+                and str(reply).startswith("NOSCRIPT")
+            ):
+                if not wanted():
+                    return
+                self._enqueue(("SCRIPT", "LOAD", script.source), _ignore, False)
+                self.run_script(script, command, deliver, True, wanted=wanted, retry=False)
+                return
+            deliver(reply, error)
+
+        self._enqueue(command, reloaded, flush)
+
+    def enqueue(self, args: tuple[Arg, ...], deliver: Deliver, flush: bool) -> None:
+        """Queue one command; ``deliver`` gets its reply (for routing layers above the channel)."""
+        self._enqueue(args, deliver, flush)
 
     def _enqueue(self, args: tuple[Arg, ...], deliver: Deliver, flush: bool) -> None:
         if self._closed:

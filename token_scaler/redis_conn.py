@@ -7,19 +7,136 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import unquote
 
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.connection import parse_url
+from redis.exceptions import RedisClusterException
 
-REDIS_ERRORS: tuple[type[Exception], ...] = (TimeoutError, redis.RedisError, OSError)
+REDIS_ERRORS: tuple[type[Exception], ...] = (TimeoutError, redis.RedisError, RedisClusterException, OSError)
 """What a call to Redis raises when Redis is down, slow or refuses: redis-py's errors (the
-channel's too), a timeout of the caller's own (``asyncio.wait_for``) and socket errors. Every
-process catches this one tuple where it survives a Redis failure."""
+channel's too, and the cluster client's that are not ``RedisError``: no node serves a slot), a
+timeout of the caller's own (``asyncio.wait_for``) and socket errors. Every process catches this
+one tuple where it survives a Redis failure."""
+
+Client = aioredis.Redis | RedisCluster
+"""What ``connect`` returns: one Redis (directly, or the master Sentinel names), or a cluster."""
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
+DEFAULT_PORT = {"cluster": 6379, "sentinel": 26379}
+
+
+class RedisUrlError(ValueError):
+    """A Redis URL that cannot be used; the message names the URL (password hidden), ``reason``
+    says what is wrong with it."""
+
+    def __init__(self, shown: str, reason: str) -> None:
+        super().__init__(f"{shown!r}: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RedisLocation:
+    """Where Redis is, read from a URL by ``locate``.
+
+    ``single``: one server (``redis://``, ``rediss://``, ``unix://``; ``url`` as given).
+    ``cluster``: a Redis Cluster, ``redis+cluster://[user:password@]host:port,host:port/``:
+    the nodes listed are where the cluster's map is first asked for (one is enough).
+    ``sentinel``: the master Sentinel names, ``redis+sentinel://[user:password@]host:port,.../name``
+    (sentinels' port 26379 by default); the credentials are the data nodes'.
+    The ``rediss+`` forms use TLS to every node."""
+
+    kind: Literal["single", "cluster", "sentinel"]
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+    def credentials(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.username:
+            found["username"] = self.username
+        if self.password is not None:
+            found["password"] = self.password
+        if self.tls:
+            found["ssl"] = True
+        return found
+
+
+def redact(url: str) -> str:
+    """``url`` with its credentials replaced by ``***``, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+
+
+def locate(url: str) -> RedisLocation:
+    """Read a Redis URL of any supported form; ``RedisUrlError`` names the URL and what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    shown = redact(url)
+    if not sep or scheme not in SCHEMES:
+        raise RedisUrlError(
+            shown, "expected a redis://, rediss://, unix://, redis+cluster:// or redis+sentinel:// URL"
+        )
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            settings = parse_redis_url(url)
+        except ValueError as exc:
+            raise RedisUrlError(shown, str(exc)) from None
+        if scheme != "unix" and not settings.get("host"):
+            raise RedisUrlError(shown, "the URL names no host")
+        return RedisLocation("single", url)
+    kind: Literal["cluster", "sentinel"] = "cluster" if scheme in CLUSTER_SCHEMES else "sentinel"
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    if query:
+        raise RedisUrlError(shown, f"options after '?' are not read in a {kind} URL")
+    username = password = None
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, has_password, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    nodes = []
+    for part in netloc.split(","):
+        host, has_port, port_text = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "")
+        if not host:
+            raise RedisUrlError(shown, f"expected host:port for every node, got {part!r}")
+        port = DEFAULT_PORT[kind]
+        if has_port:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise RedisUrlError(shown, f"{part!r} has no valid port (1-65535)")
+            port = int(port_text)
+        nodes.append((host.strip("[]"), port))
+    path = path.strip("/")
+    if kind == "cluster" and path not in ("", "0"):
+        raise RedisUrlError(shown, f"a Redis Cluster has only database 0, the URL asks for {path!r}")
+    if kind == "sentinel" and (not path or "/" in path):
+        raise RedisUrlError(
+            shown, "expected the master's name as the path (redis+sentinel://host:port/<name>)"
+        )
+    return RedisLocation(
+        kind,
+        url,
+        tuple(nodes),
+        path if kind == "sentinel" else "",
+        username,
+        password,
+        scheme.startswith("rediss"),
+    )
 
 
 class PackedConnection(aioredis.Connection):
@@ -49,12 +166,29 @@ def connection_class(url: str) -> dict[str, Any]:
     return {} if "connection_class" in parse_redis_url(url) else {"connection_class": PackedConnection}
 
 
-def connect(url: str, *, timeout_s: float = 2.0) -> aioredis.Redis:
-    """An asyncio client with bounded timeouts, so a dead Redis fails fast instead of hanging."""
+def connect(url: str, *, timeout_s: float = 2.0) -> Client:
+    """An asyncio client with bounded timeouts, so a dead Redis fails fast instead of hanging.
+
+    A cluster URL gives redis-py's ``RedisCluster`` (commands go to the master of their key's
+    slot; MOVED, ASK and failovers refresh its map); a Sentinel URL the master Sentinel names,
+    asked again whenever a connection to it fails (a failover)."""
+    where = locate(url)
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if where.kind == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in where.nodes],
+            **timeouts,
+            **where.credentials(),
+        )
+    if where.kind == "sentinel":
+        sentinel = Sentinel(list(where.nodes), sentinel_kwargs=dict(timeouts), **timeouts)
+        master: aioredis.Redis = sentinel.master_for(
+            where.master, retry_on_timeout=False, health_check_interval=10, **where.credentials()
+        )
+        return master
     client: aioredis.Redis = aioredis.Redis.from_url(
         url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        **timeouts,
         retry_on_timeout=False,
         health_check_interval=10,
         **connection_class(url),
@@ -71,13 +205,30 @@ def free_port() -> int:
 
 def answers(url: str, timeout_s: float = 0.5) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = sync_client(url, timeout_s=timeout_s)
         try:
             return bool(client.ping())
         finally:
             client.close()
     except REDIS_ERRORS:
         return False
+
+
+def sync_client(url: str, *, timeout_s: float = 5.0) -> redis.Redis | redis.RedisCluster:
+    """A blocking client for any URL ``locate`` reads (command-line tools)."""
+    where = locate(url)
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if where.kind == "cluster":
+        return redis.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in where.nodes],  # type: ignore[no-untyped-call]
+            **timeouts,
+            **where.credentials(),
+        )
+    if where.kind == "sentinel":
+        sentinel = redis.sentinel.Sentinel(list(where.nodes), sentinel_kwargs=dict(timeouts), **timeouts)
+        master: redis.Redis = sentinel.master_for(where.master, **where.credentials())
+        return master
+    return redis.Redis.from_url(url, **timeouts)
 
 
 @dataclass
@@ -143,11 +294,16 @@ class LocalRedis:
         return server
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``grace_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -58,8 +58,8 @@ from sidecar.policy.store import Store
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.upkeep import Leases, Presence, RedisClock, SaturationWatch
 from sidecar.policy.usage import Usage
-from token_scaler.redis_channel import Channel
 from token_scaler.redis_conn import REDIS_ERRORS
+from token_scaler.redis_routing import Commands
 from token_scaler.saturation import Saturation
 
 __all__ = ["Admission", "PolicyEngine", "Rejection"]
@@ -71,7 +71,7 @@ class PolicyEngine:
     def __init__(
         self,
         path: Path,
-        channel: Channel,
+        channel: Commands,
         registry: CollectorRegistry,
         *,
         workload: str,
@@ -260,8 +260,12 @@ class PolicyEngine:
     async def tick(self) -> None:
         self.reload()
         self.ahead.expire()
-        if self.outage.down and not await self.outage.recover(len(self.settlements.pending)):
-            return
+        if self.outage.down:
+            # The charges made without Redis reach it before admissions go to it again: an
+            # admission first would give away room those requests have used already.
+            if not await self.outage.reachable() or not await self.settlements.reconcile():
+                return
+            self.outage.back(len(self.settlements.pending))
         await self.settlements.resend()
         self.ahead.send_checkpoints()
         if not self.redis_clock.synced:

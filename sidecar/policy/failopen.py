@@ -162,8 +162,8 @@ class Outage:
             log.warning("policy store (Redis) unreachable, deciding without it until it answers: %r", exc)
         self.down = True
 
-    async def recover(self, pending: int) -> bool:
-        """While away: whether Redis answers a ping now (``pending``: settlements to send)."""
+    async def reachable(self) -> bool:
+        """While away: whether Redis answers a ping now (still away until ``back``)."""
         try:
             await asyncio.wait_for(self._ctx.store.ping(), self._ctx.file.background_timeout_s)
         except TimeoutError:
@@ -171,9 +171,12 @@ class Outage:
             return False
         except REDIS_ERRORS:
             return False
-        self.down = False
-        log.info("policy store (Redis) reachable again; reconciling %d settlements", pending)
         return True
+
+    def back(self, pending: int) -> None:
+        """Redis answers and has the charges made without it: admissions go to it again."""
+        self.down = False
+        log.info("policy store (Redis) reachable again; %d settlements still to send", pending)
 
     def local(self, tenant: str) -> int:
         """The cost admitted for the tenant without Redis and not charged to it yet."""

@@ -14,6 +14,7 @@ lost one only tightens the limit for a burst).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -60,6 +61,7 @@ class Settlement:
     cost: int
     tokens: int
     moved: bool = False  # the model-wide limit was corrected (or needs no correction)
+    sent: bool = False  # sent before and no reply came: Redis may have applied it
 
 
 async def batch_replies(
@@ -199,6 +201,17 @@ class Settlements:
                 break
         self._ctx.metrics.pending.set(len(self.pending))
 
+    async def reconcile(self) -> bool:
+        """While Redis is still taken for away but answers: send the settlements queued by
+        then (those queued meanwhile follow with ``resend``); whether Redis took them all."""
+        for _ in range(-(-len(self.pending) // BATCH)):
+            batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
+            if batch and not await self._send(batch):
+                self._ctx.metrics.pending.set(len(self.pending))
+                return False
+        self._ctx.metrics.pending.set(len(self.pending))
+        return True
+
     def _send(self, batch: list[Settlement]) -> Coroutine[Any, Any, bool]:
         """Queue a batch's settlements (and model-limit corrections) on the channel now; the
         coroutine returned applies their replies."""
@@ -240,6 +253,7 @@ class Settlements:
 
         def again() -> None:
             for settlement in batch:
+                settlement.sent = True
                 self.queue(settlement)
 
         replies = await batch_replies(
@@ -267,6 +281,7 @@ class Settlements:
                 # A lost connection, or Redis refusing for now (LOADING, BUSY, READONLY after a
                 # failover, OOM): sent again once it answers.
                 failure = settled
+                settlement.sent = True
                 self.queue(settlement)
                 continue
             if settled.applied == Applied.RELEASED:
@@ -277,10 +292,34 @@ class Settlements:
                 )
             self._forget_local(settlement)
             self._usage.saw(ticket, settled.day_used, settled.month_used)
+            if settled.applied == Applied.NONE and self._lost_reservation(settlement):
+                self._charge_without(settlement)
         if failure is not None:
             self._outage.failed("settle", failure)
             return False
         return True
+
+    @staticmethod
+    def _lost_reservation(settlement: Settlement) -> bool:
+        """Redis found nothing to settle though it had reserved: it lost the reservation,
+        unless an earlier send of this settlement (its reply lost) applied it already."""
+        return settlement.ticket.reserved and settlement.cost > 0 and not settlement.sent
+
+    def _charge_without(self, settlement: Settlement) -> None:
+        """Charge the request's real cost without a reservation, once (under an id of its
+        own; budgets only, as a fail-open request's)."""
+        ticket = settlement.ticket
+        self._ctx.metrics.redis_errors.labels("reservation_lost").inc()
+        log.error(
+            "Redis lost the reservation of a request of tenant %s (failover or restart?): "
+            "its %s tokens (cost %s) are charged without it",
+            ticket.tenant,
+            settlement.tokens,
+            settlement.cost,
+        )
+        unreserved = dataclasses.replace(ticket, id=f"{ticket.id}.lost", reserved=False, wide_key=None)
+        self._outage.add(ticket.tenant, settlement.cost)
+        self.post(Settlement(unreserved, settlement.cost, settlement.tokens, moved=True))
 
     def _forget_local(self, settlement: Settlement) -> None:
         """A fail-open request's cost is in Redis now (or never will be): not local any more."""

@@ -58,7 +58,8 @@ from typing import Any, NamedTuple
 from sidecar.policy import scripts
 from sidecar.policy.scripts import ADMIT, APPLIED, Admit, Applied
 from token_scaler.record import KEY_PREFIX
-from token_scaler.redis_channel import Arg, Channel, LuaScript
+from token_scaler.redis_channel import Arg, LuaScript
+from token_scaler.redis_routing import Commands
 
 RESERVATIONS_TTL_S = 3 * 86_400
 # How long a fail-open charge is remembered by its id, so a settlement sent again (its reply
@@ -248,7 +249,7 @@ class Store:
     issued together leave in one write: ``settle_many`` then ``admit`` costs one round trip.
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Commands) -> None:
         self.channel = channel
 
     def admit(

@@ -133,9 +133,15 @@ class StreamTail:
 
     async def settle(self, since: int, requests: int, within_s: float = 15.0) -> list[Entry]:
         """Entries from index ``since`` on, once they report ``requests`` ended requests:
-        a request's final corrections travel in the same entry as its end."""
+        a request's final corrections travel in the same entry as its end. An entry a writer
+        sent again (its ``seq`` seen before: a restarted Redis lost it) counts once, as
+        readers count it."""
+
+        def once() -> list[Entry]:
+            return list({(e.record.sidecar, e.record.seq): e for e in self.entries[since:]}.values())
+
         await self.wait_for(
-            lambda: sums(self.entries[since:])["rq"] >= requests,
+            lambda: sums(once())["rq"] >= requests,
             within_s,
             f"{requests} ended request(s) in the stream",
         )

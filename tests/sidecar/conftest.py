@@ -69,6 +69,9 @@ async def start_sidecar(redis_url: str, workload: str, upstream: FakeUpstream) -
         for sidecar in started:
             if sidecar.ready:
                 await sidecar.stop()
+        # What their last settlements wrote, after ``policy_file`` removed the scope's keys
+        # (a settlement that finds its reservation gone charges the request without it).
+        delete_keys(redis_url, f"{KEY_PREFIX}:{{policy:{scope(workload)}:*")
 
 
 def read_records(redis_url: str, workload: str) -> list[Record]:

@@ -54,11 +54,13 @@ async def test_outage_and_recovery_lose_nothing(
             records = read_records(back.url, workload)
         finally:
             back.stop()
-    # Redis came back empty (no persistence): the first record went with it.
-    assert [r.seq - sidecar.flusher.first_seq for r in records] == [1, 2, 3, 4, 5, 6, 7]
-    assert [r.ts_ms for r in records[:6]] == stamps
+    # Redis came back empty (no persistence): the first record, delivered before and lost with
+    # it, is sent again ahead of the buffered ones.
+    assert [r.seq - sidecar.flusher.first_seq for r in records] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [r.ts_ms for r in records[1:7]] == stamps
     got = totals(records)
-    assert got["rq"] == 7 and got["sg"] == got["ag"] == 7 * 6
+    assert got["rq"] == 8 and got["sg"] == got["ag"] == 8 * 6
+    assert sidecar.flusher.outbox.resent == 1
     assert sidecar.registry.get_sample_value("tokenscaler_flush_errors_total") == 6
     assert sidecar.registry.get_sample_value("tokenscaler_flush_dropped_records_total") == 0
 

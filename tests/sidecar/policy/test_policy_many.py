@@ -28,13 +28,12 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-import redis
 import yaml
 
 from bench.sidecar_bench import wait_http
 from tests.conftest import delete_keys
 from token_scaler.record import workload_keys
-from token_scaler.redis_conn import free_port
+from token_scaler.redis_conn import free_port, sync_client
 
 SIDECARS = 4
 BUDGET = 20_000
@@ -80,6 +79,9 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "reservationChunks": {"minRequestsPerSecond": 5},
                 "tenants": {
                     "budgeted": {"budget": {"daily": BUDGET}},
+                    "failover": {
+                        "budget": {"daily": BUDGET}
+                    },  # tests/sidecar/policy/test_cluster_policies.py
                     "limited": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": RATE_BURST_S}},
                     "chunked": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": CHUNKED_BURST_S}},
                 },
@@ -171,7 +173,7 @@ async def test_one_budget_across_four_sidecars_is_never_overspent_and_refunds_ar
                 refusals += status == 429
 
     await asyncio.gather(*(worker(url) for url in fleet.urls for _ in range(6)))
-    client = redis.Redis.from_url(fleet.redis_url)
+    client = sync_client(fleet.redis_url)
     try:
         # Settlements run just after each response: wait until no reservation is open.
         for _ in range(500):
@@ -204,7 +206,7 @@ async def test_rate_limit_across_four_sidecars_is_within_one_percent(
     chunked_before = fleet.total("tokenscaler_policy_admissions_total", 'path="chunk"')
     admitted = 0
     statuses: dict[int, int] = {}
-    client = redis.Redis.from_url(fleet.redis_url)
+    client = sync_client(fleet.redis_url)
 
     def redis_now() -> float:
         seconds, micros = client.time()

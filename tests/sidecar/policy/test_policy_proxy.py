@@ -503,3 +503,42 @@ async def test_a_model_limit_across_tenants_refuses_and_gives_back(
     finally:
         r.delete(wide)
         r.close()
+
+
+async def test_a_reservation_redis_lost_is_charged_without_it_once(
+    start_sidecar: StartSidecar, upstream: FakeUpstream, policy_file: Path, workload: str, redis_url: str
+) -> None:
+    """A failover to a replica that missed the admission (or a restart without persistence)
+    loses the reservation: the request's real usage is charged when it ends, once."""
+    write_policy(policy_file, {"scope": scope(workload), "defaults": {"budget": {"daily": 100_000}}})
+    sidecar = await start_sidecar(policy=policy_file)
+    client = redis.Redis.from_url(redis_url)
+    key = f"tokenscaler:v1:{{policy:{scope(workload)}:acme}}"
+    try:
+        async with sdk(sidecar, "acme") as api:
+            streamed = await api.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                max_tokens=20,
+                stream=True,
+                extra_headers={"X-Fake-Delay": "0.05"},
+            )
+            first = True
+            async for _chunk in streamed:
+                if first:  # admitted and reserved: Redis forgets it all, as a failover would
+                    assert client.hlen(f"{key}:res") == 1
+                    for stale in client.scan_iter(match=f"{key}:*"):
+                        client.delete(stale)
+                    first = False
+        told = upstream.reported.prompt + upstream.reported.generation
+        await settled(sidecar)
+        for _ in range(100):  # the charge without a reservation is a settlement of its own
+            if used(redis_url, workload, "acme") == told:
+                break
+            await asyncio.sleep(0.02)
+            await settled(sidecar)
+        assert used(redis_url, workload, "acme") == told
+        assert client.hlen(f"{key}:res") == 0
+        assert sample(sidecar, "tokenscaler_policy_redis_errors_total", op="reservation_lost") == 1
+    finally:
+        client.close()
