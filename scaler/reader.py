@@ -3,11 +3,8 @@
 One task per scaler process: for every workload some ScaledObject asked about, it
 backfills the stream once (XRANGE), then follows all of them with one blocking
 XREAD. On a Redis Cluster, where one command reads keys of one slot only, it follows
-them with one non-blocking XREAD per slot, sent as one pipeline per master (redis-py's
-cluster pipeline groups them by the master of each slot, follows MOVED and ASK, and
-refreshes its map of the cluster when a node fails), every ``poll_ms`` when nothing came;
-the streams of a master that fails are read apart until its slots are served again, so only
-they turn stale.
+them with one non-blocking XREAD per slot, a round every ``poll_ms`` (``scaler/slot_reads.py``):
+a master that fails or hangs holds up only its own streams, and only they turn stale.
 Entries go into each workload's ``WorkloadSeries``; entries that break the
 record contract are skipped, counted and logged once per stream. It also keeps the
 offset between this host's clock and Redis' (``TIME``), because every window is on
@@ -30,11 +27,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scaler.ceiling import IngestCeiling
 from scaler.metrics import ScalerMetrics
+from scaler.slot_reads import SlotReads
 from scaler.window import WorkloadSeries
 from token_scaler.errors import RecordError
 from token_scaler.record import decode, stream_key
@@ -45,6 +42,8 @@ log = logging.getLogger("token_scaler.scaler.reader")
 BACKFILL_PAGE = 2000
 # How far back every stream is read again after a failed read (see the module's docstring).
 REWIND_MS = 5000
+CLOCK_TIMEOUT_S = 0.5  # for TIME, once the clock has been read
+_CLOCK_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TimeoutError)
 
 
 class RedisUnavailable(Exception):
@@ -64,8 +63,10 @@ class StreamReader:
         clock_sync_s: float = 5.0,
         ceiling: IngestCeiling | None = None,
         poll_ms: int = 100,
+        slots: SlotReads | None = None,
     ) -> None:
         self.client = client
+        self.slots = slots  # on a Redis Cluster: the per-slot reads
         self.metrics = metrics
         self.stale_after_s = stale_after_s
         self.liveness_ms = int(liveness_s * 1000)
@@ -86,7 +87,7 @@ class StreamReader:
         # On a cluster, streams whose master failed the last read: key -> (when last read, error)
         self._failing: dict[str, tuple[float, str]] = {}
         self._key_read: dict[str, float] = {}  # on a cluster: key -> when its master last answered
-        self._retry: asyncio.Task[None] | None = None  # reading the failing streams
+        self._next_poll = 0.0  # on a cluster: when the next round of reads may start
         self.last_error: str | None = None
         self._applied = asyncio.Event()  # set (and replaced) each time a poll applies entries
 
@@ -115,12 +116,17 @@ class StreamReader:
             raise RedisUnavailable(
                 f"Redis stream data is stale: {since}; last error: {self.last_error or 'none'}"
             )
-        failing = self._failing.get(stream_key(workload)) if workload is not None else None
-        if failing is not None and time.monotonic() - failing[0] > self.stale_after_s:
-            age = time.monotonic() - failing[0]
+        if workload is None or self.slots is None:
+            return
+        key = stream_key(workload)
+        failing = self._failing.get(key)
+        read = failing[0] if failing is not None else self._key_read.get(key)
+        if read is not None and time.monotonic() - read > self.stale_after_s:
+            age = time.monotonic() - read
+            error = failing[1] if failing is not None else "no answer yet"
             raise RedisUnavailable(
                 f"the stream of {workload} is stale: its Redis Cluster master not read for {age:.1f}s "
-                f"(bound {self.stale_after_s:g}s); last error: {failing[1]}"
+                f"(bound {self.stale_after_s:g}s); last error: {error}"
             )
 
     async def sync_clock(self) -> None:
@@ -129,6 +135,19 @@ class StreamReader:
         after = time.time() * 1000
         self._offset_ms = sec * 1000 + usec / 1000 - (before + after) / 2
         self._last_sync = time.monotonic()
+
+    async def _resync_clock(self) -> None:
+        """``sync_clock``; once the clock has been read, a failure keeps the offset it has and
+        tries again a second later: TIME goes to one node, and a cluster node that hangs must
+        not hold up the reads of the others."""
+        if self._last_sync < 0:
+            await self.sync_clock()
+            return
+        try:
+            await asyncio.wait_for(self.sync_clock(), CLOCK_TIMEOUT_S)
+        except _CLOCK_ERRORS as exc:
+            log.debug("reading Redis' clock failed: %s; keeping the last offset", exc)
+            self._last_sync = time.monotonic() - self.clock_sync_s + 1.0
 
     # -- workloads ---------------------------------------------------------------
 
@@ -154,6 +173,8 @@ class StreamReader:
         self._key_workload.pop(key, None)
         self._failing.pop(key, None)
         self._key_read.pop(key, None)
+        if self.slots is not None:
+            self.slots.forget(key)
         self.series.pop(workload, None)
         self.bad_entries.pop(workload, None)
         self.ceiling.drop(workload)
@@ -179,6 +200,7 @@ class StreamReader:
                 start = "(" + last
             self._last_ids[key] = last
             self._key_workload[key] = workload
+            self._key_read[key] = time.monotonic()
             self.metrics.workloads.set(len(self._key_workload))
             self._mark_ok()
         except REDIS_ERRORS:
@@ -193,77 +215,44 @@ class StreamReader:
 
     async def _xread(self) -> Any:
         # RESP2 replies: [[key, [(id, fields), ...]], ...] or None after the block times out
-        if isinstance(self.client, RedisCluster):
-            return await self._xread_cluster(self.client)
+        if self.slots is not None:
+            return await self._xread_cluster(self.slots)
         streams: dict[Any, Any] = dict(self._last_ids)
         return await self.client.xread(streams, count=self.batch, block=self.block_ms)
 
-    async def _xread_cluster(self, client: RedisCluster) -> Any:
-        """One XREAD per slot, one pipeline per master; a pause of ``poll_ms`` when none had
-        anything new (a blocking read would wait on one slot only).
+    async def _xread_cluster(self, slots: SlotReads) -> Any:
+        """One round of per-slot reads, at most one every ``poll_ms`` (a blocking read would
+        wait on one slot only). The pace holds under load too: a round costs one command per
+        slot however few entries it brings, so rounds back to back would spend the scaler's
+        CPU on reads that find an entry or two each, while a round every ``poll_ms`` reads all
+        that came meanwhile for the same cost.
 
-        A master that fails does not hold up the others: its streams are read apart, in a task
-        of their own that waits out the failover (redis-py retries until the map says who
-        serves them), and only those streams turn stale meanwhile (``check_fresh``)."""
-        healthy = {key: last for key, last in self._last_ids.items() if key not in self._failing}
-        if self._failing and (self._retry is None or self._retry.done()):
-            self._retry = asyncio.create_task(self._read_failing(client))
-        if not healthy:
-            await asyncio.sleep(self.poll_ms / 1000)
-            first = next(iter(self._failing.values()))
-            raise RedisConnectionError(f"no master of the followed streams answers: {first[1]}")
-        found, errors = await self._read_slots(client, healthy)
-        if errors and all(key in self._failing for key in healthy):
-            raise errors[0]
-        if errors:
-            self.metrics.redis_errors.labels("xread").inc()
-        if not any(entries for _key, entries in found):
-            await asyncio.sleep(self.poll_ms / 1000)
-        return found
-
-    async def _read_slots(
-        self, client: RedisCluster, streams: Mapping[str, str]
-    ) -> tuple[list[Any], list[BaseException]]:
-        """One XREAD per slot of ``streams``, pipelined per master: the replies of the masters
-        that answered, and the errors of those that did not (their streams marked failing)."""
-        slots: dict[int, dict[Any, Any]] = {}
-        for key, last in streams.items():
-            slots.setdefault(client.keyslot(key), {})[key] = last
-        pipe = client.pipeline(transaction=False)
-        for group in slots.values():
-            pipe.xread(group, count=self.batch)
-        replies = await pipe.execute(raise_on_error=False)
+        Raises when no master answered at all (the caller's outage handling: every stream read
+        again from before its last entry, UNAVAILABLE after the stale bound); streams whose
+        own master failed or has not answered turn stale alone (``check_fresh``)."""
+        wait = self._next_poll - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._next_poll = time.monotonic() + self.poll_ms / 1000
+        done = await slots.round(self._last_ids)
         now = time.monotonic()
-        found: list[Any] = []
-        errors: list[BaseException] = []
-        for group, reply in zip(slots.values(), replies, strict=True):
-            if isinstance(reply, BaseException):
-                errors.append(reply)
-                for key in group:
-                    if key not in self._failing:
-                        self._failing[key] = (
-                            self._key_read.get(key, now),
-                            f"{type(reply).__name__}: {reply}",
-                        )
-                        self._rewind(key)
-                continue
-            for key in group:
-                self._key_read[key] = now
-                self._failing.pop(key, None)
-            found.extend(reply or [])
-        return found, errors
-
-    async def _read_failing(self, client: RedisCluster) -> None:
-        """Read the failing streams until their masters answer, applying what comes."""
-        try:
-            streams = {key: self._last_ids[key] for key in self._failing if key in self._last_ids}
-            for key in [key for key in self._failing if key not in self._last_ids]:
-                del self._failing[key]  # no longer followed
-            if streams:
-                found, _errors = await self._read_slots(client, streams)
-                self._take(found)
-        except REDIS_ERRORS as exc:
-            log.debug("reading the streams of a failed master: %s", exc)
+        for key in done.answered:
+            self._key_read[key] = now
+            self._failing.pop(key, None)
+        for key, error in done.failed.items():
+            if key not in self._failing and key in self._last_ids:
+                self._failing[key] = (self._key_read.get(key, now), f"{type(error).__name__}: {error}")
+                self._rewind(key)
+        if done.failed:
+            self.metrics.redis_errors.labels("xread").inc()
+        if not done.answered:
+            if done.failed:
+                raise next(iter(done.failed.values()))
+            raise RedisConnectionError(
+                f"no Redis Cluster master answered a read within {slots.wait_s:g}s "
+                f"({slots.in_flight()} reads waiting)"
+            )
+        return done.found
 
     def _rewind(self, key: str | None = None) -> None:
         """Read ``key``'s stream (every stream: None) again from ``REWIND_MS`` before its last
@@ -314,7 +303,7 @@ class StreamReader:
     async def poll_once(self) -> int:
         """One XREAD over every followed stream; returns the entries applied."""
         if time.monotonic() - self._last_sync >= self.clock_sync_s:
-            await self.sync_clock()
+            await self._resync_clock()
         if not self._last_ids:
             await self.client.ping()
             self._mark_ok()
@@ -371,7 +360,5 @@ class StreamReader:
                     series.prune(now)
                     self.ceiling.forget_sidecars(workload, set(series.sidecars))
                 next_prune = time.monotonic() + 10
-        if self._retry is not None:
-            self._retry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry
+        if self.slots is not None:
+            await self.slots.close()

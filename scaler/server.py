@@ -34,8 +34,10 @@ from scaler.predictive import Predictor
 from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
+from scaler.slot_reads import SlotReads
 from token_scaler import model_keys
-from token_scaler.redis_conn import REDIS_ERRORS, connect, redact
+from token_scaler.redis_conn import REDIS_ERRORS, connect, locate, redact
+from token_scaler.redis_routing import ClusterChannel
 from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
 from token_scaler.saturation import saturation_key
 
@@ -60,12 +62,16 @@ class ScalerServer:
     async def start(self) -> None:
         cfg = self.config
         self.redis = connect(cfg.redis_url)
+        where = locate(cfg.redis_url)
         self.reader = StreamReader(
             self.redis,
             self.metrics,
             stale_after_s=cfg.stale_after_s,
             liveness_s=cfg.liveness_s,
             ceiling=IngestCeiling(cfg.sidecar_ceiling_multiple, cfg.max_sidecar_tokens_per_second),
+            slots=SlotReads(ClusterChannel(where), batch=5000, wait_s=1.0)
+            if where.kind == "cluster"
+            else None,
         )
         self.history = HistoryStore(self.redis)
         self.registry = Registry(

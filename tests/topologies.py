@@ -14,11 +14,15 @@ Topology = LocalCluster | LocalSentinel
 
 
 @contextmanager
-def running(kind: str) -> Iterator[Topology]:
-    """A ``cluster`` (3 masters, 3 replicas) or a ``sentinel`` set (1 master, 2 replicas, 3
-    sentinels), stopped at the end."""
+def running(kind: str, *, node_timeout_ms: int = 1000) -> Iterator[Topology]:
+    """A ``cluster`` (3 masters, 3 replicas; ``node_timeout_ms`` its failure detection time) or
+    a ``sentinel`` set (1 master, 2 replicas, 3 sentinels), stopped at the end."""
     try:
-        started: Topology = LocalCluster.start() if kind == "cluster" else LocalSentinel.start()
+        started: Topology = (
+            LocalCluster.start(node_timeout_ms=node_timeout_ms)
+            if kind == "cluster"
+            else LocalSentinel.start()
+        )
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     try:

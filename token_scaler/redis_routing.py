@@ -104,6 +104,18 @@ class _Routed:
         )
         return future
 
+    def send_keyed(self, key: Arg, *args: Arg, flush: bool = False) -> asyncio.Future[Any]:
+        """``send`` for a command whose first key is not its first argument (``XREAD``):
+        routed by ``key``."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._dispatch(
+            key,
+            lambda node, deliver, f: node.enqueue(args, deliver, f),
+            converting(future, None),
+            flush,
+        )
+        return future
+
     def evalsha(
         self,
         script: LuaScript,
