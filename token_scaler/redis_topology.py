@@ -34,6 +34,48 @@ def _binary(name: str) -> str:
     return exe
 
 
+@dataclass(frozen=True)
+class Secured:
+    """A password every node asks for and, with ``ca``, TLS on every port (clients, the cluster
+    bus, replication) with a certificate for 127.0.0.1 that ``ca`` signed: ``tls_files``."""
+
+    password: str
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def conf(self) -> str:
+        text = f"requirepass {self.password}\nmasterauth {self.password}\n"
+        if self.ca is not None:
+            text += (
+                f"tls-cert-file {self.cert}\ntls-key-file {self.key}\ntls-ca-cert-file {self.ca}\n"
+                "tls-auth-clients no\ntls-cluster yes\ntls-replication yes\n"
+            )
+        return text
+
+    def cli_args(self) -> list[str]:
+        args = ["-a", self.password, "--no-auth-warning"]
+        return args + (["--tls", "--cacert", str(self.ca)] if self.ca is not None else [])
+
+
+def tls_files(root: Path, password: str) -> Secured:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed, made by ``openssl``."""
+    openssl = _binary("openssl")
+    root.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = root / "ca.pem", root / "ca.key"
+    cert, key, csr, ext = root / "server.pem", root / "server.key", root / "server.csr", root / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=token-scaler test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "2", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run([openssl, *map(str, command)], check=True, capture_output=True, timeout=60)
+    return Secured(password, ca, cert, key)
+
+
 @dataclass
 class Node:
     """One ``redis-server`` process (a data node or a sentinel) on a loopback port."""
@@ -41,13 +83,21 @@ class Node:
     process: subprocess.Popen[bytes]
     port: int
     workdir: Path
+    secured: Secured | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def client(self, timeout_s: float = 1.0) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        secured: dict[str, Any] = {}
+        if self.secured is not None:
+            secured["password"] = self.secured.password
+            if self.secured.ca is not None:
+                secured.update(ssl=True, ssl_ca_certs=str(self.secured.ca))
+        return redis.Redis(
+            port=self.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **secured
+        )
 
     def call(self, *args: str | int) -> Any:
         """One command, its reply as redis-py parses it."""
@@ -77,14 +127,25 @@ class Node:
         stop_process(self.process)
 
 
-def _start(root: Path, name: str, args: list[str], *, port: int | None = None, conf: str = "") -> Node:
+def _start(
+    root: Path,
+    name: str,
+    args: list[str],
+    *,
+    port: int | None = None,
+    conf: str = "",
+    secured: Secured | None = None,
+) -> Node:
     port = port or free_port()
     workdir = root / name
     workdir.mkdir()
     config = workdir / "redis.conf"
+    listen = f"port {port}\n"
+    if secured is not None:
+        listen = (f"port 0\ntls-port {port}\n" if secured.ca is not None else listen) + secured.conf()
     # a sentinel rewrites its configuration file, so every node gets one of its own
     config.write_text(
-        f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
+        f'{listen}bind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
         f"logfile {workdir / 'redis.log'}\n{conf}"
     )
     process = subprocess.Popen(
@@ -93,7 +154,7 @@ def _start(root: Path, name: str, args: list[str], *, port: int | None = None, c
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    return Node(process, port, workdir)
+    return Node(process, port, workdir, secured)
 
 
 def _cluster_port() -> int:
@@ -142,13 +203,20 @@ class LocalCluster:
     nodes: list[Node]
     root: Path
     node_timeout_ms: int
+    secured: Secured | None = None
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(node.address for node in self.nodes[:3]) + "/"
+        secured = self.secured
+        scheme = "rediss+cluster" if secured is not None and secured.ca is not None else "redis+cluster"
+        auth = f":{secured.password}@" if secured is not None else ""
+        return f"{scheme}://{auth}" + ",".join(node.address for node in self.nodes[:3]) + "/"
 
     @classmethod
-    def start(cls, masters: int = 3, node_timeout_ms: int = 1000) -> LocalCluster:
+    def start(
+        cls, masters: int = 3, node_timeout_ms: int = 1000, *, secured: Secured | None = None
+    ) -> LocalCluster:
+        """``secured``: every node asks for a password, and with its ``ca`` speaks TLS only."""
         root = Path(tempfile.mkdtemp(prefix="token-scaler-cluster-"))
         conf = (
             "cluster-enabled yes\ncluster-config-file nodes.conf\n"
@@ -159,10 +227,10 @@ class LocalCluster:
             "cluster-allow-reads-when-down yes\n"
         )
         nodes: list[Node] = []
-        cluster = cls(nodes, root, node_timeout_ms)
+        cluster = cls(nodes, root, node_timeout_ms, secured)
         try:
             for i in range(masters * 2):
-                nodes.append(_start(root, f"node{i}", [], port=_cluster_port(), conf=conf))
+                nodes.append(_start(root, f"node{i}", [], port=_cluster_port(), conf=conf, secured=secured))
             for node in nodes:
                 _wait(f"cluster node {node.address}", node.client().ping, root)
             subprocess.run(
@@ -174,6 +242,7 @@ class LocalCluster:
                     "--cluster-replicas",
                     "1",
                     "--cluster-yes",
+                    *(secured.cli_args() if secured is not None else ()),
                 ],
                 check=True,
                 capture_output=True,

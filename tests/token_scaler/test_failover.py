@@ -18,8 +18,10 @@ replica missing those appends is promoted. What is checked, after the traffic en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -222,81 +224,118 @@ def cluster() -> Iterator[LocalCluster]:
         yield started
 
 
+@dataclass
+class Loop:
+    """Sidecars of a budgeted scope in front of fake model servers, and a scaler, on ``url``."""
+
+    url: str
+    scope: str
+    workloads: list[str]
+    upstreams: list[FakeUpstream]
+    sidecars: list[Sidecar]
+    scaler: ScalerServer
+
+
+@contextlib.asynccontextmanager
+async def budgeted_loop(url: str, scope: str, workloads: int, policy: Path) -> AsyncIterator[Loop]:
+    """``workloads`` workloads of ``scope``, a sidecar each with a large daily budget, and a
+    scaler; all stopped at the end."""
+    rules = yaml.safe_dump({"scope": scope, "defaults": {"budget": {"daily": 10_000_000}}})
+    await asyncio.to_thread(policy.write_text, rules)
+    names = [f"{scope}/w{i}" for i in range(workloads)]
+    config = ScalerConfig(
+        grpc_port=0, http_port=0, host="127.0.0.1", redis_url=url, stale_after_s=STALE_AFTER_S
+    )
+    loop = Loop(
+        url,
+        scope,
+        names,
+        [FakeUpstream() for _ in names],
+        [],
+        ScalerServer(config),
+    )
+    try:
+        for upstream in loop.upstreams:
+            await upstream.start()
+        for i, (workload, upstream) in enumerate(zip(names, loop.upstreams, strict=True)):
+            loop.sidecars.append(
+                await started_sidecar(
+                    url, workload, upstream, f"{scope}-{i}", flush_interval_s=0.2, policy=policy
+                )
+            )
+        await loop.scaler.start()
+        yield loop
+    finally:
+        await stop_all(loop.scaler, loop.sidecars, loop.upstreams)
+
+
+async def delivered_and_settled(sidecars: list[Sidecar]) -> None:
+    """Every sidecar's records in Redis and its settlements sent."""
+    for sidecar in sidecars:
+        sidecar.flusher.cut()
+        assert await sidecar.flusher.deliver()
+        assert sidecar.policy is not None
+        for _ in range(200):
+            if not sidecar.policy.settling:
+                break
+            await asyncio.sleep(0.01)
+
+
+async def assert_exact(loop: Loop) -> None:
+    """The streams, the scaler's series and the budget hold exactly what was served."""
+    expected = [upstream.reported.generation for upstream in loop.upstreams]
+    assert all(expected)
+    for _ in range(100):
+        if [scaler_generation(loop.scaler, w) for w in loop.workloads] == expected:
+            break
+        await asyncio.sleep(0.1)
+    assert [stream_generation(loop.url, w) for w in loop.workloads] == expected
+    assert [scaler_generation(loop.scaler, w) for w in loop.workloads] == expected
+    served = sum(u.reported.prompt + u.reported.generation for u in loop.upstreams)
+    for _ in range(100):  # chunks reserved ahead report their usage at checkpoints
+        charged, held = budget_of(loop.url, loop.scope)
+        if charged - held == served:
+            break
+        await asyncio.sleep(0.1)
+    assert charged - held == served
+
+
 async def test_the_loop_and_a_budget_through_slot_migrations(cluster: LocalCluster, tmp_path: Path) -> None:
     """The slots of a workload's stream and of a tenant's budget move to another master, a key
     at a time, while sidecars append, the scaler reads and requests are admitted and settled:
     clients meet ASK while a slot is half moved and MOVED after. The scaler answers values
     throughout; streams, the scaler's series and the budget hold exactly what was served."""
-    url = cluster.url
     scope = f"mig-{uuid.uuid4().hex[:8]}"
-    workloads = [f"{scope}/w{i}" for i in range(2)]
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"scope": scope, "defaults": {"budget": {"daily": 10_000_000}}}))
-    upstreams = [FakeUpstream() for _ in workloads]
-    sidecars: list[Sidecar] = []
-    scaler = ScalerServer(
-        ScalerConfig(grpc_port=0, http_port=0, host="127.0.0.1", redis_url=url, stale_after_s=STALE_AFTER_S)
-    )
     codes: list[str] = []
-    try:
-        for upstream in upstreams:
-            await upstream.start()
-        for i, (workload, upstream) in enumerate(zip(workloads, upstreams, strict=True)):
-            sidecars.append(
-                await started_sidecar(
-                    url, workload, upstream, f"mig-{i}", flush_interval_s=0.2, policy=policy
-                )
-            )
-        await scaler.start()
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{scaler.grpc_port}") as channel,
-            aiohttp.ClientSession() as session,
-        ):
-            keda = KedaClient(channel, "scaler:9090")
+    async with (
+        budgeted_loop(cluster.url, scope, 2, tmp_path / "policy.yaml") as loop,
+        grpc.aio.insecure_channel(f"127.0.0.1:{loop.scaler.grpc_port}") as channel,
+        aiohttp.ClientSession() as session,
+    ):
+        keda = KedaClient(channel, "scaler:9090")
+        sidecars, workloads = loop.sidecars, loop.workloads
 
-            async def poll_all() -> None:
-                codes.extend((await answers_of(keda, workloads)).values())
+        async def poll_all() -> None:
+            codes.extend((await answers_of(keda, workloads)).values())
 
-            await poll_all()
-            await asyncio.gather(*(traffic(session, s, 10) for s in sidecars))
-            for sidecar in sidecars:  # the stream exists before its slot moves
-                sidecar.flusher.cut()
-                assert await sidecar.flusher.deliver()
-            budget_key = f"tokenscaler:v1:{{policy:{scope}:{TENANT}}}:res"
-            loop = asyncio.get_running_loop()
-            for key in (stream_key(workloads[0]), budget_key):
-                source = cluster.master_of(key)
-                target = next(node for node in cluster.masters() if node is not source)
-                migration = loop.run_in_executor(None, cluster.migrate, key, target, 0.1)
-                while not migration.done():
-                    await asyncio.gather(*(traffic(session, s, 2) for s in sidecars))
-                    await poll_all()
-                assert await migration > 0
-                assert cluster.master_of(key) is target
-            await asyncio.gather(*(traffic(session, s, 10) for s in sidecars))
-            for sidecar in sidecars:
-                sidecar.flusher.cut()
-                assert await sidecar.flusher.deliver()
-                assert sidecar.policy is not None
-                for _ in range(200):
-                    if not sidecar.policy.settling:
-                        break
-                    await asyncio.sleep(0.01)
-            expected = [upstream.reported.generation for upstream in upstreams]
-            for _ in range(100):
-                if [scaler_generation(scaler, w) for w in workloads] == expected:
-                    break
-                await asyncio.sleep(0.1)
-            await poll_all()
-            assert [c for c in codes if c != "OK"] == []
-            assert [stream_generation(url, w) for w in workloads] == expected
-            assert [scaler_generation(scaler, w) for w in workloads] == expected
-            served = sum(u.reported.prompt + u.reported.generation for u in upstreams)
-            for _ in range(100):  # chunks reserved ahead report their usage at checkpoints
-                charged, held = budget_of(url, scope)
-                if charged - held == served:
-                    break
-                await asyncio.sleep(0.1)
-            assert charged - held == served
-    finally:
-        await stop_all(scaler, sidecars, upstreams)
+        await poll_all()
+        await asyncio.gather(*(traffic(session, s, 10) for s in sidecars))
+        for sidecar in sidecars:  # the stream exists before its slot moves
+            sidecar.flusher.cut()
+            assert await sidecar.flusher.deliver()
+        budget_key = f"tokenscaler:v1:{{policy:{scope}:{TENANT}}}:res"
+        running_loop = asyncio.get_running_loop()
+        for key in (stream_key(workloads[0]), budget_key):
+            source = cluster.master_of(key)
+            target = next(node for node in cluster.masters() if node is not source)
+            migration = running_loop.run_in_executor(None, cluster.migrate, key, target, 0.1)
+            while not migration.done():
+                await asyncio.gather(*(traffic(session, s, 2) for s in sidecars))
+                await poll_all()
+            assert await migration > 0
+            assert cluster.master_of(key) is target
+        await asyncio.gather(*(traffic(session, s, 10) for s in sidecars))
+        await delivered_and_settled(sidecars)
+        await assert_exact(loop)
+        await poll_all()
+        assert [c for c in codes if c != "OK"] == []
