@@ -16,6 +16,13 @@ class PolicyMetrics:
             ["tenant"],
             registry=registry,
         )
+        self.scope_sidecars = Gauge(
+            "tokenscaler_policy_scope_sidecars",
+            "Sidecars of the scope that announced themselves in the last minute, this one included, "
+            "as last counted: without Redis each admits at most 1/this of what was left of a budget.",
+            ["scope"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "tokenscaler_policy_rejections",
             "Requests refused by a policy (budget, rate_limit, max_tokens, redis_unavailable).",

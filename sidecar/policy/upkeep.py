@@ -34,9 +34,12 @@ from token_scaler.saturation import NOT_SATURATED, Saturation, decode, saturatio
 
 log = logging.getLogger(__name__)
 
-# How often a sidecar announces itself (its peers' count sets its share of a rate limit
-# while Redis is away); well inside store.PRESENCE_WINDOW_MS.
-ANNOUNCE_S = 10.0
+# How often a sidecar announces itself; well inside store.PRESENCE_WINDOW_MS. Its peers'
+# count, as of its last announcement, sets its share of each budget and rate limit while
+# Redis is away, so a count behind a fleet's growth lets the shares add up to more than
+# there is: four sidecars started together first count 1, 2, 3 and 4, whose shares add up to
+# 2.08 times what was left. Every 2 s bounds that to a fleet that grew in the last 2 s.
+ANNOUNCE_S = 2.0
 
 
 class RedisClock:
@@ -152,6 +155,7 @@ class Presence:
         if peers != self.peers:
             log.info("%d sidecars share the rate limits of scope %s", peers, scope)
         self.peers = max(1, peers)
+        self._ctx.metrics.scope_sidecars.labels(scope).set(self.peers)
 
     async def leave(self, timeout_s: float) -> None:
         """At shutdown: the others' share grows a minute sooner."""

@@ -57,6 +57,15 @@ async def test_a_budget_through_a_master_failover_is_passed_by_a_bounded_amount(
     fleet: Fleet, topology: Topology
 ) -> None:
     """Runs last in the module: the killed master stays dead."""
+    # Every sidecar has counted all its peers (its share without Redis is 1/peers), as in a
+    # fleet that has run for more than an announcement's period (ANNOUNCE_S): one that has just
+    # started counted 1, 2, 3 and 4, and their shares added up to twice what was left.
+    scope = f'scope="{fleet.scope}"'
+    for _ in range(100):
+        if fleet.total("tokenscaler_policy_scope_sidecars", scope) == SIDECARS * SIDECARS:
+            break
+        await asyncio.sleep(0.1)
+    assert fleet.total("tokenscaler_policy_scope_sidecars", scope) == SIDECARS * SIDECARS
     res = fleet.key("failover", "res")
     doomed = master_of(topology, res)
     told = biggest = left = 0
@@ -122,8 +131,10 @@ async def test_a_budget_through_a_master_failover_is_passed_by_a_bounded_amount(
     )
     assert statuses[200] > 100 and statuses.get(429, 0) >= 3 * workers
     assert told >= BUDGET - held - biggest, (told, used, held)  # spent down to what stays reserved
-    # The bound of docs/redis.md: one reservation per request in flight when the replicas fell
-    # behind (lost admissions and settlements), plus what the sidecars admitted without Redis
-    # and had not charged yet when it answered again (at most what was left), plus one.
-    assert told - BUDGET <= biggest * (1 + workers) + left
+    # The bound of docs/redis.md is one reservation per request in flight when the replicas fell
+    # behind (lost admissions and settlements), plus what the sidecars admitted without Redis and
+    # had not charged yet when it answered again (at most what was left: ``left``), plus one.
+    # With every sidecar's peers counted, the last part stays small (ten runs served 19,609 to
+    # 22,398), so the test holds the fleet to the rest; with stale counts it passed by up to 10,779.
+    assert told - BUDGET <= biggest * (1 + workers), (told, left)
     assert used - held <= told  # nothing charged twice
