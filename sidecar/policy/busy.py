@@ -150,7 +150,7 @@ class BusyWatch:
         for model in list(self._states):
             if model not in rules:
                 del self._states[model]
-        metrics = self._ctx.metrics
+        metrics, scope = self._ctx.metrics, self._ctx.file.policy.scope
         for model, busy in rules.items():
             state = self._states.setdefault(model, Hysteresis())
             was = state.on
@@ -159,7 +159,7 @@ class BusyWatch:
                     "downgrade of %s when busy: %s (signals %s)", model, "in force" if state.on else "lifted",
                     self.readings,
                 )  # fmt: skip
-            metrics.action_in_force.labels(BUSY_DOWNGRADE, model).set(1 if state.on else 0)
+            metrics.action_in_force.labels(BUSY_DOWNGRADE, scope, model).set(1 if state.on else 0)
 
     async def close(self) -> None:
         if self._session is not None:

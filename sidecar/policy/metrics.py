@@ -100,13 +100,14 @@ class PolicyMetrics:
             "tokenscaler_policy_spend_ratio",
             "Share of the scope's hourly spend budget (spendGuard.perHour) used this UTC hour, as this "
             "sidecar last read it plus what it added since.",
+            ["scope"],
             registry=registry,
         )
         self.action_in_force = Gauge(
             "tokenscaler_policy_action_in_force",
             "1 while a threshold action applies: spend_downgrade, spend_refuse, spend_refuse_all "
             "(the spend guard), busy_downgrade (a downgrade rule whenBusy, per model).",
-            ["action", "model"],
+            ["action", "scope", "model"],
             registry=registry,
         )
         self.check = Histogram(

@@ -169,10 +169,10 @@ class SpendMeter:
         return not self._batches
 
     def _show(self) -> None:
-        guard = self._ctx.file.policy.spend_guard
+        policy = self._ctx.file.policy
         metrics = self._ctx.metrics
         ratio = self.ratio()
-        metrics.spend_ratio.set(ratio)
-        in_force = actions(guard, ratio)
+        metrics.spend_ratio.labels(policy.scope).set(ratio)
+        in_force = actions(policy.spend_guard, ratio)
         for action in (SPEND_DOWNGRADE, SPEND_REFUSE, SPEND_FULL):
-            metrics.action_in_force.labels(action, "").set(1 if action in in_force else 0)
+            metrics.action_in_force.labels(action, policy.scope, "").set(1 if action in in_force else 0)

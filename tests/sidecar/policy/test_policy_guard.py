@@ -75,6 +75,13 @@ async def _settled(side: Sidecar) -> None:
     raise AssertionError("a request never ended")
 
 
+def in_force(side: Sidecar, workload: str, action: str, model: str = "") -> float:
+    """``tokenscaler_policy_action_in_force`` of an action at a sidecar."""
+    return sample(
+        side, "tokenscaler_policy_action_in_force", action=action, scope=scope(workload), model=model
+    )
+
+
 def hour_total(redis_url: str, scope_name: str, hour: str) -> int:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -162,8 +169,10 @@ async def test_spend_guard_across_four_sidecars_flips_at_the_threshold_and_recov
     billed = sum(cost(str(r["model"]), r["prompt"], r["generation"]) for r in _served(upstream))
     assert billed == expected
     for side in sidecars:
-        assert sample(side, "tokenscaler_policy_spend_ratio") == pytest.approx(expected / PER_HOUR_NANO)
-        assert sample(side, "tokenscaler_policy_action_in_force", action="spend_refuse_all", model="") == 1
+        assert sample(side, "tokenscaler_policy_spend_ratio", scope=scope(workload)) == pytest.approx(
+            expected / PER_HOUR_NANO
+        )
+        assert in_force(side, workload, "spend_refuse_all") == 1
         assert sample(side, "tokenscaler_policy_rejections_total", tenant="t", reason="spend") >= 1
     # The hour rolls over (on the policies' clock): everyone is back on the large model.
     movable.shift = 3600.0
@@ -174,8 +183,8 @@ async def test_spend_guard_across_four_sidecars_flips_at_the_threshold_and_recov
     assert hour_total(redis_url, scope(workload), next_hour) == SIDECARS * big
     assert hour_total(redis_url, scope(workload), hour) == expected
     for side in sidecars:
-        assert sample(side, "tokenscaler_policy_action_in_force", action="spend_refuse_all", model="") == 0
-        assert sample(side, "tokenscaler_policy_action_in_force", action="spend_downgrade", model="") == 0
+        assert in_force(side, workload, "spend_refuse_all") == 0
+        assert in_force(side, workload, "spend_downgrade") == 0
 
 
 def _served(upstream: FakeUpstream) -> list[dict[str, Any]]:
@@ -251,7 +260,7 @@ async def test_busy_trigger_hysteresis_with_a_dcgm_exporter_and_the_model_server
         assert await at(1099, 97) == frozenset()
         assert (await ask(side, "t"))[1:] == ("big", None)
         assert await at(1100, 97) == {"big"}  # 600 s above 90 %
-        assert sample(side, "tokenscaler_policy_action_in_force", action="busy_downgrade", model="big") == 1
+        assert in_force(side, workload, "busy_downgrade", "big") == 1
         assert (await ask(side, "t"))[1:] == ("small", "small; from=big; reason=busy")
         assert (await ask(side, "vip"))[1:] == ("big", None)
         assert await at(1500, 75) == {"big"}  # between the thresholds: no flapping
@@ -259,7 +268,7 @@ async def test_busy_trigger_hysteresis_with_a_dcgm_exporter_and_the_model_server
         assert await at(3119, 50) == {"big"}
         assert await at(3120, 50) == frozenset()  # 120 s below 60 %
         assert (await ask(side, "t"))[1:] == ("big", None)
-        assert sample(side, "tokenscaler_policy_action_in_force", action="busy_downgrade", model="big") == 0
+        assert in_force(side, workload, "busy_downgrade", "big") == 0
 
         # Without DCGM: the model server's own KV-cache gauge, as the sidecar reads it.
         upstream.metrics_text = "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.97\n"
