@@ -20,6 +20,7 @@ What the share sets off, for tenants without ``keepModel`` (``verdict``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -42,7 +43,12 @@ SPEND_DOWNGRADE, SPEND_REFUSE, SPEND_FULL = "spend_downgrade", "spend_refuse", "
 
 def hour_of(now: float) -> str:
     """The UTC hour (``2025013113``) a moment belongs to."""
-    return time.strftime("%Y%m%d%H", time.gmtime(now))
+    return _hour_name(int(now // HOUR_S))
+
+
+@functools.lru_cache(maxsize=4)
+def _hour_name(hour_number: int) -> str:
+    return time.strftime("%Y%m%d%H", time.gmtime(hour_number * HOUR_S))
 
 
 @dataclass(slots=True)
