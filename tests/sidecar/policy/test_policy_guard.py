@@ -28,6 +28,7 @@ from tests.sidecar.conftest import StartSidecar, scope
 from tests.sidecar.fake_upstream import FakeUpstream, prompt_tokens_of
 from tests.sidecar.policy.test_policy_proxy import MESSAGES, sample, sdk, write_policy
 from token_scaler.record import KEY_PREFIX
+from token_scaler.redis_conn import LocalRedis
 
 SIDECARS = 4
 MAX_TOKENS = 100
@@ -283,3 +284,41 @@ async def test_busy_trigger_hysteresis_with_a_dcgm_exporter_and_the_model_server
         assert (await ask(side, "t", "medium"))[1:] == ("small", "small; from=medium; reason=busy")
     finally:
         await dcgm.stop()
+
+
+async def test_spend_counted_while_redis_is_away_reaches_it_when_it_answers(
+    start_sidecar: StartSidecar, upstream: FakeUpstream, tmp_path: Path, own_redis: LocalRedis
+) -> None:
+    policy_file = write_policy(
+        tmp_path / "policy.yaml",
+        {
+            "redisTimeoutMs": 200,
+            "prices": {"big": {"prompt": 0.001, "generation": 0.002}, "small": 0.001},
+            "downgrade": {"big": {"to": "small"}},
+            "spendGuard": {"perHour": 100},
+        },
+    )
+    side = await start_sidecar(policy=policy_file, redis_url=own_redis.url)
+    engine = side.policy
+    assert engine is not None
+    scope_name = engine.policy.scope
+    big = cost("big", prompt_tokens_of({"messages": MESSAGES}), MAX_TOKENS)
+    hour = spend.hour_of(time.time())
+    assert await ask(side, "t") == (200, "big", None)
+    await synced([side])
+    assert hour_total(own_redis.url, scope_name, hour) == big
+    port = own_redis.port
+    own_redis.process.terminate()
+    own_redis.process.wait()
+    for _ in range(3):
+        assert await ask(side, "t") == (200, "big", None)
+    await _settled(side)
+    assert not await engine.spend.sync()  # Redis is away: kept
+    assert engine.spend.unsent == 3 * big and engine.spend.spent() == 4 * big
+    restarted = LocalRedis.start(port=port)
+    try:
+        await engine.tick()  # Redis answers again: the spend kept goes out
+        assert hour_total(restarted.url, scope_name, hour) == 3 * big  # a fresh Redis: what it missed
+        assert engine.spend.unsent == 0
+    finally:
+        restarted.stop()
