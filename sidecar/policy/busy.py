@@ -4,7 +4,8 @@ Signals, read once a tick:
 
 - ``gpu_util``: DCGM exporter's ``DCGM_FI_DEV_GPU_UTIL`` (percent, read as a share 0-1) at
   ``--dcgm-url``, the mean over this pod's GPUs (the samples whose ``pod`` label is this
-  pod's name, when the exporter maps GPUs to pods; else over every GPU it lists);
+  pod's name, when the exporter maps GPUs to pods; else over every GPU it lists); an
+  exporter that does not answer is asked again every ``RETRY_S``;
 - ``kv_cache`` and ``waiting``: the model server's own KV-cache usage (0-1) and requests
   waiting in its queue, as the sidecar already reads them (server_gauges.py).
 
@@ -35,6 +36,7 @@ DCGM_METRIC = "DCGM_FI_DEV_GPU_UTIL"
 BUSY = "busy"  # the reason of a downgrade
 BUSY_DOWNGRADE = "busy_downgrade"  # the action of ``tokenscaler_policy_action_in_force``
 READ_TIMEOUT_S = 0.5
+RETRY_S = 30.0  # an exporter that did not answer is asked again after this
 
 
 def gpu_util(text: str, pod: str | None) -> float | None:
@@ -95,6 +97,7 @@ class BusyWatch:
         self._states: dict[str, Hysteresis] = {}
         self._session: aiohttp.ClientSession | None = None
         self._failing = False
+        self._retry_at = 0.0  # monotonic: when an exporter that failed is asked again
         self._warned = False
         self.readings: dict[str, float] = {}
 
@@ -104,7 +107,7 @@ class BusyWatch:
         return frozenset(model for model, state in self._states.items() if state.on)
 
     async def _dcgm(self) -> float | None:
-        if self._dcgm_url is None:
+        if self._dcgm_url is None or (self._failing and self._ctx.clock.monotonic() < self._retry_at):
             return None
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S))

@@ -43,11 +43,25 @@ def cost(model: str, prompt: int, generation: int) -> int:
 
 
 class MovableClock:
-    """The policies' clocks, the wall clock moved by ``shift`` seconds."""
+    """The policies' clocks, the wall clock moved by ``shift`` seconds (after the sidecars read
+    Redis' clock, a move moves theirs: no admission reply comes to set it back)."""
 
     def __init__(self) -> None:
+        # A minute back when the real hour ends within a minute: a test's hour does not end under it.
+        self.base = -60.0 if time.time() % 3600 > 3540 else 0.0
         self.shift = 0.0
         self.clock = Clock(wall=lambda: time.time() + self.shift)
+
+    async def synced(self, sidecars: list[Sidecar]) -> None:
+        """Once every sidecar read Redis' clock: moved to ``base``."""
+        for side in sidecars:
+            assert side.policy is not None
+            for _ in range(400):
+                if side.policy.redis_clock.synced:
+                    break
+                await asyncio.sleep(0.005)
+            assert side.policy.redis_clock.synced
+        self.shift = self.base
 
 
 async def synced(sidecars: list[Sidecar]) -> None:
@@ -123,12 +137,7 @@ async def guarded(
     )
     movable = MovableClock()
     sidecars = [await start_sidecar(policy=policy_file, policy_clock=movable.clock) for _ in range(SIDECARS)]
-    for side in sidecars:
-        assert side.policy is not None
-        for _ in range(400):
-            if side.policy.redis_clock.synced:
-                break
-            await asyncio.sleep(0.005)
+    await movable.synced(sidecars)
     yield sidecars, movable
     delete_keys(redis_url, f"{KEY_PREFIX}:{{policy:{scope(workload)}/spend}}:*")
 
@@ -139,7 +148,8 @@ async def test_spend_guard_across_four_sidecars_flips_at_the_threshold_and_recov
     sidecars, movable = guarded
     prompt = prompt_tokens_of({"messages": MESSAGES})
     big, small = cost("big", prompt, MAX_TOKENS), cost("small", prompt, MAX_TOKENS)
-    hour = spend.hour_of(time.time())
+    assert sidecars[0].policy is not None
+    hour = spend.hour_of(sidecars[0].policy.redis_clock.now())
     expected = 0  # what the scope spent, by the test's own arithmetic
     outcomes: list[tuple[int, str]] = []
     for i in range(80):
@@ -176,8 +186,9 @@ async def test_spend_guard_across_four_sidecars_flips_at_the_threshold_and_recov
         assert in_force(side, workload, "spend_refuse_all") == 1
         assert sample(side, "tokenscaler_policy_rejections_total", tenant="t", reason="spend") >= 1
     # The hour rolls over (on the policies' clock): everyone is back on the large model.
-    movable.shift = 3600.0
-    next_hour = spend.hour_of(time.time() + 3600)
+    movable.shift = movable.base + 3600.0
+    next_hour = spend.hour_of(sidecars[0].policy.redis_clock.now())
+    assert next_hour != hour
     for side in sidecars:
         assert await ask(side, "t") == (200, "big", None)
     await synced(sidecars)
@@ -204,7 +215,7 @@ async def test_spend_batches_sent_again_are_counted_once(
     side = sidecars[0]
     assert side.policy is not None
     store = side.policy.store
-    hour = spend.hour_of(time.time())
+    hour = "2025030113"
     keys = spend_keys(scope(workload), hour, "batch-1")
     assert (await store.spend(keys, 1234)).total == 1234
     assert (await store.spend(keys, 1234)).total == 1234  # its reply was lost: sent again, once
@@ -271,7 +282,9 @@ async def test_busy_trigger_hysteresis_with_a_dcgm_exporter_and_the_model_server
         assert (await ask(side, "t"))[1:] == ("big", None)
         assert in_force(side, workload, "busy_downgrade", "big") == 0
 
-        # Without DCGM: the model server's own KV-cache gauge, as the sidecar reads it.
+        # Without DCGM: the model server's own KV-cache gauge, as the sidecar reads it (the time
+        # first: a background tick that reads it meanwhile starts the count at 4000).
+        now[0] = 4000
         upstream.metrics_text = "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.97\n"
         assert side.server_gauges is not None
         for _ in range(300):
@@ -282,6 +295,11 @@ async def test_busy_trigger_hysteresis_with_a_dcgm_exporter_and_the_model_server
         assert await at(4000, 10) == frozenset()
         assert await at(4060, 10) == {"medium"}
         assert (await ask(side, "t", "medium"))[1:] == ("small", "small; from=medium; reason=busy")
+        # An exporter page that is not Prometheus text: GPU utilisation unknown, asked again later.
+        dcgm.metrics_text = "DCGM_FI_DEV_GPU_UTIL{gpu=0 not prometheus\n"
+        now[0] = 4100
+        await engine.busy.poll()
+        assert "gpu_util" not in engine.busy.readings and engine.busy.readings["kv_cache"] == 0.97
     finally:
         await dcgm.stop()
 
@@ -298,12 +316,14 @@ async def test_spend_counted_while_redis_is_away_reaches_it_when_it_answers(
             "spendGuard": {"perHour": 100},
         },
     )
-    side = await start_sidecar(policy=policy_file, redis_url=own_redis.url)
+    movable = MovableClock()
+    side = await start_sidecar(policy=policy_file, redis_url=own_redis.url, policy_clock=movable.clock)
+    await movable.synced([side])
     engine = side.policy
     assert engine is not None
     scope_name = engine.policy.scope
     big = cost("big", prompt_tokens_of({"messages": MESSAGES}), MAX_TOKENS)
-    hour = spend.hour_of(time.time())
+    hour = spend.hour_of(engine.redis_clock.now())
     assert await ask(side, "t") == (200, "big", None)
     await synced([side])
     assert hour_total(own_redis.url, scope_name, hour) == big
