@@ -150,9 +150,7 @@ class BusyWatch:
             self._warned = True
         self.readings = await self.read()
         now = self._ctx.clock.monotonic()
-        for model in list(self._states):
-            if model not in rules:
-                del self._states[model]
+        self.forget_removed()
         metrics, scope = self._ctx.metrics, self._ctx.file.policy.scope
         for model, busy in rules.items():
             state = self._states.setdefault(model, Hysteresis())
@@ -163,6 +161,15 @@ class BusyWatch:
                     self.readings,
                 )  # fmt: skip
             metrics.action_in_force.labels(BUSY_DOWNGRADE, scope, model).set(1 if state.on else 0)
+
+    def forget_removed(self) -> None:
+        """Drop the state of rules the policy in force no longer has (after a reload)."""
+        policy = self._ctx.file.policy
+        for model in list(self._states):
+            rule = policy.downgrades.get(model)
+            if rule is None or rule.when_busy is None:
+                del self._states[model]
+                self._ctx.metrics.action_in_force.labels(BUSY_DOWNGRADE, policy.scope, model).set(0)
 
     async def close(self) -> None:
         if self._session is not None:

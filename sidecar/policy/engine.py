@@ -151,6 +151,8 @@ class PolicyEngine:
         if not self.file.reload(self.metrics):
             return False
         self.ahead.retire_all()  # limits may have changed
+        self.busy.forget_removed()
+        self.spend.show()
         return True
 
     # -- the request path

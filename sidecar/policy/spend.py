@@ -115,6 +115,7 @@ class SpendMeter:
         self._batches: list[Batch] = []  # sent without a reply yet, or to be sent again
         self._seen: tuple[str, int] = ("", 0)  # hour, the scope's total last read
         self._lock = asyncio.Lock()
+        self._shown = False  # the gauges were set
 
     @property
     def enabled(self) -> bool:
@@ -171,11 +172,15 @@ class SpendMeter:
                 b for b, r in zip(self._batches, replies, strict=True) if isinstance(r, BaseException)
             ]
             self._seen = (hour, total.total)
-        self._show()
+        self.show()
         return not self._batches
 
-    def _show(self) -> None:
+    def show(self) -> None:
+        """The gauges of the spend as known now (all actions off once the guard is gone)."""
         policy = self._ctx.file.policy
+        if policy.spend_guard is None and not self._shown:
+            return
+        self._shown = True
         metrics = self._ctx.metrics
         ratio = self.ratio()
         metrics.spend_ratio.labels(policy.scope).set(ratio)

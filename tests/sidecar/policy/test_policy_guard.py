@@ -300,6 +300,13 @@ async def test_busy_trigger_hysteresis_with_a_dcgm_exporter_and_the_model_server
         now[0] = 4100
         await engine.busy.poll()
         assert "gpu_util" not in engine.busy.readings and engine.busy.readings["kv_cache"] == 0.97
+        # A reload that drops the rule's whenBusy turns its action off.
+        write_policy(
+            policy_file,
+            {"scope": scope(workload), "downgrade": {"medium": {"to": "small", "atBudgetRatio": 0.9}}},
+        )
+        assert engine.reload() and engine.busy.models == frozenset()
+        assert in_force(side, workload, "busy_downgrade", "medium") == 0
     finally:
         await dcgm.stop()
 
@@ -342,3 +349,26 @@ async def test_spend_counted_while_redis_is_away_reaches_it_when_it_answers(
         assert engine.spend.unsent == 0
     finally:
         restarted.stop()
+
+
+async def test_a_reload_without_the_spend_guard_turns_its_action_off(
+    guarded: tuple[list[Sidecar], MovableClock], policy_file: Path, workload: str
+) -> None:
+    sidecars, _ = guarded
+    side = sidecars[0]
+    engine = side.policy
+    assert engine is not None
+    engine.spend.add("big", 10_000, 10_000)  # 0.03: three times the hour's 0.01
+    await synced([side])
+    assert in_force(side, workload, "spend_refuse_all") == 1
+    assert await ask(side, "t") == (429, "", None)
+    write_policy(
+        policy_file,
+        {
+            "scope": scope(workload),
+            "downgrade": {"big": {"to": "small", "whenBusy": {"waitingAbove": 1, "for": 0}}},
+        },
+    )
+    assert engine.reload()
+    assert in_force(side, workload, "spend_refuse_all") == 0
+    assert await ask(side, "t") == (200, "big", None)
