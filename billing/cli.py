@@ -46,32 +46,33 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser(
         "reconcile",
         help="billing export + hourly token counts -> cost per 1k tokens per model",
-        description="Match a billing export (AWS CUR or GCP billing export, CSV) with hourly token "
+        description="Match a billing export (AWS CUR, GCP billing export or Azure cost details "
+        "export, CSV) with hourly token "
         "counts and print the empirical cost per 1k tokens per model. " + NOT_FOR_SCALING,
     )
     rec.add_argument("--billing", required=True, type=Path, help="the billing export (CSV)")
     rec.add_argument(
-        "--layout", choices=("auto", "aws", "gcp"), default="auto", help="default: from the header"
+        "--layout", choices=("auto", "aws", "gcp", "azure"), default="auto", help="default: from the header"
     )
     rec.add_argument(
         "--cost-column",
-        help="cost column (default lineItem/UnblendedCost for AWS, cost (+ credits) for GCP), "
-        "e.g. lineItem/NetUnblendedCost",
+        help="cost column (default lineItem/UnblendedCost for AWS, cost (+ credits) for GCP, "
+        "CostInBillingCurrency for Azure), e.g. lineItem/NetUnblendedCost",
     )
     rec.add_argument(
         "--tag",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="keep rows with this tag (AWS: the column resourceTags/KEY, e.g. user:app=vllm) "
-        "or label (GCP: a key of labels); repeatable, all must match",
+        help="keep rows with this tag (AWS: the column resourceTags/KEY, e.g. user:app=vllm), "
+        "label (GCP: a key of labels) or tag (Azure: a key of Tags); repeatable, all must match",
     )
     rec.add_argument(
         "--resource",
         action="append",
         default=[],
         metavar="ID",
-        help="keep rows of this resource (lineItem/ResourceId, resource.name); repeatable",
+        help="keep rows of this resource (lineItem/ResourceId, resource.name, ResourceId); repeatable",
     )
     source = rec.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", type=Path, help="hourly token counts (CSV, as `cost tokens` writes)")

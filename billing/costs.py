@@ -6,6 +6,9 @@ Billing CSV layouts (the header decides, or ``layout=``):
   ``lineItem/UsageEndDate``, ``lineItem/UnblendedCost`` (or another cost column),
   ``lineItem/ResourceId``, and one ``resourceTags/<key>`` column per cost allocation tag,
   e.g. ``resourceTags/user:app``.
+- ``azure``: Azure Cost Management's cost and usage details export (actual or amortized
+  cost, EA or MCA column names): ``Date``, ``CostInBillingCurrency``, ``Tags``,
+  ``ResourceId``, ``ChargeType`` (azure.py says more);
 - ``gcp``: Cloud Billing's BigQuery export saved as CSV: ``usage_start_time``,
   ``usage_end_time``, ``cost``, ``credits`` (JSON list of ``{name, amount}``, added to the
   cost: credits are negative), ``labels`` (JSON list of ``{key, value}`` as
@@ -104,7 +107,7 @@ def format_hour(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:00:00Z")
 
 
-class _Rows:
+class Rows:
     """A CSV with a header; ``cell`` and friends raise ``RowError`` naming row and column."""
 
     def __init__(self, f: IO[str], source: str) -> None:
@@ -180,11 +183,17 @@ class _Rows:
 
 
 def detect_layout(header: Sequence[str]) -> str:
+    from billing import azure
+
     if AWS_START in header or any(c.startswith("lineItem/") for c in header):
         return "aws"
     if GCP_START in header:
         return "gcp"
-    raise RowError("", 1, header[0] if header else "", "neither an AWS CUR nor a GCP billing export header")
+    if azure.detect(list(header)):
+        return "azure"
+    raise RowError(
+        "", 1, header[0] if header else "", "neither an AWS CUR, a GCP nor an Azure billing export header"
+    )
 
 
 def read_billing(
@@ -197,7 +206,7 @@ def read_billing(
     resources: Sequence[str] = (),
 ) -> list[BillingRow]:
     """The rows of a billing export that match every tag and (when given) one of ``resources``."""
-    rows = _Rows(f, source)
+    rows = Rows(f, source)
     if layout == "auto":
         try:
             layout = detect_layout(rows.header)
@@ -233,8 +242,13 @@ def read_billing(
             row_tags = _labels(rows) if GCP_LABELS in rows.header else {}
             resource = rows.cell(resource_col) if resource_col else ""
             out.append(BillingRow(n, start, end, cost, resource, row_tags))
+    elif layout == "azure":
+        from billing import azure
+
+        out = azure.read(rows, cost_column, wanted)
+        resources = [r.lower() for r in resources]  # Azure resource ids are not case-sensitive
     else:
-        raise ValueError(f"unknown billing layout {layout!r}: expected auto, aws or gcp")
+        raise ValueError(f"unknown billing layout {layout!r}: expected auto, aws, gcp or azure")
     for row in out:
         if row.end < row.start:
             raise RowError(source, row.row, AWS_END if layout == "aws" else GCP_END, "ends before it starts")
@@ -245,7 +259,7 @@ def read_billing(
     ]
 
 
-def _credits(rows: _Rows) -> float:
+def _credits(rows: Rows) -> float:
     value = rows.json(GCP_CREDITS)
     if value is None:
         return 0.0
@@ -260,7 +274,7 @@ def _credits(rows: _Rows) -> float:
     return total
 
 
-def _labels(rows: _Rows) -> dict[str, str]:
+def _labels(rows: Rows) -> dict[str, str]:
     value = rows.json(GCP_LABELS)
     if value is None:
         return {}
@@ -291,7 +305,7 @@ def hourly_cost(rows: Iterable[BillingRow]) -> dict[datetime, float]:
 
 
 def read_tokens(f: IO[str], source: str = "tokens") -> list[HourlyTokens]:
-    rows = _Rows(f, source)
+    rows = Rows(f, source)
     rows.require(*TOKEN_COLUMNS)
     out = []
     for _ in rows:

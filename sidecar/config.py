@@ -181,6 +181,14 @@ OPTIONS: dict[str, c.Option[Any]] = {
         None,
         "policy file (YAML): max_tokens caps, budgets, rate limits, downgrades; reloaded when it changes",
     ),
+    "dcgm_url": c.Option(
+        "--dcgm-url",
+        "TOKEN_SCALER_DCGM_URL",
+        c.http_url,
+        None,
+        "DCGM exporter's metrics (DCGM_FI_DEV_GPU_UTIL), read every second when a policy "
+        "downgrade rule has whenBusy.gpuUtilAbove; e.g. http://$(NODE_IP):9400/metrics",
+    ),
     "advertise": c.Option(
         "--advertise",
         "TOKEN_SCALER_ADVERTISE",
@@ -243,6 +251,7 @@ class SidecarConfig:
     event_loop: str = "auto"
     log_level: str = "INFO"
     policy: Path | None = None
+    dcgm_url: str | None = None
     advertise: str | None = None
     models: tuple[str, ...] | None = None
     capacity_tokens: int = 0

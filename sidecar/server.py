@@ -30,6 +30,7 @@ from sidecar.loop_lag import LoopLag
 from sidecar.meter import Meter
 from sidecar.metrics import Metrics
 from sidecar.policy import PolicyEngine
+from sidecar.policy.clock import Clock
 from sidecar.proxy import Proxy
 from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
@@ -52,7 +53,12 @@ PIN_INTERVAL_S = 5.0
 class Sidecar:
     """The proxy and admin servers, the meter and the flusher of one sidecar process."""
 
-    def __init__(self, config: SidecarConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        registry: CollectorRegistry | None = None,
+        policy_clock: Clock | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, config.rate_window_s)
@@ -86,6 +92,9 @@ class Sidecar:
                 workload=config.workload,
                 tenant_header=config.tenant_header,
                 label=self.proxy.tenants,
+                clock=policy_clock,
+                dcgm_url=config.dcgm_url,
+                server_gauges=lambda: self.server_gauges.latest() if self.server_gauges else None,
             )
         metrics_url = config.server_metrics
         self.server_gauges = None if metrics_url is None else ServerGaugePoller(metrics_url)

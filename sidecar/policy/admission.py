@@ -65,14 +65,24 @@ class Reservation:
 
 
 def decide(
-    policy: Policy, rules: TenantPolicy, parsed: ParsedRequest, ratio: float, saturated: bool
+    policy: Policy,
+    rules: TenantPolicy,
+    parsed: ParsedRequest,
+    ratio: float,
+    saturated: bool,
+    *,
+    spend: bool = False,
+    busy: frozenset[str] = frozenset(),
 ) -> Decision:
-    """The tenant's rules on the request; ``ratio``: its budget share used, as last seen."""
+    """The tenant's rules on the request; ``ratio``: its budget share used, as last seen;
+    ``spend``: the spend guard downgrades; ``busy``: the models whose ``whenBusy`` is in force."""
     soft = caps.soft_cap(rules.soft_caps, ratio) if rules.soft_caps else None
     requested = parsed.model
     route = None
     if requested is not None and requested in policy.downgrades:
-        route = downgrade.decide(policy.downgrades[requested], rules, ratio, saturated)
+        route = downgrade.decide(
+            policy.downgrades[requested], rules, ratio, saturated, spend=spend, busy=requested in busy
+        )
     model = route.model if route is not None else requested
     cap = rejection = None
     if parsed.kind is not Kind.EMBEDDINGS:

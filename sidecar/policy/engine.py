@@ -20,12 +20,16 @@ The engine only orders the work of its collaborators, each the owner of its own 
   downgrades act on it (at most one request behind; the budget itself is exact);
 - ``upkeep`` keeps Redis' clock offset (budget periods are UTC days and months on Redis'
   clock), the leases of the reservations in flight, this sidecar's presence among its
-  scope's, and the scaler's saturation signal.
+  scope's, and the scaler's saturation signal;
+- ``spend`` keeps the scope's spend this hour (``spendGuard``): what it sets off is decided
+  before anything else, and every request's real usage is added to it at settlement;
+- ``busy`` reads the GPU and model-server signals of downgrade rules ``whenBusy``.
 
 Background (``run``, once a tick): the policy file is reloaded when it changed (a bad
 file keeps the policy in force, logs why and counts
 ``tokenscaler_policy_reloads_total{result="error"}``); queued settlements are sent; leases
-are renewed; the saturation key is read when a downgrade rule needs it.
+are renewed; the saturation key is read when a downgrade rule needs it; the spend of the
+hour is sent and read back; the busy signals are read.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from sidecar.openai import ParsedRequest
 from sidecar.policy import admission, budgets, identity
 from sidecar.policy.admission import Admission, Decision
 from sidecar.policy.ahead import Ahead
+from sidecar.policy.busy import BusyWatch
 from sidecar.policy.caps import Cap
 from sidecar.policy.chunks import Chunks
 from sidecar.policy.clock import Clock
@@ -54,10 +59,12 @@ from sidecar.policy.refusals import Rejection
 from sidecar.policy.reserve import Reserver
 from sidecar.policy.schema import Policy
 from sidecar.policy.settlement import Corrections, Settlement, Settlements
+from sidecar.policy.spend import SpendMeter, verdict
 from sidecar.policy.store import Store
 from sidecar.policy.tickets import Ticket
 from sidecar.policy.upkeep import Leases, Presence, RedisClock, SaturationWatch
 from sidecar.policy.usage import Usage
+from token_scaler.record import ServerGauges
 from token_scaler.redis_conn import REDIS_ERRORS
 from token_scaler.redis_routing import Commands
 from token_scaler.saturation import Saturation
@@ -79,6 +86,8 @@ class PolicyEngine:
         label: Callable[[str], str] = str,
         tick_s: float = 1.0,
         clock: Clock | None = None,
+        dcgm_url: str | None = None,
+        server_gauges: Callable[[], ServerGauges | None] = lambda: None,
     ) -> None:
         self.clock = clock = clock or Clock()
         self.file = file = PolicyFile(path)  # ConfigError at start-up, before any metric exists
@@ -97,6 +106,8 @@ class PolicyEngine:
         self.presence = Presence(ctx, outage)
         self.leases = Leases(ctx, outage, tick_s)
         self.watch = SaturationWatch(ctx, outage, workload)
+        self.spend = SpendMeter(ctx, outage, self.redis_clock, self.presence.id)
+        self.busy = BusyWatch(ctx, dcgm_url, server_gauges)
         self.reserver = Reserver(
             ctx,
             self.redis_clock,
@@ -140,6 +151,8 @@ class PolicyEngine:
         if not self.file.reload(self.metrics):
             return False
         self.ahead.retire_all()  # limits may have changed
+        self.busy.forget_removed()
+        self.spend.show()
         return True
 
     # -- the request path
@@ -154,8 +167,15 @@ class PolicyEngine:
         now = self.redis_clock.now()
         day, month = budgets.periods(now)
         ratio = self.usage.ratio(tenant, rules.budget, day, month, self.outage.local(tenant))
-        decision = admission.decide(policy, rules, parsed, ratio, self.watch.saturation.saturated)
+        guard = verdict(policy, rules, parsed.model, self.spend.ratio(), now)
+        decision = admission.decide(
+            policy, rules, parsed, ratio, self.watch.saturation.saturated,
+            spend=guard.downgrade, busy=self.busy.models,
+        )  # fmt: skip
         result = Admission(tenant, body, decision.model, None)
+        if guard.rejection is not None:
+            self._refuse(result, guard.rejection)
+            return result
         if decision.rejection is not None:
             self._refuse(result, decision.rejection)
             return result
@@ -242,6 +262,7 @@ class PolicyEngine:
     def settle(self, result: Admission, prompt: int, generation: int) -> None:
         """Settle at the real usage (0 after a failure before any token), off the request path:
         charged to its chunk, or sent with the next admission (``settlement``)."""
+        self.spend.add(result.model, prompt, generation)
         ticket, chunk = result.ticket, result.chunk
         if ticket is None:
             return
@@ -276,6 +297,10 @@ class PolicyEngine:
             await self.leases.renew(list(self.ahead.chunks))
         if self.file.policy.watches_saturation:
             await self.watch.poll()
+        if self.spend.enabled:
+            await self.spend.sync()
+        if self.file.policy.watches_busy:
+            await self.busy.poll()
 
     async def run(self) -> None:
         self.outage.guard.start()
@@ -303,6 +328,9 @@ class PolicyEngine:
         await self._settled(timeout_s)  # the checkpoints tick sent, and those
         if self.file.announces and not self.outage.down:
             await self.presence.leave(timeout_s)
+        await self.busy.close()
+        if self.spend.unsent:
+            log.warning("not delivered to Redis at shutdown: spend of %d billionths", self.spend.unsent)
         self.ahead.stop_timer()  # what is left is said below
         left = list(self.ahead.chunks)
         undelivered = len(self.settlements.pending) + len(self.settlements.outbox)

@@ -25,7 +25,7 @@ class PolicyMetrics:
         )
         self.rejections = Counter(
             "tokenscaler_policy_rejections",
-            "Requests refused by a policy (budget, rate_limit, max_tokens, redis_unavailable).",
+            "Requests refused by a policy (budget, rate_limit, max_tokens, redis_unavailable, spend).",
             ["tenant", "reason"],
             registry=registry,
         )
@@ -37,7 +37,7 @@ class PolicyMetrics:
         )
         self.downgrades = Counter(
             "tokenscaler_policy_downgrades",
-            "Requests sent to a cheaper model (reason: budget, saturated).",
+            "Requests sent to a cheaper model (reason: budget, saturated, spend, busy).",
             ["tenant", "model", "reason"],
             registry=registry,
         )
@@ -101,6 +101,20 @@ class PolicyMetrics:
         self.saturated = Gauge(
             "tokenscaler_policy_saturated",
             "1 while the scaler reports this workload saturated (downgrades whenSaturated apply).",
+            registry=registry,
+        )
+        self.spend_ratio = Gauge(
+            "tokenscaler_policy_spend_ratio",
+            "Share of the scope's hourly spend budget (spendGuard.perHour) used this UTC hour, as this "
+            "sidecar last read it plus what it added since.",
+            ["scope"],
+            registry=registry,
+        )
+        self.action_in_force = Gauge(
+            "tokenscaler_policy_action_in_force",
+            "1 while a threshold action applies: spend_downgrade, spend_refuse, spend_refuse_all "
+            "(the spend guard), busy_downgrade (a downgrade rule whenBusy, per model).",
+            ["action", "scope", "model"],
             registry=registry,
         )
         self.check = Histogram(

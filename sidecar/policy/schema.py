@@ -28,6 +28,8 @@ SHORTEN = "shorten"
 MID_ERROR, MID_FINISH, MID_OFF = "error", "finish", "off"
 OPEN, CLOSED = "open", "closed"
 TOKENS, MONEY = "tokens", "money"
+DOWNGRADE_ACTION, REFUSE_ACTION = "downgrade", "refuse"
+GPU_UTIL, KV_CACHE, WAITING = "gpu_util", "kv_cache", "waiting"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +100,41 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class Threshold:
+    """One model-server signal of ``whenBusy``: above ``above`` counts as busy, below ``below`` as calm."""
+
+    signal: str  # GPU_UTIL (0-1), KV_CACHE (0-1) or WAITING (requests)
+    above: float
+    below: float
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """``whenBusy``: the rule applies after ``enter_s`` with a signal above its threshold, and
+    stops after ``leave_s`` with every signal below its lower one (hysteresis)."""
+
+    thresholds: tuple[Threshold, ...]
+    enter_s: float = 600.0
+    leave_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Downgrade:
     model: str
     to: str
     upstream: str | None = None
     at: float | None = None  # budget share that triggers it
     when_saturated: bool = False
+    when_busy: Busy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendGuard:
+    """The scope's spend per UTC hour (all tenants) and what happens as it fills."""
+
+    per_hour: int  # billionths of the currency unit
+    at: float = 0.8  # from this share: ``action`` on the models that have a downgrade rule
+    action: str = DOWNGRADE_ACTION  # downgrade | refuse
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +163,7 @@ class Policy:
     redis_timeout_s: float = 0.25
     lease_s: float = 60.0  # a reservation not renewed for this long is released
     chunks: ChunkPolicy = ChunkPolicy()
+    spend_guard: SpendGuard | None = None
 
     def tenant(self, name: str) -> TenantPolicy:
         return self.tenants.get(name, self.defaults)
@@ -153,6 +185,10 @@ class Policy:
     @property
     def watches_saturation(self) -> bool:
         return any(rule.when_saturated for rule in self.downgrades.values())
+
+    @property
+    def watches_busy(self) -> bool:
+        return any(rule.when_busy is not None for rule in self.downgrades.values())
 
 
 # -- validation helpers: each takes the key path it reads, for the message
@@ -240,13 +276,21 @@ _TOP_KEYS = frozenset(
         "reservationLeaseSeconds",
         "modelLimits",
         "reservationChunks",
+        "spendGuard",
     }
 )
 _CHUNK_KEYS = frozenset({"seconds", "minRequestsPerSecond"})
 _IDENTITY_KEYS = frozenset({"tenantHeader", "apiKeys", "defaultTenant"})
 _PRICE_KEYS = frozenset({"prompt", "generation"})
 _MODEL_LIMIT_KEYS = frozenset({"tokensPerMinute", "burstSeconds"})
-_DOWNGRADE_KEYS = frozenset({"to", "upstream", "atBudgetRatio", "whenSaturated"})
+_DOWNGRADE_KEYS = frozenset({"to", "upstream", "atBudgetRatio", "whenSaturated", "whenBusy"})
+# whenBusy's signals: (key stem, signal, highest value)
+_BUSY_SIGNALS = (("gpuUtil", GPU_UTIL, 1.0), ("kvCache", KV_CACHE, 1.0), ("waiting", WAITING, 1e6))
+_BUSY_KEYS = frozenset(
+    {"for", "leaveAfter"} | {stem + side for stem, _, _ in _BUSY_SIGNALS for side in ("Above", "Below")}
+)
+_SPEND_KEYS = frozenset({"perHour", "atSpendRatio", "action"})
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h)?$")
 
 
 def _max_tokens(path: str, raw: object, opt_in: bool) -> MaxTokens:
@@ -378,16 +422,77 @@ def _downgrade(path: str, model: str, raw: object) -> Downgrade:
         except ValueError as exc:
             raise _fail(f"{path}.upstream", str(exc)) from None
     at = doc.get("atBudgetRatio")
+    busy = doc.get("whenBusy")
     rule = Downgrade(
         model=model,
         to=_name(f"{path}.to", doc.get("to")),
         upstream=upstream,
         at=None if at is None else _number(f"{path}.atBudgetRatio", at, high=1.0),
         when_saturated=_bool(f"{path}.whenSaturated", doc.get("whenSaturated", False)),
+        when_busy=None if busy is None else _busy(f"{path}.whenBusy", busy),
     )
-    if rule.at is None and not rule.when_saturated:
-        raise _fail(path, "says neither atBudgetRatio nor whenSaturated: it would never apply")
     return rule
+
+
+def _duration(path: str, value: object) -> float:
+    """Seconds: a number, or a string such as ``600s``, ``10m``, ``1h``."""
+    if isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match is None:
+            raise _fail(path, f"expected seconds (600) or a duration such as 600s, 10m, 1h, got {value!r}")
+        value = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+    return _number(path, value, high=86_400)
+
+
+def _busy(path: str, raw: object) -> Busy:
+    doc = _mapping(path, raw, _BUSY_KEYS)
+    thresholds = []
+    for stem, signal, high in _BUSY_SIGNALS:
+        above, below = doc.get(f"{stem}Above"), doc.get(f"{stem}Below")
+        if above is None:
+            if below is not None:
+                raise _fail(
+                    f"{path}.{stem}Below", f"needs {stem}Above (the threshold it is the lower one of)"
+                )
+            continue
+        top = _number(f"{path}.{stem}Above", above, high=high)
+        if top <= 0:
+            raise _fail(f"{path}.{stem}Above", f"expected a number above 0, got {above!r}")
+        low = 0.8 * top if below is None else _number(f"{path}.{stem}Below", below, high=high)
+        if low >= top:
+            raise _fail(
+                f"{path}.{stem}Below", f"{below!r} is not below {stem}Above ({above!r}): no hysteresis"
+            )
+        thresholds.append(Threshold(signal, top, low))
+    if not thresholds:
+        raise _fail(path, "names no signal: set gpuUtilAbove, kvCacheAbove or waitingAbove")
+    enter = _duration(f"{path}.for", doc.get("for", 600))
+    return Busy(tuple(thresholds), enter, _duration(f"{path}.leaveAfter", doc.get("leaveAfter", enter / 2)))
+
+
+def _spend_guard(
+    path: str, raw: object, policy_prices: Mapping[str, Price], downgrades: Mapping[str, Downgrade]
+) -> SpendGuard:
+    doc = _mapping(path, raw, _SPEND_KEYS)
+    if "perHour" not in doc:
+        raise _fail(f"{path}.perHour", "required: the money the scope may spend per UTC hour")
+    per_hour = _number(f"{path}.perHour", doc["perHour"], high=1e9)
+    if per_hour <= 0:
+        raise _fail(f"{path}.perHour", f"expected an amount of money above 0, got {doc['perHour']!r}")
+    at = _number(f"{path}.atSpendRatio", doc.get("atSpendRatio", 0.8), high=1.0)
+    if at <= 0:
+        raise _fail(
+            f"{path}.atSpendRatio", f"expected a share above 0 and at most 1, got {doc['atSpendRatio']!r}"
+        )
+    action = _choice(f"{path}.action", doc.get("action", DOWNGRADE_ACTION), (DOWNGRADE_ACTION, REFUSE_ACTION))
+    if not policy_prices:
+        raise _fail("prices", "required with spendGuard: a price per 1k tokens per model")
+    if not downgrades:
+        raise _fail(
+            f"{path}.atSpendRatio",
+            f"{at:g} acts on the models that have a downgrade rule, and 'downgrade' has none",
+        )
+    return SpendGuard(max(1, round(per_hour * NANO)), at, action)
 
 
 def parse(data: object) -> Policy:
@@ -430,6 +535,14 @@ def parse(data: object) -> Policy:
         _name("modelLimits", model): _model_limit(f"modelLimits.{model}", raw)
         for model, raw in _mapping("modelLimits", doc.get("modelLimits")).items()
     }
+    if doc.get("spendGuard") is None:
+        for model, rule in downgrades.items():
+            if rule.at is None and not rule.when_saturated and rule.when_busy is None:
+                raise _fail(
+                    f"downgrade.{model}",
+                    "says none of atBudgetRatio, whenSaturated, whenBusy (and no spendGuard): "
+                    "it would never apply",
+                )
     defaults_doc = _mapping("defaults", doc.get("defaults"), _TENANT_KEYS)
     defaults = _tenant("defaults", defaults_doc, opt_in=False)
     tenants: dict[str, TenantPolicy] = {}
@@ -457,6 +570,9 @@ def parse(data: object) -> Policy:
         chunks=_chunks(
             "reservationChunks", _mapping("reservationChunks", doc.get("reservationChunks"), _CHUNK_KEYS)
         ),
+        spend_guard=None
+        if doc.get("spendGuard") is None
+        else _spend_guard("spendGuard", doc["spendGuard"], prices, downgrades),
     )
 
 

@@ -16,6 +16,8 @@ scripts touch only keys of one slot::
     tokenscaler:v1:{policy:<scope>:<tenant>}:charged:<id>         charged without a reservation (a day)
     tokenscaler:v1:{policy:<scope>}:sidecars                      sidecars of the scope, by last seen
     tokenscaler:v1:{policy:<scope>/model/<model>}:rate            GCRA TAT of a model, all tenants
+    tokenscaler:v1:{policy:<scope>/spend}:h:<YYYYMMDDHH>          the scope's spend this UTC hour (1e-9 money)
+    tokenscaler:v1:{policy:<scope>/spend}:sent:<id>               a spend batch added (2 hours)
 
 A model's limit across tenants lives in a slot of its own ('/' is not allowed in tenant
 names, so it cannot collide with a tenant's tag). ``model_rate.lua`` checks and takes it, queued
@@ -68,6 +70,8 @@ RESERVATIONS_TTL_S = 3 * 86_400
 CHARGED_TTL_S = 86_400
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
+# The scope's spend of an hour, and the marks of the batches added to it, are kept this long.
+SPEND_TTL_S = 2 * 3600
 # Sidecars of a scope count as present this long after they announced themselves.
 PRESENCE_WINDOW_MS = 60_000
 
@@ -76,8 +80,19 @@ def model_rate_key(scope: str, model: str) -> str:
     return f"{KEY_PREFIX}:{{policy:{scope}/model/{model}}}:rate"
 
 
+def spend_keys(scope: str, hour: str, batch: str) -> SpendKeys:
+    """The scope's spend in ``hour`` (``YYYYMMDDHH``) and the mark of ``batch`` (one slot)."""
+    base = f"{KEY_PREFIX}:{{policy:{scope}/spend}}"
+    return SpendKeys(f"{base}:h:{hour}", f"{base}:sent:{batch}")
+
+
 def presence_key(scope: str) -> str:
     return f"{KEY_PREFIX}:{{policy:{scope}}}:sidecars"
+
+
+class SpendKeys(NamedTuple):
+    hour: str  # the scope's spend this hour
+    sent: str  # set when a batch was added: a batch sent again is not added twice
 
 
 class TenantKeys(NamedTuple):
@@ -161,6 +176,11 @@ class ModelRateArgs(NamedTuple):
     tau_ms: str
 
 
+class SpendArgs(NamedTuple):
+    amount: int  # billionths of the currency unit; 0: only read
+    ttl_s: int = SPEND_TTL_S
+
+
 class MoveArgs(NamedTuple):
     ms: str
 
@@ -208,6 +228,17 @@ class ModelAdmitted:
 
 
 @dataclass(frozen=True, slots=True)
+class Spent:
+    total: int  # the scope's spend this hour, after the batch
+
+    @staticmethod
+    def of(reply: Any) -> Spent:
+        """``spend.lua``'s reply, by name."""
+        (total,) = scripts.values(reply, 1)
+        return Spent(int(total))
+
+
+@dataclass(frozen=True, slots=True)
 class Settled:
     applied: Applied
     day_used: int
@@ -230,6 +261,7 @@ _RENEW = scripts.load("renew", keys=("lease",), args=RenewArgs._fields)
 _PRESENCE = scripts.load("presence", keys=("sidecars",), args=PresenceArgs._fields)
 _MODEL_RATE = scripts.load("model_rate", keys=("rate",), args=ModelRateArgs._fields, reply=ModelAdmitted)
 _MOVE = scripts.load("move", keys=("rate",), args=MoveArgs._fields)
+_SPEND = scripts.load("spend", keys=SpendKeys._fields, args=SpendArgs._fields, reply=Spent)
 _ADMITTED, _MODEL_ADMITTED, _SETTLED = (len(fields(result)) for result in (Admitted, ModelAdmitted, Settled))
 
 
@@ -325,6 +357,10 @@ class Store:
         """Move chunks to their state (one ``checkpoint.lua`` each, queued together): each item
         is (keys, ``checkpoint_args(...)``), each result a ``Settled`` or the error of that one."""
         return self._many(_CHECKPOINT, items)
+
+    def spend(self, keys: SpendKeys, amount: int) -> Awaitable[Spent]:
+        """Add a batch of spend to the scope's hour, once (0: only read); its total after."""
+        return self.channel.evalsha(_SPEND, keys, scripts.argv(SpendArgs(amount)), convert=Spent.of)
 
     async def announce(self, scope: str, sidecar: str) -> int:
         """Say this sidecar is alive; how many sidecars of the scope are (itself included)."""

@@ -11,6 +11,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import SidecarConfig
+from sidecar.policy.clock import Clock
 from sidecar.server import Sidecar
 from tests.conftest import delete_keys
 from tests.sidecar.fake_upstream import FakeUpstream
@@ -31,10 +32,16 @@ StartSidecar = Callable[..., Awaitable[Sidecar]]
 
 
 async def started_sidecar(
-    redis_url: str, workload: str, upstream: FakeUpstream, sidecar_id: str, /, **overrides: Any
+    redis_url: str,
+    workload: str,
+    upstream: FakeUpstream,
+    sidecar_id: str,
+    /,
+    policy_clock: Clock | None = None,
+    **overrides: Any,
 ) -> Sidecar:
     """A sidecar in this process on free loopback ports in front of ``upstream``, started; no
-    shutdown delay, a short drain."""
+    shutdown delay, a short drain; its policies read ``policy_clock`` when given."""
     settings: dict[str, Any] = {
         "workload": workload,
         "redis_url": redis_url,
@@ -47,7 +54,7 @@ async def started_sidecar(
         "sidecar_id": sidecar_id,
         **overrides,
     }
-    sidecar = Sidecar(SidecarConfig(**settings), CollectorRegistry())
+    sidecar = Sidecar(SidecarConfig(**settings), CollectorRegistry(), policy_clock)
     await sidecar.start()
     return sidecar
 

@@ -2,7 +2,8 @@
 (3 masters, 3 replicas) and behind Sentinel (1 master, 2 replicas, 3 sentinels): the tests of
 tests/sidecar/policy/test_policy_many.py, the same checks, each topology's ``redis_url`` in place of
 the session's single Redis. On the cluster each tenant's keys live in their tenant's slot and
-the model's limit across tenants in its own, on whichever masters those slots are.
+the model's limit across tenants in its own, on whichever masters those slots are; so does the
+scope's hourly spend (tests/sidecar/policy/test_policy_spend_fleet.py, collected here again).
 
 Then a budget through a failover: while four sidecars spend a tenant's budget, the master of
 its slot stops feeding its replicas (so the promoted one lacks what it took since, as a lagging
@@ -30,6 +31,10 @@ from tests.sidecar.policy.test_policy_many import (  # collected here again, aga
     test_one_budget_across_four_sidecars_is_never_overspent_and_refunds_are_never_lost,
     test_rate_limit_across_four_sidecars_is_within_one_percent,
 )
+from tests.sidecar.policy.test_policy_spend_fleet import (  # the spend guard's scope-wide key, too
+    guarded_fleet,
+    test_spend_guard_across_four_sidecar_processes_flips_and_counts_exactly,
+)
 from tests.topologies import Topology, master_of, running
 from token_scaler.redis_conn import sync_client
 
@@ -37,8 +42,10 @@ pytestmark = pytest.mark.cluster
 
 __all__ = [
     "fleet",
+    "guarded_fleet",
     "test_one_budget_across_four_sidecars_is_never_overspent_and_refunds_are_never_lost",
     "test_rate_limit_across_four_sidecars_is_within_one_percent",
+    "test_spend_guard_across_four_sidecar_processes_flips_and_counts_exactly",
 ]
 
 

@@ -16,6 +16,7 @@ runs with them, and checks that they were used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,8 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -67,27 +70,30 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    tmp = tmp_path_factory.mktemp("fleet")
     scope = f"many-{uuid.uuid4().hex[:8]}"
+    doc = {
+        "scope": scope,
+        "redisTimeoutMs": 2000,
+        "reservationChunks": {"minRequestsPerSecond": 5},
+        "tenants": {
+            "budgeted": {"budget": {"daily": BUDGET}},
+            "failover": {"budget": {"daily": BUDGET}},  # tests/sidecar/policy/test_cluster_policies.py
+            "limited": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": RATE_BURST_S}},
+            "chunked": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": CHUNKED_BURST_S}},
+        },
+    }
+    with running_fleet(redis_url, tmp_path_factory.mktemp("fleet"), doc) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running_fleet(redis_url: str, tmp: Path, doc: dict[str, Any]) -> Iterator[Fleet]:
+    """``SIDECARS`` sidecar processes with the policy ``doc`` in front of a fake model server
+    process; the scope's keys and the workload's are removed after."""
+    scope = str(doc["scope"])
     workload = f"test-{uuid.uuid4().hex[:10]}/many"
     policy = tmp / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "scope": scope,
-                "redisTimeoutMs": 2000,
-                "reservationChunks": {"minRequestsPerSecond": 5},
-                "tenants": {
-                    "budgeted": {"budget": {"daily": BUDGET}},
-                    "failover": {
-                        "budget": {"daily": BUDGET}
-                    },  # tests/sidecar/policy/test_cluster_policies.py
-                    "limited": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": RATE_BURST_S}},
-                    "chunked": {"rateLimit": {"tokensPerMinute": RATE_TPM, "burstSeconds": CHUNKED_BURST_S}},
-                },
-            }
-        )
-    )
+    policy.write_text(yaml.safe_dump(doc))
     procs: list[subprocess.Popen[bytes]] = []
     up = free_port()
     procs.append(subprocess.Popen([sys.executable, "-m", "bench.sidecar_bench", "--serve-upstream", str(up)]))
@@ -118,7 +124,7 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}:*")
+        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}[:/]*")
         delete_keys(redis_url, workload_keys(workload))
 
 
