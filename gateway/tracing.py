@@ -108,13 +108,19 @@ class RouteTrace:
             self._hold_s += time.monotonic() - self._holding
             self.server.add_event("routed", {"server.address": url})
         self._holding = 0.0
-        host, port = address(url)
-        span = self._attempt = self._tracing.tracer.start_span(
-            self._name,
-            context=set_span_in_context(self.server),
-            kind=SpanKind.CLIENT,
-            attributes={"server.address": host, "server.port": port, "tokenscaler.attempt": self.attempts},
-        )
+        span = self.server  # a request the sampler left out passes its server span's context on
+        if span.is_recording():
+            host, port = address(url)
+            span = self._attempt = self._tracing.tracer.start_span(
+                self._name,
+                context=set_span_in_context(self.server),
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "server.address": host,
+                    "server.port": port,
+                    "tokenscaler.attempt": self.attempts,
+                },
+            )
         carrier: dict[str, str] = {}
         self._tracing.tracing.inject(carrier, set_span_in_context(span))
         lines = b"".join(f"{name}: {value}".encode("latin-1") + _CRLF for name, value in carrier.items())

@@ -136,8 +136,13 @@ class RequestTrace:
             span.set_attribute("tokenscaler.policy.stream_limit", admission.stream_limit)
 
     def forward(self, headers: CIMultiDict[str], exchange: Exchange) -> None:
-        """Start the call to the model server and put its context in the request's headers."""
+        """Start the call to the model server and put its context in the request's headers.
+        A request the sampler left out passes its server span's context on instead: nothing
+        of it is recorded, and a second span would only cost time."""
         tracing = self._tracing
+        if not self._server.is_recording():
+            tracing.tracing.inject(headers, set_span_in_context(self._server))
+            return
         parsed = self._parsed
         operation = OPERATIONS.get(parsed.kind, parsed.kind.value)
         model = exchange.name
@@ -168,6 +173,8 @@ class RequestTrace:
 
     def end(self, exchange: Exchange, prompt: int, generation: int) -> None:
         """The request settled at ``prompt`` and ``generation`` tokens: end both spans."""
+        if not self._server.is_recording():
+            return
         code = int(exchange.code) if exchange.code.isdigit() else 0
         gone = exchange.code == CLIENT_GONE
         if exchange.cut:

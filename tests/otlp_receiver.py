@@ -76,14 +76,15 @@ class Received:
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    def __init__(self, *, grpc_port: int = 0, http_port: int = 0) -> None:
+        """Free ports unless given."""
         self.spans: list[Received] = []
         self.exports = 0
         self._lock = threading.Lock()
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Service(self), self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.grpc_port = self._grpc.add_insecure_port(f"127.0.0.1:{grpc_port}")
+        self._http = ThreadingHTTPServer(("127.0.0.1", http_port), _handler(self))
         self.http_port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
 
