@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.config import GatewayConfig
 from gateway.http1 import HttpError, RequestHead
@@ -40,6 +41,9 @@ from gateway.upstream import Exchange, Outcome, UpstreamPool
 from sidecar import openai, paths
 from sidecar.openai import Kind
 from sidecar.tokens import LengthEstimate, prompt_tokens
+
+if TYPE_CHECKING:
+    from gateway.tracing import GatewayTracing, RouteTrace
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,7 @@ class GatewayProxy:
         # once); idle ones close after KEEPALIVE_S, before the sidecar's own idle timeout.
         self.upstreams = UpstreamPool(config.connect_timeout_s, KEEPALIVE_S)
         self.outstanding = 0
+        self.tracing: GatewayTracing | None = None  # spans, when tracing is on (tracing.py)
 
     async def start(self) -> None:
         pass
@@ -230,6 +235,7 @@ class GatewayProxy:
             return True
         # Classified as the sidecar will (its normalised path), which refuses what it cannot count.
         kind = paths.route(head.method, head.target).kind
+        trace = None if self.tracing is None or kind is None else self.tracing.start(head)
         try:
             if kind is None:
                 weighed = Weighed(None, 0, 0, False)
@@ -244,9 +250,20 @@ class GatewayProxy:
                         "model_not_found",
                         f"{exc}; this gateway serves: {', '.join(self.pools.models()) or 'no model yet'}",
                     ) from None
-            return await self._forward(client, head, body, weighed, pool)
+                if trace is not None:
+                    trace.weighed(weighed.model, pool.workload, weighed.tokens)
+            return await self._forward(client, head, body, weighed, pool, trace)
         except Refused as refusal:
+            if trace is not None:
+                trace.refused(refusal.status, refusal.reason, str(refusal))
             return self._refuse(client, refusal)
+        except asyncio.CancelledError:
+            if trace is not None:
+                trace.gone()
+            raise
+        finally:
+            if trace is not None:
+                trace.end()
 
     def _any_live(self) -> Pool:
         """The first workload with a replica that can take a request now (paths it does not count)."""
@@ -266,18 +283,31 @@ class GatewayProxy:
         return response(200, json.dumps({"object": "list", "data": data}).encode(), close=close)
 
     async def _forward(
-        self, client: Client, head: RequestHead, body: bytes, weighed: Weighed, pool: Pool
+        self,
+        client: Client,
+        head: RequestHead,
+        body: bytes,
+        weighed: Weighed,
+        pool: Pool,
+        trace: RouteTrace | None = None,
     ) -> bool:
         held = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if trace is not None:
+                trace.holding()
             replica, waited = await self.admit(pool, weighed)
             held = held or waited
             flight = Flight(pool, replica, weighed.tokens, weighed.generation if weighed.stream else 0)
+            sent = head if trace is None else trace.attempt(head, replica.url, waited)
             try:
-                exchange = await self._exchange(client, head, body, flight, weighed.stream)
+                exchange = await self._exchange(client, sent, body, flight, weighed.stream)
                 unanswered = exchange.detail if exchange.future.result() is Outcome.UNANSWERED else None
+                if trace is not None:
+                    trace.answered(exchange.status, exchange.future.result().value, exchange.detail)
             except Unreachable as exc:
                 unanswered = str(exc)
+                if trace is not None:
+                    trace.answered(0, "unreachable", unanswered)
             except asyncio.CancelledError:
                 self.metrics.ended(CLIENT_GONE, held)
                 self._unbook(pool, replica, flight.outstanding)

@@ -32,7 +32,7 @@ from gateway.pool import Pool, Pools
 from gateway.proxy import GatewayProxy, Refused
 from gateway.queue import HoldQueue
 from gateway.router import Replica, Router
-from token_scaler import httpserve
+from token_scaler import httpserve, tracing
 from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
 from token_scaler.redis_conn import connect
 
@@ -57,6 +57,12 @@ class Gateway:
         self.gateway_id = config.gateway_id or make_gateway_id()
         self.pools = Pools([self._pool(route) for route in config.routes])
         self.proxy = GatewayProxy(config, self.pools, self.metrics)
+        # OpenTelemetry spans, when the OTEL_* variables configure them (token_scaler/tracing.py).
+        self.tracing = tracing.load("token-scaler-gateway")
+        if self.tracing is not None:
+            from gateway.tracing import GatewayTracing
+
+            self.proxy.tracing = GatewayTracing(self.tracing)
         self.discoveries = [
             Discovery(
                 self.redis,
@@ -181,6 +187,8 @@ class Gateway:
         for closing in (self.proxy.close(), self.redis.aclose()):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing, CLOSE_TIMEOUT_S)
+        if self.tracing is not None:  # the spans still queued leave
+            await asyncio.to_thread(self.tracing.close)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

@@ -106,6 +106,7 @@ class Accounting:
             exchange.malformed = True
         else:
             exchange.usage = parsed.usage
+            exchange.response_model = parsed.model
             exchange.texts.extend(parsed.texts)
             exchange.pieces = len(parsed.texts)
 
@@ -141,6 +142,7 @@ class Accounting:
                 exchange.texts.extend(chunk.texts)
         if chunk.usage is not None:
             exchange.usage = chunk.usage
+            exchange.response_model = chunk.model
         if exchange.inject:
             if chunk.usage_only:
                 return b""

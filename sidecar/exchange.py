@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sidecar.metrics import Series
 from sidecar.openai import Kind, Usage
 from sidecar.usage_bounds import RequestFacts
+
+if TYPE_CHECKING:
+    from sidecar.tracing import RequestTrace
 
 
 @dataclass(slots=True)
@@ -31,3 +35,5 @@ class Exchange:
     facts: RequestFacts | None = None  # what bounds the usage (sidecar/usage_bounds.py)
     seen_bytes: int = 0  # bytes of generated text that passed (see usage_bounds)
     reserved: int | None = None  # generated tokens charged if a non-streamed client leaves (abandon.py)
+    response_model: str | None = None  # the model the answer names (with its usage, in a stream)
+    trace: RequestTrace | None = None  # its spans, when tracing is on (tracing.py)

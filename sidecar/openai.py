@@ -62,6 +62,7 @@ class Chunk:
     usage: Usage | None = None
     usage_only: bool = False  # the extra chunk include_usage adds: no choices, only usage
     null_usage: bool = False  # has a top-level ``"usage": null`` (include_usage adds one)
+    model: str | None = None  # the model the answer names, read with the usage only
 
 
 DONE = Chunk()
@@ -280,6 +281,10 @@ _RESPONSES_DELTAS = frozenset(
 _RESPONSES_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def parse_chunk(kind: Kind, data: str) -> Chunk | None:
     """One SSE event's data; None when it is not the JSON the endpoint streams."""
     if data == "[DONE]":
@@ -296,8 +301,10 @@ def parse_chunk(kind: Kind, data: str) -> Chunk | None:
             return Chunk(1, (delta,) if isinstance(delta, str) else ())
         if kind_of in _RESPONSES_DONE:
             response = doc.get("response")
-            usage = usage_of(kind, response.get("usage") if isinstance(response, dict) else None)
-            return Chunk(usage=usage)
+            if not isinstance(response, dict):
+                return Chunk()
+            model = response.get("model")
+            return Chunk(usage=usage_of(kind, response.get("usage")), model=_text(model))
         return Chunk()
     choices = doc.get("choices")
     if not isinstance(choices, list):
@@ -319,6 +326,7 @@ def parse_chunk(kind: Kind, data: str) -> Chunk | None:
         usage=usage,
         usage_only=usage is not None and not choices,
         null_usage="usage" in doc and raw_usage is None,
+        model=_text(doc.get("model")) if usage is not None else None,
     )
 
 

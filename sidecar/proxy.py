@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +42,9 @@ from sidecar.relay import Relay
 from sidecar.responses import CLIENT_GONE, REQUEST_DROP, Errors, forward_headers
 from sidecar.tokens import TokenCounter, prompt_tokens
 from sidecar.upstream import Upstream
+
+if TYPE_CHECKING:
+    from sidecar.tracing import SidecarTracing
 
 
 class Proxy:
@@ -62,6 +66,7 @@ class Proxy:
         body_timeout_s: float = 60.0,
     ) -> None:
         self.policy = policy
+        self.tracing: SidecarTracing | None = None  # spans, when tracing is on (tracing.py)
         self.tenant_header = tenant_header
         self.tenants = LabelBound(max_tenants)
         self.models = ModelLabels(max_models, models)
@@ -98,6 +103,7 @@ class Proxy:
         return await self._counted(request, parsed, body)
 
     async def _counted(self, request: web.Request, parsed: ParsedRequest, body: bytes) -> web.StreamResponse:
+        trace = None if self.tracing is None else self.tracing.start(request, parsed, self.tenant_header)
         prompt = await self.off_loop(len(body), prompt_tokens, self.accounting.counter, parsed)
         sent = body
         admission = None
@@ -107,6 +113,8 @@ class Proxy:
             tenant = request.headers.get(self.tenant_header) or "none"
         else:
             admission = await self.policy.admit(request.headers, parsed, body, prompt)
+            if trace is not None:
+                trace.admitted(admission)
             if admission.rejection is not None:
                 return self.errors.refused(admission.rejection)
             body, max_tokens = admission.body, admission.max_tokens
@@ -116,6 +124,7 @@ class Proxy:
         metered, exchange = self.accounting.arrive(
             parsed, body, prompt, max_tokens, name, tenant, inject, admission
         )
+        exchange.trace = trace
         try:
             return await self._exchange(request, body, metered, exchange, admission)
         except asyncio.CancelledError:
@@ -125,6 +134,8 @@ class Proxy:
             raise
         finally:
             prompt, generation = self.accounting.settle(metered, exchange)
+            if trace is not None:
+                trace.end(exchange, prompt, generation)
             if admission is not None and self.policy is not None:
                 if exchange.cut:
                     self.policy.metrics.stream_cuts.labels(metered.tenant).inc()
@@ -142,6 +153,8 @@ class Proxy:
         try:
             # Counting needs the body readable: no compression on counted endpoints.
             headers = forward_headers(request.headers, drop=REQUEST_DROP | {"accept-encoding"})
+            if exchange.trace is not None:
+                exchange.trace.forward(headers, exchange)
             upstream = await self.upstream.send("POST", url, headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             response = self.errors.upstream(exc)

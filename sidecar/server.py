@@ -34,7 +34,7 @@ from sidecar.policy.clock import Clock
 from sidecar.proxy import Proxy
 from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
-from token_scaler import httpserve, model_keys
+from token_scaler import httpserve, model_keys, tracing
 from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
 from token_scaler.redis_conn import REDIS_ERRORS, connect
 from token_scaler.redis_routing import Commands, open_channel
@@ -80,6 +80,12 @@ class Sidecar:
             models=config.models,
             body_timeout_s=config.body_timeout_s,
         )
+        # OpenTelemetry spans, when the OTEL_* variables configure them (token_scaler/tracing.py).
+        self.tracing = tracing.load("token-scaler-sidecar")
+        if self.tracing is not None:
+            from sidecar.tracing import SidecarTracing
+
+            self.proxy.tracing = SidecarTracing(self.tracing, config.upstream)
         self._policy_redis: Commands | None = None
         if config.policy is not None:
             # One pipelined connection of its own: every request's admission and settlement
@@ -248,6 +254,8 @@ class Sidecar:
         await self.redis.aclose()
         if self._policy_redis is not None:
             await self._policy_redis.close()
+        if self.tracing is not None:  # the spans still queued leave
+            await asyncio.to_thread(self.tracing.close)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 
