@@ -28,11 +28,12 @@ WORKDIR /src
 RUN python3 -m venv /opt/token-scaler
 
 # Dependencies first, from pyproject.toml alone: a change of source code reuses this layer.
+# The tracing extra is in: OpenTelemetry stays off until OTEL_* variables turn it on.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["tracing"]))' \
       > /tmp/requirements.txt \
     && /opt/token-scaler/bin/pip install -r /tmp/requirements.txt
 
