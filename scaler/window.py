@@ -516,8 +516,14 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
     panic_demand = _trimmed_demand(counts, lo, hold, wp, cover_panic, pw, gw)
     stable_replicas = np.ceil(stable_demand / target - 1e-9)
     panic_replicas = np.ceil(panic_demand / target - 1e-9)
-    running = np.maximum(np.maximum(1.0, stable_replicas), _reporting(series, grid))
-    triggers = panic_replicas >= settings.panic_threshold * running
+    floor = np.maximum(1.0, stable_replicas)
+    threshold = settings.panic_threshold
+    triggers = panic_replicas >= threshold * floor
+    if triggers.any() or not threshold > 0:
+        # the replicas reporting only raise the count a second is compared with: without a
+        # trigger against the floor there is none against them, and they need not be read
+        running = np.maximum(floor, _reporting(series, grid))
+        triggers = panic_replicas >= threshold * running
 
     stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
