@@ -56,8 +56,10 @@ buckets as the rest, at most as far back as the streams keep entries, so replica
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +67,7 @@ import numpy.typing as npt
 
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
-from token_scaler.record import GATEWAY, Record, ServerGauges, entry_time_ms
+from token_scaler.record import GATEWAY, Record, ServerGauges, entry_id_ms
 
 # sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
 N_SERIES = 5
@@ -131,13 +133,36 @@ class SecondRing:
         self.dirty.add(slot)
         return True
 
+    def add_one(self, sec: int, count: float) -> bool:
+        """``add`` to a ring of one series."""
+        slot = sec % self.size
+        held = self.secs[slot]
+        if held != sec:
+            if held > sec:
+                return False
+            self.values[slot] = [float(count)]
+            self.secs[slot] = sec
+        else:
+            self.values[slot][0] += count
+        self.dirty.add(slot)
+        return True
+
     def _sync(self) -> None:
-        if self.dirty:
-            slots = list(self.dirty)
-            self.dirty.clear()
-            values, secs = self.values, self.secs
+        dirty = self.dirty
+        if not dirty:
+            return
+        values, secs = self.values, self.secs
+        lo, hi = min(dirty), max(dirty) + 1
+        if hi - lo <= 2 * len(dirty):
+            # written slots mostly side by side (seconds in order): copy the whole run,
+            # the slots not written in between included (their mirror is the same)
+            self._cols[:, lo:hi] = np.array(values[lo:hi], dtype=np.float64).T
+            self._secs[lo:hi] = secs[lo:hi]
+        else:
+            slots = list(dirty)
             self._cols[:, slots] = np.array([values[i] for i in slots], dtype=np.float64).T
             self._secs[slots] = [secs[i] for i in slots]
+        dirty.clear()
 
     def window(self, start: int, stop: int) -> Floats:
         """Counts for seconds ``[start, stop)`` as an array (series, stop - start)."""
@@ -195,22 +220,39 @@ class WorkloadSeries:
 
     def add(self, record: Record, entry_id: bytes | str) -> bool:
         """Apply an entry; False when its sidecar's ``seq`` was applied already (see below)."""
-        state = self.sidecars.get(record.sidecar)
+        return self._apply(record, entry_id_ms(entry_id))
+
+    def add_all(self, records: Iterable[Record], entry_id: bytes | str) -> int:
+        """``add`` of each record in turn under one entry id (the entries of one instant);
+        how many were applied."""
+        id_ms = entry_id_ms(entry_id)
+        apply = self._apply
+        applied = 0
+        for record in records:
+            if apply(record, id_ms):
+                applied += 1
+        return applied
+
+    def _apply(self, record: Record, id_ms: int) -> bool:
+        name = record.sidecar
+        state = self.sidecars.get(name)
         if state is not None and record.seq <= state.last_seq:
             # The append script stores a seq once, but only while Redis keeps the sidecar's
             # seq key: after a restart without persistence (or a failover to a replica that
             # lagged), an append whose reply was lost to the crash is stored again.
             self.duplicates += 1
             return False
-        t_ms = entry_time_ms(record, entry_id)
-        if t_ms < record.ts_ms:
+        ts_ms = record.ts_ms
+        t_ms = ts_ms  # where the entry lies in time: min(ts, the ms part of its stream ID)
+        if id_ms < ts_ms:
+            t_ms = id_ms
             self.clamped += 1
         sec = t_ms // 1000
         # Counts land in the bucket of their interval's end, so the first bucket an entry
         # speaks for is that bucket minus the whole seconds its interval spans beyond it: a
         # 1 s interval speaks for its own bucket only, and coverage equals buckets with data.
         interval_s = round(record.interval_ms / 1000)
-        start = sec - max(0, interval_s - 1)
+        start = sec - interval_s + 1 if interval_s > 1 else sec
         if self.first_sec is None or start < self.first_sec:
             self.first_sec = start
         self.entries += 1
@@ -219,6 +261,7 @@ class WorkloadSeries:
         rings = self.rings
         t0 = t1 = t2 = t3 = t4 = 0.0
         accepted = True
+        gauges: dict[str, tuple[int, int, int, int]] = {}
         for model, c in record.models.items():
             sp, sg, ap, ag, rq = (
                 c.served_prompt,
@@ -227,6 +270,7 @@ class WorkloadSeries:
                 c.arrived_generation,
                 c.requests,
             )
+            gauges[model] = (c.inflight, c.waiting, c.backlog_prompt, c.backlog_generation)
             ring = rings.get(model)
             if ring is None:
                 ring = rings[model] = SecondRing()
@@ -242,27 +286,26 @@ class WorkloadSeries:
             all_models = rings[None] = SecondRing()
         if not all_models.add_row(sec, t0, t1, t2, t3, t4):
             accepted = False
-        if record.role != GATEWAY:  # a gateway's held requests are no replica running
-            self.presence.add(sec, (max(1, interval_s),))
+        gateway = record.role == GATEWAY
+        if not gateway:  # a gateway's held requests are no replica running
+            self.presence.add_one(sec, interval_s if interval_s > 1 else 1)
         if not accepted:
             self.too_old += 1
         if state is None:
-            state = self.sidecars[record.sidecar] = SidecarState(
-                record.ts_ms, t_ms, gateway=record.role == GATEWAY
-            )
+            state = self.sidecars[name] = SidecarState(ts_ms, t_ms, gateway=gateway)
         state.last_seq = record.seq
         state.entries += 1
-        if record.ts_ms >= state.last_ts_ms:
-            state.last_ts_ms = record.ts_ms
-            state.last_seen_ms = max(state.last_seen_ms, t_ms)
-            state.gauges = {
-                m: (c.inflight, c.waiting, c.backlog_prompt, c.backlog_generation)
-                for m, c in record.models.items()
-            }
+        if ts_ms >= state.last_ts_ms:
+            state.last_ts_ms = ts_ms
+            if t_ms > state.last_seen_ms:
+                state.last_seen_ms = t_ms
+            state.gauges = gauges
             state.server = record.server
-        for tenant, per_model in record.tenants.items():
-            for model, tc in per_model.items():
-                self.tenant_log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
+        if record.tenants:
+            log = self.tenant_log
+            for tenant, per_model in record.tenants.items():
+                for model, tc in per_model.items():
+                    log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
         return True
 
     def minute_counts(self, minute: int, model: str | None = None) -> MinuteCounts | None:
@@ -343,20 +386,24 @@ class Evaluation:
 def _rates(sums: Floats, seconds: float, pw: float, gw: float) -> Rates:
     if seconds < 1:
         return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    sp, sg, ap, ag, rq = (float(x) / seconds for x in sums)
+    sp, sg, ap, ag, rq = (x / seconds for x in sums.tolist())
     return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag)
 
 
 def _reporting(series: WorkloadSeries, grid: npt.NDArray[np.int64]) -> Floats:
-    """The replicas reporting at each second of ``grid``: sidecar-seconds per second over
-    the ``PRESENCE_S`` seconds before it (fewer at the start of the data)."""
-    start = int(grid[0]) - PRESENCE_S
-    counts = series.presence.window(start, int(grid[-1]))[0]
+    """The replicas reporting at each second of ``grid`` (consecutive seconds):
+    sidecar-seconds per second over the ``PRESENCE_S`` seconds before it (fewer at the
+    start of the data)."""
+    first, last = int(grid[0]), int(grid[-1])
+    start = first - PRESENCE_S
+    counts = series.presence.window(start, last)[0]
     cum = np.zeros(len(counts) + 1)
-    np.cumsum(counts, out=cum[1:])
-    ends = grid - start
+    np.add.accumulate(counts, out=cum[1:])
     known = np.minimum(np.maximum(grid - (series.first_sec or 0), 1), PRESENCE_S)
-    out: Floats = (cum[ends] - cum[ends - known]) / known.astype(np.float64)
+    # grid - start: PRESENCE_S, PRESENCE_S + 1, ...
+    out: Floats = (cum[PRESENCE_S : PRESENCE_S + len(grid)] - cum[grid - start - known]) / known.astype(
+        np.float64
+    )
     return out
 
 
@@ -369,26 +416,36 @@ def _served_arrived(counts: Floats, pw: float, gw: float) -> Floats:
 def _cumulative(rows: Floats) -> Floats:
     """Running sums along each row, with a leading 0: ``cum[:, j]`` sums the first ``j``."""
     cum = np.zeros((rows.shape[0], rows.shape[1] + 1))
-    np.cumsum(rows, axis=1, out=cum[:, 1:])
+    np.add.accumulate(rows, axis=1, out=cum[:, 1:])
     return cum
 
 
+@functools.cache
+def _window_index(lo: int, count: int, width: int) -> npt.NDArray[np.int64]:
+    """``[i, j]``: index ``lo + i - width + j``, the seconds of the ``width`` window ending
+    (exclusive) at index ``lo + i``, for ``count`` such ends (read-only)."""
+    index = np.arange(lo, lo + count)[:, None] - width + np.arange(width)
+    index.flags.writeable = False
+    return index
+
+
 def _trimmed_demand(
-    counts: Floats, ends: npt.NDArray[np.int64], wp: int, cover: Floats, pw: float, gw: float
+    counts: Floats, lo: int, count: int, wp: int, cover: Floats, pw: float, gw: float
 ) -> Floats:
     """The panic window's demand without its busiest second, for each window ending (exclusive)
-    at index ``ends`` of ``counts``. A request's arrival estimate is corrected to its usage in
-    the second it ends, so one long generation puts a spike in a single second; a burst of
-    requests raises every second of the window, and survives the trim."""
+    at the ``count`` indices of ``counts`` from ``lo`` on. A request's arrival estimate is
+    corrected to its usage in the second it ends, so one long generation puts a spike in a
+    single second; a burst of requests raises every second of the window, and survives the
+    trim."""
     per_second = _served_arrived(counts, pw, gw)
     cum = _cumulative(per_second)
-    sums = cum[:, ends] - cum[:, ends - wp]
-    busiest = per_second[:, ends[:, None] - wp + np.arange(wp)].max(axis=2)
+    sums = cum[:, lo : lo + count] - cum[:, lo - wp : lo - wp + count]
+    busiest = np.maximum.reduce(per_second[:, _window_index(lo, count, wp)], axis=2)
     kept = np.maximum(cover - 1, 1.0)
     whole = sums / np.maximum(cover, 1.0)
     trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
     demand = np.where(cover >= 1, trimmed, 0.0)
-    out: Floats = np.maximum(np.maximum(np.zeros(len(ends)), demand[0]), demand[1])
+    out: Floats = np.maximum(np.maximum(0.0, demand[0]), demand[1])
     return out
 
 
@@ -440,31 +497,33 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
     hold = settings.panic_hold_s
     n = w + hold
     counts = ring.window(s - n, s)  # seconds s-n .. s-1
-    cum = np.zeros((N_SERIES, n + 1))
-    np.cumsum(counts, axis=1, out=cum[:, 1:])
+    cum = _cumulative(counts)
     # the seconds g = s-hold+1 .. s that may hold panic, each the end (exclusive) of its
-    # windows; k indexes cum
-    k = np.arange(n + 1 - hold, n + 1)
+    # windows; they are the indices lo .. n of cum
+    lo = n + 1 - hold
     grid = np.arange(s - hold + 1, s + 1)
     known = (grid - series.first_sec).astype(np.float64)
-    stable_sums = cum[:, k] - cum[:, k - w]
-    panic_sums = cum[:, k] - cum[:, k - wp]
-    cover_stable = np.clip(known, 0, w)
-    cover_panic = np.clip(known, 0, wp)
+    ends = cum[:, lo:]
+    stable_sums = ends - cum[:, lo - w : n + 1 - w]
+    panic_sums = ends - cum[:, lo - wp : n + 1 - wp]
+    cover_stable = np.minimum(np.maximum(known, 0), w)
+    cover_panic = np.minimum(np.maximum(known, 0), wp)
 
-    def demand(sums: Floats, cover: Floats) -> Floats:
-        safe = np.where(cover >= 1, cover, 1.0)
-        served = (pw * sums[0] + gw * sums[1]) / safe
-        arrived = (pw * sums[2] + gw * sums[3]) / safe
-        out: Floats = np.where(cover >= 1, np.maximum(np.maximum(served, arrived), 0.0), 0.0)
-        return out
-
-    stable_demand = demand(stable_sums, cover_stable)
-    panic_demand = _trimmed_demand(counts, k, wp, cover_panic, pw, gw)
+    # the stable window's demand: max(served, arrived, 0) per second, 0 where no data
+    covered = cover_stable >= 1
+    weighted = (pw * stable_sums[0:4:2] + gw * stable_sums[1:4:2]) / np.where(covered, cover_stable, 1.0)
+    stable_demand = np.where(covered, np.maximum(np.maximum(weighted[0], weighted[1]), 0.0), 0.0)
+    panic_demand = _trimmed_demand(counts, lo, hold, wp, cover_panic, pw, gw)
     stable_replicas = np.ceil(stable_demand / target - 1e-9)
     panic_replicas = np.ceil(panic_demand / target - 1e-9)
-    running = np.maximum(np.maximum(1.0, stable_replicas), _reporting(series, grid))
-    triggers = panic_replicas >= settings.panic_threshold * running
+    floor = np.maximum(1.0, stable_replicas)
+    threshold = settings.panic_threshold
+    triggers = panic_replicas >= threshold * floor
+    if triggers.any() or not threshold > 0:
+        # the replicas reporting only raise the count a second is compared with: without a
+        # trigger against the floor there is none against them, and they need not be read
+        running = np.maximum(floor, _reporting(series, grid))
+        triggers = panic_replicas >= threshold * running
 
     stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)

@@ -366,11 +366,15 @@ def _server(fields: Mapping[Any, Any]) -> ServerGauges:
     return ServerGauges(running, waiting, None if kv is None else float(kv))
 
 
+def entry_id_ms(entry_id: bytes | str) -> int:
+    """The ms part of a stream entry ID (``<ms>-<n>``)."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.split("-", 1)[0])
+
+
 def entry_time_ms(record: Record, entry_id: bytes | str) -> int:
     """Where a reader places an entry in time: ``min(ts, the ms part of its stream ID)``."""
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    id_ms = int(raw.split("-", 1)[0])
-    return min(record.ts_ms, id_ms)
+    return min(record.ts_ms, entry_id_ms(entry_id))
 
 
 # The append script. KEYS: stream, seq key. ARGV: retention ms, seq-key TTL s, entry

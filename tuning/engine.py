@@ -160,11 +160,6 @@ class _Arrivals:
             np.bincount(tick, weights=weighted, minlength=size).tolist(),
         )
 
-    def at(self, s: int) -> tuple[int, int, float]:
-        if s < len(self.requests):
-            return self.requests[s], self.tokens[s], self.weighted[s]
-        return 0, 0, 0.0
-
 
 class _Sim:
     def __init__(self, trace: Trace, policy: Policy, config: SimConfig) -> None:
@@ -188,7 +183,7 @@ class _Sim:
         self.last_active = 0.0
         self.cached_value = 0.0
         self.next_pod = 0  # round-robin position
-        self.timeline: list[tuple[float, ...]] = []  # one row of TIMELINE a second
+        self.timeline: list[float] = []  # a row of TIMELINE a second, one after the other
         self.syncs: dict[str, list[float]] = {k: [] for k in ("t", "value", "desired", "current")}
 
     # -- events ------------------------------------------------------------------------
@@ -214,25 +209,31 @@ class _Sim:
         self._push(self.cfg.hpa.sync_s, _SYNC)
         self._push(self.cfg.hpa.polling_s, _POLL)
         heap = self.heap
+        heappop, heappush = heapq.heappop, heapq.heappush
         arrival = self.r.arrival
         n = len(arrival)
         i = 0
         upcoming = arrival[0] if n else math.inf  # the next arrival's time
+        arrive = self._arrive
         while heap:
             t, kind, _, pod, version = heap[0]
             if upcoming < t or (upcoming == t and kind > _ARRIVAL):
-                self._arrive(i, upcoming)
+                arrive(i, upcoming)
                 i += 1
                 upcoming = arrival[i] if i < n else math.inf
                 continue
-            heapq.heappop(heap)
+            heappop(heap)
             if kind == _POD:
                 assert pod is not None
                 if version == pod.version:
                     when = pod.wake(t)
                     if pod.state == DRAINING and not pod.inflight:
                         self._gone(pod, t)
-                    self._schedule(pod, when)
+                    # _schedule, inline: the pod's one live event
+                    pod.version = version = pod.version + 1
+                    if when < math.inf:
+                        self.seq += 1
+                        heappush(heap, (when, _POD, self.seq, pod, version))
             elif kind == _READY:
                 assert pod is not None
                 if pod.state == STARTING:
@@ -263,6 +264,8 @@ class _Sim:
         """The ready pod the routing sends the next request to (ties: the oldest pod)."""
         ready = self.ready
         routing = self.cfg.routing
+        if len(ready) == 1 and routing != "round-robin":
+            return ready[0]
         if routing == "round-robin":
             self.next_pod += 1
             return ready[self.next_pod % len(ready)]
@@ -322,11 +325,14 @@ class _Sim:
             gateway = self.gateway.take(s, len(self.holding))
             if gateway is not None:
                 records.append(gateway)
-        arrivals, tokens, weighted = self.arrivals.at(s)
+        a = self.arrivals
+        arrivals, tokens, weighted = (
+            (a.requests[s], a.tokens[s], a.weighted[s]) if s < len(a.requests) else (0, 0, 0.0)
+        )
         self.policy.observe(Second(s, arrivals, served_p, served_g, records or []))
         held = len(self.holding)
         row = (t, pods, len(self.ready), queue + held, inflight + held, tokens, weighted, served_p + served_g)
-        self.timeline.append(row)
+        self.timeline.extend(row)
         if all_arrived and t >= self.horizon:
             return self.r.ended == len(self.r.arrival) or t >= self.horizon + 3600
         return False

@@ -98,9 +98,8 @@ class TokenPolicy(Policy):
 
     def observe(self, second: Second) -> None:
         self.observed += 1
-        entry_id = f"{second.t * 1000}-0"
-        for record in second.records:
-            self.series.add(record, entry_id)
+        if second.records:
+            self.series.add_all(second.records, f"{second.t * 1000}-0")
         if self.settings.predictive and second.t % MINUTE_S == SETTLE_S:
             counts = self.series.minute_counts(second.t // MINUTE_S - 1, self.settings.model)
             if counts is not None:
