@@ -104,15 +104,21 @@ class Proxy:
 
     async def _counted(self, request: web.Request, parsed: ParsedRequest, body: bytes) -> web.StreamResponse:
         trace = None if self.tracing is None else self.tracing.start(request, parsed, self.tenant_header)
-        prompt = await self.off_loop(len(body), prompt_tokens, self.accounting.counter, parsed)
+        try:
+            prompt = await self.off_loop(len(body), prompt_tokens, self.accounting.counter, parsed)
+            admission = None
+            if self.policy is not None:
+                admission = await self.policy.admit(request.headers, parsed, body, prompt)
+        except BaseException:  # the client left while the prompt was counted or admitted
+            if trace is not None:
+                trace.abandoned()
+            raise
         sent = body
-        admission = None
         max_tokens = parsed.max_tokens
-        if self.policy is None:
+        if admission is None:
             name = parsed.model or "unknown"
             tenant = request.headers.get(self.tenant_header) or "none"
         else:
-            admission = await self.policy.admit(request.headers, parsed, body, prompt)
             if trace is not None:
                 trace.admitted(admission)
             if admission.rejection is not None:

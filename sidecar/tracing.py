@@ -135,6 +135,16 @@ class RequestTrace:
             self.actions.append("stream_limit")
             span.set_attribute("tokenscaler.policy.stream_limit", admission.stream_limit)
 
+    def abandoned(self) -> None:
+        """The client left (or the handler failed) before the request reached the model server:
+        the server span ends with what it has, marked so."""
+        span = self._server
+        span.set_attribute("tokenscaler.client_gone", True)
+        span.set_attribute("http.response.status_code", 499)
+        if self.actions:
+            span.set_attribute("tokenscaler.policy.actions", self.actions)
+        span.end()
+
     def forward(self, headers: CIMultiDict[str], exchange: Exchange) -> None:
         """Start the call to the model server and put its context in the request's headers.
         A request the sampler left out passes its server span's context on instead: nothing

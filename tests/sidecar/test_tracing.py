@@ -200,6 +200,51 @@ async def test_a_client_leaving_mid_stream_ends_the_spans_with_what_was_counted(
     assert server.attributes["tokenscaler.usage.source"] == "counted"
 
 
+async def test_a_client_leaving_during_admission_ends_the_server_span(
+    start_sidecar: StartSidecar,
+    upstream: FakeUpstream,
+    receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    policy_file: Path,
+    workload: str,
+) -> None:
+    """The policies wait on a Redis that takes the connection and never answers; the client
+    gives up first: its server span still ends, marked, and nothing reached the model server."""
+    silent_connections: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_connections.append(writer)
+
+    redis = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = redis.sockets[0].getsockname()[1]
+    traced(monkeypatch, receiver, "grpc")
+    write_policy(
+        policy_file,
+        {"scope": scope(workload), "redisTimeoutMs": 30_000, "defaults": {"budget": {"daily": 10_000}}},
+    )
+    try:
+        sidecar = await start_sidecar(policy=policy_file, redis_url=f"redis://127.0.0.1:{port}/0")
+        async with client(sidecar, **{"X-Tenant-ID": "acme"}) as sdk:
+            with pytest.raises(openai.APITimeoutError):
+                await sdk.with_options(timeout=0.5).chat.completions.create(
+                    model="fake", messages=MESSAGES, max_tokens=5
+                )
+        for _ in range(500):
+            await exported(sidecar)
+            if receiver.named(SERVICE, "server"):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        for writer in silent_connections:
+            writer.close()
+        redis.close()
+    (server,) = receiver.named(SERVICE, "server")
+    assert server.attributes["tokenscaler.client_gone"] is True
+    assert server.attributes["http.response.status_code"] == 499
+    assert receiver.named(SERVICE, "client") == []
+    assert upstream.requests == []
+
+
 async def test_an_unreachable_model_server_is_an_error(
     start_sidecar: StartSidecar, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
