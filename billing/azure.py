@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from billing.costs import BillingRow, Rows
+from billing.rows import BillingRow, Rows
 
 DATE, COST, CURRENCY = "date", "costinbillingcurrency", ("billingcurrencycode", "billingcurrency")
 TAGS, RESOURCE, CHARGE_TYPE = "tags", "resourceid", "chargetype"

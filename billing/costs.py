@@ -34,13 +34,14 @@ but not counted, and counted but not billed yet, are left out and reported.
 from __future__ import annotations
 
 import csv
-import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import IO, Any
+from datetime import datetime, timedelta
+from typing import IO
 
+from billing import azure
+from billing.rows import BillingRow, Rows
 from token_scaler.errors import RowError
 
 HOUR = timedelta(hours=1)
@@ -63,16 +64,6 @@ GCP_RESOURCES = ("resource.name", "resource.global_name")
 TOKEN_COLUMNS = ("hour", "workload", "model", "prompt_tokens", "generation_tokens", "requests")
 
 
-@dataclass(frozen=True)
-class BillingRow:
-    row: int
-    start: datetime
-    end: datetime
-    cost: float
-    resource: str
-    tags: Mapping[str, str]
-
-
 @dataclass
 class HourlyTokens:
     hour: datetime
@@ -90,15 +81,6 @@ class HourlyTokens:
 # --- parsing helpers ---------------------------------------------------------------
 
 
-def parse_time(raw: str) -> datetime:
-    """ISO 8601 (``2025-03-01T13:00:00Z``) or BigQuery's ``2025-03-01 13:00:00 UTC``; naive = UTC."""
-    text = raw.strip()
-    if text.endswith(" UTC"):
-        text = text[:-4] + "+00:00"
-    value = datetime.fromisoformat(text)  # ValueError on anything else
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def hour_of(t: datetime) -> datetime:
     return t.replace(minute=0, second=0, microsecond=0)
 
@@ -107,84 +89,10 @@ def format_hour(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:00:00Z")
 
 
-class Rows:
-    """A CSV with a header; ``cell`` and friends raise ``RowError`` naming row and column."""
-
-    def __init__(self, f: IO[str], source: str) -> None:
-        self.source = source
-        self.reader = csv.DictReader(f)
-        self.header = list(self.reader.fieldnames or [])
-        self.current: dict[str, str | None] = {}
-
-    def require(self, *columns: str) -> None:
-        missing = [c for c in columns if c not in self.header]
-        if missing:
-            raise RowError(self.source, 1, missing[0], "no such column in the header")
-
-    def __iter__(self) -> Iterator[int]:
-        for record in self.reader:
-            if None in record:
-                self.current = record
-                raise self.error(self.header[-1] if self.header else "?", "more fields than the header")
-            self.current = record
-            if all(v in (None, "") for v in record.values()):
-                continue
-            yield self.reader.line_num
-
-    def error(self, column: str, reason: str) -> RowError:
-        return RowError(self.source, self.reader.line_num, column, reason)
-
-    def cell(self, column: str) -> str:
-        value = self.current.get(column)
-        if value is None:
-            raise self.error(column, "missing: the row has fewer fields than the header")
-        return value
-
-    def time(self, column: str) -> datetime:
-        raw = self.cell(column)
-        try:
-            return parse_time(raw)
-        except ValueError:
-            raise self.error(
-                column, f"expected a date and time such as 2025-03-01T13:00:00Z, got {raw!r}"
-            ) from None
-
-    def number(self, column: str) -> float:
-        raw = self.cell(column)
-        try:
-            value = float(raw)
-        except ValueError:
-            raise self.error(column, f"expected a number, got {raw!r}") from None
-        if not math.isfinite(value):
-            raise self.error(column, f"expected a finite number, got {raw!r}")
-        return value
-
-    def count(self, column: str) -> int:
-        raw = self.cell(column)
-        try:
-            value = int(raw)
-        except ValueError:
-            raise self.error(column, f"expected a whole number, got {raw!r}") from None
-        if value < 0:
-            raise self.error(column, f"expected a count of 0 or more, got {raw!r}")
-        return value
-
-    def json(self, column: str) -> Any:
-        raw = self.cell(column)
-        if not raw.strip():
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise self.error(column, f"expected JSON, got {raw[:60]!r}") from None
-
-
 # --- billing exports ---------------------------------------------------------------
 
 
 def detect_layout(header: Sequence[str]) -> str:
-    from billing import azure
-
     if AWS_START in header or any(c.startswith("lineItem/") for c in header):
         return "aws"
     if GCP_START in header:
@@ -243,8 +151,6 @@ def read_billing(
             resource = rows.cell(resource_col) if resource_col else ""
             out.append(BillingRow(n, start, end, cost, resource, row_tags))
     elif layout == "azure":
-        from billing import azure
-
         out = azure.read(rows, cost_column, wanted)
         resources = [r.lower() for r in resources]  # Azure resource ids are not case-sensitive
     else:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from multidict import CIMultiDict
 
 from sidecar.metrics import Series
 from sidecar.openai import Kind, Usage
 from sidecar.usage_bounds import RequestFacts
 
-if TYPE_CHECKING:
-    from sidecar.tracing import RequestTrace
+
+class Trace(Protocol):
+    """The spans of one request (``sidecar/tracing.py``), as the proxy drives them."""
+
+    def forward(self, headers: CIMultiDict[str], exchange: Exchange) -> None: ...
+
+    def end(self, exchange: Exchange, prompt: int, generation: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -36,4 +43,4 @@ class Exchange:
     seen_bytes: int = 0  # bytes of generated text that passed (see usage_bounds)
     reserved: int | None = None  # generated tokens charged if a non-streamed client leaves (abandon.py)
     response_model: str | None = None  # the model the answer names (with its usage, in a stream)
-    trace: RequestTrace | None = None  # its spans, when tracing is on (tracing.py)
+    trace: Trace | None = None  # its spans, when tracing is on (tracing.py)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from billing import costs
+from billing.rows import BillingRow
 from token_scaler.cli import main as cli
 from token_scaler.errors import RowError
 
@@ -37,7 +38,7 @@ TOKENS = """hour,workload,model,prompt_tokens,generation_tokens,requests
 """
 
 
-def read(path: Path, **kw: object) -> list[costs.BillingRow]:
+def read(path: Path, **kw: object) -> list[BillingRow]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         return costs.read_billing(f, path.name, **kw)
 
