@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -60,6 +61,7 @@ class Proxy:
         policy: PolicyEngine | None = None,
         models: Sequence[str] | None = None,
         body_timeout_s: float = 60.0,
+        upstream_ca: Path | None = None,
     ) -> None:
         self.policy = policy
         self.tenant_header = tenant_header
@@ -74,6 +76,7 @@ class Proxy:
             metrics.upstream_retries,
             connect_timeout_s=connect_timeout_s,
             read_timeout_s=read_timeout_s,
+            ca_file=upstream_ca,
         )
         self.accounting = Accounting(meter, metrics, counter, self.tenants, self.models)
         self.relay = Relay(self.accounting, errors)
@@ -108,7 +111,7 @@ class Proxy:
         else:
             admission = await self.policy.admit(request.headers, parsed, body, prompt)
             if admission.rejection is not None:
-                return self.errors.refused(admission.rejection)
+                return self.errors.of(parsed.kind).refused(admission.rejection)
             body, max_tokens = admission.body, admission.max_tokens
             name = admission.model or "unknown"
             tenant = admission.tenant
@@ -128,7 +131,7 @@ class Proxy:
             if admission is not None and self.policy is not None:
                 if exchange.cut:
                     self.policy.metrics.stream_cuts.labels(metered.tenant).inc()
-                self.policy.settle(admission, prompt, generation)
+                self.policy.settle(admission, prompt, generation, exchange.cached)
 
     async def _exchange(
         self,
@@ -144,7 +147,7 @@ class Proxy:
             headers = forward_headers(request.headers, drop=REQUEST_DROP | {"accept-encoding"})
             upstream = await self.upstream.send("POST", url, headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            response = self.errors.upstream(exc)
+            response = self.errors.of(exchange.kind).upstream(exc)
             exchange.code = str(response.status)
             exchange.failed = True
             return response

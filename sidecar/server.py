@@ -73,6 +73,7 @@ class Sidecar:
             read_timeout_s=config.read_timeout_s,
             models=config.models,
             body_timeout_s=config.body_timeout_s,
+            upstream_ca=config.upstream_ca,
         )
         self._policy_redis: Commands | None = None
         if config.policy is not None:
