@@ -26,6 +26,7 @@ from sidecar.server import Sidecar
 from tests.sidecar.conftest import StartSidecar, read_records, scope, totals
 from tests.sidecar.fake_anthropic import FakeAnthropic
 from tests.sidecar.policy.test_policy_proxy import settled, used, write_policy
+from token_scaler.redis_conn import free_port
 
 MESSAGES = [{"role": "user", "content": "Say something long about tokens."}]
 VERSION = {"anthropic-version": "2023-06-01"}
@@ -276,14 +277,12 @@ async def test_money_budget_prices_cache_tokens_for_both_formats(
     assert used(redis_url, workload, "team") == claude_cost + gpt_cost
 
 
-async def test_a_stream_past_its_reservation_finishes_as_anthropic_does(
-    policed: Policed, upstream: FakeAnthropic, workload: str, redis_url: str
+@pytest.mark.parametrize("mode", ["finish", "error"])
+async def test_a_stream_past_its_reservation_ends_as_anthropic_ends_one(
+    policed: Policed, upstream: FakeAnthropic, workload: str, redis_url: str, mode: str
 ) -> None:
-    sidecar = await policed(
-        {
-            "defaults": {"budget": {"daily": 100000, "midStream": "finish"}},
-        },
-    )
+    sidecar = await policed({"defaults": {"budget": {"daily": 100000, "midStream": mode}}})
+    pieces: list[str] = []
     async with (
         claude(sidecar) as client,
         client.messages.stream(
@@ -293,13 +292,39 @@ async def test_a_stream_past_its_reservation_finishes_as_anthropic_does(
             extra_headers={"X-Fake-Tokens": "50"},  # a server that ignores max_tokens
         ) as stream,
     ):
-        text = "".join([piece async for piece in stream.text_stream])
-        final = await stream.get_final_message()
-    assert text == "".join(f"t{j} " for j in range(10))
-    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 10
+        if mode == "finish":
+            pieces = [piece async for piece in stream.text_stream]
+            final = await stream.get_final_message()
+            assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 10
+        else:
+            with pytest.raises(anthropic.APIStatusError) as ended:
+                async for piece in stream.text_stream:
+                    pieces.append(piece)
+            assert "token budget exhausted" in str(ended.value)
+    assert pieces == [f"t{j} " for j in range(10)]
     await settled(sidecar)
     await flush(sidecar)
     assert totals(read_records(redis_url, workload))["sg"] == 10
+
+
+async def test_the_sidecars_own_errors_are_in_anthropic_shape(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(
+        upstream=f"http://127.0.0.1:{free_port()}", max_body_bytes=400, model_metrics_url="off"
+    )
+    url = f"http://127.0.0.1:{sidecar.port}/v1/messages"
+    big = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 500}]}
+    for body, status, type_ in (
+        (big, 413, "request_too_large"),
+        ({"model": "claude-x", "max_tokens": 5, "messages": MESSAGES}, 503, "api_error"),
+    ):
+        got, answer = await post(url, body, {"x-api-key": "k", **VERSION})
+        doc = json.loads(answer)
+        assert (got, doc["type"], doc["error"]["type"]) == (status, "error", type_)
+    # an OpenAI endpoint of the same sidecar keeps OpenAI's shape
+    got, answer = await post(
+        f"http://127.0.0.1:{sidecar.port}/v1/chat/completions", {"messages": MESSAGES}, {}
+    )
+    assert got == 503 and json.loads(answer)["error"]["code"] == "upstream_unavailable"
 
 
 def _redis_dump(redis_url: str) -> bytes:
@@ -382,6 +407,12 @@ async def test_egress_over_tls_keeps_the_provider_keys_secret(
         assert status == 200
         async with gpt(sidecar, openai_key) as chat:
             answer = await chat.chat.completions.create(model="gpt-x", messages=MESSAGES, max_tokens=3)
+            streamed = await chat.chat.completions.create(
+                model="gpt-x", messages=MESSAGES, max_tokens=2, stream=True
+            )
+            chunks = [chunk async for chunk in streamed]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 "
+        assert all(chunk.usage is None for chunk in chunks)  # the usage the sidecar asked for is not shown
         assert message.usage.output_tokens == 6 and final.usage.output_tokens == 4
         assert answer.usage is not None and answer.usage.completion_tokens == 3
         # the keys and the provider's headers reached the provider unchanged
@@ -392,7 +423,7 @@ async def test_egress_over_tls_keeps_the_provider_keys_secret(
         assert (
             sent[0]["authorization"] == f"Bearer {claude_key}" and sent[0]["anthropic-beta"] == "fake-beta-1"
         )
-        assert sent[-2]["x-api-key"] == claude_key
+        assert sent[3]["x-api-key"] == claude_key  # the raw request
         assert sent[0]["anthropic-version"] == "2023-06-01" and sent[0]["host"] == f"127.0.0.1:{hosted.port}"
         assert sent[-1]["authorization"] == f"Bearer {openai_key}"
         await settled(sidecar)
@@ -400,9 +431,9 @@ async def test_egress_over_tls_keeps_the_provider_keys_secret(
         spent_a = used(redis_url, workload, "team-a")
         # the fake counts only what it answered: the 400 cost nothing
         assert spent_a == hosted.anthropic.prompt + hosted.anthropic.generation
-        assert used(redis_url, workload, "team-b") == hosted.reported.prompt + 3
+        assert used(redis_url, workload, "team-b") == hosted.reported.prompt + 3 + 2
         got = totals(read_records(redis_url, workload))
-        assert got["sg"] == 6 + 4 + 2 + 3
+        assert got["sg"] == 6 + 4 + 2 + 3 + 2
         metrics = generate_latest(sidecar.registry) + generate_latest(untrusted.registry)
         assert b'tenant="team-a"' in metrics
         logged = "\n".join(
