@@ -1,4 +1,4 @@
-"""The reverse proxy: forwards everything, counts the OpenAI endpoints it understands.
+"""The reverse proxy: forwards everything, counts the OpenAI and Anthropic endpoints it understands.
 
 Three paths:
 - passthrough: any other method or path, streamed both ways, uncounted;
