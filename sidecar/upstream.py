@@ -45,7 +45,8 @@ class Upstream:
         ca_file: Path | None = None,
     ) -> None:
         self.base = base.rstrip("/")
-        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file is not None else True
+        # Made here, not at import: the system's CAs as the environment names them at start-up.
+        self._ssl = ssl.create_default_context(cafile=ca_file)
         self.errors = errors
         self.retries = retries
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)

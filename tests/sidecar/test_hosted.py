@@ -327,6 +327,23 @@ async def test_the_sidecars_own_errors_are_in_anthropic_shape(start_sidecar: Sta
     assert got == 503 and json.loads(answer)["error"]["code"] == "upstream_unavailable"
 
 
+async def test_ssl_cert_file_names_the_cas_when_no_upstream_ca_is_given(
+    start_sidecar: StartSidecar, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(certs / "server.crt", certs / "server.key")
+    hosted = FakeAnthropic()
+    base = await hosted.start(ssl_context=server)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs / "ca.crt"))
+    try:
+        sidecar = await start_sidecar(upstream=base, model_metrics_url="off")
+        async with claude(sidecar) as client:
+            message = await client.messages.create(model="claude-x", max_tokens=3, messages=MESSAGES)
+        assert message.usage.output_tokens == 3
+    finally:
+        await hosted.stop()
+
+
 def _redis_dump(redis_url: str) -> bytes:
     """Every key and value in the test's Redis, as bytes."""
     client = redis.Redis.from_url(redis_url)
