@@ -38,7 +38,7 @@ from gateway.pool import Pool, Pools, UnknownModel
 from gateway.queue import QueueFull, Waiter
 from gateway.router import Replica
 from gateway.upstream import Exchange, Outcome, UpstreamPool
-from sidecar import openai, paths
+from sidecar import openai, paths, wires
 from sidecar.openai import Kind
 from sidecar.tokens import LengthEstimate, prompt_tokens
 
@@ -137,7 +137,7 @@ class GatewayProxy:
         return Refused(error.status, error.reason, str(error)).body()
 
     def weigh(self, kind: Kind, body: bytes) -> Weighed:
-        parsed = openai.parse_request(kind, body)
+        parsed = wires.parse_request(kind, body)
         if parsed is None:
             raise Refused(400, "bad_request", "the request body is not a JSON object")
         generation = 0

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
-from sidecar import openai
+from sidecar import openai, wires
 from sidecar.abandon import Abandoned
 from sidecar.exchange import Exchange
 from sidecar.labels import ModelLabels
@@ -100,7 +101,7 @@ class Accounting:
         """Count a whole (non-streamed) answer."""
         if exchange.failed:
             return
-        parsed = openai.parse_response(exchange.kind, body)
+        parsed = wires.of(exchange.kind).parse_response(exchange.kind, body)
         exchange.seen_bytes = len(body)
         if parsed is None:
             exchange.malformed = True
@@ -118,7 +119,7 @@ class Accounting:
             exchange.malformed = True
         if event.data is None:
             return event.raw
-        chunk = openai.parse_chunk(exchange.kind, event.data)
+        chunk = wires.of(exchange.kind).parse_chunk(exchange.kind, event.data, exchange.usage)
         if chunk is None:
             exchange.malformed = True
             exchange.seen_bytes += len(event.raw)
@@ -173,6 +174,9 @@ class Accounting:
         if exchange.malformed:
             self.metrics.malformed.labels(model).inc()
         usage = exchange.usage
+        if usage is not None and not usage.final:
+            # A stream that ended before its final usage: at least the pieces that passed.
+            usage = replace(usage, generation=max(usage.generation, self._own_generation(exchange)))
         if usage is not None and exchange.facts is not None:
             usage = self.guard.check(
                 model,
@@ -186,6 +190,8 @@ class Accounting:
         if usage is not None:
             meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
+            read = min(usage.cache_read, prompt)
+            exchange.cached = (read, min(usage.cache_write, prompt - read))
             if not exchange.failed:
                 self.abandoned.observe(exchange.name, generation, now - exchange.started)
         elif exchange.code == CLIENT_GONE and exchange.reserved is not None:

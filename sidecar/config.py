@@ -59,6 +59,14 @@ OPTIONS: dict[str, c.Option[Any]] = {
     "upstream": c.Option(
         "--upstream", "TOKEN_SCALER_UPSTREAM", c.http_url, "http://127.0.0.1:8000", "the model server"
     ),
+    "upstream_ca": c.Option(
+        "--upstream-ca",
+        "TOKEN_SCALER_UPSTREAM_CA",
+        c.existing_file,
+        None,
+        "PEM file of the CAs an https upstream's certificate is verified against, instead of the "
+        "system's (which honour SSL_CERT_FILE)",
+    ),
     "model_metrics_url": c.Option(
         "--model-metrics-url",
         "TOKEN_SCALER_MODEL_METRICS_URL",
@@ -227,6 +235,7 @@ class SidecarConfig:
     workload: str
     redis_url: str = "redis://127.0.0.1:6379/0"
     upstream: str = "http://127.0.0.1:8000"
+    upstream_ca: Path | None = None
     model_metrics_url: str = "auto"
     host: str = "0.0.0.0"
     port: int = 8080

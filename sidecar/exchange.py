@@ -41,6 +41,7 @@ class Exchange:
     cut: bool = False
     facts: RequestFacts | None = None  # what bounds the usage (sidecar/usage_bounds.py)
     seen_bytes: int = 0  # bytes of generated text that passed (see usage_bounds)
+    cached: tuple[int, int] = (0, 0)  # settled prompt tokens read from / written to a prompt cache
     reserved: int | None = None  # generated tokens charged if a non-streamed client leaves (abandon.py)
     response_model: str | None = None  # the model the answer names (with its usage, in a stream)
     trace: Trace | None = None  # its spans, when tracing is on (tracing.py)

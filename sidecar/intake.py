@@ -52,11 +52,12 @@ class Intake:
     async def read(self, request: web.Request) -> tuple[ParsedRequest, bytes] | web.Response | None:
         """A counted request, parsed, and its body; an answer when it is refused; None for a
         request the sidecar does not count (to pass through)."""
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            return self.errors.too_large(self.max_body_bytes)
         target = paths.route(request.method, request.raw_path)
+        errors = self.errors.of(target.kind)
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return errors.too_large(self.max_body_bytes)
         if target.refusal is not None:
-            return self.errors.bad_request(Refusal(None, target.refusal, "invalid_path"))
+            return errors.bad_request(Refusal(None, target.refusal, "invalid_path"))
         request[TARGET] = target.forward
         if target.kind is None:
             return None
@@ -64,12 +65,12 @@ class Intake:
             async with asyncio.timeout(self.body_timeout_s):
                 body = await self._body(request)
         except TimeoutError:
-            return self.errors.body_timeout(self.body_timeout_s)
+            return errors.body_timeout(self.body_timeout_s)
         if body is None:
-            return self.errors.too_large(self.max_body_bytes)
+            return errors.too_large(self.max_body_bytes)
         parsed = await self.off_loop(len(body), request_rules.check, target.kind, body)
         if isinstance(parsed, Refusal):
-            return self.errors.bad_request(parsed)
+            return errors.bad_request(parsed)
         return parsed, body
 
     async def _body(self, request: web.Request) -> bytes | None:

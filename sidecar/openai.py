@@ -23,6 +23,7 @@ class Kind(enum.Enum):
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"
+    MESSAGES = "messages"  # Anthropic's Messages API: its shapes are in anthropic.py
 
 
 # Streaming kinds whose usage must be asked for with ``stream_options.include_usage``;
@@ -34,9 +35,12 @@ _MAX_N = 128
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    prompt: int
+    prompt: int  # every input token, cached ones included
     generation: int
     reasoning: int = 0  # hidden reasoning tokens among ``generation``, when the server says
+    cache_read: int = 0  # input tokens among ``prompt`` read from the provider's prompt cache
+    cache_write: int = 0  # input tokens among ``prompt`` written to it
+    final: bool = True  # False: a stream's usage so far, whose generation may still grow
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +240,9 @@ def usage_of(kind: Kind, usage: object) -> Usage | None:
         return None
     details = usage.get("output_tokens_details" if kind is Kind.RESPONSES else "completion_tokens_details")
     reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
-    return Usage(prompt, generation, reasoning or 0)
+    inputs = usage.get("input_tokens_details" if kind is Kind.RESPONSES else "prompt_tokens_details")
+    cached = _count(inputs.get("cached_tokens")) if isinstance(inputs, dict) else None
+    return Usage(prompt, generation, reasoning or 0, min(cached or 0, prompt))
 
 
 def _delta_texts(delta: object) -> list[str]:

@@ -33,6 +33,7 @@ ENDPOINTS: dict[str, Kind] = {
         ("/completions", Kind.COMPLETIONS),
         ("/embeddings", Kind.EMBEDDINGS),
         ("/responses", Kind.RESPONSES),
+        ("/messages", Kind.MESSAGES),  # Anthropic's Messages API (its count_tokens passes through)
     )
 }
 
@@ -41,7 +42,6 @@ UNCOUNTED = frozenset(
     {
         "/completion",  # llama.cpp
         "/infill",  # llama.cpp
-        "/v1/messages",  # Anthropic's API (llama.cpp, vLLM)
         "/invocations",  # SageMaker's (vLLM): a completion by its body
         "/generate",  # TGI, vLLM's legacy server
         "/generate_stream",  # TGI
@@ -109,6 +109,6 @@ def route(method: str, raw_target: str) -> Target:
             forward,
             None,
             f"{path} is not served through this proxy: its tokens could not be counted; "
-            "use /v1/chat/completions, /v1/completions, /v1/responses or /v1/embeddings",
+            "use /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings or /v1/messages",
         )
     return Target(path, forward, kind)

@@ -1,4 +1,4 @@
-"""The reverse proxy: forwards everything, counts the OpenAI endpoints it understands.
+"""The reverse proxy: forwards everything, counts the OpenAI and Anthropic endpoints it understands.
 
 Three paths:
 - passthrough: any other method or path, streamed both ways, uncounted;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -64,6 +65,7 @@ class Proxy:
         policy: PolicyEngine | None = None,
         models: Sequence[str] | None = None,
         body_timeout_s: float = 60.0,
+        upstream_ca: Path | None = None,
     ) -> None:
         self.policy = policy
         self.tracing: SidecarTracing | None = None  # spans, when tracing is on (tracing.py)
@@ -79,6 +81,7 @@ class Proxy:
             metrics.upstream_retries,
             connect_timeout_s=connect_timeout_s,
             read_timeout_s=read_timeout_s,
+            ca_file=upstream_ca,
         )
         self.accounting = Accounting(meter, metrics, counter, self.tenants, self.models)
         self.relay = Relay(self.accounting, errors)
@@ -122,7 +125,7 @@ class Proxy:
             if trace is not None:
                 trace.admitted(admission)
             if admission.rejection is not None:
-                return self.errors.refused(admission.rejection)
+                return self.errors.of(parsed.kind).refused(admission.rejection)
             body, max_tokens = admission.body, admission.max_tokens
             name = admission.model or "unknown"
             tenant = admission.tenant
@@ -145,7 +148,7 @@ class Proxy:
             if admission is not None and self.policy is not None:
                 if exchange.cut:
                     self.policy.metrics.stream_cuts.labels(metered.tenant).inc()
-                self.policy.settle(admission, prompt, generation)
+                self.policy.settle(admission, prompt, generation, exchange.cached)
 
     async def _exchange(
         self,
@@ -163,7 +166,7 @@ class Proxy:
                 exchange.trace.forward(headers, exchange)
             upstream = await self.upstream.send("POST", url, headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            response = self.errors.upstream(exc)
+            response = self.errors.of(exchange.kind).upstream(exc)
             exchange.code = str(response.status)
             exchange.failed = True
             return response

@@ -11,7 +11,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from sidecar import openai
+from sidecar import wires
 from sidecar.accounting import Accounting
 from sidecar.exchange import Exchange
 from sidecar.meter import Request
@@ -30,7 +30,7 @@ class Relay:
             body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             exchange.failed = True
-            response = self.errors.upstream(exc)
+            response = self.errors.of(exchange.kind).upstream(exc)
             exchange.code = str(response.status)
             return response
         self.accounting.answer(exchange, body)
@@ -69,10 +69,11 @@ class Relay:
                 if exchange.cut and admission is not None:
                     # Past its reservation: end the client's stream cleanly, and the upstream's.
                     out.append(
-                        openai.stop_event(
+                        wires.of(exchange.kind).stop_event(
                             exchange.kind,
                             admission.stream_mode,
                             "token budget exhausted: the stream reached its budget reservation",
+                            exchange.pieces,
                         )
                     )
                     await response.write(b"".join(out))

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import jsonbody, openai
+from sidecar import jsonbody, openai, wires
 from sidecar.jsonbody import Layout
 from sidecar.openai import Kind, ParsedRequest
 
@@ -135,4 +135,7 @@ def check(kind: Kind, body: bytes) -> ParsedRequest | Refusal:
     limit, refusal = _fields(kind, doc)
     if refusal is not None:
         return refusal
-    return openai.parse_document(kind, doc, layout, limit)
+    wire = wires.of(kind)
+    if limit is None and wire.requires_limit:
+        return Refusal("max_tokens", "max_tokens: required, an integer from 1 to " + str(MAX_LIMIT))
+    return wire.parse_document(kind, doc, layout, limit)

@@ -79,6 +79,7 @@ class Sidecar:
             read_timeout_s=config.read_timeout_s,
             models=config.models,
             body_timeout_s=config.body_timeout_s,
+            upstream_ca=config.upstream_ca,
         )
         # OpenTelemetry spans, when the OTEL_* variables configure them (token_scaler/tracing.py).
         self.tracing = tracing.load("token-scaler-sidecar")

@@ -44,10 +44,12 @@ OPERATIONS = {
     Kind.COMPLETIONS: "text_completion",
     Kind.EMBEDDINGS: "embeddings",
     Kind.RESPONSES: "chat",
+    Kind.MESSAGES: "chat",
 }
 # The API the sidecar speaks to the model server (gen_ai.provider.name; gen_ai.system, its
-# older name, is still what many backends read).
+# older name, is still what many backends read): Anthropic's for its Messages API.
 PROVIDER = "openai"
+PROVIDERS = {Kind.MESSAGES: "anthropic"}
 _CAP_HEADER, _ROUTE_HEADER = "x-tokenscaler-max-tokens", "x-tokenscaler-model"
 
 
@@ -159,8 +161,8 @@ class RequestTrace:
         host, port = tracing.upstream if exchange.upstream is None else address(exchange.upstream)
         attributes: dict[str, str | int | bool] = {
             "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": PROVIDER,
-            "gen_ai.system": PROVIDER,
+            "gen_ai.provider.name": PROVIDERS.get(parsed.kind, PROVIDER),
+            "gen_ai.system": PROVIDERS.get(parsed.kind, PROVIDER),
             "gen_ai.request.model": model,
             "server.address": host,
             "server.port": port,

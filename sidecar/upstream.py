@@ -4,9 +4,16 @@ Requests go out on the path as it was routed on (``TARGET``, set by intake.py), 
 client spelled it. A request is sent once more when the server closed a kept-alive connection
 without answering (``send``). Any method or path the sidecar does not count is streamed both
 ways, byte for byte (``passthrough``).
+
+An ``https://`` upstream (a hosted API: the sidecar as an egress proxy) is verified as any
+TLS client verifies: against the system's CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured),
+or against the CAs of ``ca_file`` alone when given. Verification cannot be turned off.
 """
 
 from __future__ import annotations
+
+import ssl
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -35,8 +42,11 @@ class Upstream:
         *,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 600.0,
+        ca_file: Path | None = None,
     ) -> None:
         self.base = base.rstrip("/")
+        # Made here, not at import: the system's CAs as the environment names them at start-up.
+        self._ssl = ssl.create_default_context(cafile=ca_file)
         self.errors = errors
         self.retries = retries
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
@@ -46,7 +56,7 @@ class Upstream:
         self._session = aiohttp.ClientSession(
             # Idle upstream connections are dropped before uvicorn's (vLLM's) 5 s keep-alive
             # closes them, so a request never goes out on a connection the server is closing.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4, ssl=self._ssl),
             timeout=self._timeout,
             auto_decompress=False,  # passthrough bytes stay as the upstream encoded them
             cookie_jar=aiohttp.DummyCookieJar(),

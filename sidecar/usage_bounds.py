@@ -22,12 +22,16 @@ generation (``completion_tokens`` / ``output_tokens``), the smaller of
     when ``best_of`` exceeds ``n`` (completions generated and not returned).
   ``slack`` is, per choice, ``SPECIAL_TOKENS_PER_CHOICE`` (end of turn, tool-call and
   thinking markers: tokens that decode to no text) plus the bytes of the request's
-  ``stop`` strings (generated, then cut from the text).
+  ``stop`` strings (``stop_sequences`` in the Messages API: generated, then cut from the text).
+  Anthropic's extended thinking (``"thinking"`` in a Messages request) streams summarised
+  if at all, and ``output_tokens`` counts all of it: such a request is bounded by its
+  maximum alone.
 prompt (``prompt_tokens`` / ``input_tokens``): the request body's bytes plus
   ``PROMPT_TEMPLATE_TOKENS`` (chat template, a default system prompt, tool instructions)
   plus ``MEDIA_PART_TOKENS`` for each image, audio, video or file part. Not bounded when
   a Responses API request names state kept by the server (``previous_response_id``,
-  ``conversation``, a stored ``prompt``): its prompt is not in the body.
+  ``conversation``, a stored ``prompt``), or a Messages request a server tool (web search
+  or fetch, code execution, MCP servers): its prompt is not all in the body.
 
 A field outside its bound is replaced by the sidecar's own count of what passed (the
 prompt estimate; the tokenizer or the streamed pieces for generation), counted in
@@ -39,7 +43,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import Counter
 
@@ -55,9 +59,13 @@ HIDDEN_TOKENS_SLACK = 4096
 
 _BEST_OF = re.compile(rb'"best_of"\s*:\s*(\d{1,9})')
 _STRING = rb'"(?:[^"\\]|\\.)*"'
-_STOP = re.compile(rb'"stop"\s*:\s*(' + _STRING + rb"|\[(?:[^\]\"]|" + _STRING + rb")*\])", re.DOTALL)
-_MEDIA = re.compile(rb'"(?:image_url|input_image|input_audio|video_url|input_file|file)"')
+_STOP = re.compile(
+    rb'"stop(?:_sequences)?"\s*:\s*(' + _STRING + rb"|\[(?:[^\]\"]|" + _STRING + rb")*\])", re.DOTALL
+)
+_MEDIA = re.compile(rb'"(?:image_url|input_image|input_audio|video_url|input_file|file|image|document)"')
 _SERVER_STATE = (b'"previous_response_id"', b'"conversation"', b'"prompt"')
+# Messages API: server tools (search results, fetched pages, containers) add input the body lacks.
+_SERVER_INPUT = (b'"web_search', b'"web_fetch', b'"mcp_servers"', b'"container"', b'"code_execution')
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass takes microseconds to build
@@ -79,6 +87,9 @@ def request_facts(parsed: ParsedRequest, body: bytes, max_tokens: int | None) ->
     a bound."""
     choices = parsed.n
     hidden = False
+    if parsed.kind is Kind.MESSAGES and b'"thinking"' in body:
+        # Extended thinking: output tokens the stream shows only summarised, if at all.
+        hidden = True
     if parsed.kind is Kind.COMPLETIONS and b'"best_of"' in body:
         found = _BEST_OF.search(body)
         best_of = int(found.group(1)) if found else 0
@@ -89,9 +100,10 @@ def request_facts(parsed: ParsedRequest, body: bytes, max_tokens: int | None) ->
         stop = _STOP.search(body)
         stop_bytes = len(stop.group(1)) if stop else 0  # no such key: the word was a value
     media = 0
-    if parsed.kind in (Kind.CHAT, Kind.RESPONSES) and b'"type"' in body:  # parts have a type
+    if parsed.kind in (Kind.CHAT, Kind.RESPONSES, Kind.MESSAGES) and b'"type"' in body:  # parts have a type
         media = len(_MEDIA.findall(body))
     state = parsed.kind is Kind.RESPONSES and any(marker in body for marker in _SERVER_STATE)
+    state = state or (parsed.kind is Kind.MESSAGES and any(marker in body for marker in _SERVER_INPUT))
     return RequestFacts(len(body), choices, hidden, max_tokens, stop_bytes, media, state)
 
 
@@ -172,4 +184,4 @@ class UsageGuard:
                 prompt,
                 generation,
             )
-        return Usage(prompt, generation, usage.reasoning)
+        return replace(usage, prompt=prompt, generation=generation)

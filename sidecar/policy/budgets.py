@@ -14,10 +14,21 @@ from sidecar.policy.schema import MONEY, Budget, Price
 DAY_S = 86_400
 
 
-def cost(budget: Budget, price: Price, prompt: int, generation: int) -> int:
+def cost(
+    budget: Budget, price: Price, prompt: int, generation: int, cached: tuple[int, int] | None = None
+) -> int:
+    """``cached``: the input tokens among ``prompt`` read from and written to a prompt cache;
+    None when not known yet (a reservation): the prompt is then priced at the dearest of the
+    three input prices, so a reservation never falls short for the split the answer says."""
     if budget.unit != MONEY:
         return prompt + generation
-    return -(-(prompt * price.prompt + generation * price.generation) // 1000)
+    fresh, read, write = price.input_prices
+    if cached is None:
+        inputs = prompt * max(fresh, read, write)
+    else:
+        hit, made = cached
+        inputs = (prompt - hit - made) * fresh + hit * read + made * write
+    return -(-(inputs + generation * price.generation) // 1000)
 
 
 def periods(now: float) -> tuple[str, str]:

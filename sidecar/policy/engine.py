@@ -259,15 +259,18 @@ class PolicyEngine:
         self.metrics.rejections.labels(self._label(result.tenant), rejection.reason).inc()
         result.rejection = rejection
 
-    def settle(self, result: Admission, prompt: int, generation: int) -> None:
+    def settle(
+        self, result: Admission, prompt: int, generation: int, cached: tuple[int, int] = (0, 0)
+    ) -> None:
         """Settle at the real usage (0 after a failure before any token), off the request path:
-        charged to its chunk, or sent with the next admission (``settlement``)."""
-        self.spend.add(result.model, prompt, generation)
+        charged to its chunk, or sent with the next admission (``settlement``). ``cached``: the
+        prompt tokens read from and written to the provider's prompt cache (budgets.cost)."""
+        self.spend.add(result.model, prompt, generation, cached)
         ticket, chunk = result.ticket, result.chunk
         if ticket is None:
             return
         result.ticket = result.chunk = None
-        cost = budgets.cost(ticket.budget, ticket.price, prompt, generation)
+        cost = budgets.cost(ticket.budget, ticket.price, prompt, generation, cached)
         if chunk is not None:
             self.ahead.end(chunk, ticket, cost, prompt + generation)
             return

@@ -1,9 +1,10 @@
 """Who is asking: the tenant of a request (pure).
 
 Two sources, never both:
-- with ``identity.apiKeys`` in the policy, the API key (``Authorization: Bearer``, or
-  ``api-key``) hashed with sha256 and looked up; an unknown or missing key is the default
-  tenant. The tenant header is then ignored, so a client cannot pick whose budget it spends;
+- with ``identity.apiKeys`` in the policy, the API key (``Authorization: Bearer``,
+  ``api-key``, or Anthropic's ``x-api-key``) hashed with sha256 and looked up; an unknown
+  or missing key is the default tenant. The tenant header is then ignored, so a client
+  cannot pick whose budget it spends;
 - without it, the tenant header, which a trusted gateway in front of the sidecar sets.
 A value that is not a valid tenant name (``[A-Za-z0-9._:@-]{1,128}``) is the default tenant.
 
@@ -28,8 +29,11 @@ def api_key(headers: Mapping[str, str]) -> str | None:
         scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    key = headers.get("api-key")
-    return key.strip() or None if key is not None else None
+    for name in ("api-key", "x-api-key"):
+        key = headers.get(name)
+        if key is not None and key.strip():
+            return key.strip()
+    return None
 
 
 def tenant_of(policy: Policy, headers: Mapping[str, str], tenant_header: str) -> str:

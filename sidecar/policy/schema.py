@@ -97,6 +97,15 @@ class TenantPolicy:
 class Price:
     prompt: int  # billionths of the currency unit per 1k tokens
     generation: int
+    cache_read: int | None = None  # input read from a prompt cache; None: at ``prompt``
+    cache_write: int | None = None  # input written to a prompt cache; None: at ``prompt``
+
+    @property
+    def input_prices(self) -> tuple[int, int, int]:
+        """Uncached, cache-read and cache-written input, per 1k tokens."""
+        read = self.prompt if self.cache_read is None else self.cache_read
+        write = self.prompt if self.cache_write is None else self.cache_write
+        return self.prompt, read, write
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +290,8 @@ _TOP_KEYS = frozenset(
 )
 _CHUNK_KEYS = frozenset({"seconds", "minRequestsPerSecond"})
 _IDENTITY_KEYS = frozenset({"tenantHeader", "apiKeys", "defaultTenant"})
-_PRICE_KEYS = frozenset({"prompt", "generation"})
+_PRICE_KEYS = frozenset({"prompt", "generation", "cacheRead", "cacheWrite", "per"})
+_PRICE_PER = (1000, 1_000_000)  # tokens a price is for: 1k (the default) or 1M (providers' lists)
 _MODEL_LIMIT_KEYS = frozenset({"tokensPerMinute", "burstSeconds"})
 _DOWNGRADE_KEYS = frozenset({"to", "upstream", "atBudgetRatio", "whenSaturated", "whenBusy"})
 # whenBusy's signals: (key stem, signal, highest value)
@@ -399,16 +409,24 @@ def _tenant(path: str, doc: Mapping[str, Any], *, opt_in: bool) -> TenantPolicy:
 def _price(path: str, raw: object) -> Price:
     if isinstance(raw, dict):
         doc = _mapping(path, raw, _PRICE_KEYS)
-        for key in _PRICE_KEYS:
+        per = doc.get("per", 1000)
+        if per not in _PRICE_PER or isinstance(per, bool):
+            raise _fail(f"{path}.per", f"expected 1000 or 1000000 (tokens the prices are for), got {per!r}")
+        for key in ("prompt", "generation"):
             if key not in doc:
-                raise _fail(f"{path}.{key}", "required (money per 1k tokens)")
-        prompt, generation = doc["prompt"], doc["generation"]
+                raise _fail(f"{path}.{key}", f"required (money per {per} tokens)")
     else:
-        prompt = generation = raw
-    return Price(
-        round(_number(f"{path}.prompt", prompt, high=1e6) * NANO),
-        round(_number(f"{path}.generation", generation, high=1e6) * NANO),
-    )
+        doc, per = {"prompt": raw, "generation": raw}, 1000
+
+    def nano(key: str) -> int | None:
+        if doc.get(key) is None:
+            return None
+        number = _number(f"{path}.{key}", doc[key], high=1e6 * per / 1000)
+        return round(number * NANO * 1000 / float(per))
+
+    prompt, generation = nano("prompt"), nano("generation")
+    assert prompt is not None and generation is not None
+    return Price(prompt, generation, nano("cacheRead"), nano("cacheWrite"))
 
 
 def _downgrade(path: str, model: str, raw: object) -> Downgrade:

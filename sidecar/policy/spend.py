@@ -121,12 +121,13 @@ class SpendMeter:
     def enabled(self) -> bool:
         return self._ctx.file.policy.spend_guard is not None
 
-    def add(self, model: str | None, prompt: int, generation: int) -> None:
-        """A request ended: its real usage, priced at ``model``, counts in this hour."""
+    def add(self, model: str | None, prompt: int, generation: int, cached: tuple[int, int] = (0, 0)) -> None:
+        """A request ended: its real usage, priced at ``model`` (``cached``: the prompt tokens
+        read from and written to a prompt cache), counts in this hour."""
         policy = self._ctx.file.policy
         if policy.spend_guard is None:
             return
-        amount = budgets.cost(_MONEY, policy.price(model or ""), prompt, generation)
+        amount = budgets.cost(_MONEY, policy.price(model or ""), prompt, generation, cached)
         if amount > 0:
             hour = hour_of(self._redis_clock.now())
             self._unsent[hour] = self._unsent.get(hour, 0) + amount

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,13 +66,14 @@ class FakeUpstream:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, port: int = 0) -> str:
+    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on ``port`` (0: a free one), over TLS with ``ssl_context``; the base URL."""
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        site = web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
 from sidecar.server import Sidecar
 from tests.otlp_receiver import OtlpReceiver, Received
 from tests.sidecar.conftest import StartSidecar, scope
+from tests.sidecar.fake_anthropic import FakeAnthropic
 from tests.sidecar.fake_upstream import FakeUpstream
 from tests.sidecar.policy.test_policy_proxy import write_policy
 from token_scaler import tracing
@@ -243,6 +245,40 @@ async def test_a_client_leaving_during_admission_ends_the_server_span(
     assert server.attributes["http.response.status_code"] == 499
     assert receiver.named(SERVICE, "client") == []
     assert upstream.requests == []
+
+
+async def test_anthropic_messages_are_spans_of_the_anthropic_provider(
+    start_sidecar: StartSidecar, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traced(monkeypatch, receiver, "grpc")
+    hosted = FakeAnthropic()
+    await hosted.start()
+    try:
+        sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{hosted.port}")
+        async with (
+            anthropic.AsyncAnthropic(
+                base_url=f"http://127.0.0.1:{sidecar.port}", api_key="sk-ant-test", max_retries=0
+            ) as sdk,
+            sdk.messages.stream(
+                model="claude-fake",
+                max_tokens=9,
+                messages=[{"role": "user", "content": "Count these tokens."}],
+                extra_headers={"X-Fake-Cache-Read": "4"},
+            ) as stream,
+        ):
+            final = await stream.get_final_message()
+        await exported(sidecar)
+    finally:
+        await hosted.stop()
+    server, call = pair(receiver)
+    assert server.name == "POST /v1/messages" and call.name == "chat claude-fake"
+    assert call.attributes["gen_ai.provider.name"] == call.attributes["gen_ai.system"] == "anthropic"
+    assert call.attributes["gen_ai.usage.input_tokens"] == hosted.anthropic.prompt > 4
+    assert (
+        call.attributes["gen_ai.usage.output_tokens"]
+        == final.usage.output_tokens
+        == hosted.anthropic.generation
+    )
 
 
 async def test_an_unreachable_model_server_is_an_error(
