@@ -36,7 +36,7 @@ from sidecar.server_gauges import ServerGaugePoller
 from sidecar.tokens import load_counter
 from token_scaler import httpserve, model_keys, tracing
 from token_scaler.httpserve import TASK_STOP_TIMEOUT_S, end_task
-from token_scaler.redis_conn import REDIS_ERRORS, connect
+from token_scaler.redis_conn import REDIS_ERRORS, connect, redact
 from token_scaler.redis_routing import Commands, open_channel
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Sidecar:
             "sidecar %s: proxy :%d -> %s, admin :%d, workload %s",
             self.flusher.sidecar_id,
             self.port,
-            self.config.upstream,
+            redact(self.config.upstream),  # a URL's user:key part never reaches a log
             self.admin_port,
             self.config.workload,
         )

@@ -466,3 +466,13 @@ async def test_egress_over_tls_keeps_the_provider_keys_secret(
                 assert secret.encode() not in _redis_dump(redis_url)
     finally:
         await hosted.stop()
+
+
+async def test_credentials_in_the_upstream_url_never_reach_the_log(
+    start_sidecar: StartSidecar, upstream: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await start_sidecar(upstream=f"http://user:sk-url-SECRET@127.0.0.1:{upstream.port}")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"http://***@127.0.0.1:{upstream.port}" in logged
+    assert "sk-url-SECRET" not in logged
