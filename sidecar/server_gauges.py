@@ -35,6 +35,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from token_scaler.record import ServerGauges
+from token_scaler.redis_conn import redact
 
 log = logging.getLogger("token_scaler.sidecar.server_gauges")
 
@@ -101,14 +102,14 @@ class ServerGaugePoller:
                 log.warning(
                     "model server metrics at %s unreadable (%s); records carry no server gauges, "
                     "asking again every %gs",
-                    self.url,
+                    redact(self.url),
                     exc or type(exc).__name__,
                     RETRY_S,
                 )
             self._failing = True
             return False
         if self._failing:
-            log.info("model server metrics at %s readable again", self.url)
+            log.info("model server metrics at %s readable again", redact(self.url))
         self._failing = False
         self._latest = (self._monotonic(), gauges)
         return True

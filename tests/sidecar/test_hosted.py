@@ -472,7 +472,15 @@ async def test_credentials_in_the_upstream_url_never_reach_the_log(
     start_sidecar: StartSidecar, upstream: FakeAnthropic, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    await start_sidecar(upstream=f"http://user:sk-url-SECRET@127.0.0.1:{upstream.port}")
+    nothing = free_port()
+    sidecar = await start_sidecar(
+        upstream=f"http://user:sk-url-SECRET@127.0.0.1:{upstream.port}",
+        model_metrics_url=f"http://user:sk-url-SECRET@127.0.0.1:{nothing}/metrics",
+    )
+    assert sidecar.server_gauges is not None
+    async with aiohttp.ClientSession() as session:  # nothing answers there: a warning names it
+        assert not await sidecar.server_gauges.poll_once(session)
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert f"http://***@127.0.0.1:{upstream.port}" in logged
+    assert f"http://***@127.0.0.1:{nothing}/metrics unreadable" in logged
     assert "sk-url-SECRET" not in logged
