@@ -38,7 +38,7 @@ from gateway.pool import Pool, Pools, UnknownModel
 from gateway.queue import QueueFull, Waiter
 from gateway.router import Replica
 from gateway.upstream import Exchange, Outcome, UpstreamPool
-from sidecar import openai, paths, wires
+from sidecar import paths, wires
 from sidecar.openai import Kind
 from sidecar.tokens import LengthEstimate, prompt_tokens
 
@@ -55,17 +55,19 @@ KEEPALIVE_S = 15.0
 
 
 class Refused(Exception):
-    """The gateway answers the request itself, with an OpenAI-shaped error."""
+    """The gateway answers the request itself, with an error in the shape of the request's wire
+    format (``wire``: OpenAI's unless the request is known to be another's)."""
 
     def __init__(self, status: int, reason: str, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
+        self.wire = wires.OPENAI
 
     def body(self) -> bytes:
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
-        return openai.error_body(str(self), type_, self.reason)
+        return self.wire.error_body(self.status, str(self), type_, self.reason, None)
 
     def render(self, *, close: bool = False) -> bytes:
         """The whole answer: head and body."""
@@ -256,6 +258,7 @@ class GatewayProxy:
         except Refused as refusal:
             if trace is not None:
                 trace.refused(refusal.status, refusal.reason, str(refusal))
+            refusal.wire = wires.of(kind)
             return self._refuse(client, refusal)
         except asyncio.CancelledError:
             if trace is not None:

@@ -1,11 +1,13 @@
 """One gateway, several workloads: each request goes to the workload of its model, each workload
-holds and reports its own demand, an unknown model gets an OpenAI-shaped 404."""
+holds and reports its own demand, an unknown model gets a 404 in the shape of its API (OpenAI's,
+Anthropic's)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -44,6 +46,17 @@ async def test_two_workloads_one_at_zero_while_the_other_serves(
     error = info.value.body
     assert isinstance(error, dict) and error["code"] == "model_not_found"
     assert error["type"] == "invalid_request_error" and "alpha, beta" in error["message"]
+    # The same on Anthropic's Messages API: its SDK reads the error in Anthropic's shape.
+    async with anthropic.AsyncAnthropic(
+        base_url=f"http://127.0.0.1:{gateway.port}", api_key="unused", max_retries=0
+    ) as claude:
+        with pytest.raises(anthropic.NotFoundError) as found:
+            await claude.messages.create(
+                model="gamma", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+            )
+    body = found.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "not_found_error" and "alpha, beta" in body["error"]["message"]
     assert not waiting.done() and len(pool_b.queue) == 1
 
     # beta's replica comes: the held request goes to it, not to alpha's.
