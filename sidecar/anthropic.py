@@ -28,8 +28,8 @@ from sidecar.openai import (  # JSON read and counts checked alike in both forma
     Kind,
     ParsedRequest,
     Usage,
-    _count,
-    _loads,
+    json_or_none,
+    token_count,
 )
 
 # The error types of Anthropic's API by HTTP status; other codes take their class's.
@@ -89,7 +89,7 @@ def parse_document(
         texts.append(json.dumps(tools))
     if limit is False:
         raw = doc.get("max_tokens")
-        max_tokens = raw if _count(raw) else None
+        max_tokens = raw if token_count(raw) else None
     else:
         max_tokens = int(limit) if limit is not None else None
     return ParsedRequest(
@@ -112,7 +112,7 @@ def usage_of(usage: object, previous: Usage | None = None, *, final: bool = True
     if not isinstance(usage, dict):
         return previous
     fields = {
-        key: _count(usage.get(key))
+        key: token_count(usage.get(key))
         for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
     }
     fresh, write, read, output = fields.values()
@@ -131,7 +131,7 @@ def usage_of(usage: object, previous: Usage | None = None, *, final: bool = True
 def parse_chunk(kind: Kind, data: str, previous: Usage | None = None) -> Chunk | None:
     """One event's data (its JSON names the event in ``type``); ``previous``: the usage the
     stream said before it. None when it is not the JSON the API streams."""
-    doc = _loads(data)
+    doc = json_or_none(data)
     if not isinstance(doc, dict):
         return None
     type_ = doc.get("type")
@@ -153,7 +153,7 @@ def parse_chunk(kind: Kind, data: str, previous: Usage | None = None) -> Chunk |
 
 
 def parse_response(kind: Kind, body: bytes) -> Complete | None:
-    doc = _loads(body)
+    doc = json_or_none(body)
     if not isinstance(doc, dict):
         return None
     model = doc.get("model")

@@ -72,7 +72,8 @@ class Chunk:
 DONE = Chunk()
 
 
-def _loads(body: bytes | str) -> Any:
+def json_or_none(body: bytes | str) -> Any:
+    """The JSON document, None when it is not JSON (or nests past the parser's depth)."""
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -129,7 +130,7 @@ def _messages(value: object) -> tuple[list[str], int]:
 
 
 def parse_request(kind: Kind, body: bytes) -> ParsedRequest | None:
-    doc = _loads(body)
+    doc = json_or_none(body)
     if not isinstance(doc, dict):
         return None
     return parse_document(kind, doc)
@@ -217,7 +218,8 @@ def strip_null_usage(raw: bytes) -> bytes:
     return _NULL_USAGE.sub(b"", raw, count=1)
 
 
-def _count(value: object) -> int | None:
+def token_count(value: object) -> int | None:
+    """A count of tokens as a server reports it: a non-negative int (no bool), else None."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
@@ -228,20 +230,24 @@ def usage_of(kind: Kind, usage: object) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     if kind is Kind.RESPONSES:
-        prompt, generation = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+        prompt = token_count(usage.get("input_tokens"))
+        generation = token_count(usage.get("output_tokens"))
     else:
-        prompt, generation = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        prompt, generation = (
+            token_count(usage.get("prompt_tokens")),
+            token_count(usage.get("completion_tokens")),
+        )
         if kind is Kind.EMBEDDINGS and generation is None:
             generation = 0
-        total = _count(usage.get("total_tokens"))
+        total = token_count(usage.get("total_tokens"))
         if generation is None and prompt is not None and total is not None and total >= prompt:
             generation = total - prompt
     if prompt is None or generation is None:
         return None
     details = usage.get("output_tokens_details" if kind is Kind.RESPONSES else "completion_tokens_details")
-    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    reasoning = token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
     inputs = usage.get("input_tokens_details" if kind is Kind.RESPONSES else "prompt_tokens_details")
-    cached = _count(inputs.get("cached_tokens")) if isinstance(inputs, dict) else None
+    cached = token_count(inputs.get("cached_tokens")) if isinstance(inputs, dict) else None
     return Usage(prompt, generation, reasoning or 0, min(cached or 0, prompt))
 
 
@@ -295,7 +301,7 @@ def parse_chunk(kind: Kind, data: str) -> Chunk | None:
     """One SSE event's data; None when it is not the JSON the endpoint streams."""
     if data == "[DONE]":
         return DONE
-    doc = _loads(data)
+    doc = json_or_none(data)
     if not isinstance(doc, dict):
         return None
     if kind is Kind.RESPONSES:
@@ -346,7 +352,7 @@ class Complete:
 
 
 def parse_response(kind: Kind, body: bytes) -> Complete | None:
-    doc = _loads(body)
+    doc = json_or_none(body)
     if not isinstance(doc, dict):
         return None
     texts: list[str] = []
