@@ -544,7 +544,11 @@ async def test_scaler_generation_rate_matches_llama_server(stack: Stack) -> None
     # second that holds it is complete on the scaler's clock.
     await stack.tail.settle(0, len(done) + len(load.dropped))
     await next_second(max(e.record.ts_ms for e in stack.tail.entries))
-    view = await stack.debug("whole")
+    for _ in range(100):  # the scaler reads the stream on its own schedule (a blocking XREAD)
+        view = await stack.debug("whole")
+        if view["stream"]["entriesRead"] >= len(stack.tail.entries):
+            break
+        await asyncio.sleep(0.05)
     assert view["stream"]["entriesRead"] >= len(stack.tail.entries)
     evaluation = view["evaluation"]
     covered = evaluation["windowCoverageSeconds"]
