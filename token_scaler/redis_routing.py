@@ -95,18 +95,11 @@ class _Routed:
     # -- the calls the store makes
 
     def send(self, *args: Arg, flush: bool = False) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._dispatch(
-            _key_of(args),
-            lambda node, deliver, f: node.enqueue(args, deliver, f),
-            converting(future, None),
-            flush,
-        )
-        return future
+        return self.send_keyed(_key_of(args), *args, flush=flush)
 
-    def send_keyed(self, key: Arg, *args: Arg, flush: bool = False) -> asyncio.Future[Any]:
-        """``send`` for a command whose first key is not its first argument (``XREAD``):
-        routed by ``key``."""
+    def send_keyed(self, key: Arg | None, *args: Arg, flush: bool = False) -> asyncio.Future[Any]:
+        """``send`` routed by ``key``: for a command whose first key is not its first argument
+        (``XREAD``); None for a keyless one."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._dispatch(
             key,

@@ -15,6 +15,7 @@ Tests record what llama-server reports in each response's ``timings`` with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,15 +27,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from prometheus_client import CollectorRegistry
 
 from sidecar.config import SidecarConfig
+from sidecar.server import Sidecar
+from tests.conftest import delete_keys
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "llama-server"
@@ -305,3 +311,27 @@ def sidecar_config(llama: LlamaServer, redis_url: str, workload: str, **override
         **overrides,
     }
     return SidecarConfig(**settings)
+
+
+@contextlib.asynccontextmanager
+async def guarded_sidecar(
+    llama: LlamaServer,
+    redis_url: str,
+    workload: str,
+    policy: Path,
+    rules: Mapping[str, Any],
+    **overrides: Any,
+) -> AsyncIterator[tuple[Sidecar, str]]:
+    """A sidecar in front of ``llama`` under a policy of ``rules`` in a scope of its own (written
+    to ``policy``): (the sidecar, its scope); the scope's policy keys deleted at the end."""
+    scope = f"e2e-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(policy.write_text, yaml.safe_dump({"scope": scope, **rules}))
+    sidecar = Sidecar(
+        sidecar_config(llama, redis_url, workload, policy=policy, **overrides), CollectorRegistry()
+    )
+    await sidecar.start()
+    try:
+        yield sidecar, scope
+    finally:
+        await sidecar.stop()
+        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}*")

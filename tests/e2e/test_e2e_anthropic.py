@@ -9,7 +9,6 @@ clamped on both, and that the budget's refusal reaches each SDK in its own shape
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,9 @@ import anthropic
 import openai
 import pytest
 import redis
-import yaml
-from prometheus_client import CollectorRegistry
 
 from sidecar.server import Sidecar
-from tests.conftest import delete_keys
-from tests.e2e.conftest import LlamaServer, sidecar_config
+from tests.e2e.conftest import LlamaServer, guarded_sidecar
 from tests.sidecar.conftest import read_records, totals
 
 pytestmark = pytest.mark.e2e
@@ -37,30 +33,17 @@ CEILING = 12
 async def guarded(
     llama_server: LlamaServer, redis_url: str, workload: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Sidecar, str]]:
-    scope = f"e2e-{uuid.uuid4().hex[:8]}"
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "scope": scope,
-                "reservationChunks": {"seconds": 0},
-                "defaults": {
-                    "maxTokens": {"default": 8, "ceiling": CEILING, "overCeiling": "clamp"},
-                    "budget": {"daily": BUDGET},
-                },
-            }
-        )
-    )
-    sidecar = Sidecar(
-        sidecar_config(llama_server, redis_url, workload, policy=policy, flush_interval_s=3600.0),
-        CollectorRegistry(),
-    )
-    await sidecar.start()
-    try:
-        yield sidecar, scope
-    finally:
-        await sidecar.stop()
-        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}*")
+    rules = {
+        "reservationChunks": {"seconds": 0},
+        "defaults": {
+            "maxTokens": {"default": 8, "ceiling": CEILING, "overCeiling": "clamp"},
+            "budget": {"daily": BUDGET},
+        },
+    }
+    async with guarded_sidecar(
+        llama_server, redis_url, workload, tmp_path / "policy.yaml", rules, flush_interval_s=3600.0
+    ) as guarded:
+        yield guarded
 
 
 def _input(usage: Any) -> int:

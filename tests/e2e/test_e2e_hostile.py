@@ -9,19 +9,15 @@ reads ``n_predict`` as well as ``max_tokens``: a limit the sidecar must meter an
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import yaml
-from prometheus_client import CollectorRegistry
 
 from sidecar.server import Sidecar
-from tests.conftest import delete_keys
-from tests.e2e.conftest import LlamaServer, sidecar_config
+from tests.e2e.conftest import LlamaServer, guarded_sidecar
 from tests.sidecar.policy.test_policy_proxy import settled
 from tests.sidecar.test_differential import raw_post
 
@@ -81,24 +77,12 @@ def corpus(model: str) -> list[tuple[str, str, bytes, bool]]:
 async def guarded(
     llama_server: LlamaServer, redis_url: str, workload: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Sidecar, str]]:
-    scope = f"e2e-{uuid.uuid4().hex[:8]}"
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "scope": scope,
-                "reservationChunks": {"seconds": 0},
-                "defaults": {"maxTokens": {"default": 8, "ceiling": CEILING}, "budget": {"daily": 10**6}},
-            }
-        )
-    )
-    sidecar = Sidecar(sidecar_config(llama_server, redis_url, workload, policy=policy), CollectorRegistry())
-    await sidecar.start()
-    try:
-        yield sidecar, scope
-    finally:
-        await sidecar.stop()
-        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}*")
+    rules = {
+        "reservationChunks": {"seconds": 0},
+        "defaults": {"maxTokens": {"default": 8, "ceiling": CEILING}, "budget": {"daily": 10**6}},
+    }
+    async with guarded_sidecar(llama_server, redis_url, workload, tmp_path / "policy.yaml", rules) as guarded:
+        yield guarded
 
 
 def dechunked(answer: bytes) -> bytes:

@@ -8,7 +8,6 @@ budget refuses once it is spent, and that no reservation is left open.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,9 @@ from typing import Any
 import openai
 import pytest
 import redis
-import yaml
-from prometheus_client import CollectorRegistry
 
 from sidecar.server import Sidecar
-from tests.conftest import delete_keys
-from tests.e2e.conftest import LlamaServer, sidecar_config
+from tests.e2e.conftest import LlamaServer, guarded_sidecar
 
 pytestmark = pytest.mark.e2e
 
@@ -34,28 +30,16 @@ CEILING = 12
 async def guarded(
     llama_server: LlamaServer, redis_url: str, workload: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Sidecar, str]]:
-    scope = f"e2e-{uuid.uuid4().hex[:8]}"
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "scope": scope,
-                "modelLimits": {llama_server.model: {"tokensPerMinute": 10**7}},
-                "defaults": {
-                    "maxTokens": {"default": 8, "ceiling": CEILING, "overCeiling": "clamp"},
-                    "budget": {"daily": BUDGET},
-                    "rateLimit": {"tokensPerMinute": 10**7},
-                },
-            }
-        )
-    )
-    sidecar = Sidecar(sidecar_config(llama_server, redis_url, workload, policy=policy), CollectorRegistry())
-    await sidecar.start()
-    try:
-        yield sidecar, scope
-    finally:
-        await sidecar.stop()
-        delete_keys(redis_url, f"tokenscaler:v1:{{policy:{scope}*")
+    rules = {
+        "modelLimits": {llama_server.model: {"tokensPerMinute": 10**7}},
+        "defaults": {
+            "maxTokens": {"default": 8, "ceiling": CEILING, "overCeiling": "clamp"},
+            "budget": {"daily": BUDGET},
+            "rateLimit": {"tokensPerMinute": 10**7},
+        },
+    }
+    async with guarded_sidecar(llama_server, redis_url, workload, tmp_path / "policy.yaml", rules) as guarded:
+        yield guarded
 
 
 async def test_budgets_settle_to_the_usage_llama_server_reports(
