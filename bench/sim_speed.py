@@ -11,8 +11,8 @@ round (token, rps, concurrency, prometheus at their calibrated targets; fixed at
 replicas the trace's mean demand needs): CPU (process) time of ``simulate`` + ``summarize``,
 per request. Baselines in the same run, per request: pushing and popping every arrival
 through a ``heapq``, and ``numpy.sort`` of the arrival times. Of the token policy's cost, the
-part spent in the scaler's own code (``WorkloadSeries.add_all`` of each second's sidecar
-records, ``evaluate`` at each sync) is timed in a run of its own.
+part spent in the scaler's own code (``WorkloadSeries.add_flushes``/``add_all`` of each
+second's sidecar records, ``evaluate`` at each sync) is timed in a run of its own.
 
 Results: printed and written to bench/results/sim-speed.json, with every run's summary
 (GPU-hours, SLO attainment, latency percentiles, drops); ``--against`` an earlier such file
@@ -82,8 +82,8 @@ def cpu_timed(action: Callable[[], Any]) -> tuple[float, Any]:
 
 def scaler_share(setup: cli.Setup) -> float:
     """CPU seconds a token run spends in the scaler's own code, which the policy runs as the
-    scaler does: ``WorkloadSeries.add_all`` of every second's sidecar records and ``evaluate``
-    at every sync. Timed around each call, in a run of its own (the timing adds to that run)."""
+    scaler does: ``WorkloadSeries.add_flushes``/``add_all`` of every second's sidecar records and
+    ``evaluate`` at every sync. Timed around each call, in a run of its own (the timing adds to that run)."""
     spent = [0.0]
 
     def timed(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,9 +96,12 @@ def scaler_share(setup: cli.Setup) -> float:
 
         return call
 
-    add_all = WorkloadSeries.add_all
     # tuning.policies calls the name it imported: that is the one to wrap
-    patched = ((WorkloadSeries, "add_all", add_all), (policy_module, "evaluate", evaluate))
+    patched = (
+        (WorkloadSeries, "add_all", WorkloadSeries.add_all),
+        (WorkloadSeries, "add_flushes", WorkloadSeries.add_flushes),
+        (policy_module, "evaluate", evaluate),
+    )
     for owner, name, function in patched:
         setattr(owner, name, timed(function))
     try:

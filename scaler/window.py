@@ -78,6 +78,11 @@ PRESENCE_S = 4
 # is margin for entries that arrive late.
 HISTORY_S = 2 * MAX_WINDOW_S + 5
 TENANT_WINDOW_S = 60
+# One sidecar's counts of one model for one flush, ``ModelCounts``' fields in order: served
+# prompt/generation, arrived prompt/generation, requests ended, then the gauges in flight,
+# waiting, backlog prompt/generation.
+FlushRow = tuple[int, int, int, int, int, int, int, int, int]
+Gauges = tuple[int, int, int, int]
 
 Floats = npt.NDArray[np.float64]
 
@@ -182,7 +187,7 @@ class SecondRing:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class SidecarState:
     last_ts_ms: int
     last_seen_ms: int
@@ -192,6 +197,36 @@ class SidecarState:
     gauges: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     server: ServerGauges | None = None  # the model server's own gauges, as last reported
     gateway: bool = False  # a gateway's entries: requests it holds, not a replica
+
+    def note(
+        self, seq: int, ts_ms: int, t_ms: int, gauges: dict[str, Gauges], server: ServerGauges | None
+    ) -> None:
+        """An entry of this sidecar applied: stamped ``ts_ms``, placed at ``t_ms``. The
+        gauges are the newest stamp's."""
+        self.last_seq = seq
+        self.entries += 1
+        if ts_ms >= self.last_ts_ms:
+            self.last_ts_ms = ts_ms
+            if t_ms > self.last_seen_ms:
+                self.last_seen_ms = t_ms
+            self.gauges = gauges
+            self.server = server
+
+
+@dataclass
+class Flushes:
+    """One second's records of sidecars that run one model each, in the form
+    ``WorkloadSeries.add_flushes`` takes instead of ``Record`` objects (what the simulator
+    hands it): every record stamped ``sec * 1000`` with a 1 s interval, role sidecar, without
+    tenants or server gauges. ``sidecars``: (name, seq, gauges by model: empty when the
+    record has no model) in record order; ``totals``: per model, the five counters
+    (``FlushRow[:5]``) summed over the records that have it. The counters are integers, so
+    their sum is exact and the same whatever the order (below 2**53), as the record-by-record
+    float sums ``add_all`` makes are."""
+
+    sec: int
+    sidecars: list[tuple[str, int, dict[str, Gauges]]] = field(default_factory=list)
+    totals: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,6 +253,12 @@ class WorkloadSeries:
     def ring(self, model: str | None) -> SecondRing | None:
         return self.rings.get(model)
 
+    def _ring_for(self, model: str | None) -> SecondRing:
+        ring = self.rings.get(model)
+        if ring is None:
+            ring = self.rings[model] = SecondRing()
+        return ring
+
     def add(self, record: Record, entry_id: bytes | str) -> bool:
         """Apply an entry; False when its sidecar's ``seq`` was applied already (see below)."""
         return self._apply(record, entry_id_ms(entry_id))
@@ -232,6 +273,49 @@ class WorkloadSeries:
             if apply(record, id_ms):
                 applied += 1
         return applied
+
+    def add_flushes(self, flushes: Flushes, entry_id: bytes | str) -> int:
+        """``add_all`` of the records ``flushes`` stands for, under one entry id, leaving the
+        series as that would (every bucket, counter and sidecar state the same) at the cost of
+        one record per sidecar's state, not per bucket. A seq at or below its sidecar's last
+        raises ValueError (``add_all`` would skip that record, whose counts are in the
+        totals); the sidecars before it are applied by then."""
+        sidecars = flushes.sidecars
+        n = len(sidecars)
+        if not n:
+            return 0
+        ts_ms = flushes.sec * 1000
+        t_ms = min(ts_ms, entry_id_ms(entry_id))
+        if t_ms < ts_ms:
+            self.clamped += n
+        sec = t_ms // 1000
+        states = self.sidecars
+        for name, seq, gauges in sidecars:
+            state = states.get(name)
+            if state is None:
+                state = states[name] = SidecarState(ts_ms, t_ms)
+            elif seq <= state.last_seq:
+                raise ValueError(f"{name}: seq {seq} applied already (last {state.last_seq})")
+            state.note(seq, ts_ms, t_ms, gauges, None)
+        if self.first_sec is None or sec < self.first_sec:
+            self.first_sec = sec
+        self.entries += n
+        if sec < self.clock_sec:
+            self.past_version += n
+        t0 = t1 = t2 = t3 = t4 = 0
+        for model, (sp, sg, ap, ag, rq) in flushes.totals.items():
+            self._ring_for(model).add_row(sec, sp, sg, ap, ag, rq)
+            t0 += sp
+            t1 += sg
+            t2 += ap
+            t3 += ag
+            t4 += rq
+        # a model's ring holds no later second than the all-models ring (both take every
+        # record of the model): a record is too old exactly when the all-models ring says so
+        if not self._ring_for(None).add_row(sec, t0, t1, t2, t3, t4):
+            self.too_old += n
+        self.presence.add_one(sec, n)
+        return n
 
     def _apply(self, record: Record, id_ms: int) -> bool:
         name = record.sidecar
@@ -293,14 +377,7 @@ class WorkloadSeries:
             self.too_old += 1
         if state is None:
             state = self.sidecars[name] = SidecarState(ts_ms, t_ms, gateway=gateway)
-        state.last_seq = record.seq
-        state.entries += 1
-        if ts_ms >= state.last_ts_ms:
-            state.last_ts_ms = ts_ms
-            if t_ms > state.last_seen_ms:
-                state.last_seen_ms = t_ms
-            state.gauges = gauges
-            state.server = record.server
+        state.note(record.seq, ts_ms, t_ms, gauges, record.server)
         if record.tenants:
             log = self.tenant_log
             for tenant, per_model in record.tenants.items():
@@ -436,15 +513,19 @@ def _trimmed_demand(
     at the ``count`` indices of ``counts`` from ``lo`` on. A request's arrival estimate is
     corrected to its usage in the second it ends, so one long generation puts a spike in a
     single second; a burst of requests raises every second of the window, and survives the
-    trim."""
+    trim. ``cover``, the seconds of data each window covers, never decreases along the
+    windows."""
     per_second = _served_arrived(counts, pw, gw)
     cum = _cumulative(per_second)
     sums = cum[:, lo : lo + count] - cum[:, lo - wp : lo - wp + count]
     busiest = np.maximum.reduce(per_second[:, _window_index(lo, count, wp)], axis=2)
-    kept = np.maximum(cover - 1, 1.0)
-    whole = sums / np.maximum(cover, 1.0)
-    trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
-    demand = np.where(cover >= 1, trimmed, 0.0)
+    if cover[0] >= 2:  # every window covers two seconds or more: each one trimmed
+        demand = (sums - np.maximum(busiest, 0.0)) / (cover - 1)
+    else:
+        kept = np.maximum(cover - 1, 1.0)
+        whole = sums / np.maximum(cover, 1.0)
+        trimmed = np.where(cover >= 2, (sums - np.maximum(busiest, 0.0)) / kept, whole)
+        demand = np.where(cover >= 1, trimmed, 0.0)
     out: Floats = np.maximum(np.maximum(0.0, demand[0]), demand[1])
     return out
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from scaler.window import Flushes, FlushRow, Gauges
 from token_scaler.record import GATEWAY, ModelCounts, Record
 from tuning.hpa import Hpa, HpaSettings
 from tuning.policies import Policy, Second
@@ -123,6 +124,20 @@ class _GatewayCounts:
         self.seq += 1
         self.prompt = self.generation = 0
         return Record("gateway", self.seq, s * 1000, 1000, {MODEL: counts}, role=GATEWAY)
+
+
+def _totals(rows: list[FlushRow]) -> dict[str, tuple[int, int, int, int, int]]:
+    """The five counters of ``rows`` summed (integers: exact in any order)."""
+    if not rows:
+        return {}
+    sp = sg = ap = ag = rq = 0
+    for row in rows:
+        sp += row[0]
+        sg += row[1]
+        ap += row[2]
+        ag += row[3]
+        rq += row[4]
+    return {MODEL: (sp, sg, ap, ag, rq)}
 
 
 TIMELINE = (
@@ -289,9 +304,14 @@ class _Sim:
         and the policy. True: the run is over."""
         t = float(s)
         timeout = self.cfg.timeout_s
-        records: list[Record] | None = [] if self.policy.needs_records else None
+        keep = self.policy.needs_records
+        # each sidecar's record, as ``scaler.window.Flushes`` takes it: (name, seq, gauges),
+        # and the counts of those that have any
+        sidecars: list[tuple[str, int, dict[str, Gauges]]] = []
+        rows: list[FlushRow] = []
         served_p = served_g = 0.0
         pods = queue = inflight = 0
+        flushing: list[Pod] = []  # the running sidecars, then those gone since the last second
         for pod in list(self.live):  # a pod past its grace period leaves ``live``
             if pod.state == STARTING:
                 pods += 1
@@ -308,20 +328,27 @@ class _Sim:
                 pods += 1
             queue += len(pod.queue)
             inflight += pod.inflight
-            if records is None:
-                _, sp, sg = pod.take(t, False)
-            else:
-                sp, sg = self._take(pod, s, records)
+            flushing.append(pod)
+        flushing += self.just_gone
+        for pod in flushing:
+            counts, sp, sg = pod.take(t, keep)
             served_p += sp
             served_g += sg
-        for pod in self.just_gone:
-            sp, sg = self._take(pod, s, records)
-            served_p += sp
-            served_g += sg
+            if keep:
+                pod.seq += 1
+                if counts is None:
+                    sidecars.append((pod.name, pod.seq, {}))
+                else:
+                    sidecars.append((pod.name, pod.seq, {MODEL: counts[5:]}))
+                    rows.append(counts)
         self.just_gone = []
         if self.holding:
             self._give_up_held(t)
-        if records is not None:
+        records: list[Record] = []
+        flushes = None
+        if keep:
+            if sidecars:
+                flushes = Flushes(s, sidecars, _totals(rows))
             gateway = self.gateway.take(s, len(self.holding))
             if gateway is not None:
                 records.append(gateway)
@@ -329,23 +356,13 @@ class _Sim:
         arrivals, tokens, weighted = (
             (a.requests[s], a.tokens[s], a.weighted[s]) if s < len(a.requests) else (0, 0, 0.0)
         )
-        self.policy.observe(Second(s, arrivals, served_p, served_g, records or []))
+        self.policy.observe(Second(s, arrivals, served_p, served_g, records, flushes))
         held = len(self.holding)
         row = (t, pods, len(self.ready), queue + held, inflight + held, tokens, weighted, served_p + served_g)
         self.timeline.extend(row)
         if all_arrived and t >= self.horizon:
             return self.r.ended == len(self.r.arrival) or t >= self.horizon + 3600
         return False
-
-    def _take(self, pod: Pod, s: int, records: list[Record] | None) -> tuple[float, float]:
-        """One sidecar's flush at second ``s``: its record (when ``records`` are kept) and the
-        prompt and generated tokens it served in the second."""
-        counts, served_prompt, served_generation = pod.take(float(s), records is not None)
-        if records is not None:
-            pod.seq += 1
-            models = {MODEL: counts} if counts is not None else {}
-            records.append(Record(pod.name, pod.seq, s * 1000, 1000, models))
-        return served_prompt, served_generation
 
     def _give_up_held(self, t: float) -> None:
         """Requests held at the gateway past the timeout are dropped."""

@@ -35,7 +35,7 @@ from scaler.history import SETTLE_S
 from scaler.metadata import ScalerSettings
 from scaler.predictive import combine, forecast_for
 from scaler.pressure import apply_floor, pressure
-from scaler.window import Evaluation, WorkloadSeries, evaluate
+from scaler.window import Evaluation, Flushes, WorkloadSeries, evaluate
 from token_scaler.record import Record
 
 
@@ -48,6 +48,9 @@ class Second:
     served_prompt: float
     served_generation: float
     records: list[Record]
+    # the sidecars' records, in the form the series takes without building them (applied
+    # before ``records``)
+    flushes: Flushes | None = None
 
 
 class Policy:
@@ -98,6 +101,8 @@ class TokenPolicy(Policy):
 
     def observe(self, second: Second) -> None:
         self.observed += 1
+        if second.flushes is not None:
+            self.series.add_flushes(second.flushes, f"{second.t * 1000}-0")
         if second.records:
             self.series.add_all(second.records, f"{second.t * 1000}-0")
         if self.settings.predictive and second.t % MINUTE_S == SETTLE_S:

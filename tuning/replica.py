@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scaler.window import FlushRow
 from sidecar.meter import DEFAULT_EWMA_ALPHA, DEFAULT_GENERATION_ESTIMATE
-from token_scaler.record import ModelCounts
 from tuning.errors import ProfileFileError
 
 PROFILE_KIND = "token-scaler/replica-profile"
@@ -518,20 +518,22 @@ class Pod:
         self._rates()
         return lost
 
-    def take(self, t: float, counts: bool = True) -> tuple[ModelCounts | None, float, float]:
-        """The sidecar's flush at ``t``: counts since the last one (None when there is nothing
-        to say, or not asked for), and the prompt and generated tokens served in the interval.
-        The pod is not moved: its fluid generated tokens at ``t`` are found in closed form."""
+    def take(self, t: float, counts: bool = True) -> tuple[FlushRow | None, float, float]:
+        """The sidecar's flush at ``t``: counts since the last one, ``ModelCounts``' fields in
+        order (None when there is nothing to say, or not asked for), and the prompt and
+        generated tokens served in the interval. The pod is not moved: its fluid generated
+        tokens at ``t`` are found in closed form."""
         total = self.sg_total
         n = len(self.decoding)
         if n and t > self.t:
             total += n * ((t - self.t) / self.step)
         sg = round(total) - self.sg_sent
         self.sg_sent += sg
-        model = None
-        if counts and (self.sp or sg or self.ap or self.ag or self.rq or self.inflight):
-            model = ModelCounts(
-                self.sp,
+        row = None
+        sp = self.sp
+        if counts and (sp or sg or self.ap or self.ag or self.rq or self.inflight):
+            row = (
+                sp,
                 sg,
                 self.ap,
                 self.ag,
@@ -541,9 +543,8 @@ class Pod:
                 max(self.bp, 0),
                 max(self.bg, 0),
             )
-        served_prompt = float(self.sp)
         self.sp = self.ap = self.ag = self.rq = 0
-        return model, served_prompt, float(sg)
+        return row, float(sp), float(sg)
 
 
 @functools.cache

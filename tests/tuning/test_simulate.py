@@ -67,6 +67,17 @@ class Recorder(Policy):
         return self.inner.value(now_s, in_flight)
 
 
+def five_counters(second: Second) -> list[tuple[int, ...]]:
+    """The served and arrived prompt and generated tokens and the requests ended of the
+    second's records: the sidecars' summed (``Flushes.totals``), the gateway's."""
+    out: list[tuple[int, ...]] = [
+        tuple(m.as_list()[:5]) for rec in second.records for m in rec.models.values()
+    ]
+    if second.flushes is not None:
+        out.extend(second.flushes.totals.values())
+    return out
+
+
 def token_policy(capacity: float = 4000.0, **extra: str) -> TokenPolicy:
     return TokenPolicy(parse({"tokensPerSecondPerReplica": str(capacity), **extra}, "ns", "llm"))
 
@@ -100,21 +111,25 @@ def test_no_request_lost_and_work_conserved(policy_name, routing):
 
     # the sidecars' counters: served == what completed requests hold; arrived estimates
     # are corrected to the same totals by the end
-    models = [rec.models["model"] for s in policy.seconds for rec in s.records if rec.models]
-    served_prompt = sum(m.served_prompt for m in models)
-    served_gen = sum(m.served_generation for m in models)
+    counters = [c for s in policy.seconds for c in five_counters(s)]
+    served_prompt = sum(c[0] for c in counters)
+    served_gen = sum(c[1] for c in counters)
     assert served_prompt == int(r.prompt[done].sum())
     assert served_gen == int(r.generated[done].sum())
-    assert sum(m.arrived_prompt for m in models) == served_prompt
-    assert sum(m.arrived_generation for m in models) == served_gen
-    assert sum(m.requests for m in models) == int(done.sum() + (r.status == DROPPED).sum())
+    assert sum(c[2] for c in counters) == served_prompt
+    assert sum(c[3] for c in counters) == served_gen
+    assert sum(c[4] for c in counters) == int(done.sum() + (r.status == DROPPED).sum())
     assert sum(s.arrivals for s in policy.seconds) == len(trace)
-    last = {}
+    last = {}  # each sidecar's last gauges: (in flight, waiting, backlogs)
     for s in policy.seconds:
         for rec in s.records:
             if rec.models:
-                last[rec.sidecar] = rec.models["model"]
-    assert all(m.inflight == 0 and m.waiting == 0 for m in last.values())
+                m = rec.models["model"]
+                last[rec.sidecar] = (m.inflight, m.waiting)
+        for name, _, gauges in s.flushes.sidecars if s.flushes else []:
+            if gauges:
+                last[name] = gauges["model"][:2]
+    assert all(g == (0, 0) for g in last.values())
 
     # replicas within min/max, ready never above existing
     tl = result.timeline
@@ -497,9 +512,9 @@ def test_the_token_policy_wakes_from_zero_on_the_gateways_records():
     # over their lives the gateway's counts sum to zero: the sidecars count every token once
     assert sum(rec.models["model"].arrived_prompt for rec in gateway) == 0
     assert sum(rec.models["model"].arrived_generation for rec in gateway) == 0
-    sidecars = [rec.models["model"] for s in policy.seconds for rec in s.records
-                if rec.sidecar != "gateway" and rec.models]  # fmt: skip
-    assert sum(m.arrived_prompt for m in sidecars) == int(r.prompt.sum())
+    assert not any(rec.sidecar != "gateway" for s in policy.seconds for rec in s.records)
+    sidecars = [s.flushes.totals["model"] for s in policy.seconds if s.flushes and s.flushes.totals]
+    assert sum(c[2] for c in sidecars) == int(r.prompt.sum())
 
 
 def test_warm_up_plays_the_traces_end_first():
