@@ -331,6 +331,11 @@ class _Sim:
             flushing.append(pod)
         flushing += self.just_gone
         for pod in flushing:
+            if pod.quiet:  # its flush says nothing, and it served nothing
+                if keep:
+                    pod.seq += 1
+                    sidecars.append((pod.name, pod.seq, {}))
+                continue
             counts, sp, sg = pod.take(t, keep)
             served_p += sp
             served_g += sg

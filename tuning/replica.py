@@ -260,6 +260,7 @@ class Pod:
         "prefill",
         "prefill_rate",
         "queue",
+        "quiet",
         "r",
         "rates",
         "ready_at",
@@ -306,6 +307,8 @@ class Pod:
         self.sg_total = 0.0  # generated tokens served since the pod started (fluid)
         self.sg_sent = 0
         self.inflight = 0  # requests queued, prefilling or decoding
+        # the last flush had nothing to say and nothing has arrived since: nor has the next
+        self.quiet = False
         self.waiting = 0
         self.bp = 0
         self.bg = 0
@@ -366,6 +369,7 @@ class Pod:
         mean = self.mean_generation
         estimate = GENERATION_ESTIMATE if mean is None else round(mean)
         r.estimate[i] = estimate
+        self.quiet = False
         self.ap += prompt
         self.ag += estimate
         self.bp += prompt
@@ -531,7 +535,8 @@ class Pod:
         self.sg_sent += sg
         row = None
         sp = self.sp
-        if counts and (sp or sg or self.ap or self.ag or self.rq or self.inflight):
+        self.quiet = not (sp or sg or self.ap or self.ag or self.rq or self.inflight)
+        if counts and not self.quiet:
             row = (
                 sp,
                 sg,
