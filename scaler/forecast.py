@@ -32,6 +32,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from scaler.demand import demand_of
+
 MINUTE_S = 60
 DAY_MIN = 24 * 60
 WEEK_MIN = 7 * DAY_MIN
@@ -51,10 +53,10 @@ class MinuteCounts:
     arrived_generation: float
 
     def demand(self, pw: float, gw: float) -> float:
-        """Weighted tokens per second over the minute: max(arrived, served), as the window."""
+        """Weighted tokens per second over the minute, chosen as the window's (``scaler.demand``)."""
         served = pw * self.served_prompt + gw * self.served_generation
         arrived = pw * self.arrived_prompt + gw * self.arrived_generation
-        return max(served, arrived, 0.0) / MINUTE_S
+        return demand_of(served, arrived) / MINUTE_S
 
     def encode(self) -> str:
         return ",".join(f"{v:.0f}" for v in self.as_tuple())

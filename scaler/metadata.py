@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from scaler.demand import DEFAULT_MARGIN
 from token_scaler.errors import MetadataError
 from token_scaler.record import validate_workload
 
@@ -49,6 +50,7 @@ class ScalerSettings:
     burst_window_s: int = 0  # 0: no burst envelope
     burst_quantile: float = 0.9
     burst_lookback_s: int = BURST_LOOKBACK_MAX_S
+    arrival_margin: float = DEFAULT_MARGIN  # inf: the served rate, arrivals only while none is served
 
     @property
     def target(self) -> float:
@@ -116,6 +118,12 @@ def _model(key: str, raw: str) -> str:
     return raw
 
 
+def _margin(key: str, raw: str) -> float:
+    if raw.strip().lower() == "off":
+        return math.inf
+    return _number(key, raw, lambda v: 0 <= v <= 10, _expected(key))
+
+
 SPEC: dict[str, Key] = {
     "workload": Key(
         "workload",
@@ -147,6 +155,13 @@ SPEC: dict[str, Key] = {
         "panic_window_s",
         "short burst window in seconds, a whole number from 1 to half the window",
         lambda key, raw: raw,  # checked against windowSeconds in ``parse``
+    ),
+    "arrivalMargin": Key(
+        "arrival_margin",
+        "the arrival rate is the demand when at least 1 + this x the served rate, else the served "
+        "rate, a number from 0 to 10 (0: the higher of the two), or off (the served rate; arrivals "
+        "only while nothing is served)",
+        _margin,
     ),
     "panicThreshold": Key(
         "panic_threshold",

@@ -11,12 +11,14 @@ Demand. For each window, with weights ``pw``/``gw``::
 
     served  = (pw * served_prompt  + gw * served_generation)  / covered seconds
     arrived = (pw * arrived_prompt + gw * arrived_generation) / covered seconds
-    demand  = max(arrived, served)
+    demand  = arrived if arrived >= served * (1 + arrivalMargin) else served
 
 ``arrived`` counts tokens of requests as they arrive (estimates, corrected to the
 real usage when they end), so it keeps growing when replicas are saturated while
 ``served`` cannot; ``served`` wins while a queue drains. In steady state both equal
-the real token rate.
+the real token rate. With ``arrivalMargin`` 0, the default, the demand is the higher
+of the two; ``scaler.demand`` says when a margin, or none (``off``), pays. The panic
+window and the burst envelope, which look for bursts, take the higher of the two.
 
 Coverage. Right after a start, or after Redis lost its data, the window holds fewer
 seconds than asked for: rates divide by the seconds actually covered
@@ -65,6 +67,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demand_of, demands_of
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
 from token_scaler.record import GATEWAY, Record, ServerGauges, entry_id_ms
@@ -437,10 +440,11 @@ class Rates:
     requests: float
     served: float
     arrived: float
+    margin: float = DEFAULT_MARGIN  # arrivalMargin: how far arrivals must outrun served to count
 
     @property
     def demand(self) -> float:
-        return max(self.served, self.arrived, 0.0)
+        return demand_of(self.served, self.arrived, self.margin)
 
 
 @dataclass(frozen=True)
@@ -460,11 +464,11 @@ class Evaluation:
     envelope: float = 0.0  # the burst envelope, weighted tokens/s (0 when off or not yet known)
 
 
-def _rates(sums: Floats, seconds: float, pw: float, gw: float) -> Rates:
+def _rates(sums: Floats, seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN) -> Rates:
     if seconds < 1:
-        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin)
     sp, sg, ap, ag, rq = (x / seconds for x in sums.tolist())
-    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin)
 
 
 def _reporting(series: WorkloadSeries, grid: npt.NDArray[np.int64]) -> Floats:
@@ -546,6 +550,20 @@ def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSet
     return float(np.quantile(demand, settings.burst_quantile)), len(demand)
 
 
+def stable_reason(window_s: int, stable: Rates) -> str:
+    """Why the stable window's demand is the rate it is (``scaler.demand``)."""
+    lead = arrivals_lead(stable.served, stable.arrived, stable.margin)
+    which = "arrival" if lead else "served"
+    reason = f"{window_s}s window demand = {which} rate {stable.demand:.1f} weighted tokens/s"
+    if stable.margin == 0:
+        return reason
+    if math.isinf(stable.margin):
+        return reason + f" (arrivalMargin off; arrival rate {stable.arrived:.1f})"
+    if lead:
+        return reason + f" (over {1 + stable.margin:g}x the served rate {stable.served:.1f})"
+    return reason + f" (arrival rate {stable.arrived:.1f}, within {1 + stable.margin:g}x of it)"
+
+
 def replicas_for(value: float, target: float) -> int:
     """What KEDA's HPA derives with metricType AverageValue: ceil(value / target)."""
     return math.ceil(value / target - 1e-9) if value > 0 else 0
@@ -590,10 +608,10 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
     cover_stable = np.minimum(np.maximum(known, 0), w)
     cover_panic = np.minimum(np.maximum(known, 0), wp)
 
-    # the stable window's demand: max(served, arrived, 0) per second, 0 where no data
+    # the stable window's demand per second (scaler.demand), 0 where no data
     covered = cover_stable >= 1
     weighted = (pw * stable_sums[0:4:2] + gw * stable_sums[1:4:2]) / np.where(covered, cover_stable, 1.0)
-    stable_demand = np.where(covered, np.maximum(np.maximum(weighted[0], weighted[1]), 0.0), 0.0)
+    stable_demand = np.where(covered, demands_of(weighted[0], weighted[1], settings.arrival_margin), 0.0)
     panic_demand = _trimmed_demand(counts, lo, hold, wp, cover_panic, pw, gw)
     stable_replicas = np.ceil(stable_demand / target - 1e-9)
     panic_replicas = np.ceil(panic_demand / target - 1e-9)
@@ -606,10 +624,10 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         running = np.maximum(floor, _reporting(series, grid))
         triggers = panic_replicas >= threshold * running
 
-    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw)
+    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
     coverage = float(cover_stable[-1])
-    which = "arrival" if stable.arrived >= stable.served else "served"
+    which = "arrival" if arrivals_lead(stable.served, stable.arrived, stable.margin) else "served"
 
     if triggers.any():
         first = int(np.argmax(triggers))
@@ -628,7 +646,7 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         value = stable.demand
         since = None
         rule = f"stable-{which}"
-        reason = f"{w}s window demand = {which} rate {value:.1f} weighted tokens/s"
+        reason = stable_reason(w, stable)
     envelope = 0.0
     if settings.burst_window_s:
         envelope, windows = burst_envelope(ring, series.first_sec, s, settings)

@@ -262,6 +262,13 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         "headroom, the concurrency policy's target) off, on or off,on (default off)",
     )
     g.add_argument(
+        "--sweep-arrival-margins",
+        type=a.listed(_margin),
+        default=["0", "off"],
+        help="token: arrivalMargin, fractions or off (default 0,off: the higher of the arrival and "
+        "served rates, and the served rate alone)",
+    )
+    g.add_argument(
         "--sweep-rps-windows",
         type=a.listed(a.positive_int),
         default=[30, 60],
@@ -289,6 +296,13 @@ def _range(raw: str) -> tuple[float, float]:
     if not 0 < lo < hi:
         raise ValueError("expected 0 < LOW < HIGH")
     return lo, hi
+
+
+def _margin(raw: str) -> str:
+    value = raw.strip().lower()
+    if value != "off" and not 0 <= float(value) <= 10:
+        raise ValueError("expected a fraction from 0 to 10 or off")
+    return value
 
 
 def _on_off(raw: str) -> str:
@@ -422,12 +436,14 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
                 "panic": panic_variant(pw, pt, hold),
                 "burst": burst_variant(burst),
                 "inflight": inflight,
+                "arrivalMargin": margin,
             }
             for w in ns.sweep_windows
             for pw, pt, hold in ns.sweep_panic
             if pw <= w // 2
             for burst in ns.sweep_burst
             for inflight in ns.sweep_inflight
+            for margin in ns.sweep_arrival_margins
         ]
     if name == "rps":
         return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]
@@ -583,6 +599,7 @@ def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
         "burstQuantile",
         "burstLookbackSeconds",
         "inFlightPerReplica",
+        "arrivalMargin",
         "promptWeight",
         "generationWeight",
     )

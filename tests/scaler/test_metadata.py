@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from scaler.metadata import KEYS, parse
@@ -70,6 +72,7 @@ def test_every_documented_key_is_parsed() -> None:
         "panicWindowSeconds",
         "panicThreshold",
         "panicHoldSeconds",
+        "arrivalMargin",
         "burstWindowSeconds",
         "burstQuantile",
         "burstLookbackSeconds",
@@ -138,3 +141,13 @@ def test_missing_capacity_is_required() -> None:
 def test_both_weights_zero() -> None:
     with pytest.raises(MetadataError, match="cannot both be 0"):
         parse({**BASE, "promptWeight": "0", "generationWeight": "0"}, "ns", "so")
+
+
+def test_arrival_margin_is_a_fraction_or_off() -> None:
+    base = {"workload": "ns/llm", "tokensPerSecondPerReplica": "100"}
+    assert parse(base, "ns", "so").arrival_margin == 0
+    assert parse({**base, "arrivalMargin": "0.25"}, "ns", "so").arrival_margin == 0.25
+    assert parse({**base, "arrivalMargin": "OFF"}, "ns", "so").arrival_margin == math.inf
+    for bad in ("-0.1", "11", "none", "nan"):
+        with pytest.raises(MetadataError, match=f"arrivalMargin.*{bad}"):
+            parse({**base, "arrivalMargin": bad}, "ns", "so")

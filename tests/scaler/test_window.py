@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -91,6 +92,43 @@ def test_saturation_demand_follows_arrivals() -> None:
     assert ev.stable.served == 1000 and ev.stable.arrived == 3000
     assert ev.value == 3000 and ev.rule == "stable-arrival"
     assert ev.replicas == 6  # 3x the 2 replicas that serve 1,000 tokens/s
+
+
+def test_arrivals_within_the_margin_leave_the_served_rate() -> None:
+    # a long generation's estimate counted on arrival before its tokens stream: arrivals run
+    # 8 % above what is served
+    series = WorkloadSeries()
+    feed(series, T0, 120, sp=500, sg=500, ag=580)
+    now = (T0 + 120) * 1000
+    assert evaluate(series, settings_(), now).value == 1080  # by default, the higher rate
+    ev = evaluate(series, settings_(arrival_margin=0.1), now)
+    assert ev.stable.arrived == 1080 and ev.value == 1000 and ev.rule == "stable-served"
+    assert "(arrival rate 1080.0, within 1.1x of it)" in ev.reason
+
+
+def test_arrivals_beyond_the_margin_are_the_demand() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 120, sp=500, sg=500, ag=620)
+    ev = evaluate(series, settings_(arrival_margin=0.1), (T0 + 120) * 1000)
+    assert ev.value == 1120 and ev.rule == "stable-arrival"
+    assert "(over 1.1x the served rate 1000.0)" in ev.reason
+
+
+def test_margin_off_keeps_the_served_rate_of_a_saturated_fleet() -> None:
+    series = WorkloadSeries()
+    feed(series, T0, 120, sg=1000, ag=3000)
+    # (panic, which looks for bursts in the higher of the two rates, kept out of the way)
+    ev = evaluate(series, settings_(arrival_margin=math.inf, panic_threshold=100.0), (T0 + 120) * 1000)
+    assert ev.value == 1000 and ev.rule == "stable-served"
+    assert "arrivalMargin off; arrival rate 3000.0" in ev.reason
+
+
+def test_nothing_served_is_judged_on_arrivals_even_with_margin_off() -> None:
+    # no replica serves yet (scale from zero, or every request still waiting for its first token)
+    series = WorkloadSeries()
+    feed(series, T0, 120, ap=300, ag=900)
+    ev = evaluate(series, settings_(arrival_margin=math.inf), (T0 + 120) * 1000)
+    assert ev.stable.served == 0 and ev.value == 1200 and ev.rule == "stable-arrival"
 
 
 def test_draining_queue_keeps_the_served_rate() -> None:

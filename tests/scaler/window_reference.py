@@ -11,8 +11,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demands_of
 from scaler.metadata import ScalerSettings
-from scaler.window import HISTORY_S, N_SERIES, PRESENCE_S, Evaluation, Rates, SidecarState, replicas_for
+from scaler.window import (
+    HISTORY_S,
+    N_SERIES,
+    PRESENCE_S,
+    Evaluation,
+    Rates,
+    SidecarState,
+    replicas_for,
+    stable_reason,
+)
 from token_scaler.record import GATEWAY, Record, entry_time_ms
 
 Floats = npt.NDArray[np.float64]
@@ -144,11 +154,11 @@ class RefSeries:
         return True
 
 
-def _rates(sums: Floats, seconds: float, pw: float, gw: float) -> Rates:
+def _rates(sums: Floats, seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN) -> Rates:
     if seconds < 1:
-        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin)
     sp, sg, ap, ag, rq = (float(x) / seconds for x in sums)
-    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin)
 
 
 def _reporting(series: RefSeries, grid: npt.NDArray[np.int64]) -> Floats:
@@ -244,7 +254,7 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
         safe = np.where(cover >= 1, cover, 1.0)
         served = (pw * sums[0] + gw * sums[1]) / safe
         arrived = (pw * sums[2] + gw * sums[3]) / safe
-        out: Floats = np.where(cover >= 1, np.maximum(np.maximum(served, arrived), 0.0), 0.0)
+        out: Floats = np.where(cover >= 1, demands_of(served, arrived, settings.arrival_margin), 0.0)
         return out
 
     stable_demand = demand(stable_sums, cover_stable)
@@ -254,10 +264,10 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
     running = np.maximum(np.maximum(1.0, stable_replicas), _reporting(series, grid))
     triggers = panic_replicas >= settings.panic_threshold * running
 
-    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw)
+    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
     coverage = float(cover_stable[-1])
-    which = "arrival" if stable.arrived >= stable.served else "served"
+    which = "arrival" if arrivals_lead(stable.served, stable.arrived, stable.margin) else "served"
 
     if triggers.any():
         first = int(np.argmax(triggers))
@@ -276,7 +286,7 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
         value = stable.demand
         since = None
         rule = f"stable-{which}"
-        reason = f"{w}s window demand = {which} rate {value:.1f} weighted tokens/s"
+        reason = stable_reason(w, stable)
     envelope = 0.0
     if settings.burst_window_s:
         envelope, windows = burst_envelope(ring, series.first_sec, s, settings)
