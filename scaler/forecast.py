@@ -32,7 +32,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from scaler.demand import demand_of
+from scaler.demand import DEFAULT_MARGIN, demand_of
 
 MINUTE_S = 60
 DAY_MIN = 24 * 60
@@ -52,11 +52,11 @@ class MinuteCounts:
     arrived_prompt: float
     arrived_generation: float
 
-    def demand(self, pw: float, gw: float) -> float:
+    def demand(self, pw: float, gw: float, margin: float = DEFAULT_MARGIN) -> float:
         """Weighted tokens per second over the minute, chosen as the window's (``scaler.demand``)."""
         served = pw * self.served_prompt + gw * self.served_generation
         arrived = pw * self.arrived_prompt + gw * self.arrived_generation
-        return demand_of(served, arrived) / MINUTE_S
+        return demand_of(served, arrived, margin) / MINUTE_S
 
     def encode(self) -> str:
         return ",".join(f"{v:.0f}" for v in self.as_tuple())
@@ -87,9 +87,9 @@ class Forecast:
 
 
 def _demands(
-    history: Mapping[int, MinuteCounts], minutes: Iterable[int], pw: float, gw: float
+    history: Mapping[int, MinuteCounts], minutes: Iterable[int], pw: float, gw: float, margin: float
 ) -> list[float]:
-    return [history[m].demand(pw, gw) for m in minutes if m in history]
+    return [history[m].demand(pw, gw, margin) for m in minutes if m in history]
 
 
 def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
@@ -100,9 +100,11 @@ def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
     return None
 
 
-def _level(history: Mapping[int, MinuteCounts], now_min: int, season: int, pw: float, gw: float) -> float:
-    recent = _demands(history, range(now_min - LEVEL_MINUTES, now_min), pw, gw)
-    before = _demands(history, range(now_min - LEVEL_MINUTES - season, now_min - season), pw, gw)
+def _level(
+    history: Mapping[int, MinuteCounts], now_min: int, season: int, pw: float, gw: float, margin: float
+) -> float:
+    recent = _demands(history, range(now_min - LEVEL_MINUTES, now_min), pw, gw, margin)
+    before = _demands(history, range(now_min - LEVEL_MINUTES - season, now_min - season), pw, gw, margin)
     if not recent or not before or sum(before) <= 0:
         return 1.0
     ratio = (sum(recent) / len(recent)) / (sum(before) / len(before))
@@ -110,22 +112,33 @@ def _level(history: Mapping[int, MinuteCounts], now_min: int, season: int, pw: f
 
 
 def predict(
-    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, pw: float, gw: float
+    history: Mapping[int, MinuteCounts],
+    now_min: int,
+    lead_min: int,
+    pw: float,
+    gw: float,
+    margin: float = DEFAULT_MARGIN,
 ) -> tuple[float, str, float]:
     """(expected demand over minutes now..now+lead, season used, level); 0 and "none" when
     the history has no season for them."""
     season = _season(history, now_min + lead_min)
     if season is None:
         return 0.0, "none", 1.0
-    past = _demands(history, range(now_min - season, now_min + lead_min + 1 - season), pw, gw)
+    past = _demands(history, range(now_min - season, now_min + lead_min + 1 - season), pw, gw, margin)
     if not past:
         return 0.0, "none", 1.0
-    level = _level(history, now_min, season, pw, gw)
+    level = _level(history, now_min, season, pw, gw, margin)
     return max(past) * level, "week" if season == WEEK_MIN else "day", level
 
 
 def recent_error(
-    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, pw: float, gw: float, floor: float = 0.0
+    history: Mapping[int, MinuteCounts],
+    now_min: int,
+    lead_min: int,
+    pw: float,
+    gw: float,
+    floor: float = 0.0,
+    margin: float = DEFAULT_MARGIN,
 ) -> float | None:
     """Mean absolute error, over the last ``ERROR_MINUTES``, of what ``predict`` would have
     said ``lead`` minutes before each minute (for that minute alone), relative to the mean
@@ -138,8 +151,10 @@ def recent_error(
         season = _season(history, m)
         if season is None:
             continue
-        actual = history[m].demand(pw, gw)
-        expected = history[m - season].demand(pw, gw) * _level(history, m - lead_min, season, pw, gw)
+        actual = history[m].demand(pw, gw, margin)
+        expected = history[m - season].demand(pw, gw, margin) * _level(
+            history, m - lead_min, season, pw, gw, margin
+        )
         errors.append(abs(expected - actual))
         actuals.append(actual)
     if len(actuals) < ERROR_MINUTES // 2:
@@ -158,13 +173,15 @@ def forecast(
     gw: float,
     max_error: float,
     floor: float = 0.0,
+    margin: float = DEFAULT_MARGIN,
 ) -> Forecast:
     """The forecast at ``now_s`` (Redis time) for the next ``lead_s`` seconds; errors are
-    relative to the demand or ``floor``, whichever is higher (``recent_error``)."""
+    relative to the demand or ``floor``, whichever is higher (``recent_error``); each minute's
+    demand is chosen with ``margin`` as the window's (``arrivalMargin``)."""
     now_min = int(now_s // MINUTE_S)
     lead_min = max(1, math.ceil(lead_s / MINUTE_S))
-    value, season, level = predict(history, now_min, lead_min, pw, gw)
-    error = recent_error(history, now_min, lead_min, pw, gw, floor)
+    value, season, level = predict(history, now_min, lead_min, pw, gw, margin)
+    error = recent_error(history, now_min, lead_min, pw, gw, floor, margin)
     if season == "none":
         return Forecast(
             0.0, season, 1.0, error, False, "no forecast: the history holds no day or week before"

@@ -42,6 +42,7 @@ def forecast_for(history: dict[int, MinuteCounts], settings: ScalerSettings, now
         settings.generation_weight,
         settings.max_forecast_error,
         settings.target,
+        settings.arrival_margin,
     )
 
 

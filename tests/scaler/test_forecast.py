@@ -46,6 +46,20 @@ def test_forecast_sees_the_morning_ramp_a_lead_ahead() -> None:
     assert forecast(history, now_min * MINUTE_S, 120, 1.0, 1.0, 0.3).value == pytest.approx(100.0)
 
 
+def test_forecast_reads_each_minute_with_the_window_s_arrival_margin() -> None:
+    # yesterday's day arrived at 3x what the replicas served: the arrivals by default, the
+    # served rate with arrivalMargin off, as the stable window would have answered
+    day0 = T0_MIN - T0_MIN % DAY_MIN
+    now_min = day0 + 12 * 60
+    history = {
+        m: MinuteCounts(0.0, c.served_generation, 0.0, 3 * c.arrived_generation)
+        for m, c in days_of(2, now_min).items()
+    }
+    assert forecast(history, now_min * MINUTE_S, 300, 1.0, 1.0, 1.0).value == pytest.approx(3000.0)
+    off = forecast(history, now_min * MINUTE_S, 300, 1.0, 1.0, 1.0, margin=math.inf)
+    assert off.value == pytest.approx(1000.0) and off.error == pytest.approx(0.0)
+
+
 def test_forecast_scales_to_the_recent_level_and_prefers_the_week() -> None:
     day0 = T0_MIN - T0_MIN % DAY_MIN
     now_min = day0 + 10 * 60
