@@ -443,6 +443,11 @@ class Rates:
     margin: float = DEFAULT_MARGIN  # arrivalMargin: how far arrivals must outrun served to count
 
     @property
+    def arrivals_lead(self) -> bool:
+        """Whether the arrival rate is the demand (``scaler.demand``)."""
+        return arrivals_lead(self.served, self.arrived, self.margin)
+
+    @property
     def demand(self) -> float:
         return demand_of(self.served, self.arrived, self.margin)
 
@@ -552,7 +557,7 @@ def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSet
 
 def stable_reason(window_s: int, stable: Rates) -> str:
     """Why the stable window's demand is the rate it is (``scaler.demand``)."""
-    lead = arrivals_lead(stable.served, stable.arrived, stable.margin)
+    lead = stable.arrivals_lead
     which = "arrival" if lead else "served"
     reason = f"{window_s}s window demand = {which} rate {stable.demand:.1f} weighted tokens/s"
     if stable.margin == 0:
@@ -627,7 +632,7 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
     stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
     coverage = float(cover_stable[-1])
-    which = "arrival" if arrivals_lead(stable.served, stable.arrived, stable.margin) else "served"
+    which = "arrival" if stable.arrivals_lead else "served"
 
     if triggers.any():
         first = int(np.argmax(triggers))

@@ -331,20 +331,15 @@ class _Sim:
             flushing.append(pod)
         flushing += self.just_gone
         for pod in flushing:
-            if pod.quiet:  # its flush says nothing, and it served nothing
-                if keep:
-                    pod.seq += 1
-                    sidecars.append((pod.name, pod.seq, {}))
-                continue
-            counts, sp, sg = pod.take(t, keep)
-            served_p += sp
-            served_g += sg
+            counts = None
+            if not pod.quiet:  # a quiet pod's flush says nothing, and it served nothing
+                counts, sp, sg = pod.take(t, keep)
+                served_p += sp
+                served_g += sg
             if keep:
                 pod.seq += 1
-                if counts is None:
-                    sidecars.append((pod.name, pod.seq, {}))
-                else:
-                    sidecars.append((pod.name, pod.seq, {MODEL: counts[5:]}))
+                sidecars.append((pod.name, pod.seq, {} if counts is None else {MODEL: counts[5:]}))
+                if counts is not None:
                     rows.append(counts)
         self.just_gone = []
         if self.holding:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demands_of
+from scaler.demand import DEFAULT_MARGIN, demands_of
 from scaler.metadata import ScalerSettings
 from scaler.window import (
     HISTORY_S,
@@ -267,7 +267,7 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
     stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
     coverage = float(cover_stable[-1])
-    which = "arrival" if arrivals_lead(stable.served, stable.arrived, stable.margin) else "served"
+    which = "arrival" if stable.arrivals_lead else "served"
 
     if triggers.any():
         first = int(np.argmax(triggers))
