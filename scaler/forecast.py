@@ -86,10 +86,20 @@ class Forecast:
     reason: str
 
 
-def _demands(
-    history: Mapping[int, MinuteCounts], minutes: Iterable[int], pw: float, gw: float, margin: float
-) -> list[float]:
-    return [history[m].demand(pw, gw, margin) for m in minutes if m in history]
+@dataclass(frozen=True)
+class Weighing:
+    """How a minute's counts become its demand: the weights and ``arrivalMargin``."""
+
+    pw: float
+    gw: float
+    margin: float = DEFAULT_MARGIN
+
+    def __call__(self, counts: MinuteCounts) -> float:
+        return counts.demand(self.pw, self.gw, self.margin)
+
+
+def _demands(history: Mapping[int, MinuteCounts], minutes: Iterable[int], weigh: Weighing) -> list[float]:
+    return [weigh(history[m]) for m in minutes if m in history]
 
 
 def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
@@ -100,11 +110,9 @@ def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
     return None
 
 
-def _level(
-    history: Mapping[int, MinuteCounts], now_min: int, season: int, pw: float, gw: float, margin: float
-) -> float:
-    recent = _demands(history, range(now_min - LEVEL_MINUTES, now_min), pw, gw, margin)
-    before = _demands(history, range(now_min - LEVEL_MINUTES - season, now_min - season), pw, gw, margin)
+def _level(history: Mapping[int, MinuteCounts], now_min: int, season: int, weigh: Weighing) -> float:
+    recent = _demands(history, range(now_min - LEVEL_MINUTES, now_min), weigh)
+    before = _demands(history, range(now_min - LEVEL_MINUTES - season, now_min - season), weigh)
     if not recent or not before or sum(before) <= 0:
         return 1.0
     ratio = (sum(recent) / len(recent)) / (sum(before) / len(before))
@@ -112,33 +120,22 @@ def _level(
 
 
 def predict(
-    history: Mapping[int, MinuteCounts],
-    now_min: int,
-    lead_min: int,
-    pw: float,
-    gw: float,
-    margin: float = DEFAULT_MARGIN,
+    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, weigh: Weighing
 ) -> tuple[float, str, float]:
     """(expected demand over minutes now..now+lead, season used, level); 0 and "none" when
     the history has no season for them."""
     season = _season(history, now_min + lead_min)
     if season is None:
         return 0.0, "none", 1.0
-    past = _demands(history, range(now_min - season, now_min + lead_min + 1 - season), pw, gw, margin)
+    past = _demands(history, range(now_min - season, now_min + lead_min + 1 - season), weigh)
     if not past:
         return 0.0, "none", 1.0
-    level = _level(history, now_min, season, pw, gw, margin)
+    level = _level(history, now_min, season, weigh)
     return max(past) * level, "week" if season == WEEK_MIN else "day", level
 
 
 def recent_error(
-    history: Mapping[int, MinuteCounts],
-    now_min: int,
-    lead_min: int,
-    pw: float,
-    gw: float,
-    floor: float = 0.0,
-    margin: float = DEFAULT_MARGIN,
+    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, weigh: Weighing, floor: float = 0.0
 ) -> float | None:
     """Mean absolute error, over the last ``ERROR_MINUTES``, of what ``predict`` would have
     said ``lead`` minutes before each minute (for that minute alone), relative to the mean
@@ -151,10 +148,8 @@ def recent_error(
         season = _season(history, m)
         if season is None:
             continue
-        actual = history[m].demand(pw, gw, margin)
-        expected = history[m - season].demand(pw, gw, margin) * _level(
-            history, m - lead_min, season, pw, gw, margin
-        )
+        actual = weigh(history[m])
+        expected = weigh(history[m - season]) * _level(history, m - lead_min, season, weigh)
         errors.append(abs(expected - actual))
         actuals.append(actual)
     if len(actuals) < ERROR_MINUTES // 2:
@@ -180,8 +175,9 @@ def forecast(
     demand is chosen with ``margin`` as the window's (``arrivalMargin``)."""
     now_min = int(now_s // MINUTE_S)
     lead_min = max(1, math.ceil(lead_s / MINUTE_S))
-    value, season, level = predict(history, now_min, lead_min, pw, gw, margin)
-    error = recent_error(history, now_min, lead_min, pw, gw, floor, margin)
+    weigh = Weighing(pw, gw, margin)
+    value, season, level = predict(history, now_min, lead_min, weigh)
+    error = recent_error(history, now_min, lead_min, weigh, floor)
     if season == "none":
         return Forecast(
             0.0, season, 1.0, error, False, "no forecast: the history holds no day or week before"
