@@ -305,11 +305,6 @@ class _Sim:
         t = float(s)
         timeout = self.cfg.timeout_s
         keep = self.policy.needs_records
-        # each sidecar's record, as ``scaler.window.Flushes`` takes it: (name, seq, gauges),
-        # and the counts of those that have any
-        sidecars: list[tuple[str, int, dict[str, Gauges]]] = []
-        rows: list[FlushRow] = []
-        served_p = served_g = 0.0
         pods = queue = inflight = 0
         flushing: list[Pod] = []  # the running sidecars, then those gone since the last second
         for pod in list(self.live):  # a pod past its grace period leaves ``live``
@@ -330,25 +325,12 @@ class _Sim:
             inflight += pod.inflight
             flushing.append(pod)
         flushing += self.just_gone
-        for pod in flushing:
-            counts = None
-            if not pod.quiet:  # a quiet pod's flush says nothing, and it served nothing
-                counts, sp, sg = pod.take(t, keep)
-                served_p += sp
-                served_g += sg
-            if keep:
-                pod.seq += 1
-                sidecars.append((pod.name, pod.seq, {} if counts is None else {MODEL: counts[5:]}))
-                if counts is not None:
-                    rows.append(counts)
+        flushes, served_p, served_g = self._flush(flushing, s, keep)
         self.just_gone = []
         if self.holding:
             self._give_up_held(t)
         records: list[Record] = []
-        flushes = None
         if keep:
-            if sidecars:
-                flushes = Flushes(s, sidecars, _totals(rows))
             gateway = self.gateway.take(s, len(self.holding))
             if gateway is not None:
                 records.append(gateway)
@@ -363,6 +345,30 @@ class _Sim:
         if all_arrived and t >= self.horizon:
             return self.r.ended == len(self.r.arrival) or t >= self.horizon + 3600
         return False
+
+    @staticmethod
+    def _flush(pods: list[Pod], s: int, keep: bool) -> tuple[Flushes | None, float, float]:
+        """The sidecars of ``pods`` flush at second ``s``: their records as
+        ``scaler.window.Flushes`` takes them (when ``keep``, and any pod flushed), and the
+        prompt and generated tokens they served in the second."""
+        t = float(s)
+        # each sidecar's (name, seq, gauges), and the counts of those that have any
+        sidecars: list[tuple[str, int, dict[str, Gauges]]] = []
+        rows: list[FlushRow] = []
+        served_p = served_g = 0.0
+        for pod in pods:
+            counts = None
+            if not pod.quiet:  # a quiet pod's flush says nothing, and it served nothing
+                counts, sp, sg = pod.take(t, keep)
+                served_p += sp
+                served_g += sg
+            if keep:
+                pod.seq += 1
+                sidecars.append((pod.name, pod.seq, {} if counts is None else {MODEL: counts[5:]}))
+                if counts is not None:
+                    rows.append(counts)
+        flushes = Flushes(s, sidecars, _totals(rows)) if sidecars else None
+        return flushes, served_p, served_g
 
     def _give_up_held(self, t: float) -> None:
         """Requests held at the gateway past the timeout are dropped."""
