@@ -236,6 +236,29 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         default=[60.0, 300.0],
         help="scaleDown stabilization, s, for every policy (default 60,300)",
     )
+    _token_sweep_options(g)
+    g.add_argument(
+        "--sweep-rps-windows",
+        type=a.listed(a.positive_int),
+        default=[30, 60],
+        help="rps: request-rate windows, s (default 30,60)",
+    )
+    g.add_argument(
+        "--sweep-rate-windows",
+        type=a.listed(a.positive_int),
+        default=[60, 120],
+        help="prometheus: rate() windows, s (default 60,120)",
+    )
+    g.add_argument(
+        "--slo-goal",
+        type=a.arg(a.fraction),
+        default=0.9,
+        help="attainment (every SLO) the recommendation must reach (default 0.9)",
+    )
+
+
+def _token_sweep_options(g: argparse._ArgumentGroup) -> None:
+    """The token policy's variants in a sweep."""
     g.add_argument(
         "--sweep-windows",
         type=a.listed(a.positive_int),
@@ -267,24 +290,6 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         default=["0", "off"],
         help="token: arrivalMargin, fractions or off (default 0,off: the higher of the arrival and "
         "served rates, and the served rate alone)",
-    )
-    g.add_argument(
-        "--sweep-rps-windows",
-        type=a.listed(a.positive_int),
-        default=[30, 60],
-        help="rps: request-rate windows, s (default 30,60)",
-    )
-    g.add_argument(
-        "--sweep-rate-windows",
-        type=a.listed(a.positive_int),
-        default=[60, 120],
-        help="prometheus: rate() windows, s (default 60,120)",
-    )
-    g.add_argument(
-        "--slo-goal",
-        type=a.arg(a.fraction),
-        default=0.9,
-        help="attainment (every SLO) the recommendation must reach (default 0.9)",
     )
 
 
