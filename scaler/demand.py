@@ -41,10 +41,11 @@ def demand_of(served: float, arrived: float, margin: float = DEFAULT_MARGIN) -> 
 
 def demands_of(served: Floats, arrived: Floats, margin: float = DEFAULT_MARGIN) -> Floats:
     """``demand_of`` each pair of ``served`` and ``arrived``."""
-    positive = served > 0
-    if math.isinf(margin):  # off: arrivals lead only where nothing is served
-        lead = ~positive & (arrived >= served)
+    if margin == 0:  # served * (1 + 0) is served: one comparison wherever served is positive or not
+        lead = arrived >= served
+    elif math.isinf(margin):  # off: arrivals lead only where nothing is served
+        lead = ~(served > 0) & (arrived >= served)
     else:
-        lead = np.where(positive, arrived >= served * (1.0 + margin), arrived >= served)
+        lead = np.where(served > 0, arrived >= served * (1.0 + margin), arrived >= served)
     out: Floats = np.maximum(np.where(lead, arrived, served), 0.0)
     return out

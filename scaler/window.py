@@ -61,7 +61,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -469,27 +469,28 @@ class Evaluation:
     envelope: float = 0.0  # the burst envelope, weighted tokens/s (0 when off or not yet known)
 
 
-def _rates(sums: Floats, seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN) -> Rates:
+def _rates(
+    sums: Sequence[float], seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN
+) -> Rates:
     if seconds < 1:
         return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin)
-    sp, sg, ap, ag, rq = (x / seconds for x in sums.tolist())
+    sp, sg, ap, ag, rq = (x / seconds for x in sums)
     return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin)
 
 
-def _reporting(series: WorkloadSeries, grid: npt.NDArray[np.int64]) -> Floats:
-    """The replicas reporting at each second of ``grid`` (consecutive seconds):
+def _reporting(series: WorkloadSeries, first: int, count: int) -> Floats:
+    """The replicas reporting at each of the ``count`` seconds from ``first`` on:
     sidecar-seconds per second over the ``PRESENCE_S`` seconds before it (fewer at the
     start of the data)."""
-    first, last = int(grid[0]), int(grid[-1])
-    start = first - PRESENCE_S
-    counts = series.presence.window(start, last)[0]
+    grid = np.arange(first, first + count)
+    counts = series.presence.window(first - PRESENCE_S, first + count - 1)[0]
     cum = np.zeros(len(counts) + 1)
     np.add.accumulate(counts, out=cum[1:])
     known = np.minimum(np.maximum(grid - (series.first_sec or 0), 1), PRESENCE_S)
-    # grid - start: PRESENCE_S, PRESENCE_S + 1, ...
-    out: Floats = (cum[PRESENCE_S : PRESENCE_S + len(grid)] - cum[grid - start - known]) / known.astype(
-        np.float64
-    )
+    # the index of each second in cum: PRESENCE_S, PRESENCE_S + 1, ...
+    out: Floats = (
+        cum[PRESENCE_S : PRESENCE_S + count] - cum[grid - first + PRESENCE_S - known]
+    ) / known.astype(np.float64)
     return out
 
 
@@ -516,19 +517,20 @@ def _window_index(lo: int, count: int, width: int) -> npt.NDArray[np.int64]:
 
 
 def _trimmed_demand(
-    counts: Floats, lo: int, count: int, wp: int, cover: Floats, pw: float, gw: float
+    counts: Floats, lo: int, count: int, wp: int, cover: Floats | float, pw: float, gw: float
 ) -> Floats:
     """The panic window's demand without its busiest second, for each window ending (exclusive)
     at the ``count`` indices of ``counts`` from ``lo`` on. A request's arrival estimate is
     corrected to its usage in the second it ends, so one long generation puts a spike in a
     single second; a burst of requests raises every second of the window, and survives the
-    trim. ``cover``, the seconds of data each window covers, never decreases along the
-    windows."""
+    trim. ``cover``, the seconds of data each window covers (one number when the same for
+    all), never decreases along the windows."""
     per_second = _served_arrived(counts, pw, gw)
     cum = _cumulative(per_second)
     sums = cum[:, lo : lo + count] - cum[:, lo - wp : lo - wp + count]
     busiest = np.maximum.reduce(per_second[:, _window_index(lo, count, wp)], axis=2)
-    if cover[0] >= 2:  # every window covers two seconds or more: each one trimmed
+    least = cover if isinstance(cover, float) else cover[0]
+    if least >= 2:  # every window covers two seconds or more: each one trimmed
         demand = (sums - np.maximum(busiest, 0.0)) / (cover - 1)
     else:
         kept = np.maximum(cover - 1, 1.0)
@@ -574,112 +576,196 @@ def replicas_for(value: float, target: float) -> int:
     return math.ceil(value / target - 1e-9) if value > 0 else 0
 
 
+class _Span:
+    """The counts one evaluation at second ``s`` reads: the ``W + hold`` seconds before ``s``
+    (``counts``, one row per series) and their running sums (``cum``). Each of the ``hold``
+    seconds ``g = s - hold + 1 .. s`` that may hold panic is the end (exclusive) of a stable
+    window and of a panic window; they are the indices ``lo .. n`` of ``cum``, and
+    ``first_known`` is how many seconds of data lie before the first of them."""
+
+    def __init__(self, ring: SecondRing, first_sec: int, s: int, settings: ScalerSettings) -> None:
+        self.settings = settings
+        self.hold = settings.panic_hold_s
+        self.n = settings.window_s + self.hold
+        self.lo = self.n + 1 - self.hold
+        self.counts = ring.window(s - self.n, s)  # seconds s-n .. s-1
+        self.cum = _cumulative(self.counts)
+        self.first_known = s - self.hold + 1 - first_sec
+
+    def cover(self, width: int) -> Floats | float:
+        """The seconds of data in the ``width`` seconds before each ``g``: one number once the
+        data covers every such window (``width`` seconds), an array before."""
+        if self.first_known >= width:
+            return float(width)
+        known = np.arange(self.first_known, self.first_known + self.hold, dtype=np.float64)
+        out: Floats = np.minimum(np.maximum(known, 0), width)
+        return out
+
+    def last_cover(self, width: int) -> float:
+        """The seconds of data in the ``width`` seconds before ``s``."""
+        return float(min(max(self.first_known + self.hold - 1, 0), width))
+
+    def sums(self, width: int) -> Floats:
+        """The sums of the ``width`` seconds before each ``g``, one row per series."""
+        out: Floats = self.cum[:, self.lo :] - self.cum[:, self.lo - width : self.n + 1 - width]
+        return out
+
+    def rates(self, width: int, margin: float = DEFAULT_MARGIN) -> Rates:
+        """The rates of the ``width`` seconds before ``s``."""
+        sums = (self.cum[:, self.n] - self.cum[:, self.n - width]).tolist()
+        pw, gw = self.settings.prompt_weight, self.settings.generation_weight
+        return _rates(sums, self.last_cover(width), pw, gw, margin)
+
+    def stable_demand(self) -> Floats:
+        """The stable window's demand (``scaler.demand``) at each ``g``, 0 where no data."""
+        st = self.settings
+        sums = self.sums(st.window_s)
+        weighted = st.prompt_weight * sums[0:4:2] + st.generation_weight * sums[1:4:2]
+        cover = self.cover(st.window_s)
+        if isinstance(cover, float):  # every window covered
+            return demands_of(weighted[0] / cover, weighted[1] / cover, st.arrival_margin)
+        covered = cover >= 1
+        weighted /= np.where(covered, cover, 1.0)
+        out: Floats = np.where(covered, demands_of(weighted[0], weighted[1], st.arrival_margin), 0.0)
+        return out
+
+    def panic_demand(self) -> Floats:
+        """The panic window's demand at each ``g`` without its busiest second."""
+        st = self.settings
+        wp = st.panic_window_s
+        return _trimmed_demand(
+            self.counts, self.lo, self.hold, wp, self.cover(wp), st.prompt_weight, st.generation_weight
+        )
+
+
+def _replicas_asked(demand: Floats, target: float) -> Floats:
+    out: Floats = np.ceil(demand / target - 1e-9)
+    return out
+
+
+@dataclass(frozen=True)
+class _Triggers:
+    """Which of the seconds ``g`` (``first`` .. ``first + len(hits) - 1``) triggered panic:
+    the replicas the panic window asks for >= ``panicThreshold`` x the replicas running at
+    ``g``, the most of the replicas reporting, those the stable window asks for, and 1."""
+
+    first: int
+    hits: npt.NDArray[np.bool_]
+
+    @classmethod
+    def of(
+        cls, series: WorkloadSeries, first: int, stable: Floats, panic: Floats, settings: ScalerSettings
+    ) -> _Triggers:
+        asked = _replicas_asked(panic, settings.target)
+        floor = np.maximum(1.0, _replicas_asked(stable, settings.target))
+        threshold = settings.panic_threshold
+        hits = asked >= threshold * floor
+        if hits[hits.argmax()] or not threshold > 0:
+            # the replicas reporting only raise the count a second is compared with: without a
+            # trigger against the floor there is none against them, and they need not be read
+            running = np.maximum(floor, _reporting(series, first, len(hits)))
+            hits = asked >= threshold * running
+        return cls(first, hits)
+
+    def since(self) -> int | None:
+        """The first second that triggered, None if none did."""
+        first = int(self.hits.argmax())
+        return self.first + first if self.hits[first] else None
+
+    def last(self) -> int:
+        """The last second that triggered (one did)."""
+        return self.first + len(self.hits) - 1 - int(self.hits[::-1].argmax())
+
+    def held(self, stable: Floats, panic: Floats) -> float:
+        """The highest demand, stable or panic, of the seconds that triggered (one did)."""
+        first = int(self.hits.argmax())
+        return float(np.maximum(stable, panic)[first:][self.hits[first:]].max())
+
+
+def _no_data(s: int, settings: ScalerSettings) -> Evaluation:
+    zero = _rates((), 0, settings.prompt_weight, settings.generation_weight)
+    reason = "no entry from any sidecar of this workload (or this model) yet"
+    return Evaluation(s, 0.0, zero, zero, False, None, 0.0, settings.target, 0, False, "no-data", reason)
+
+
+@dataclass
+class _Answer:
+    """The value an evaluation reports, the rule that set it and why."""
+
+    value: float
+    rule: str
+    reason: str
+    since: int | None = None
+    envelope: float = 0.0
+
+    @classmethod
+    def of(
+        cls, span: _Span, series: WorkloadSeries, s: int, stable: Rates, settings: ScalerSettings
+    ) -> _Answer:
+        """The stable window's demand, or panic's while a second of the hold triggered."""
+        stable_demand, panic_demand = span.stable_demand(), span.panic_demand()
+        triggers = _Triggers.of(series, s - span.hold + 1, stable_demand, panic_demand, settings)
+        since = triggers.since()
+        if since is None:
+            which = "arrival" if stable.arrivals_lead else "served"
+            return cls(stable.demand, f"stable-{which}", stable_reason(settings.window_s, stable))
+        value = max(triggers.held(stable_demand, panic_demand), stable.demand)
+        reason = (
+            f"panic since second {since}: the {settings.panic_window_s}s window asked for >= "
+            f"{settings.panic_threshold:g}x the replicas running (those reporting, at least the "
+            f"{settings.window_s}s window's); holding the highest demand of its triggers ({value:.1f} "
+            f"tokens/s) until {settings.panic_hold_s}s pass without one (last: second {triggers.last()})"
+        )
+        return cls(value, "panic", reason, since)
+
+    def raise_to_envelope(
+        self, ring: SecondRing, first_sec: int, s: int, stable: Rates, settings: ScalerSettings
+    ) -> None:
+        """At least the burst envelope (``burstWindowSeconds`` > 0)."""
+        self.envelope, windows = burst_envelope(ring, first_sec, s, settings)
+        if self.envelope > self.value:
+            self.value = self.envelope
+            self.rule = "burst-envelope"
+            self.reason = (
+                f"burst envelope: the {settings.burst_quantile:g} quantile of the demand of the "
+                f"{windows} {settings.burst_window_s}s windows of the last "
+                f"{settings.burst_lookback_s}s is {self.envelope:.1f} weighted tokens/s, above the "
+                f"{settings.window_s}s window's {stable.demand:.1f}"
+            )
+
+
 def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> Evaluation:
     """The scaler's answer for the last complete second before ``now_ms`` (Redis time)."""
     s = now_ms // 1000
-    w, wp = settings.window_s, settings.panic_window_s
-    pw, gw = settings.prompt_weight, settings.generation_weight
-    target = settings.target
     ring = series.ring(settings.model)
-    if ring is None or series.first_sec is None:
-        zero = _rates(np.zeros(N_SERIES), 0, pw, gw)
-        return Evaluation(
-            s,
-            0.0,
-            zero,
-            zero,
-            False,
-            None,
-            0.0,
-            target,
-            0,
-            False,
-            "no-data",
-            "no entry from any sidecar of this workload (or this model) yet",
-        )
-
-    hold = settings.panic_hold_s
-    n = w + hold
-    counts = ring.window(s - n, s)  # seconds s-n .. s-1
-    cum = _cumulative(counts)
-    # the seconds g = s-hold+1 .. s that may hold panic, each the end (exclusive) of its
-    # windows; they are the indices lo .. n of cum
-    lo = n + 1 - hold
-    grid = np.arange(s - hold + 1, s + 1)
-    known = (grid - series.first_sec).astype(np.float64)
-    ends = cum[:, lo:]
-    stable_sums = ends - cum[:, lo - w : n + 1 - w]
-    panic_sums = ends - cum[:, lo - wp : n + 1 - wp]
-    cover_stable = np.minimum(np.maximum(known, 0), w)
-    cover_panic = np.minimum(np.maximum(known, 0), wp)
-
-    # the stable window's demand per second (scaler.demand), 0 where no data
-    covered = cover_stable >= 1
-    weighted = (pw * stable_sums[0:4:2] + gw * stable_sums[1:4:2]) / np.where(covered, cover_stable, 1.0)
-    stable_demand = np.where(covered, demands_of(weighted[0], weighted[1], settings.arrival_margin), 0.0)
-    panic_demand = _trimmed_demand(counts, lo, hold, wp, cover_panic, pw, gw)
-    stable_replicas = np.ceil(stable_demand / target - 1e-9)
-    panic_replicas = np.ceil(panic_demand / target - 1e-9)
-    floor = np.maximum(1.0, stable_replicas)
-    threshold = settings.panic_threshold
-    triggers = panic_replicas >= threshold * floor
-    if triggers.any() or not threshold > 0:
-        # the replicas reporting only raise the count a second is compared with: without a
-        # trigger against the floor there is none against them, and they need not be read
-        running = np.maximum(floor, _reporting(series, grid))
-        triggers = panic_replicas >= threshold * running
-
-    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin)
-    panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
-    coverage = float(cover_stable[-1])
-    which = "arrival" if stable.arrivals_lead else "served"
-
-    if triggers.any():
-        first = int(np.argmax(triggers))
-        held = np.maximum(stable_demand, panic_demand)[first:][triggers[first:]]
-        value = max(float(held.max()), stable.demand)
-        since = int(grid[first])
-        last = int(grid[len(triggers) - 1 - int(np.argmax(triggers[::-1]))])
-        rule = "panic"
-        reason = (
-            f"panic since second {since}: the {wp}s window asked for >= {settings.panic_threshold:g}x "
-            f"the replicas running (those reporting, at least the {w}s window's); holding the highest "
-            f"demand of its triggers ({value:.1f} tokens/s) until {hold}s pass without one "
-            f"(last: second {last})"
-        )
-    else:
-        value = stable.demand
-        since = None
-        rule = f"stable-{which}"
-        reason = stable_reason(w, stable)
-    envelope = 0.0
+    first_sec = series.first_sec
+    if ring is None or first_sec is None:
+        return _no_data(s, settings)
+    w = settings.window_s
+    span = _Span(ring, first_sec, s, settings)
+    stable = span.rates(w, settings.arrival_margin)
+    panic = span.rates(settings.panic_window_s)
+    answer = _Answer.of(span, series, s, stable, settings)
     if settings.burst_window_s:
-        envelope, windows = burst_envelope(ring, series.first_sec, s, settings)
-        if envelope > value:
-            value = envelope
-            rule = "burst-envelope"
-            reason = (
-                f"burst envelope: the {settings.burst_quantile:g} quantile of the demand of the "
-                f"{windows} {settings.burst_window_s}s windows of the last "
-                f"{settings.burst_lookback_s}s is {envelope:.1f} weighted tokens/s, above the "
-                f"{w}s window's {stable.demand:.1f}"
-            )
+        answer.raise_to_envelope(ring, first_sec, s, stable, settings)
+    coverage = span.last_cover(w)
+    reason = answer.reason
     if coverage < w:
         reason += f"; window covers only {coverage:.0f}s of {w}s (rates divide by the covered seconds)"
-    value = value if math.isfinite(value) and value > 0 else 0.0
-    active = value > settings.activation_tokens_per_second
+    value = answer.value if math.isfinite(answer.value) and answer.value > 0 else 0.0
+    target = settings.target
     return Evaluation(
         s,
         coverage,
         stable,
         panic,
-        since is not None,
-        since,
+        answer.since is not None,
+        answer.since,
         value,
         target,
         replicas_for(value, target),
-        active,
-        rule,
+        value > settings.activation_tokens_per_second,
+        answer.rule,
         reason,
-        envelope,
+        answer.envelope,
     )

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +38,7 @@ step = st.tuples(
     st.one_of(st.integers(0, 40), st.just(1300)),  # 1300: older than the rings hold
 )
 scaler_settings = st.builds(
-    lambda w, wp, hold, thr, pw, burst, q, look, model: ScalerSettings(
+    lambda w, wp, hold, thr, pw, burst, q, look, model, margin: ScalerSettings(
         "ns/llm",
         130.0,
         window_s=w,
@@ -48,16 +50,18 @@ scaler_settings = st.builds(
         burst_quantile=q,
         burst_lookback_s=look,
         model=model,
+        arrival_margin=margin,
     ),
     st.integers(10, 120),
     st.integers(1, 20),
     st.integers(1, 30),
     st.sampled_from((1.5, 2.0, 3.0)),
-    st.sampled_from((1.0, 0.25)),
+    st.sampled_from((1.0, 0.25, 0.3)),  # 0.3: weighted sums round, their order of additions counts
     st.sampled_from((0, 0, 5, 30)),
     st.sampled_from((0.5, 0.9, 1.0)),
     st.sampled_from((60, 300, 1200)),
     st.sampled_from((None, "a", "b")),
+    st.sampled_from((0.0, 0.0, 0.2, math.inf)),
 )
 
 
