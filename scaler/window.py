@@ -63,6 +63,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import numpy.typing as npt
@@ -188,6 +189,23 @@ class SecondRing:
             held = self._secs[slots]
         out[:, held != np.arange(start, stop)] = 0.0
         return out
+
+    def rows(self, start: int, stop: int) -> list[list[float]]:
+        """``window`` as plain lists, one row of the series per second (a row of zeros for a
+        second the ring does not hold): the rows themselves, not copies. For a few seconds
+        read once, cheaper than syncing the array mirror."""
+        size, n = self.size, stop - start
+        first = start % size
+        if 0 <= n <= size - first:
+            rows, held = self.values[first : first + n], self.secs[first : first + n]
+        else:
+            slots = [(first + i) % size for i in range(max(n, 0))]
+            rows, held = [self.values[i] for i in slots], [self.secs[i] for i in slots]
+        seconds = range(start, stop)
+        if held == list(seconds):
+            return rows
+        zeros = [0.0] * self.series
+        return [row if sec == want else zeros for row, sec, want in zip(rows, held, seconds, strict=True)]
 
 
 @dataclass(slots=True)
@@ -478,19 +496,18 @@ def _rates(
     return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin)
 
 
-def _reporting(series: WorkloadSeries, first: int, count: int) -> Floats:
+def _reporting(series: WorkloadSeries, first: int, count: int) -> list[float]:
     """The replicas reporting at each of the ``count`` seconds from ``first`` on:
     sidecar-seconds per second over the ``PRESENCE_S`` seconds before it (fewer at the
-    start of the data)."""
-    grid = np.arange(first, first + count)
-    counts = series.presence.window(first - PRESENCE_S, first + count - 1)[0]
-    cum = np.zeros(len(counts) + 1)
-    np.add.accumulate(counts, out=cum[1:])
-    known = np.minimum(np.maximum(grid - (series.first_sec or 0), 1), PRESENCE_S)
-    # the index of each second in cum: PRESENCE_S, PRESENCE_S + 1, ...
-    out: Floats = (
-        cum[PRESENCE_S : PRESENCE_S + count] - cum[grid - first + PRESENCE_S - known]
-    ) / known.astype(np.float64)
+    start of the data). Plain floats: a few seconds' counts, read once."""
+    start = first - PRESENCE_S
+    cum = [0.0]
+    cum += accumulate(row[0] for row in series.presence.rows(start, first + count - 1))
+    first_sec = series.first_sec or 0
+    out = []
+    for i in range(count):
+        known = min(max(first + i - first_sec, 1), PRESENCE_S)  # seconds of data before it
+        out.append((cum[PRESENCE_S + i] - cum[PRESENCE_S + i - known]) / known)
     return out
 
 

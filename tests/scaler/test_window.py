@@ -284,6 +284,14 @@ def test_ring_rejects_seconds_it_no_longer_holds() -> None:
     assert window[0].tolist() == [0.0] * 10 + [2.0]
 
 
+def test_ring_rows_are_the_window_as_lists() -> None:
+    ring = SecondRing(size=10)
+    for sec in (103, 104, 105, 108, 111, 112):  # 111 and 112 wrap round into slots 1 and 2
+        assert ring.add(sec, [sec, 1, 2, 3, 4])
+    for start, stop in ((103, 106), (100, 113), (104, 114), (108, 108), (95, 99)):
+        assert ring.rows(start, stop) == ring.window(start, stop).T.tolist(), (start, stop)
+
+
 def test_gauges_follow_the_newest_entry_per_sidecar() -> None:
     series = WorkloadSeries()
     new = Record("a", 2, T0 * 1000 + 2000, 1000, {"m": ModelCounts(0, 0, 0, 0, 0, 3, 1, 50, 70)})

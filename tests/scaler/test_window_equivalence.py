@@ -109,3 +109,4 @@ def test_evaluate_matches_the_reference(
             if got is not None and want is not None:
                 lo = sec - 1300
                 assert got.window(lo, sec + 2).tolist() == want.window(lo, sec + 2).tolist()
+                assert got.rows(lo, sec + 2) == want.window(lo, sec + 2).T.tolist()
