@@ -71,7 +71,7 @@ import numpy.typing as npt
 from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demand_of, demands_of
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
-from token_scaler.record import GATEWAY, Record, ServerGauges, entry_id_ms
+from token_scaler.record import GATEWAY, ModelCounts, Record, ServerGauges, TenantCounts, entry_id_ms
 
 # sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
 N_SERIES = 5
@@ -318,11 +318,7 @@ class WorkloadSeries:
             elif seq <= state.last_seq:
                 raise ValueError(f"{name}: seq {seq} applied already (last {state.last_seq})")
             state.note(seq, ts_ms, t_ms, gauges, None)
-        if self.first_sec is None or sec < self.first_sec:
-            self.first_sec = sec
-        self.entries += n
-        if sec < self.clock_sec:
-            self.past_version += n
+        self._count_entries(sec, sec, n)
         t0 = t1 = t2 = t3 = t4 = 0
         for model, (sp, sg, ap, ag, rq) in flushes.totals.items():
             self._ring_for(model).add_row(sec, sp, sg, ap, ag, rq)
@@ -357,17 +353,38 @@ class WorkloadSeries:
         # speaks for is that bucket minus the whole seconds its interval spans beyond it: a
         # 1 s interval speaks for its own bucket only, and coverage equals buckets with data.
         interval_s = round(record.interval_ms / 1000)
-        start = sec - interval_s + 1 if interval_s > 1 else sec
+        self._count_entries(sec - interval_s + 1 if interval_s > 1 else sec, sec, 1)
+        gauges, accepted = self._add_models(sec, record.models)
+        gateway = record.role == GATEWAY
+        if not gateway:  # a gateway's held requests are no replica running
+            self.presence.add_one(sec, interval_s if interval_s > 1 else 1)
+        if not accepted:
+            self.too_old += 1
+        if state is None:
+            state = self.sidecars[name] = SidecarState(ts_ms, t_ms, gateway=gateway)
+        state.note(record.seq, ts_ms, t_ms, gauges, record.server)
+        if record.tenants:
+            self._log_tenants(sec, record.tenants)
+        return True
+
+    def _count_entries(self, start: int, sec: int, n: int) -> None:
+        """``n`` entries placed in second ``sec`` that speak for the seconds from ``start`` on:
+        the first second of data, the entries applied, and whether answers already given
+        change (``past_version``)."""
         if self.first_sec is None or start < self.first_sec:
             self.first_sec = start
-        self.entries += 1
+        self.entries += n
         if sec < self.clock_sec:
-            self.past_version += 1
+            self.past_version += n
+
+    def _add_models(self, sec: int, models: dict[str, ModelCounts]) -> tuple[dict[str, Gauges], bool]:
+        """Add one record's counts to the ring of each of its models and to the all-models ring:
+        the record's gauges by model, and False when a ring no longer holds ``sec``."""
         rings = self.rings
         t0 = t1 = t2 = t3 = t4 = 0.0
         accepted = True
-        gauges: dict[str, tuple[int, int, int, int]] = {}
-        for model, c in record.models.items():
+        gauges: dict[str, Gauges] = {}
+        for model, c in models.items():
             sp, sg, ap, ag, rq = (
                 c.served_prompt,
                 c.served_generation,
@@ -391,20 +408,13 @@ class WorkloadSeries:
             all_models = rings[None] = SecondRing()
         if not all_models.add_row(sec, t0, t1, t2, t3, t4):
             accepted = False
-        gateway = record.role == GATEWAY
-        if not gateway:  # a gateway's held requests are no replica running
-            self.presence.add_one(sec, interval_s if interval_s > 1 else 1)
-        if not accepted:
-            self.too_old += 1
-        if state is None:
-            state = self.sidecars[name] = SidecarState(ts_ms, t_ms, gateway=gateway)
-        state.note(record.seq, ts_ms, t_ms, gauges, record.server)
-        if record.tenants:
-            log = self.tenant_log
-            for tenant, per_model in record.tenants.items():
-                for model, tc in per_model.items():
-                    log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
-        return True
+        return gauges, accepted
+
+    def _log_tenants(self, sec: int, tenants: dict[str, dict[str, TenantCounts]]) -> None:
+        log = self.tenant_log
+        for tenant, per_model in tenants.items():
+            for model, tc in per_model.items():
+                log.append((sec, tenant, model, tc.prompt, tc.generation, tc.requests))
 
     def minute_counts(self, minute: int, model: str | None = None) -> MinuteCounts | None:
         """The tokens of one whole minute (Unix seconds // 60), None unless the data covers
