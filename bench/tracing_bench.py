@@ -96,15 +96,7 @@ async def bench(args: argparse.Namespace, targets: dict[str, str], pids: dict[st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rate", type=float, default=200, help="non-streamed requests per second")
-    parser.add_argument("--seconds", type=float, default=30, help="seconds of measured load per sidecar")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
-    parser.add_argument("--protocol", choices=("grpc", "http/protobuf"), default="grpc")
-    parser.add_argument("--serve-receiver", type=int, nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = _parser().parse_args()
     if args.serve_receiver:
         serve_receiver(*args.serve_receiver)
         return 0
@@ -113,53 +105,98 @@ def main() -> int:
     targets: dict[str, str] = {}
     pids: dict[str, int] = {}
     try:
-        up = free_port()
-        procs.append(
-            subprocess.Popen([sys.executable, "-m", "bench.sidecar_bench", "--serve-upstream", str(up)])
-        )
-        wait_http(f"http://127.0.0.1:{up}/metrics", procs[-1], "the upstream")
-        grpc_port, http_port, status_port = free_port(), free_port(), free_port()
-        receiver_argv = [sys.executable, "-m", "bench.tracing_bench", "--serve-receiver"]
-        procs.append(subprocess.Popen([*receiver_argv, str(grpc_port), str(http_port), str(status_port)]))
-        status = f"http://127.0.0.1:{status_port}/spans"
-        wait_http(status, procs[-1], "the OTLP receiver")
-        endpoint = f"http://127.0.0.1:{grpc_port if args.protocol == 'grpc' else http_port}"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        up = _start_upstream(procs)
+        status, endpoint = _start_receiver(procs, args.protocol)
         for name, extra in ARMS.items():
-            port, admin = free_port(), free_port()
-            env = {**clean, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
-            if extra:
-                env |= {
-                    "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-                    "OTEL_EXPORTER_OTLP_PROTOCOL": args.protocol,
-                    "OTEL_SERVICE_NAME": f"bench-{name}",
-                    **extra,
-                }
-            argv = [
-                sys.executable, "-m", "token_scaler.cli", "sidecar", "--upstream", f"http://127.0.0.1:{up}",
-                "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
-                "--shutdown-delay", "0", "--log-level", "WARNING",
-            ]  # fmt: skip
-            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
-            wait_http(f"http://127.0.0.1:{admin}/readyz", procs[-1], name)
-            targets[name] = f"http://127.0.0.1:{port}"
-            pids[name] = procs[-1].pid
+            env = _sidecar_env(name, extra, redis_url, endpoint, args.protocol)
+            targets[name], pids[name] = _start_sidecar(procs, name, env, up)
         result = asyncio.run(bench(args, targets, pids))
         for proc in procs[2:]:  # the sidecars send their last spans as they stop
             proc.terminate()
             proc.wait(timeout=20)
         time.sleep(0.5)
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(status, timeout=5) as answer:
-            result["receiver"] = json.load(answer)
+        result["receiver"] = _received(status)
     finally:
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=20)
         if server is not None:
             server.stop()
+    _report(args, targets, result)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=float, default=200, help="non-streamed requests per second")
+    parser.add_argument("--seconds", type=float, default=30, help="seconds of measured load per sidecar")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
+    parser.add_argument("--protocol", choices=("grpc", "http/protobuf"), default="grpc")
+    parser.add_argument("--serve-receiver", type=int, nargs=3, help=argparse.SUPPRESS)
+    return parser
+
+
+def _start_upstream(procs: list[subprocess.Popen[bytes]]) -> int:
+    """The fake upstream, appended to ``procs`` once started; its port."""
+    up = free_port()
+    procs.append(subprocess.Popen([sys.executable, "-m", "bench.sidecar_bench", "--serve-upstream", str(up)]))
+    wait_http(f"http://127.0.0.1:{up}/metrics", procs[-1], "the upstream")
+    return up
+
+
+def _start_receiver(procs: list[subprocess.Popen[bytes]], protocol: str) -> tuple[str, str]:
+    """The OTLP receiver, appended to ``procs``; its /spans URL and the endpoint of ``protocol``."""
+    grpc_port, http_port, status_port = free_port(), free_port(), free_port()
+    receiver_argv = [sys.executable, "-m", "bench.tracing_bench", "--serve-receiver"]
+    procs.append(subprocess.Popen([*receiver_argv, str(grpc_port), str(http_port), str(status_port)]))
+    status = f"http://127.0.0.1:{status_port}/spans"
+    wait_http(status, procs[-1], "the OTLP receiver")
+    return status, f"http://127.0.0.1:{grpc_port if protocol == 'grpc' else http_port}"
+
+
+def _sidecar_env(
+    name: str, extra: dict[str, str], redis_url: str, endpoint: str, protocol: str
+) -> dict[str, str]:
+    """The arm's environment: no OTEL_* variable of this process; the arm's own, if any."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {**clean, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
+    if extra:
+        env |= {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": f"bench-{name}",
+            **extra,
+        }
+    return env
+
+
+def _start_sidecar(
+    procs: list[subprocess.Popen[bytes]], name: str, env: dict[str, str], up: int
+) -> tuple[str, int]:
+    """A sidecar in front of the upstream, appended to ``procs`` once ready; its URL and pid."""
+    port, admin = free_port(), free_port()
+    argv = [
+        sys.executable, "-m", "token_scaler.cli", "sidecar", "--upstream", f"http://127.0.0.1:{up}",
+        "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
+        "--shutdown-delay", "0", "--log-level", "WARNING",
+    ]  # fmt: skip
+    procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
+    wait_http(f"http://127.0.0.1:{admin}/readyz", procs[-1], name)
+    return f"http://127.0.0.1:{port}", procs[-1].pid
+
+
+def _received(status: str) -> Any:
+    """The receiver's span and export counts."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(status, timeout=5) as answer:
+        return json.load(answer)
+
+
+def _report(args: argparse.Namespace, targets: dict[str, str], result: dict[str, Any]) -> None:
     print(f"non-streamed chat at {args.rate:g}/s, {args.rounds} interleaved rounds, OTLP {args.protocol}")
     for name in targets:
         row, added = result[name], result["added_ms"][name]
@@ -173,7 +210,6 @@ def main() -> int:
     print(f"  receiver: {result['receiver']['spans']} spans in {result['receiver']['exports']} exports")
     path = save("tracing", result)
     print(f"saved {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -173,57 +173,74 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def render(result: costs.Reconciliation, fmt: str, *, matched_rows: int = 0) -> str:
+    """The reconciliation as JSON, CSV or a text table (any other ``fmt``), one row a model
+    and the total last."""
     models = [*sorted(result.models.values(), key=lambda m: m.model), result.total]
-
-    def per_1k(m: costs.ModelResult) -> float | None:
-        return m.cost_per_1k_tokens
-
     if fmt == "json":
-        body: dict[str, Any] = {
-            "models": [
-                {
-                    "model": m.model,
-                    "promptTokens": m.prompt_tokens,
-                    "generationTokens": m.generation_tokens,
-                    "cost": m.cost,
-                    "costPer1kTokens": per_1k(m),
-                }
-                for m in models
-            ],
-            "billingRowsMatched": matched_rows,
-            "hoursReconciled": result.hours,
-            "idleHours": result.idle_hours,
-            "idleCost": result.idle_cost,
-            "hoursBilledNotCounted": [costs.format_hour(h) for h in result.billed_not_counted],
-            "costBilledNotCounted": result.billed_not_counted_cost,
-            "hoursCountedNotBilled": [costs.format_hour(h) for h in result.counted_not_billed],
-        }
-        return json.dumps(body, indent=2) + "\n"
+        return _render_json(result, models, matched_rows)
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["model", "prompt_tokens", "generation_tokens", "cost", "cost_per_1k_tokens"])
-        for m in models:
-            c = per_1k(m)
-            writer.writerow(
-                [
-                    m.model,
-                    m.prompt_tokens,
-                    m.generation_tokens,
-                    f"{m.cost:.6f}",
-                    "" if c is None else f"{c:.8f}",
-                ]
-            )
-        return out.getvalue()
+        return _render_csv(models)
+    return _render_table(result, models, matched_rows)
+
+
+def _render_json(result: costs.Reconciliation, models: list[costs.ModelResult], matched_rows: int) -> str:
+    body: dict[str, Any] = {
+        "models": [
+            {
+                "model": m.model,
+                "promptTokens": m.prompt_tokens,
+                "generationTokens": m.generation_tokens,
+                "cost": m.cost,
+                "costPer1kTokens": m.cost_per_1k_tokens,
+            }
+            for m in models
+        ],
+        "billingRowsMatched": matched_rows,
+        "hoursReconciled": result.hours,
+        "idleHours": result.idle_hours,
+        "idleCost": result.idle_cost,
+        "hoursBilledNotCounted": [costs.format_hour(h) for h in result.billed_not_counted],
+        "costBilledNotCounted": result.billed_not_counted_cost,
+        "hoursCountedNotBilled": [costs.format_hour(h) for h in result.counted_not_billed],
+    }
+    return json.dumps(body, indent=2) + "\n"
+
+
+def _render_csv(models: list[costs.ModelResult]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["model", "prompt_tokens", "generation_tokens", "cost", "cost_per_1k_tokens"])
+    for m in models:
+        c = m.cost_per_1k_tokens
+        writer.writerow(
+            [
+                m.model,
+                m.prompt_tokens,
+                m.generation_tokens,
+                f"{m.cost:.6f}",
+                "" if c is None else f"{c:.8f}",
+            ]
+        )
+    return out.getvalue()
+
+
+def _render_table(result: costs.Reconciliation, models: list[costs.ModelResult], matched_rows: int) -> str:
     lines = [f"{'model':<32} {'prompt tokens':>15} {'generated':>15} {'cost':>12} {'per 1k tokens':>14}"]
     for m in models:
-        c = per_1k(m)
+        c = m.cost_per_1k_tokens
         shown = "-" if c is None else f"{c:.6f}"
         lines.append(
             f"{m.model:<32} {m.prompt_tokens:>15,} {m.generation_tokens:>15,} {m.cost:>12.4f} {shown:>14}"
         )
     lines.append("")
     lines.append(f"{matched_rows} billing rows matched; {result.hours} hours reconciled")
+    lines.extend(_footnotes(result))
+    return "\n".join(lines) + "\n"
+
+
+def _footnotes(result: costs.Reconciliation) -> list[str]:
+    """The table's closing lines: idle hours, and hours billed or counted on one side only."""
+    lines = []
     if result.idle_hours:
         lines.append(
             f"{result.idle_hours} idle hours (no tokens) cost {result.idle_cost:.4f}, shared out by tokens"
@@ -239,7 +256,7 @@ def render(result: costs.Reconciliation, fmt: str, *, matched_rows: int = 0) -> 
             f"left out: {len(result.counted_not_billed)} counted hours not billed yet, "
             f"from {costs.format_hour(result.counted_not_billed[0])}"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # --- tokens ------------------------------------------------------------------------

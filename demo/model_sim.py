@@ -39,6 +39,66 @@ class _Job:
     tokens: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """What every answer to one request repeats: its id, time, model, API and usage."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+    usage: dict[str, int]
+
+    def envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+
+async def _answer(job: _Job, reply: _Reply) -> web.Response:
+    """The whole answer, once every token of ``job`` is generated."""
+    while await job.tokens.get() is not None:
+        pass
+    text = " tok" * job.generate
+    choice: dict[str, Any] = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+        if reply.chat
+        else {"index": 0, "text": text, "finish_reason": "length"}
+    )
+    kind = "chat.completion" if reply.chat else "text_completion"
+    return web.json_response({**reply.envelope(kind, [choice]), "usage": reply.usage})
+
+
+async def _stream(request: web.Request, job: _Job, reply: _Reply, *, with_usage: bool) -> web.StreamResponse:
+    """Server-sent events: a chunk a token as ``job`` generates it, the usage chunk when
+    asked for, then ``[DONE]``."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    kind = "chat.completion.chunk" if reply.chat else "text_completion"
+
+    async def send(payload: dict[str, Any]) -> None:
+        await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+    while (n := await job.tokens.get()) is not None:
+        last = n == job.generate
+        finish = "length" if last else None
+        choice: dict[str, Any] = (
+            {"index": 0, "delta": {"content": " tok"}, "finish_reason": finish}
+            if reply.chat
+            else {"index": 0, "text": " tok", "finish_reason": finish}
+        )
+        await send(reply.envelope(kind, [choice]))
+    if with_usage:
+        await send({**reply.envelope(kind, []), "usage": reply.usage})
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
 class SimulatedModel:
     def __init__(
         self,
@@ -140,70 +200,23 @@ class SimulatedModel:
         generate = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         job = _Job(prompt=prompt, generate=max(1, generate), prefill_left=float(prompt))
         self.queue.append(job)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}"
-        created = int(time.time())
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": job.generate,
-            "total_tokens": prompt + job.generate,
-        }
+        reply = _Reply(
+            id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}",
+            created=int(time.time()),
+            model=self.model,
+            chat=chat,
+            usage={
+                "prompt_tokens": prompt,
+                "completion_tokens": job.generate,
+                "total_tokens": prompt + job.generate,
+            },
+        )
         try:
             if not body.get("stream"):
-                while await job.tokens.get() is not None:
-                    pass
-                text = " tok" * job.generate
-                choice: dict[str, Any] = (
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                    if chat
-                    else {"index": 0, "text": text, "finish_reason": "length"}
-                )
-                return web.json_response(
-                    {
-                        "id": rid,
-                        "object": "chat.completion" if chat else "text_completion",
-                        "created": created,
-                        "model": self.model,
-                        "choices": [choice],
-                        "usage": usage,
-                    }
-                )
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-            )
-            await response.prepare(request)
-            kind = "chat.completion.chunk" if chat else "text_completion"
-
-            async def send(payload: dict[str, Any]) -> None:
-                await response.write(
-                    b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-                )
-
-            while (n := await job.tokens.get()) is not None:
-                last = n == job.generate
-                piece = {"content": " tok"} if chat else None
-                choice = (
-                    {"index": 0, "delta": piece, "finish_reason": "length" if last else None}
-                    if chat
-                    else {"index": 0, "text": " tok", "finish_reason": "length" if last else None}
-                )
-                await send(
-                    {"id": rid, "object": kind, "created": created, "model": self.model, "choices": [choice]}
-                )
+                return await _answer(job, reply)
             options = body.get("stream_options") or {}
-            if isinstance(options, dict) and options.get("include_usage"):
-                await send(
-                    {
-                        "id": rid,
-                        "object": kind,
-                        "created": created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
+            with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            return await _stream(request, job, reply, with_usage=with_usage)
         except ConnectionResetError:
             # the client (or the sidecar, for it) left mid-stream; nothing more to send
             return web.Response(status=499)

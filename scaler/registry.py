@@ -31,6 +31,10 @@ from token_scaler.pricing import PriceTable
 from token_scaler.saturation import DEMAND, MAX_REPLICAS, Saturation
 
 METRIC_NAME = "token-demand"
+# The stable window is queueing while tokens arrive more than this many times faster than they
+# are served (docs/scaler.md). Strictly more, and never while nothing is served: unlike
+# scaler.demand.arrivals_lead, whose ">=" and served == 0 case choose the demand, not a signal.
+QUEUEING_RATIO = 1.1
 
 
 @dataclass
@@ -260,9 +264,10 @@ class Registry:
 
 
 def saturation_of(settings: ScalerSettings, evaluation: Evaluation) -> Saturation:
+    """Saturated at ``maxReplicas``, or while the stable window is queueing."""
     at_max = settings.max_replicas > 0 and evaluation.replicas >= settings.max_replicas
     stable = evaluation.stable
-    queueing = stable.served > 0 and stable.arrived > 1.1 * stable.served
+    queueing = stable.served > 0 and stable.arrived > QUEUEING_RATIO * stable.served
     reason = MAX_REPLICAS if at_max else DEMAND if queueing else ""
     return Saturation(
         at_max or queueing, reason, evaluation.replicas, settings.max_replicas, evaluation.second * 1000

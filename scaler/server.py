@@ -60,6 +60,24 @@ class ScalerServer:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        self._build_state()
+        await self._start_grpc()
+        await self._start_http()
+        await self._start_tasks()
+        self.ready["serving"] = True
+        cfg = self.config
+        log.info(
+            "serving ExternalScaler on %s:%d (%s), debug HTTP on %s:%d, reading %s",
+            cfg.host,
+            self.grpc_port,
+            "mTLS" if cfg.client_ca else "TLS" if cfg.tls_cert else "plaintext",
+            cfg.host,
+            self.http_port,
+            redact(cfg.redis_url),
+        )
+
+    def _build_state(self) -> None:
+        """Redis, the stream reader, the history and the model registry the RPCs answer from."""
         cfg = self.config
         self.redis = connect(cfg.redis_url)
         where = locate(cfg.redis_url)
@@ -85,6 +103,8 @@ class ScalerServer:
             self.metrics.registry.register(CostCollector(self.reader, cfg.prices))
         self.health = health.aio.HealthServicer()
 
+    async def _start_grpc(self) -> None:
+        """The ExternalScaler, health and reflection services on the configured gRPC port."""
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalScalerServicer_to_server(  # type: ignore[no-untyped-call]
             ExternalScalerService(self.registry, self.shutdown), self.server
@@ -98,20 +118,28 @@ class ScalerServer:
             ),
             self.server,
         )
-        address = f"{cfg.host}:{cfg.grpc_port}"
+        self.grpc_port = self._bind_grpc(f"{self.config.host}:{self.config.grpc_port}")
+        await self.server.start()
+
+    def _bind_grpc(self, address: str) -> int:
+        """Bind ``address`` with TLS (mTLS when a client CA is set) or plaintext; the bound port."""
+        cfg = self.config
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
                 [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
                 root_certificates=cfg.client_ca.read_bytes() if cfg.client_ca else None,
                 require_client_auth=cfg.client_ca is not None,
             )
-            self.grpc_port = self.server.add_secure_port(address, credentials)
+            port: int = self.server.add_secure_port(address, credentials)
         else:
-            self.grpc_port = self.server.add_insecure_port(address)
-        if self.grpc_port == 0:
+            port = self.server.add_insecure_port(address)
+        if port == 0:
             raise OSError(f"cannot bind gRPC to {address}")
-        await self.server.start()
+        return port
 
+    async def _start_http(self) -> None:
+        """The debug/metrics/probe HTTP app on the configured HTTP port."""
+        cfg = self.config
         app = make_app(
             self.registry, debug_token=cfg.debug_token, ready=self.ready, debug_open=cfg.debug_open
         )
@@ -121,6 +149,8 @@ class ScalerServer:
         await site.start()
         self.http_port = _bound_port(site, cfg.http_port)
 
+    async def _start_tasks(self) -> None:
+        """The stream reader and the background loops, with liveness SERVING from here on."""
         self._tasks.append(asyncio.create_task(self.reader.run(self.shutdown)))
         # "liveness" stays SERVING until shutdown: a gRPC liveness probe must not restart every
         # replica while Redis is away (the other names follow the data and say NOT_SERVING then).
@@ -129,16 +159,6 @@ class ScalerServer:
         self._tasks.append(asyncio.create_task(self._forget_idle()))
         self._tasks.append(asyncio.create_task(self._publish_saturation()))
         self._tasks.append(asyncio.create_task(self._record_history()))
-        self.ready["serving"] = True
-        log.info(
-            "serving ExternalScaler on %s:%d (%s), debug HTTP on %s:%d, reading %s",
-            cfg.host,
-            self.grpc_port,
-            "mTLS" if cfg.client_ca else "TLS" if cfg.tls_cert else "plaintext",
-            cfg.host,
-            self.http_port,
-            redact(cfg.redis_url),
-        )
 
     async def _watch_health(self) -> None:
         """Health follows the data: NOT_SERVING while the streams cannot be read."""

@@ -24,7 +24,7 @@ from sidecar.exchange import Exchange
 from sidecar.labels import ModelLabels
 from sidecar.meter import LabelBound, Meter, Request
 from sidecar.metrics import Metrics
-from sidecar.openai import Kind, ParsedRequest
+from sidecar.openai import Kind, ParsedRequest, Usage
 from sidecar.policy.admission import Admission
 from sidecar.responses import CLIENT_GONE
 from sidecar.sse import Event
@@ -160,10 +160,30 @@ class Accounting:
 
     def settle(self, metered: Request, exchange: Exchange) -> tuple[int, int]:
         """Final counts: usage, else the fallback count; after a failure, what was served."""
-        meter = self._meter(exchange)
-        model, tenant = metered.model, metered.tenant
         series = exchange.series
         now = time.monotonic()
+        self._end_series(metered.model, exchange, now)
+        usage = self._checked_usage(metered, exchange)
+        prompt, generation = self._final_counts(metered, exchange, usage, now)
+        series.prompt_tokens.inc(prompt)
+        series.generation_tokens.inc(generation)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request model=%s tenant=%s code=%s prompt=%d generation=%d ttft=%s duration=%.3f usage=%s",
+                metered.model,
+                metered.tenant,
+                exchange.code,
+                prompt,
+                generation,
+                "-" if exchange.first_at is None else f"{exchange.first_at - exchange.started:.3f}",
+                now - exchange.started,
+                "reported" if usage is not None else "estimated",
+            )
+        return prompt, generation
+
+    def _end_series(self, model: str, exchange: Exchange, now: float) -> None:
+        """The request leaves the waiting/in-flight gauges; its timings and outcome are observed."""
+        series = exchange.series
         if exchange.first_at is None:
             series.waiting.dec()
         else:
@@ -173,13 +193,17 @@ class Accounting:
         series.request_ended(exchange.code)
         if exchange.malformed:
             self.metrics.malformed.labels(model).inc()
+
+    def _checked_usage(self, metered: Request, exchange: Exchange) -> Usage | None:
+        """The server's usage, raised to the pieces that passed when it is not final and
+        bounded by what the request could have produced; None without usage."""
         usage = exchange.usage
         if usage is not None and not usage.final:
             # A stream that ended before its final usage: at least the pieces that passed.
             usage = replace(usage, generation=max(usage.generation, self._own_generation(exchange)))
         if usage is not None and exchange.facts is not None:
             usage = self.guard.check(
-                model,
+                metered.model,
                 exchange.facts,
                 usage,
                 exchange.seen_bytes,
@@ -187,6 +211,16 @@ class Accounting:
                 metered.prompt_estimate,
                 lambda: self._own_generation(exchange),
             )
+        return usage
+
+    def _final_counts(
+        self, metered: Request, exchange: Exchange, usage: Usage | None, now: float
+    ) -> tuple[int, int]:
+        """Finish (or abort) the metered request at its final prompt and generation counts:
+        the usage; else an abandoned request's estimate; else, after a failure, what was
+        metered; else the sidecar's own count."""
+        meter = self._meter(exchange)
+        model, tenant = metered.model, metered.tenant
         if usage is not None:
             meter.finish(metered, usage.prompt, usage.generation, complete=not exchange.failed)
             prompt, generation = usage.prompt, usage.generation
@@ -211,20 +245,6 @@ class Accounting:
             generation = self._own_generation(exchange)
             meter.finish(metered, prompt, generation)
             self._estimated(model, tenant, prompt, generation, self.counter.name if by_text else "pieces")
-        series.prompt_tokens.inc(prompt)
-        series.generation_tokens.inc(generation)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "request model=%s tenant=%s code=%s prompt=%d generation=%d ttft=%s duration=%.3f usage=%s",
-                model,
-                tenant,
-                exchange.code,
-                prompt,
-                generation,
-                "-" if exchange.first_at is None else f"{exchange.first_at - exchange.started:.3f}",
-                now - exchange.started,
-                "reported" if usage is not None else "estimated",
-            )
         return prompt, generation
 
     def _estimated(self, model: str, tenant: str, prompt: int, generation: int, method: str) -> None:

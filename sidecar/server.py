@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -66,21 +67,7 @@ class Sidecar:
         self.counter = load_counter(config.tokenizer)
         self.redis = connect(config.redis_url)
         self.policy: PolicyEngine | None = None
-        self.proxy = Proxy(
-            upstream=config.upstream,
-            meter=self.meter,
-            metrics=self.metrics,
-            counter=self.counter,
-            tenant_header=config.tenant_header,
-            max_tenants=config.max_tenants,
-            max_models=config.max_models,
-            max_body_bytes=config.max_body_bytes,
-            connect_timeout_s=config.connect_timeout_s,
-            read_timeout_s=config.read_timeout_s,
-            models=config.models,
-            body_timeout_s=config.body_timeout_s,
-            upstream_ca=config.upstream_ca,
-        )
+        self.proxy = self._make_proxy()
         # OpenTelemetry spans, when the OTEL_* variables configure them (token_scaler/tracing.py).
         self.tracing = tracing.load("token-scaler-sidecar")
         if self.tracing is not None:
@@ -89,33 +76,10 @@ class Sidecar:
             self.proxy.tracing = SidecarTracing(self.tracing, config.upstream)
         self._policy_redis: Commands | None = None
         if config.policy is not None:
-            # One pipelined connection of its own: every request's admission and settlement
-            # (redis_channel.py says why not redis-py's pool on this path).
-            self._policy_redis = open_channel(config.redis_url)
-            self.policy = self.proxy.policy = PolicyEngine(
-                config.policy,
-                self._policy_redis,
-                self.registry,
-                workload=config.workload,
-                tenant_header=config.tenant_header,
-                label=self.proxy.tenants,
-                clock=policy_clock,
-                dcgm_url=config.dcgm_url,
-                server_gauges=lambda: self.server_gauges.latest() if self.server_gauges else None,
-            )
+            self.policy = self.proxy.policy = self._make_policy(config.policy, policy_clock)
         metrics_url = config.server_metrics
         self.server_gauges = None if metrics_url is None else ServerGaugePoller(metrics_url)
-        self.flusher = Flusher(
-            self.redis,
-            self.meter,
-            self.metrics,
-            workload=config.workload,
-            sidecar_id=config.sidecar_id or make_sidecar_id(),
-            interval_s=config.flush_interval_s,
-            buffer_records=config.buffer_records,
-            retention_s=config.retention_s,
-            server_gauges=self.server_gauges.latest if self.server_gauges else lambda: None,
-        )
+        self.flusher = self._make_flusher()
         self.ready = False
         self.port = config.port
         self.admin_port = config.admin_port
@@ -131,6 +95,58 @@ class Sidecar:
         self._announce_task: asyncio.Task[None] | None = None
         self._pin_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+
+    def _make_proxy(self) -> Proxy:
+        """The proxy in front of the upstream, metering into this sidecar's meter."""
+        config = self.config
+        return Proxy(
+            upstream=config.upstream,
+            meter=self.meter,
+            metrics=self.metrics,
+            counter=self.counter,
+            tenant_header=config.tenant_header,
+            max_tenants=config.max_tenants,
+            max_models=config.max_models,
+            max_body_bytes=config.max_body_bytes,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            models=config.models,
+            body_timeout_s=config.body_timeout_s,
+            upstream_ca=config.upstream_ca,
+        )
+
+    def _make_policy(self, policy: Path, clock: Clock | None) -> PolicyEngine:
+        """The policy engine, on a Redis channel of its own (kept in ``_policy_redis``)."""
+        config = self.config
+        # One pipelined connection of its own: every request's admission and settlement
+        # (redis_channel.py says why not redis-py's pool on this path).
+        self._policy_redis = open_channel(config.redis_url)
+        return PolicyEngine(
+            policy,
+            self._policy_redis,
+            self.registry,
+            workload=config.workload,
+            tenant_header=config.tenant_header,
+            label=self.proxy.tenants,
+            clock=clock,
+            dcgm_url=config.dcgm_url,
+            server_gauges=lambda: self.server_gauges.latest() if self.server_gauges else None,
+        )
+
+    def _make_flusher(self) -> Flusher:
+        """The flusher of the meter's records to the workload's stream."""
+        config = self.config
+        return Flusher(
+            self.redis,
+            self.meter,
+            self.metrics,
+            workload=config.workload,
+            sidecar_id=config.sidecar_id or make_sidecar_id(),
+            interval_s=config.flush_interval_s,
+            buffer_records=config.buffer_records,
+            retention_s=config.retention_s,
+            server_gauges=self.server_gauges.latest if self.server_gauges else lambda: None,
+        )
 
     def _proxy_app(self) -> web.Application:
         # The proxy reads bodies itself, with its own limit and a JSON 413.

@@ -37,15 +37,27 @@ def _pct(values: np.ndarray[Any, np.dtype[np.float64]], q: float) -> float | Non
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
+def _measured(r: Requests, start: float) -> Requests:
+    """The requests that arrived from ``start`` on (all of them when it is 0)."""
+    if start > 0:
+        keep = r.arrival >= start
+        return Requests(*(getattr(r, f.name)[keep] for f in fields(Requests)))
+    return r
+
+
+def _met(done: npt.NDArray[np.bool_], within: npt.NDArray[np.bool_] | bool) -> npt.NDArray[np.bool_]:
+    """Per request, whether it met one SLO: ``within`` for the completed ones, False for the rest."""
+    ok = np.zeros(len(done), dtype=bool)
+    ok[done] = within
+    return ok
+
+
 def summarize(result: RunResult, slo: Slo) -> dict[str, Any]:
     """A JSON-ready summary. Attainment (``slo_both``: every SLO of ``slo`` met) counts
     every request that arrived: rejected and dropped ones miss it. With a warm-up
     (``SimConfig.measure_from_s``) only requests arriving from then on count."""
-    r = result.requests
     start = result.config.measure_from_s
-    if start > 0:
-        keep = r.arrival >= start
-        r = Requests(*(getattr(r, f.name)[keep] for f in fields(Requests)))
+    r = _measured(result.requests, start)
     n = len(r.arrival)
     done = r.status == DONE
     rejected = r.status == REJECTED
@@ -53,12 +65,9 @@ def summarize(result: RunResult, slo: Slo) -> dict[str, Any]:
     ttft = (r.first_token - r.arrival)[done]
     e2e = (r.finish - r.arrival)[done]
     tpot = time_per_output_token(r)[done]
-    ttft_ok = np.zeros(n, dtype=bool)
-    tpot_ok = np.zeros(n, dtype=bool)
-    e2e_ok = np.zeros(n, dtype=bool)
-    ttft_ok[done] = ttft <= slo.ttft_s
-    tpot_ok[done] = tpot <= slo.tpot_s
-    e2e_ok[done] = True if slo.e2e_s is None else e2e <= slo.e2e_s
+    ttft_ok = _met(done, ttft <= slo.ttft_s)
+    tpot_ok = _met(done, tpot <= slo.tpot_s)
+    e2e_ok = _met(done, True if slo.e2e_s is None else e2e <= slo.e2e_s)
     met = ttft_ok & tpot_ok & e2e_ok
     lost = rejected | dropped
     profile = result.config.replica

@@ -659,6 +659,30 @@ def _report(setup: Setup, ns: argparse.Namespace, summaries: list[dict[str, Any]
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup = prepare(ns)
+    results, summaries = _run_policies(setup, ns)
+    print("\n".join(_header(setup, ns)))
+    print()
+    for s in summaries:
+        print(f"  {s['policy']:<18} {s['settings']}")
+    print()
+    print(policy_table(summaries))
+    report = _report(setup, ns, summaries)
+    report["timelines"] = {
+        r.policy: {k: v.tolist() for k, v in r.timeline.items() if k in ("t", "pods", "ready", "queue")}
+        for r in results
+    }
+    if ns.plot and results:
+        _plot(setup, ns, results)
+    if ns.sweep:
+        report["sweep"] = _print_sweep(setup, ns)
+    if ns.json:
+        ns.json.write_text(json.dumps(report, indent=1))
+        print(f"\njson: {ns.json}")
+    return 0
+
+
+def _run_policies(setup: Setup, ns: argparse.Namespace) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """Each policy of ``--policy`` with its default settings, then ``--fixed-replicas`` if set."""
     summaries: list[dict[str, Any]] = []
     results: list[RunResult] = []
     for name in ns.policies:
@@ -673,49 +697,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, summary = run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))
         results.append(result)
         summaries.append(summary)
-    print("\n".join(_header(setup, ns)))
-    print()
-    for s in summaries:
-        print(f"  {s['policy']:<18} {s['settings']}")
-    print()
-    print(policy_table(summaries))
-    report = _report(setup, ns, summaries)
-    report["timelines"] = {
-        r.policy: {k: v.tolist() for k, v in r.timeline.items() if k in ("t", "pods", "ready", "queue")}
-        for r in results
-    }
-    if ns.plot and results:
-        from tuning import plots
+    return results, summaries
 
-        plots.simulation(
-            results,
-            ns.plot,
-            f"{Path(setup.trace.source).name}: load x{ns.scale:g}, "
-            f"cold start {setup.config.replica.cold_start_s:g}s, routing {setup.config.routing}",
-            setup.trace.attribution,
-            setup.cal.capacity / setup.cal.prompt_weight,
-            setup.slo,
-        )
-        print(f"\nplot: {ns.plot}")
-    if ns.sweep:
-        sweep = _sweep(setup, ns)
-        report["sweep"] = {k: v for k, v in sweep.items() if k != "table"}
-        lo, hi = ns.sweep_headroom_range
-        print(
-            f"\nevery policy searched alike: headroom {lo:g}..{hi:g} (target = calibrated capacity / "
-            f"headroom), scale-down windows {', '.join(f'{d:g}s' for d in ns.sweep_scale_down_windows)}, "
-            "each policy's own windows; fixed = the fewest replicas, searched over 1..maxReplicas. "
-            "The fewest GPU-hours reaching each attainment of every SLO, read off a monotone fit of "
-            "each setting family's runs (fixed: the fewest replicas; * = held by the range's edge), "
-            "and the cheapest run at the goal:"
-        )
-        print(sweep["table"])
+
+def _plot(setup: Setup, ns: argparse.Namespace, results: list[RunResult]) -> None:
+    from tuning import plots
+
+    plots.simulation(
+        results,
+        ns.plot,
+        f"{Path(setup.trace.source).name}: load x{ns.scale:g}, "
+        f"cold start {setup.config.replica.cold_start_s:g}s, routing {setup.config.routing}",
+        setup.trace.attribution,
+        setup.cal.capacity / setup.cal.prompt_weight,
+        setup.slo,
+    )
+    print(f"\nplot: {ns.plot}")
+
+
+def _print_sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
+    """The sweep's table, verdict and recommendation printed; its report (the table left out)."""
+    sweep = _sweep(setup, ns)
+    lo, hi = ns.sweep_headroom_range
+    print(
+        f"\nevery policy searched alike: headroom {lo:g}..{hi:g} (target = calibrated capacity / "
+        f"headroom), scale-down windows {', '.join(f'{d:g}s' for d in ns.sweep_scale_down_windows)}, "
+        "each policy's own windows; fixed = the fewest replicas, searched over 1..maxReplicas. "
+        "The fewest GPU-hours reaching each attainment of every SLO, read off a monotone fit of "
+        "each setting family's runs (fixed: the fewest replicas; * = held by the range's edge), "
+        "and the cheapest run at the goal:"
+    )
+    print(sweep["table"])
+    print()
+    print("\n".join(sweep["verdict"]))
+    if sweep["recommended"] is not None:
         print()
-        print("\n".join(sweep["verdict"]))
-        if sweep["recommended"] is not None:
-            print()
-            print(_recommendation_text(sweep["recommended"], ns.slo_goal))
-    if ns.json:
-        ns.json.write_text(json.dumps(report, indent=1))
-        print(f"\njson: {ns.json}")
-    return 0
+        print(_recommendation_text(sweep["recommended"], ns.slo_goal))
+    return {k: v for k, v in sweep.items() if k != "table"}

@@ -305,47 +305,53 @@ class Ahead:
             return False
         failure: BaseException | None = None
         for state, reply in zip(batch, replies, strict=True):
-            chunk, ticket = state.chunk, state.chunk.ticket
-            if isinstance(reply, ResponseError) and script_fault(reply):
-                # It would fail again: said loudly; the chunk admits no more and is dropped once
-                # its requests have ended (its lease releases what it holds).
-                self._ctx.metrics.redis_errors.labels("checkpoint_script").inc()
-                log.error(
-                    "Redis refused the checkpoint of a chunk of tenant %s (charged %s tokens, cost %s): %s",
-                    ticket.tenant,
-                    chunk.real_tokens,
-                    chunk.real_cost,
-                    reply,
-                )
-                self.chunks.retire(chunk)
-                if state.final:
-                    self.chunks.forget(chunk)
-                continue
-            if isinstance(reply, BaseException):
-                failure = reply
-                chunk.dirty = True
-                continue
-            if reply.applied == Applied.NONE and not state.closed_before:
-                self._lost(state)
-                if state.final:
-                    self.chunks.forget(chunk)
-                continue
-            elif reply.applied == Applied.RELEASED:
-                log.warning(
-                    "a chunk of tenant %s was released when its lease ended (this sidecar stalled "
-                    "past reservationLeaseSeconds): its requests are charged in full",
-                    ticket.tenant,
-                )
-                self.chunks.retire(chunk)
-            if reply.applied and state.seq > chunk.acked_seq:
-                chunk.acked, chunk.acked_seq = state.charged, state.seq
-            if state.final:
-                self.chunks.forget(chunk)
-            self._usage.saw(ticket, reply.day_used, reply.month_used)
+            if (error := self._apply_checkpoint(state, reply)) is not None:
+                failure = error
         if failure is not None:
             self._outage.failed("checkpoint", failure)
             return False
         return True
+
+    def _apply_checkpoint(self, state: _Checkpoint, reply: Settled | BaseException) -> BaseException | None:
+        """Apply the reply to one checkpoint; the error when Redis did not answer it (the chunk
+        is sent again with the next)."""
+        chunk, ticket = state.chunk, state.chunk.ticket
+        if isinstance(reply, ResponseError) and script_fault(reply):
+            # It would fail again: said loudly; the chunk admits no more and is dropped once
+            # its requests have ended (its lease releases what it holds).
+            self._ctx.metrics.redis_errors.labels("checkpoint_script").inc()
+            log.error(
+                "Redis refused the checkpoint of a chunk of tenant %s (charged %s tokens, cost %s): %s",
+                ticket.tenant,
+                chunk.real_tokens,
+                chunk.real_cost,
+                reply,
+            )
+            self.chunks.retire(chunk)
+            if state.final:
+                self.chunks.forget(chunk)
+            return None
+        if isinstance(reply, BaseException):
+            chunk.dirty = True
+            return reply
+        if reply.applied == Applied.NONE and not state.closed_before:
+            self._lost(state)
+            if state.final:
+                self.chunks.forget(chunk)
+            return None
+        if reply.applied == Applied.RELEASED:
+            log.warning(
+                "a chunk of tenant %s was released when its lease ended (this sidecar stalled "
+                "past reservationLeaseSeconds): its requests are charged in full",
+                ticket.tenant,
+            )
+            self.chunks.retire(chunk)
+        if reply.applied and state.seq > chunk.acked_seq:
+            chunk.acked, chunk.acked_seq = state.charged, state.seq
+        if state.final:
+            self.chunks.forget(chunk)
+        self._usage.saw(ticket, reply.day_used, reply.month_used)
+        return None
 
     def _lost(self, state: _Checkpoint) -> None:
         """Redis has no trace of a chunk it granted (a failover to a replica that missed it, a

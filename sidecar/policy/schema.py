@@ -526,21 +526,7 @@ def parse(data: object) -> Policy:
     default_tenant = _name("identity.defaultTenant", identity.get("defaultTenant", "default"))
     if not TENANT.match(default_tenant):
         raise _fail("identity.defaultTenant", "expected 1-128 characters of [A-Za-z0-9._:@-]")
-    api_keys: dict[str, str] = {}
-    for digest, tenant in _mapping("identity.apiKeys", identity.get("apiKeys")).items():
-        # Only the key's hash is shown: a key pasted here by mistake must not reach the logs.
-        match = _SHA256.match(digest.lower())
-        if match is None:
-            raise _fail(
-                f"identity.apiKeys[#{len(api_keys) + 1}]",
-                "expected the sha256 of the key as 64 hex digits (printf %s KEY | sha256sum), "
-                "never the key itself",
-            )
-        where = f"identity.apiKeys.{match.group(1)[:12]}..."
-        name = _name(where, tenant)
-        if not TENANT.match(name):
-            raise _fail(where, "expected a tenant name of 1-128 characters of [A-Za-z0-9._:@-]")
-        api_keys[match.group(1)] = name
+    api_keys = _api_keys(_mapping("identity.apiKeys", identity.get("apiKeys")))
     prices = {
         _name("prices", model): _price(f"prices.{model}", raw)
         for model, raw in _mapping("prices", doc.get("prices")).items()
@@ -554,21 +540,10 @@ def parse(data: object) -> Policy:
         for model, raw in _mapping("modelLimits", doc.get("modelLimits")).items()
     }
     if doc.get("spendGuard") is None:
-        for model, rule in downgrades.items():
-            if rule.at is None and not rule.when_saturated and rule.when_busy is None:
-                raise _fail(
-                    f"downgrade.{model}",
-                    "says none of atBudgetRatio, whenSaturated, whenBusy (and no spendGuard): "
-                    "it would never apply",
-                )
+        _check_triggered(downgrades)
     defaults_doc = _mapping("defaults", doc.get("defaults"), _TENANT_KEYS)
     defaults = _tenant("defaults", defaults_doc, opt_in=False)
-    tenants: dict[str, TenantPolicy] = {}
-    for name, raw in _mapping("tenants", doc.get("tenants")).items():
-        if not TENANT.match(name):
-            raise _fail(f"tenants.{name}", "expected a tenant name of 1-128 characters of [A-Za-z0-9._:@-]")
-        section = _mapping(f"tenants.{name}", raw, _TENANT_KEYS)
-        tenants[name] = _tenant(f"tenants.{name}", _merge(defaults_doc, section), opt_in=True)
+    tenants = _tenants(_mapping("tenants", doc.get("tenants")), defaults_doc)
     uses_money = any(t.budget.unit == MONEY for t in (defaults, *tenants.values()))
     if uses_money and not prices:
         raise _fail("prices", "required when a budget is in money: a price per 1k tokens per model")
@@ -592,6 +567,48 @@ def parse(data: object) -> Policy:
         if doc.get("spendGuard") is None
         else _spend_guard("spendGuard", doc["spendGuard"], prices, downgrades),
     )
+
+
+def _api_keys(doc: Mapping[str, Any]) -> dict[str, str]:
+    """``identity.apiKeys``: the sha256 of each key (hex, lower case) -> its tenant."""
+    api_keys: dict[str, str] = {}
+    for digest, tenant in doc.items():
+        # Only the key's hash is shown: a key pasted here by mistake must not reach the logs.
+        match = _SHA256.match(digest.lower())
+        if match is None:
+            raise _fail(
+                f"identity.apiKeys[#{len(api_keys) + 1}]",
+                "expected the sha256 of the key as 64 hex digits (printf %s KEY | sha256sum), "
+                "never the key itself",
+            )
+        where = f"identity.apiKeys.{match.group(1)[:12]}..."
+        name = _name(where, tenant)
+        if not TENANT.match(name):
+            raise _fail(where, "expected a tenant name of 1-128 characters of [A-Za-z0-9._:@-]")
+        api_keys[match.group(1)] = name
+    return api_keys
+
+
+def _check_triggered(downgrades: Mapping[str, Downgrade]) -> None:
+    """Without a spend guard, every downgrade rule needs a trigger of its own."""
+    for model, rule in downgrades.items():
+        if rule.at is None and not rule.when_saturated and rule.when_busy is None:
+            raise _fail(
+                f"downgrade.{model}",
+                "says none of atBudgetRatio, whenSaturated, whenBusy (and no spendGuard): "
+                "it would never apply",
+            )
+
+
+def _tenants(doc: Mapping[str, Any], defaults_doc: Mapping[str, Any]) -> dict[str, TenantPolicy]:
+    """``tenants``: each section over ``defaults``, opted in."""
+    tenants: dict[str, TenantPolicy] = {}
+    for name, raw in doc.items():
+        if not TENANT.match(name):
+            raise _fail(f"tenants.{name}", "expected a tenant name of 1-128 characters of [A-Za-z0-9._:@-]")
+        section = _mapping(f"tenants.{name}", raw, _TENANT_KEYS)
+        tenants[name] = _tenant(f"tenants.{name}", _merge(defaults_doc, section), opt_in=True)
+    return tenants
 
 
 def _chunks(path: str, doc: Mapping[str, Any]) -> ChunkPolicy:
