@@ -68,15 +68,23 @@ class Best:
         fit), and the GPU-hours are interpolated where the fitted attainment crosses the
         level; the policy's figure is its cheapest family's. A replica count cannot be
         interpolated: without a headroom (fixed) it is ``cheapest``'s."""
+        found = self.fitted_family(level)
+        return None if found is None else found[0]
+
+    def fitted_family(self, level: float) -> tuple[float, dict[str, str]] | None:
+        """``fitted``'s figure and the settings (all but headroom) of the family it is read
+        off; a fixed deployment's cheapest run and its settings."""
         families: dict[tuple[tuple[str, str], ...], list[Run]] = {}
         for r in self.runs:
             if "headroom" not in r.settings:
                 run = self.cheapest(level)
-                return None if run is None else run.gpu_hours
+                return None if run is None else (run.gpu_hours, run.settings)
             key = tuple(sorted((k, v) for k, v in r.settings.items() if k != "headroom"))
             families.setdefault(key, []).append(r)
-        found = [g for g in (_crossing(runs, level) for runs in families.values()) if g is not None]
-        return min(found) if found else None
+        found = [
+            (g, dict(key)) for key, runs in families.items() if (g := _crossing(runs, level)) is not None
+        ]
+        return min(found, key=lambda f: f[0]) if found else None
 
 
 def _monotone(values: list[float]) -> list[float]:
@@ -245,6 +253,7 @@ def verdict(results: dict[str, Best], level: float, runnable: Sequence[str], bou
         lines.append(
             f"  autoscaling beats fixed ({fixed:.2f} GPU-h) by {_saving(autoscalers[winner], fixed)}"
         )
+    lines += _longest_hold_note(results, winner, level)
     token = autoscalers.get("token")
     if token is not None:
         for other in runnable:
@@ -255,6 +264,29 @@ def verdict(results: dict[str, Best], level: float, runnable: Sequence[str], bou
         distances = ", ".join(f"{n} {_rel(c, b)}" for n, c in autoscalers.items())
         lines.append(f"  distance to the foresight bound ({b:.2f} GPU-h): {distances}")
     return lines
+
+
+def _longest_hold_note(results: dict[str, Best], winner: str, level: float) -> list[str]:
+    """A note when the cheapest autoscaler's fitted family holds its pods for the longest
+    scale-down window searched, of two or more: on bursts shorter than a cold start the
+    cheapest policy is the one that keeps the pods of the last burst, and a longer window
+    may keep them for less."""
+    searched = {
+        float(r.settings["scaleDownWindow"])
+        for b in results.values()
+        for r in b.runs
+        if "scaleDownWindow" in r.settings
+    }
+    found = results[winner].fitted_family(level)
+    if len(searched) < 2 or found is None or "scaleDownWindow" not in found[1]:
+        return []
+    window = float(found[1]["scaleDownWindow"])
+    if window < max(searched):
+        return []
+    return [
+        f"  {winner}'s cheapest family holds its pods for the longest scale-down window searched "
+        f"({window:g} s): a longer one (--sweep-scale-down-windows) may do better"
+    ]
 
 
 def _rel(value: float, reference: float) -> str:
@@ -271,6 +303,7 @@ def to_json(results: dict[str, Best], levels: Sequence[float]) -> list[dict[str,
     for name, best in results.items():
         cheapest: dict[str, Any] = {}
         fitted: dict[str, float | None] = {}
+        families: dict[str, dict[str, str] | None] = {}
         for level in levels:
             run = best.cheapest(level)
             cheapest[f"{level:g}"] = (
@@ -278,13 +311,15 @@ def to_json(results: dict[str, Best], levels: Sequence[float]) -> list[dict[str,
                 if run is None
                 else {"gpu_hours": run.gpu_hours, "attainment": run.attainment, "settings": run.settings}
             )
-            fit = best.fitted(level)
-            fitted[f"{level:g}"] = None if fit is None else round(fit, 3)
+            found = best.fitted_family(level)
+            fitted[f"{level:g}"] = None if found is None else round(found[0], 3)
+            families[f"{level:g}"] = None if found is None else found[1]
         out.append(
             {
                 "policy": name,
                 "runs": len(best.runs),
                 "fitted": fitted,
+                "fitted_family": families,
                 "cheapest": cheapest,
                 "points": [
                     {"settings": r.settings, "gpu_hours": r.gpu_hours, "slo": r.attainment} for r in best.runs

@@ -439,6 +439,31 @@ def test_verdict_says_who_wins_in_words():
     )
 
 
+def test_verdict_notes_a_cheapest_family_at_the_longest_scale_down_window():
+    from tuning.compare import Best, Run, verdict
+
+    def family(window: str, gpu: float) -> list[Run]:
+        return [
+            Run("x", {"scaleDownWindow": window, "headroom": h}, g, a, {})
+            for h, g, a in (("1", gpu, 0.85), ("2", gpu + 2, 0.95))
+        ]
+
+    token = Best(family("300", 10.0) + family("1800", 8.0))
+    results = {"token": token, "fixed": Best([Run("fixed", {"replicas": "9"}, 9.0, 0.95, {})])}
+    # token's cheapest family at 90 % is the 1800 s one: 8 + 0.05 / 0.1 * 2 = 9.0
+    found = token.fitted_family(0.9)
+    assert found is not None and found[1] == {"scaleDownWindow": "1800"}
+    assert found[0] == pytest.approx(9.0)
+    lines = verdict(results, 0.9, ("token",), "foresight")
+    assert any("longest scale-down window searched (1800 s)" in line for line in lines)
+    # the cheaper family at the shorter window: no note
+    results["token"] = Best(family("300", 6.0) + family("1800", 8.0))
+    assert not any("longest" in line for line in verdict(results, 0.9, ("token",), "foresight"))
+    # one window searched: nothing to widen it against
+    results["token"] = Best(family("1800", 8.0))
+    assert not any("longest" in line for line in verdict(results, 0.9, ("token",), "foresight"))
+
+
 def test_kv_cache_limit_holds_requests_until_their_context_fits():
     # three requests of 6,000 context tokens each into a replica of 10,000: one at a time
     arrival = np.array([0.0, 0.0, 0.0])
