@@ -479,6 +479,11 @@ class Rates:
     def demand(self) -> float:
         return demand_of(self.served, self.arrived, self.margin)
 
+    @property
+    def leading(self) -> str:
+        """Which rate is the demand: "arrival" or "served"."""
+        return "arrival" if self.arrivals_lead else "served"
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -586,14 +591,12 @@ def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSet
 
 def stable_reason(window_s: int, stable: Rates) -> str:
     """Why the stable window's demand is the rate it is (``scaler.demand``)."""
-    lead = stable.arrivals_lead
-    which = "arrival" if lead else "served"
-    reason = f"{window_s}s window demand = {which} rate {stable.demand:.1f} weighted tokens/s"
+    reason = f"{window_s}s window demand = {stable.leading} rate {stable.demand:.1f} weighted tokens/s"
     if stable.margin == 0:
         return reason
     if math.isinf(stable.margin):
         return reason + f" (arrivalMargin off; arrival rate {stable.arrived:.1f})"
-    if lead:
+    if stable.arrivals_lead:
         return reason + f" (over {1 + stable.margin:g}x the served rate {stable.served:.1f})"
     return reason + f" (arrival rate {stable.arrived:.1f}, within {1 + stable.margin:g}x of it)"
 
@@ -734,8 +737,7 @@ class _Answer:
         triggers = _Triggers.of(series, s - span.hold + 1, stable_demand, panic_demand, settings)
         since = triggers.since()
         if since is None:
-            which = "arrival" if stable.arrivals_lead else "served"
-            return cls(stable.demand, f"stable-{which}", stable_reason(settings.window_s, stable))
+            return cls(stable.demand, f"stable-{stable.leading}", stable_reason(settings.window_s, stable))
         value = max(triggers.held(stable_demand, panic_demand), stable.demand)
         reason = (
             f"panic since second {since}: the {settings.panic_window_s}s window asked for >= "

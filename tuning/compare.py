@@ -233,8 +233,8 @@ def comparison_table(results: dict[str, Best], levels: Sequence[float], goal: fl
 def verdict(results: dict[str, Best], level: float, runnable: Sequence[str], bound: str) -> list[str]:
     """Who wins at ``level``, by how much, in words: fixed, the autoscalers, the bound."""
     lines = []
-    costs = {name: best.fitted(level) for name, best in results.items()}
-    reached = {n: c for n, c in costs.items() if c is not None}
+    found = {name: best.fitted_family(level) for name, best in results.items()}
+    reached = {n: f[0] for n, f in found.items() if f is not None}
     autoscalers = {n: reached[n] for n in runnable if n in reached}
     pct = f"{100 * level:g} %"
     if not autoscalers:
@@ -253,7 +253,7 @@ def verdict(results: dict[str, Best], level: float, runnable: Sequence[str], bou
         lines.append(
             f"  autoscaling beats fixed ({fixed:.2f} GPU-h) by {_saving(autoscalers[winner], fixed)}"
         )
-    lines += _longest_hold_note(results, winner, level)
+    lines += _longest_hold_note(results, winner, found[winner])
     token = autoscalers.get("token")
     if token is not None:
         for other in runnable:
@@ -266,18 +266,19 @@ def verdict(results: dict[str, Best], level: float, runnable: Sequence[str], bou
     return lines
 
 
-def _longest_hold_note(results: dict[str, Best], winner: str, level: float) -> list[str]:
+def _longest_hold_note(
+    results: dict[str, Best], winner: str, found: tuple[float, dict[str, str]] | None
+) -> list[str]:
     """A note when the cheapest autoscaler's fitted family holds its pods for the longest
     scale-down window searched, of two or more: on bursts shorter than a cold start the
     cheapest policy is the one that keeps the pods of the last burst, and a longer window
-    may keep them for less."""
+    may keep them for less. ``found``: the winner's ``fitted_family``."""
     searched = {
         float(r.settings["scaleDownWindow"])
         for b in results.values()
         for r in b.runs
         if "scaleDownWindow" in r.settings
     }
-    found = results[winner].fitted_family(level)
     if len(searched) < 2 or found is None or "scaleDownWindow" not in found[1]:
         return []
     window = float(found[1]["scaleDownWindow"])
