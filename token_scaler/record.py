@@ -21,7 +21,7 @@ entry holds what happened at that sidecar during ``(ts - dt, ts]``:
     ts   integer ms               end of the interval, on the Redis clock as the sidecar
                                   estimates it (local clock + offset learnt from Redis TIME)
     dt   integer ms               length of the interval (> 0)
-    m    JSON {model: [sp, sg, ap, ag, rq, in, wf, bp, bg]}
+    m    JSON {model: [sp, sg, ap, ag, rq, in, wf, bp, bg, ar]}   (ar: optional)
     t    JSON {tenant: {model: [p, g, rq]}}   (optional)
     s    JSON {"run": n, "wait": n, "kv": x}  (optional) the model server's own gauges at
                                   ts, read from its Prometheus metrics: requests running
@@ -37,6 +37,9 @@ Per model, counters for the interval (may be negative: they carry corrections):
             The arrival rate is the demand signal: it keeps growing when the
             replicas are saturated and the served rate cannot.
     rq      requests that ended
+    ar      requests that arrived (a trailing item, absent from older writers: read as 0).
+            A gateway counts a request when it starts holding it and takes it back
+            when it stops, as it does ap and ag; the sidecar that serves it counts it.
 and gauges at ``ts`` (never negative):
     in      requests in flight           wf  requests waiting for their first token
     bp, bg  prompt / generated tokens arrived but not served yet (estimates)
@@ -127,7 +130,9 @@ _MAX_ABS = 2**53
 _WORKLOAD = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
 _SIDECAR = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
-MODEL_FIELDS = ("sp", "sg", "ap", "ag", "rq", "in", "wf", "bp", "bg")
+MODEL_FIELDS = ("sp", "sg", "ap", "ag", "rq", "in", "wf", "bp", "bg", "ar")
+# the items every version-1 writer sends; later ones are optional trailing items
+_REQUIRED_MODEL_FIELDS = 9
 _GAUGES = frozenset({"in", "wf", "bp", "bg"})
 SIDECAR, GATEWAY = "sidecar", "gateway"
 ROLES = frozenset({SIDECAR, GATEWAY})
@@ -167,6 +172,7 @@ class ModelCounts:
     waiting: int = 0
     backlog_prompt: int = 0
     backlog_generation: int = 0
+    arrived_requests: int = 0
 
     def as_list(self) -> list[int]:
         return [
@@ -179,6 +185,7 @@ class ModelCounts:
             self.waiting,
             self.backlog_prompt,
             self.backlog_generation,
+            self.arrived_requests,
         ]
 
 
@@ -318,8 +325,10 @@ def decode(fields: Mapping[Any, Any]) -> Record:
     models: dict[str, ModelCounts] = {}
     for model, values in raw_models.items():
         where = f"m[{model!r}]"
-        if not isinstance(values, list) or len(values) < len(MODEL_FIELDS):
-            raise RecordError(where, values, f"expected a list of {len(MODEL_FIELDS)} integers")
+        if not isinstance(values, list) or len(values) < _REQUIRED_MODEL_FIELDS:
+            raise RecordError(
+                where, values, f"expected a list of {_REQUIRED_MODEL_FIELDS} or {len(MODEL_FIELDS)} integers"
+            )
         counts = [
             _count(f"{where}.{key}", value, gauge=key in _GAUGES)
             for key, value in zip(MODEL_FIELDS, values, strict=False)

@@ -79,7 +79,7 @@ def _good() -> dict[str, str]:
         ("dt", "0", ">= 1"),
         ("m", "{", "not valid JSON"),
         ("m", "[]", "expected a JSON object"),
-        ("m", '{"m": [1, 2]}', "list of 9 integers"),
+        ("m", '{"m": [1, 2]}', "list of 9 or 10 integers"),
         ("m", '{"m": [1, 2, 3, 4, 5, -1, 0, 0, 0]}', "gauge cannot be negative"),
         ("m", '{"m": [1.5, 2, 3, 4, 5, 1, 0, 0, 0]}', "expected an integer"),
         ("m", '{"m": [true, 2, 3, 4, 5, 1, 0, 0, 0]}', "expected an integer"),
@@ -105,8 +105,19 @@ def test_missing_field_is_named() -> None:
 def test_extra_fields_and_items_are_ignored() -> None:
     fields = _good()
     fields["future"] = "x"
-    fields["m"] = json.dumps({"m": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]})
-    assert decode(fields).models["m"] == ModelCounts(1, 2, 3, 4, 5, 6, 7, 8, 9)
+    fields["m"] = json.dumps({"m": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]})
+    assert decode(fields).models["m"] == ModelCounts(1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+
+
+def test_arrived_requests_are_read_when_present_and_zero_when_not() -> None:
+    fields = _good()
+    fields["m"] = json.dumps({"m": [1, 2, 3, 4, 5, 6, 7, 8, 9]})  # a writer from before ``ar``
+    assert decode(fields).models["m"].arrived_requests == 0
+    fields["m"] = json.dumps({"m": [1, 2, 3, 4, 5, 6, 7, 8, 9, -2]})  # a gateway's take-back
+    assert decode(fields).models["m"].arrived_requests == -2
+    fields["m"] = json.dumps({"m": [1, 2, 3, 4, 5, 6, 7, 8, 9, "3"]})
+    with pytest.raises(RecordError, match="ar"):
+        decode(fields)
 
 
 def test_entry_time_is_clamped_to_the_stream_id() -> None:
