@@ -159,6 +159,7 @@ def scaled(record: Record, factor: float) -> Record:
             c.waiting,
             c.backlog_prompt,
             c.backlog_generation,
+            c.arrived_requests,
         )
         for model, c in record.models.items()
     }

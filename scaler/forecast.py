@@ -45,12 +45,15 @@ ERROR_MINUTES = 60
 
 @dataclass(frozen=True)
 class MinuteCounts:
-    """Tokens counted in one minute: served prompt/generation, arrived prompt/generation."""
+    """Tokens counted in one minute: served prompt/generation, arrived prompt/generation, and
+    the requests that arrived (None where the history says nothing of them: a field written
+    before they were kept)."""
 
     served_prompt: float
     served_generation: float
     arrived_prompt: float
     arrived_generation: float
+    arrived_requests: float | None = None
 
     def demand(self, pw: float, gw: float, margin: float = DEFAULT_MARGIN) -> float:
         """Weighted tokens per second over the minute, chosen as the window's (``scaler.demand``)."""
@@ -59,17 +62,20 @@ class MinuteCounts:
         return demand_of(served, arrived, margin) / MINUTE_S
 
     def encode(self) -> str:
-        return ",".join(f"{v:.0f}" for v in self.as_tuple())
+        values: tuple[float, ...] = self.as_tuple()
+        if self.arrived_requests is not None:
+            values += (self.arrived_requests,)
+        return ",".join(f"{v:.0f}" for v in values)
 
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.served_prompt, self.served_generation, self.arrived_prompt, self.arrived_generation)
 
     @classmethod
     def decode(cls, raw: str) -> MinuteCounts:
-        """Raises ValueError naming the value when it is not four numbers."""
+        """Raises ValueError naming the value when it is not four or five numbers."""
         parts = raw.split(",")
-        if len(parts) != 4:
-            raise ValueError(f"expected 4 comma-separated numbers, got {raw!r}")
+        if len(parts) not in (4, 5):
+            raise ValueError(f"expected 4 or 5 comma-separated numbers, got {raw!r}")
         values = [float(p) for p in parts]
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise ValueError(f"expected numbers >= 0, got {raw!r}")

@@ -3,14 +3,15 @@
 Keys, one hash a workload and a UTC day, expiring ``HISTORY_DAYS`` + 1 days after the day::
 
     tokenscaler:v1:{<namespace>/<name>}:minutes:<day>    field "<minute>" (all models) or
-                                                          "<minute>:<model>", value "sp,sg,ap,ag"
+                                                          "<minute>:<model>", value "sp,sg,ap,ag,ar"
 
 Every scaler replica reads the same stream, so each writes the same counts for a minute;
 a field is written once (``HSETNX``), by whichever replica gets there first, after the
 minute has ended and ``SETTLE_S`` more seconds have passed for late entries. A minute
 the data does not cover whole (the scaler started in it, or the stream was trimmed past
 it) is not written. A restarted scaler reads the history back, so a forecast survives
-restarts; a field that is not four numbers is skipped and counted, not trusted.
+restarts; a field that is not four or five numbers (``ar``, the requests that arrived, is
+left out of fields written before it was kept) is skipped and counted, not trusted.
 """
 
 from __future__ import annotations

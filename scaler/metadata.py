@@ -26,6 +26,7 @@ MAX_WINDOW_S = 600
 # backfills every second it reads and replicas agree.
 BURST_LOOKBACK_MAX_S = 2 * MAX_WINDOW_S
 BURST_WINDOW_MAX_S = 60
+SIZE_WINDOW_MAX_S = 86400  # a day of the minute history (scaler/history.py keeps 8)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ScalerSettings:
     burst_quantile: float = 0.9
     burst_lookback_s: int = BURST_LOOKBACK_MAX_S
     arrival_margin: float = DEFAULT_MARGIN  # inf: the served rate, arrivals only while none is served
+    size_window_s: int = 0  # 0: the token rate; else arriving requests x their size over this (scaler.size)
 
     @property
     def target(self) -> float:
@@ -118,6 +120,13 @@ def _model(key: str, raw: str) -> str:
     return raw
 
 
+def _minutes(key: str, raw: str) -> int:
+    value = _whole(key, raw, 0, SIZE_WINDOW_MAX_S, _expected(key))
+    if value % 60:
+        raise MetadataError(key, raw, _expected(key))
+    return value
+
+
 def _margin(key: str, raw: str) -> float:
     if raw.strip().lower() == "off":
         return math.inf
@@ -162,6 +171,13 @@ SPEC: dict[str, Key] = {
         "rate, a number from 0 to 10 (0: the higher of the two), or off (the served rate; arrivals "
         "only while nothing is served)",
         _margin,
+    ),
+    "sizeWindowSeconds": Key(
+        "size_window_s",
+        "the window's demand is its arriving requests/s x the weighted tokens per arriving request "
+        "over this many seconds of the minute history (kept in Redis), not its token rate; 0 (off) "
+        f"or a whole number of minutes from 60 to {SIZE_WINDOW_MAX_S} in seconds",
+        _minutes,
     ),
     "panicThreshold": Key(
         "panic_threshold",

@@ -25,6 +25,7 @@ from scaler.namespaces import OWN_NAMESPACE, NamespaceAccess
 from scaler.predictive import Predictor, combine
 from scaler.pressure import apply_floor, pressure
 from scaler.reader import StreamReader
+from scaler.size import Size, request_size
 from scaler.window import Evaluation, evaluate
 from token_scaler.errors import MetadataError
 from token_scaler.pricing import PriceTable
@@ -51,6 +52,7 @@ class ScaledObjectState:
     # the evaluation the per-ScaledObject gauges show; most calls repeat it (one per second)
     gauged: Evaluation | None = None
     last_forecast: Forecast | None = None
+    last_size: Size | None = None  # the arriving requests' size the last evaluation used
 
 
 class Registry:
@@ -112,7 +114,8 @@ class Registry:
         if cached is not None and cached[0] == second and cached[1] == series.past_version:
             demand, evaluation, fc = cached[2], cached[3], cached[4]
         else:
-            demand, fc = evaluate(series, settings, now), None
+            state.last_size = await self._size(settings, now)
+            demand, fc = evaluate(series, settings, now, state.last_size), None
             if settings.predictive and self.predictor is not None:
                 fc = await self.predictor.forecast(settings, now)
                 demand = combine(demand, fc, settings)
@@ -125,9 +128,21 @@ class Registry:
         state.last_forecast = fc
         return demand, evaluation
 
-    def predictive_workloads(self) -> set[str]:
-        """Workloads some ScaledObject asks a forecast of: their history is kept."""
-        return {st.settings.workload for st in self.objects.values() if st.settings.predictive}
+    async def _size(self, settings: ScalerSettings, now_ms: int) -> Size | None:
+        """The arriving requests' size over ``sizeWindowSeconds`` of the minute history."""
+        if not settings.size_window_s or self.predictor is None:
+            return None
+        history = await self.predictor.store.load(settings.workload, now_ms / 1000)
+        return request_size(history.of(settings.model), now_ms / 1000, settings)
+
+    def history_workloads(self) -> set[str]:
+        """Workloads some ScaledObject reads the minute history of (a forecast, or the
+        arriving requests' size): their history is kept."""
+        return {
+            st.settings.workload
+            for st in self.objects.values()
+            if st.settings.predictive or st.settings.size_window_s
+        }
 
     async def saturation(self) -> dict[str, Saturation]:
         """The saturation signal of every workload asked about, for the sidecars' downgrade rules.
@@ -240,7 +255,7 @@ class Registry:
         if series is not None:
             live = series.live_sidecars(now, self.reader.liveness_ms)
             server = pressure(series.live_writers(now, self.reader.liveness_ms), s.model)
-            evaluation = evaluate(series, s, now)
+            evaluation = evaluate(series, s, now, state.last_size)
             if s.predictive and state.last_forecast is not None:
                 evaluation = combine(evaluation, state.last_forecast, s)
             evaluation = bound_answer(apply_floor(evaluation, server, s), s, self.reader.ceiling)

@@ -200,15 +200,15 @@ class ScalerServer:
                 log.debug("saturation signal not written: %s", exc)
 
     async def _record_history(self) -> None:
-        """Every 10 s, the minutes that ended, into the history of each workload a predictive
-        ScaledObject reads (scaler/history.py); nothing while the data is stale."""
+        """Every 10 s, the minutes that ended, into the history of each workload a ScaledObject
+        reads the history of (scaler/history.py); nothing while the data is stale."""
         while not self.shutdown.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.shutdown.wait(), 10.0)
             if not self.reader.fresh():
                 continue
             now_s = self.reader.now_ms() / 1000
-            for workload in self.registry.predictive_workloads():
+            for workload in self.registry.history_workloads():
                 series = self.reader.series.get(workload)
                 if series is None:
                     continue

@@ -115,6 +115,8 @@ def rates(r: Rates) -> dict[str, float]:
         "arrivedPromptTokensPerSecond": rounded(r.arrived_prompt),
         "arrivedGenerationTokensPerSecond": rounded(r.arrived_generation),
         "requestsPerSecond": rounded(r.requests),
+        "arrivedRequestsPerSecond": rounded(r.arrived_requests),
+        "weightedTokensPerRequest": rounded(r.size),
         "servedWeighted": rounded(r.served),
         "arrivedWeighted": rounded(r.arrived),
         "demand": rounded(r.demand),

@@ -19,6 +19,8 @@ real usage when they end), so it keeps growing when replicas are saturated while
 the real token rate. With ``arrivalMargin`` 0, the default, the demand is the higher
 of the two; ``scaler.demand`` says when a margin, or none (``off``), pays. The panic
 window and the burst envelope, which look for bursts, take the higher of the two.
+With ``sizeWindowSeconds`` the stable window's demand is instead its arriving requests
+per second times their size measured over a longer span (``scaler.size``).
 
 Coverage. Right after a start, or after Redis lost its data, the window holds fewer
 seconds than asked for: rates divide by the seconds actually covered
@@ -62,7 +64,7 @@ import functools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
 import numpy as np
@@ -71,10 +73,12 @@ import numpy.typing as npt
 from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demand_of, demands_of
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
+from scaler.size import Size
 from token_scaler.record import GATEWAY, ModelCounts, Record, ServerGauges, TenantCounts, entry_id_ms
 
-# sp, sg, ap, ag, rq: served prompt/generation, arrived prompt/generation, requests ended
-N_SERIES = 5
+# sp, sg, ap, ag, rq, ar: served prompt/generation, arrived prompt/generation, requests
+# ended, requests arrived
+N_SERIES = 6
 # The replicas reporting at a second: the mean of the sidecar records per second over
 # this many seconds before it (flushes jitter across second boundaries).
 PRESENCE_S = 4
@@ -83,16 +87,17 @@ PRESENCE_S = 4
 HISTORY_S = 2 * MAX_WINDOW_S + 5
 TENANT_WINDOW_S = 60
 # One sidecar's counts of one model for one flush, ``ModelCounts``' fields in order: served
-# prompt/generation, arrived prompt/generation, requests ended, then the gauges in flight,
-# waiting, backlog prompt/generation.
-FlushRow = tuple[int, int, int, int, int, int, int, int, int]
+# prompt/generation, arrived prompt/generation, requests ended, the gauges in flight,
+# waiting, backlog prompt/generation, then requests arrived.
+FlushRow = tuple[int, int, int, int, int, int, int, int, int, int]
+Counters = tuple[int, int, int, int, int, int]  # sp, sg, ap, ag, rq, ar
 Gauges = tuple[int, int, int, int]
 
 Floats = npt.NDArray[np.float64]
 
 
 class SecondRing:
-    """Per-second sums of ``series`` counters (the five above) over the last ``size`` seconds.
+    """Per-second sums of ``series`` counters (the six above) over the last ``size`` seconds.
     An entry adds a handful of numbers to plain lists (numpy's per-call cost would be most of
     the ingest) and notes the slot it wrote; ``window`` copies the slots written since the last
     read into an array mirror, so a read costs the rows that changed plus one gather."""
@@ -123,14 +128,14 @@ class SecondRing:
         self.dirty.add(slot)
         return True
 
-    def add_row(self, sec: int, sp: float, sg: float, ap: float, ag: float, rq: float) -> bool:
-        """``add`` of the five series, unrolled: the path every record of every model takes."""
+    def add_row(self, sec: int, sp: float, sg: float, ap: float, ag: float, rq: float, ar: float) -> bool:
+        """``add`` of the six series, unrolled: the path every record of every model takes."""
         slot = sec % self.size
         held = self.secs[slot]
         if held != sec:
             if held > sec:
                 return False
-            self.values[slot] = [float(sp), float(sg), float(ap), float(ag), float(rq)]
+            self.values[slot] = [float(sp), float(sg), float(ap), float(ag), float(rq), float(ar)]
             self.secs[slot] = sec
         else:
             row = self.values[slot]
@@ -139,6 +144,7 @@ class SecondRing:
             row[2] += ap
             row[3] += ag
             row[4] += rq
+            row[5] += ar
         self.dirty.add(slot)
         return True
 
@@ -240,14 +246,14 @@ class Flushes:
     ``WorkloadSeries.add_flushes`` takes instead of ``Record`` objects (what the simulator
     hands it): every record stamped ``sec * 1000`` with a 1 s interval, role sidecar, without
     tenants or server gauges. ``sidecars``: (name, seq, gauges by model: empty when the
-    record has no model) in record order; ``totals``: per model, the five counters
-    (``FlushRow[:5]``) summed over the records that have it. The counters are integers, so
-    their sum is exact and the same whatever the order (below 2**53), as the record-by-record
-    float sums ``add_all`` makes are."""
+    record has no model) in record order; ``totals``: per model, the six counters
+    (``Counters``: ``FlushRow[:5]`` and ``FlushRow[9]``) summed over the records that have
+    it. The counters are integers, so their sum is exact and the same whatever the order
+    (below 2**53), as the record-by-record float sums ``add_all`` makes are."""
 
     sec: int
     sidecars: list[tuple[str, int, dict[str, Gauges]]] = field(default_factory=list)
-    totals: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)
+    totals: dict[str, Counters] = field(default_factory=dict)
 
 
 @dataclass
@@ -319,17 +325,18 @@ class WorkloadSeries:
                 raise ValueError(f"{name}: seq {seq} applied already (last {state.last_seq})")
             state.note(seq, ts_ms, t_ms, gauges, None)
         self._count_entries(sec, sec, n)
-        t0 = t1 = t2 = t3 = t4 = 0
-        for model, (sp, sg, ap, ag, rq) in flushes.totals.items():
-            self._ring_for(model).add_row(sec, sp, sg, ap, ag, rq)
+        t0 = t1 = t2 = t3 = t4 = t5 = 0
+        for model, (sp, sg, ap, ag, rq, ar) in flushes.totals.items():
+            self._ring_for(model).add_row(sec, sp, sg, ap, ag, rq, ar)
             t0 += sp
             t1 += sg
             t2 += ap
             t3 += ag
             t4 += rq
+            t5 += ar
         # a model's ring holds no later second than the all-models ring (both take every
         # record of the model): a record is too old exactly when the all-models ring says so
-        if not self._ring_for(None).add_row(sec, t0, t1, t2, t3, t4):
+        if not self._ring_for(None).add_row(sec, t0, t1, t2, t3, t4, t5):
             self.too_old += n
         self.presence.add_one(sec, n)
         return n
@@ -381,32 +388,34 @@ class WorkloadSeries:
         """Add one record's counts to the ring of each of its models and to the all-models ring:
         the record's gauges by model, and False when a ring no longer holds ``sec``."""
         rings = self.rings
-        t0 = t1 = t2 = t3 = t4 = 0.0
+        t0 = t1 = t2 = t3 = t4 = t5 = 0.0
         accepted = True
         gauges: dict[str, Gauges] = {}
         for model, c in models.items():
-            sp, sg, ap, ag, rq = (
+            sp, sg, ap, ag, rq, ar = (
                 c.served_prompt,
                 c.served_generation,
                 c.arrived_prompt,
                 c.arrived_generation,
                 c.requests,
+                c.arrived_requests,
             )
             gauges[model] = (c.inflight, c.waiting, c.backlog_prompt, c.backlog_generation)
             ring = rings.get(model)
             if ring is None:
                 ring = rings[model] = SecondRing()
-            if not ring.add_row(sec, sp, sg, ap, ag, rq):
+            if not ring.add_row(sec, sp, sg, ap, ag, rq, ar):
                 accepted = False
             t0 += sp
             t1 += sg
             t2 += ap
             t3 += ag
             t4 += rq
+            t5 += ar
         all_models = rings.get(None)
         if all_models is None:
             all_models = rings[None] = SecondRing()
-        if not all_models.add_row(sec, t0, t1, t2, t3, t4):
+        if not all_models.add_row(sec, t0, t1, t2, t3, t4, t5):
             accepted = False
         return gauges, accepted
 
@@ -424,7 +433,7 @@ class WorkloadSeries:
         if ring is None or self.first_sec is None or self.first_sec > start:
             return None
         sums = ring.window(start, start + MINUTE_S).sum(axis=1)
-        return MinuteCounts(float(sums[0]), float(sums[1]), float(sums[2]), float(sums[3]))
+        return MinuteCounts(float(sums[0]), float(sums[1]), float(sums[2]), float(sums[3]), float(sums[5]))
 
     def prune(self, now_ms: int) -> None:
         """Forget sidecars silent for longer than the history, and old tenant rows."""
@@ -469,6 +478,13 @@ class Rates:
     served: float
     arrived: float
     margin: float = DEFAULT_MARGIN  # arrivalMargin: how far arrivals must outrun served to count
+    arrived_requests: float = 0.0
+    size: float = 0.0  # weighted tokens per arriving request (``scaler.size``); 0: not sized
+
+    @property
+    def sized(self) -> bool:
+        """Whether the demand is the arriving requests times their size (``scaler.size``)."""
+        return self.size > 0 and self.arrived_requests > 0
 
     @property
     def arrivals_lead(self) -> bool:
@@ -477,11 +493,15 @@ class Rates:
 
     @property
     def demand(self) -> float:
+        if self.sized:
+            return self.arrived_requests * self.size
         return demand_of(self.served, self.arrived, self.margin)
 
     @property
     def leading(self) -> str:
-        """Which rate is the demand: "arrival" or "served"."""
+        """Which rate is the demand: "sized" (requests times size), "arrival" or "served"."""
+        if self.sized:
+            return "sized"
         return "arrival" if self.arrivals_lead else "served"
 
 
@@ -507,8 +527,8 @@ def _rates(
 ) -> Rates:
     if seconds < 1:
         return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin)
-    sp, sg, ap, ag, rq = (x / seconds for x in sums)
-    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin)
+    sp, sg, ap, ag, rq, ar = (x / seconds for x in sums)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin, ar)
 
 
 def _reporting(series: WorkloadSeries, first: int, count: int) -> list[float]:
@@ -589,8 +609,13 @@ def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSet
     return float(np.quantile(demand, settings.burst_quantile)), len(demand)
 
 
-def stable_reason(window_s: int, stable: Rates) -> str:
-    """Why the stable window's demand is the rate it is (``scaler.demand``)."""
+def stable_reason(window_s: int, stable: Rates, size: Size | None = None) -> str:
+    """Why the stable window's demand is the rate it is (``scaler.demand``, ``scaler.size``)."""
+    if size is not None and stable.sized:
+        return (
+            f"{window_s}s window demand = {stable.arrived_requests:.2f} arriving requests/s x "
+            f"{size.describe()} = {stable.demand:.1f} weighted tokens/s"
+        )
     reason = f"{window_s}s window demand = {stable.leading} rate {stable.demand:.1f} weighted tokens/s"
     if stable.margin == 0:
         return reason
@@ -640,23 +665,31 @@ class _Span:
         out: Floats = self.cum[:, self.lo :] - self.cum[:, self.lo - width : self.n + 1 - width]
         return out
 
-    def rates(self, width: int, margin: float = DEFAULT_MARGIN) -> Rates:
-        """The rates of the ``width`` seconds before ``s``."""
+    def rates(self, width: int, margin: float = DEFAULT_MARGIN, size: float = 0.0) -> Rates:
+        """The rates of the ``width`` seconds before ``s``; ``size``: weighted tokens per
+        arriving request (``scaler.size``), 0 for the token rates alone."""
         sums = (self.cum[:, self.n] - self.cum[:, self.n - width]).tolist()
         pw, gw = self.settings.prompt_weight, self.settings.generation_weight
-        return _rates(sums, self.last_cover(width), pw, gw, margin)
+        rates = _rates(sums, self.last_cover(width), pw, gw, margin)
+        return replace(rates, size=size) if size > 0 else rates
 
-    def stable_demand(self) -> Floats:
-        """The stable window's demand (``scaler.demand``) at each ``g``, 0 where no data."""
+    def stable_demand(self, size: float = 0.0) -> Floats:
+        """The stable window's demand (``scaler.demand``; sized where ``size`` > 0 and the
+        window counts arrivals, ``scaler.size``) at each ``g``, 0 where no data."""
         st = self.settings
         sums = self.sums(st.window_s)
         weighted = st.prompt_weight * sums[0:4:2] + st.generation_weight * sums[1:4:2]
         cover = self.cover(st.window_s)
         if isinstance(cover, float):  # every window covered
-            return demands_of(weighted[0] / cover, weighted[1] / cover, st.arrival_margin)
-        covered = cover >= 1
-        weighted /= np.where(covered, cover, 1.0)
-        out: Floats = np.where(covered, demands_of(weighted[0], weighted[1], st.arrival_margin), 0.0)
+            plain = demands_of(weighted[0] / cover, weighted[1] / cover, st.arrival_margin)
+        else:
+            covered = cover >= 1
+            weighted /= np.where(covered, cover, 1.0)
+            plain = np.where(covered, demands_of(weighted[0], weighted[1], st.arrival_margin), 0.0)
+        if not size > 0:
+            return plain
+        arrivals = sums[5]
+        out: Floats = np.where(arrivals > 0, arrivals / np.maximum(cover, 1.0) * size, plain)
         return out
 
     def panic_demand(self) -> Floats:
@@ -730,14 +763,22 @@ class _Answer:
 
     @classmethod
     def of(
-        cls, span: _Span, series: WorkloadSeries, s: int, stable: Rates, settings: ScalerSettings
+        cls,
+        span: _Span,
+        series: WorkloadSeries,
+        s: int,
+        stable: Rates,
+        settings: ScalerSettings,
+        size: Size | None = None,
     ) -> _Answer:
         """The stable window's demand, or panic's while a second of the hold triggered."""
-        stable_demand, panic_demand = span.stable_demand(), span.panic_demand()
+        stable_demand = span.stable_demand(stable.size)
+        panic_demand = span.panic_demand()
         triggers = _Triggers.of(series, s - span.hold + 1, stable_demand, panic_demand, settings)
         since = triggers.since()
         if since is None:
-            return cls(stable.demand, f"stable-{stable.leading}", stable_reason(settings.window_s, stable))
+            reason = stable_reason(settings.window_s, stable, size)
+            return cls(stable.demand, f"stable-{stable.leading}", reason)
         value = max(triggers.held(stable_demand, panic_demand), stable.demand)
         reason = (
             f"panic since second {since}: the {settings.panic_window_s}s window asked for >= "
@@ -763,8 +804,11 @@ class _Answer:
             )
 
 
-def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> Evaluation:
-    """The scaler's answer for the last complete second before ``now_ms`` (Redis time)."""
+def evaluate(
+    series: WorkloadSeries, settings: ScalerSettings, now_ms: int, size: Size | None = None
+) -> Evaluation:
+    """The scaler's answer for the last complete second before ``now_ms`` (Redis time);
+    ``size``: the arriving requests' size when ``sizeWindowSeconds`` is on (``scaler.size``)."""
     s = now_ms // 1000
     ring = series.ring(settings.model)
     first_sec = series.first_sec
@@ -772,9 +816,9 @@ def evaluate(series: WorkloadSeries, settings: ScalerSettings, now_ms: int) -> E
         return _no_data(s, settings)
     w = settings.window_s
     span = _Span(ring, first_sec, s, settings)
-    stable = span.rates(w, settings.arrival_margin)
+    stable = span.rates(w, settings.arrival_margin, 0.0 if size is None else size.tokens_per_request)
     panic = span.rates(settings.panic_window_s)
-    answer = _Answer.of(span, series, s, stable, settings)
+    answer = _Answer.of(span, series, s, stable, settings, size)
     if settings.burst_window_s:
         answer.raise_to_envelope(ring, first_sec, s, stable, settings)
     coverage = span.last_cover(w)

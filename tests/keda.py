@@ -88,12 +88,13 @@ class FakeSidecar:
         ap: int | None = None,
         ag: int | None = None,
         rq: int = 0,
+        ar: int = 0,
         gauges: tuple[int, int, int, int] = (0, 0, 0, 0),
         interval_ms: int = 1000,
         tenants: dict[str, tuple[int, int, int]] | None = None,
     ) -> Record:
         self.seq += 1
-        counts = ModelCounts(sp, sg, sp if ap is None else ap, sg if ag is None else ag, rq, *gauges)
+        counts = ModelCounts(sp, sg, sp if ap is None else ap, sg if ag is None else ag, rq, *gauges, ar)
         record = Record(self.sidecar, self.seq, ts_ms or self.now_ms(), interval_ms, {model: counts})
         if tenants:
             from token_scaler.record import TenantCounts

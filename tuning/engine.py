@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from scaler.window import Flushes, FlushRow, Gauges
+from scaler.window import Counters, Flushes, FlushRow, Gauges
 from token_scaler.record import GATEWAY, ModelCounts, Record
 from tuning.hpa import Hpa, HpaSettings
 from tuning.policies import Policy, Second
@@ -102,42 +102,55 @@ class _GatewayCounts:
 
     prompt: int = 0
     generation: int = 0
+    requests: int = 0
     held_prompt: int = 0
     seq: int = 0
 
     def hold(self, prompt: int) -> None:
         self.prompt += prompt
         self.generation += GENERATION_ESTIMATE
+        self.requests += 1
         self.held_prompt += prompt
 
     def release(self, prompt: int) -> None:
         self.prompt -= prompt
         self.generation -= GENERATION_ESTIMATE
+        self.requests -= 1
         self.held_prompt -= prompt
 
     def take(self, s: int, held: int) -> Record | None:
-        if not (self.prompt or self.generation or held):
+        if not (self.prompt or self.generation or self.requests or held):
             return None
         counts = ModelCounts(
-            0, 0, self.prompt, self.generation, 0, held, held, self.held_prompt, held * GENERATION_ESTIMATE
+            0,
+            0,
+            self.prompt,
+            self.generation,
+            0,
+            held,
+            held,
+            self.held_prompt,
+            held * GENERATION_ESTIMATE,
+            self.requests,
         )
         self.seq += 1
-        self.prompt = self.generation = 0
+        self.prompt = self.generation = self.requests = 0
         return Record("gateway", self.seq, s * 1000, 1000, {MODEL: counts}, role=GATEWAY)
 
 
-def _totals(rows: list[FlushRow]) -> dict[str, tuple[int, int, int, int, int]]:
-    """The five counters of ``rows`` summed (integers: exact in any order)."""
+def _totals(rows: list[FlushRow]) -> dict[str, Counters]:
+    """The six counters of ``rows`` summed (integers: exact in any order)."""
     if not rows:
         return {}
-    sp = sg = ap = ag = rq = 0
+    sp = sg = ap = ag = rq = ar = 0
     for row in rows:
         sp += row[0]
         sg += row[1]
         ap += row[2]
         ag += row[3]
         rq += row[4]
-    return {MODEL: (sp, sg, ap, ag, rq)}
+        ar += row[9]
+    return {MODEL: (sp, sg, ap, ag, rq, ar)}
 
 
 TIMELINE = (
@@ -364,7 +377,7 @@ class _Sim:
                 served_g += sg
             if keep:
                 pod.seq += 1
-                sidecars.append((pod.name, pod.seq, {} if counts is None else {MODEL: counts[5:]}))
+                sidecars.append((pod.name, pod.seq, {} if counts is None else {MODEL: counts[5:9]}))
                 if counts is not None:
                     rows.append(counts)
         flushes = Flushes(s, sidecars, _totals(rows)) if sidecars else None

@@ -35,6 +35,7 @@ from scaler.history import SETTLE_S
 from scaler.metadata import ScalerSettings
 from scaler.predictive import combine, forecast_for
 from scaler.pressure import apply_floor, pressure
+from scaler.size import Size, request_size
 from scaler.window import Evaluation, Flushes, WorkloadSeries, evaluate
 from token_scaler.record import Record
 
@@ -84,7 +85,9 @@ class TokenPolicy(Policy):
     ``inFlightPerReplica`` it has the scaler's in-flight floor (``scaler.pressure``) from the
     gauges of those records. With ``predictive`` settings the minutes of the series go into a
     history kept in memory and the answer is ``scaler.predictive.combine``d with
-    ``forecast_for`` it, as the scaler does with the history it keeps in Redis."""
+    ``forecast_for`` it, as the scaler does with the history it keeps in Redis; with
+    ``sizeWindowSeconds`` the size of the arriving requests is measured on that history
+    (``scaler.size``)."""
 
     name = "token"
     needs_records = True
@@ -96,6 +99,8 @@ class TokenPolicy(Policy):
         self.last_rule = ""
         self.history: dict[int, MinuteCounts] = {}
         self.forecast: tuple[int, Forecast] | None = None
+        self.size: tuple[int, Size | None] | None = None  # (minute, the size then)
+        self.keeps_history = settings.predictive or settings.size_window_s > 0
         self.observed = 0  # seconds observed: what an evaluation depends on besides the time
         self.last: tuple[int, int, Evaluation] | None = None  # (now ms, observed, answer)
 
@@ -105,7 +110,7 @@ class TokenPolicy(Policy):
             self.series.add_flushes(second.flushes, f"{second.t * 1000}-0")
         if second.records:
             self.series.add_all(second.records, f"{second.t * 1000}-0")
-        if self.settings.predictive and second.t % MINUTE_S == SETTLE_S:
+        if self.keeps_history and second.t % MINUTE_S == SETTLE_S:
             counts = self.series.minute_counts(second.t // MINUTE_S - 1, self.settings.model)
             if counts is not None:
                 self.history[second.t // MINUTE_S - 1] = counts
@@ -116,9 +121,14 @@ class TokenPolicy(Policy):
         now_ms = int(now_s * 1000)
         if self.last is not None and self.last[:2] == (now_ms, self.observed):
             return self.last[2]
-        result = evaluate(self.series, self.settings, now_ms)
+        minute = now_ms // 1000 // MINUTE_S
+        size = None
+        if self.settings.size_window_s:
+            if self.size is None or self.size[0] != minute:
+                self.size = (minute, request_size(self.history, now_ms / 1000, self.settings))
+            size = self.size[1]
+        result = evaluate(self.series, self.settings, now_ms, size)
         if self.settings.predictive:
-            minute = now_ms // 1000 // MINUTE_S
             if self.forecast is None or self.forecast[0] != minute:
                 self.forecast = (minute, forecast_for(self.history, self.settings, now_ms))
             result = combine(result, self.forecast[1], self.settings)
@@ -143,6 +153,7 @@ class TokenPolicy(Policy):
             f"window={s.window_s}s panic={s.panic_window_s}s@{s.panic_threshold:g}x "
             f"weights={s.prompt_weight:g}/{s.generation_weight:g}"
             + (f" predictive lead={s.lead_s}s" if s.predictive else "")
+            + (f" size={s.size_window_s}s" if s.size_window_s else "")
         )
 
 

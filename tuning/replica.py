@@ -243,6 +243,7 @@ class Pod:
     __slots__ = (
         "ag",
         "ap",
+        "ar",
         "bg",
         "bp",
         "clock",
@@ -304,6 +305,7 @@ class Pod:
         self.ap = 0
         self.ag = 0
         self.rq = 0
+        self.ar = 0
         self.sg_total = 0.0  # generated tokens served since the pod started (fluid)
         self.sg_sent = 0
         self.inflight = 0  # requests queued, prefilling or decoding
@@ -372,6 +374,7 @@ class Pod:
         self.quiet = False
         self.ap += prompt
         self.ag += estimate
+        self.ar += 1
         self.bp += prompt
         self.bg += estimate
         self.inflight += 1
@@ -547,8 +550,9 @@ class Pod:
                 self.waiting,
                 max(self.bp, 0),
                 max(self.bg, 0),
+                self.ar,
             )
-        self.sp = self.ap = self.ag = self.rq = 0
+        self.sp = self.ap = self.ag = self.rq = self.ar = 0
         return row, float(sp), float(sg)
 
 

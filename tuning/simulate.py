@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scaler.metadata import ScalerSettings
+from scaler.metadata import SIZE_WINDOW_MAX_S, ScalerSettings
 from token_scaler.errors import ConfigError
 from tuning import args as a
 from tuning.compare import Best, Search, comparison_table, to_json, verdict
@@ -291,6 +291,13 @@ def _token_sweep_options(g: argparse._ArgumentGroup) -> None:
         help="token: arrivalMargin, fractions or off (default 0,off: the higher of the arrival and "
         "served rates, and the served rate alone)",
     )
+    g.add_argument(
+        "--sweep-size-windows",
+        type=a.listed(_size_window),
+        default=[0],
+        help="token: sizeWindowSeconds, 0 (the token rate) or whole minutes in seconds, e.g. 0,3600 "
+        "(arriving requests x their size over that span; default 0)",
+    )
 
 
 def _range(raw: str) -> tuple[float, float]:
@@ -307,6 +314,13 @@ def _margin(raw: str) -> str:
     value = raw.strip().lower()
     if value != "off" and not 0 <= float(value) <= 10:
         raise ValueError("expected a fraction from 0 to 10 or off")
+    return value
+
+
+def _size_window(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= SIZE_WINDOW_MAX_S or value % 60:
+        raise ValueError(f"expected 0 or a multiple of 60 up to {SIZE_WINDOW_MAX_S}")
     return value
 
 
@@ -442,6 +456,7 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
                 "burst": burst_variant(burst),
                 "inflight": inflight,
                 "arrivalMargin": margin,
+                **({"sizeWindowSeconds": str(size)} if size else {}),
             }
             for w in ns.sweep_windows
             for pw, pt, hold in ns.sweep_panic
@@ -449,6 +464,7 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
             for burst in ns.sweep_burst
             for inflight in ns.sweep_inflight
             for margin in ns.sweep_arrival_margins
+            for size in ns.sweep_size_windows
         ]
     if name == "rps":
         return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]
@@ -605,6 +621,7 @@ def _recommendation_text(rec: dict[str, Any], goal: float) -> str:
         "burstLookbackSeconds",
         "inFlightPerReplica",
         "arrivalMargin",
+        "sizeWindowSeconds",
         "promptWeight",
         "generationWeight",
     )

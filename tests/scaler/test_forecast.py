@@ -128,7 +128,7 @@ async def test_history_in_redis_survives_a_restart(redis_url: str, workload: str
         t0 = T0_MIN * MINUTE_S
         for i in range(180):  # three whole minutes
             ts = (t0 + i) * 1000 + 999
-            counts = {"m": ModelCounts(10, 20, 30, 40, 1, 0, 0, 0, 0)}
+            counts = {"m": ModelCounts(10, 20, 30, 40, 1, 0, 0, 0, 0, 2)}
             series.add(Record("a", i, ts, 1000, counts), f"{ts}-0")
         store = HistoryStore(client)
         await store.load(workload, t0 + 185)
@@ -136,14 +136,17 @@ async def test_history_in_redis_survives_a_restart(redis_url: str, workload: str
         written = await store.update(workload, series, t0 + 185)
         assert written == 6  # minutes 0..2 (2 ended 5 s ago: settled), all models and model "m"
         raw = await client.hgetall(history_key(workload, T0_MIN // DAY_MIN))
-        assert raw[str(T0_MIN).encode()] == b"600,1200,1800,2400"
-        assert raw[f"{T0_MIN + 1}:m".encode()] == b"600,1200,1800,2400"
+        assert raw[str(T0_MIN).encode()] == b"600,1200,1800,2400,120"
+        assert raw[f"{T0_MIN + 1}:m".encode()] == b"600,1200,1800,2400,120"
         assert await client.ttl(history_key(workload, T0_MIN // DAY_MIN)) > 8 * 86400
         # a field another writer broke is skipped and counted, the rest read back
         await client.hset(history_key(workload, T0_MIN // DAY_MIN), "oops", "1,2")
+        # a field written before arrivals were kept: its arrivals are unknown, not zero
+        await client.hset(history_key(workload, T0_MIN // DAY_MIN), str(T0_MIN - 1), "1,2,3,4")
         fresh = HistoryStore(client)
         loaded = await fresh.load(workload, t0 + 185)
-        assert loaded.of(None)[T0_MIN] == MinuteCounts(600, 1200, 1800, 2400)
+        assert loaded.of(None)[T0_MIN] == MinuteCounts(600, 1200, 1800, 2400, 120)
+        assert loaded.of(None)[T0_MIN - 1] == MinuteCounts(1, 2, 3, 4, None)
         assert set(loaded.of("m")) == {T0_MIN, T0_MIN + 1, T0_MIN + 2}
         assert loaded.bad_fields == 1
     finally:

@@ -59,6 +59,11 @@ def test_every_key() -> None:
         "llama-3-8b",
     )
     assert s.panic_hold_s == 30
+    assert s.size_window_s == 0
+    assert (
+        parse({"tokensPerSecondPerReplica": "1", "sizeWindowSeconds": "3600"}, "ns", "x").size_window_s
+        == 3600
+    )
 
 
 def test_every_documented_key_is_parsed() -> None:
@@ -73,6 +78,7 @@ def test_every_documented_key_is_parsed() -> None:
         "panicThreshold",
         "panicHoldSeconds",
         "arrivalMargin",
+        "sizeWindowSeconds",
         "burstWindowSeconds",
         "burstQuantile",
         "burstLookbackSeconds",
@@ -104,6 +110,10 @@ def test_short_window_shrinks_the_default_panic_window() -> None:
         ("windowSeconds", "9", "from 10 to 600"),
         ("windowSeconds", "601", "from 10 to 600"),
         ("windowSeconds", "60.5", "whole number"),
+        ("sizeWindowSeconds", "90", "whole number of minutes"),
+        ("sizeWindowSeconds", "86460", "whole number of minutes"),
+        ("sizeWindowSeconds", "-60", "whole number of minutes"),
+        ("sizeWindowSeconds", "1h", "whole number of minutes"),
         ("promptWeight", "-1", ">= 0"),
         ("generationWeight", "x", ">= 0"),
         ("panicWindowSeconds", "0", "from 1 to 30"),

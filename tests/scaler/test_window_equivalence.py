@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaler.metadata import ScalerSettings
+from scaler.size import Size
 from scaler.window import WorkloadSeries, evaluate
 from tests.scaler.window_reference import RefSeries, ref_evaluate
 from token_scaler.record import GATEWAY, SIDECAR, ModelCounts, Record, TenantCounts
@@ -25,7 +26,10 @@ counts = st.builds(
     st.integers(0, 20),
     st.integers(0, 9),
     st.integers(0, 9),
+    arrived_requests=st.integers(-1, 12),  # -1: a gateway's take-back
 )
+# the arriving requests' size (``scaler.size``), None: the token rates alone
+sizes = st.none() | st.builds(Size, st.sampled_from((0.3, 57.0, 1250.5)), st.just(60), st.just(100.0))
 # (sidecar, seq step (0: a duplicate of the last seq), second offset, ms, interval s, models,
 # gateway, stored late by this many seconds)
 step = st.tuples(
@@ -68,12 +72,12 @@ scaler_settings = st.builds(
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(step, min_size=1, max_size=120),
-    st.lists(st.tuples(scaler_settings, st.integers(0, 1500)), min_size=1, max_size=4),
+    st.lists(st.tuples(scaler_settings, st.integers(0, 1500), sizes), min_size=1, max_size=4),
     st.integers(-5, 1500),
 )
 def test_evaluate_matches_the_reference(
     steps: list[tuple[str, int, int, int, int, dict[str, ModelCounts], int]],
-    checks: list[tuple[ScalerSettings, int]],
+    checks: list[tuple[ScalerSettings, int, Size | None]],
     gap: int,
 ) -> None:
     new, ref = WorkloadSeries(), RefSeries()
@@ -92,17 +96,17 @@ def test_evaluate_matches_the_reference(
         new.clock_sec = ref.clock_sec = sec - late // 2
         assert new.add(record, entry) == ref.add(record, entry)
         if i % 7 == 3:  # evaluations between entries read the rings while they are written
-            for s, after in checks:
-                assert evaluate(new, s, (sec + after % 90) * 1000) == ref_evaluate(
-                    ref, s, (sec + after % 90) * 1000
+            for s, after, size in checks:
+                assert evaluate(new, s, (sec + after % 90) * 1000, size) == ref_evaluate(
+                    ref, s, (sec + after % 90) * 1000, size
                 )
     for field in ("first_sec", "entries", "past_version", "too_old", "clamped", "duplicates"):
         assert getattr(new, field) == getattr(ref, field), field
     assert list(new.tenant_log) == list(ref.tenant_log)
     assert new.sidecars == ref.sidecars
-    for s, after in checks:
+    for s, after, size in checks:
         now_ms = (sec + after) * 1000 + 500
-        assert evaluate(new, s, now_ms) == ref_evaluate(ref, s, now_ms)
+        assert evaluate(new, s, now_ms, size) == ref_evaluate(ref, s, now_ms, size)
         for model in (None, *MODELS):
             got, want = new.ring(model), ref.rings.get(model)
             assert (got is None) == (want is None)

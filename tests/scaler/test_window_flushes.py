@@ -17,7 +17,9 @@ T0 = 1_800_000_000
 MODEL = "m"
 
 count = st.integers(-50, 5000)
-row = st.tuples(count, count, count, count, st.integers(0, 9), *(st.integers(0, 40) for _ in range(4)))
+row = st.tuples(
+    count, count, count, count, st.integers(0, 9), *(st.integers(0, 40) for _ in range(4)), st.integers(-2, 9)
+)
 # a second: (seconds after the last, ms the entry id lies before the stamp, the pods that
 # flush with their counts or None, a gateway record's arrived prompt or None)
 second = st.tuples(
@@ -65,15 +67,15 @@ def test_add_flushes_is_add_all_of_the_records(seconds: list[Second], clock_lag:
             name = f"pod-{pod}"
             models = {} if counts is None else {MODEL: ModelCounts(*counts)}
             records.append(Record(name, seqs[pod], sec * 1000, 1000, models))
-            sidecars.append((name, seqs[pod], {} if counts is None else {MODEL: counts[5:]}))
+            sidecars.append((name, seqs[pod], {} if counts is None else {MODEL: counts[5:9]}))
             if counts is not None:
                 rows.append(counts)
-        sums = [sum(r[i] for r in rows) for i in range(5)]
-        totals = {MODEL: (sums[0], sums[1], sums[2], sums[3], sums[4])} if rows else {}
+        sums = [sum(r[i] for r in rows) for i in (0, 1, 2, 3, 4, 9)]
+        totals = {MODEL: (sums[0], sums[1], sums[2], sums[3], sums[4], sums[5])} if rows else {}
         gateway_records: list[Record] = []
         if gateway is not None:
             gateway_seq += 1
-            held = ModelCounts(0, 0, gateway, 0, 0, 1, 1, gateway, 0)
+            held = ModelCounts(0, 0, gateway, 0, 0, 1, 1, gateway, 0, 1)
             gateway_records.append(Record("gw", gateway_seq, sec * 1000, 1000, {MODEL: held}, role=GATEWAY))
         applied = by_records.add_all(records + gateway_records, entry_id)
         got = by_flushes.add_flushes(Flushes(sec, sidecars, totals), entry_id)

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from scaler.demand import DEFAULT_MARGIN, demands_of
 from scaler.metadata import ScalerSettings
+from scaler.size import Size
 from scaler.window import (
     HISTORY_S,
     N_SERIES,
@@ -29,7 +30,7 @@ Floats = npt.NDArray[np.float64]
 
 
 class RefRing:
-    """Per-second sums of ``series`` counters (the five above) over the last ``size`` seconds.
+    """Per-second sums of ``series`` counters (the six above) over the last ``size`` seconds.
     Plain lists, not arrays: an entry adds a handful of numbers, where numpy's per-call
     cost would be most of the ingest; ``window`` builds the array evaluations read."""
 
@@ -119,6 +120,7 @@ class RefSeries:
                 c.arrived_prompt,
                 c.arrived_generation,
                 c.requests,
+                c.arrived_requests,
             ]
             ring = self.rings.get(model)
             if ring is None:
@@ -154,11 +156,13 @@ class RefSeries:
         return True
 
 
-def _rates(sums: Floats, seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN) -> Rates:
+def _rates(
+    sums: Floats, seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN, size: float = 0.0
+) -> Rates:
     if seconds < 1:
-        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin)
-    sp, sg, ap, ag, rq = (float(x) / seconds for x in sums)
-    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin)
+        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin, 0.0, size)
+    sp, sg, ap, ag, rq, ar = (float(x) / seconds for x in sums)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin, ar, size)
 
 
 def _reporting(series: RefSeries, grid: npt.NDArray[np.int64]) -> Floats:
@@ -211,7 +215,9 @@ def burst_envelope(ring: RefRing, first_sec: int, s: int, settings: ScalerSettin
     return float(np.quantile(demand, settings.burst_quantile)), len(demand)
 
 
-def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Evaluation:
+def ref_evaluate(
+    series: RefSeries, settings: ScalerSettings, now_ms: int, size: Size | None = None
+) -> Evaluation:
     """The scaler's answer for the last complete second before ``now_ms`` (Redis time)."""
     s = now_ms // 1000
     w, wp = settings.window_s, settings.panic_window_s
@@ -250,11 +256,15 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
     cover_stable = np.clip(known, 0, w)
     cover_panic = np.clip(known, 0, wp)
 
+    per_request = 0.0 if size is None else size.tokens_per_request
+
     def demand(sums: Floats, cover: Floats) -> Floats:
         safe = np.where(cover >= 1, cover, 1.0)
         served = (pw * sums[0] + gw * sums[1]) / safe
         arrived = (pw * sums[2] + gw * sums[3]) / safe
         out: Floats = np.where(cover >= 1, demands_of(served, arrived, settings.arrival_margin), 0.0)
+        if per_request > 0:  # sized wherever the window counts arrivals
+            out = np.where(sums[5] > 0, sums[5] / safe * per_request, out)
         return out
 
     stable_demand = demand(stable_sums, cover_stable)
@@ -264,10 +274,10 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
     running = np.maximum(np.maximum(1.0, stable_replicas), _reporting(series, grid))
     triggers = panic_replicas >= settings.panic_threshold * running
 
-    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin)
+    stable = _rates(stable_sums[:, -1], float(cover_stable[-1]), pw, gw, settings.arrival_margin, per_request)
     panic = _rates(panic_sums[:, -1], float(cover_panic[-1]), pw, gw)
     coverage = float(cover_stable[-1])
-    which = "arrival" if stable.arrivals_lead else "served"
+    which = "sized" if stable.sized else "arrival" if stable.arrivals_lead else "served"
 
     if triggers.any():
         first = int(np.argmax(triggers))
@@ -286,7 +296,7 @@ def ref_evaluate(series: RefSeries, settings: ScalerSettings, now_ms: int) -> Ev
         value = stable.demand
         since = None
         rule = f"stable-{which}"
-        reason = stable_reason(w, stable)
+        reason = stable_reason(w, stable, size)
     envelope = 0.0
     if settings.burst_window_s:
         envelope, windows = burst_envelope(ring, series.first_sec, s, settings)
