@@ -1,12 +1,12 @@
 """The demand of held requests, written to the workload's stream (``record.py`` states the contract).
 
-``HeldDemand`` counts, per model, what the gateway holds: a request's arrival estimate
-when it starts waiting, taken back when it stops (handed to a replica, refused, timed
-out, its client gone). Over a request's life its counters sum to zero; the sidecar that
-serves it counts it as usual. ``DemandWriter`` sends those counts as stream records
-through the append script: one per interval while there is something to say, and one at
-once, stamped in the last complete second, when holding starts after holding none
-(``token_scaler/outbox.py`` buffers and delivers them, as it does a sidecar's).
+``HeldDemand`` counts, per model, what the gateway holds: a request's arrival (the request
+and its token estimates) when it starts waiting, taken back when it stops (handed to a
+replica, refused, timed out, its client gone). Over a request's life its counters sum to
+zero; the sidecar that serves it counts it as usual. ``DemandWriter`` sends those counts
+as stream records through the append script: one per interval while there is something to
+say, and one at once, stamped in the last complete second, when holding starts after
+holding none (``token_scaler/outbox.py`` buffers and delivers them, as it does a sidecar's).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class HeldDemand:
             c = self._models[model] = ModelCounts()
         c.arrived_prompt += prompt
         c.arrived_generation += generation
+        c.arrived_requests += 1
         c.backlog_prompt += prompt
         c.backlog_generation += generation
         c.inflight += 1
@@ -62,6 +63,7 @@ class HeldDemand:
         c = self._models[held.model]
         c.arrived_prompt -= held.prompt
         c.arrived_generation -= held.generation
+        c.arrived_requests -= 1
         c.backlog_prompt -= held.prompt
         c.backlog_generation -= held.generation
         c.inflight -= 1
@@ -74,9 +76,9 @@ class HeldDemand:
         out: dict[str, ModelCounts] = {}
         for name, c in list(self._models.items()):
             busy = bool(c.inflight)
-            if busy or name in self._reported or c.arrived_prompt or c.arrived_generation:
+            if busy or name in self._reported or any(c.counters()):
                 out[name] = ModelCounts(*c.as_list())
-            c.arrived_prompt = c.arrived_generation = 0
+            c.clear_counters()
             if busy:
                 self._reported.add(name)
             else:

@@ -6,10 +6,11 @@ of every open request's own contribution, so they can never go negative and retu
 exactly zero when the last request ends.
 
 Invariants, over a request's whole life (tested with hypothesis over random event
-sequences in tests/sidecar/test_meter.py):
+sequences in tests/sidecar/test_sidecar_meter.py):
 
     sum(sp) == sum(ap) == final prompt tokens
     sum(sg) == sum(ag) == final generated tokens
+    sum(ar) == sum(rq) == 1, both under the request's last label (an aborted request arrived too)
     the request leaves nothing in ``in``, ``wf``, ``bp``, ``bg``
     per tenant: sum(p) == sum(sp) and sum(g) == sum(sg) of that tenant's requests
 
@@ -112,6 +113,7 @@ class Meter:
         counts = self._model(model).counts
         counts.arrived_prompt += prompt_estimate
         counts.arrived_generation += generation_estimate
+        counts.arrived_requests += 1
         counts.backlog_prompt += prompt_estimate
         counts.backlog_generation += generation_estimate
         counts.inflight += 1
@@ -188,6 +190,7 @@ class Meter:
         for counts, sign in ((self._models[request.model].counts, -1), (self._model(model).counts, 1)):
             counts.arrived_prompt += sign * request.ap
             counts.arrived_generation += sign * request.ag
+            counts.arrived_requests += sign  # an open request: it arrived, under request.model
             counts.served_prompt += sign * request.sp
             counts.served_generation += sign * request.sg
             counts.backlog_prompt += sign * request.bp
@@ -213,11 +216,10 @@ class Meter:
         for name, model in self._models.items():
             c = model.counts
             busy = c.inflight or c.waiting or c.backlog_prompt or c.backlog_generation
-            if busy or model.reported or any(c.as_list()[:5]):
+            if busy or model.reported or any(c.counters()):
                 models[name] = ModelCounts(*c.as_list())
             model.reported = bool(busy)
-            c.served_prompt = c.served_generation = c.arrived_prompt = c.arrived_generation = 0
-            c.requests = 0
+            c.clear_counters()
         tenants = {
             tenant: {m: c for m, c in per_model.items() if c.prompt or c.generation or c.requests}
             for tenant, per_model in self._tenants.items()

@@ -55,8 +55,8 @@ Gateways (``token-scaler gateway``) write to the same stream, under ids of their
 and count only what they hold: a request waiting at a gateway (no live replica, or
 every replica at its in-flight token cap) is counted when it starts waiting, as the
 sidecar counts an arrival (ap, ag: prompt estimate and n x max_tokens or the default;
-gauges in, wf, bp, bg), and when it stops waiting -- handed to a replica, refused,
-timed out, or its client gone -- its ap and ag are taken back (negative counters) and
+ar: 1; gauges in, wf, bp, bg), and when it stops waiting -- handed to a replica, refused,
+timed out, or its client gone -- its ap, ag and ar are taken back (negative counters) and
 its gauges drop. A gateway never writes sp, sg or rq: the sidecar of the replica that
 serves the request counts its arrival, what it serves and its end, as for a request
 that came straight to it. So over a request's life the gateway's counts sum to zero
@@ -187,6 +187,23 @@ class ModelCounts:
             self.backlog_generation,
             self.arrived_requests,
         ]
+
+    def counters(self) -> tuple[int, ...]:
+        """The counters (sp, sg, ap, ag, rq, ar): what happened in the interval, unlike the gauges."""
+        return (
+            self.served_prompt,
+            self.served_generation,
+            self.arrived_prompt,
+            self.arrived_generation,
+            self.requests,
+            self.arrived_requests,
+        )
+
+    def clear_counters(self) -> None:
+        """Zero the counters and keep the gauges: a writer's next interval starts here."""
+        self.served_prompt = self.served_generation = 0
+        self.arrived_prompt = self.arrived_generation = 0
+        self.requests = self.arrived_requests = 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ import redis
 
 from bench._common import Scaler
 from tests.gateway.processes import Autoscaler, GatewayProcess
-from tests.sidecar.conftest import totals
+from tests.sidecar.conftest import arrivals, totals
 from token_scaler.record import GATEWAY, decode, stream_key
 
 METADATA = {
@@ -115,16 +115,15 @@ async def ask(client: openai.AsyncOpenAI, i: int, *, stream: bool, delay: float 
 
 
 def stream_sums(redis_url: str, workload: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Sums of the gateways' entries and of the sidecars' entries."""
+    """Sums of the gateways' entries and of the sidecars' entries (counters, ``ar`` among them)."""
     client = redis.Redis.from_url(redis_url)
     try:
         records = [decode(fields) for _id, fields in client.xrange(stream_key(workload))]
     finally:
         client.close()
-    return (
-        totals([r for r in records if r.role == GATEWAY]),
-        totals([r for r in records if r.role != GATEWAY]),
-    )
+    held = [r for r in records if r.role == GATEWAY]
+    served = [r for r in records if r.role != GATEWAY]
+    return {**totals(held), "ar": arrivals(held)}, {**totals(served), "ar": arrivals(served)}
 
 
 async def test_from_zero_through_two_gateways_and_back_to_zero(
@@ -180,8 +179,9 @@ async def test_from_zero_through_two_gateways_and_back_to_zero(
 
     # Counted once: the gateways' entries sum to zero, the sidecars' hold every request.
     held, served = stream_sums(redis_url, workload)
-    assert held == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0}
-    assert served["rq"] == 8 and served["sg"] == served["ag"] == sum(8 + i for i in range(8))
+    assert held == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0, "ar": 0}
+    assert served["rq"] == served["ar"] == 8
+    assert served["sg"] == served["ag"] == sum(8 + i for i in range(8))
 
 
 async def test_a_replica_killed_mid_stream_breaks_only_its_streams(

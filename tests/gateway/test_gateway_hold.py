@@ -14,7 +14,7 @@ import pytest
 from scaler.metadata import parse
 from scaler.window import WorkloadSeries, evaluate
 from tests.gateway.conftest import StartGateway, StartReplica, only
-from tests.sidecar.conftest import totals
+from tests.sidecar.conftest import arrivals, totals
 from token_scaler.record import GATEWAY, Record, decode, stream_key
 
 
@@ -61,6 +61,7 @@ async def test_held_requests_wake_the_scaler_and_go_out_in_arrival_order(
     await wait_for(lambda: entries(redis_url, workload), what="the gateway's record")
     held_entries = entries(redis_url, workload)
     assert all(r.role == GATEWAY for _, r in held_entries)
+    assert 1 <= arrivals([r for _, r in held_entries]) <= 5  # the wake record holds the first, at least
     series = WorkloadSeries()
     for entry_id, record in held_entries:
         series.add(record, entry_id)
@@ -86,6 +87,7 @@ async def test_held_requests_wake_the_scaler_and_go_out_in_arrival_order(
     mine = [r for _, r in every if r.role == GATEWAY]
     theirs = [r for _, r in every if r.role != GATEWAY]
     assert totals(mine) == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0}
+    assert arrivals(mine) == 0 and arrivals(theirs) == 5  # each arrival counted once, by the sidecar
     reported = replica.upstream.reported
     assert totals(theirs) == {
         "sp": reported.prompt,
@@ -126,6 +128,7 @@ async def test_queue_bounds_and_timeout_answer_503_with_retry_after(
     await only(gateway).writer.close(2)
     mine = [r for _, r in entries(redis_url, workload)]
     assert mine and totals(mine)["ap"] == 0 and totals(mine)["ag"] == 0
+    assert arrivals(mine) == 0  # timed out: taken back as its tokens are
     await sdk.close()
 
 

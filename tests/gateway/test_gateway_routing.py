@@ -12,6 +12,7 @@ from gateway.queue import HoldQueue, QueueFull, Waiter
 from gateway.router import Replica, Router
 from scaler.metadata import parse
 from scaler.window import WorkloadSeries, evaluate
+from tests.sidecar.conftest import gauges
 from token_scaler.presence import Announcement
 from token_scaler.record import GATEWAY, ModelCounts, Record
 
@@ -146,7 +147,7 @@ SETTINGS = parse(
 
 
 def sidecar_record(seq: int, ts: int, prompt: int, generation: int) -> Record:
-    counts = ModelCounts(prompt, generation, prompt, generation, 1)
+    counts = ModelCounts(prompt, generation, prompt, generation, 1, arrived_requests=1)
     return Record("pod-a", seq, ts, 1000, {"m": counts})
 
 
@@ -165,6 +166,7 @@ def test_gateway_and_sidecar_entries_never_count_a_request_twice(
     tickets = [demand.hold("m", p, g) for p, g in held]
     # Holding starts: the wake record in the last complete second.
     wake = Record("gw-1", 1, base + 300 - 300 - 1, 1, demand.take(), role=GATEWAY)
+    assert wake.models["m"].arrived_requests == len(held)
     series.add(wake, f"{base + 300}-0")
     at_arrival = evaluate(series, SETTINGS, base + 300)
     assert at_arrival.active
@@ -176,7 +178,9 @@ def test_gateway_and_sidecar_entries_never_count_a_request_twice(
     for ticket in tickets:
         demand.release(ticket)
     released = demand.take()
-    assert released["m"].as_list()[5:] == [0, 0, 0, 0]  # the gauges drop to zero in it
+    assert gauges(released["m"]) == (0, 0, 0, 0)  # the gauges drop to zero in it
+    # handed to a replica: the gateway takes its arrivals back, the sidecar counts them
+    assert released["m"].arrived_requests == -len(held)
     series.add(Record("gw-1", 2, t, 1000 * (1 + wait_s), released, role=GATEWAY), f"{t}-0")
     for i, (p, g) in enumerate(real):
         series.add(sidecar_record(i + 1, t + 10, p, g), f"{t + 10}-{i}")
@@ -189,3 +193,20 @@ def test_gateway_and_sidecar_entries_never_count_a_request_twice(
     assert set(series.live_sidecars(t + 2000, 5000)) == {"pod-a"}
     # The gateway's entries are no replica running: only the sidecar's count as present.
     assert series.presence.window(base // 1000 - 1, t // 1000 + 1)[0].sum() == len(real)
+
+
+def test_held_demand_takes_each_arrival_back_when_it_stops_holding() -> None:
+    demand = HeldDemand()
+    first, second = demand.hold("m", 10, 20), demand.hold("m", 5, 7)
+    counts = demand.take()["m"]
+    assert (counts.arrived_requests, counts.arrived_prompt, gauges(counts)) == (2, 15, (2, 2, 15, 27))
+    demand.release(first)  # handed to a replica
+    demand.release(first)  # a second release changes nothing
+    counts = demand.take()["m"]
+    assert (counts.arrived_requests, counts.arrived_prompt, gauges(counts)) == (-1, -10, (1, 1, 5, 7))
+    demand.release(second)  # refused, timed out or its client gone: taken back the same way
+    counts = demand.take()["m"]
+    assert (counts.arrived_requests, counts.arrived_prompt, gauges(counts)) == (-1, -5, (0, 0, 0, 0))
+    assert demand.take() == {}
+    demand.release(demand.hold("m", 3, 4))  # held and let go within one interval: nothing to say
+    assert demand.take() == {}

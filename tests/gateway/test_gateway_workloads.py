@@ -14,7 +14,7 @@ import pytest
 from gateway.config import GatewayConfig, Route, parse_routes
 from tests.gateway.conftest import StartGateway, StartReplica
 from tests.gateway.test_gateway_hold import client, entries, wait_for
-from tests.sidecar.conftest import totals
+from tests.sidecar.conftest import arrivals, totals
 from token_scaler.errors import ConfigError
 from token_scaler.record import GATEWAY
 
@@ -72,6 +72,7 @@ async def test_two_workloads_one_at_zero_while_the_other_serves(
     for name in (workload, other):
         mine = [r for _, r in entries(redis_url, name) if r.role == GATEWAY]
         assert totals(mine) == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0}
+        assert arrivals(mine) == 0
     assert not [r for _, r in entries(redis_url, workload) if "beta" in r.models]
     await sdk.close()
 

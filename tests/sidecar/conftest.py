@@ -15,7 +15,7 @@ from sidecar.policy.clock import Clock
 from sidecar.server import Sidecar
 from tests.conftest import delete_keys
 from tests.sidecar.fake_upstream import FakeUpstream
-from token_scaler.record import KEY_PREFIX, Record, decode, stream_key
+from token_scaler.record import KEY_PREFIX, ModelCounts, Record, decode, stream_key
 
 
 @pytest.fixture
@@ -98,6 +98,16 @@ def totals(records: list[Record]) -> dict[str, int]:
             for key, value in zip(keys, counts.as_list()[:5], strict=True):
                 out[key] += value
     return out
+
+
+def arrivals(records: list[Record]) -> int:
+    """Requests that arrived (``ar``) over the records, across models."""
+    return sum(counts.arrived_requests for record in records for counts in record.models.values())
+
+
+def gauges(counts: ModelCounts) -> tuple[int, int, int, int]:
+    """The gauges of one model's counts: in flight, waiting, backlog prompt and generation."""
+    return (counts.inflight, counts.waiting, counts.backlog_prompt, counts.backlog_generation)
 
 
 @pytest.fixture

@@ -59,10 +59,13 @@ async def test_refused_junk_models_take_no_slot_and_a_counted_model_is_never_oth
     sidecar.flusher.tick()
     assert await sidecar.flusher.deliver()
     requests: dict[str, int] = {}
+    arrived: dict[str, int] = {}
     for record in read_records(redis_url, workload):
         for model, counts in record.models.items():
             requests[model] = requests.get(model, 0) + counts.requests
+            arrived[model] = arrived.get(model, 0) + counts.arrived_requests
     assert requests == {"other": 40, "llama-8b": 1, "small": 2}
+    assert arrived == requests  # the first "small" arrived as "other", and moved with its label
     labels = sidecar.registry.get_sample_value(
         "tokenscaler_requests_total", {"model": "llama-8b", "tenant": "none", "code": "200"}
     )
@@ -80,5 +83,6 @@ def test_relabel_moves_an_open_request_and_what_it_counted() -> None:
     assert "other" not in snap.models  # nothing left there: every count moved
     m = snap.models["m"]
     assert (m.served_prompt, m.served_generation, m.arrived_prompt, m.arrived_generation) == (12, 6, 12, 6)
-    assert m.requests == 1 and m.inflight == m.waiting == m.backlog_prompt == m.backlog_generation == 0
+    assert m.requests == m.arrived_requests == 1
+    assert m.inflight == m.waiting == m.backlog_prompt == m.backlog_generation == 0
     assert snap.tenants == {"t": {"m": TenantCounts(12, 6, 1)}}

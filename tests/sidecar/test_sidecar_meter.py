@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.meter import LabelBound, Meter, Request, Snapshot
+from tests.sidecar.conftest import gauges
 
 MODELS = ["a", "b"]
 TENANTS = ["t1", "t2", "t3"]
@@ -37,7 +38,7 @@ def test_lifetime_sums_equal_final_counts(data: st.DataObject) -> None:
     snapshots: list[Snapshot] = []
     for _ in range(data.draw(st.integers(1, 80))):
         op = data.draw(
-            st.sampled_from(["arrive", "arrive", "first", "gen", "gen", "finish", "abort", "take"])
+            st.sampled_from(["arrive", "arrive", "first", "gen", "gen", "finish", "abort", "relabel", "take"])
         )
         if op == "arrive" or not live:
             model = data.draw(st.sampled_from(MODELS))
@@ -59,6 +60,8 @@ def test_lifetime_sums_equal_final_counts(data: st.DataObject) -> None:
                 meter.generated(truth.request, tokens)
                 truth.generated += tokens
                 truth.first = truth.first or tokens > 0
+            elif op == "relabel":  # the server answered: the request moves to its label
+                meter.relabel(truth.request, data.draw(st.sampled_from(MODELS)))
             elif op == "finish":
                 prompt, generation = data.draw(st.integers(0, 100)), data.draw(st.integers(0, 100))
                 meter.finish(truth.request, prompt, generation, complete=data.draw(st.booleans()))
@@ -79,17 +82,19 @@ def test_lifetime_sums_equal_final_counts(data: st.DataObject) -> None:
     for model in MODELS:
         ours = [(p, g) for r, p, g in finals if r.model == model]
         sums = [0] * 5
+        arrived = 0
         for snapshot in snapshots:
             counts = snapshot.models.get(model)
             if counts is not None:
                 sums = [s + v for s, v in zip(sums, counts.as_list()[:5], strict=True)]
+                arrived += counts.arrived_requests
         sp, sg, ap, ag, rq = sums
         assert sp == ap == sum(p for p, _ in ours)
         assert sg == ag == sum(g for _, g in ours)
-        assert rq == len(ours)
+        assert arrived == rq == len(ours)  # each request arrived once, under its last label
         last = snapshots[-2].models.get(model)
         if last is not None:
-            assert last.as_list()[5:] == [0, 0, 0, 0]
+            assert gauges(last) == (0, 0, 0, 0)
         assert model not in snapshots[-1].models
     for tenant in TENANTS:
         seen = [0, 0, 0]
@@ -105,6 +110,7 @@ def test_long_generation_shows_before_it_ends() -> None:
     request = meter.arrive("m", "t", 50, meter.generation_estimate("m", None), 1)
     first = meter.take().models["m"]
     assert (first.arrived_prompt, first.arrived_generation, first.inflight, first.waiting) == (50, 100, 1, 1)
+    assert first.arrived_requests == 1
     assert (first.backlog_prompt, first.backlog_generation, first.served_prompt) == (50, 100, 0)
     meter.generated(request, 30)
     second = meter.take().models["m"]
@@ -118,7 +124,41 @@ def test_long_generation_shows_before_it_ends() -> None:
         -2,
         -69,
     )
-    assert third.as_list()[4:] == [1, 0, 0, 0, 0]
+    assert (third.requests, third.arrived_requests) == (1, 0)  # it arrived in the first interval
+    assert gauges(third) == (0, 0, 0, 0)
+    assert meter.take().models == {}
+
+
+def test_every_request_arrives_once_wherever_it_ends() -> None:
+    meter = Meter(default_generation=10)
+    snapshots = []
+    plain = [meter.arrive("a", "t", 5, 10) for _ in range(3)]
+    moved_early = meter.arrive("other", "t", 5, 10)
+    moved_late = meter.arrive("other", "t", 5, 10)
+    aborted = meter.arrive("b", "t", 5, 10)
+    meter.relabel(moved_early, "a")  # in the interval it arrived in: "other" never shows it
+    snapshots.append(meter.take())
+    assert snapshots[0].models["a"].arrived_requests == 4
+    assert snapshots[0].models["other"].arrived_requests == 1
+    assert snapshots[0].models["b"].arrived_requests == 1
+    meter.relabel(moved_late, "b")  # an interval later: its arrival moves, as its ap does
+    snapshots.append(meter.take())
+    assert snapshots[1].models["other"].arrived_requests == -1
+    assert snapshots[1].models["b"].arrived_requests == 1
+    meter.abort(aborted)  # an aborted request still arrived
+    for request in [*plain, moved_early, moved_late]:
+        meter.finish(request, 5, 10)
+    snapshots.append(meter.take())
+    snapshots.append(meter.take())
+    arrived: dict[str, int] = {}
+    ended: dict[str, int] = {}
+    for snapshot in snapshots:
+        for name, counts in snapshot.models.items():
+            arrived[name] = arrived.get(name, 0) + counts.arrived_requests
+            ended[name] = ended.get(name, 0) + counts.requests
+    assert sum(arrived.values()) == 6
+    assert arrived == {"a": 4, "b": 2, "other": 0}
+    assert ended == {"a": 4, "b": 2, "other": 0}
     assert meter.take().models == {}
 
 

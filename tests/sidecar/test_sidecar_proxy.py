@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from sidecar.server import Sidecar
-from tests.sidecar.conftest import StartSidecar, read_records, totals
+from tests.sidecar.conftest import StartSidecar, arrivals, gauges, read_records, totals
 from tests.sidecar.fake_upstream import FakeUpstream
 from token_scaler.redis_conn import free_port
 
@@ -52,8 +52,10 @@ async def test_non_streamed_counts_equal_usage(
     assert chat.usage is not None and chat.usage.completion_tokens == 14
     assert completion.usage is not None and embedding.usage is not None and response.usage is not None
     await flush(sidecar)
-    got = totals(read_records(redis_url, workload))
+    records = read_records(redis_url, workload)
+    got = totals(records)
     assert (got["sp"], got["sg"], got["rq"]) == (upstream.reported.prompt, upstream.reported.generation, 4)
+    assert arrivals(records) == 4
     assert (got["ap"], got["ag"]) == (got["sp"], got["sg"])
     assert (
         sample(sidecar, "tokenscaler_tokens_total", type="generation", model="m", tenant="none") == 14 + 3 + 4
@@ -264,8 +266,10 @@ async def test_upstream_breaking_mid_stream_breaks_the_client_stream(
             async for _ in stream:
                 pass
     await flush(sidecar)
-    got = totals(read_records(redis_url, workload))
+    records = read_records(redis_url, workload)
+    got = totals(records)
     assert got["sg"] == got["ag"] == 5 and got["sp"] == got["ap"] > 0 and got["rq"] == 1
+    assert arrivals(records) == 1  # a failed request arrived all the same
     assert sample(sidecar, "tokenscaler_requests_total", model="m", tenant="none", code="502") == 1
 
 
@@ -302,7 +306,8 @@ async def test_client_disconnect_cancels_upstream_and_counts_what_was_served(
     records = read_records(redis_url, workload)
     got = totals(records)
     assert 5 <= got["sg"] < 1000 and got["sg"] == got["ag"] and got["sp"] == got["ap"] > 0
-    assert records[-1].models["m"].as_list()[5:] == [0, 0, 0, 0]
+    assert arrivals(records) == 1  # so did one whose client left
+    assert gauges(records[-1].models["m"]) == (0, 0, 0, 0)
 
 
 async def test_tenants_are_counted_and_bounded(
@@ -371,7 +376,7 @@ async def test_thousands_of_mixed_requests_count_exactly(
             await flush(sidecar)
     records = read_records(redis_url, workload)
     got = totals(records)
-    assert got["rq"] == upstream.reported.requests == count
+    assert got["rq"] == upstream.reported.requests == count == arrivals(records)
     assert got["sp"] == got["ap"] == upstream.reported.prompt
     assert got["sg"] == got["ag"] == upstream.reported.generation
     prom_g = sum(
@@ -384,7 +389,7 @@ async def test_thousands_of_mixed_requests_count_exactly(
     assert tenant_p == upstream.reported.prompt
     first = sidecar.flusher.first_seq
     assert [r.seq for r in records] == list(range(first, first + len(records)))
-    assert all(c.as_list()[5:] == [0, 0, 0, 0] for c in records[-1].models.values())
+    assert all(gauges(c) == (0, 0, 0, 0) for c in records[-1].models.values())
 
 
 async def test_slow_heads_and_bodies_are_cut_off(start_sidecar: StartSidecar, upstream: FakeUpstream) -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from token_scaler.errors import RecordError
 from token_scaler.record import (
     APPEND_SCRIPT,
+    MODEL_FIELDS,
     ModelCounts,
     Record,
     TenantCounts,
@@ -26,7 +27,9 @@ from token_scaler.record import (
 
 counts = st.integers(min_value=-(10**9), max_value=10**9)
 gauges = st.integers(min_value=0, max_value=10**9)
-model_counts = st.builds(ModelCounts, counts, counts, counts, counts, gauges, gauges, gauges, gauges, gauges)
+model_counts = st.builds(
+    ModelCounts, counts, counts, counts, counts, gauges, gauges, gauges, gauges, gauges, counts
+)
 names = st.text(min_size=1, max_size=20)
 records = st.builds(
     Record,
@@ -118,6 +121,17 @@ def test_arrived_requests_are_read_when_present_and_zero_when_not() -> None:
     fields["m"] = json.dumps({"m": [1, 2, 3, 4, 5, 6, 7, 8, 9, "3"]})
     with pytest.raises(RecordError, match="ar"):
         decode(fields)
+
+
+@pytest.mark.parametrize("key", MODEL_FIELDS)
+def test_counters_are_the_items_that_are_not_gauges(key: str) -> None:
+    values = [0] * len(MODEL_FIELDS)
+    values[MODEL_FIELDS.index(key)] = 3
+    c = ModelCounts(*values)
+    gauge = key in ("in", "wf", "bp", "bg")
+    assert any(c.counters()) is not gauge
+    c.clear_counters()
+    assert c.as_list() == (values if gauge else [0] * len(MODEL_FIELDS))
 
 
 def test_entry_time_is_clamped_to_the_stream_id() -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from sidecar.policy.identity import key_digest
 from sidecar.server import Sidecar
-from tests.sidecar.conftest import StartSidecar, read_records, scope, totals
+from tests.sidecar.conftest import StartSidecar, arrivals, read_records, scope, totals
 from tests.sidecar.fake_upstream import FakeUpstream
 from token_scaler.redis_conn import LocalRedis
 from token_scaler.saturation import Saturation, saturation_key
@@ -310,7 +310,8 @@ async def test_downgrade_when_the_scaler_reports_saturation(
         # The cheaper server's tokens are its own workload's demand, not this one's.
         sidecar.flusher.tick()
         assert await sidecar.flusher.deliver()
-        assert totals(read_records(redis_url, workload))["rq"] == 2
+        records = read_records(redis_url, workload)
+        assert totals(records)["rq"] == arrivals(records) == 2
     finally:
         await cheap.stop()
 
