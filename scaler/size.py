@@ -18,6 +18,12 @@ The size follows slow changes in the mix (a prompt-heavy service in business hou
 L; a change faster than L shows late, which is why it is an option (``token-scaler
 simulate --sweep-size-windows`` measures it on a trace) and not the default.
 
+Trust: the sized demand stays within ``SIZED_RANGE`` times the window's token rate (the
+higher of served and arrived) either way, so a writer that misreports its arrivals (``ar``
+is no token count: the reader's per-sidecar token ceiling does not bound it) moves the
+answer by that factor at most, in the window or through the history's size. On honest
+traffic a 30 s window's tokens per request stay well within it of an hour's.
+
 While the history holds fewer than ``MIN_REQUESTS`` arrivals over L (a new workload, a
 fresh Redis, sidecars that do not count arrivals yet), or the window counts none, the
 demand is the token rate's as without the option. Minutes the history keeps without an
@@ -34,6 +40,8 @@ from scaler.metadata import ScalerSettings
 
 # Below this many arrivals over L, the size is too uncertain to replace the token rate.
 MIN_REQUESTS = 30
+# The sized demand stays within this factor of the window's token rate, either way.
+SIZED_RANGE = 4.0
 
 
 @dataclass(frozen=True)
@@ -71,3 +79,10 @@ def request_size(history: Mapping[int, MinuteCounts], now_s: float, settings: Sc
     if requests < MIN_REQUESTS or not tokens > 0:
         return None
     return Size(tokens / requests, minutes, requests)
+
+
+def sized_demand(arrivals: float, tokens_per_request: float, token_rate: float) -> float:
+    """``arrivals`` (per second) x ``tokens_per_request``, within ``SIZED_RANGE`` x the window's
+    ``token_rate`` either way."""
+    rate = max(token_rate, 0.0)
+    return min(max(arrivals * tokens_per_request, rate / SIZED_RANGE), rate * SIZED_RANGE)

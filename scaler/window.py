@@ -73,7 +73,7 @@ import numpy.typing as npt
 from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demand_of, demands_of
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
-from scaler.size import Size
+from scaler.size import SIZED_RANGE, Size, sized_demand
 from token_scaler.record import GATEWAY, ModelCounts, Record, ServerGauges, TenantCounts, entry_id_ms
 
 # sp, sg, ap, ag, rq, ar: served prompt/generation, arrived prompt/generation, requests
@@ -494,7 +494,7 @@ class Rates:
     @property
     def demand(self) -> float:
         if self.sized:
-            return self.arrived_requests * self.size
+            return sized_demand(self.arrived_requests, self.size, max(self.served, self.arrived))
         return demand_of(self.served, self.arrived, self.margin)
 
     @property
@@ -612,10 +612,15 @@ def burst_envelope(ring: SecondRing, first_sec: int, s: int, settings: ScalerSet
 def stable_reason(window_s: int, stable: Rates, size: Size | None = None) -> str:
     """Why the stable window's demand is the rate it is (``scaler.demand``, ``scaler.size``)."""
     if size is not None and stable.sized:
-        return (
+        unbound = stable.arrived_requests * stable.size
+        reason = (
             f"{window_s}s window demand = {stable.arrived_requests:.2f} arriving requests/s x "
-            f"{size.describe()} = {stable.demand:.1f} weighted tokens/s"
+            f"{size.describe()} = {unbound:.1f} weighted tokens/s"
         )
+        if stable.demand != unbound:
+            rate = max(stable.served, stable.arrived)
+            reason += f", held to {stable.demand:.1f}: within {SIZED_RANGE:g}x of the token rate {rate:.1f}"
+        return reason
     reason = f"{window_s}s window demand = {stable.leading} rate {stable.demand:.1f} weighted tokens/s"
     if stable.margin == 0:
         return reason
@@ -689,7 +694,11 @@ class _Span:
         if not size > 0:
             return plain
         arrivals = sums[5]
-        out: Floats = np.where(arrivals > 0, arrivals / np.maximum(cover, 1.0) * size, plain)
+        rate = np.maximum(np.maximum(weighted[0], weighted[1]), 0.0)  # per second: divided above
+        if isinstance(cover, float):
+            rate = rate / cover
+        sized = np.clip(arrivals / np.maximum(cover, 1.0) * size, rate / SIZED_RANGE, rate * SIZED_RANGE)
+        out: Floats = np.where(arrivals > 0, sized, plain)
         return out
 
     def panic_demand(self) -> Floats:

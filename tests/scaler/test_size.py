@@ -9,7 +9,7 @@ import redis
 from scaler.forecast import DAY_MIN, MINUTE_S, MinuteCounts
 from scaler.history import history_key
 from scaler.metadata import ScalerSettings
-from scaler.size import MIN_REQUESTS, Size, request_size
+from scaler.size import MIN_REQUESTS, SIZED_RANGE, Size, request_size
 from scaler.window import WorkloadSeries, evaluate
 from tests.keda import FakeSidecar
 from tests.scaler.test_scaler_service import history as feed_history
@@ -91,30 +91,30 @@ def test_a_window_without_counted_arrivals_keeps_the_token_rate() -> None:
 
 
 def test_panic_is_measured_against_the_sized_demand() -> None:
-    """Steady at 1 request/s of 100 tokens, sized at 1,000 tokens per request: the stable
-    window asks for 10 replicas, so a panic window at 4x the token rate (4 replicas) is no
-    burst against it, while against the token rate alone (1 replica) it is."""
+    """Steady at 1 request/s of 100 tokens, sized at 300 tokens per request: the stable
+    window asks for 3 replicas, so a panic window at 4x the token rate (4 replicas) is no
+    burst against it, while against the token rate alone (2 replicas) it is."""
     series = WorkloadSeries()
     feed(series, T0, 120, tokens=100, arrivals=1)
     feed(series, T0 + 120, 6, tokens=400, arrivals=1, seq0=120)
     now = (T0 + 126) * 1000 + 500
     settings = sized(panic_threshold=2.0, headroom=1.0, tokens_per_second_per_replica=100.0)
     assert evaluate(series, settings, now).rule == "panic"
-    ev = evaluate(series, settings, now, Size(1000.0, 10, 600.0))
-    assert ev.rule == "stable-sized" and ev.value == pytest.approx(1000.0)
+    ev = evaluate(series, settings, now, Size(300.0, 10, 600.0))
+    assert ev.rule == "stable-sized" and ev.value == pytest.approx(300.0)
 
 
 async def test_keda_gets_the_sized_demand_from_the_history_in_redis(redis_url: str, workload: str) -> None:
     """The last ten minutes of history: 500 weighted tokens per arriving request. Now 2
-    requests/s arrive and 100 tokens/s are served (their first tokens): KEDA is answered
-    2 x 500, and the debug view says so; without the key, the token rate."""
+    requests/s arrive and 300 tokens/s are served: KEDA is answered 2 x 500, and the debug
+    view says so; without the key, the token rate."""
     ns, name = workload.split("/")
     sync = redis.Redis.from_url(redis_url)
     sidecar = FakeSidecar(sync, workload, "pod-a")
     now_min = sidecar.now_ms() // 1000 // MINUTE_S
     for m in range(now_min - 10, now_min):
         sync.hset(history_key(workload, m // DAY_MIN), str(m), f"0,{500 * 120},0,{500 * 120},120")
-    feed_history(sidecar, 90, sg=100, ar=2)
+    feed_history(sidecar, 90, sg=300, ar=2)
     running = await start(redis_url, debug_token="t")
     try:
         meta = {"tokensPerSecondPerReplica": "130", "sizeWindowSeconds": "600"}
@@ -132,8 +132,23 @@ async def test_keda_gets_the_sized_demand_from_the_history_in_redis(redis_url: s
         assert evaluation["stable"]["weightedTokensPerRequest"] == pytest.approx(500.0)
         assert "over the last 10 min (1200 requests)" in evaluation["reason"]
         plain = await running.keda.poll(ns, name, {"tokensPerSecondPerReplica": "130"})
-        assert plain.value == pytest.approx(100.0, rel=0.05)
+        assert plain.value == pytest.approx(300.0, rel=0.05)
     finally:
         await running.channel.close()
         await running.server.stop()
         sync.close()
+
+
+def test_misreported_arrivals_move_the_answer_by_the_range_at_most() -> None:
+    """300 tokens/s in the window: whatever the arrivals or the size claim, the sized demand
+    stays between 300 / 4 and 300 x 4."""
+    lying = WorkloadSeries()
+    feed(lying, T0, 120, tokens=300, arrivals=1000)  # no token ceiling bounds ``ar``
+    ev = evaluate(lying, sized(), (T0 + 120) * 1000 + 500, Size(250.0, 10, 1000.0))
+    assert ev.value == pytest.approx(300.0 * SIZED_RANGE) and ev.rule == "stable-sized"
+    assert "held to 1200.0: within 4x of the token rate 300.0" in ev.reason
+    # a history whose arrivals were inflated makes the size small: held from below
+    series = WorkloadSeries()
+    feed(series, T0, 120, tokens=300, arrivals=2)
+    low = evaluate(series, sized(), (T0 + 120) * 1000 + 500, Size(0.5, 10, 1e9))
+    assert low.value == pytest.approx(300.0 / SIZED_RANGE)

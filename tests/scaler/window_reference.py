@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from scaler.demand import DEFAULT_MARGIN, demands_of
 from scaler.metadata import ScalerSettings
-from scaler.size import Size
+from scaler.size import SIZED_RANGE, Size
 from scaler.window import (
     HISTORY_S,
     N_SERIES,
@@ -263,8 +263,10 @@ def ref_evaluate(
         served = (pw * sums[0] + gw * sums[1]) / safe
         arrived = (pw * sums[2] + gw * sums[3]) / safe
         out: Floats = np.where(cover >= 1, demands_of(served, arrived, settings.arrival_margin), 0.0)
-        if per_request > 0:  # sized wherever the window counts arrivals
-            out = np.where(sums[5] > 0, sums[5] / safe * per_request, out)
+        if per_request > 0:  # sized wherever the window counts arrivals, within a range of the rate
+            rate = np.maximum(np.maximum(served, arrived), 0.0)
+            sized = np.clip(sums[5] / safe * per_request, rate / SIZED_RANGE, rate * SIZED_RANGE)
+            out = np.where(sums[5] > 0, sized, out)
         return out
 
     stable_demand = demand(stable_sums, cover_stable)
