@@ -113,6 +113,6 @@ async def test_from_zero_to_llama_server_and_back(
         await asyncio.to_thread(scaler.stop)
     assert code == 0
     held, served = stream_sums(redis_url, workload)
-    assert held == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0}
-    assert served["rq"] == len(PROMPTS)
+    assert held == {"sp": 0, "sg": 0, "ap": 0, "ag": 0, "rq": 0, "ar": 0}
+    assert served["rq"] == served["ar"] == len(PROMPTS)
     assert served["sg"] == served["ag"] == sum(tokens for _, _, tokens in results)
