@@ -160,6 +160,7 @@ def scaled(record: Record, factor: float) -> Record:
             c.backlog_prompt,
             c.backlog_generation,
             c.arrived_requests,
+            arrivals_known=c.arrivals_known,
         )
         for model, c in record.models.items()
     }

@@ -72,14 +72,27 @@ class MinuteCounts:
 
     @classmethod
     def decode(cls, raw: str) -> MinuteCounts:
-        """Raises ValueError naming the value when it is not four or five numbers."""
+        """Raises ValueError naming the value when its four token counts are not numbers
+        >= 0; a fifth value that is not a count >= 0 reads as arrivals unknown."""
         parts = raw.split(",")
         if len(parts) not in (4, 5):
             raise ValueError(f"expected 4 or 5 comma-separated numbers, got {raw!r}")
-        values = [float(p) for p in parts]
+        try:
+            values = [float(p) for p in parts[:4]]
+        except ValueError:
+            raise ValueError(f"expected numbers >= 0, got {raw!r}") from None
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise ValueError(f"expected numbers >= 0, got {raw!r}")
-        return cls(*values)
+        sp, sg, ap, ag = values
+        return cls(sp, sg, ap, ag, _arrivals(parts[4]) if len(parts) == 5 else None)
+
+
+def _arrivals(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 @dataclass(frozen=True)

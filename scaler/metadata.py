@@ -26,7 +26,7 @@ MAX_WINDOW_S = 600
 # backfills every second it reads and replicas agree.
 BURST_LOOKBACK_MAX_S = 2 * MAX_WINDOW_S
 BURST_WINDOW_MAX_S = 60
-SIZE_WINDOW_MAX_S = 86400  # a day of the minute history (scaler/history.py keeps 8)
+SIZE_WINDOW_MAX_S = 86400  # a day of the minute history (it keeps forecast.HISTORY_DAYS)
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,11 @@ class Registry:
         self.predictor = predictor
         self.objects: dict[tuple[str, str], ScaledObjectState] = {}
         self._parsed: dict[tuple[str, str, frozenset[tuple[str, str]]], ScalerSettings] = {}
-        # (second, series version, the demand's evaluation, the answer: bound_answer of it, forecast)
+        # (second, series version, the demand's evaluation, the answer: bound_answer of it,
+        # forecast, the arriving requests' size)
         self._cache: dict[
-            tuple[str, ScalerSettings], tuple[int, int, Evaluation, Evaluation, Forecast | None]
+            tuple[str, ScalerSettings],
+            tuple[int, int, Evaluation, Evaluation, Forecast | None, Size | None],
         ] = {}
 
     def resolve(
@@ -112,10 +114,10 @@ class Registry:
         cache_key = (settings.workload, settings)
         cached = self._cache.get(cache_key)
         if cached is not None and cached[0] == second and cached[1] == series.past_version:
-            demand, evaluation, fc = cached[2], cached[3], cached[4]
+            demand, evaluation, fc, size = cached[2], cached[3], cached[4], cached[5]
         else:
-            state.last_size = await self._size(settings, now)
-            demand, fc = evaluate(series, settings, now, state.last_size), None
+            size = await self._size(settings, now)
+            demand, fc = evaluate(series, settings, now, size), None
             if settings.predictive and self.predictor is not None:
                 fc = await self.predictor.forecast(settings, now)
                 demand = combine(demand, fc, settings)
@@ -123,9 +125,10 @@ class Registry:
                 writers = series.live_writers(now, self.reader.liveness_ms)
                 demand = apply_floor(demand, pressure(writers, settings.model), settings)
             evaluation = bound_answer(demand, settings, self.reader.ceiling)
-            self._cache[cache_key] = (second, series.past_version, demand, evaluation, fc)
+            self._cache[cache_key] = (second, series.past_version, demand, evaluation, fc, size)
         state.last_evaluation = evaluation
         state.last_forecast = fc
+        state.last_size = size
         return demand, evaluation
 
     async def _size(self, settings: ScalerSettings, now_ms: int) -> Size | None:

@@ -9,11 +9,14 @@ and the HPA's scale-down stabilization keeps the highest of its noisy answers.
 With ``sizeWindowSeconds`` L > 0 the stable window's demand is::
 
     arriving requests / covered seconds  x  size
-    size = weighted tokens served / requests arrived, over the last L s of the minute history
+    size = weighted tokens served / requests arrived, over the L s of the minute history
+           that end a minute before the current one
 
 The count comes from the window (the records' ``ar``), so it follows the traffic as fast
 as the token rate does; the size comes from the per-minute history every scaler replica
-keeps in Redis (``scaler/history.py``), so it survives restarts and replicas agree.
+keeps in Redis (``scaler/history.py``), so it survives restarts and replicas agree. The
+span ends a minute back because the history holds a minute only once it has settled, some
+seconds after its end: every replica, and the simulator, reads the same whole minutes.
 The size follows slow changes in the mix (a prompt-heavy service in business hours) over
 L; a change faster than L shows late, which is why it is an option (``token-scaler
 simulate --sweep-size-windows`` measures it on a trace) and not the default.
@@ -22,12 +25,16 @@ Trust: the sized demand stays within ``SIZED_RANGE`` times the window's token ra
 higher of served and arrived) either way, so a writer that misreports its arrivals (``ar``
 is no token count: the reader's per-sidecar token ceiling does not bound it) moves the
 answer by that factor at most, in the window or through the history's size. On honest
-traffic a 30 s window's tokens per request stay well within it of an hour's.
+traffic a 30 s window's tokens per request stay well within it of an hour's: on the
+synthesized day and the Azure code hour of docs/tuning.md it never bound.
 
 While the history holds fewer than ``MIN_REQUESTS`` arrivals over L (a new workload, a
-fresh Redis, sidecars that do not count arrivals yet), or the window counts none, the
-demand is the token rate's as without the option. Minutes the history keeps without an
-arrival count (written before it was kept) are left out of L.
+fresh Redis, sidecars that do not count arrivals yet), or the window counts none or holds
+a record that does not count them (``WorkloadSeries``' ``na`` series), the demand is the
+token rate's as without the option. Minutes the history keeps without an arrival count
+(written before it was kept, or with a record that does not count them) are left out of L.
+The sized demand stands for the arrivals whatever ``arrivalMargin`` says: a count of
+requests has no served twin to choose from.
 """
 
 from __future__ import annotations
@@ -60,8 +67,8 @@ class Size:
 
 
 def request_size(history: Mapping[int, MinuteCounts], now_s: float, settings: ScalerSettings) -> Size | None:
-    """The size over the ``sizeWindowSeconds`` before the minute of ``now_s``; None when the
-    option is off or the history knows too few arrivals."""
+    """The size over the ``sizeWindowSeconds`` that end a minute before the minute of
+    ``now_s``; None when the option is off or the history knows too few arrivals."""
     span = settings.size_window_s // MINUTE_S
     if span <= 0:
         return None
@@ -69,7 +76,7 @@ def request_size(history: Mapping[int, MinuteCounts], now_s: float, settings: Sc
     pw, gw = settings.prompt_weight, settings.generation_weight
     tokens = requests = 0.0
     minutes = 0
-    for minute in range(now_min - span, now_min):
+    for minute in range(now_min - 1 - span, now_min - 1):
         counts = history.get(minute)
         if counts is None or counts.arrived_requests is None:
             continue

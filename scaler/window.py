@@ -76,9 +76,10 @@ from scaler.metadata import MAX_WINDOW_S, ScalerSettings
 from scaler.size import SIZED_RANGE, Size, sized_demand
 from token_scaler.record import GATEWAY, ModelCounts, Record, ServerGauges, TenantCounts, entry_id_ms
 
-# sp, sg, ap, ag, rq, ar: served prompt/generation, arrived prompt/generation, requests
-# ended, requests arrived
-N_SERIES = 6
+# sp, sg, ap, ag, rq, ar, na: served prompt/generation, arrived prompt/generation, requests
+# ended, requests arrived, and the model rows of records that do not count arrivals (their
+# ar is unknown, not 0: ``scaler.size`` sizes no window or minute that holds one)
+N_SERIES = 7
 # The replicas reporting at a second: the mean of the sidecar records per second over
 # this many seconds before it (flushes jitter across second boundaries).
 PRESENCE_S = 4
@@ -97,7 +98,7 @@ Floats = npt.NDArray[np.float64]
 
 
 class SecondRing:
-    """Per-second sums of ``series`` counters (the six above) over the last ``size`` seconds.
+    """Per-second sums of ``series`` counters (the seven above) over the last ``size`` seconds.
     An entry adds a handful of numbers to plain lists (numpy's per-call cost would be most of
     the ingest) and notes the slot it wrote; ``window`` copies the slots written since the last
     read into an array mirror, so a read costs the rows that changed plus one gather."""
@@ -128,14 +129,16 @@ class SecondRing:
         self.dirty.add(slot)
         return True
 
-    def add_row(self, sec: int, sp: float, sg: float, ap: float, ag: float, rq: float, ar: float) -> bool:
-        """``add`` of the six series, unrolled: the path every record of every model takes."""
+    def add_row(
+        self, sec: int, sp: float, sg: float, ap: float, ag: float, rq: float, ar: float, na: float
+    ) -> bool:
+        """``add`` of the seven series, unrolled: the path every record of every model takes."""
         slot = sec % self.size
         held = self.secs[slot]
         if held != sec:
             if held > sec:
                 return False
-            self.values[slot] = [float(sp), float(sg), float(ap), float(ag), float(rq), float(ar)]
+            self.values[slot] = [float(sp), float(sg), float(ap), float(ag), float(rq), float(ar), float(na)]
             self.secs[slot] = sec
         else:
             row = self.values[slot]
@@ -145,6 +148,7 @@ class SecondRing:
             row[3] += ag
             row[4] += rq
             row[5] += ar
+            row[6] += na
         self.dirty.add(slot)
         return True
 
@@ -245,10 +249,10 @@ class Flushes:
     """One second's records of sidecars that run one model each, in the form
     ``WorkloadSeries.add_flushes`` takes instead of ``Record`` objects (what the simulator
     hands it): every record stamped ``sec * 1000`` with a 1 s interval, role sidecar, without
-    tenants or server gauges. ``sidecars``: (name, seq, gauges by model: empty when the
-    record has no model) in record order; ``totals``: per model, the six counters
-    (``Counters``: ``FlushRow[:5]`` and ``FlushRow[9]``) summed over the records that have
-    it. The counters are integers, so their sum is exact and the same whatever the order
+    tenants or server gauges, every record counting arrivals. ``sidecars``: (name, seq,
+    gauges by model: empty when the record has no model) in record order; ``totals``: per
+    model, the six counters (``Counters``: ``FlushRow[:5]`` and ``FlushRow[9]``) summed over
+    the records that have it. The counters are integers, so their sum is exact and the same whatever the order
     (below 2**53), as the record-by-record float sums ``add_all`` makes are."""
 
     sec: int
@@ -327,7 +331,7 @@ class WorkloadSeries:
         self._count_entries(sec, sec, n)
         t0 = t1 = t2 = t3 = t4 = t5 = 0
         for model, (sp, sg, ap, ag, rq, ar) in flushes.totals.items():
-            self._ring_for(model).add_row(sec, sp, sg, ap, ag, rq, ar)
+            self._ring_for(model).add_row(sec, sp, sg, ap, ag, rq, ar, 0)
             t0 += sp
             t1 += sg
             t2 += ap
@@ -336,7 +340,7 @@ class WorkloadSeries:
             t5 += ar
         # a model's ring holds no later second than the all-models ring (both take every
         # record of the model): a record is too old exactly when the all-models ring says so
-        if not self._ring_for(None).add_row(sec, t0, t1, t2, t3, t4, t5):
+        if not self._ring_for(None).add_row(sec, t0, t1, t2, t3, t4, t5, 0):
             self.too_old += n
         self.presence.add_one(sec, n)
         return n
@@ -388,7 +392,7 @@ class WorkloadSeries:
         """Add one record's counts to the ring of each of its models and to the all-models ring:
         the record's gauges by model, and False when a ring no longer holds ``sec``."""
         rings = self.rings
-        t0 = t1 = t2 = t3 = t4 = t5 = 0.0
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = 0.0
         accepted = True
         gauges: dict[str, Gauges] = {}
         for model, c in models.items():
@@ -400,11 +404,12 @@ class WorkloadSeries:
                 c.requests,
                 c.arrived_requests,
             )
+            na = 0 if c.arrivals_known else 1
             gauges[model] = (c.inflight, c.waiting, c.backlog_prompt, c.backlog_generation)
             ring = rings.get(model)
             if ring is None:
                 ring = rings[model] = SecondRing()
-            if not ring.add_row(sec, sp, sg, ap, ag, rq, ar):
+            if not ring.add_row(sec, sp, sg, ap, ag, rq, ar, na):
                 accepted = False
             t0 += sp
             t1 += sg
@@ -412,10 +417,11 @@ class WorkloadSeries:
             t3 += ag
             t4 += rq
             t5 += ar
+            t6 += na
         all_models = rings.get(None)
         if all_models is None:
             all_models = rings[None] = SecondRing()
-        if not all_models.add_row(sec, t0, t1, t2, t3, t4, t5):
+        if not all_models.add_row(sec, t0, t1, t2, t3, t4, t5, t6):
             accepted = False
         return gauges, accepted
 
@@ -427,13 +433,15 @@ class WorkloadSeries:
 
     def minute_counts(self, minute: int, model: str | None = None) -> MinuteCounts | None:
         """The tokens of one whole minute (Unix seconds // 60), None unless the data covers
-        all of it."""
+        all of it; its arrivals None where unknown (a record that does not count them, or a
+        negative sum: a gateway's take-back of a request held the minute before)."""
         ring = self.rings.get(model)
         start = minute * MINUTE_S
         if ring is None or self.first_sec is None or self.first_sec > start:
             return None
         sums = ring.window(start, start + MINUTE_S).sum(axis=1)
-        return MinuteCounts(float(sums[0]), float(sums[1]), float(sums[2]), float(sums[3]), float(sums[5]))
+        arrivals = float(sums[5]) if sums[6] == 0 and sums[5] >= 0 else None
+        return MinuteCounts(float(sums[0]), float(sums[1]), float(sums[2]), float(sums[3]), arrivals)
 
     def prune(self, now_ms: int) -> None:
         """Forget sidecars silent for longer than the history, and old tenant rows."""
@@ -479,12 +487,14 @@ class Rates:
     arrived: float
     margin: float = DEFAULT_MARGIN  # arrivalMargin: how far arrivals must outrun served to count
     arrived_requests: float = 0.0
+    unknown_arrivals: float = 0.0  # model rows per second from writers that do not count arrivals
     size: float = 0.0  # weighted tokens per arriving request (``scaler.size``); 0: not sized
 
     @property
     def sized(self) -> bool:
-        """Whether the demand is the arriving requests times their size (``scaler.size``)."""
-        return self.size > 0 and self.arrived_requests > 0
+        """Whether the demand is the arriving requests times their size (``scaler.size``): a
+        size is known, and the window counts arrivals, from every writer."""
+        return self.size > 0 and self.arrived_requests > 0 and self.unknown_arrivals == 0
 
     @property
     def arrivals_lead(self) -> bool:
@@ -527,8 +537,8 @@ def _rates(
 ) -> Rates:
     if seconds < 1:
         return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin)
-    sp, sg, ap, ag, rq, ar = (x / seconds for x in sums)
-    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin, ar)
+    sp, sg, ap, ag, rq, ar, na = (x / seconds for x in sums)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin, ar, na)
 
 
 def _reporting(series: WorkloadSeries, first: int, count: int) -> list[float]:
@@ -698,7 +708,7 @@ class _Span:
         if isinstance(cover, float):
             rate = rate / cover
         sized = np.clip(arrivals / np.maximum(cover, 1.0) * size, rate / SIZED_RANGE, rate * SIZED_RANGE)
-        out: Floats = np.where(arrivals > 0, sized, plain)
+        out: Floats = np.where((arrivals > 0) & (sums[6] == 0), sized, plain)
         return out
 
     def panic_demand(self) -> Floats:

@@ -37,7 +37,9 @@ Per model, counters for the interval (may be negative: they carry corrections):
             The arrival rate is the demand signal: it keeps growing when the
             replicas are saturated and the served rate cannot.
     rq      requests that ended
-    ar      requests that arrived (a trailing item, absent from older writers: read as 0).
+    ar      requests that arrived (a trailing item, absent from older writers: read as 0 and
+            known to be unknown, so a reader sizing demand by arrivals does not take it
+            for none).
             A gateway counts a request when it starts holding it and takes it back
             when it stops, as it does ap and ag; the sidecar that serves it counts it.
 and gauges at ``ts`` (never negative):
@@ -173,6 +175,9 @@ class ModelCounts:
     backlog_prompt: int = 0
     backlog_generation: int = 0
     arrived_requests: int = 0
+    # False for a record from a writer that does not count arrivals (no ``ar`` item): its
+    # ``arrived_requests`` 0 means unknown, not none. Not part of the wire list.
+    arrivals_known: bool = field(default=True, kw_only=True)
 
     def as_list(self) -> list[int]:
         return [
@@ -350,7 +355,7 @@ def decode(fields: Mapping[Any, Any]) -> Record:
             _count(f"{where}.{key}", value, gauge=key in _GAUGES)
             for key, value in zip(MODEL_FIELDS, values, strict=False)
         ]
-        models[model] = ModelCounts(*counts)
+        models[model] = ModelCounts(*counts, arrivals_known=len(counts) == len(MODEL_FIELDS))
 
     tenants: dict[str, dict[str, TenantCounts]] = {}
     if "t" in fields or b"t" in fields:

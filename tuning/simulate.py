@@ -296,7 +296,8 @@ def _token_sweep_options(g: argparse._ArgumentGroup) -> None:
         type=a.listed(_size_window),
         default=[0],
         help="token: sizeWindowSeconds, 0 (the token rate) or whole minutes in seconds, e.g. 0,3600 "
-        "(arriving requests x their size over that span; default 0)",
+        "(arriving requests x their size over that span, with the first arrival margin only; "
+        "default 0)",
     )
 
 
@@ -463,8 +464,10 @@ def _variants(name: str, ns: argparse.Namespace, sweep: bool) -> list[dict[str, 
             if pw <= w // 2
             for burst in ns.sweep_burst
             for inflight in ns.sweep_inflight
-            for margin in ns.sweep_arrival_margins
             for size in ns.sweep_size_windows
+            # a sized window's demand is its arrivals whatever the margin (``scaler.size``),
+            # which then applies only before the history knows a size: the first margin
+            for margin in (ns.sweep_arrival_margins[:1] if size else ns.sweep_arrival_margins)
         ]
     if name == "rps":
         return [{"window": str(w)} for w in (ns.sweep_rps_windows if sweep else [ns.rps_window])]

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import redis
 
-from scaler.ceiling import IngestCeiling, bound_answer
+from scaler.ceiling import IngestCeiling, bound_answer, scaled
 from scaler.metadata import parse
 from scaler.window import WorkloadSeries, evaluate
 from tests.keda import FakeSidecar
@@ -57,6 +57,14 @@ def test_an_entry_past_the_ceiling_is_scaled_down_to_it() -> None:
     )
     assert ceiling.implausible == {WORKLOAD: 1}
     assert ceiling.clamped_between(WORKLOAD, 10_000, 10_001) == 1
+
+
+def test_scaling_an_entry_keeps_its_arrivals_as_they_are() -> None:
+    counts = {"m": ModelCounts(10, 4000, 10, 4000, 1, 2, 1, 0, 0, 3)}
+    lie = scaled(Record("a", 1, 10_000_500, 1000, counts), 0.5)
+    assert lie.models["m"] == ModelCounts(5, 2000, 5, 2000, 1, 2, 1, 0, 0, 3)
+    unknown = {"m": ModelCounts(10, 4000, 10, 4000, 1, 0, 0, 0, 0, arrivals_known=False)}
+    assert not scaled(Record("a", 2, 10_001_500, 1000, unknown), 0.5).models["m"].arrivals_known
 
 
 def test_a_gateways_held_burst_is_not_clamped() -> None:

@@ -91,9 +91,14 @@ def test_no_season_no_forecast() -> None:
 def test_minute_counts_round_trip_and_refuse_garbage() -> None:
     counts = MinuteCounts(1.0, 2.0, 3.0, 4.0)
     assert MinuteCounts.decode(counts.encode()) == counts
-    for bad in ("1,2,3", "1,2,3,x", "1,2,3,-4", "1,2,3,nan"):
+    for bad in ("1,2,3", "1,2,3,x", "1,2,3,-4", "1,2,3,nan", "1,2,3,x,5", "1,2,3,4,5,6"):
         with pytest.raises(ValueError):
             MinuteCounts.decode(bad)
+    with_arrivals = MinuteCounts(1.0, 2.0, 3.0, 4.0, 5.0)
+    assert with_arrivals.encode() == "1,2,3,4,5" and MinuteCounts.decode("1,2,3,4,5") == with_arrivals
+    # a fifth value that is no count leaves the arrivals unknown and keeps the tokens
+    for unknown in ("1,2,3,4,abc", "1,2,3,4,-1", "1,2,3,4,inf"):
+        assert MinuteCounts.decode(unknown) == MinuteCounts(1.0, 2.0, 3.0, 4.0, None)
 
 
 def test_combine_raises_the_answer_only_while_trusted() -> None:

@@ -46,28 +46,62 @@ def minutes(first: int, n: int, served: float, requests: float | None) -> dict[i
 
 
 def test_the_size_is_tokens_served_per_arriving_request_over_the_span() -> None:
-    history = minutes(T0_MIN - 10, 10, 6000.0, 20.0)  # 300 weighted tokens per request
+    # the span ends a minute back: at minute T0_MIN, the ten minutes T0_MIN - 11 .. T0_MIN - 2
+    history = minutes(T0_MIN - 11, 10, 6000.0, 20.0)  # 300 weighted tokens per request
     size = request_size(history, T0 + 30, sized())
     assert size == Size(300.0, 10, 200.0)
     weighted = request_size(history, T0 + 30, sized(prompt_weight=0.5))
     assert weighted is not None and weighted.tokens_per_request == pytest.approx(225.0)
-    # only the span before the current minute: 5 minutes of a 5-minute span, the last one left out
-    short = request_size(
-        {**history, T0_MIN: MinuteCounts(0, 1e6, 0, 0, 1)}, T0 + 30, sized(size_window_s=300)
-    )
+    # the minute just ended (which the history may not hold yet) and the current one left out
+    unsettled = {T0_MIN - 1: MinuteCounts(0, 1e6, 0, 0, 1), T0_MIN: MinuteCounts(0, 1e6, 0, 0, 1)}
+    short = request_size({**history, **unsettled}, T0 + 30, sized(size_window_s=300))
     assert short == Size(300.0, 5, 100.0)
+    # so in every second of a minute the size reads the same minutes, one minute's span too
+    one = sized(size_window_s=60)
+    busy = minutes(T0_MIN - 2, 1, 18000.0, 60.0)
+    assert request_size(busy, T0, one) == request_size(busy, T0 + 59, one) == Size(300.0, 1, 60.0)
 
 
 def test_no_size_while_off_or_too_few_arrivals_are_known() -> None:
-    history = minutes(T0_MIN - 10, 10, 6000.0, 20.0)
+    history = minutes(T0_MIN - 11, 10, 6000.0, 20.0)
     assert request_size(history, T0, sized(size_window_s=0)) is None
-    few = minutes(T0_MIN - 10, 10, 6000.0, (MIN_REQUESTS - 1) / 10)
+    few = minutes(T0_MIN - 11, 10, 6000.0, (MIN_REQUESTS - 1) / 10)
     assert request_size(few, T0, sized()) is None
-    # minutes written before arrivals were kept count for nothing, not for zero requests
-    busy = minutes(T0_MIN - 10, 10, 18000.0, 60.0)
-    unknown = {**busy, **minutes(T0_MIN - 10, 9, 1e9, None)}
+    # minutes whose arrivals are unknown count for nothing, not for zero requests
+    busy = minutes(T0_MIN - 11, 10, 18000.0, 60.0)
+    unknown = {**busy, **minutes(T0_MIN - 11, 9, 1e9, None)}
     assert request_size(unknown, T0, sized()) == Size(300.0, 1, 60.0)
-    assert request_size(minutes(T0_MIN - 10, 10, 0.0, 20.0), T0, sized()) is None
+    assert request_size(minutes(T0_MIN - 11, 10, 0.0, 20.0), T0, sized()) is None
+
+
+def test_a_minute_with_a_record_that_does_not_count_arrivals_has_them_unknown() -> None:
+    """A sidecar from before ``ar`` beside one that counts: the minute's arrivals are not the
+    counting sidecar's alone, so the history says it does not know them, and a window that
+    holds such a record is not sized."""
+    series = WorkloadSeries()
+    feed(series, T0, 120, tokens=300, arrivals=2)
+    old = {"m": ModelCounts(0, 300, 0, 300, 2, 0, 0, 0, 0, arrivals_known=False)}
+    ts = (T0 + 70) * 1000 + 500
+    series.add(Record("old", 1, ts, 1000, old), f"{ts}-0")
+    assert series.minute_counts(T0_MIN, "m") == MinuteCounts(0, 18000, 0, 18000, 120)
+    assert series.minute_counts(T0_MIN + 1, "m") == MinuteCounts(0, 18300, 0, 18300, None)
+    assert series.minute_counts(T0_MIN + 1) == MinuteCounts(0, 18300, 0, 18300, None)
+    size = Size(250.0, 10, 1000.0)
+    mixed = evaluate(series, sized(), (T0 + 120) * 1000 + 500, size)
+    assert mixed.rule == "stable-arrival" and mixed.value == pytest.approx(305.0)
+    later = evaluate(series, sized(), (T0 + 135) * 1000 + 500, size)  # the old record left the window
+    assert later.rule == "stable-sized"
+
+
+def test_a_negative_minute_of_arrivals_is_unknown() -> None:
+    """A gateway's take-back of a request it held the minute before."""
+    series = WorkloadSeries()
+    feed(series, T0, 60, tokens=0, arrivals=0)
+    back = {"m": ModelCounts(0, 0, -10, -10, 0, 0, 0, 0, 0, -1)}
+    ts = (T0 + 30) * 1000 + 500
+    series.add(Record("gw", 1, ts, 1000, back, role="gateway"), f"{ts}-0")
+    counts = series.minute_counts(T0_MIN, "m")
+    assert counts is not None and counts.arrived_requests is None
 
 
 def test_the_window_demand_is_its_arrivals_times_the_size() -> None:
@@ -112,7 +146,7 @@ async def test_keda_gets_the_sized_demand_from_the_history_in_redis(redis_url: s
     sync = redis.Redis.from_url(redis_url)
     sidecar = FakeSidecar(sync, workload, "pod-a")
     now_min = sidecar.now_ms() // 1000 // MINUTE_S
-    for m in range(now_min - 10, now_min):
+    for m in range(now_min - 13, now_min + 1):  # ten minutes in the span, whatever minute it is
         sync.hset(history_key(workload, m // DAY_MIN), str(m), f"0,{500 * 120},0,{500 * 120},120")
     feed_history(sidecar, 90, sg=300, ar=2)
     running = await start(redis_url, debug_token="t")
@@ -131,6 +165,19 @@ async def test_keda_gets_the_sized_demand_from_the_history_in_redis(redis_url: s
         assert evaluation["rule"] == "stable-sized"
         assert evaluation["stable"]["weightedTokensPerRequest"] == pytest.approx(500.0)
         assert "over the last 10 min (1200 requests)" in evaluation["reason"]
+        # its history is kept (written by the scaler each minute), predictive or not
+        assert workload in running.server.registry.history_workloads()
+        # a second ScaledObject of the same metadata, answered from the first one's cached
+        # evaluation, shows the same sized answer in its debug view
+        twin = await running.keda.poll(ns, f"{name}-twin", {**meta, "workload": workload})
+        assert twin.value == answer.value
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"{running.http}/debug/scalers/{ns}/{name}-twin", headers={"Authorization": "Bearer t"}
+            ) as resp,
+        ):
+            assert (await resp.json())["evaluation"]["rule"] == "stable-sized"
         plain = await running.keda.poll(ns, name, {"tokensPerSecondPerReplica": "130"})
         assert plain.value == pytest.approx(300.0, rel=0.05)
     finally:

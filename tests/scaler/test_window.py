@@ -277,9 +277,9 @@ def test_clock_ahead_is_clamped_to_the_stream_id() -> None:
 
 def test_ring_rejects_seconds_it_no_longer_holds() -> None:
     ring = SecondRing(size=10)
-    assert ring.add(100, [1, 0, 0, 0, 0, 0])
-    assert ring.add(110, [2, 0, 0, 0, 0, 0])  # reuses slot 0
-    assert not ring.add(100, [5, 0, 0, 0, 0, 0])
+    assert ring.add(100, [1, 0, 0, 0, 0, 0, 0])
+    assert ring.add(110, [2, 0, 0, 0, 0, 0, 0])  # reuses slot 0
+    assert not ring.add(100, [5, 0, 0, 0, 0, 0, 0])
     window = ring.window(100, 111)
     assert window[0].tolist() == [0.0] * 10 + [2.0]
 
@@ -287,7 +287,7 @@ def test_ring_rejects_seconds_it_no_longer_holds() -> None:
 def test_ring_rows_are_the_window_as_lists() -> None:
     ring = SecondRing(size=10)
     for sec in (103, 104, 105, 108, 111, 112):  # 111 and 112 wrap round into slots 1 and 2
-        assert ring.add(sec, [sec, 1, 2, 3, 4, 5])
+        assert ring.add(sec, [sec, 1, 2, 3, 4, 5, 0])
     for start, stop in ((103, 106), (100, 113), (104, 114), (108, 108), (95, 99)):
         assert ring.rows(start, stop) == ring.window(start, stop).T.tolist(), (start, stop)
 

@@ -27,6 +27,7 @@ counts = st.builds(
     st.integers(0, 9),
     st.integers(0, 9),
     arrived_requests=st.integers(-1, 12),  # -1: a gateway's take-back
+    arrivals_known=st.sampled_from((True, True, True, False)),  # False: a writer from before ``ar``
 )
 # the arriving requests' size (``scaler.size``), None: the token rates alone
 sizes = st.none() | st.builds(Size, st.sampled_from((0.3, 57.0, 1250.5)), st.just(60), st.just(100.0))

@@ -30,7 +30,7 @@ Floats = npt.NDArray[np.float64]
 
 
 class RefRing:
-    """Per-second sums of ``series`` counters (the six above) over the last ``size`` seconds.
+    """Per-second sums of ``series`` counters (the seven above) over the last ``size`` seconds.
     Plain lists, not arrays: an entry adds a handful of numbers, where numpy's per-call
     cost would be most of the ingest; ``window`` builds the array evaluations read."""
 
@@ -121,6 +121,7 @@ class RefSeries:
                 c.arrived_generation,
                 c.requests,
                 c.arrived_requests,
+                0 if c.arrivals_known else 1,
             ]
             ring = self.rings.get(model)
             if ring is None:
@@ -160,9 +161,9 @@ def _rates(
     sums: Floats, seconds: float, pw: float, gw: float, margin: float = DEFAULT_MARGIN, size: float = 0.0
 ) -> Rates:
     if seconds < 1:
-        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin, 0.0, size)
-    sp, sg, ap, ag, rq, ar = (float(x) / seconds for x in sums)
-    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin, ar, size)
+        return Rates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, margin, 0.0, 0.0, size)
+    sp, sg, ap, ag, rq, ar, na = (float(x) / seconds for x in sums)
+    return Rates(seconds, sp, sg, ap, ag, rq, pw * sp + gw * sg, pw * ap + gw * ag, margin, ar, na, size)
 
 
 def _reporting(series: RefSeries, grid: npt.NDArray[np.int64]) -> Floats:
@@ -266,7 +267,7 @@ def ref_evaluate(
         if per_request > 0:  # sized wherever the window counts arrivals, within a range of the rate
             rate = np.maximum(np.maximum(served, arrived), 0.0)
             sized = np.clip(sums[5] / safe * per_request, rate / SIZED_RANGE, rate * SIZED_RANGE)
-            out = np.where(sums[5] > 0, sized, out)
+            out = np.where((sums[5] > 0) & (sums[6] == 0), sized, out)
         return out
 
     stable_demand = demand(stable_sums, cover_stable)
