@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import grpc
@@ -28,6 +29,18 @@ class Running:
         self.address = f"127.0.0.1:{server.grpc_port}"
         self.keda = KedaClient(channel, self.address)
         self.http = f"http://127.0.0.1:{server.http_port}"
+
+
+async def debug_view(running: Running, ns: str, name: str, token: str = "t") -> dict[str, Any]:
+    """The scaler's ``/debug/scalers`` page of one ScaledObject, as JSON."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{running.http}/debug/scalers/{ns}/{name}", headers={"Authorization": f"Bearer {token}"}
+        ) as resp,
+    ):
+        body: dict[str, Any] = await resp.json()
+        return body
 
 
 async def start(redis_url: str, **kw: object) -> Running:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
 import redis
 
@@ -12,8 +11,8 @@ from scaler.metadata import ScalerSettings
 from scaler.size import MIN_REQUESTS, SIZED_RANGE, Size, request_size
 from scaler.window import WorkloadSeries, evaluate
 from tests.keda import FakeSidecar
+from tests.scaler.test_scaler_service import debug_view, start
 from tests.scaler.test_scaler_service import history as feed_history
-from tests.scaler.test_scaler_service import start
 from token_scaler.record import ModelCounts, Record
 
 T0 = 1_800_000_000 - 1_800_000_000 % MINUTE_S  # a whole minute, as Redis time
@@ -154,14 +153,7 @@ async def test_keda_gets_the_sized_demand_from_the_history_in_redis(redis_url: s
         meta = {"tokensPerSecondPerReplica": "130", "sizeWindowSeconds": "600"}
         answer = await running.keda.poll(ns, name, meta)
         assert answer.value == pytest.approx(1000.0, rel=0.05)
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(
-                f"{running.http}/debug/scalers/{ns}/{name}", headers={"Authorization": "Bearer t"}
-            ) as resp,
-        ):
-            body = await resp.json()
-        evaluation = body["evaluation"]
+        evaluation = (await debug_view(running, ns, name))["evaluation"]
         assert evaluation["rule"] == "stable-sized"
         assert evaluation["stable"]["weightedTokensPerRequest"] == pytest.approx(500.0)
         assert "over the last 10 min (1200 requests)" in evaluation["reason"]
@@ -171,13 +163,7 @@ async def test_keda_gets_the_sized_demand_from_the_history_in_redis(redis_url: s
         # evaluation, shows the same sized answer in its debug view
         twin = await running.keda.poll(ns, f"{name}-twin", {**meta, "workload": workload})
         assert twin.value == answer.value
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(
-                f"{running.http}/debug/scalers/{ns}/{name}-twin", headers={"Authorization": "Bearer t"}
-            ) as resp,
-        ):
-            assert (await resp.json())["evaluation"]["rule"] == "stable-sized"
+        assert (await debug_view(running, ns, f"{name}-twin"))["evaluation"]["rule"] == "stable-sized"
         plain = await running.keda.poll(ns, name, {"tokensPerSecondPerReplica": "130"})
         assert plain.value == pytest.approx(300.0, rel=0.05)
     finally:
