@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from scaler.metadata import ScalerSettings
 from scaler.window import Evaluation, WorkloadSeries, replicas_for
-from token_scaler.record import GATEWAY, ModelCounts, Record, TenantCounts, entry_time_ms
+from token_scaler.record import GATEWAY, Record, TenantCounts, entry_time_ms
 
 DEFAULT_MULTIPLE = 20.0
 MAX_CREDITED_S = 60.0  # the most seconds' worth one entry may carry, whatever its dt says
@@ -149,18 +149,12 @@ def scaled(record: Record, factor: float) -> Record:
         return int(value * factor)
 
     models = {
-        model: ModelCounts(
-            mul(c.served_prompt),
-            mul(c.served_generation),
-            mul(c.arrived_prompt),
-            mul(c.arrived_generation),
-            c.requests,
-            c.inflight,
-            c.waiting,
-            c.backlog_prompt,
-            c.backlog_generation,
-            c.arrived_requests,
-            arrivals_known=c.arrivals_known,
+        model: dataclasses.replace(
+            c,
+            served_prompt=mul(c.served_prompt),
+            served_generation=mul(c.served_generation),
+            arrived_prompt=mul(c.arrived_prompt),
+            arrived_generation=mul(c.arrived_generation),
         )
         for model, c in record.models.items()
     }

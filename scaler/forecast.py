@@ -46,8 +46,7 @@ ERROR_MINUTES = 60
 @dataclass(frozen=True)
 class MinuteCounts:
     """Tokens counted in one minute: served prompt/generation, arrived prompt/generation, and
-    the requests that arrived (None where the history says nothing of them: a field written
-    before they were kept)."""
+    the requests that arrived (None where unknown: ``scaler/history.py``)."""
 
     served_prompt: float
     served_generation: float

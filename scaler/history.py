@@ -10,8 +10,10 @@ a field is written once (``HSETNX``), by whichever replica gets there first, aft
 minute has ended and ``SETTLE_S`` more seconds have passed for late entries. A minute
 the data does not cover whole (the scaler started in it, or the stream was trimmed past
 it) is not written. A restarted scaler reads the history back, so a forecast survives
-restarts; a field that is not four or five numbers (``ar``, the requests that arrived, is
-left out of fields written before it was kept) is skipped and counted, not trusted.
+restarts; a field that is not four or five values, or whose four token counts are not
+numbers >= 0, is skipped and counted, not trusted. The fifth, ``ar``, the requests that
+arrived, is left out where unknown (fields written before it was kept, minutes holding a
+record that does not count arrivals); one that is not a count >= 0 reads as unknown.
 """
 
 from __future__ import annotations

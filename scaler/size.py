@@ -42,6 +42,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import ScalerSettings
 
@@ -49,6 +52,8 @@ from scaler.metadata import ScalerSettings
 MIN_REQUESTS = 30
 # The sized demand stays within this factor of the window's token rate, either way.
 SIZED_RANGE = 4.0
+
+Floats = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -93,3 +98,10 @@ def sized_demand(arrivals: float, tokens_per_request: float, token_rate: float) 
     ``token_rate`` either way."""
     rate = max(token_rate, 0.0)
     return min(max(arrivals * tokens_per_request, rate / SIZED_RANGE), rate * SIZED_RANGE)
+
+
+def sized_demands(arrivals: Floats, tokens_per_request: float, token_rate: Floats) -> Floats:
+    """``sized_demand`` of each pair of ``arrivals`` and ``token_rate``."""
+    rate = np.maximum(token_rate, 0.0)
+    out: Floats = np.clip(arrivals * tokens_per_request, rate / SIZED_RANGE, rate * SIZED_RANGE)
+    return out

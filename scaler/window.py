@@ -73,7 +73,7 @@ import numpy.typing as npt
 from scaler.demand import DEFAULT_MARGIN, arrivals_lead, demand_of, demands_of
 from scaler.forecast import MINUTE_S, MinuteCounts
 from scaler.metadata import MAX_WINDOW_S, ScalerSettings
-from scaler.size import SIZED_RANGE, Size, sized_demand
+from scaler.size import SIZED_RANGE, Size, sized_demand, sized_demands
 from token_scaler.record import GATEWAY, ModelCounts, Record, ServerGauges, TenantCounts, entry_id_ms
 
 # sp, sg, ap, ag, rq, ar, na: served prompt/generation, arrived prompt/generation, requests
@@ -696,18 +696,16 @@ class _Span:
         weighted = st.prompt_weight * sums[0:4:2] + st.generation_weight * sums[1:4:2]
         cover = self.cover(st.window_s)
         if isinstance(cover, float):  # every window covered
-            plain = demands_of(weighted[0] / cover, weighted[1] / cover, st.arrival_margin)
+            rates = weighted / cover  # served (row 0) and arrived (row 1) per second
+            plain = demands_of(rates[0], rates[1], st.arrival_margin)
         else:
             covered = cover >= 1
-            weighted /= np.where(covered, cover, 1.0)
-            plain = np.where(covered, demands_of(weighted[0], weighted[1], st.arrival_margin), 0.0)
+            rates = weighted / np.where(covered, cover, 1.0)
+            plain = np.where(covered, demands_of(rates[0], rates[1], st.arrival_margin), 0.0)
         if not size > 0:
             return plain
         arrivals = sums[5]
-        rate = np.maximum(np.maximum(weighted[0], weighted[1]), 0.0)  # per second: divided above
-        if isinstance(cover, float):
-            rate = rate / cover
-        sized = np.clip(arrivals / np.maximum(cover, 1.0) * size, rate / SIZED_RANGE, rate * SIZED_RANGE)
+        sized = sized_demands(arrivals / np.maximum(cover, 1.0), size, np.maximum(rates[0], rates[1]))
         out: Floats = np.where((arrivals > 0) & (sums[6] == 0), sized, plain)
         return out
 

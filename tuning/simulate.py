@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scaler.metadata import SIZE_WINDOW_MAX_S, ScalerSettings
-from token_scaler.errors import ConfigError
+from scaler.metadata import SPEC, ScalerSettings
+from token_scaler.errors import ConfigError, MetadataError
 from tuning import args as a
 from tuning.compare import Best, Search, comparison_table, to_json, verdict
 from tuning.engine import ROUTINGS, RunResult, SimConfig, simulate
@@ -319,9 +319,11 @@ def _margin(raw: str) -> str:
 
 
 def _size_window(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= SIZE_WINDOW_MAX_S or value % 60:
-        raise ValueError(f"expected 0 or a multiple of 60 up to {SIZE_WINDOW_MAX_S}")
+    """A ``sizeWindowSeconds``, read as the ScaledObject metadata reads it."""
+    try:
+        value: int = SPEC["sizeWindowSeconds"].read("sizeWindowSeconds", raw)
+    except MetadataError as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 

@@ -604,3 +604,31 @@ def test_fitted_reads_the_level_off_a_monotone_fit_not_a_lucky_run():
     # a fixed deployment's replica counts are not interpolated
     fixed = Best([Run("fixed", {"replicas": str(n)}, float(n), a, {}) for n, a in [(3, 0.85), (4, 0.92)]])
     assert fixed.fitted(0.9) == 4.0
+
+
+def test_the_sweep_pairs_a_size_window_with_the_first_margin_only() -> None:
+    """A sized window's demand is its arrivals whatever the margin, so the sweep does not run
+    it once per margin; the size windows are read as the metadata reads them."""
+    ns = cli.build_parser().parse_args(
+        [
+            "--trace",
+            "t.csv",
+            "--sweep-windows",
+            "30",
+            "--sweep-panic",
+            "off",
+            "--sweep-burst",
+            "off",
+            "--sweep-size-windows",
+            "0,3600",
+        ]
+    )
+    variants = cli._variants("token", ns, sweep=True)
+    assert [(v["arrivalMargin"], v.get("sizeWindowSeconds")) for v in variants] == [
+        ("0", None),
+        ("off", None),
+        ("0", "3600"),
+    ]
+    for bad in ("90", "86460", "-60"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["--trace", "t.csv", "--sweep-size-windows", f"0,{bad}"])
