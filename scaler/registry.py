@@ -19,6 +19,7 @@ from scaler import view
 from scaler.ceiling import bound_answer
 from scaler.cost import describe_cost, series_cost
 from scaler.forecast import Forecast
+from scaler.history import HistoryStore
 from scaler.metadata import ScalerSettings, parse, settings_view
 from scaler.metrics import ScalerMetrics
 from scaler.namespaces import OWN_NAMESPACE, NamespaceAccess
@@ -55,20 +56,35 @@ class ScaledObjectState:
     last_size: Size | None = None  # the arriving requests' size the last evaluation used
 
 
+def refuse_history(settings: ScalerSettings) -> None:
+    """Raises ``MetadataError`` for settings that read a minute history a scaler keeps none of."""
+    allowed = "this scaler keeps no per-minute history to read it from"
+    if settings.predictive:
+        raise MetadataError("predictive", "true", f"{allowed}; leave it out or set it to false")
+    if settings.size_window_s:
+        raise MetadataError(
+            "sizeWindowSeconds", str(settings.size_window_s), f"{allowed}; leave it out or set 0"
+        )
+
+
 class Registry:
     def __init__(
         self,
         reader: StreamReader,
         metrics: ScalerMetrics,
         prices: PriceTable | None = None,
-        predictor: Predictor | None = None,
+        history: HistoryStore | None = None,
         access: NamespaceAccess = OWN_NAMESPACE,
     ) -> None:
+        """``history``: the per-minute history in Redis that forecasts (``predictive``) and
+        the arriving requests' size (``sizeWindowSeconds``) read; without it, a ScaledObject
+        asking for either is refused."""
         self.reader = reader
         self.access = access
         self.metrics = metrics
         self.prices = prices
-        self.predictor = predictor
+        self.history = history
+        self.predictor = Predictor(history) if history is not None else None
         self.objects: dict[tuple[str, str], ScaledObjectState] = {}
         self._parsed: dict[tuple[str, str, frozenset[tuple[str, str]]], ScalerSettings] = {}
         # (second, series version, the demand's evaluation, the answer: bound_answer of it,
@@ -89,6 +105,8 @@ class Registry:
             settings = parse(metadata, namespace, name)
             if not self.access.allows(namespace, settings.workload):
                 raise MetadataError("workload", settings.workload, self.access.refusal(namespace))
+            if self.history is None:
+                refuse_history(settings)
             if len(self._parsed) > 10_000:
                 self._parsed.clear()
             self._parsed[key] = settings
@@ -133,9 +151,9 @@ class Registry:
 
     async def _size(self, settings: ScalerSettings, now_ms: int) -> Size | None:
         """The arriving requests' size over ``sizeWindowSeconds`` of the minute history."""
-        if not settings.size_window_s or self.predictor is None:
+        if not settings.size_window_s or self.history is None:
             return None
-        history = await self.predictor.store.load(settings.workload, now_ms / 1000)
+        history = await self.history.load(settings.workload, now_ms / 1000)
         return request_size(history.of(settings.model), now_ms / 1000, settings)
 
     def history_workloads(self) -> set[str]:

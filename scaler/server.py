@@ -30,7 +30,6 @@ from scaler.debug import make_app
 from scaler.history import HistoryStore
 from scaler.metrics import ScalerMetrics
 from scaler.namespaces import OWN_NAMESPACE
-from scaler.predictive import Predictor
 from scaler.reader import RedisUnavailable, StreamReader
 from scaler.registry import Registry
 from scaler.service import ExternalScalerService
@@ -96,7 +95,7 @@ class ScalerServer:
             self.reader,
             self.metrics,
             cfg.prices,
-            Predictor(self.history),
+            self.history,
             cfg.cross_namespace or OWN_NAMESPACE,
         )
         if cfg.prices is not None:

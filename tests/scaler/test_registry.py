@@ -1,5 +1,6 @@
-"""The registry's evaluation cache: one evaluation per second, invalidated only by entries
-that land in seconds already answered."""
+"""The registry: its evaluation cache (one evaluation per second, invalidated only by entries
+that land in seconds already answered), idle ScaledObjects forgotten, settings it cannot serve
+refused."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
 from scaler.registry import Registry
 from scaler.window import WorkloadSeries
+from token_scaler.errors import MetadataError
 from token_scaler.record import ModelCounts, Record
 
 
@@ -78,3 +80,17 @@ def test_saturation_of() -> None:
     queueing = Rates(30, 0, 1000, 0, 1200, 0, 1000, 1200)
     signal = saturation_of(settings, replace(evaluation, stable=queueing))
     assert signal.saturated and signal.reason == "demand"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "key"),
+    [({"predictive": "true"}, "predictive"), ({"sizeWindowSeconds": "3600"}, "sizeWindowSeconds")],
+)
+def test_settings_that_read_the_history_are_refused_without_one(metadata: dict[str, str], key: str) -> None:
+    reader = StreamReader(client=None, metrics=ScalerMetrics())
+    registry = Registry(reader, reader.metrics)
+    with pytest.raises(MetadataError) as refused:
+        registry.resolve("ns", "llm", {"tokensPerSecondPerReplica": "100", **metadata}, "GetMetrics")
+    assert refused.value.key == key and "no per-minute history" in str(refused.value)
+    assert registry.objects == {}
+    registry.resolve("ns", "llm", {"tokensPerSecondPerReplica": "100"}, "GetMetrics")  # the rest is served
