@@ -313,7 +313,7 @@ async def isolated(redis_url: str, policy: Path, count: int = 3000) -> dict[str,
     return {"admit": ms, "ping": rtt}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -330,9 +330,28 @@ def main() -> int:
         metavar="RESULT",
         help="no run: pool the rounds of saved results (JSON) and report",
     )
-    args = parser.parse_args()
-    if args.pool:
-        return pool(args.pool)
+    return parser.parse_args()
+
+
+def start_sidecar(
+    name: str, extra: list[str], upstream: int, redis_url: str, procs: list[subprocess.Popen[bytes]]
+) -> tuple[str, str]:
+    """Starts one sidecar in front of the upstream (appended to ``procs``); its proxy and
+    admin addresses once it is ready."""
+    port, admin = free_port(), free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
+    argv = [
+        sys.executable, "-m", "token_scaler.cli", "sidecar", "--upstream", f"http://127.0.0.1:{upstream}",
+        "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
+        "--shutdown-delay", "0", "--log-level", "WARNING", *extra,
+    ]  # fmt: skip
+    procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
+    wait_http(f"http://127.0.0.1:{admin}/readyz", procs[-1], name)
+    return f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+
+
+def run(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The upstream, the four sidecars and the load; the targets' names and the result."""
     redis_url, server = redis_for_bench()
     tmp = Path(tempfile.mkdtemp(prefix="policy-bench-"))
     policy = tmp / "policy.yaml"
@@ -356,18 +375,8 @@ def main() -> int:
             ("policy-per-request", ["--policy", str(per_request)]),
         ]
         for name, extra in sidecars:
-            port, admin = free_port(), free_port()
-            env = {**os.environ, "REDIS_URL": redis_url, "TOKEN_SCALER_WORKLOAD": "bench/llm"}
-            argv = [
-                sys.executable, "-m", "token_scaler.cli", "sidecar", "--upstream", f"http://127.0.0.1:{up}",
-                "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
-                "--shutdown-delay", "0", "--log-level", "WARNING", *extra,
-            ]  # fmt: skip
-            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
-            wait_http(f"http://127.0.0.1:{admin}/readyz", procs[-1], name)
-            targets[name] = f"http://127.0.0.1:{port}"
+            targets[name], admins[name] = start_sidecar(name, extra, up, redis_url, procs)
             pids[name] = procs[-1].pid
-            admins[name] = f"http://127.0.0.1:{admin}"
         result = asyncio.run(bench(args, targets, admins, pids))
         for proc in procs[1:]:  # the sidecars' CPU is no longer needed
             proc.terminate()
@@ -382,6 +391,10 @@ def main() -> int:
             proc.wait(timeout=20)
         if server is not None:
             server.stop()
+    return list(targets), result
+
+
+def report(args: argparse.Namespace, targets: list[str], result: dict[str, Any]) -> None:
     print(f"non-streamed chat at {args.rate}/s, {args.rounds} interleaved rounds (latency ms)")
     for name in targets:
         row = result[name]
@@ -438,6 +451,14 @@ def main() -> int:
         ("PING round trip (the floor, same connection)", result["check_isolated"]["ping"]),
     ):
         print(f"  {what}: p50 {row['p50']:.3f}  p90 {row['p90']:.3f}  p99 {row['p99']:.3f} ms  n={row['n']}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.pool:
+        return pool(args.pool)
+    targets, result = run(args)
+    report(args, targets, result)
     name = f"policy-tenants-{args.tenants}" if args.tenants else "policy"
     print(f"saved {save(name + (f'-zipf-{args.zipf:g}' if args.zipf else ''), result)}")
     return 0
