@@ -377,12 +377,16 @@ class Load:
         }
 
 
-async def workers(count: int, until: float, request: Callable[[int], Awaitable[Done]], load: Load) -> None:
-    """``count`` clients, each sending one request after the other until ``until`` (monotonic)."""
+async def workers(
+    count: int, until: float | Callable[[], float], request: Callable[[int], Awaitable[Done]], load: Load
+) -> None:
+    """``count`` clients, each sending one request after the other until ``until`` (monotonic;
+    a callable: read before each request, so the caller can move it)."""
     counter = itertools.count()
+    deadline = until if callable(until) else lambda: until
 
     async def worker() -> None:
-        while time.monotonic() < until:
+        while time.monotonic() < deadline():
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT_S):
                     load.done.append(await request(next(counter)))
@@ -748,15 +752,15 @@ async def _outage(
     async with running(llama, own_redis.url, workload, stale_after_s=2.0) as stack:
         await stack.poll("whole", **whole)
         # Two clients, one request after the other, for the whole run: Redis dies and comes
-        # back under them, with requests in flight.
-        clients = asyncio.create_task(
-            workers(
-                2,
-                time.monotonic() + 3.0 + OUTAGE_S + 3.0,
-                lambda i: stream_completion(stack.via, model, story(i), 12),
-                load,
-            )
-        )
+        # back under them, with requests in flight; they stop 3 s after it is back.
+        starts: list[float] = []
+        end = [time.monotonic() + 3600.0]
+
+        async def request(i: int) -> Done:
+            starts.append(time.time())
+            return await stream_completion(stack.via, model, story(i), 12)
+
+        clients = asyncio.create_task(workers(2, lambda: end[0], request, load))
         try:
             await asyncio.sleep(3.0)
             # Kill Redis right after an entry has been read (the next flush is then about a
@@ -769,8 +773,10 @@ async def _outage(
 
             # The outage: requests keep being served; the sidecar buffers its records; the
             # scaler, with no fresh data, answers UNAVAILABLE once its staleness bound passes.
+            # It lasts OUTAGE_S, and on a slow host until a request has started in it.
             unavailable: list[str] = []
-            while time.time() < killed_at + OUTAGE_S:
+            while time.time() < killed_at + OUTAGE_S or not any(t > killed_at for t in starts):
+                assert time.time() < killed_at + OUTAGE_S + 60, "no request started in the outage"
                 try:
                     await stack.poll("whole", **whole)
                 except grpc.aio.AioRpcError as exc:
@@ -787,6 +793,7 @@ async def _outage(
             seqs_before = [e.record.seq for e in stack.tail.entries]
             restarted.append(LocalRedis.start(port=own_redis.port))
             back_at = time.time()
+            end[0] = time.monotonic() + 3.0
             await clients
         finally:
             clients.cancel()
