@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tuning import simulate as cli
 from tuning.registry import make
+from tuning.simulate_options import build_parser
 from tuning.synth import SynthConfig, generate
 from tuning.synthesize import write_csv
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.min_replicas == 0:
                 flags += ["--initial-replicas", "0"]
-            setup = cli.prepare(cli.build_parser().parse_args([*flags, "--quiet"]))
+            setup = cli.prepare(build_parser().parse_args([*flags, "--quiet"]))
             runs: tuple[tuple[str, str, dict[str, str]], ...] = (
                 ("reactive", "token", {"activationTokensPerSecond": "100"}),
                 ("predictive", "token", {"activationTokensPerSecond": "100", "predictive": "true",

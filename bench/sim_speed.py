@@ -41,6 +41,7 @@ from tuning import policies as policy_module
 from tuning import simulate as cli
 from tuning.policies import FixedPolicy
 from tuning.registry import make
+from tuning.simulate_options import build_parser
 from tuning.synth import SynthConfig, generate
 from tuning.synthesize import write_csv
 from tuning.trace import sample_path
@@ -150,7 +151,7 @@ def setups(names: Sequence[str], config: SynthConfig, tmp: Path) -> dict[str, cl
         else:
             path = tmp / "day.csv"
             write_csv(generate(config), path)
-        out[name] = cli.prepare(cli.build_parser().parse_args(["--trace", str(path), "--quiet"]))
+        out[name] = cli.prepare(build_parser().parse_args(["--trace", str(path), "--quiet"]))
     return out
 
 

@@ -26,6 +26,7 @@ from tuning import simulate as cli
 from tuning.engine import TIMELINE, RunResult
 from tuning.policies import FixedPolicy, TokenPolicy
 from tuning.registry import make, token_metadata, token_settings
+from tuning.simulate_options import build_parser
 from tuning.synth import SynthConfig, generate
 from tuning.synthesize import write_csv
 
@@ -75,7 +76,7 @@ CASES: dict[str, tuple[list[str], str, dict[str, str]]] = {
 
 def run_case(path: Path, name: str) -> dict[str, Any]:
     flags, policy_name, variant = CASES[name]
-    setup = cli.prepare(cli.build_parser().parse_args(["--trace", str(path), "--quiet", *flags]))
+    setup = cli.prepare(build_parser().parse_args(["--trace", str(path), "--quiet", *flags]))
     if policy_name == "fixed":
         n = 4
         result, summary = cli.run_one(setup, FixedPolicy(n), cli.fixed_config(setup.config, n))

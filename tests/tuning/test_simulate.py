@@ -33,6 +33,7 @@ from tuning.replica import (
     load_profile,
     saturated_throughput,
 )
+from tuning.simulate_options import build_parser
 from tuning.trace import AZURE_ATTRIBUTION, Trace, load_csv, load_sample
 
 FAST = ReplicaProfile(cold_start_s=20.0)
@@ -609,7 +610,7 @@ def test_fitted_reads_the_level_off_a_monotone_fit_not_a_lucky_run():
 def test_the_sweep_pairs_a_size_window_with_the_first_margin_only() -> None:
     """A sized window's demand is its arrivals whatever the margin, so the sweep does not run
     it once per margin; the size windows are read as the metadata reads them."""
-    ns = cli.build_parser().parse_args(
+    ns = build_parser().parse_args(
         [
             "--trace",
             "t.csv",
@@ -631,4 +632,4 @@ def test_the_sweep_pairs_a_size_window_with_the_first_margin_only() -> None:
     ]
     for bad in ("90", "86460", "-60"):
         with pytest.raises(SystemExit):
-            cli.build_parser().parse_args(["--trace", "t.csv", "--sweep-size-windows", f"0,{bad}"])
+            build_parser().parse_args(["--trace", "t.csv", "--sweep-size-windows", f"0,{bad}"])
