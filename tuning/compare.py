@@ -1,4 +1,5 @@
-"""``simulate --sweep``: every policy given the same search, and the foresight bound.
+"""``simulate --sweep``: every policy given the same search, and the foresight bound; what
+the search (``tuning.search``) looks for, and how its runs are read.
 
 For each policy, each of its variants (the token policy's window and panic settings, the
 request-rate and Prometheus rate windows) and each scale-down stabilization window, the
@@ -22,20 +23,11 @@ what limits it.
 
 from __future__ import annotations
 
-import math
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from tuning.engine import SimConfig
-from tuning.registry import Calibration, Variant, make
 from tuning.report import fmt, table
-
-RESOLUTION = math.log(1.02)  # the bisection stops when headroom is known within 2 %
-# A policy that does not reach a level at the range's top is searched up to this many
-# times the top (doubling it), while its fleet still grows: no policy is held by the range.
-MAX_WIDENING = 16
 
 
 @dataclass(frozen=True)
@@ -115,88 +107,6 @@ def _crossing(runs: list[Run], level: float) -> float | None:
             below = reached[i - 1]
             return gpu[i - 1] + (level - below) / (a - below) * (gpu[i] - gpu[i - 1])
     return None
-
-
-Simulate = Callable[[Any, SimConfig], dict[str, Any]]  # (policy, config) -> summary
-
-
-@dataclass(frozen=True)
-class Search:
-    cal: Calibration
-    config: SimConfig
-    simulate: Simulate
-    levels: Sequence[float]
-    headroom_range: tuple[float, float]
-    scale_down_windows: Sequence[float]
-    progress: bool = False
-
-    def policy(self, name: str, variants: Sequence[Variant]) -> Best:
-        best = Best()
-        for variant in variants:
-            for down in self.scale_down_windows:
-                config = replace(self.config, hpa=self.config.hpa.with_scale_down_window(down))
-                self._bisect_headroom(name, variant, down, config, best)
-        return best
-
-    def _bisect_headroom(
-        self, name: str, variant: Variant, down: float, config: SimConfig, best: Best
-    ) -> None:
-        cache: dict[float, Run] = {}
-
-        def run(h: float) -> Run:
-            h = round(h, 4)
-            if h not in cache:
-                summary = self.simulate(make(name, self.cal, h, variant), config)
-                settings = {**variant, "headroom": f"{h:g}", "scaleDownWindow": f"{down:g}"}
-                cache[h] = Run(name, settings, summary["gpu_hours"], summary["slo_both"], summary)
-                best.runs.append(cache[h])
-                if self.progress:
-                    print(f"\r{name} {settings}".ljust(100), end="", file=sys.stderr, flush=True)
-            return cache[h]
-
-        lo, hi = self.headroom_range
-        for level in self.levels:
-            top = hi
-            while run(top).attainment < level and top < hi * MAX_WIDENING:
-                wider = run(top * 2)
-                if wider.gpu_hours <= run(top).gpu_hours * 1.01:
-                    break  # the fleet no longer grows with headroom (maxReplicas): wider is no use
-                top *= 2
-            if run(top).attainment < level or run(lo).attainment >= level:
-                continue  # not even at the top of the range, or already at its bottom
-            a, b = math.log(lo), math.log(top)  # attainment(a) < level <= attainment(b)
-            while b - a > RESOLUTION:
-                mid = (a + b) / 2
-                if run(math.exp(mid)).attainment >= level:
-                    b = mid
-                else:
-                    a = mid
-
-    def fixed(self, simulate_fixed: Callable[[int], dict[str, Any]], max_replicas: int) -> Best:
-        """The fewest replicas reaching each level, by bisection over 1..max_replicas."""
-        best = Best()
-        cache: dict[int, Run] = {}
-
-        def run(n: int) -> Run:
-            if n not in cache:
-                summary = simulate_fixed(n)
-                cache[n] = Run(
-                    "fixed", {"replicas": str(n)}, summary["gpu_hours"], summary["slo_both"], summary
-                )
-                best.runs.append(cache[n])
-            return cache[n]
-
-        for level in self.levels:
-            if run(max_replicas).attainment < level:
-                continue
-            lo, hi = 0, max_replicas  # attainment(lo) < level <= attainment(hi); 0 replicas serve nothing
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if run(mid).attainment >= level:
-                    hi = mid
-                else:
-                    lo = mid
-        return best
 
 
 def _label(run: Run | None) -> str:

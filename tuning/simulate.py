@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 from scaler.metadata import ScalerSettings
 from token_scaler.errors import ConfigError
-from tuning.compare import Best, Search, comparison_table, to_json, verdict
+from tuning.compare import comparison_table, to_json, verdict
 from tuning.engine import RunResult, SimConfig, simulate
 from tuning.hpa import HpaSettings
 from tuning.metrics import Slo, summarize
@@ -29,6 +30,7 @@ from tuning.policies import FixedPolicy, Policy
 from tuning.registry import BOUNDS, RUNNABLE, Calibration, make, token_metadata, token_settings
 from tuning.replica import ReplicaProfile, load_profile, saturated_throughput
 from tuning.report import fmt, percent, table
+from tuning.search import Search
 from tuning.simulate_options import build_parser
 from tuning.sweep import PANIC_OFF, burst_variant, panic_variant
 from tuning.trace import Trace, load_csv, load_sample
@@ -248,29 +250,30 @@ def _header(setup: Setup, ns: argparse.Namespace) -> list[str]:
     return lines
 
 
+def _summary(setup: Setup, policy: Policy, config: SimConfig) -> dict[str, Any]:
+    return run_one(setup, policy, config)[1]
+
+
+def _fixed_summary(setup: Setup, replicas: int) -> dict[str, Any]:
+    return run_one(setup, FixedPolicy(replicas), fixed_config(setup.config, replicas))[1]
+
+
 def _sweep(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
     levels = sorted({0.8, 0.9, 0.95, ns.slo_goal})
-
-    def run(policy: Policy, config: SimConfig) -> dict[str, Any]:
-        return run_one(setup, policy, config)[1]
-
     search = Search(
         setup.cal,
         setup.config,
-        run,
+        functools.partial(_summary, setup),
         levels,
         ns.sweep_headroom_range,
         ns.sweep_scale_down_windows,
         progress=not ns.quiet,
+        simulate_fixed=functools.partial(_fixed_summary, setup),
+        max_replicas=setup.config.hpa.max_replicas,
+        jobs=ns.jobs,
     )
     names = [n for n in ns.policies if n in RUNNABLE] + [n for n in BOUNDS]
-    results: dict[str, Best] = {}
-    for name in names:
-        results[name] = search.policy(name, _variants(name, ns, sweep=True))
-    results["fixed"] = search.fixed(
-        lambda n: run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))[1],
-        setup.config.hpa.max_replicas,
-    )
+    results = search.all([(name, _variants(name, ns, sweep=True)) for name in names], fixed=True)
     if not ns.quiet:
         print(file=sys.stderr)
     out: dict[str, Any] = {

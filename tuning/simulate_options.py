@@ -11,6 +11,7 @@ from token_scaler.errors import MetadataError
 from tuning import args as a
 from tuning.engine import ROUTINGS
 from tuning.registry import POLICIES, RUNNABLE
+from tuning.search import usable_cpus
 from tuning.sweep import PANIC_OFF, parse_burst, parse_panic
 from tuning.trace import sample_path
 
@@ -203,6 +204,13 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="search every policy's settings and fixed replica counts; compare the cheapest "
         "reaching each attainment level, with the foresight bound",
+    )
+    g.add_argument(
+        "--jobs",
+        type=a.positive_int,
+        default=usable_cpus(),
+        help="worker processes the sweep runs its setting families in; the results are the same "
+        "whatever the count, each worker holds a copy of the trace (default: the CPUs usable)",
     )
     g.add_argument(
         "--sweep-headroom-range",

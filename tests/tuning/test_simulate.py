@@ -299,6 +299,29 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "at 80 %: " in text
 
 
+def test_the_sweep_finds_the_same_runs_in_worker_processes(tmp_path):
+    """Families run in workers come back in the order they were planned, each with its runs
+    in the order its bisection made them: the report is the same as in one process."""
+    reports = []
+    for jobs in ("1", "3"):
+        out = tmp_path / f"jobs{jobs}.json"
+        code = cli.main(
+            ["--policies", "token,rps", "--cold-start", "30", "--max-replicas", "6", "--quiet",
+             "--json", str(out), "--sweep", "--jobs", jobs, "--sweep-windows", "30,60",
+             "--sweep-headroom-range", "1,2", "--sweep-panic", "off", "--sweep-scale-down-windows", "60,120",
+             "--sweep-rps-windows", "60"]
+        )  # fmt: skip
+        assert code == 0
+        reports.append(json.loads(out.read_text())["sweep"])
+    one, three = reports
+    assert one == three
+    token = next(p for p in one["policies"] if p["policy"] == "token")
+    families = {
+        (pt["settings"]["windowSeconds"], pt["settings"]["scaleDownWindow"]) for pt in token["points"]
+    }
+    assert families == {("30", "60"), ("30", "120"), ("60", "60"), ("60", "120")}
+
+
 def test_cli_plots(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "sim.png"
@@ -372,8 +395,8 @@ def test_foresight_sees_the_demand_ahead():
 
 
 def test_search_finds_the_smallest_headroom_and_the_fewest_replicas():
-    from tuning.compare import Search
     from tuning.registry import Calibration
+    from tuning.search import Search
 
     trace = synthetic()
     cal = Calibration(trace, 4000.0, 1.0, 1.0, 32, {"tokensPerSecondPerReplica": "4000"}, 60)
