@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,20 +190,34 @@ def sample(text: str, name: str) -> float:
     return 0.0
 
 
-async def bench(
+@dataclass
+class Measured:
+    """What the interleaved rounds measured, per target."""
+
+    latencies: dict[str, list[float]]
+    lag: dict[str, dict[float, float]]  # the event-loop lag histogram's buckets, measured rounds
+    rounds: list[dict[str, dict[str, float]]]  # per round: target -> latency percentiles
+    cpu: dict[str, float]
+    paths: dict[str, float]  # admissions by path of the policy target, measured rounds
+    metrics: str  # the policy target's /metrics after the last round
+
+
+async def measure(
     args: argparse.Namespace, targets: dict[str, str], admins: dict[str, str], pids: dict[str, int]
-) -> dict[str, Any]:
-    admin_on = admins["policy"]
-    latencies: dict[str, list[float]] = {name: [] for name in targets}
-    lag: dict[str, dict[float, float]] = {name: {} for name in targets}  # measured rounds' buckets
-    rounds: list[dict[str, dict[str, float]]] = []  # per round: target -> percentiles
-    cpu = dict.fromkeys(targets, 0.0)
+) -> Measured:
+    m = Measured(
+        {name: [] for name in targets},
+        {name: {} for name in targets},
+        [],
+        dict.fromkeys(targets, 0.0),
+        dict.fromkeys(PATHS, 0.0),
+        "",
+    )
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
         for url in targets.values():
             await open_loop(session, url, args.rate, 1)  # warm up
-        paths = dict.fromkeys(PATHS, 0.0)
         for _ in range(args.rounds):
-            rounds.append({})
+            m.rounds.append({})
             for name, url in targets.items():
                 # Unmeasured: the rounds measure a sidecar in steady traffic, not one coming
                 # back from idling through the other targets' rounds (connections, chunks).
@@ -214,64 +229,76 @@ async def bench(
                     args.tenants,
                     args.zipf,
                 )
-                before = await metrics_of(session, admins[name])
-                before_cpu = cpu_seconds(pids[name])
-                load = await open_loop(
-                    session, url, args.rate, args.seconds / args.rounds, args.tenants, args.zipf
-                )
-                cpu[name] += cpu_seconds(pids[name]) - before_cpu
-                assert not load.errors, f"{name}: {dict(load.errors)}"
-                latencies[name] += load.latencies
-                rounds[-1][name] = percentiles(load.latencies)
-                after = await metrics_of(session, admins[name])
-                was = dict(histogram_buckets(before, LAG))
-                for bound, count in histogram_buckets(after, LAG):
-                    lag[name][bound] = lag[name].get(bound, 0.0) + count - was.get(bound, 0.0)
-                if name == "policy":
-                    for path in PATHS:
-                        paths[path] += admitted(after, path) - admitted(before, path)
-        metrics = await metrics_of(session, admin_on)
-    result: dict[str, Any] = {"rate_per_s": args.rate, "args": vars(args)}
-    for name, samples in latencies.items():
-        result[name] = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
-        result[name]["cpu_s_per_1000_requests"] = round(cpu[name] / len(samples) * 1000, 3)
-        result[name]["loop_lag"] = {
-            k: None if v is None else round(v, 5) for k, v in lag_over(lag[name]).items()
+                await _round(session, args, name, url, admins[name], pids[name], m)
+        m.metrics = await metrics_of(session, admins["policy"])
+    return m
+
+
+async def _round(
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    name: str,
+    url: str,
+    admin: str,
+    pid: int,
+    m: Measured,
+) -> None:
+    """One measured round of one target, added to ``m``."""
+    before = await metrics_of(session, admin)
+    before_cpu = cpu_seconds(pid)
+    load = await open_loop(session, url, args.rate, args.seconds / args.rounds, args.tenants, args.zipf)
+    m.cpu[name] += cpu_seconds(pid) - before_cpu
+    assert not load.errors, f"{name}: {dict(load.errors)}"
+    m.latencies[name] += load.latencies
+    m.rounds[-1][name] = percentiles(load.latencies)
+    after = await metrics_of(session, admin)
+    was = dict(histogram_buckets(before, LAG))
+    for bound, count in histogram_buckets(after, LAG):
+        m.lag[name][bound] = m.lag[name].get(bound, 0.0) + count - was.get(bound, 0.0)
+    if name == "policy":
+        for path in PATHS:
+            m.paths[path] += admitted(after, path) - admitted(before, path)
+
+
+def _differences(result: dict[str, Any], rounds: list[dict[str, dict[str, float]]]) -> None:
+    """Each target's latency against ``no-policy``: pooled, and the median over rounds of each
+    round's difference."""
+    pairs = (("added", "policy"), ("added_per_request", "policy-per-request"), ("a_a", "no-policy-b"))
+    for key, other in pairs:
+        result[f"{key}_ms"] = {
+            p: round(result[other][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
         }
-    result["added_ms"] = {
-        p: round(result["policy"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
-    }
-    result["added_per_request_ms"] = {
-        p: round(result["policy-per-request"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
-    }
-    result["a_a_ms"] = {
-        p: round(result["no-policy-b"][p] - result["no-policy"][p], 3) for p in ("p50", "p90", "p99")
-    }
-    # A burst of noise on this shared machine lands in one target's round and moves its
-    # pooled p99; the median over rounds of each round's difference is robust to that.
-    medians = (
-        ("added_median_ms", "policy"),
-        ("added_per_request_median_ms", "policy-per-request"),
-        ("a_a_median_ms", "no-policy-b"),
-    )
-    for key, other in medians:
-        result[key] = {
+        # A burst of noise on this shared machine lands in one target's round and moves its
+        # pooled p99; the median over rounds of each round's difference is robust to that.
+        result[f"{key}_median_ms"] = {
             p: round(statistics.median((r[other][p] - r["no-policy"][p]) * 1000 for r in rounds), 3)
             for p in ("p50", "p90", "p99")
         }
+
+
+def summarize(args: argparse.Namespace, m: Measured) -> dict[str, Any]:
+    result: dict[str, Any] = {"rate_per_s": args.rate, "args": vars(args)}
+    for name, samples in m.latencies.items():
+        result[name] = {k: (round(v * 1000, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+        result[name]["cpu_s_per_1000_requests"] = round(m.cpu[name] / len(samples) * 1000, 3)
+        result[name]["loop_lag"] = {
+            k: None if v is None else round(v, 5) for k, v in lag_over(m.lag[name]).items()
+        }
+    _differences(result, m.rounds)
     result["rounds_p99_ms"] = {  # each round's p99, to see the spread behind the medians
-        name: [round(r[name]["p99"] * 1000, 3) for r in rounds] for name in targets
+        name: [round(r[name]["p99"] * 1000, 3) for r in m.rounds] for name in m.latencies
     }
     result["p99_median_interval_ms"] = intervals(result["rounds_p99_ms"])
-    count = sample(metrics, "tokenscaler_policy_check_seconds_count")
-    total = sample(metrics, "tokenscaler_policy_check_seconds_sum")
-    result["admissions"] = paths  # in the measured rounds
-    result["chunks_taken"] = sample(metrics, 'tokenscaler_policy_chunks_total{result="taken"}')
+    count = sample(m.metrics, "tokenscaler_policy_check_seconds_count")
+    total = sample(m.metrics, "tokenscaler_policy_check_seconds_sum")
+    result["admissions"] = m.paths  # in the measured rounds
+    result["chunks_taken"] = sample(m.metrics, 'tokenscaler_policy_chunks_total{result="taken"}')
+    check = "tokenscaler_policy_check_seconds"
     result["check"] = {
         "n": count,
         "mean_ms": round(total / count * 1000, 3) if count else None,
-        "p50_bucket_ms": (histogram_quantile(metrics, "tokenscaler_policy_check_seconds", 0.5) or 0) * 1000,
-        "p99_bucket_ms": (histogram_quantile(metrics, "tokenscaler_policy_check_seconds", 0.99) or 0) * 1000,
+        "p50_bucket_ms": (histogram_quantile(m.metrics, check, 0.5) or 0) * 1000,
+        "p99_bucket_ms": (histogram_quantile(m.metrics, check, 0.99) or 0) * 1000,
     }
     return result
 
@@ -377,7 +404,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         for name, extra in sidecars:
             targets[name], admins[name] = start_sidecar(name, extra, up, redis_url, procs)
             pids[name] = procs[-1].pid
-        result = asyncio.run(bench(args, targets, admins, pids))
+        result = summarize(args, asyncio.run(measure(args, targets, admins, pids)))
         for proc in procs[1:]:  # the sidecars' CPU is no longer needed
             proc.terminate()
             proc.wait(timeout=20)
