@@ -520,71 +520,83 @@ async def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector) as session:
         for url in procs.targets.values():  # warm connections and code paths
             await open_loop(session, url, 200, 1)
-
-        # 1. Non-streamed latency at a fixed rate; again at a lower one when a target fell behind,
-        # so that its added latency is also measured where it is not queueing.
-        result["non_streamed"] = await fixed_rate(session, procs, args.rate, args.seconds)
-        behind = [name for name in procs.targets if falls_behind(result["non_streamed"], name)]
-        if behind and 0 < args.low_rate < args.rate:
-            print(
-                f"{', '.join(behind)} fell behind at {args.rate:g}/s: again at {args.low_rate:g}/s",
-                flush=True,
-            )
-            result["non_streamed_low_rate"] = await fixed_rate(session, procs, args.low_rate, args.seconds)
-
-        # 2. Streaming throughput.
-        phase2: dict[str, Any] = {"streams": args.streams, "tokens_per_stream": args.stream_tokens}
-        for name, url in procs.targets.items():
-            pid = procs.pids.get(name)
-            before = cpu_of(pid)
-            try:
-                events, elapsed = await throughput(session, url, args.streams, args.stream_tokens)
-            except FAILURES as exc:
-                phase2[name] = failed(exc)
-                continue
-            used = cpu_of(pid) - before
-            phase2[name] = {"events": events, "events_per_s": round(events / elapsed)}
-            if pid is not None:
-                phase2[name]["cpu_s"] = round(used, 3)
-                phase2[name]["events_per_cpu_s"] = round(events / used) if used > 0 else None
-        result["streaming"] = phase2
-
-        # 3. Inter-token gaps at a fixed pace.
-        phase3: dict[str, Any] = {"streams": args.gap_streams, "gap_ms": args.gap_ms}
-        gap_stats: dict[str, dict[str, float]] = {}
-        for name, url in procs.targets.items():
-            try:
-                samples = await gaps(session, url, args.gap_streams, 100, args.gap_ms / 1000)
-            except FAILURES as exc:
-                phase3[name] = failed(exc)
-                continue
-            gap_stats[name] = percentiles(samples)
-            phase3[name] = {"gap_ms": ms(gap_stats[name])}
-            if name != "direct" and gap_stats[name] and gap_stats.get("direct"):
-                phase3[name]["delta_ms"] = {
-                    p: round((gap_stats[name][p] - gap_stats["direct"][p]) * 1000, 3) for p in ("p50", "p99")
-                }
-        result["inter_token_gaps"] = phase3
-
-        # 4. Memory under steady load.
+        result.update(await non_streamed(session, args, procs))
+        result["streaming"] = await streaming(session, args, procs)
+        result["inter_token_gaps"] = await token_gaps(session, args, procs)
         if args.soak > 0:
-            rss = [rss_mib(procs.sidecar_pid)]
-            errors: Counter[str] = Counter()
-            loop = asyncio.get_running_loop()
-            ends = loop.time() + args.soak
-            while loop.time() < ends:
-                errors += (await open_loop(session, procs.targets["sidecar"], args.rate / 2, 10)).errors
-                await throughput(session, procs.targets["sidecar"], 4, 500)
-                rss.append(rss_mib(procs.sidecar_pid))
-            result["soak"] = {
-                "seconds": args.soak,
-                "rss_mib": [round(r, 1) for r in rss],
-                "errors": dict(errors),
-            }
+            result["soak"] = await soak(session, args, procs)
         result["sidecar_rss_mib"] = round(rss_mib(procs.sidecar_pid), 1)
         if procs.litellm_pid is not None:
             result["litellm_rss_mib"] = round(rss_mib(procs.litellm_pid), 1)
     return result
+
+
+async def non_streamed(
+    session: aiohttp.ClientSession, args: argparse.Namespace, procs: Processes
+) -> dict[str, Any]:
+    """Phase 1: non-streamed latency at a fixed rate; again at a lower one when a target fell
+    behind, so that its added latency is also measured where it is not queueing."""
+    out = {"non_streamed": await fixed_rate(session, procs, args.rate, args.seconds)}
+    behind = [name for name in procs.targets if falls_behind(out["non_streamed"], name)]
+    if behind and 0 < args.low_rate < args.rate:
+        print(f"{', '.join(behind)} fell behind at {args.rate:g}/s: again at {args.low_rate:g}/s", flush=True)
+        out["non_streamed_low_rate"] = await fixed_rate(session, procs, args.low_rate, args.seconds)
+    return out
+
+
+async def streaming(
+    session: aiohttp.ClientSession, args: argparse.Namespace, procs: Processes
+) -> dict[str, Any]:
+    """Phase 2: streaming throughput, and its CPU where the target's process is known."""
+    out: dict[str, Any] = {"streams": args.streams, "tokens_per_stream": args.stream_tokens}
+    for name, url in procs.targets.items():
+        pid = procs.pids.get(name)
+        before = cpu_of(pid)
+        try:
+            events, elapsed = await throughput(session, url, args.streams, args.stream_tokens)
+        except FAILURES as exc:
+            out[name] = failed(exc)
+            continue
+        used = cpu_of(pid) - before
+        out[name] = {"events": events, "events_per_s": round(events / elapsed)}
+        if pid is not None:
+            out[name]["cpu_s"] = round(used, 3)
+            out[name]["events_per_cpu_s"] = round(events / used) if used > 0 else None
+    return out
+
+
+async def token_gaps(
+    session: aiohttp.ClientSession, args: argparse.Namespace, procs: Processes
+) -> dict[str, Any]:
+    """Phase 3: inter-token gaps at a fixed pace, each target's against the direct path's."""
+    out: dict[str, Any] = {"streams": args.gap_streams, "gap_ms": args.gap_ms}
+    stats: dict[str, dict[str, float]] = {}
+    for name, url in procs.targets.items():
+        try:
+            samples = await gaps(session, url, args.gap_streams, 100, args.gap_ms / 1000)
+        except FAILURES as exc:
+            out[name] = failed(exc)
+            continue
+        stats[name] = percentiles(samples)
+        out[name] = {"gap_ms": ms(stats[name])}
+        if name != "direct" and stats[name] and stats.get("direct"):
+            out[name]["delta_ms"] = {
+                p: round((stats[name][p] - stats["direct"][p]) * 1000, 3) for p in ("p50", "p99")
+            }
+    return out
+
+
+async def soak(session: aiohttp.ClientSession, args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    """Phase 4: the sidecar's memory under steady load, sampled every round of it."""
+    rss = [rss_mib(procs.sidecar_pid)]
+    errors: Counter[str] = Counter()
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + args.soak
+    while loop.time() < ends:
+        errors += (await open_loop(session, procs.targets["sidecar"], args.rate / 2, 10)).errors
+        await throughput(session, procs.targets["sidecar"], 4, 500)
+        rss.append(rss_mib(procs.sidecar_pid))
+    return {"seconds": args.soak, "rss_mib": [round(r, 1) for r in rss], "errors": dict(errors)}
 
 
 def report_fixed_rate(result: dict[str, Any], one: dict[str, Any]) -> None:
