@@ -8,14 +8,16 @@ the families run in that many worker processes. Each family's runs are kept in t
 bisection made them and the families in the order they were planned, so a search gives the
 same runs, in the same order, whatever ``jobs`` is.
 
-The workers receive the ``Search`` once, when they start: its ``simulate`` and
-``simulate_fixed`` must then be picklable (module-level functions, or ``functools.partial``
-of one), which a ``jobs`` of 1 does not ask.
+The workers are spawned (a fresh interpreter each, not a fork of the caller) and receive the
+``Search`` once, when they start: its ``simulate`` and ``simulate_fixed`` must then be
+picklable (module-level functions, or ``functools.partial`` of one), which a ``jobs`` of 1
+does not ask.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -102,7 +104,9 @@ class Search:
         if jobs <= 1:
             yield from map(self.family, families)
             return
-        with ProcessPoolExecutor(jobs, initializer=_start_worker, initargs=(self,)) as pool:
+        # spawned, not forked: a fork copies whatever locks the caller's other threads hold
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, context, initializer=_start_worker, initargs=(self,)) as pool:
             yield from pool.map(_worker_family, families)
 
     def family(self, family: Family) -> list[Run]:
