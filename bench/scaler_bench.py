@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -451,21 +452,7 @@ def prometheus_freshness(low: int, high: int, steps: int) -> list[dict[str, Any]
     exporter_port, prom_port = free_port(), free_port()
     server, _ = start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
     workdir = Path(tempfile.mkdtemp(prefix="bench-prom-"))
-    (workdir / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\n"
-        "scrape_configs:\n  - job_name: sidecar\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{exporter_port}']\n"
-    )
-    prom = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={workdir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    prom = _start_prometheus(binary, workdir, exporter_port, prom_port)
     rate = [low]
     stop = threading.Event()
 
@@ -474,20 +461,8 @@ def prometheus_freshness(low: int, high: int, steps: int) -> list[dict[str, Any]
             counter.inc(rate[0])
             stop.wait(1.0)
 
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    query = urllib.parse.quote("sum(rate(tokenscaler_tokens_total[1m]))")
-
-    def read() -> float:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}", timeout=3
-            ) as r:
-                data = json.loads(r.read())["data"]["result"]
-            return float(data[0]["value"][1]) if data else 0.0
-        except (OSError, KeyError, IndexError, ValueError):
-            return 0.0
-
+    threading.Thread(target=tick, daemon=True).start()
+    read = _rate_query(prom_port)
     runs = []
     try:
         for step in range(steps):
@@ -504,6 +479,43 @@ def prometheus_freshness(low: int, high: int, steps: int) -> list[dict[str, Any]
         server.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     return runs
+
+
+def _start_prometheus(binary: str, workdir: Path, exporter_port: int, port: int) -> subprocess.Popen[bytes]:
+    """Prometheus on ``port``, scraping the exporter on ``exporter_port`` every 15 s."""
+    (workdir / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\n"
+        "scrape_configs:\n  - job_name: sidecar\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{exporter_port}']\n"
+    )
+    return subprocess.Popen(
+        [
+            binary,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _rate_query(port: int) -> Callable[[], float]:
+    """A reader of ``sum(rate(tokenscaler_tokens_total[1m]))`` from the Prometheus on ``port``
+    (0 while it has no answer)."""
+    query = urllib.parse.quote("sum(rate(tokenscaler_tokens_total[1m]))")
+
+    def read() -> float:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=3
+            ) as r:
+                data = json.loads(r.read())["data"]["result"]
+            return float(data[0]["value"][1]) if data else 0.0
+        except (OSError, KeyError, IndexError, ValueError):
+            return 0.0
+
+    return read
 
 
 def main(argv: list[str] | None = None) -> int:
