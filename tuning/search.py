@@ -4,30 +4,27 @@ looks for and how the results are read).
 The runs fall into families: a policy, one of its variants and one scale-down window, whose
 headroom is bisected; or the fixed deployment, whose replica count is. A family's runs
 depend on each other (each bisection step on the last), families do not, so with ``jobs`` > 1
-the families run in that many worker processes. Each family's runs are kept in the order its
-bisection made them and the families in the order they were planned, so a search gives the
-same runs, in the same order, whatever ``jobs`` is.
+the families run in that many worker processes (``tuning.workers``). Each family's runs are
+kept in the order its bisection made them and the families in the order they were planned,
+so a search gives the same runs, in the same order, whatever ``jobs`` is.
 
-The workers are spawned (a fresh interpreter each, not a fork of the caller) and receive the
-``Search`` once, when they start: its ``simulate`` and ``simulate_fixed`` must then be
-picklable (module-level functions, or ``functools.partial`` of one), which a ``jobs`` of 1
-does not ask.
+The workers receive the ``Search`` once, when they start: its ``simulate`` and
+``simulate_fixed`` must then be picklable (module-level functions, or ``functools.partial``
+of one), which a ``jobs`` of 1 does not ask.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 from tuning.compare import Best, Run
 from tuning.engine import SimConfig
 from tuning.registry import Calibration, Variant, make
+from tuning.workers import in_order
 
 RESOLUTION = math.log(1.02)  # the bisection stops when headroom is known within 2 %
 # A policy that does not reach a level at the range's top is searched up to this many
@@ -46,14 +43,6 @@ class Family:
     policy: str
     variant: Variant
     scale_down_window: float = 0.0
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -100,14 +89,9 @@ class Search:
 
     def _run(self, families: list[Family]) -> Iterator[list[Run]]:
         """Each family's runs, in the order of ``families``."""
-        jobs = min(self.jobs, len(families))
-        if jobs <= 1:
-            yield from map(self.family, families)
-            return
-        # spawned, not forked: a fork copies whatever locks the caller's other threads hold
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, context, initializer=_start_worker, initargs=(self,)) as pool:
-            yield from pool.map(_worker_family, families)
+        if self.jobs <= 1:
+            return map(self.family, families)
+        return in_order(_worker_family, families, self.jobs, _start_worker, self)
 
     def family(self, family: Family) -> list[Run]:
         """The runs of one family, in the order its bisection made them."""

@@ -34,6 +34,7 @@ from tuning.search import Search
 from tuning.simulate_options import build_parser
 from tuning.sweep import PANIC_OFF, burst_variant, panic_variant
 from tuning.trace import Trace, load_csv, load_sample
+from tuning.workers import in_order
 
 
 @dataclass(frozen=True)
@@ -401,22 +402,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_policies(setup: Setup, ns: argparse.Namespace) -> tuple[list[RunResult], list[dict[str, Any]]]:
-    """Each policy of ``--policy`` with its default settings, then ``--fixed-replicas`` if set."""
-    summaries: list[dict[str, Any]] = []
-    results: list[RunResult] = []
-    for name in ns.policies:
-        if not ns.quiet:
-            print(f"simulating {name} ...", file=sys.stderr, flush=True)
-        variant = _variants(name, ns, sweep=False)[0]
-        result, summary = run_one(setup, make(name, setup.cal, None, variant))
-        results.append(result)
-        summaries.append(summary)
+    """Each policy of ``--policy`` with its default settings, then ``--fixed-replicas`` if set;
+    in ``--jobs`` worker processes, the results in that order."""
+    runs: list[tuple[str, dict[str, str] | int]] = [
+        (name, _variants(name, ns, sweep=False)[0]) for name in ns.policies
+    ]
     if ns.fixed_replicas:
-        n = ns.fixed_replicas
-        result, summary = run_one(setup, FixedPolicy(n), fixed_config(setup.config, n))
+        runs.append(("fixed", ns.fixed_replicas))
+    if not ns.quiet:
+        names = ", ".join(name for name, _ in runs)
+        jobs = min(ns.jobs, len(runs))
+        print(f"simulating {names} ({jobs} at a time) ...", file=sys.stderr, flush=True)
+    results: list[RunResult] = []
+    summaries: list[dict[str, Any]] = []
+    for result, summary in in_order(_run_policy, runs, ns.jobs, _set_worker_setup, setup):
         results.append(result)
         summaries.append(summary)
     return results, summaries
+
+
+# The setup a process runs ``_run_policy`` on: set once, when it starts.
+_setup: Setup | None = None
+
+
+def _set_worker_setup(setup: Setup) -> None:
+    global _setup
+    _setup = setup
+
+
+def _run_policy(run: tuple[str, dict[str, str] | int]) -> tuple[RunResult, dict[str, Any]]:
+    """One run of ``_run_policies``: a policy with its variant, or ("fixed", replicas)."""
+    assert _setup is not None, "_set_worker_setup runs first"
+    name, how = run
+    if isinstance(how, int):
+        return run_one(_setup, FixedPolicy(how), fixed_config(_setup.config, how))
+    return run_one(_setup, make(name, _setup.cal, None, how))
 
 
 def _plot(setup: Setup, ns: argparse.Namespace, results: list[RunResult]) -> None:

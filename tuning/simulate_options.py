@@ -11,9 +11,9 @@ from token_scaler.errors import MetadataError
 from tuning import args as a
 from tuning.engine import ROUTINGS
 from tuning.registry import POLICIES, RUNNABLE
-from tuning.search import usable_cpus
 from tuning.sweep import PANIC_OFF, parse_burst, parse_panic
 from tuning.trace import sample_path
+from tuning.workers import usable_cpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +195,14 @@ def _result_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", type=Path, help="write every figure (and the sweep) here")
     g.add_argument("--plot", type=Path, help="write a PNG here (and <name>-sweep.png with --sweep)")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    g.add_argument(
+        "--jobs",
+        type=a.positive_int,
+        default=usable_cpus(),
+        help="worker processes the policies' runs (and the sweep's setting families) run in; the "
+        "results are the same whatever the count, each worker holds a copy of the trace "
+        "(default: the CPUs usable)",
+    )
 
 
 def _sweep_options(p: argparse.ArgumentParser) -> None:
@@ -204,13 +212,6 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="search every policy's settings and fixed replica counts; compare the cheapest "
         "reaching each attainment level, with the foresight bound",
-    )
-    g.add_argument(
-        "--jobs",
-        type=a.positive_int,
-        default=usable_cpus(),
-        help="worker processes the sweep runs its setting families in; the results are the same "
-        "whatever the count, each worker holds a copy of the trace (default: the CPUs usable)",
     )
     g.add_argument(
         "--sweep-headroom-range",

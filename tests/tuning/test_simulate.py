@@ -299,9 +299,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "at 80 %: " in text
 
 
-def test_the_sweep_finds_the_same_runs_in_worker_processes(tmp_path):
-    """Families run in workers come back in the order they were planned, each with its runs
-    in the order its bisection made them: the report is the same as in one process."""
+def test_simulate_finds_the_same_runs_in_worker_processes(tmp_path):
+    """Runs and sweep families run in workers come back in the order they were planned, each
+    family with its runs in the order its bisection made them: the report is the same as in
+    one process."""
     reports = []
     for jobs in ("1", "3"):
         out = tmp_path / f"jobs{jobs}.json"
@@ -312,8 +313,12 @@ def test_the_sweep_finds_the_same_runs_in_worker_processes(tmp_path):
              "--sweep-rps-windows", "60"]
         )  # fmt: skip
         assert code == 0
-        reports.append(json.loads(out.read_text())["sweep"])
-    one, three = reports
+        reports.append(json.loads(out.read_text()))
+    # the policies' plain runs, in workers too: the same but for the CPU they took
+    plain = [[{k: v for k, v in p.items() if k != "cpu_s"} for p in r["policies"]] for r in reports]
+    assert plain[0] == plain[1] and [p["policy"] for p in plain[0]] == ["token", "rps"]
+    assert reports[0]["timelines"] == reports[1]["timelines"]
+    one, three = (r["sweep"] for r in reports)
     assert one == three
     token = next(p for p in one["policies"] if p["policy"] == "token")
     families = {
