@@ -90,10 +90,15 @@ class StreamReader:
         self._next_poll = 0.0  # on a cluster: when the next round of reads may start
         self.last_error: str | None = None
         self._applied = asyncio.Event()  # set (and replaced) each time a poll applies entries
+        self._revived = asyncio.Event()  # set (and replaced) when a read succeeds after stale data
 
     def applied(self) -> asyncio.Event:
         """An event set when the next poll applies entries (a gateway's held demand among them)."""
         return self._applied
+
+    def revived(self) -> asyncio.Event:
+        """An event set when the next read succeeds while the data is stale (or never read)."""
+        return self._revived
 
     # -- time and health -------------------------------------------------------
 
@@ -297,8 +302,12 @@ class StreamReader:
         return True
 
     def _mark_ok(self) -> None:
+        was_fresh = self.fresh()
         self._last_ok = time.monotonic()
         self.last_error = None
+        if not was_fresh:
+            event, self._revived = self._revived, asyncio.Event()
+            event.set()
 
     async def poll_once(self) -> int:
         """One XREAD over every followed stream; returns the entries applied."""

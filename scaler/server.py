@@ -35,6 +35,7 @@ from scaler.registry import Registry
 from scaler.service import ExternalScalerService
 from scaler.slot_reads import SlotReads
 from token_scaler import model_keys
+from token_scaler.events import first_of
 from token_scaler.redis_conn import REDIS_ERRORS, connect, locate, redact
 from token_scaler.redis_routing import ClusterChannel
 from token_scaler.saturation import TTL_MS as SATURATION_TTL_MS
@@ -173,8 +174,9 @@ class ScalerServer:
                 await self.health.set("", status)
                 await self.health.set(SERVICE_NAME, status)
                 serving = fresh
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.shutdown.wait(), 0.5)
+            # Woken at once by the first good read after stale data (so the health service
+            # agrees with /readyz, which asks the reader directly); stale data is found by time.
+            await first_of(self.shutdown, self.reader.revived(), within=0.5)
 
     async def _publish_saturation(self) -> None:
         """Once a second, the saturation signal of each workload for its sidecars

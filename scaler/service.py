@@ -21,6 +21,7 @@ from scaler.reader import RedisUnavailable
 from scaler.registry import METRIC_NAME, Registry, ScaledObjectState
 from scaler.window import Evaluation
 from token_scaler.errors import MetadataError
+from token_scaler.events import first_of
 
 ACTIVE_CHECK_S = 1.0
 
@@ -124,13 +125,7 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
                 was_active = evaluation.active
             # Look again each second (the window moves), and as soon as new entries are read:
             # a gateway's first held request must turn the workload active at once.
-            applied = asyncio.ensure_future(self.registry.reader.applied().wait())
-            stopping = asyncio.ensure_future(self.shutdown.wait())
-            try:
-                await asyncio.wait({applied, stopping}, timeout=ACTIVE_CHECK_S, return_when="FIRST_COMPLETED")
-            finally:
-                applied.cancel()
-                stopping.cancel()
+            await first_of(self.registry.reader.applied(), self.shutdown, within=ACTIVE_CHECK_S)
 
     async def StreamMetricSpec(
         self, request: pb.ScaledObjectRef, context: grpc.aio.ServicerContext[object, object]

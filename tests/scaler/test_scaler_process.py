@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._common import Scaler
 from scaler.config import ScalerConfig
+from scaler.metrics import ScalerMetrics
+from scaler.reader import StreamReader
 from scaler.server import ScalerServer
 from tests.keda import FakeSidecar, KedaClient
 from token_scaler.redis_conn import LocalRedis
@@ -131,6 +133,11 @@ def test_redis_outage_turns_unavailable_then_recovers(own_redis: LocalRedis, wor
                     await asyncio.sleep(0.2)
             else:
                 raise AssertionError("the scaler did not recover")
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            async for reply in watch:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    watch.cancel()
+                    break
             for _ in range(3):
                 sidecar.flush(sg=3000)
                 await asyncio.sleep(1)
@@ -139,6 +146,26 @@ def test_redis_outage_turns_unavailable_then_recovers(own_redis: LocalRedis, wor
             shutil.rmtree(restarted.workdir, ignore_errors=True)
         client.close()
         await server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_first_good_read_after_stale_data_wakes_the_health_service() -> None:
+    """The gRPC health service is set from the reader's ``revived`` event, so it turns
+    SERVING with the read that turns /readyz 200, not up to a watch period later."""
+
+    async def scenario() -> None:
+        reader = StreamReader(client=None, metrics=ScalerMetrics(), stale_after_s=10)
+        never_read = reader.revived()
+        reader._mark_ok()
+        assert never_read.is_set()
+        fresh = reader.revived()
+        assert fresh is not never_read
+        reader._mark_ok()
+        assert not fresh.is_set()  # already fresh: nothing to wake
+        reader._last_ok -= 11  # stale now
+        reader._mark_ok()
+        assert fresh.is_set()
 
     asyncio.run(scenario())
 
