@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from bench._common import RESULTS, percentiles
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from tuning import policies as policy_module
 from tuning import simulate as cli
 from tuning.policies import FixedPolicy

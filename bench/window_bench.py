@@ -23,7 +23,8 @@ from typing import Any
 
 from bench._common import save
 from scaler.metadata import ScalerSettings
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from tests.scaler.window_reference import RefSeries, ref_evaluate
 from token_scaler.record import ModelCounts, Record, TenantCounts
 

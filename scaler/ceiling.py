@@ -30,7 +30,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from scaler.metadata import ScalerSettings
-from scaler.window import Evaluation, WorkloadSeries, replicas_for
+from scaler.series import WorkloadSeries
+from scaler.window import Evaluation, replicas_for
 from token_scaler.record import GATEWAY, Record, TenantCounts, entry_time_ms
 
 DEFAULT_MULTIPLE = 20.0

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scaler.reader import StreamReader
-from scaler.window import TENANT_WINDOW_S, WorkloadSeries
+from scaler.series import TENANT_WINDOW_S, WorkloadSeries
 from token_scaler.pricing import PriceTable, WorkloadCost, workload_cost
 
 COST_WINDOW_S = TENANT_WINDOW_S

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaler.forecast import DAY_MIN, HISTORY_DAYS, MINUTE_S, MinuteCounts
-from scaler.window import WorkloadSeries
+from scaler.series import WorkloadSeries
 
 log = logging.getLogger("token_scaler.scaler.history")
 

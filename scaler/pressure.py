@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, replace
 
 from scaler.metadata import ScalerSettings
-from scaler.window import Evaluation, SidecarState
+from scaler.series import SidecarState
+from scaler.window import Evaluation
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scaler.ceiling import IngestCeiling
 from scaler.metrics import ScalerMetrics
+from scaler.series import WorkloadSeries
 from scaler.slot_reads import SlotReads
-from scaler.window import WorkloadSeries
 from token_scaler.errors import RecordError
 from token_scaler.record import decode, stream_key
 from token_scaler.redis_conn import REDIS_ERRORS, Client

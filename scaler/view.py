@@ -13,7 +13,8 @@ from typing import Any
 from scaler.forecast import Forecast
 from scaler.metadata import ScalerSettings
 from scaler.pressure import Pressure
-from scaler.window import Evaluation, Rates, SidecarState, WorkloadSeries
+from scaler.series import SidecarState, WorkloadSeries
+from scaler.window import Evaluation, Rates
 
 
 def iso(t: float) -> str:

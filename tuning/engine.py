@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from scaler.window import Counters, Flushes, FlushRow, Gauges
+from scaler.series import Counters, Flushes, FlushRow, Gauges
 from token_scaler.record import GATEWAY, ModelCounts, Record
 from tuning.hpa import Hpa, HpaSettings
 from tuning.policies import Policy, Second
@@ -362,7 +362,7 @@ class _Sim:
     @staticmethod
     def _flush(pods: list[Pod], s: int, keep: bool) -> tuple[Flushes | None, float, float]:
         """The sidecars of ``pods`` flush at second ``s``: their records as
-        ``scaler.window.Flushes`` takes them (when ``keep``, and any pod flushed), and the
+        ``scaler.series.Flushes`` takes them (when ``keep``, and any pod flushed), and the
         prompt and generated tokens they served in the second."""
         t = float(s)
         # each sidecar's (name, seq, gauges), and the counts of those that have any

@@ -35,8 +35,9 @@ from scaler.history import SETTLE_S
 from scaler.metadata import ScalerSettings
 from scaler.predictive import combine, forecast_for
 from scaler.pressure import apply_floor, pressure
+from scaler.series import Flushes, WorkloadSeries
 from scaler.size import Size, request_size
-from scaler.window import Evaluation, Flushes, WorkloadSeries, evaluate
+from scaler.window import Evaluation, evaluate
 from token_scaler.record import Record
 
 

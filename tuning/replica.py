@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scaler.window import FlushRow
+from scaler.series import FlushRow
 from sidecar.meter import DEFAULT_EWMA_ALPHA, DEFAULT_GENERATION_ESTIMATE
 from tuning.errors import ProfileFileError
 

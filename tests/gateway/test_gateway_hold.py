@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from scaler.metadata import parse
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from tests.gateway.conftest import StartGateway, StartReplica, only
 from tests.sidecar.conftest import arrivals, totals
 from token_scaler.record import GATEWAY, Record, decode, stream_key

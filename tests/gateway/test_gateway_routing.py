@@ -11,7 +11,8 @@ from gateway.demand import HeldDemand
 from gateway.queue import HoldQueue, QueueFull, Waiter
 from gateway.router import Replica, Router
 from scaler.metadata import parse
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from tests.sidecar.conftest import gauges
 from token_scaler.presence import Announcement
 from token_scaler.record import GATEWAY, ModelCounts, Record

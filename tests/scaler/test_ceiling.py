@@ -11,7 +11,8 @@ import redis
 
 from scaler.ceiling import IngestCeiling, bound_answer, scaled
 from scaler.metadata import parse
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from tests.keda import FakeSidecar
 from tests.scaler.test_scaler_service import Running, history, start
 from token_scaler.record import GATEWAY, ModelCounts, Record, TenantCounts

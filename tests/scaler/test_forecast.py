@@ -13,7 +13,8 @@ from scaler.forecast import DAY_MIN, MINUTE_S, WEEK_MIN, MinuteCounts, forecast
 from scaler.history import HistoryStore, history_key
 from scaler.metadata import ScalerSettings
 from scaler.predictive import combine
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from tests.keda import FakeSidecar
 from tests.scaler.test_scaler_service import history as feed_history
 from tests.scaler.test_scaler_service import start

@@ -16,7 +16,7 @@ from scaler.metrics import ScalerMetrics
 from scaler.namespaces import parse_access
 from scaler.reader import StreamReader
 from scaler.registry import Registry
-from scaler.window import WorkloadSeries
+from scaler.series import WorkloadSeries
 from tests.keda import FakeSidecar
 from tests.scaler.test_scaler_service import Running, history, start
 from token_scaler import model_keys

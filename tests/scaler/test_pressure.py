@@ -13,7 +13,8 @@ from scaler.metrics import ScalerMetrics
 from scaler.pressure import apply_floor, pressure
 from scaler.reader import StreamReader
 from scaler.registry import Registry
-from scaler.window import WorkloadSeries, evaluate
+from scaler.series import WorkloadSeries
+from scaler.window import evaluate
 from token_scaler.record import GATEWAY, ModelCounts, Record
 from tuning.policies import TokenPolicy
 from tuning.registry import Calibration, make, token_metadata

@@ -12,7 +12,7 @@ import pytest
 from scaler.metrics import ScalerMetrics
 from scaler.reader import StreamReader
 from scaler.registry import Registry
-from scaler.window import WorkloadSeries
+from scaler.series import WorkloadSeries
 from token_scaler.errors import MetadataError
 from token_scaler.record import ModelCounts, Record
 

@@ -8,8 +8,9 @@ import redis
 from scaler.forecast import DAY_MIN, MINUTE_S, MinuteCounts
 from scaler.history import history_key
 from scaler.metadata import ScalerSettings
+from scaler.series import WorkloadSeries
 from scaler.size import MIN_REQUESTS, SIZED_RANGE, Size, request_size
-from scaler.window import WorkloadSeries, evaluate
+from scaler.window import evaluate
 from tests.keda import FakeSidecar
 from tests.scaler.test_scaler_service import debug_view, start
 from tests.scaler.test_scaler_service import history as feed_history

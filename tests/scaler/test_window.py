@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaler.metadata import ScalerSettings
-from scaler.window import SecondRing, WorkloadSeries, evaluate, replicas_for
+from scaler.series import SecondRing, WorkloadSeries
+from scaler.window import evaluate, replicas_for
 from token_scaler.record import ModelCounts, Record
 
 T0 = 1_800_000_000  # a whole second, as Redis time

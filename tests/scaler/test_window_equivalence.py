@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaler.metadata import ScalerSettings
+from scaler.series import WorkloadSeries
 from scaler.size import Size
-from scaler.window import WorkloadSeries, evaluate
+from scaler.window import evaluate
 from tests.scaler.window_reference import RefSeries, ref_evaluate
 from token_scaler.record import GATEWAY, SIDECAR, ModelCounts, Record, TenantCounts
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaler.metadata import ScalerSettings
-from scaler.window import HISTORY_S, Flushes, Gauges, SecondRing, WorkloadSeries, evaluate
+from scaler.series import HISTORY_S, Flushes, Gauges, SecondRing, WorkloadSeries
+from scaler.window import evaluate
 from token_scaler.record import GATEWAY, ModelCounts, Record
 
 T0 = 1_800_000_000

@@ -13,17 +13,9 @@ import numpy.typing as npt
 
 from scaler.demand import DEFAULT_MARGIN, demands_of
 from scaler.metadata import ScalerSettings
+from scaler.series import HISTORY_S, N_SERIES, SidecarState
 from scaler.size import SIZED_RANGE, Size
-from scaler.window import (
-    HISTORY_S,
-    N_SERIES,
-    PRESENCE_S,
-    Evaluation,
-    Rates,
-    SidecarState,
-    replicas_for,
-    stable_reason,
-)
+from scaler.window import PRESENCE_S, Evaluation, Rates, replicas_for, stable_reason
 from token_scaler.record import GATEWAY, Record, entry_time_ms
 
 Floats = npt.NDArray[np.float64]

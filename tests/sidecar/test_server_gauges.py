@@ -8,7 +8,8 @@ import pytest
 
 from scaler.metadata import ScalerSettings
 from scaler.pressure import apply_floor, pressure
-from scaler.window import SidecarState, WorkloadSeries, evaluate
+from scaler.series import SidecarState, WorkloadSeries
+from scaler.window import evaluate
 from sidecar.server_gauges import STALE_S, ServerGaugePoller, parse
 from tests.sidecar.conftest import read_records
 from token_scaler.errors import RecordError
