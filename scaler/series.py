@@ -51,7 +51,6 @@ class SecondRing:
         self.secs: list[int] = [-1] * size
         self.dirty: set[int] = set()  # slots written since ``window`` last synced the mirror
         self._cols: Floats = np.zeros((series, size))  # the mirror, one row per series
-        self._secs: npt.NDArray[np.int64] = np.full(size, -1, dtype=np.int64)
 
     def add(self, sec: int, counts: list[float] | tuple[float, ...]) -> bool:
         """Add counts to second ``sec``; False when that second has left the ring."""
@@ -111,17 +110,15 @@ class SecondRing:
         dirty = self.dirty
         if not dirty:
             return
-        values, secs = self.values, self.secs
+        values = self.values
         lo, hi = min(dirty), max(dirty) + 1
         if hi - lo <= 2 * len(dirty):
             # written slots mostly side by side (seconds in order): copy the whole run,
             # the slots not written in between included (their mirror is the same)
             self._cols[:, lo:hi] = np.array(values[lo:hi], dtype=np.float64).T
-            self._secs[lo:hi] = secs[lo:hi]
         else:
             slots = list(dirty)
             self._cols[:, slots] = np.array([values[i] for i in slots], dtype=np.float64).T
-            self._secs[slots] = [secs[i] for i in slots]
         dirty.clear()
 
     def window(self, start: int, stop: int) -> Floats:
@@ -130,15 +127,18 @@ class SecondRing:
         if n <= 0:
             return np.zeros((self.series, 0))
         self._sync()
-        first = start % self.size
-        if first + n <= self.size:  # one run of slots: slices, no gather
+        size, secs = self.size, self.secs
+        first = start % size
+        if first + n <= size:  # one run of slots: a slice, no gather
             out = self._cols[:, first : first + n].copy()
-            held = self._secs[first : first + n]
+            held = secs[first : first + n]
         else:
-            slots = np.arange(first, first + n) % self.size
+            slots = [(first + i) % size for i in range(n)]
             out = self._cols[:, slots]
-            held = self._secs[slots]
-        out[:, held != np.arange(start, stop)] = 0.0
+            held = [secs[i] for i in slots]
+        seconds = range(start, stop)
+        if held != list(seconds):  # slots that hold another second than the one asked for
+            out[:, [i for i, (sec, want) in enumerate(zip(held, seconds, strict=True)) if sec != want]] = 0.0
         return out
 
     def rows(self, start: int, stop: int) -> list[list[float]]:
@@ -246,18 +246,18 @@ class WorkloadSeries:
                 applied += 1
         return applied
 
-    def add_flushes(self, flushes: Flushes, entry_id: bytes | str) -> int:
-        """``add_all`` of the records ``flushes`` stands for, under one entry id, leaving the
-        series as that would (every bucket, counter and sidecar state the same) at the cost of
-        one record per sidecar's state, not per bucket. A seq at or below its sidecar's last
-        raises ValueError (``add_all`` would skip that record, whose counts are in the
-        totals); the sidecars before it are applied by then."""
+    def add_flushes(self, flushes: Flushes, id_ms: int) -> int:
+        """``add_all`` of the records ``flushes`` stands for, under one entry id whose time part
+        is ``id_ms``, leaving the series as that would (every bucket, counter and sidecar state
+        the same) at the cost of one record per sidecar's state, not per bucket. A seq at or
+        below its sidecar's last raises ValueError (``add_all`` would skip that record, whose
+        counts are in the totals); the sidecars before it are applied by then."""
         sidecars = flushes.sidecars
         n = len(sidecars)
         if not n:
             return 0
         ts_ms = flushes.sec * 1000
-        t_ms = min(ts_ms, entry_id_ms(entry_id))
+        t_ms = min(ts_ms, id_ms)
         if t_ms < ts_ms:
             self.clamped += n
         sec = t_ms // 1000

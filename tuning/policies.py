@@ -108,7 +108,7 @@ class TokenPolicy(Policy):
     def observe(self, second: Second) -> None:
         self.observed += 1
         if second.flushes is not None:
-            self.series.add_flushes(second.flushes, f"{second.t * 1000}-0")
+            self.series.add_flushes(second.flushes, second.t * 1000)
         if second.records:
             self.series.add_all(second.records, f"{second.t * 1000}-0")
         if self.keeps_history and second.t % MINUTE_S == SETTLE_S:

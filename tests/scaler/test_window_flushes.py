@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scaler.metadata import ScalerSettings
 from scaler.series import HISTORY_S, Flushes, Gauges, SecondRing, WorkloadSeries
 from scaler.window import evaluate
-from token_scaler.record import GATEWAY, ModelCounts, Record
+from token_scaler.record import GATEWAY, ModelCounts, Record, entry_id_ms
 
 T0 = 1_800_000_000
 MODEL = "m"
@@ -79,7 +79,7 @@ def test_add_flushes_is_add_all_of_the_records(seconds: list[Second], clock_lag:
             held = ModelCounts(0, 0, gateway, 0, 0, 1, 1, gateway, 0, 1)
             gateway_records.append(Record("gw", gateway_seq, sec * 1000, 1000, {MODEL: held}, role=GATEWAY))
         applied = by_records.add_all(records + gateway_records, entry_id)
-        got = by_flushes.add_flushes(Flushes(sec, sidecars, totals), entry_id)
+        got = by_flushes.add_flushes(Flushes(sec, sidecars, totals), entry_id_ms(entry_id))
         got += by_flushes.add_all(gateway_records, entry_id)
         assert got == applied
         same(by_records, by_flushes)
@@ -90,12 +90,12 @@ def test_add_flushes_is_add_all_of_the_records(seconds: list[Second], clock_lag:
 
 def test_a_seq_applied_already_is_refused() -> None:
     series = WorkloadSeries()
-    series.add_flushes(Flushes(T0, [("a", 1, {})]), f"{T0 * 1000}-0")
+    series.add_flushes(Flushes(T0, [("a", 1, {})]), T0 * 1000)
     with pytest.raises(ValueError, match="seq 1"):
-        series.add_flushes(Flushes(T0 + 1, [("a", 1, {})]), f"{(T0 + 1) * 1000}-0")
+        series.add_flushes(Flushes(T0 + 1, [("a", 1, {})]), (T0 + 1) * 1000)
 
 
 def test_no_sidecar_is_no_entry() -> None:
     series = WorkloadSeries()
-    assert series.add_flushes(Flushes(T0), f"{T0 * 1000}-0") == 0
+    assert series.add_flushes(Flushes(T0), T0 * 1000) == 0
     assert series.first_sec is None and not series.rings
