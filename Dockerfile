@@ -38,7 +38,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && /opt/token-scaler/bin/pip install -r /tmp/requirements.txt
 
 # The project as a wheel (what a release would publish), installed without dependencies.
+# Plain Python: setup.py compiles only the simulator's modules and the scaler's series with
+# mypyc, which needs a C compiler this stage does not have, and the image's services spend
+# their CPU on HTTP, gRPC and Redis, not there (docs/development.md, "Compiled modules").
 COPY . .
+ENV TOKEN_SCALER_COMPILE=0
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \

@@ -10,9 +10,13 @@ up as ``simulate`` sets it up (calibration, warm start), then each policy is run
 round (token, rps, concurrency, prometheus at their calibrated targets; fixed at twice the
 replicas the trace's mean demand needs): CPU (process) time of ``simulate`` + ``summarize``,
 per request. Baselines in the same run, per request: pushing and popping every arrival
-through a ``heapq``, and ``numpy.sort`` of the arrival times. Of the token policy's cost, the
-part spent in the scaler's own code (``WorkloadSeries.add_flushes``/``add_all`` of each
-second's sidecar records, ``evaluate`` at each sync) is timed in a run of its own.
+through a ``heapq``, and ``numpy.sort`` of the arrival times; and, when the modules
+``setup.py`` compiles are compiled (``token_scaler.native``), the same measurement with them
+run from source (``TOKEN_SCALER_NATIVE=0``) in a process of its own after this one's, with
+the ratio of the two and a check that every summary figure is the same (``--engine this``
+leaves it out). Of the token policy's cost, the part spent in the scaler's own code
+(``WorkloadSeries.add_flushes``/``add_all`` of each second's sidecar records, ``evaluate`` at
+each sync) is timed in a run of its own.
 
 Results: printed and written to bench/results/sim-speed.json, with every run's summary
 (GPU-hours, SLO attainment, latency percentiles, drops); ``--against`` an earlier such file
@@ -26,21 +30,25 @@ import cProfile
 import heapq
 import json
 import math
+import os
 import pstats
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from bench._common import RESULTS, percentiles
 from scaler.series import WorkloadSeries
 from scaler.window import evaluate
+from token_scaler import native
 from tuning import policies as policy_module
 from tuning import simulate as cli
-from tuning.policies import FixedPolicy
+from tuning.policies import FixedPolicy, TokenPolicy
 from tuning.registry import make
 from tuning.simulate_options import build_parser
 from tuning.synth import SynthConfig, generate
@@ -82,35 +90,53 @@ def cpu_timed(action: Callable[[], Any]) -> tuple[float, Any]:
     return time.process_time() - started, result
 
 
+class _TimedSeries:
+    """A ``WorkloadSeries`` whose ingest is timed: the policy's series, wrapped (a compiled
+    class takes no patched methods)."""
+
+    def __init__(self, series: WorkloadSeries, spent: list[float]) -> None:
+        self._series = series
+        self._spent = spent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._series, name)
+
+    def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
+        started = time.thread_time()
+        try:
+            return function(*args)
+        finally:
+            self._spent[0] += time.thread_time() - started
+
+    def add_flushes(self, *args: Any) -> Any:
+        return self._timed(self._series.add_flushes, *args)
+
+    def add_all(self, *args: Any) -> Any:
+        return self._timed(self._series.add_all, *args)
+
+
 def scaler_share(setup: cli.Setup) -> float:
     """CPU seconds a token run spends in the scaler's own code, which the policy runs as the
     scaler does: ``WorkloadSeries.add_flushes``/``add_all`` of every second's sidecar records and
     ``evaluate`` at every sync. Timed around each call, in a run of its own (the timing adds to that run)."""
     spent = [0.0]
 
-    def timed(function: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            started = time.thread_time()
-            try:
-                return function(*args)
-            finally:
-                spent[0] += time.thread_time() - started
+    def timed_evaluate(*args: Any) -> Any:
+        started = time.thread_time()
+        try:
+            return evaluate(*args)
+        finally:
+            spent[0] += time.thread_time() - started
 
-        return call
-
+    policy = make("token", setup.cal)
+    assert isinstance(policy, TokenPolicy)
+    policy.series = cast(WorkloadSeries, _TimedSeries(policy.series, spent))
     # tuning.policies calls the name it imported: that is the one to wrap
-    patched = (
-        (WorkloadSeries, "add_all", WorkloadSeries.add_all),
-        (WorkloadSeries, "add_flushes", WorkloadSeries.add_flushes),
-        (policy_module, "evaluate", evaluate),
-    )
-    for owner, name, function in patched:
-        setattr(owner, name, timed(function))
+    setattr(policy_module, "evaluate", timed_evaluate)  # noqa: B010
     try:
-        policy_run(setup, "token")()
+        cli.run_one(setup, policy)
     finally:
-        for owner, name, function in patched:
-            setattr(owner, name, function)
+        setattr(policy_module, "evaluate", evaluate)  # noqa: B010
     return spent[0]
 
 
@@ -171,6 +197,37 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
+def source_run(argv: Sequence[str], tmp: Path) -> dict[str, Any]:
+    """The same measurement with the compiled modules off (``TOKEN_SCALER_NATIVE=0``), in a
+    process of its own: the plain-Python baseline of the same run."""
+    out = tmp / "source.json"
+    env = {**os.environ, native.SWITCH: "0"}
+    command = [sys.executable, "-m", "bench.sim_speed", *argv, "--engine", "this", "--out", str(out)]
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
+
+
+def print_table(result: dict[str, Any], source: dict[str, Any] | None) -> None:
+    """Per trace and run: µs per request (and against the plain-Python run, when there is one)."""
+    against = f" {'source':>8} {'x':>6}" if source else ""
+    head = f"{'trace':<6} {'requests':>9} {'run':<20} {'cpu us/req p50':>15}"
+    print(f"{head}{against} {'GPU-h':>8} {'all SLOs':>9}")
+    for trace, measured in result["traces"].items():
+        n = measured["requests"]
+        plain = source["traces"][trace] if source else {}
+        for kind in ("cpu_us_per_request", "of_which_us_per_request", "baseline_us_per_request"):
+            for name, cost in measured[kind].items():
+                line = f"{trace:<6} {n:>9,} {name:<20} {cost['p50']:>15.2f}"
+                if source:
+                    base = plain[kind][name]["p50"]
+                    line += f" {base:>8.2f} {base / cost['p50']:>6.2f}"
+                summary = measured["summaries"].get(name) if kind == "cpu_us_per_request" else None
+                if summary is not None:
+                    line += f" {summary['gpu_hours']:>8.3f} {summary['slo_both']:>9.4f}"
+                print(line)
+
+
 def profile(setup: cli.Setup, name: str) -> None:
     profiler = cProfile.Profile()
     profiler.runcall(policy_run(setup, name))
@@ -187,6 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mix", default="steady", help="its mix: steady or shifting (default steady)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each policy (default 1)")
     p.add_argument("--against", type=Path, help="an earlier sim-speed.json: print differing figures")
+    p.add_argument(
+        "--engine",
+        choices=("both", "this"),
+        default="both",
+        help="both (default): with the compiled modules in use, also run them from source in a "
+        "process of its own and report the ratio; this: only the modules this process runs",
+    )
     p.add_argument("--profile", metavar="POLICY", help="cProfile one run of POLICY instead")
     p.add_argument("--out", type=Path, default=RESULTS / "sim-speed.json", help="where to write")
     ns = p.parse_args(argv)
@@ -199,20 +263,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile(setup, ns.profile)
         return 0
     synthesized = {"days": ns.days, "mean_rps": ns.mean_rps, "seed": ns.seed, "mix": ns.mix}
-    result: dict[str, Any] = {"synthesized": synthesized}
-    result["traces"] = {}
-    print(f"{'trace':<6} {'requests':>9} {'run':<20} {'cpu us/req p50':>15} {'GPU-h':>8} {'all SLOs':>9}")
+    compiled = native.compiled_in_use()
+    result: dict[str, Any] = {"synthesized": synthesized, "compiled": compiled, "traces": {}}
     for trace, setup in prepared.items():
-        measured = measure(setup, policies, ns.rounds)
-        result["traces"][trace] = measured
-        n = measured["requests"]
-        for name, cost in measured["cpu_us_per_request"].items():
-            s = measured["summaries"][name]
-            figures = f"{s['gpu_hours']:>8.3f} {s['slo_both']:>9.4f}"
-            print(f"{trace:<6} {n:>9,} {name:<20} {cost['p50']:>15.2f} {figures}")
-        others = {**measured["of_which_us_per_request"], **measured["baseline_us_per_request"]}
-        for name, cost in others.items():
-            print(f"{trace:<6} {n:>9,} {name:<20} {cost['p50']:>15.2f}")
+        result["traces"][trace] = measure(setup, policies, ns.rounds)
+    source = None
+    if compiled and ns.engine == "both":
+        given = list(argv if argv is not None else sys.argv[1:])
+        forwarded = [a for i, a in enumerate(given) if "--engine" not in (a, given[i - 1] if i else "")]
+        with tempfile.TemporaryDirectory() as tmp:
+            source = source_run(forwarded, Path(tmp))
+        result["source"] = source
+    print(
+        f"modules {', '.join(native.COMPILED)}: "
+        + ("compiled" if compiled else "plain Python (not compiled)")
+    )
+    if compiled and not source:
+        print("(--engine both adds the plain-Python run as the baseline, 'source', and its ratio 'x')")
+    print_table(result, source)
+    if source:
+        changed = differences(source, result)
+        print("compiled against source: " + ("every summary figure identical" if not changed else ""))
+        for line in changed:
+            print("  " + line)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"json: {ns.out}")

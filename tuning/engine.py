@@ -33,11 +33,13 @@ import math
 import operator
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from scaler.series import Counters, Flushes, FlushRow, Gauges
+from token_scaler.native import by_value
 from token_scaler.record import GATEWAY, ModelCounts, Record
 from tuning.hpa import Hpa, HpaSettings
 from tuning.policies import Policy, Second
@@ -76,6 +78,9 @@ class SimConfig:
     generation_weight: float = 1.0
     # GPU-hours and SLOs count from here (a trace played with a warm-up: Trace.with_warm_up)
     measure_from_s: float = 0.0
+
+    def __reduce__(self) -> tuple[type[SimConfig], tuple[Any, ...]]:
+        return by_value(self)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from token_scaler.native import by_value
 
 PolicyKind = Literal["Pods", "Percent"]
 Select = Literal["Max", "Min", "Disabled"]
@@ -39,12 +41,18 @@ class RatePolicy:
     value: int
     period_s: float
 
+    def __reduce__(self) -> tuple[type[RatePolicy], tuple[Any, ...]]:
+        return by_value(self)
+
 
 @dataclass(frozen=True)
 class Rules:
     stabilization_s: float
     policies: tuple[RatePolicy, ...]
     select: Select = "Max"
+
+    def __reduce__(self) -> tuple[type[Rules], tuple[Any, ...]]:
+        return by_value(self)
 
 
 DEFAULT_SCALE_UP = Rules(0.0, (RatePolicy("Pods", 4, 15.0), RatePolicy("Percent", 100, 15.0)))
@@ -62,6 +70,9 @@ class HpaSettings:
     use_cached_metrics: bool = False
     scale_up: Rules = DEFAULT_SCALE_UP
     scale_down: Rules = DEFAULT_SCALE_DOWN
+
+    def __reduce__(self) -> tuple[type[HpaSettings], tuple[Any, ...]]:
+        return by_value(self)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:

@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from scaler.series import FlushRow
 from sidecar.meter import DEFAULT_EWMA_ALPHA, DEFAULT_GENERATION_ESTIMATE
+from token_scaler.native import by_value
 from tuning.errors import ProfileFileError
 
 PROFILE_KIND = "token-scaler/replica-profile"
@@ -89,6 +90,9 @@ class ReplicaProfile:
             raise ValueError("need max_concurrency >= 1, chunk_tokens > max_concurrency, max_queue >= 0")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError("kv_cache_tokens must be at least 1 (or absent: no limit)")
+
+    def __reduce__(self) -> tuple[type[ReplicaProfile], tuple[Any, ...]]:
+        return by_value(self)
 
     def step_s(self, decoding: int, prefilling: bool) -> float:
         chunk = self.chunk_tokens - decoding if prefilling else 0

@@ -1,0 +1,98 @@
+"""Which of the modules setup.py compiles runs: compiled while their sources match what was
+compiled, from source otherwise (``token_scaler.native``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from token_scaler import native
+
+PACKAGES = ("token_scaler", "scaler", "tuning", "sidecar")
+WHERE = "import scaler.series, tuning.engine, tuning.replica as r; print(tuning.engine.__file__, r.__file__)"
+
+
+def fake_tree(root: Path, compiled: bool = True) -> None:
+    """Sources of the compiled modules, extension files beside them, and the digests."""
+    digests = {}
+    for module in native.COMPILED:
+        source = native.source_path(module, root)
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(f"# {module}\n")
+        digests[module] = native.digest(source)
+        if compiled:
+            source.with_suffix(".cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (root / "token_scaler").mkdir(exist_ok=True)
+    (root / "token_scaler" / native.SOURCES_FILE).write_text(json.dumps(digests))
+
+
+def test_matching_sources_run_compiled(tmp_path: Path) -> None:
+    fake_tree(tmp_path)
+    assert native.stale(tmp_path) == []
+
+
+def test_an_edited_source_sends_the_group_to_source(tmp_path: Path) -> None:
+    fake_tree(tmp_path)
+    with native.source_path("tuning.replica", tmp_path).open("a") as f:
+        f.write("# edited\n")
+    assert native.stale(tmp_path) == ["tuning.replica: its source changed after it was compiled"]
+
+
+def test_a_module_not_compiled_or_no_digests(tmp_path: Path) -> None:
+    fake_tree(tmp_path, compiled=False)
+    assert native.stale(tmp_path) == [f"{m}: not compiled" for m in native.COMPILED]
+    (tmp_path / "token_scaler" / native.SOURCES_FILE).unlink()
+    assert native.stale(tmp_path) == [f"no {native.SOURCES_FILE}: nothing was compiled"]
+
+
+def where(env: dict[str, str], cwd: Path | None = None) -> list[str]:
+    run = subprocess.run(
+        [sys.executable, "-c", WHERE], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    return [Path(p).name for p in run.stdout.split()]
+
+
+compiled_here = pytest.mark.skipif(
+    not native.compiled_in_use(),
+    reason=f"the modules are not compiled here: {'; '.join(native.stale()) or native.SWITCH + '=0'}",
+)
+
+
+@compiled_here
+def test_the_switch_runs_the_sources() -> None:
+    assert all(name.endswith((".so", ".pyd")) for name in where({}))
+    assert where({native.SWITCH: "0"}) == ["engine.py", "replica.py"]
+
+
+@compiled_here
+def test_an_edited_copy_runs_from_source_and_the_same_copy_unedited_compiled(tmp_path: Path) -> None:
+    for package in PACKAGES:
+        shutil.copytree(
+            native.ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for lib in native.ROOT.glob("token_scaler_native__mypyc.*"):
+        shutil.copy(lib, tmp_path)
+    env = {"PYTHONPATH": str(tmp_path), native.SWITCH: "1"}
+    assert all(name.endswith((".so", ".pyd")) for name in where(env, tmp_path))
+    with native.source_path("tuning.replica", tmp_path).open("a") as f:
+        f.write("# edited\n")
+    assert where(env, tmp_path) == ["engine.py", "replica.py"]
+
+
+def test_what_worker_processes_receive_pickles_by_value() -> None:
+    """``simulate --jobs`` sends its settings to worker processes: compiled frozen dataclasses
+    must come back equal (they are rebuilt through their constructors)."""
+    from tuning.engine import SimConfig
+    from tuning.hpa import HpaSettings
+    from tuning.replica import ReplicaProfile
+
+    config = SimConfig(ReplicaProfile(cold_start_s=30.0), HpaSettings(min_replicas=0), routing="least-tokens")
+    assert pickle.loads(pickle.dumps(config)) == config

@@ -1,0 +1,108 @@
+"""The modules ``pip install`` compiles with mypyc, and which of them runs.
+
+The simulator's event loop, replica model and HPA (``tuning.engine``, ``tuning.replica``,
+``tuning.hpa``) and the scaler's per-second series (``scaler.series``) are plain typed Python;
+``setup.py`` compiles them to C extensions where a C compiler is present (``bench/sim_speed.py``
+measures what that gains) and otherwise installs them as they are. A compiled module sits beside
+its source and Python imports it first, so the build records the SHA-256 of each source it
+compiled (``SOURCES_FILE``). When a source no longer matches (an editable install whose code was
+edited since), or ``TOKEN_SCALER_NATIVE=0`` asks for it, all of them run from source: the group
+is compiled together and calls itself natively, so it is used whole or not at all. ``tuning``
+and ``scaler`` call ``use_source_if_stale`` before any of their modules loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# In the order they import one another.
+COMPILED = ("scaler.series", "tuning.replica", "tuning.hpa", "tuning.engine")
+SOURCES_FILE = "native-sources.json"  # beside this module, written by setup.py's build
+ROOT = Path(__file__).resolve().parent.parent
+SWITCH = "TOKEN_SCALER_NATIVE"
+
+_decided: bool | None = None  # whether the compiled modules run (decided once per process)
+
+
+def by_value(obj: Any) -> tuple[type[Any], tuple[Any, ...]]:
+    """``__reduce__`` of a frozen dataclass among the compiled modules: pickled as its
+    constructor's arguments (``simulate --jobs`` sends settings to worker processes), since a
+    compiled frozen dataclass cannot be restored field by field."""
+    return type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
+
+
+def source_path(module: str, root: Path = ROOT) -> Path:
+    return root.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compiled_path(module: str, root: Path = ROOT) -> Path | None:
+    """The extension module built for ``module`` beside its source, None if there is none."""
+    source = source_path(module, root)
+    for found in sorted(source.parent.glob(f"{source.stem}.*")):
+        if found.suffix in (".so", ".pyd"):
+            return found
+    return None
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """Why the compiled modules under ``root`` cannot run (empty: they can): a module not
+    compiled, or a source that differs from the one compiled."""
+    recorded_file = root / "token_scaler" / SOURCES_FILE
+    try:
+        recorded = json.loads(recorded_file.read_text())
+    except (OSError, ValueError):
+        return [f"no {recorded_file.name}: nothing was compiled"]
+    reasons = []
+    for module in COMPILED:
+        if compiled_path(module, root) is None:
+            reasons.append(f"{module}: not compiled")
+        elif recorded.get(module) != digest(source_path(module, root)):
+            reasons.append(f"{module}: its source changed after it was compiled")
+    return reasons
+
+
+def compiled_in_use() -> bool:
+    """Whether this process runs the compiled modules."""
+    if _decided is None:
+        return _decide()
+    return _decided
+
+
+def _decide() -> bool:
+    global _decided
+    _decided = os.environ.get(SWITCH, "1") != "0" and not stale()
+    return _decided
+
+
+def use_source_if_stale(package: str) -> None:
+    """Load ``package``'s compiled modules from their sources when the group cannot run
+    compiled (see the module docstring); a no-op when it can, or nothing was compiled."""
+    if compiled_in_use():
+        return
+    for module in COMPILED:
+        if module.rpartition(".")[0] != package or module in sys.modules:
+            continue
+        path = source_path(module)
+        if compiled_path(module) is None:
+            continue  # the normal import finds the source
+        spec = importlib.util.spec_from_file_location(module, path)
+        assert spec is not None and spec.loader is not None
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[module] = loaded
+        try:
+            spec.loader.exec_module(loaded)
+        except BaseException:
+            del sys.modules[module]
+            raise
+        setattr(sys.modules[package], module.rpartition(".")[2], loaded)
