@@ -7,7 +7,8 @@ measures what that gains) and otherwise installs them as they are. A compiled mo
 its source and Python imports it first, so the build records the SHA-256 of each source it
 compiled (``SOURCES_FILE``). When a source no longer matches (an editable install whose code was
 edited since), or ``TOKEN_SCALER_NATIVE=0`` asks for it, all of them run from source: the group
-is compiled together and calls itself natively, so it is used whole or not at all. ``tuning``
+is compiled together and calls itself natively, so it is used whole or not at all. An extension
+of a module the group does not name (a build of another version left it) never runs. ``tuning``
 and ``scaler`` call ``use_source_if_stale`` before any of their modules loads.
 """
 
@@ -85,24 +86,40 @@ def _decide() -> bool:
     return _decided
 
 
+def strays(package: str, root: Path = ROOT) -> list[str]:
+    """Modules of ``package`` with an extension file beside their source that are not in
+    ``COMPILED`` (left by a build of another version): they always run from source."""
+    found = []
+    for ext in sorted((root / package).glob("*.*")):
+        if ext.suffix not in (".so", ".pyd"):
+            continue
+        module = f"{package}.{ext.name.partition('.')[0]}"
+        if module not in COMPILED and source_path(module, root).exists():
+            found.append(module)
+    return found
+
+
 def use_source_if_stale(package: str) -> None:
     """Load ``package``'s compiled modules from their sources when the group cannot run
-    compiled (see the module docstring); a no-op when it can, or nothing was compiled."""
-    if compiled_in_use():
-        return
-    for module in COMPILED:
-        if module.rpartition(".")[0] != package or module in sys.modules:
-            continue
-        path = source_path(module)
-        if compiled_path(module) is None:
-            continue  # the normal import finds the source
-        spec = importlib.util.spec_from_file_location(module, path)
-        assert spec is not None and spec.loader is not None
-        loaded = importlib.util.module_from_spec(spec)
-        sys.modules[module] = loaded
-        try:
-            spec.loader.exec_module(loaded)
-        except BaseException:
-            del sys.modules[module]
-            raise
-        setattr(sys.modules[package], module.rpartition(".")[2], loaded)
+    compiled (see the module docstring), and its strays always; a no-op when nothing
+    else was compiled, or the group can run."""
+    modules = strays(package)
+    if not compiled_in_use():
+        modules += [m for m in COMPILED if m.rpartition(".")[0] == package and compiled_path(m)]
+    for module in modules:
+        if module not in sys.modules:
+            _load_source(module)
+
+
+def _load_source(module: str) -> None:
+    spec = importlib.util.spec_from_file_location(module, source_path(module))
+    assert spec is not None and spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        del sys.modules[module]
+        raise
+    package, _, name = module.rpartition(".")
+    setattr(sys.modules[package], name, loaded)

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from token_scaler import native
 
 PACKAGES = ("token_scaler", "scaler", "tuning", "sidecar")
-WHERE = "import scaler.series, tuning.engine, tuning.replica as r; print(tuning.engine.__file__, r.__file__)"
+WHERE = "import scaler.window, tuning.engine, tuning.replica as r; print(tuning.engine.__file__, r.__file__)"
 
 
 def fake_tree(root: Path, compiled: bool = True) -> None:
@@ -80,6 +81,8 @@ def test_an_edited_copy_runs_from_source_and_the_same_copy_unedited_compiled(tmp
         )
     for lib in native.ROOT.glob("token_scaler_native__mypyc.*"):
         shutil.copy(lib, tmp_path)
+    # an extension of a module outside the group (not even a library here) is never imported
+    (tmp_path / "scaler" / f"window{EXTENSION_SUFFIXES[0]}").write_bytes(b"not a library")
     env = {"PYTHONPATH": str(tmp_path), native.SWITCH: "1"}
     assert all(name.endswith((".so", ".pyd")) for name in where(env, tmp_path))
     with native.source_path("tuning.replica", tmp_path).open("a") as f:
@@ -96,3 +99,13 @@ def test_what_worker_processes_receive_pickles_by_value() -> None:
 
     config = SimConfig(ReplicaProfile(cold_start_s=30.0), HpaSettings(min_replicas=0), routing="least-tokens")
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_an_extension_the_group_does_not_name_is_a_stray(tmp_path: Path) -> None:
+    fake_tree(tmp_path)
+    (tmp_path / "scaler" / "window.py").write_text("")
+    (tmp_path / "scaler" / "window.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (tmp_path / "scaler" / "gone.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")  # no source
+    assert native.strays("scaler", tmp_path) == ["scaler.window"]
+    assert native.strays("tuning", tmp_path) == []
+    assert native.stale(tmp_path) == []
