@@ -31,7 +31,14 @@ def say(message: str) -> None:
     print(f"token-scaler setup: {message}", file=sys.stderr)
 
 
+# The commands that build the package; pip also runs setup.py for its metadata alone
+# (egg_info, dist_info), which needs no extensions and would pay for mypyc each time.
+BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
 def extensions() -> list[Any]:
+    if not BUILDS & set(sys.argv[1:]):
+        return []
     if os.environ.get("TOKEN_SCALER_COMPILE", "1") == "0":
         say("TOKEN_SCALER_COMPILE=0: installing the simulator's modules as plain Python")
         return []
