@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,12 @@ def digest(path: Path) -> str:
 
 
 def compiled_path(module: str, root: Path = ROOT) -> Path | None:
-    """The extension module built for ``module`` beside its source, None if there is none."""
+    """The extension module this interpreter would import for ``module`` (one built for it,
+    beside the source), None if there is none."""
     source = source_path(module, root)
-    for found in sorted(source.parent.glob(f"{source.stem}.*")):
-        if found.suffix in (".so", ".pyd"):
+    for suffix in EXTENSION_SUFFIXES:
+        found = source.with_name(source.stem + suffix)
+        if found.exists():
             return found
     return None
 
@@ -87,22 +90,20 @@ def _decide() -> bool:
 
 
 def strays(package: str, root: Path = ROOT) -> list[str]:
-    """Modules of ``package`` with an extension file beside their source that are not in
-    ``COMPILED`` (left by a build of another version): they always run from source."""
+    """Modules of ``package`` that this interpreter would import from an extension although
+    ``COMPILED`` does not name them (a build of another version left it): they always run
+    from source."""
     found = []
-    for ext in sorted((root / package).glob("*.*")):
-        if ext.suffix not in (".so", ".pyd"):
-            continue
-        module = f"{package}.{ext.name.partition('.')[0]}"
-        if module not in COMPILED and source_path(module, root).exists():
+    for source in sorted((root / package).glob("*.py")):
+        module = f"{package}.{source.stem}"
+        if module not in COMPILED and compiled_path(module, root) is not None:
             found.append(module)
     return found
 
 
 def use_source_if_stale(package: str) -> None:
-    """Load ``package``'s compiled modules from their sources when the group cannot run
-    compiled (see the module docstring), and its strays always; a no-op when nothing
-    else was compiled, or the group can run."""
+    """Load from source, before anything imports them, ``package``'s strays, and its modules
+    of the group when the group cannot run compiled (see the module docstring)."""
     modules = strays(package)
     if not compiled_in_use():
         modules += [m for m in COMPILED if m.rpartition(".")[0] == package and compiled_path(m)]

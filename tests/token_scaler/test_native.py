@@ -29,7 +29,7 @@ def fake_tree(root: Path, compiled: bool = True) -> None:
         source.write_text(f"# {module}\n")
         digests[module] = native.digest(source)
         if compiled:
-            source.with_suffix(".cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+            source.with_name(source.stem + EXTENSION_SUFFIXES[0]).write_bytes(b"")
     (root / "token_scaler").mkdir(exist_ok=True)
     (root / "token_scaler" / native.SOURCES_FILE).write_text(json.dumps(digests))
 
@@ -104,8 +104,10 @@ def test_what_worker_processes_receive_pickles_by_value() -> None:
 def test_an_extension_the_group_does_not_name_is_a_stray(tmp_path: Path) -> None:
     fake_tree(tmp_path)
     (tmp_path / "scaler" / "window.py").write_text("")
-    (tmp_path / "scaler" / "window.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
-    (tmp_path / "scaler" / "gone.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")  # no source
+    (tmp_path / "scaler" / f"window{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    (tmp_path / "scaler" / f"gone{EXTENSION_SUFFIXES[0]}").write_bytes(b"")  # no source
+    (tmp_path / "scaler" / "size.py").write_text("")
+    (tmp_path / "scaler" / "size.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")  # not for this Python
     assert native.strays("scaler", tmp_path) == ["scaler.window"]
     assert native.strays("tuning", tmp_path) == []
     assert native.stale(tmp_path) == []
