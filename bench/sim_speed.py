@@ -90,6 +90,15 @@ def cpu_timed(action: Callable[[], Any]) -> tuple[float, Any]:
     return time.process_time() - started, result
 
 
+def _timed(spent: list[float], function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, its thread CPU time added to ``spent[0]``."""
+    started = time.thread_time()
+    try:
+        return function(*args)
+    finally:
+        spent[0] += time.thread_time() - started
+
+
 class _TimedSeries:
     """A ``WorkloadSeries`` whose ingest is timed: the policy's series, wrapped (a compiled
     class takes no patched methods)."""
@@ -101,18 +110,11 @@ class _TimedSeries:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._series, name)
 
-    def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
-        started = time.thread_time()
-        try:
-            return function(*args)
-        finally:
-            self._spent[0] += time.thread_time() - started
-
     def add_flushes(self, *args: Any) -> Any:
-        return self._timed(self._series.add_flushes, *args)
+        return _timed(self._spent, self._series.add_flushes, *args)
 
     def add_all(self, *args: Any) -> Any:
-        return self._timed(self._series.add_all, *args)
+        return _timed(self._spent, self._series.add_all, *args)
 
 
 def scaler_share(setup: cli.Setup) -> float:
@@ -120,19 +122,11 @@ def scaler_share(setup: cli.Setup) -> float:
     scaler does: ``WorkloadSeries.add_flushes``/``add_all`` of every second's sidecar records and
     ``evaluate`` at every sync. Timed around each call, in a run of its own (the timing adds to that run)."""
     spent = [0.0]
-
-    def timed_evaluate(*args: Any) -> Any:
-        started = time.thread_time()
-        try:
-            return evaluate(*args)
-        finally:
-            spent[0] += time.thread_time() - started
-
     policy = make("token", setup.cal)
     assert isinstance(policy, TokenPolicy)
     policy.series = cast(WorkloadSeries, _TimedSeries(policy.series, spent))
     # tuning.policies calls the name it imported: that is the one to wrap
-    setattr(policy_module, "evaluate", timed_evaluate)  # noqa: B010
+    setattr(policy_module, "evaluate", lambda *args: _timed(spent, evaluate, *args))  # noqa: B010
     try:
         cli.run_one(setup, policy)
     finally:
@@ -197,15 +191,24 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
-def source_run(argv: Sequence[str], tmp: Path) -> dict[str, Any]:
-    """The same measurement with the compiled modules off (``TOKEN_SCALER_NATIVE=0``), in a
-    process of its own: the plain-Python baseline of the same run."""
-    out = tmp / "source.json"
-    env = {**os.environ, native.SWITCH: "0"}
-    command = [sys.executable, "-m", "bench.sim_speed", *argv, "--engine", "this", "--out", str(out)]
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    loaded: dict[str, Any] = json.loads(out.read_text())
+def source_run(argv: Sequence[str]) -> dict[str, Any]:
+    """The measurement ``argv`` asks for with the compiled modules off (``TOKEN_SCALER_NATIVE=0``),
+    in a process of its own: the plain-Python baseline of the same run."""
+    forwarded = [a for i, a in enumerate(argv) if "--engine" not in (a, argv[i - 1] if i else "")]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "source.json"
+        command = [sys.executable, "-m", "bench.sim_speed", *forwarded, "--engine", "this", "--out", str(out)]
+        env = {**os.environ, native.SWITCH: "0"}
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        loaded: dict[str, Any] = json.loads(out.read_text())
     return loaded
+
+
+def print_differences(label: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    changed = differences(old, new)
+    print(f"{label}: " + ("every summary figure identical" if not changed else ""))
+    for line in changed:
+        print("  " + line)
 
 
 def print_table(result: dict[str, Any], source: dict[str, Any] | None) -> None:
@@ -234,7 +237,7 @@ def profile(setup: cli.Setup, name: str) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.sim_speed", description=__doc__.splitlines()[0])
     p.add_argument("--traces", default="code,day", help="comma-separated: code, day (default both)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default all five)")
@@ -253,7 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--profile", metavar="POLICY", help="cProfile one run of POLICY instead")
     p.add_argument("--out", type=Path, default=RESULTS / "sim-speed.json", help="where to write")
-    ns = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    given = list(argv if argv is not None else sys.argv[1:])
+    ns = parser().parse_args(given)
     policies = ns.policies.split(",")
     config = SynthConfig(days=ns.days, mean_rps=ns.mean_rps, seed=ns.seed, mix=ns.mix)
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,33 +275,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"synthesized": synthesized, "compiled": compiled, "traces": {}}
     for trace, setup in prepared.items():
         result["traces"][trace] = measure(setup, policies, ns.rounds)
-    source = None
-    if compiled and ns.engine == "both":
-        given = list(argv if argv is not None else sys.argv[1:])
-        forwarded = [a for i, a in enumerate(given) if "--engine" not in (a, given[i - 1] if i else "")]
-        with tempfile.TemporaryDirectory() as tmp:
-            source = source_run(forwarded, Path(tmp))
+    source = source_run(given) if compiled and ns.engine == "both" else None
+    if source:
         result["source"] = source
-    print(
-        f"modules {', '.join(native.COMPILED)}: "
-        + ("compiled" if compiled else "plain Python (not compiled)")
-    )
+    state = "compiled" if compiled else "plain Python (not compiled)"
+    print(f"modules {', '.join(native.COMPILED)}: {state}")
     if compiled and not source:
         print("(--engine both adds the plain-Python run as the baseline, 'source', and its ratio 'x')")
     print_table(result, source)
     if source:
-        changed = differences(source, result)
-        print("compiled against source: " + ("every summary figure identical" if not changed else ""))
-        for line in changed:
-            print("  " + line)
+        print_differences("compiled against source", source, result)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"json: {ns.out}")
     if ns.against:
-        changed = differences(json.loads(ns.against.read_text()), result)
-        print(f"against {ns.against}: " + ("every summary figure identical" if not changed else ""))
-        for line in changed:
-            print("  " + line)
+        print_differences(f"against {ns.against}", json.loads(ns.against.read_text()), result)
     return 0
 
 

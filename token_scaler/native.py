@@ -30,7 +30,7 @@ SOURCES_FILE = "native-sources.json"  # beside this module, written by setup.py'
 ROOT = Path(__file__).resolve().parent.parent
 SWITCH = "TOKEN_SCALER_NATIVE"
 
-_decided: bool | None = None  # whether the compiled modules run (decided once per process)
+_decided: bool | None = None  # compiled_in_use's answer, once decided
 
 
 def by_value(obj: Any) -> tuple[type[Any], tuple[Any, ...]]:
@@ -77,15 +77,10 @@ def stale(root: Path = ROOT) -> list[str]:
 
 
 def compiled_in_use() -> bool:
-    """Whether this process runs the compiled modules."""
-    if _decided is None:
-        return _decide()
-    return _decided
-
-
-def _decide() -> bool:
+    """Whether this process runs the compiled modules (decided at the first call)."""
     global _decided
-    _decided = os.environ.get(SWITCH, "1") != "0" and not stale()
+    if _decided is None:
+        _decided = os.environ.get(SWITCH, "1") != "0" and not stale()
     return _decided
 
 
