@@ -18,7 +18,9 @@ midnight at the start of ``start_day``; hours are the service's local time.
   linearly between 22:00 and 02:00 around each midnight.
 - ``bursts``: burst starts are a Poisson process of ``bursts_per_day``; each multiplies the
   rate by a factor drawn uniformly from ``burst_multiplier`` for a time drawn uniformly from
-  ``burst_seconds`` (overlapping bursts multiply).
+  ``burst_seconds``. Where bursts overlap their factors multiply (``burst_overlap`` "multiply",
+  the default: three bursts of x5 make x125) or their excesses add ("add": x5 and x5 make x9,
+  as independent surges of clients would).
 
 Where the shape comes from. The Azure LLM inference traces 2024 (one week each of a coding and a
 conversation service, May 2024, described in Stojkovic et al., "DynamoLLM: Designing LLM
@@ -75,6 +77,7 @@ DAY_S = 86400.0
 HOUR_S = 3600.0
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MIXES = ("steady", "shifting")
+OVERLAPS = ("multiply", "add")  # how overlapping bursts combine
 SERVICES = ("code", "conversation")
 SERVICE_FILES = {
     "code": "azure-llm-inference-2023-code.csv",
@@ -103,6 +106,7 @@ class SynthConfig:
     bursts_per_day: float = 4.0
     burst_multiplier: tuple[float, float] = (2.0, 4.0)
     burst_seconds: tuple[float, float] = (30.0, 300.0)
+    burst_overlap: str = "multiply"
     mix: str = "steady"
     code_share: float = 0.5
     mix_swing: float = 0.35
@@ -135,6 +139,8 @@ class SynthConfig:
         low, high = self.burst_seconds
         if not 0 < low <= high <= DAY_S:
             raise bad("burst_seconds", "expected LOW,HIGH seconds with 0 < LOW <= HIGH <= 86400")
+        if self.burst_overlap not in OVERLAPS:
+            raise bad("burst_overlap", f"expected one of {', '.join(OVERLAPS)}")
         if self.mix not in MIXES:
             raise bad("mix", f"expected one of {', '.join(MIXES)}")
         if not 0 <= self.code_share <= 1:
@@ -223,7 +229,10 @@ def envelope(config: SynthConfig, bursts: Bursts) -> Envelope:
     multiplier = np.ones(bins)
     for start, length, factor in zip(bursts.start_s, bursts.duration_s, bursts.multiplier, strict=True):
         first, last = np.searchsorted(mid, [start, start + length])
-        multiplier[first:last] *= factor
+        if config.burst_overlap == "add":
+            multiplier[first:last] += factor - 1.0
+        else:
+            multiplier[first:last] *= factor
     rate = shape * multiplier
     total = float(np.sum(rate * np.diff(edges)))
     return Envelope(edges, rate * (config.mean_rps * config.span_s / total), bursts)

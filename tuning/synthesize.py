@@ -22,7 +22,17 @@ from token_scaler import config as parse
 from token_scaler.errors import ConfigError
 from tuning import args as a
 from tuning.replica import ReplicaProfile
-from tuning.synth import DAY_S, HOUR_S, MIXES, SERVICES, WEEKDAYS, SynthConfig, Synthesized, generate
+from tuning.synth import (
+    DAY_S,
+    HOUR_S,
+    MIXES,
+    OVERLAPS,
+    SERVICES,
+    WEEKDAYS,
+    SynthConfig,
+    Synthesized,
+    generate,
+)
 
 _HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
 
@@ -194,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--burst-multiplier", type=_pair, default=d.burst_multiplier, help="LOW,HIGH rate factor")
     g.add_argument("--burst-seconds", type=_pair, default=d.burst_seconds, help="LOW,HIGH burst length")
+    g.add_argument(
+        "--burst-overlap",
+        choices=OVERLAPS,
+        default=d.burst_overlap,
+        help="where bursts overlap, their factors multiply or their excesses add",
+    )
     g.add_argument("--seed", type=a.arg(a.non_negative_int), default=d.seed, help="random seed")
     g = p.add_argument_group("request sizes")
     g.add_argument(
@@ -236,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bursts_per_day=ns.bursts_per_day,
         burst_multiplier=ns.burst_multiplier,
         burst_seconds=ns.burst_seconds,
+        burst_overlap=ns.burst_overlap,
         mix=ns.mix,
         code_share=ns.code_share,
         mix_swing=ns.mix_swing,

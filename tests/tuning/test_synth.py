@@ -145,6 +145,28 @@ def test_bursts_multiply_the_rate_where_they_fall() -> None:
     assert abs(observed - expected) < 5 * math.sqrt(expected)
 
 
+def test_overlapping_bursts_add_their_excesses_when_asked() -> None:
+    config = replace(
+        WEEK,
+        days=1,
+        bursts_per_day=40.0,
+        burst_multiplier=(5.0, 5.0),
+        burst_seconds=(1800, 1800),
+        burst_overlap="add",
+    )
+    synth = generate(config)
+    calm = generate(replace(config, bursts_per_day=0.0))
+    bursts = synth.envelope.bursts
+    mid = synth.envelope.edges[:-1] + 0.5
+    covering = np.sum((mid[:, None] >= bursts.start_s) & (mid[:, None] < bursts.start_s + 1800), axis=1)
+    assert covering.max() >= 3  # the case the two rules differ on is there
+    ratio = synth.envelope.rate / calm.envelope.rate
+    base = ratio[covering == 0]
+    assert np.allclose(ratio / base[0], 1.0 + 4.0 * covering)
+    multiplied = generate(replace(config, burst_overlap="multiply"))
+    assert multiplied.envelope.rate.max() / multiplied.envelope.rate.min() > ratio.max() / ratio.min()
+
+
 def test_sizes_come_from_the_trace_distribution() -> None:
     code, conversation = service_sizes("code"), service_sizes("conversation")
     trace = synthesize(replace(WEEK, days=2, code_share=1.0))
@@ -234,6 +256,7 @@ def test_the_command_writes_the_csv_the_note_and_a_summary(tmp_path: Path, capsy
         ({"start_day": "monday"}, "start_day='monday': expected one of mon"),
         ({"burst_multiplier": (3.0, 2.0)}, "burst_multiplier=(3.0, 2.0)"),
         ({"burst_seconds": (0.0, 10.0)}, "burst_seconds=(0.0, 10.0)"),
+        ({"burst_overlap": "stack"}, "burst_overlap='stack'"),
         ({"mix": "diurnal"}, "mix='diurnal': expected one of steady, shifting"),
         ({"code_share": 1.5}, "code_share=1.5"),
         ({"seed": -1}, "seed=-1: expected a whole number"),
