@@ -166,28 +166,8 @@ def _pair(raw: str) -> tuple[float, float]:
     return low, high
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = SynthConfig()
-    p = argparse.ArgumentParser(
-        prog="token-scaler synthesize",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write a trace CSV (TIMESTAMP in seconds, ContextTokens, GeneratedTokens) of days of "
-        "LLM traffic: Poisson arrivals following a daily + weekly envelope with random bursts, request "
-        "sizes drawn from the Azure LLM inference trace 2023 (code, conversation), and a note beside "
-        "it (same name, .md) with the settings and the attribution. The envelope, where its shape "
-        "comes from and what is assumed: tuning/synth.py.",
-        epilog='Request sizes: Azure LLM inference trace 2023, CC-BY 4.0: Patel et al., "Splitwise: '
-        'Efficient generative LLM inference using phase splitting", ISCA 2024. Keep this attribution '
-        "with the CSV and any result derived from it.",
-    )
-    p.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        required=True,
-        default=argparse.SUPPRESS,
-        help="CSV to write (the note: same name, .md)",
-    )
+def _arrival_arguments(p: argparse.ArgumentParser, d: SynthConfig) -> None:
+    """The options of the arrival process (rate envelope, bursts, seed); defaults from ``d``."""
     g = p.add_argument_group("arrivals")
     g.add_argument("--days", type=a.positive_float, default=d.days, help="length in days (e.g. 1 or 7)")
     g.add_argument("--mean-rps", type=a.positive_float, default=d.mean_rps, help="mean requests/s")
@@ -211,6 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="where bursts overlap, their factors multiply or their excesses add",
     )
     g.add_argument("--seed", type=a.arg(a.non_negative_int), default=d.seed, help="random seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SynthConfig()
+    p = argparse.ArgumentParser(
+        prog="token-scaler synthesize",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a trace CSV (TIMESTAMP in seconds, ContextTokens, GeneratedTokens) of days of "
+        "LLM traffic: Poisson arrivals following a daily + weekly envelope with random bursts, request "
+        "sizes drawn from the Azure LLM inference trace 2023 (code, conversation), and a note beside "
+        "it (same name, .md) with the settings and the attribution. The envelope, where its shape "
+        "comes from and what is assumed: tuning/synth.py.",
+        epilog='Request sizes: Azure LLM inference trace 2023, CC-BY 4.0: Patel et al., "Splitwise: '
+        'Efficient generative LLM inference using phase splitting", ISCA 2024. Keep this attribution '
+        "with the CSV and any result derived from it.",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        default=argparse.SUPPRESS,
+        help="CSV to write (the note: same name, .md)",
+    )
+    _arrival_arguments(p, d)
     g = p.add_argument_group("request sizes")
     g.add_argument(
         "--mix", choices=MIXES, default=d.mix, help=f"mix of {' and '.join(SERVICES)} over the day"
