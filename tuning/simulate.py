@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scaler.metadata import ScalerSettings
+from token_scaler import native
 from token_scaler.errors import ConfigError
 from tuning.compare import comparison_table, to_json, verdict
 from tuning.engine import RunResult, SimConfig, simulate
@@ -378,6 +379,9 @@ def _report(setup: Setup, ns: argparse.Namespace, summaries: list[dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    note = native.source_note()
+    if note and not ns.quiet:
+        print(note, file=sys.stderr, flush=True)
     setup = prepare(ns)
     results, summaries = _run_policies(setup, ns)
     print("\n".join(_header(setup, ns)))

@@ -111,3 +111,18 @@ def test_an_extension_the_group_does_not_name_is_a_stray(tmp_path: Path) -> None
     assert native.strays("scaler", tmp_path) == ["scaler.window"]
     assert native.strays("tuning", tmp_path) == []
     assert native.stale(tmp_path) == []
+
+
+def test_a_user_is_told_when_the_simulator_runs_from_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    fake_tree(tmp_path)
+    assert native.source_note(tmp_path) is None
+    (tmp_path / "token_scaler" / native.SOURCES_FILE).unlink()
+    note = native.source_note(tmp_path)
+    assert note is not None
+    assert f"no {native.SOURCES_FILE}: nothing was compiled" in note
+    assert "python setup.py build_ext --inplace" in note
+    monkeypatch.setenv(native.SWITCH, "0")  # asked for: nothing to tell
+    assert native.source_note(tmp_path) is None
