@@ -116,8 +116,28 @@ class Weighing:
         return counts.demand(self.pw, self.gw, self.margin)
 
 
-def _demands(history: Mapping[int, MinuteCounts], minutes: Iterable[int], weigh: Weighing) -> list[float]:
-    return [weigh(history[m]) for m in minutes if m in history]
+class MinuteDemands:
+    """The demand of each minute of a history, weighed once: a forecast reads most minutes
+    of its last hours many times (``recent_error`` checks sixty forecasts, each with two
+    30-minute levels)."""
+
+    def __init__(self, history: Mapping[int, MinuteCounts], weigh: Weighing) -> None:
+        self.history = history
+        self.weigh = weigh
+        self._seen: dict[int, float] = {}
+
+    def __contains__(self, minute: int) -> bool:
+        return minute in self.history
+
+    def __getitem__(self, minute: int) -> float:
+        demand = self._seen.get(minute)
+        if demand is None:
+            demand = self._seen[minute] = self.weigh(self.history[minute])
+        return demand
+
+    def of(self, minutes: Iterable[int]) -> list[float]:
+        """The demands of those of ``minutes`` the history holds, in their order."""
+        return [self[m] for m in minutes if m in self.history]
 
 
 def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
@@ -128,46 +148,42 @@ def _season(history: Mapping[int, MinuteCounts], minute: int) -> int | None:
     return None
 
 
-def _level(history: Mapping[int, MinuteCounts], now_min: int, season: int, weigh: Weighing) -> float:
-    recent = _demands(history, range(now_min - LEVEL_MINUTES, now_min), weigh)
-    before = _demands(history, range(now_min - LEVEL_MINUTES - season, now_min - season), weigh)
+def _level(demands: MinuteDemands, now_min: int, season: int) -> float:
+    recent = demands.of(range(now_min - LEVEL_MINUTES, now_min))
+    before = demands.of(range(now_min - LEVEL_MINUTES - season, now_min - season))
     if not recent or not before or sum(before) <= 0:
         return 1.0
     ratio = (sum(recent) / len(recent)) / (sum(before) / len(before))
     return min(max(ratio, LEVEL_CLAMP[0]), LEVEL_CLAMP[1])
 
 
-def predict(
-    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, weigh: Weighing
-) -> tuple[float, str, float]:
+def predict(demands: MinuteDemands, now_min: int, lead_min: int) -> tuple[float, str, float]:
     """(expected demand over minutes now..now+lead, season used, level); 0 and "none" when
     the history has no season for them."""
-    season = _season(history, now_min + lead_min)
+    season = _season(demands.history, now_min + lead_min)
     if season is None:
         return 0.0, "none", 1.0
-    past = _demands(history, range(now_min - season, now_min + lead_min + 1 - season), weigh)
+    past = demands.of(range(now_min - season, now_min + lead_min + 1 - season))
     if not past:
         return 0.0, "none", 1.0
-    level = _level(history, now_min, season, weigh)
+    level = _level(demands, now_min, season)
     return max(past) * level, "week" if season == WEEK_MIN else "day", level
 
 
-def recent_error(
-    history: Mapping[int, MinuteCounts], now_min: int, lead_min: int, weigh: Weighing, floor: float = 0.0
-) -> float | None:
+def recent_error(demands: MinuteDemands, now_min: int, lead_min: int, floor: float = 0.0) -> float | None:
     """Mean absolute error, over the last ``ERROR_MINUTES``, of what ``predict`` would have
     said ``lead`` minutes before each minute (for that minute alone), relative to the mean
     demand or ``floor`` (weighted tokens/s), whichever is higher; 0 when both are 0 and
     nothing was missed."""
     errors, actuals = [], []
     for m in range(now_min - ERROR_MINUTES, now_min):
-        if m not in history:
+        if m not in demands:
             continue
-        season = _season(history, m)
+        season = _season(demands.history, m)
         if season is None:
             continue
-        actual = weigh(history[m])
-        expected = weigh(history[m - season]) * _level(history, m - lead_min, season, weigh)
+        actual = demands[m]
+        expected = demands[m - season] * _level(demands, m - lead_min, season)
         errors.append(abs(expected - actual))
         actuals.append(actual)
     if len(actuals) < ERROR_MINUTES // 2:
@@ -193,9 +209,9 @@ def forecast(
     demand is chosen with ``margin`` as the window's (``arrivalMargin``)."""
     now_min = int(now_s // MINUTE_S)
     lead_min = max(1, math.ceil(lead_s / MINUTE_S))
-    weigh = Weighing(pw, gw, margin)
-    value, season, level = predict(history, now_min, lead_min, weigh)
-    error = recent_error(history, now_min, lead_min, weigh, floor)
+    demands = MinuteDemands(history, Weighing(pw, gw, margin))
+    value, season, level = predict(demands, now_min, lead_min)
+    error = recent_error(demands, now_min, lead_min, floor)
     if season == "none":
         return Forecast(
             0.0, season, 1.0, error, False, "no forecast: the history holds no day or week before"
