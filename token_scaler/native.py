@@ -76,18 +76,23 @@ def stale(root: Path = ROOT) -> list[str]:
     return reasons
 
 
+def sources_asked_for() -> bool:
+    """Whether ``TOKEN_SCALER_NATIVE=0`` asks to run the compiled modules from source."""
+    return os.environ.get(SWITCH, "1") == "0"
+
+
 def compiled_in_use() -> bool:
     """Whether this process runs the compiled modules (decided at the first call)."""
     global _decided
     if _decided is None:
-        _decided = os.environ.get(SWITCH, "1") != "0" and not stale()
+        _decided = not sources_asked_for() and not stale()
     return _decided
 
 
 def source_note(root: Path = ROOT) -> str | None:
     """A line telling a user that the compiled modules under ``root`` cannot run and how to
     build them; None when they can, or when ``TOKEN_SCALER_NATIVE=0`` asked for the sources."""
-    if os.environ.get(SWITCH, "1") == "0":
+    if sources_asked_for():
         return None
     reasons = stale(root)
     if not reasons:
