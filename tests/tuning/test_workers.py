@@ -13,9 +13,11 @@ from pathlib import Path
 
 from tuning.workers import in_order
 
-# The caller: two workers, each on a task of ten minutes; each says so when it starts.
+# The caller: two workers, each on a task of ten minutes; each says so when it starts, in one
+# write to the pipe (atomic: the two lines cannot interleave).
 CALLER = (
-    "import time; from tuning.workers import in_order; list(in_order(time.sleep, [600, 600], 2, print, 'up'))"
+    "import functools, os, time; from tuning.workers import in_order; "
+    "list(in_order(time.sleep, [600, 600], 2, functools.partial(os.write, 1), b'up\\n'))"
 )
 
 
